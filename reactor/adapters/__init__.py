@@ -1,0 +1,1 @@
+"""Adapters: the ports implemented against MongoDB, SMTP, Twilio and the system clock."""

@@ -1,0 +1,69 @@
+"""Targeted customers' contact details, from the segmentation database's orders collection.
+
+Each batch of ids is one aggregation: match the order rows of those customers (in both string
+and numeric spellings), group them per customer, and keep the first non-empty email, phone and
+name in insertion order. Memory is bounded by the batch, never by the audience."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pymongo.asynchronous.collection import AsyncCollection
+
+from ..config import RecipientsConfig
+from ..domain.ids import id_variants, normalise_id
+from ..ports import Recipient
+
+
+class MongoRecipients:
+    def __init__(self, orders: AsyncCollection[dict[str, Any]], config: RecipientsConfig) -> None:
+        self._orders = orders
+        self._config = config
+
+    async def resolve(self, customer_ids: Sequence[Any]) -> dict[str, Recipient]:
+        c = self._config
+        variants: list[Any] = []
+        for value in customer_ids:
+            variants.extend(id_variants(value))
+        pipeline = [
+            {"$match": {c.id_field: {"$in": variants}}},
+            {"$sort": {"_id": 1}},
+            {"$group": {
+                "_id": f"${c.id_field}",
+                "emails": {"$push": f"${c.email_field}"},
+                "phones": {"$push": f"${c.phone_field}"},
+                "names": {"$push": f"${c.name_field}"},
+            }},
+        ]
+        out: dict[str, Recipient] = {}
+        cursor = await self._orders.aggregate(pipeline)
+        async for row in cursor:
+            key = normalise_id(row["_id"])
+            prev = out.get(key)
+            email = _first(row.get("emails"))
+            phone = _first(row.get("phones"))
+            name = _first(row.get("names"))
+            if prev is not None:  # the same customer stored under both spellings
+                email, phone, name = prev.email or email, prev.phone or phone, prev.name or name
+            out[key] = Recipient(customer_id=key, name=name, email=email, phone=phone)
+        return out
+
+    async def check(self) -> dict[str, Any]:
+        """For `reactor doctor`: a sample row and whether it has the configured fields."""
+        c = self._config
+        sample = await self._orders.find_one({}, {c.id_field: 1, c.email_field: 1,
+                                                  c.phone_field: 1, c.name_field: 1})
+        return {"sample": sample, "count_estimate": await self._orders.estimated_document_count()}
+
+
+def _first(values: Any) -> str | None:
+    if not isinstance(values, list):
+        return None
+    for value in values:
+        if value is None:
+            continue
+        text = str(value).strip()
+        if text:
+            return text
+    return None

@@ -1,0 +1,106 @@
+"""SMS through Twilio's REST API with twilio's async client.
+
+The HTTP layer is twilio's `AsyncTwilioHttpClient`, with `request` overridden only to place
+failures: a connection never made is transient, a timeout or disconnect after the request went out
+is uncertain (Twilio may have queued the message), and 429 carries its Retry-After up to the
+rate limiter. Everything else — URLs, form encoding, errors as `TwilioRestException` — is twilio's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import aiohttp
+from twilio.base.exceptions import TwilioRestException
+from twilio.http.async_http_client import AsyncTwilioHttpClient
+from twilio.http.response import Response
+from twilio.rest import Client
+
+from ..config import TwilioConfig
+from ..domain.errors import PermanentDeliveryError, TransientDeliveryError, UncertainDeliveryError
+from ..ports import SmsMessage
+
+log = logging.getLogger(__name__)
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+class MappedTwilioHttpClient(AsyncTwilioHttpClient):  # type: ignore[misc]
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(pool_connections=False, timeout=timeout_s)
+        self._timeout_s = timeout_s
+        self._session: aiohttp.ClientSession | None = None
+
+    async def request(self, method: str, url: str, params: Any = None, data: Any = None,
+                      headers: Any = None, auth: Any = None, timeout: float | None = None,
+                      allow_redirects: bool = False) -> Response:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=timeout or self._timeout_s,
+                                              connect=min(5.0, self._timeout_s)))
+        basic = aiohttp.BasicAuth(auth[0], auth[1]) if auth else None
+        try:
+            async with self._session.request(method.upper(), url, params=params, data=data,
+                                             headers=headers, auth=basic,
+                                             allow_redirects=allow_redirects) as resp:
+                text = await resp.text()
+                status, resp_headers = resp.status, dict(resp.headers)
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            raise TransientDeliveryError(f"Twilio unreachable: {type(exc).__name__}") from exc
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise UncertainDeliveryError(
+                f"Twilio request outcome unknown: {type(exc).__name__}") from exc
+        if status == 429:
+            raise TransientDeliveryError(
+                "Twilio rate limit (429)", code="429",
+                retry_after_s=_retry_after(resp_headers.get("Retry-After")))
+        return Response(status, text, resp_headers)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+class TwilioSmsSender:
+    def __init__(self, config: TwilioConfig) -> None:
+        self._config = config
+        self._http = MappedTwilioHttpClient(config.timeout_s)
+        self._client = Client(config.account_sid, config.auth_token.get_secret_value(),
+                              http_client=self._http)
+        if config.api_base_url:
+            self._client.api.base_url = config.api_base_url.rstrip("/")
+        # twilio's own request logging would print URLs and parameters at INFO.
+        logging.getLogger("twilio").setLevel(logging.WARNING)
+
+    async def send(self, message: SmsMessage) -> str:
+        kwargs: dict[str, Any] = {"to": message.to, "body": message.body}
+        if self._config.messaging_service_sid:
+            kwargs["messaging_service_sid"] = self._config.messaging_service_sid
+        else:
+            kwargs["from_"] = self._config.from_number
+        try:
+            created = await self._client.messages.create_async(**kwargs)
+        except TwilioRestException as exc:
+            text = f"Twilio {exc.status} error {exc.code}: {exc.msg}"
+            if exc.status >= 500 or exc.status in (408, 409):
+                raise TransientDeliveryError(text, code=str(exc.code or exc.status)) from exc
+            raise PermanentDeliveryError(text, code=str(exc.code or exc.status)) from exc
+        return str(created.sid)
+
+    async def aclose(self) -> None:
+        await self._http.close()
+
+    async def check(self) -> None:
+        """Fetch the account resource once, for `reactor doctor --probe`; raises on failure."""
+        await asyncio.wait_for(
+            self._client.api.v2010.accounts(self._config.account_sid).fetch_async(), 10)

@@ -1,0 +1,189 @@
+"""Wiring, task groups and shutdown — nothing else.
+
+Shutdown runs in two phases (uvicorn's model): the first request stops intake (change stream,
+sweeps, timers), lets in-flight sends finish within the grace period, releases the leases so
+another replica continues at once, and persists the resume token; a second request cancels
+whatever is left.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+from pymongo import AsyncMongoClient
+
+from .adapters.clock import SystemClock
+from .adapters.mongo_store import MongoCampaignStore
+from .adapters.recipients import MongoRecipients
+from .adapters.smtp import SmtpEmailSender
+from .adapters.twilio_sms import TwilioSmsSender
+from .config import Settings
+from .executor import Executor, StopReason
+from .http import OpsServer
+from .metrics import Metrics
+from .ports import Clock, EmailSender, SmsSender
+from .reconciler import Reconciler
+from .scheduler import Scheduler
+from .watcher import Watcher
+
+log = logging.getLogger(__name__)
+
+
+def mongo_client(uri: str, instance: str, **kwargs: Any) -> AsyncMongoClient[dict[str, Any]]:
+    return AsyncMongoClient(uri, tz_aware=True, appname=f"campaign-reactor/{instance}",
+                            serverSelectionTimeoutMS=10_000, **kwargs)
+
+
+class Reactor:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        metrics: Metrics | None = None,
+        email_sender: EmailSender | None = None,
+        sms_sender: SmsSender | None = None,
+        serve_http: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.metrics = metrics or Metrics()
+        self._email_override = email_sender
+        self._sms_override = sms_sender
+        self._serve_http = serve_http
+        self.instance_id = settings.reactor_instance_id
+        self.ready = anyio.Event()
+        self._stop_requests = 0
+        self._stop = anyio.Event()
+        self._outer: anyio.CancelScope | None = None
+        self.scheduler: Scheduler | None = None
+        self.executor: Executor | None = None
+        self.watcher: Watcher | None = None
+        self.reconciler: Reconciler | None = None
+        self.http: OpsServer | None = None
+        self.store: MongoCampaignStore | None = None
+
+    def request_shutdown(self) -> None:
+        """First call: graceful drain. Second call: cancel everything now."""
+        self._stop_requests += 1
+        self._stop.set()
+        if self._stop_requests >= 2 and self._outer is not None:
+            log.warning("second shutdown request: cancelling in-flight work now")
+            self._outer.cancel()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        s = self.settings
+        with anyio.CancelScope() as outer:
+            self._outer = outer
+            client = mongo_client(s.mongo_uri.get_secret_value(), self.instance_id)
+            seg_client = client
+            if s.segmentation_mongo_uri is not None:
+                seg_client = mongo_client(s.segmentation_uri.get_secret_value(), self.instance_id)
+            email, sms = self._senders()
+            try:
+                await self._serve(client, seg_client, email, sms, task_status)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    for sender in (email, sms):
+                        if sender is not None:
+                            await sender.aclose()
+                    if self.http is not None:
+                        await self.http.stop()
+                    if seg_client is not client:
+                        await seg_client.close()
+                    await client.close()
+        log.info("reactor %s stopped", self.instance_id)
+
+    def _senders(self) -> tuple[EmailSender | None, SmsSender | None]:
+        s = self.settings
+        email: EmailSender | None = self._email_override
+        if email is None and (smtp := s.smtp_config()) is not None:
+            email = SmtpEmailSender(smtp)
+        sms: SmsSender | None = self._sms_override
+        if sms is None and (twilio := s.twilio_config()) is not None:
+            sms = TwilioSmsSender(twilio)
+        if email is None:
+            log.warning("email channel not configured (SMTP_HOST / EMAIL_FROM): email deliveries "
+                        "will be recorded as skipped (channel_not_configured)")
+        if sms is None:
+            log.warning("SMS channel not configured (TWILIO_ACCOUNT_SID / TWILIO_AUTH_TOKEN / "
+                        "TWILIO_FROM_NUMBER): SMS deliveries will be recorded as skipped "
+                        "(channel_not_configured)")
+        return email, sms
+
+    async def _serve(self, client: AsyncMongoClient[dict[str, Any]],
+                     seg_client: AsyncMongoClient[dict[str, Any]], email: EmailSender | None,
+                     sms: SmsSender | None, task_status: TaskStatus[None]) -> None:
+        s = self.settings
+        sched_cfg = s.scheduler_config()
+        store = MongoCampaignStore(client[s.campaigns_db], s.campaigns_collection)
+        self.store = store
+        rcfg = s.recipients_config()
+        recipients = MongoRecipients(seg_client[rcfg.db][rcfg.collection], rcfg)
+        executor = Executor(store=store, recipients=recipients, email=email, sms=sms,
+                            clock=self.clock, metrics=self.metrics, config=s.send_config(),
+                            instance_id=self.instance_id, lease_s=sched_cfg.lease_s)
+        scheduler = Scheduler(store=store, executor=executor, clock=self.clock,
+                              metrics=self.metrics, config=sched_cfg)
+        reconciler = Reconciler(store=store, scheduler=scheduler, clock=self.clock,
+                                metrics=self.metrics, interval_s=sched_cfg.reconcile_interval_s)
+        watcher = Watcher(store=store, scheduler=scheduler, reconciler=reconciler,
+                          clock=self.clock, metrics=self.metrics, instance_id=self.instance_id)
+        self.executor, self.scheduler, self.reconciler, self.watcher = (
+            executor, scheduler, reconciler, watcher)
+
+        async def readiness() -> dict[str, bool]:
+            checks = {"mongodb": False}
+            with anyio.move_on_after(2):
+                try:
+                    await client.admin.command("ping")
+                    checks["mongodb"] = True
+                except Exception:
+                    checks["mongodb"] = False
+            if s.enable_schedulers:
+                checks["change_stream"] = watcher.up
+                checks["first_sweep"] = reconciler.first_sweep.is_set()
+            return checks
+
+        if self._serve_http:
+            self.http = OpsServer(self.metrics, readiness, s.metrics_host, s.metrics_port)
+            await self.http.start()
+            log.info("metrics and health on http://%s:%s", s.metrics_host, self.http.port)
+
+        await store.ensure_indexes()
+        async with anyio.create_task_group() as sending:
+            await sending.start(executor.serve)
+            async with anyio.create_task_group() as intake:
+                if s.enable_schedulers:
+                    await intake.start(scheduler.run)
+                    intake.start_soon(watcher.run)
+                    intake.start_soon(reconciler.run)
+                    intake.start_soon(self._announce_ready, watcher)
+                    log.info("📅 Campaign scheduler started (instance %s, horizon %gs, sweep "
+                             "every %gs, misfire grace %gs)", self.instance_id,
+                             sched_cfg.horizon_s, sched_cfg.reconcile_interval_s,
+                             sched_cfg.misfire_grace_s)
+                else:
+                    log.warning("ENABLE_SCHEDULERS=false: this instance arms and fires nothing; "
+                                "it serves metrics and health only")
+                    self.ready.set()
+                task_status.started()
+                await self._stop.wait()
+                log.info("shutdown requested: stopping intake, draining sends for up to %gs",
+                         s.shutdown_grace_seconds)
+                intake.cancel_scope.cancel()
+            await executor.stop_all(StopReason.SHUTDOWN, s.shutdown_grace_seconds)
+            with anyio.move_on_after(5, shield=True):
+                try:
+                    await watcher.save_token()
+                except Exception:
+                    log.warning("could not persist the resume token at shutdown", exc_info=True)
+            sending.cancel_scope.cancel()
+
+    async def _announce_ready(self, watcher: Watcher) -> None:
+        await watcher.opened.wait()
+        self.ready.set()
+        log.info("reactor %s ready: first sweep done, change stream open", self.instance_id)

@@ -1,0 +1,221 @@
+"""Settings: every knob of the reactor, read from the environment once at the CLI edge.
+
+Components never read the environment; they take the small frozen configs that `Settings`
+derives for them (`scheduler_config()`, `send_config()`, ...).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from pymongo.uri_parser import parse_uri
+
+
+def default_instance_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Settings(BaseSettings):
+    """The reactor's configuration; field names are the environment variables, upper-cased."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", env_file=None)
+
+    enable_schedulers: bool = True
+    mongo_uri: SecretStr
+    campaigns_db: str = "marketing"
+    campaigns_collection: str = "campaigns"
+    segmentation_mongo_uri: SecretStr | None = None
+    segmentation_db: str = "retail_db"
+    orders_collection: str = "newdatabase"
+    customer_id_field: str = "customer_id"
+    customer_email_field: str = "email"
+    customer_phone_field: str = "phone"
+    customer_name_field: str = "name"
+    recipient_batch_size: int = Field(1000, ge=1, le=100_000)
+    default_phone_region: str = "US"
+
+    reconcile_interval_seconds: float = Field(60.0, gt=0)
+    misfire_grace_seconds: float = Field(3600.0, ge=0)
+    schedule_horizon_seconds: float = Field(86400.0, gt=0)
+    lease_seconds: float = Field(30.0, gt=0)
+    shutdown_grace_seconds: float = Field(25.0, ge=0)
+    reactor_instance_id: str = Field(default_factory=default_instance_id, min_length=1)
+
+    smtp_host: str | None = None
+    smtp_port: int = Field(587, ge=1, le=65535)
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_tls: Literal["none", "starttls", "tls"] = "starttls"
+    smtp_pool_size: int = Field(4, ge=1, le=256)
+    smtp_timeout_seconds: float = Field(30.0, gt=0)
+    email_from: str | None = None
+
+    twilio_account_sid: str | None = None
+    twilio_auth_token: SecretStr | None = None
+    twilio_from_number: str | None = None
+    twilio_messaging_service_sid: str | None = None
+    twilio_api_base_url: str | None = None
+    twilio_timeout_seconds: float = Field(15.0, gt=0)
+
+    email_rate_per_second: float = Field(50.0, gt=0)
+    sms_rate_per_second: float = Field(10.0, gt=0)
+    send_concurrency: int = Field(16, ge=1, le=1024)
+    send_max_attempts: int = Field(5, ge=1, le=50)
+    retry_base_seconds: float = Field(0.5, gt=0)
+    retry_max_seconds: float = Field(30.0, gt=0)
+
+    metrics_host: str = "0.0.0.0"  # noqa: S104 - a container's metrics endpoint listens on all
+    metrics_port: int = Field(9464, ge=0, le=65535)
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("mongo_uri", "segmentation_mongo_uri")
+    @classmethod
+    def _valid_uri(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        try:
+            parse_uri(value.get_secret_value())
+        except Exception as exc:  # pymongo raises InvalidURI / ConfigurationError / ValueError
+            # Never echo the URI: it may carry credentials.
+            raise ValueError(f"not a valid MongoDB URI ({type(exc).__name__})") from None
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_sms(self) -> Settings:
+        if self.twilio_from_number and self.twilio_messaging_service_sid:
+            raise ValueError(
+                "set only one of TWILIO_FROM_NUMBER and TWILIO_MESSAGING_SERVICE_SID"
+            )
+        return self
+
+    # ---- derived configs -----------------------------------------------------------------
+
+    def scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig(
+            instance_id=self.reactor_instance_id,
+            reconcile_interval_s=self.reconcile_interval_seconds,
+            misfire_grace_s=self.misfire_grace_seconds,
+            horizon_s=self.schedule_horizon_seconds,
+            lease_s=self.lease_seconds,
+        )
+
+    def recipients_config(self) -> RecipientsConfig:
+        return RecipientsConfig(
+            db=self.segmentation_db,
+            collection=self.orders_collection,
+            id_field=self.customer_id_field,
+            email_field=self.customer_email_field,
+            phone_field=self.customer_phone_field,
+            name_field=self.customer_name_field,
+            batch_size=self.recipient_batch_size,
+        )
+
+    def send_config(self) -> SendConfig:
+        return SendConfig(
+            email_rate_per_s=self.email_rate_per_second,
+            sms_rate_per_s=self.sms_rate_per_second,
+            concurrency=self.send_concurrency,
+            max_attempts=self.send_max_attempts,
+            retry_base_s=self.retry_base_seconds,
+            retry_max_s=self.retry_max_seconds,
+            default_phone_region=self.default_phone_region,
+            batch_size=self.recipient_batch_size,
+        )
+
+    def smtp_config(self) -> SmtpConfig | None:
+        if not self.smtp_host or not self.email_from:
+            return None
+        return SmtpConfig(
+            host=self.smtp_host,
+            port=self.smtp_port,
+            username=self.smtp_username,
+            password=self.smtp_password,
+            tls=self.smtp_tls,
+            pool_size=self.smtp_pool_size,
+            timeout_s=self.smtp_timeout_seconds,
+            sender=self.email_from,
+        )
+
+    def twilio_config(self) -> TwilioConfig | None:
+        if not (self.twilio_account_sid and self.twilio_auth_token):
+            return None
+        if not (self.twilio_from_number or self.twilio_messaging_service_sid):
+            return None
+        return TwilioConfig(
+            account_sid=self.twilio_account_sid,
+            auth_token=self.twilio_auth_token,
+            from_number=self.twilio_from_number,
+            messaging_service_sid=self.twilio_messaging_service_sid,
+            api_base_url=self.twilio_api_base_url,
+            timeout_s=self.twilio_timeout_seconds,
+        )
+
+    @property
+    def segmentation_uri(self) -> SecretStr:
+        return self.segmentation_mongo_uri or self.mongo_uri
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    instance_id: str
+    reconcile_interval_s: float = 60.0
+    misfire_grace_s: float = 3600.0
+    horizon_s: float = 86400.0
+    lease_s: float = 30.0
+    max_sleep_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class RecipientsConfig:
+    db: str = "retail_db"
+    collection: str = "newdatabase"
+    id_field: str = "customer_id"
+    email_field: str = "email"
+    phone_field: str = "phone"
+    name_field: str = "name"
+    batch_size: int = 1000
+
+
+@dataclass(frozen=True)
+class SendConfig:
+    email_rate_per_s: float = 50.0
+    sms_rate_per_s: float = 10.0
+    concurrency: int = 16
+    max_attempts: int = 5
+    retry_base_s: float = 0.5
+    retry_max_s: float = 30.0
+    default_phone_region: str = "US"
+    batch_size: int = 1000
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    host: str
+    port: int
+    username: str | None
+    password: SecretStr | None
+    tls: str
+    pool_size: int
+    timeout_s: float
+    sender: str
+
+
+@dataclass(frozen=True)
+class TwilioConfig:
+    account_sid: str
+    auth_token: SecretStr
+    from_number: str | None
+    messaging_service_sid: str | None
+    api_base_url: str | None
+    timeout_s: float

@@ -1,0 +1,58 @@
+"""The reactor's exception tree.
+
+    ReactorError
+    ├── InvalidCampaign            a campaign document the reactor cannot schedule or send
+    ├── DeliveryError              one send did not go through
+    │   ├── TransientDeliveryError     worth retrying (4xx SMTP, 5xx/429 HTTP, connection refused)
+    │   ├── PermanentDeliveryError     never worth retrying (5xx SMTP, invalid number)
+    │   └── UncertainDeliveryError     may or may not have been delivered; never retried blindly
+    └── LeaseLost                  another replica owns the execution now
+
+Adapters map their technology's errors onto these (`raise ... from exc`); the executor and the
+retry policy only ever see these.
+"""
+
+from __future__ import annotations
+
+
+class ReactorError(Exception):
+    """Raised for any failure the reactor itself defines."""
+
+
+class InvalidCampaign(ReactorError):
+    """Raised when a campaign document is malformed; `reason` is a short machine-readable code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class DeliveryError(ReactorError):
+    """Raised when one message could not be handed to its provider."""
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class TransientDeliveryError(DeliveryError):
+    """Raised when a send failed in a way that a later attempt may fix."""
+
+    def __init__(
+        self, message: str, *, code: str | None = None, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
+
+
+class PermanentDeliveryError(DeliveryError):
+    """Raised when a send was refused for good (bad address, rejected content)."""
+
+
+class UncertainDeliveryError(DeliveryError):
+    """Raised when a send may have reached the provider but its outcome is unknown."""
+
+
+class LeaseLost(ReactorError):
+    """Raised when an execution's epoch is no longer the campaign's: another replica took over."""

@@ -1,0 +1,217 @@
+"""Campaign documents as the existing backend writes them, parsed and validated.
+
+`parse_campaign` is the single gate: a document that passes can be scheduled and sent; one that
+fails raises `InvalidCampaign` with a reason the operator sees on the document and in metrics.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from .errors import InvalidCampaign
+
+MAX_EMAIL_BODY_BYTES = 512 * 1024
+MAX_SUBJECT_CHARS = 998  # RFC 5322 line limit
+MAX_SMS_CHARS = 1600  # Twilio's limit for one message body
+MAX_TARGETS = 5_000_000
+
+
+class Status(StrEnum):
+    DRAFT = "draft"
+    PENDING_APPROVAL = "pending_approval"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    PAUSED = "paused"
+    CANCELLED = "cancelled"
+    MISSED = "missed"
+
+
+class Channel(StrEnum):
+    EMAIL = "email"
+    SMS = "sms"
+
+
+@dataclass(frozen=True)
+class EmailContent:
+    subject: str
+    html: str | None
+    text: str | None
+
+
+@dataclass(frozen=True)
+class SmsContent:
+    body: str
+
+
+@dataclass(frozen=True)
+class Execution:
+    owner: str | None = None
+    epoch: int = 0
+    lease_until: dt.datetime | None = None
+    started_at: dt.datetime | None = None
+    sends_done: bool = False
+
+    def lease_expired(self, now: dt.datetime) -> bool:
+        return self.owner is None or self.lease_until is None or self.lease_until <= now
+
+
+@dataclass(frozen=True)
+class Campaign:
+    id: Any  # the document's _id as stored (ObjectId or other)
+    name: str
+    status: Status
+    start_at: dt.datetime
+    end_at: dt.datetime
+    channels: frozenset[Channel]
+    email: EmailContent | None
+    sms: SmsContent | None
+    targets: tuple[Any, ...]
+    execution: Execution = field(default_factory=Execution)
+
+    @property
+    def key(self) -> str:
+        return str(self.id)
+
+
+def as_utc(value: Any, name: str) -> dt.datetime:
+    if not isinstance(value, dt.datetime):
+        raise InvalidCampaign(f"bad_{name}", f"{name} must be a BSON date, got {type(value).__name__}")
+    if value.tzinfo is None:
+        return value.replace(tzinfo=dt.UTC)
+    return value.astimezone(dt.UTC)
+
+
+def _opt_str(doc: dict[str, Any], key: str, where: str) -> str | None:
+    value = doc.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidCampaign("bad_content", f"{where}.{key} must be a string")
+    return value
+
+
+def parse_execution(raw: Any) -> Execution:
+    if not isinstance(raw, dict):
+        return Execution()
+    lease = raw.get("leaseUntil")
+    started = raw.get("startedAt")
+    epoch = raw.get("epoch", 0)
+    return Execution(
+        owner=raw.get("owner") if isinstance(raw.get("owner"), str) else None,
+        epoch=epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else 0,
+        lease_until=as_utc(lease, "leaseUntil") if isinstance(lease, dt.datetime) else None,
+        started_at=as_utc(started, "startedAt") if isinstance(started, dt.datetime) else None,
+        sends_done=bool(raw.get("sendsDone")),
+    )
+
+
+def parse_status(doc: dict[str, Any]) -> Status:
+    raw = doc.get("status")
+    try:
+        return Status(raw)
+    except ValueError:
+        raise InvalidCampaign("bad_status", f"unknown status {raw!r}") from None
+
+
+def parse_campaign(doc: dict[str, Any]) -> Campaign:
+    """Validate a campaign document; raises InvalidCampaign naming the first problem."""
+    if "_id" not in doc:
+        raise InvalidCampaign("bad_document", "document has no _id")
+    status = parse_status(doc)
+    name = doc.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidCampaign("bad_name", "name must be a non-empty string")
+    if "startDate" not in doc:
+        raise InvalidCampaign("bad_startDate", "startDate is missing")
+    if "endDate" not in doc:
+        raise InvalidCampaign("bad_endDate", "endDate is missing")
+    start_at = as_utc(doc["startDate"], "startDate")
+    end_at = as_utc(doc["endDate"], "endDate")
+    if end_at <= start_at:
+        raise InvalidCampaign("bad_window", "endDate must be after startDate")
+
+    email = _parse_email(doc.get("email"))
+    sms = _parse_sms(doc.get("sms"))
+    raw_channels = doc.get("channels")
+    if raw_channels is None:
+        channels = frozenset(
+            c for c, content in ((Channel.EMAIL, email), (Channel.SMS, sms)) if content
+        )
+    else:
+        if not isinstance(raw_channels, list):
+            raise InvalidCampaign("bad_channels", "channels must be a list")
+        try:
+            channels = frozenset(Channel(c) for c in raw_channels)
+        except ValueError:
+            raise InvalidCampaign("bad_channels", f"unknown channel in {raw_channels!r}") from None
+    if not channels:
+        raise InvalidCampaign("bad_channels", "no channel with content to send")
+    if Channel.EMAIL in channels and email is None:
+        raise InvalidCampaign("bad_content", "email channel selected but email content is missing")
+    if Channel.SMS in channels and sms is None:
+        raise InvalidCampaign("bad_content", "sms channel selected but sms content is missing")
+
+    targets = doc.get("targetedCustomerIds", [])
+    if not isinstance(targets, list):
+        raise InvalidCampaign("bad_targets", "targetedCustomerIds must be a list")
+    if len(targets) > MAX_TARGETS:
+        raise InvalidCampaign("bad_targets", f"more than {MAX_TARGETS} targeted customers")
+    for value in targets:
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise InvalidCampaign(
+                "bad_targets", f"customer ids must be strings or integers, got {value!r}"
+            )
+    return Campaign(
+        id=doc["_id"],
+        name=name,
+        status=status,
+        start_at=start_at,
+        end_at=end_at,
+        channels=channels,
+        email=email,
+        sms=sms,
+        targets=tuple(targets),
+        execution=parse_execution(doc.get("execution")),
+    )
+
+
+def _parse_email(raw: Any) -> EmailContent | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise InvalidCampaign("bad_content", "email must be a document")
+    subject = _opt_str(raw, "subject", "email")
+    html = _opt_str(raw, "html", "email")
+    text = _opt_str(raw, "text", "email")
+    if not subject or not subject.strip():
+        raise InvalidCampaign("bad_content", "email.subject is missing or empty")
+    if len(subject) > MAX_SUBJECT_CHARS:
+        raise InvalidCampaign("bad_content", f"email.subject is longer than {MAX_SUBJECT_CHARS}")
+    if "\r" in subject or "\n" in subject:
+        raise InvalidCampaign("bad_content", "email.subject contains a line break")
+    if not (html and html.strip()) and not (text and text.strip()):
+        raise InvalidCampaign("bad_content", "email has neither html nor text body")
+    for label, body in (("html", html), ("text", text)):
+        if body and len(body.encode()) > MAX_EMAIL_BODY_BYTES:
+            raise InvalidCampaign(
+                "bad_content", f"email.{label} is larger than {MAX_EMAIL_BODY_BYTES} bytes"
+            )
+    return EmailContent(subject=subject, html=html or None, text=text or None)
+
+
+def _parse_sms(raw: Any) -> SmsContent | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise InvalidCampaign("bad_content", "sms must be a document")
+    body = _opt_str(raw, "body", "sms")
+    if not body or not body.strip():
+        raise InvalidCampaign("bad_content", "sms.body is missing or empty")
+    if len(body) > MAX_SMS_CHARS:
+        raise InvalidCampaign("bad_content", f"sms.body is longer than {MAX_SMS_CHARS} characters")
+    return SmsContent(body=body)

@@ -1,0 +1,1 @@
+"""Embedded stand-ins for the services the reactor talks to: MongoDB, an SMTP sink and Twilio."""

@@ -1,0 +1,288 @@
+"""The emulator's storage: mongomock's engine for documents, queries, updates and aggregation, plus
+what mongomock lacks and MongoDB has — an oplog-like change log with cluster times, per-write
+change events with `updateDescription`, pre-images, and fast paths for `_id` and indexed-equality
+lookups (mongomock scans every document for every query).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import copy
+import datetime as dt
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import mongomock
+from bson import Timestamp
+from mongomock import filtering
+
+
+def ts_to_int(ts: Timestamp) -> int:
+    return (ts.time << 32) | ts.inc
+
+
+def int_to_ts(value: int) -> Timestamp:
+    return Timestamp(value >> 32, value & 0xFFFFFFFF)
+
+
+_SCALAR_ID_TYPES = (str, int, float, bytes, dt.datetime, mongomock.ObjectId)
+
+
+def _is_plain_value(value: Any) -> bool:
+    return isinstance(value, _SCALAR_ID_TYPES) and not isinstance(value, bool)
+
+
+def _equality_values(condition: Any) -> list[Any] | None:
+    """Values a filter condition pins a field to, or None when it is not a plain equality/$in."""
+    if _is_plain_value(condition):
+        return [condition]
+    if isinstance(condition, dict) and len(condition) == 1:
+        ((op, arg),) = condition.items()
+        if op == "$eq" and _is_plain_value(arg):
+            return [arg]
+        if op == "$in" and isinstance(arg, list) and all(_is_plain_value(v) for v in arg):
+            return list(arg)
+    return None
+
+
+class FastCollection(mongomock.Collection):  # type: ignore[misc]
+    """A mongomock collection that answers `_id` and indexed-field equality filters from a hash
+    lookup instead of a full scan. Every candidate still goes through mongomock's matcher."""
+
+    def _iter_documents(self, filter: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        candidates = self._candidates(filter) if isinstance(filter, dict) else None
+        if candidates is None:
+            yield from super()._iter_documents(filter)
+            return
+        for doc in candidates:
+            if filtering.filter_applies(filter, doc):
+                yield doc
+
+    def _candidates(self, filter: dict[str, Any]) -> list[dict[str, Any]] | None:
+        store = self._store
+        if "_id" in filter:
+            ids = _equality_values(filter["_id"])
+            if ids is not None:
+                out = []
+                seen: set[Any] = set()
+                for key in ids:
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    try:
+                        out.append(store[key])
+                    except KeyError:
+                        continue
+                return out
+        state: _IndexState | None = getattr(store, "_reactor_index", None)
+        if state is None or state.version != getattr(store, "_reactor_version", 0):
+            return None
+        for field_name, condition in filter.items():
+            if field_name not in state.fields:
+                continue
+            values = _equality_values(condition)
+            if values is None:
+                continue
+            table = state.table(field_name, store)
+            if table is None:
+                continue
+            ids_in_order: list[tuple[int, Any]] = []
+            for value in dict.fromkeys(values):
+                ids_in_order.extend(table.get(value, ()))
+            ids_in_order.sort(key=lambda pair: pair[0])
+            out = []
+            for _, key in ids_in_order:
+                try:
+                    out.append(store[key])
+                except KeyError:
+                    continue
+            return out
+        return None
+
+
+@dataclass
+class _IndexState:
+    """Lazily built equality tables for one collection, valid for one write version."""
+
+    version: int
+    fields: set[str]
+    tables: dict[str, dict[Any, list[tuple[int, Any]]] | None] = field(default_factory=dict)
+
+    def table(self, name: str, store: Any) -> dict[Any, list[tuple[int, Any]]] | None:
+        if name in self.tables:
+            return self.tables[name]
+        table: dict[Any, list[tuple[int, Any]]] | None = {}
+        assert table is not None
+        for position, doc in enumerate(store.documents):
+            value = doc.get(name)
+            if value is None:
+                continue
+            if not _is_plain_value(value):
+                table = None  # arrays/sub-documents have richer equality: scan instead
+                break
+            table.setdefault(value, []).append((position, doc["_id"]))
+        self.tables[name] = table
+        return table
+
+
+@dataclass
+class OplogEntry:
+    ts: int
+    db: str
+    coll: str
+    op: str  # insert | update | replace | delete | drop | dropDatabase | rename
+    document_key: dict[str, Any] | None
+    wall_time: dt.datetime
+    full_document: dict[str, Any] | None = None
+    update_description: dict[str, Any] | None = None
+    pre_image: dict[str, Any] | None = None
+
+
+class HistoryLost(Exception):
+    """Raised when a change stream asks to resume from a point that is no longer in the log."""
+
+
+class Engine:
+    """One mongomock client plus a change log shared by every connection of the emulator."""
+
+    def __init__(self, *, oplog_limit: int = 200_000) -> None:
+        self.client = mongomock.MongoClient()
+        self.oplog: list[OplogEntry] = []
+        self._oplog_ts: list[int] = []
+        self.oplog_limit = oplog_limit
+        # Entries at or before this cluster time are gone; resuming from before it fails.
+        self.history_floor = 0
+        self._last_ts = 0
+        self.changed = asyncio.Condition()
+        self.pre_images_enabled: set[tuple[str, str]] = set()
+        self.indexed_fields: dict[tuple[str, str], set[str]] = {}
+
+    # ---- clock -------------------------------------------------------------------------------
+
+    def next_ts(self) -> int:
+        now = int(time.time()) << 32
+        self._last_ts = max(now | 1, self._last_ts + 1)
+        return self._last_ts
+
+    @property
+    def cluster_time(self) -> int:
+        if self._last_ts == 0:
+            return self.next_ts()
+        return self._last_ts
+
+    # ---- collections -------------------------------------------------------------------------
+
+    def collection(self, db: str, name: str) -> FastCollection:
+        database = self.client[db]
+        accesses = database._collection_accesses
+        coll = accesses.get(name)
+        if not isinstance(coll, FastCollection):
+            database._ensure_valid_collection_name(name)
+            coll = FastCollection(
+                database,
+                name=name,
+                _db_store=database._store,
+                read_preference=database.read_preference,
+                codec_options=database._codec_options,
+            )
+            accesses[name] = coll
+        return coll
+
+    def collection_exists(self, db: str, name: str) -> bool:
+        if db not in self.client.list_database_names():
+            return False
+        return name in self.client[db].list_collection_names()
+
+    def touch(self, db: str, name: str) -> None:
+        """Invalidate the equality tables of a collection (called around every write)."""
+        store = self.client[db]._store[name]
+        store._reactor_version = getattr(store, "_reactor_version", 0) + 1
+        fields = self.indexed_fields.get((db, name))
+        if fields:
+            store._reactor_index = _IndexState(store._reactor_version, set(fields))
+
+    def set_indexed_fields(self, db: str, name: str) -> None:
+        coll = self.collection(db, name)
+        fields: set[str] = set()
+        for info in coll.index_information().values():
+            keys = info.get("key", [])
+            if keys and keys[0][0] != "_id" and keys[0][1] in (1, -1):
+                fields.add(keys[0][0])
+        self.indexed_fields[(db, name)] = fields
+        self.touch(db, name)
+
+    # ---- change log --------------------------------------------------------------------------
+
+    def record(self, entries: Iterable[OplogEntry]) -> None:
+        added = False
+        for entry in entries:
+            self.oplog.append(entry)
+            self._oplog_ts.append(entry.ts)
+            added = True
+        if len(self.oplog) > self.oplog_limit:
+            cut = len(self.oplog) - self.oplog_limit
+            self.history_floor = max(self.history_floor, self.oplog[cut - 1].ts)
+            del self.oplog[:cut]
+            del self._oplog_ts[:cut]
+        if added:
+            asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
+
+    def entries_after(self, position: int) -> list[OplogEntry]:
+        if position < self.history_floor:
+            raise HistoryLost(position)
+        start = bisect.bisect_right(self._oplog_ts, position)
+        return self.oplog[start:]
+
+    def drop_history(self) -> None:
+        """Forget every change so far, as an oplog rollover would."""
+        self.history_floor = self.next_ts()
+        self.oplog.clear()
+        self._oplog_ts.clear()
+
+    def make_entry(
+        self,
+        db: str,
+        coll: str,
+        op: str,
+        document_key: dict[str, Any] | None,
+        **extra: Any,
+    ) -> OplogEntry:
+        return OplogEntry(
+            ts=self.next_ts(),
+            db=db,
+            coll=coll,
+            op=op,
+            document_key=document_key,
+            wall_time=dt.datetime.now(dt.UTC).replace(tzinfo=None),
+            **extra,
+        )
+
+
+def diff_documents(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """updateDescription for a change from `before` to `after`, with dotted paths into
+    sub-documents the way MongoDB reports `$set` / `$inc` on nested fields."""
+    updated: dict[str, Any] = {}
+    removed: list[str] = []
+
+    def walk(old: dict[str, Any], new: dict[str, Any], prefix: str) -> None:
+        for key, value in new.items():
+            path = prefix + key
+            if key not in old:
+                updated[path] = copy.deepcopy(value)
+            elif isinstance(value, dict) and isinstance(old[key], dict):
+                walk(old[key], value, path + ".")
+            elif old[key] != value or type(old[key]) is not type(value):
+                updated[path] = copy.deepcopy(value)
+        for key in old:
+            if key not in new:
+                removed.append(prefix + key)
+
+    walk(before, after, "")
+    return {"updatedFields": updated, "removedFields": removed, "truncatedArrays": []}

@@ -1,0 +1,134 @@
+"""An SMTP sink on aiosmtpd that keeps every message it accepts, with fault injection: refuse the
+next N messages with a given reply, fail a share of them at random, or go down and come back."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import random
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from aiosmtpd.smtp import SMTP as SMTPProtocol
+from aiosmtpd.smtp import Envelope, Session
+
+
+@dataclass
+class CapturedEmail:
+    mail_from: str
+    to: str
+    subject: str
+    message_id: str
+    text: str | None
+    html: str | None
+
+
+@dataclass
+class _Faults:
+    next_replies: list[str] = field(default_factory=list)
+    failure_rate: float = 0.0
+    failure_reply: str = "451 4.3.0 temporary failure (injected)"
+    drop_during_data: int = 0
+
+
+class _Handler:
+    def __init__(self, sink: SmtpSink) -> None:
+        self.sink = sink
+
+    async def handle_DATA(self, server: SMTPProtocol, session: Session,  # noqa: N802
+                          envelope: Envelope) -> str:
+        faults = self.sink.faults
+        if faults.drop_during_data > 0:
+            faults.drop_during_data -= 1
+            # Take the message, then vanish before answering: the client cannot know.
+            self.sink._store(envelope)
+            if server.transport is not None:
+                server.transport.close()
+            return "250 OK"
+        if faults.next_replies:
+            return faults.next_replies.pop(0)
+        if faults.failure_rate and self.sink.rng.random() < faults.failure_rate:
+            return faults.failure_reply
+        self.sink._store(envelope)
+        return "250 2.0.0 OK: queued"
+
+
+class SmtpSink:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, seed: int | None = None) -> None:
+        self.host = host
+        self.port = port
+        self.messages: list[CapturedEmail] = []
+        self.faults = _Faults()
+        self.rng = random.Random(seed)
+        self._server: asyncio.base_events.Server | None = None
+        self._handler = _Handler(self)
+        self._protocols: set[SMTPProtocol] = set()
+
+    def _store(self, envelope: Envelope) -> None:
+        raw = envelope.original_content or envelope.content or b""
+        if isinstance(raw, str):
+            raw = raw.encode()
+        msg = email.message_from_bytes(raw, policy=email.policy.default)
+        text = html = None
+        for part in msg.walk():
+            ctype = part.get_content_type()
+            if ctype == "text/plain" and text is None:
+                text = part.get_content()
+            elif ctype == "text/html" and html is None:
+                html = part.get_content()
+        for rcpt in envelope.rcpt_tos:
+            self.messages.append(CapturedEmail(
+                mail_from=envelope.mail_from or "", to=rcpt, subject=str(msg.get("Subject", "")),
+                message_id=str(msg.get("Message-ID", "")), text=text, html=html))
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def protocol() -> SMTPProtocol:
+            proto = SMTPProtocol(self._handler, hostname="reactor-sink", ident="reactor-sink",
+                                 data_size_limit=10 * 1024 * 1024)
+            self._protocols.add(proto)
+            return proto
+
+        self._server = await loop.create_server(protocol, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for proto in list(self._protocols):
+                if proto.transport is not None:
+                    proto.transport.close()
+                handler_task = getattr(proto, "_handler_coroutine", None)
+                if handler_task is not None:
+                    handler_task.cancel()
+            self._protocols.clear()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def go_down(self) -> None:
+        """Refuse connections (and drop the open ones) until `come_back()`."""
+        await self.stop()
+
+    async def come_back(self) -> None:
+        await self.start()
+
+    def fail_next(self, n: int, reply: str = "451 4.3.0 temporary failure (injected)") -> None:
+        self.faults.next_replies.extend([reply] * n)
+
+    def recipients(self) -> list[str]:
+        return [m.to for m in self.messages]
+
+    async def __aenter__(self) -> SmtpSink:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+    def settings_env(self) -> dict[str, Any]:
+        return {"SMTP_HOST": self.host, "SMTP_PORT": str(self.port), "SMTP_TLS": "none",
+                "EMAIL_FROM": "campaigns@reactor.example"}

@@ -1,0 +1,152 @@
+"""A fake of Twilio's Messages API (v2010) on aiohttp, shaped like the real one closely enough for
+twilio's own client: form-encoded POSTs, basic auth, JSON resources and error bodies. Fault
+injection: answer the next N requests with a status (429 with Retry-After, 500...), fail a share
+at random, or add latency."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import secrets
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from aiohttp import BasicAuth, web
+
+E164 = re.compile(r"^\+[1-9]\d{6,14}$")
+
+
+@dataclass
+class CapturedSms:
+    sid: str
+    to: str
+    from_: str | None
+    messaging_service_sid: str | None
+    body: str
+
+
+@dataclass
+class _Faults:
+    next_statuses: list[tuple[int, float | None]] = field(default_factory=list)
+    failure_rate: float = 0.0
+    failure_status: int = 503
+    delay_s: float = 0.0
+
+
+class TwilioFake:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, account_sid: str | None = None,
+                 auth_token: str | None = None, seed: int | None = None) -> None:
+        self.host = host
+        self.port = port
+        self.account_sid = account_sid or "AC" + secrets.token_hex(16)
+        self.auth_token = auth_token or secrets.token_hex(16)
+        self.messages: list[CapturedSms] = []
+        self.requests = 0
+        self.faults = _Faults()
+        self.rng = random.Random(seed)
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def fail_next(self, n: int, status: int, retry_after_s: float | None = None) -> None:
+        self.faults.next_statuses.extend([(status, retry_after_s)] * n)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/2010-04-01/Accounts/{sid}/Messages.json", self._create_message)
+        app.router.add_get("/2010-04-01/Accounts/{sid}.json", self._fetch_account)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> TwilioFake:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+    def _error(self, status: int, code: int, message: str,
+               headers: dict[str, str] | None = None) -> web.Response:
+        return web.json_response(
+            {"code": code, "message": message, "status": status,
+             "more_info": f"https://www.twilio.com/docs/errors/{code}"},
+            status=status, headers=headers)
+
+    def _authorised(self, request: web.Request) -> bool:
+        header = request.headers.get("Authorization")
+        if not header:
+            return False
+        try:
+            auth = BasicAuth.decode(header)
+        except ValueError:
+            return False
+        return auth.login == self.account_sid and auth.password == self.auth_token
+
+    async def _fetch_account(self, request: web.Request) -> web.Response:
+        if not self._authorised(request) or request.match_info["sid"] != self.account_sid:
+            return self._error(401, 20003, "Authenticate")
+        return web.json_response({"sid": self.account_sid, "status": "active",
+                                  "friendly_name": "reactor fake", "type": "Full"})
+
+    async def _create_message(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        if self.faults.delay_s:
+            await asyncio.sleep(self.faults.delay_s)
+        if not self._authorised(request) or request.match_info["sid"] != self.account_sid:
+            return self._error(401, 20003, "Authenticate")
+        if self.faults.next_statuses:
+            status, retry_after = self.faults.next_statuses.pop(0)
+            headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else None
+            return self._error(status, 20429 if status == 429 else 20500,
+                               "Too Many Requests" if status == 429 else "Injected failure",
+                               headers)
+        if self.faults.failure_rate and self.rng.random() < self.faults.failure_rate:
+            return self._error(self.faults.failure_status, 20500, "Injected failure")
+        form = await request.post()
+        to = str(form.get("To", ""))
+        body = str(form.get("Body", ""))
+        from_ = form.get("From")
+        service = form.get("MessagingServiceSid")
+        if not to:
+            return self._error(400, 21604, "A 'To' phone number is required.")
+        if not E164.match(to):
+            return self._error(400, 21211, f"The 'To' number {to} is not a valid phone number.")
+        if not body:
+            return self._error(400, 21602, "Message body is required.")
+        if not from_ and not service:
+            return self._error(400, 21603, "A 'From' phone number is required.")
+        sid = "SM" + secrets.token_hex(16)
+        self.messages.append(CapturedSms(sid, to, str(from_) if from_ else None,
+                                         str(service) if service else None, body))
+        return web.json_response(self._resource(sid, to, from_, service, body), status=201)
+
+    def _resource(self, sid: str, to: str, from_: Any, service: Any, body: str) -> dict[str, Any]:
+        return {
+            "sid": sid, "account_sid": self.account_sid, "to": to,
+            "from": str(from_) if from_ else None,
+            "messaging_service_sid": str(service) if service else None, "body": body,
+            "status": "queued", "num_segments": "1", "num_media": "0", "direction": "outbound-api",
+            "api_version": "2010-04-01", "price": None, "price_unit": "USD", "error_code": None,
+            "error_message": None, "date_created": None, "date_updated": None, "date_sent": None,
+            "uri": f"/2010-04-01/Accounts/{self.account_sid}/Messages/{sid}.json",
+            "subresource_uris": {},
+        }
+
+    def settings_env(self) -> dict[str, Any]:
+        return {"TWILIO_ACCOUNT_SID": self.account_sid, "TWILIO_AUTH_TOKEN": self.auth_token,
+                "TWILIO_FROM_NUMBER": "+15005550006", "TWILIO_API_BASE_URL": self.base_url}

@@ -1,0 +1,544 @@
+"""Execution: sends one claimed campaign to its audience, exactly once per (channel, customer).
+
+For each batch of targeted ids the executor resolves recipients, reads what the ledger already
+says (a resumed or taken-over run never re-sends `sent`, and treats a `pending` row left by an
+earlier epoch as `uncertain`), writes `pending` rows just before sending — never more rows than
+the concurrency bound, so a crash leaves at most that many outcomes unknown — and writes outcomes
+and counter increments in batches, fenced by the execution epoch.
+
+A heartbeat extends the lease every second and notices within that second when the campaign was
+paused, cancelled or taken over; sending then stops after the in-flight messages finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from email.utils import make_msgid
+from typing import Any
+
+import anyio
+import phonenumbers
+from email_validator import EmailNotValidError, validate_email
+
+from .adapters.mongo_store import TERMINAL_STATES, DeliveryRecord, MongoCampaignStore
+from .config import SendConfig
+from .domain.errors import (
+    InvalidCampaign,
+    LeaseLost,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+    UncertainDeliveryError,
+)
+from .domain.ids import normalise_id
+from .domain.models import Campaign, Channel, parse_campaign
+from .domain.retry import RetryPolicy
+from .domain.templates import render
+from .metrics import Metrics
+from .ports import Clock, EmailMessage, EmailSender, Recipient, Recipients, SmsMessage, SmsSender
+from .ratelimit import TokenBucket
+
+log = logging.getLogger(__name__)
+
+_COUNTER_NAMES = {
+    (Channel.EMAIL, "sent"): "emailsSent",
+    (Channel.EMAIL, "failed"): "emailsFailed",
+    (Channel.EMAIL, "skipped"): "emailsSkipped",
+    (Channel.SMS, "sent"): "smsSent",
+    (Channel.SMS, "failed"): "smsFailed",
+    (Channel.SMS, "skipped"): "smsSkipped",
+}
+
+
+class StopReason:
+    WINDOW_CLOSED = "window_closed"
+    PAUSED = "paused"
+    SHUTDOWN = "shutdown"
+    LEASE_LOST = "lease_lost"
+
+
+@dataclass
+class _Item:
+    customer: str
+    channel: Channel
+    to: str
+    message: EmailMessage | SmsMessage
+
+
+@dataclass
+class _Outcome:
+    item: _Item
+    state: str  # sent | failed | uncertain | abandoned
+    provider_id: str | None = None
+    error: str | None = None
+    attempts: int = 0
+
+
+@dataclass
+class Run:
+    """One execution of one campaign by this instance."""
+
+    key: str
+    campaign_id: Any
+    name: str
+    epoch: int
+    execution: dict[str, Any]
+    stop_reason: str | None = None
+    stopped: anyio.Event = field(default_factory=anyio.Event)
+    done: anyio.Event = field(default_factory=anyio.Event)
+    totals: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            self.stopped.set()
+
+
+class Executor:
+    def __init__(
+        self,
+        *,
+        store: MongoCampaignStore,
+        recipients: Recipients,
+        email: EmailSender | None,
+        sms: SmsSender | None,
+        clock: Clock,
+        metrics: Metrics,
+        config: SendConfig,
+        instance_id: str,
+        lease_s: float,
+    ) -> None:
+        self._store = store
+        self._recipients = recipients
+        self._senders: dict[Channel, EmailSender | SmsSender | None] = {
+            Channel.EMAIL: email, Channel.SMS: sms,
+        }
+        self._clock = clock
+        self._metrics = metrics
+        self._config = config
+        self._instance = instance_id
+        self._lease_s = lease_s
+        self._policy = RetryPolicy(config.max_attempts, config.retry_base_s, config.retry_max_s)
+        self._limits = {
+            Channel.EMAIL: TokenBucket(clock, config.email_rate_per_s),
+            Channel.SMS: TokenBucket(clock, config.sms_rate_per_s),
+        }
+        self._runs: dict[str, Run] = {}
+        self._tg: anyio.abc.TaskGroup | None = None
+        self.heartbeat_s = min(1.0, lease_s / 3)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                    ) -> None:
+        """Own the task group every execution runs in, until cancelled."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            task_status.started()
+            await anyio.sleep_forever()
+
+    def active(self, key: str) -> bool:
+        return key in self._runs
+
+    @property
+    def runs(self) -> dict[str, Run]:
+        return self._runs
+
+    def start(self, claimed: dict[str, Any]) -> bool:
+        """Start sending a campaign this instance has just claimed (its document as returned by
+        the claim, with the new epoch). False if it is already running here."""
+        key = str(claimed["_id"])
+        if key in self._runs:
+            return False
+        execution = dict(claimed.get("execution") or {})
+        run = Run(key=key, campaign_id=claimed["_id"], name=str(claimed.get("name", key)),
+                  epoch=int(execution.get("epoch", 0)), execution=execution)
+        self._runs[key] = run
+        self._metrics.executions_active.set(len(self._runs))
+        assert self._tg is not None, "Executor.serve() must be running"
+        self._tg.start_soon(self._execute, run, name=f"execute {key}")
+        return True
+
+    async def stop(self, key: str, reason: str) -> None:
+        """Stop sending (in-flight messages finish) and wait until the run has wound down."""
+        run = self._runs.get(key)
+        if run is None:
+            return
+        run.stop(reason)
+        await run.done.wait()
+
+    async def stop_all(self, reason: str, grace_s: float) -> None:
+        runs = list(self._runs.values())
+        for run in runs:
+            run.stop(reason)
+        with anyio.move_on_after(grace_s, shield=True):
+            for run in runs:
+                await run.done.wait()
+
+    # ---- one execution -----------------------------------------------------------------------
+
+    async def _execute(self, run: Run) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._heartbeat, run)
+                try:
+                    await self._send_campaign(run)
+                finally:
+                    tg.cancel_scope.cancel()
+        except Exception as exc:  # one campaign's failure must not take the service down
+            if _contains(exc, LeaseLost):
+                run.stop(StopReason.LEASE_LOST)
+                log.warning("lease lost for campaign %s; another replica continues", run.name,
+                            extra={"campaign_id": run.key, "epoch": run.epoch})
+                return
+            self._metrics.campaign_errors.labels("execution_failed").inc()
+            log.exception("execution of campaign %s failed", run.name,
+                          extra={"campaign_id": run.key})
+            with anyio.move_on_after(5, shield=True):
+                await self._store.record_invalid(run.campaign_id, "execution_failed",
+                                                 f"{type(exc).__name__}: {exc}", self._clock.now())
+                await self._release(run)
+        finally:
+            self._runs.pop(run.key, None)
+            self._metrics.executions_active.set(len(self._runs))
+            run.done.set()
+
+    async def _heartbeat(self, run: Run) -> None:
+        while True:
+            await self._clock.sleep(self.heartbeat_s)
+            lease_until = self._clock.now() + dt.timedelta(seconds=self._lease_s)
+            try:
+                alive = await self._store.heartbeat(
+                    run.campaign_id, epoch=run.epoch, owner=self._instance,
+                    lease_until=lease_until)
+            except Exception:
+                log.warning("lease heartbeat failed for %s; will retry", run.name, exc_info=True,
+                            extra={"campaign_id": run.key})
+                continue
+            if alive is None:
+                doc = await self._store.get(run.campaign_id)
+                status = doc.get("status") if doc else None
+                reason = StopReason.PAUSED if status in ("paused", "cancelled", "rejected") \
+                    else StopReason.LEASE_LOST
+                run.stop(reason)
+                return
+
+    async def _send_campaign(self, run: Run) -> None:
+        doc = await self._store.get(run.campaign_id, with_targets=True)
+        if doc is None:
+            raise LeaseLost(f"campaign {run.key} was deleted")
+        try:
+            campaign = parse_campaign(doc)
+        except InvalidCampaign as exc:
+            self._metrics.campaign_errors.labels(exc.reason).inc()
+            log.error("campaign %s cannot be sent: %s", run.name, exc,
+                      extra={"campaign_id": run.key, "reason": exc.reason})
+            await self._store.record_invalid(run.campaign_id, exc.reason, exc.detail,
+                                             self._clock.now())
+            await self._store.mark_sends_done(run.campaign_id, epoch=run.epoch,
+                                              now=self._clock.now())
+            return
+        started = self._clock.now()
+        await self._store.record_execution(run.key, epoch=run.epoch, owner=self._instance, fields={
+            "startedAt": started, "owner": self._instance, "state": "running",
+        })
+        await self._settle_previous_pending(run)
+        targets = list(dict.fromkeys(normalise_id(t) for t in campaign.targets))
+        log.info("📋 Fetching %d targeted customers by IDs", len(targets),
+                 extra={"campaign_id": run.key, "count": len(targets)})
+        found = 0
+        for batch in _chunks(targets, self._config.batch_size):
+            if run.stop_reason not in (None, StopReason.WINDOW_CLOSED):
+                break
+            if run.stop_reason is None:
+                recipients = await self._recipients.resolve(batch)
+                found += len(recipients)
+                for channel in sorted(campaign.channels):
+                    await self._send_batch(run, campaign, channel, batch, recipients)
+            if run.stop_reason == StopReason.WINDOW_CLOSED:
+                # The window closed during or before this batch: whoever was not reached is
+                # recorded as skipped, so every customer is accounted for.
+                await self._close_window(run, campaign, batch)
+        log.info("Found %d customers in orders collection", found,
+                 extra={"campaign_id": run.key, "count": found})
+        await self._finish(run, campaign, started)
+
+    async def _settle_previous_pending(self, run: Run) -> None:
+        """Rows an earlier epoch left `pending` may or may not have gone out: `uncertain`."""
+        rows = await self._store.pending_from_other_epochs(run.key, run.epoch)
+        if not rows:
+            return
+        records = [DeliveryRecord(r["customer"], r["channel"], "uncertain", to=r.get("to"),
+                                  reason="previous_owner_lost") for r in rows]
+        await self._write(run, records)
+        log.warning("%d deliveries of %s left pending by a previous owner are uncertain",
+                    len(records), run.name, extra={"campaign_id": run.key, "count": len(records)})
+
+    async def _send_batch(self, run: Run, campaign: Campaign, channel: Channel,
+                          batch: Sequence[str], recipients: dict[str, Recipient]) -> None:
+        states = await self._store.ledger_states(run.key, channel, batch)
+        skipped: list[DeliveryRecord] = []
+        items: list[_Item] = []
+        sender = self._senders[channel]
+        for customer in batch:
+            if customer in states:
+                state, epoch = states[customer]
+                if state in TERMINAL_STATES or epoch >= run.epoch:
+                    continue
+            recipient = recipients.get(customer)
+            if recipient is None:
+                skipped.append(DeliveryRecord(customer, channel, "skipped", reason="not_found"))
+                continue
+            if sender is None:
+                skipped.append(DeliveryRecord(customer, channel, "skipped",
+                                              reason="channel_not_configured"))
+                continue
+            address, problem = self._address(channel, recipient)
+            if address is None:
+                skipped.append(DeliveryRecord(customer, channel, "skipped", reason=problem))
+                continue
+            items.append(_Item(customer, channel, address,
+                               self._message(campaign, channel, recipient, address)))
+        if skipped:
+            await self._write(run, skipped)
+        if items:
+            await self._send_items(run, channel, items)
+
+    def _address(self, channel: Channel, recipient: Recipient) -> tuple[str | None, str]:
+        if channel is Channel.EMAIL:
+            if not recipient.email:
+                return None, "missing_email"
+            try:
+                info = validate_email(recipient.email, check_deliverability=False)
+            except EmailNotValidError:
+                return None, "invalid_email"
+            return info.normalized, ""
+        if not recipient.phone:
+            return None, "missing_phone"
+        try:
+            number = phonenumbers.parse(recipient.phone, self._config.default_phone_region)
+        except phonenumbers.NumberParseException:
+            return None, "invalid_phone"
+        if not phonenumbers.is_valid_number(number):
+            return None, "invalid_phone"
+        return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), ""
+
+    def _message(self, campaign: Campaign, channel: Channel, recipient: Recipient,
+                 address: str) -> EmailMessage | SmsMessage:
+        values = {"name": recipient.name or "", "email": recipient.email or "",
+                  "phone": recipient.phone or ""}
+        if channel is Channel.SMS:
+            assert campaign.sms is not None
+            return SmsMessage(to=address, body=render(campaign.sms.body, values))
+        assert campaign.email is not None
+        # Header values must not carry line breaks, whatever a customer's name contains.
+        header_values = {k: " ".join(v.split()) for k, v in values.items()}
+        domain = address.rsplit("@", 1)[-1]
+        return EmailMessage(
+            to=address,
+            subject=render(campaign.email.subject, header_values),
+            text=render(campaign.email.text, values) if campaign.email.text else None,
+            html=render(campaign.email.html, values, escape_html=True)
+            if campaign.email.html else None,
+            message_id=make_msgid(idstring=f"c{campaign.key}", domain=f"reactor.{domain}"),
+        )
+
+    async def _send_items(self, run: Run, channel: Channel, items: list[_Item]) -> None:
+        """Send with at most `concurrency` rows pending at any time: a permit is taken before a
+        row is marked pending and given back only once its outcome is written."""
+        concurrency = self._config.concurrency
+        permits = asyncio.Semaphore(concurrency)
+        group = max(1, concurrency // 2)
+        outcomes: list[_Outcome] = []
+        flush_needed = asyncio.Event()
+        sending_done = False
+
+        async def flusher() -> None:
+            while True:
+                if not outcomes:
+                    if sending_done and permits._value == concurrency:
+                        return
+                    flush_needed.clear()
+                    with anyio.move_on_after(0.05):
+                        await flush_needed.wait()
+                    if not outcomes:
+                        continue
+                taken = outcomes[:]
+                outcomes.clear()
+                try:
+                    await self._write_outcomes(run, taken)
+                finally:
+                    for _ in taken:
+                        permits.release()
+
+        async def send_one(item: _Item) -> None:
+            outcomes.append(await self._deliver(run, item))
+            if len(outcomes) >= group:
+                flush_needed.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(flusher)
+            pending: list[_Item] = []
+
+            async def launch() -> None:
+                records = [DeliveryRecord(i.customer, i.channel, "pending", to=i.to)
+                           for i in pending]
+                await self._write(run, records)
+                for it in pending:
+                    tg.start_soon(send_one, it)
+                pending.clear()
+
+            for item in items:
+                if run.stop_reason is not None:
+                    break
+                if permits.locked() and pending:
+                    await launch()
+                await permits.acquire()
+                pending.append(item)
+                if len(pending) >= group:
+                    await launch()
+            if pending and run.stop_reason is None:
+                await launch()
+            for _ in pending:  # acquired but never launched: hand the permits back
+                permits.release()
+            pending.clear()
+            sending_done = True
+            flush_needed.set()
+
+    async def _deliver(self, run: Run, item: _Item) -> _Outcome:
+        sender = self._senders[item.channel]
+        assert sender is not None
+        limiter = self._limits[item.channel]
+        channel = str(item.channel)
+        attempt = 0
+        while True:
+            attempt += 1
+            await limiter.acquire()
+            started = time.perf_counter()
+            try:
+                provider_id = await sender.send(item.message)  # type: ignore[arg-type]
+            except TransientDeliveryError as exc:
+                self._metrics.send_duration.labels(channel).observe(time.perf_counter() - started)
+                if exc.retry_after_s:
+                    limiter.pause(exc.retry_after_s)
+                if not self._policy.should_retry(attempt):
+                    return _Outcome(item, "failed", error=f"transient, gave up: {exc}",
+                                    attempts=attempt)
+                if run.stop_reason is not None:
+                    # Not delivered, and we are stopping: leave it for whoever resumes.
+                    return _Outcome(item, "abandoned", error=str(exc), attempts=attempt)
+                self._metrics.send_retries.labels(channel).inc()
+                await self._clock.sleep(self._policy.delay_s(attempt, exc.retry_after_s))
+                continue
+            except PermanentDeliveryError as exc:
+                self._metrics.send_duration.labels(channel).observe(time.perf_counter() - started)
+                return _Outcome(item, "failed", error=str(exc), attempts=attempt)
+            except UncertainDeliveryError as exc:
+                self._metrics.send_duration.labels(channel).observe(time.perf_counter() - started)
+                return _Outcome(item, "uncertain", error=str(exc), attempts=attempt)
+            except Exception as exc:  # a bug in one send must not stop the campaign
+                log.exception("unexpected error sending %s to customer %s", channel, item.customer,
+                              extra={"campaign_id": run.key, "channel": channel})
+                return _Outcome(item, "uncertain", error=f"{type(exc).__name__}: {exc}",
+                                attempts=attempt)
+            self._metrics.send_duration.labels(channel).observe(time.perf_counter() - started)
+            return _Outcome(item, "sent", provider_id=provider_id, attempts=attempt)
+
+    async def _write_outcomes(self, run: Run, outcomes: list[_Outcome]) -> None:
+        records = []
+        abandoned = []
+        for o in outcomes:
+            if o.state == "abandoned":
+                abandoned.append(o)
+                continue
+            records.append(DeliveryRecord(o.item.customer, o.item.channel, o.state, to=o.item.to,
+                                          provider_id=o.provider_id, error=o.error,
+                                          attempts=o.attempts))
+        if abandoned:
+            await self._store.deliveries.delete_many({
+                "_id": {"$in": [f"{run.key}:{o.item.channel}:{o.item.customer}" for o in abandoned]},
+                "epoch": run.epoch, "state": "pending",
+            })
+        await self._write(run, records)
+
+    async def _write(self, run: Run, records: list[DeliveryRecord]) -> None:
+        if not records:
+            return
+        now = self._clock.now()
+        fenced = await self._store.write_deliveries(run.key, epoch=run.epoch, records=records,
+                                                    now=now)
+        counts: dict[str, int] = {}
+        for rec in records:
+            if f"{run.key}:{rec.channel}:{rec.customer}" in fenced or rec.state == "pending":
+                continue
+            self._metrics.sends.labels(rec.channel, rec.state).inc()
+            run.totals[(rec.channel, rec.state)] = run.totals.get((rec.channel, rec.state), 0) + 1
+            name = _COUNTER_NAMES.get((Channel(rec.channel), rec.state), "uncertain")
+            counts[name] = counts.get(name, 0) + 1
+        owned = await self._store.add_performance(run.campaign_id, epoch=run.epoch, counts=counts,
+                                                  now=now)
+        if fenced or not owned:
+            raise LeaseLost(f"campaign {run.key} epoch {run.epoch} was superseded")
+
+    async def _close_window(self, run: Run, campaign: Campaign, batch: Sequence[str]) -> None:
+        for channel in sorted(campaign.channels):
+            states = await self._store.ledger_states(run.key, channel, batch)
+            records = [DeliveryRecord(c, channel, "skipped", reason="window_closed")
+                       for c in batch if c not in states]
+            await self._write(run, records)
+
+    async def _finish(self, run: Run, campaign: Campaign, started: dt.datetime) -> None:
+        now = self._clock.now()
+        counts = await self._store.ledger_counts(run.key)
+        performance = {
+            "emailsSent": counts.get("email", {}).get("sent", 0),
+            "emailsFailed": counts.get("email", {}).get("failed", 0),
+            "emailsSkipped": counts.get("email", {}).get("skipped", 0),
+            "smsSent": counts.get("sms", {}).get("sent", 0),
+            "smsFailed": counts.get("sms", {}).get("failed", 0),
+            "smsSkipped": counts.get("sms", {}).get("skipped", 0),
+            "uncertain": sum(c.get("uncertain", 0) for c in counts.values()),
+        }
+        targets = len(set(normalise_id(t) for t in campaign.targets))
+        extra = {"campaign_id": run.key, **performance}
+        stopped_early = run.stop_reason in (StopReason.PAUSED, StopReason.SHUTDOWN,
+                                            StopReason.LEASE_LOST)
+        if not stopped_early:
+            await self._store.set_performance(run.campaign_id, performance, now)
+        if Channel.EMAIL in campaign.channels:
+            log.info("✉️ Emails sent: %d/%d", performance["emailsSent"], targets, extra=extra)
+        if Channel.SMS in campaign.channels:
+            log.info("📱 SMS sent: %d/%d", performance["smsSent"], targets, extra=extra)
+        await self._store.record_execution(run.key, epoch=run.epoch, owner=self._instance, fields={
+            "finishedAt": now, "state": run.stop_reason or "sent", "counts": performance,
+        })
+        if stopped_early:
+            log.info("⏸ Campaign %s stopped sending (%s); the ledger keeps its place", run.name,
+                     run.stop_reason, extra=extra)
+            await self._release(run)
+            return
+        await self._store.mark_sends_done(run.campaign_id, epoch=run.epoch, now=now)
+        log.info("✅ Campaign executed successfully: %s", run.name, extra=extra)
+
+    async def _release(self, run: Run) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._store.release(run.campaign_id, epoch=run.epoch, execution=run.execution,
+                                      now=self._clock.now())
+
+
+def _contains(exc: BaseException, kind: type[BaseException]) -> bool:
+    """True if `exc` is `kind` or an exception group holding one (task groups wrap errors)."""
+    if isinstance(exc, kind):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_contains(e, kind) for e in exc.exceptions)
+    return False
+
+
+def _chunks(values: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for i in range(0, len(values), size):
+        yield values[i : i + size]

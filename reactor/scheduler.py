@@ -1,0 +1,312 @@
+"""The scheduler: one idempotent `sync(document)` that arms or disarms a campaign's timers, and the
+handlers that run when a timer fires (claim the start, or wind down and complete at the end).
+
+Change events and sweep rows both go through `sync`, so the stream and the sweep can never
+disagree about what a document wants — only about when they saw it, which `seen_at` settles.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+from bson import Timestamp
+
+from .adapters.mongo_store import MongoCampaignStore
+from .config import SchedulerConfig
+from .domain.errors import InvalidCampaign
+from .domain.models import Campaign, Status, parse_campaign, parse_status
+from .domain.schedule import (
+    ACTIVE,
+    StartDecision,
+    TimerKey,
+    TimerKind,
+    desired_timers,
+    start_decision,
+    wants_takeover,
+)
+from .executor import Executor, StopReason
+from .metrics import Metrics
+from .ports import Clock
+from .timers import TimerHeap
+
+log = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        store: MongoCampaignStore,
+        executor: Executor,
+        clock: Clock,
+        metrics: Metrics,
+        config: SchedulerConfig,
+    ) -> None:
+        self._store = store
+        self._executor = executor
+        self._clock = clock
+        self._metrics = metrics
+        self._config = config
+        self.timers: TimerHeap[TimerKey] = TimerHeap(clock, max_sleep_s=config.max_sleep_s)
+        self._ids: dict[str, Any] = {}  # campaign key -> _id as stored
+        self._names: dict[str, str] = {}
+        # Cluster time of the newest change event applied per campaign: an older sweep row
+        # must not undo what the stream already did.
+        self._event_ts: dict[str, Timestamp] = {}
+        self._tg: TaskGroup | None = None
+        self._inflight: set[TimerKey] = set()
+        self.on_fired: list[Any] = []  # test/benchmark hooks: callables(key, due_at, fired_at)
+
+    # ---- running ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                  ) -> None:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            await tg.start(self.timers.run, self._fire)
+            task_status.started()
+            await anyio.sleep_forever()
+
+    def _update_gauges(self) -> None:
+        starts = sum(1 for k in self.timers.keys() if k.kind is TimerKind.START)
+        self._metrics.timers_armed.labels("start").set(starts)
+        self._metrics.timers_armed.labels("end").set(len(self.timers) - starts)
+
+    # ---- sync ------------------------------------------------------------------------------
+
+    async def sync(self, doc: dict[str, Any], *, event_ts: Timestamp | None = None,
+                   seen_at: Timestamp | None = None) -> set[str]:
+        """Make the armed timers match what `doc` wants. Returns what changed ("armed",
+        "disarmed", "takeover") so the sweep can count its repairs."""
+        key = str(doc.get("_id"))
+        if event_ts is not None:
+            self._event_ts[key] = event_ts
+        elif seen_at is not None:
+            newer = self._event_ts.get(key)
+            if newer is not None and newer > seen_at:
+                return set()  # the stream has already shown us a newer version
+        changes: set[str] = set()
+        now = self._clock.now()
+        try:
+            status = parse_status(doc)
+            if status not in ACTIVE:
+                return self._disarm_all(key)
+            campaign = parse_campaign(doc)
+        except InvalidCampaign as exc:
+            changes |= self._disarm_all(key)
+            await self._reject(doc, exc, now)
+            return changes
+        self._ids[key] = campaign.id
+        self._names[key] = campaign.name
+        wanted = {t.key: t for t in desired_timers(campaign, now, self._config.horizon_s)}
+        for kind in TimerKind:
+            timer_key = TimerKey(key, kind)
+            if timer_key not in wanted and self.timers.disarm(timer_key):
+                changes.add("disarmed")
+        for timer in wanted.values():
+            if self.timers.arm(timer.key, timer.due_at):
+                changes.add("armed")
+        if campaign.status in (Status.PAUSED,) or (
+            campaign.status is Status.RUNNING and campaign.execution.owner != self._config.instance_id
+        ):
+            if self._executor.active(key):
+                reason = StopReason.PAUSED if campaign.status is Status.PAUSED \
+                    else StopReason.LEASE_LOST
+                self._spawn(self._executor.stop, key, reason)
+        if wants_takeover(campaign, now) and not self._executor.active(key):
+            changes.add("takeover")
+            self._spawn(self._take_over, campaign)
+        self._update_gauges()
+        return changes
+
+    def forget(self, key: str) -> set[str]:
+        """The document is gone (deleted): drop its timers and stop any sending."""
+        changes = self._disarm_all(key)
+        if self._executor.active(key):
+            self._spawn(self._executor.stop, key, StopReason.PAUSED)
+        return changes
+
+    def _disarm_all(self, key: str) -> set[str]:
+        changes = set()
+        for kind in TimerKind:
+            if self.timers.disarm(TimerKey(key, kind)):
+                changes.add("disarmed")
+        if self._executor.active(key):
+            # Stopped, cancelled or rejected while sending: stop within the second.
+            self._spawn(self._executor.stop, key, StopReason.PAUSED)
+        self._update_gauges()
+        return changes
+
+    async def _reject(self, doc: dict[str, Any], exc: InvalidCampaign, now: dt.datetime) -> None:
+        if "_id" not in doc:
+            return
+        written = await self._store.record_invalid(doc["_id"], exc.reason, exc.detail, now)
+        if written:
+            self._metrics.campaign_errors.labels(exc.reason).inc()
+            log.error("campaign %s (ID: %s) is invalid and will not be scheduled: %s",
+                      doc.get("name"), doc["_id"], exc.detail,
+                      extra={"campaign_id": str(doc["_id"]), "reason": exc.reason})
+
+    def known_keys(self) -> set[str]:
+        return {k.campaign for k in self.timers.keys()} | set(self._executor.runs)
+
+    def forget_if_stale(self, key: str, seen_at: Timestamp) -> set[str]:
+        """A sweep did not list `key`: forget it unless the stream has shown it since."""
+        newer = self._event_ts.get(key)
+        if newer is not None and newer > seen_at:
+            return set()
+        return self.forget(key)
+
+    def prune_event_times(self, older_than: Timestamp) -> None:
+        """Event times older than a completed sweep can no longer matter."""
+        for key in [k for k, ts in self._event_ts.items() if ts <= older_than]:
+            del self._event_ts[key]
+
+    # ---- firing ----------------------------------------------------------------------------
+
+    def _spawn(self, fn: Any, *args: Any) -> None:
+        assert self._tg is not None, "Scheduler.run() must be running"
+        self._tg.start_soon(self._guarded, fn, *args)
+
+    async def _guarded(self, fn: Any, *args: Any) -> None:
+        try:
+            await fn(*args)
+        except Exception:  # one campaign's failure must not stop the scheduler
+            self._metrics.campaign_errors.labels("scheduler_error").inc()
+            log.exception("scheduling action %s failed for %s", getattr(fn, "__name__", fn), args[:1])
+
+    def _fire(self, key: TimerKey, due_at: dt.datetime, fired_at: dt.datetime) -> None:
+        lateness = (fired_at - due_at).total_seconds()
+        for hook in self.on_fired:
+            hook(key, due_at, fired_at)
+        if key in self._inflight:
+            return
+        self._inflight.add(key)
+        self._update_gauges()
+        handler = self._fire_start if key.kind is TimerKind.START else self._fire_end
+        self._spawn(self._run_fire, handler, key, due_at, lateness)
+
+    async def _run_fire(self, handler: Any, key: TimerKey, due_at: dt.datetime,
+                        lateness: float) -> None:
+        try:
+            await handler(key, due_at, lateness)
+        finally:
+            self._inflight.discard(key)
+
+    async def _fire_start(self, key: TimerKey, due_at: dt.datetime, lateness: float) -> None:
+        campaign_id = self._ids.get(key.campaign)
+        if campaign_id is None:
+            return
+        now = self._clock.now()
+        decision = start_decision(due_at, dt.datetime.max.replace(tzinfo=dt.UTC), now,
+                                  self._config.misfire_grace_s)
+        if decision is StartDecision.NOT_DUE:
+            # The wall clock stepped back since the timer fired: wait for the instant again.
+            self.timers.arm(key, due_at)
+            return
+        t0 = time.perf_counter()
+        claimed = None
+        if decision is StartDecision.RUN:
+            claimed = await self._store.claim_start(
+                campaign_id, owner=self._config.instance_id, now=now,
+                lease_s=self._config.lease_s, grace_s=self._config.misfire_grace_s)
+        if claimed is not None:
+            committed = lateness + (time.perf_counter() - t0)
+            self._metrics.timer_lateness.labels("start").observe(committed)
+            self._metrics.transitions.labels("running").inc()
+            name = claimed.get("name", key.campaign)
+            log.info("▶️ Started campaign: %s (ID: %s)", name, key.campaign,
+                     extra={"campaign_id": key.campaign, "lateness_ms": round(committed * 1000, 3),
+                            "epoch": claimed.get("execution", {}).get("epoch")})
+            await self._store.campaigns.update_one(
+                {"_id": campaign_id, "execution.epoch": claimed["execution"]["epoch"]},
+                {"$set": {"execution.startLatenessMs": round(committed * 1000, 3)}})
+            self._executor.start(claimed)
+            end_at = claimed.get("endDate")
+            if isinstance(end_at, dt.datetime):
+                self.timers.arm(TimerKey(key.campaign, TimerKind.END),
+                                end_at if end_at.tzinfo else end_at.replace(tzinfo=dt.UTC))
+                self._update_gauges()
+            return
+        # Not ours to run: either another replica won, or it is too late to send.
+        reason = self._missed_reason(now)
+        if await self._store.mark_missed(campaign_id, now=now, grace_s=self._config.misfire_grace_s,
+                                         reason=reason):
+            self._metrics.transitions.labels("missed").inc()
+            log.warning("⏭ Missed campaign: %s (ID: %s): %s; it will not be sent late",
+                        self._names.get(key.campaign, key.campaign), key.campaign, reason,
+                        extra={"campaign_id": key.campaign, "reason": reason})
+        else:
+            log.debug("start of %s claimed elsewhere or no longer approved", key.campaign)
+
+    def _missed_reason(self, now: dt.datetime) -> str:
+        return (f"start passed by more than the misfire grace of "
+                f"{self._config.misfire_grace_s:g}s, or its window closed, before it could start "
+                f"(checked at {now.isoformat()})")
+
+    async def _fire_end(self, key: TimerKey, due_at: dt.datetime, lateness: float) -> None:
+        campaign_id = self._ids.get(key.campaign)
+        if campaign_id is None:
+            return
+        run = self._executor.runs.get(key.campaign)
+        if run is not None:
+            await self._executor.stop(key.campaign, StopReason.WINDOW_CLOSED)
+            completed = await self._store.complete(campaign_id, now=self._clock.now(),
+                                                   epoch=run.epoch)
+        else:
+            completed = await self._complete_orphan(campaign_id)
+        if completed:
+            self._metrics.timer_lateness.labels("end").observe(max(0.0, lateness))
+            self._metrics.transitions.labels("completed").inc()
+            log.info("✓ Completed campaign: %s (ID: %s)",
+                     self._names.get(key.campaign, key.campaign), key.campaign,
+                     extra={"campaign_id": key.campaign})
+            self._names.pop(key.campaign, None)
+
+    async def _complete_orphan(self, campaign_id: Any) -> bool:
+        """End of a campaign nobody here is sending: complete it if no live owner remains; an
+        owner whose lease ran out first hands the unreached customers over as window_closed."""
+        now = self._clock.now()
+        doc = await self._store.get(campaign_id)
+        if doc is None:
+            return False
+        try:
+            campaign = parse_campaign(doc)
+        except InvalidCampaign:
+            return await self._store.complete(campaign_id, now=now)
+        exe = campaign.execution
+        if campaign.status is Status.RUNNING and not exe.sends_done and exe.owner is not None \
+                and not exe.lease_expired(now):
+            return False  # the owner is alive and will complete it
+        if campaign.status is Status.RUNNING and not exe.sends_done and exe.epoch > 0:
+            claimed = await self._store.claim_takeover(
+                campaign_id, old_epoch=exe.epoch, owner=self._config.instance_id, now=now,
+                lease_s=self._config.lease_s)
+            if claimed is None:
+                return False
+            self._metrics.lease_takeovers.inc()
+            if self._executor.start(claimed):
+                await self._executor.stop(str(campaign_id), StopReason.WINDOW_CLOSED)
+            return await self._store.complete(campaign_id, now=self._clock.now(),
+                                              epoch=claimed["execution"]["epoch"])
+        return await self._store.complete(campaign_id, now=now)
+
+    async def _take_over(self, campaign: Campaign) -> None:
+        now = self._clock.now()
+        claimed = await self._store.claim_takeover(
+            campaign.id, old_epoch=campaign.execution.epoch, owner=self._config.instance_id,
+            now=now, lease_s=self._config.lease_s)
+        if claimed is None:
+            log.debug("takeover of %s lost to another replica", campaign.key)
+            return
+        self._metrics.lease_takeovers.inc()
+        log.warning("♻️ Took over campaign: %s (ID: %s) from %s; resuming from the ledger",
+                    campaign.name, campaign.key, campaign.execution.owner or "a released lease",
+                    extra={"campaign_id": campaign.key,
+                           "epoch": claimed.get("execution", {}).get("epoch")})
+        self._executor.start(claimed)

@@ -1,0 +1,121 @@
+"""A heap of due instants driven by one task.
+
+The task sleeps until the earliest due instant, but never longer than `max_sleep_s`: it then
+re-reads the wall clock, so a clock correction or a far-future timer cannot make it fire early or
+late by more than that. Arming an earlier timer wakes it at once. Disarming is lazy (a generation
+number per key), which keeps arm/disarm O(log n) and the memory per timer small.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import heapq
+import itertools
+import logging
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from anyio.abc import TaskStatus
+from anyio import TASK_STATUS_IGNORED
+
+from .ports import Clock
+
+log = logging.getLogger(__name__)
+
+K = TypeVar("K")
+
+
+class TimerHeap(Generic[K]):
+    def __init__(self, clock: Clock, *, max_sleep_s: float = 2.0) -> None:
+        self._clock = clock
+        self._max_sleep_s = max_sleep_s
+        # (due timestamp, generation, key); stale entries are skipped when popped.
+        self._heap: list[tuple[float, int, K]] = []
+        self._live: dict[K, tuple[float, int]] = {}
+        self._gen = itertools.count()
+        self._wake = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._live
+
+    def due_at(self, key: K) -> dt.datetime | None:
+        entry = self._live.get(key)
+        return None if entry is None else dt.datetime.fromtimestamp(entry[0], dt.UTC)
+
+    def keys(self) -> list[K]:
+        return list(self._live)
+
+    def arm(self, key: K, due_at: dt.datetime) -> bool:
+        """Arm or move a timer; returns False when it was already armed for that instant."""
+        due = due_at.timestamp()
+        current = self._live.get(key)
+        if current is not None and current[0] == due:
+            return False
+        gen = next(self._gen)
+        self._live[key] = (due, gen)
+        heapq.heappush(self._heap, (due, gen, key))
+        if self._heap[0][1] == gen:
+            self._wake.set()  # the new timer is the earliest: re-plan the sleep
+        self._compact()
+        return True
+
+    def disarm(self, key: K) -> bool:
+        return self._live.pop(key, None) is not None
+
+    def _compact(self) -> None:
+        # Lazy deletion leaves dead entries behind; rebuild once they dominate the heap.
+        if len(self._heap) > 1024 and len(self._heap) > 2 * len(self._live):
+            self._heap = [(d, g, k) for (d, g, k) in self._heap if self._live.get(k) == (d, g)]
+            heapq.heapify(self._heap)
+
+    def pop_due(self, now: dt.datetime) -> list[tuple[K, dt.datetime]]:
+        now_ts = now.timestamp()
+        due: list[tuple[K, dt.datetime]] = []
+        heap = self._heap
+        while heap and heap[0][0] <= now_ts:
+            d, g, key = heapq.heappop(heap)
+            if self._live.get(key) == (d, g):
+                del self._live[key]
+                due.append((key, dt.datetime.fromtimestamp(d, dt.UTC)))
+        return due
+
+    def next_due_ts(self) -> float | None:
+        heap = self._heap
+        while heap and self._live.get(heap[0][2]) != (heap[0][0], heap[0][1]):
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    async def run(
+        self,
+        fire: Callable[[K, dt.datetime, dt.datetime], None],
+        *,
+        task_status: TaskStatus[None] = TASK_STATUS_IGNORED,
+    ) -> None:
+        """Call `fire(key, due_at, fired_at)` for each timer as it comes due; never returns."""
+        task_status.started()
+        while True:
+            now = self._clock.now()
+            for key, due_at in self.pop_due(now):
+                fire(key, due_at, now)
+            next_ts = self.next_due_ts()
+            delay = self._max_sleep_s
+            if next_ts is not None:
+                delay = min(delay, max(0.0, next_ts - self._clock.now().timestamp()))
+            if delay <= 0:
+                continue
+            self._wake.clear()
+            await _sleep_or_wake(self._clock, delay, self._wake)
+
+
+async def _sleep_or_wake(clock: Clock, delay: float, wake: asyncio.Event) -> None:
+    sleeper = asyncio.ensure_future(clock.sleep(delay))
+    waiter = asyncio.ensure_future(wake.wait())
+    try:
+        await asyncio.wait({sleeper, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        sleeper.cancel()
+        waiter.cancel()
