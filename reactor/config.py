@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     retry_base_seconds: float = Field(0.5, gt=0)
     retry_max_seconds: float = Field(30.0, gt=0)
 
-    metrics_host: str = "0.0.0.0"  # noqa: S104 - a container's metrics endpoint listens on all
+    metrics_host: str = "0.0.0.0"
     metrics_port: int = Field(9464, ge=0, le=65535)
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

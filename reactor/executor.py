@@ -503,7 +503,7 @@ class Executor:
             "smsSkipped": counts.get("sms", {}).get("skipped", 0),
             "uncertain": sum(c.get("uncertain", 0) for c in counts.values()),
         }
-        targets = len(set(normalise_id(t) for t in campaign.targets))
+        targets = len({normalise_id(t) for t in campaign.targets})
         extra = {"campaign_id": run.key, **performance}
         stopped_early = run.stop_reason in (StopReason.PAUSED, StopReason.SHUTDOWN,
                                             StopReason.LEASE_LOST)

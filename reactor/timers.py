@@ -16,8 +16,8 @@ import logging
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from anyio.abc import TaskStatus
 from anyio import TASK_STATUS_IGNORED
+from anyio.abc import TaskStatus
 
 from .ports import Clock
 

@@ -251,7 +251,7 @@ class MongoCampaignStore:
 
     async def set_performance(self, campaign_id: Any, counts: Mapping[str, int],
                               now: dt.datetime) -> None:
-        fields = {f"performance.{k}": v for k, v in counts.items()}
+        fields: dict[str, Any] = {f"performance.{k}": v for k, v in counts.items()}
         fields["performance.updatedAt"] = now
         await self.campaigns.update_one({"_id": campaign_id}, {"$set": fields})
 

@@ -26,7 +26,7 @@ class MongoRecipients:
         variants: list[Any] = []
         for value in customer_ids:
             variants.extend(id_variants(value))
-        pipeline = [
+        pipeline: list[dict[str, Any]] = [
             {"$match": {c.id_field: {"$in": variants}}},
             {"$sort": {"_id": 1}},
             {"$group": {

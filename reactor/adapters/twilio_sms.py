@@ -41,7 +41,8 @@ class MappedTwilioHttpClient(AsyncTwilioHttpClient):  # type: ignore[misc]
         self._session: aiohttp.ClientSession | None = None
 
     async def request(self, method: str, url: str, params: Any = None, data: Any = None,
-                      headers: Any = None, auth: Any = None, timeout: float | None = None,
+                      headers: Any = None, auth: Any = None,
+                      timeout: float | None = None,  # noqa: ASYNC109 - twilio's signature
                       allow_redirects: bool = False) -> Response:
         if self._session is None:
             self._session = aiohttp.ClientSession(

@@ -113,6 +113,8 @@ def parse_execution(raw: Any) -> Execution:
 def parse_status(doc: dict[str, Any]) -> Status:
     raw = doc.get("status")
     try:
+        if not isinstance(raw, str):
+            raise ValueError(raw)
         return Status(raw)
     except ValueError:
         raise InvalidCampaign("bad_status", f"unknown status {raw!r}") from None

@@ -37,7 +37,7 @@ class _Handler:
     def __init__(self, sink: SmtpSink) -> None:
         self.sink = sink
 
-    async def handle_DATA(self, server: SMTPProtocol, session: Session,  # noqa: N802
+    async def handle_DATA(self, server: SMTPProtocol, session: Session,
                           envelope: Envelope) -> str:
         faults = self.sink.faults
         if faults.drop_during_data > 0:

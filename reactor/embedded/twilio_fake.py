@@ -95,7 +95,7 @@ class TwilioFake:
             auth = BasicAuth.decode(header)
         except ValueError:
             return False
-        return auth.login == self.account_sid and auth.password == self.auth_token
+        return bool(auth.login == self.account_sid and auth.password == self.auth_token)
 
     async def _fetch_account(self, request: web.Request) -> web.Response:
         if not self._authorised(request) or request.match_info["sid"] != self.account_sid:

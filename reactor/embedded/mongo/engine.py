@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import copy
 import datetime as dt
 import time
@@ -48,21 +49,21 @@ def _equality_values(condition: Any) -> list[Any] | None:
     return None
 
 
-class FastCollection(mongomock.Collection):  # type: ignore[misc]
+class FastCollection(mongomock.Collection):  # type: ignore[type-arg]
     """A mongomock collection that answers `_id` and indexed-field equality filters from a hash
     lookup instead of a full scan. Every candidate still goes through mongomock's matcher."""
 
     def _iter_documents(self, filter: dict[str, Any]) -> Iterator[dict[str, Any]]:
         candidates = self._candidates(filter) if isinstance(filter, dict) else None
         if candidates is None:
-            yield from super()._iter_documents(filter)
+            yield from super()._iter_documents(filter)  # type: ignore[misc]
             return
         for doc in candidates:
             if filtering.filter_applies(filter, doc):
                 yield doc
 
     def _candidates(self, filter: dict[str, Any]) -> list[dict[str, Any]] | None:
-        store = self._store
+        store: Any = self._store
         if "_id" in filter:
             ids = _equality_values(filter["_id"])
             if ids is not None:
@@ -77,9 +78,16 @@ class FastCollection(mongomock.Collection):  # type: ignore[misc]
                     except KeyError:
                         continue
                 return out
-        state: _IndexState | None = getattr(store, "_reactor_index", None)
-        if state is None or state.version != getattr(store, "_reactor_version", 0):
+        if getattr(store, "_reactor_writing", False):
+            return None  # documents change in place during a write: tables would be stale
+        fields = getattr(store, "_reactor_fields", None)
+        if not fields:
             return None
+        version = getattr(store, "_reactor_version", 0)
+        state: _IndexState | None = getattr(store, "_reactor_index", None)
+        if state is None or state.version != version:
+            state = _IndexState(version, set(fields))
+            setattr(store, "_reactor_index", state)
         for field_name, condition in filter.items():
             if field_name not in state.fields:
                 continue
@@ -149,7 +157,7 @@ class Engine:
     """One mongomock client plus a change log shared by every connection of the emulator."""
 
     def __init__(self, *, oplog_limit: int = 200_000) -> None:
-        self.client = mongomock.MongoClient()
+        self.client: Any = mongomock.MongoClient()
         self.oplog: list[OplogEntry] = []
         self._oplog_ts: list[int] = []
         self.oplog_limit = oplog_limit
@@ -178,7 +186,7 @@ class Engine:
     def collection(self, db: str, name: str) -> FastCollection:
         database = self.client[db]
         accesses = database._collection_accesses
-        coll = accesses.get(name)
+        coll: Any = accesses.get(name)
         if not isinstance(coll, FastCollection):
             database._ensure_valid_collection_name(name)
             coll = FastCollection(
@@ -197,12 +205,23 @@ class Engine:
         return name in self.client[db].list_collection_names()
 
     def touch(self, db: str, name: str) -> None:
-        """Invalidate the equality tables of a collection (called around every write)."""
+        """Invalidate the equality tables of a collection."""
         store = self.client[db]._store[name]
-        store._reactor_version = getattr(store, "_reactor_version", 0) + 1
-        fields = self.indexed_fields.get((db, name))
-        if fields:
-            store._reactor_index = _IndexState(store._reactor_version, set(fields))
+        setattr(store, "_reactor_version", getattr(store, "_reactor_version", 0) + 1)
+        setattr(store, "_reactor_index", None)
+        setattr(store, "_reactor_fields", self.indexed_fields.get((db, name), set()))
+
+    @contextlib.contextmanager
+    def writing(self, db: str, name: str) -> Iterator[None]:
+        """Bracket a write: equality tables are neither used nor trusted while it runs."""
+        store = self.client[db]._store[name]
+        setattr(store, "_reactor_writing", True)
+        self.touch(db, name)
+        try:
+            yield
+        finally:
+            setattr(store, "_reactor_writing", False)
+            self.touch(db, name)
 
     def set_indexed_fields(self, db: str, name: str) -> None:
         coll = self.collection(db, name)

@@ -16,7 +16,7 @@ import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -38,6 +38,8 @@ from .wire import (
 )
 
 log = logging.getLogger(__name__)
+
+_WriteError: type[Exception] = mongomock.WriteError  # type: ignore[attr-defined]
 
 MAX_WIRE_VERSION = 21  # MongoDB 7.0
 SERVER_VERSION = "7.0.0-reactor-emulator"
@@ -582,7 +584,7 @@ class MongoEmulator:
         return copy.deepcopy(doc)
 
     def _dup_key_error(self, db: str, name: str, doc: dict[str, Any], index: int | None = None) -> dict[str, Any]:
-        coll = self.engine.collection(db, name)
+        coll: Any = self.engine.collection(db, name)
         index_name, key_value = "_id_", {"_id": doc.get("_id")}
         for iname, info in coll.index_information().items():
             if not info.get("unique"):
@@ -604,7 +606,7 @@ class MongoEmulator:
             "code": 11000,
             "errmsg": f"E11000 duplicate key error collection: {db}.{name} index: {index_name} "
                       f"dup key: {{ {rendered} }}",
-            "keyPattern": {k: 1 for k in key_value},
+            "keyPattern": dict.fromkeys(key_value, 1),
             "keyValue": key_value,
         }
         if index is not None:
@@ -618,7 +620,11 @@ class MongoEmulator:
             raise CommandError(2, "insert needs 'documents'")
         ordered = request.command.get("ordered", True)
         coll = self.engine.collection(db, name)
-        self.engine.touch(db, name)
+        with self.engine.writing(db, name):
+            return self._insert_docs(db, name, coll, docs, ordered)
+
+    def _insert_docs(self, db: str, name: str, coll: Any, docs: list[dict[str, Any]],
+                     ordered: bool) -> dict[str, Any]:
         n = 0
         errors: list[dict[str, Any]] = []
         entries: list[OplogEntry] = []
@@ -630,7 +636,7 @@ class MongoEmulator:
                 coll.insert_one(doc)
             except mongomock.DuplicateKeyError:
                 errors.append(self._dup_key_error(db, name, doc, i))
-            except (mongomock.WriteError, mongomock.OperationFailure, ValueError, TypeError) as exc:
+            except (_WriteError, mongomock.OperationFailure, ValueError, TypeError) as exc:
                 errors.append({"index": i, "code": getattr(exc, "code", None) or 2, "errmsg": str(exc)})
             else:
                 n += 1
@@ -639,7 +645,6 @@ class MongoEmulator:
                 continue
             if ordered:
                 break
-        self.engine.touch(db, name)
         self.engine.record(entries)
         reply: dict[str, Any] = {"n": n}
         if errors:
@@ -698,7 +703,8 @@ class MongoEmulator:
                         db, name, "replace", {"_id": _id}, full_document=copy.deepcopy(after),
                         pre_image=self._pre_image(db, name, before)))
                 else:
-                    assert before is not None and after is not None
+                    assert before is not None
+                    assert after is not None
                     entries.append(self.engine.make_entry(
                         db, name, "update", {"_id": _id},
                         update_description=diff_documents(before, after),
@@ -726,14 +732,19 @@ class MongoEmulator:
         if not isinstance(statements, list):
             raise CommandError(2, "update needs 'updates'")
         ordered = request.command.get("ordered", True)
+        self.engine.collection(db, name)
+        with self.engine.writing(db, name):
+            return self._update_statements(db, name, statements, ordered)
+
+    def _update_statements(self, db: str, name: str, statements: list[dict[str, Any]],
+                           ordered: bool) -> dict[str, Any]:
         n = n_modified = 0
         upserted: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []
-        self.engine.touch(db, name)
         for i, stmt in enumerate(statements):
             q = stmt.get("q", {})
             try:
-                matched, modified, upserted_id, entries, pairs = self._apply_one_update(
+                matched, modified, upserted_id, entries, _pairs = self._apply_one_update(
                     db, name, q, stmt.get("u"), multi=bool(stmt.get("multi")),
                     upsert=bool(stmt.get("upsert")), array_filters=stmt.get("arrayFilters"))
             except mongomock.DuplicateKeyError:
@@ -741,7 +752,7 @@ class MongoEmulator:
                 errors.append(self._dup_key_error(db, name, doc, i))
             except CommandError as exc:
                 errors.append({"index": i, "code": exc.code, "errmsg": exc.message})
-            except (mongomock.WriteError, mongomock.OperationFailure, ValueError, TypeError,
+            except (_WriteError, mongomock.OperationFailure, ValueError, TypeError,
                     KeyError, NotImplementedError) as exc:
                 errors.append({"index": i, "code": getattr(exc, "code", None) or 2,
                                "errmsg": str(exc) or type(exc).__name__})
@@ -755,7 +766,6 @@ class MongoEmulator:
                 continue
             if ordered:
                 break
-        self.engine.touch(db, name)
         reply: dict[str, Any] = {"n": n, "nModified": n_modified}
         if upserted:
             reply["upserted"] = upserted
@@ -769,7 +779,12 @@ class MongoEmulator:
         if not isinstance(statements, list):
             raise CommandError(2, "delete needs 'deletes'")
         coll = self.engine.collection(db, name)
-        self.engine.touch(db, name)
+        with self.engine.writing(db, name):
+            return self._delete_statements(db, name, coll, statements,
+                                           request.command.get("ordered", True))
+
+    def _delete_statements(self, db: str, name: str, coll: Any, statements: list[dict[str, Any]],
+                           ordered: bool) -> dict[str, Any]:
         n = 0
         errors: list[dict[str, Any]] = []
         for i, stmt in enumerate(statements):
@@ -779,7 +794,7 @@ class MongoEmulator:
                 docs = list(coll._iter_documents(q))
             except (mongomock.OperationFailure, ValueError, TypeError, NotImplementedError) as exc:
                 errors.append({"index": i, "code": getattr(exc, "code", None) or 2, "errmsg": str(exc)})
-                if request.command.get("ordered", True):
+                if ordered:
                     break
                 continue
             if limit:
@@ -792,7 +807,6 @@ class MongoEmulator:
                                                       pre_image=pre))
                 n += 1
             self.engine.record(entries)
-        self.engine.touch(db, name)
         reply: dict[str, Any] = {"n": n}
         if errors:
             reply["writeErrors"] = errors
@@ -805,7 +819,11 @@ class MongoEmulator:
         sort = command.get("sort")
         fields = command.get("fields")
         coll = self.engine.collection(db, name)
-        self.engine.touch(db, name)
+        with self.engine.writing(db, name):
+            return self._find_and_modify_in(db, name, coll, command, q, sort, fields)
+
+    def _find_and_modify_in(self, db: str, name: str, coll: Any, command: dict[str, Any],
+                            q: dict[str, Any], sort: Any, fields: Any) -> dict[str, Any]:
         try:
             if command.get("remove"):
                 if command.get("update") is not None or command.get("new"):
@@ -826,11 +844,9 @@ class MongoEmulator:
         except mongomock.DuplicateKeyError as exc:
             err = self._dup_key_error(db, name, q if isinstance(q, dict) else {})
             raise CommandError(11000, err["errmsg"]) from exc
-        except (mongomock.WriteError, mongomock.OperationFailure, ValueError, TypeError,
+        except (_WriteError, mongomock.OperationFailure, ValueError, TypeError,
                 NotImplementedError) as exc:
             raise CommandError(getattr(exc, "code", None) or 2, str(exc) or type(exc).__name__) from exc
-        finally:
-            self.engine.touch(db, name)
         self.engine.record(entries)
         last_error: dict[str, Any] = {"n": matched or (1 if upserted_id is not None else 0),
                                       "updatedExisting": bool(matched)}
@@ -937,16 +953,18 @@ class MongoEmulator:
                                    "Location40602")
             if name in ("$out", "$merge"):
                 raise CommandError(115, f"{name} is not supported by the emulator")
-        coll = self.engine.collection(db, target)
+        source_coll = self.engine.collection(db, target)
         try:
             rest = pipeline
             if pipeline and "$match" in pipeline[0] and len(pipeline[0]) == 1:
                 # Narrow the input with the fast paths before mongomock copies it.
-                source = [copy.deepcopy(d) for d in coll._iter_documents(pipeline[0]["$match"])]
+                source = [copy.deepcopy(d)
+                          for d in source_coll._iter_documents(pipeline[0]["$match"])]
                 rest = pipeline[1:]
             else:
-                source = list(coll.find())
-            result = list(mongomock.aggregate.process_pipeline(source, coll.database, rest, None))
+                source = list(source_coll.find())
+            result = list(mongomock.aggregate.process_pipeline(source, source_coll.database, rest,
+                                                               None))
         except mongomock.OperationFailure as exc:
             raise CommandError(getattr(exc, "code", None) or 2, str(exc)) from exc
         except NotImplementedError as exc:
@@ -1024,7 +1042,7 @@ def _get_dot(doc: dict[str, Any], path: str) -> Any:
 def _project(coll: Any, doc: dict[str, Any], fields: dict[str, Any] | None) -> dict[str, Any]:
     if not fields:
         return doc
-    return coll._copy_only_fields(copy.deepcopy(doc), fields, dict)  # type: ignore[no-any-return]
+    return coll._copy_only_fields(copy.deepcopy(doc), fields, dict)
 
 
 async def serve_forever(host: str, port: int, replica_set: str,

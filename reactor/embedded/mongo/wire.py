@@ -28,7 +28,7 @@ _KNOWN_FLAGS = FLAG_CHECKSUM_PRESENT | FLAG_MORE_TO_COME | FLAG_EXHAUST_ALLOWED
 
 # Dates stay naive UTC inside the emulator: mongomock compares them with each other and mixing
 # aware and naive datetimes would raise.
-CODEC = CodecOptions(tz_aware=False)
+CODEC: CodecOptions[dict[str, Any]] = CodecOptions(tz_aware=False)
 
 
 class ProtocolError(Exception):

@@ -1,0 +1,188 @@
+"""The command line: the only place that reads the environment and configures logging.
+
+    reactor run               the service
+    reactor doctor [--json] [--probe]
+    reactor demo [--customers N] [--campaigns N] [--failure-rate R] [--keep-running] [--seed S]
+    reactor mongo-emulator [--host H] [--port P] [--replica-set NAME]
+
+Bad usage or configuration prints one line and exits 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import anyio
+from pydantic import ValidationError
+
+from . import __version__, logsetup
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Raised when the command line or the environment cannot be used as given."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0..65535, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="reactor", description="Campaign Reactor: start approved campaigns on "
+                     "time, exactly once.")
+    parser.add_argument("--version", action="version", version=f"campaign-reactor {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub.add_parser("run", help="run the service (configured by environment variables)")
+    doctor = sub.add_parser("doctor", help="check configuration, connectivity and campaigns")
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+    doctor.add_argument("--probe", action="store_true",
+                        help="also connect to SMTP and Twilio to prove they answer")
+    demo = sub.add_parser("demo", help="the whole system on embedded stand-ins")
+    demo.add_argument("--customers", type=_positive_int, default=300)
+    demo.add_argument("--campaigns", type=_positive_int, default=4)
+    demo.add_argument("--failure-rate", type=_rate, default=0.0)
+    demo.add_argument("--keep-running", action="store_true")
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--metrics-port", type=_port, default=9464)
+    emu = sub.add_parser("mongo-emulator", help="run the embedded MongoDB-compatible server")
+    emu.add_argument("--host", default="127.0.0.1")
+    emu.add_argument("--port", type=_port, default=27017)
+    emu.add_argument("--replica-set", default="rs0")
+    return parser
+
+
+def load_settings(env: dict[str, str] | None = None) -> Any:
+    from .config import Settings
+
+    try:
+        if env is None:
+            return Settings()  # type: ignore[call-arg]
+        return Settings(**{k.lower(): v for k, v in env.items()})
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = ".".join(str(p) for p in err["loc"]).upper() or "SETTINGS"
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "missing":
+                msg = "required but not set"
+            problems.append(f"{name}: {msg}")
+        raise UsageError("configuration error: " + "; ".join(problems)) from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "mongo-emulator":
+            return _mongo_emulator(args)
+        if args.command == "run":
+            settings = load_settings()
+            logsetup.configure(settings.log_format, settings.log_level)
+            return _run_service(settings)
+        if args.command == "doctor":
+            from .doctor import run_doctor
+
+            settings = load_settings()
+            return run_doctor(settings, as_json=args.json, probe=args.probe)
+        if args.command == "demo":
+            from .demo import run_demo
+
+            logsetup.configure(os.environ.get("LOG_FORMAT", "text"),
+                               os.environ.get("LOG_LEVEL", "WARNING").upper())
+            return run_demo(customers=args.customers, campaigns=args.campaigns,
+                            failure_rate=args.failure_rate, keep_running=args.keep_running,
+                            seed=args.seed, metrics_port=args.metrics_port)
+    except UsageError as exc:
+        print(f"reactor: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_USAGE
+
+
+def _run_service(settings: Any) -> int:
+    from .app import Reactor
+
+    reactor = Reactor(settings)
+
+    async def serve() -> None:
+        async with anyio.create_task_group() as tg:
+            async def on_signals() -> None:
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for _ in signals:
+                        reactor.request_shutdown()
+
+            tg.start_soon(on_signals)
+            await reactor.run()
+            tg.cancel_scope.cancel()
+
+    asyncio.run(serve())
+    return 0
+
+
+def _mongo_emulator(args: argparse.Namespace) -> int:
+    from .embedded.mongo.server import serve_forever
+
+    logsetup.configure("text", "WARNING")
+
+    def ready(uri: str) -> None:
+        print(f"ready {uri}", flush=True)
+
+    async def serve() -> None:
+        async with anyio.create_task_group() as tg:
+            async def on_signals() -> None:
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for _ in signals:
+                        tg.cancel_scope.cancel()
+                        return
+
+            tg.start_soon(on_signals)
+            await serve_forever(args.host, args.port, args.replica_set, ready)
+
+    try:
+        asyncio.run(serve())
+    except OSError as exc:
+        print(f"reactor: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

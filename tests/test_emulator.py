@@ -1,0 +1,556 @@
+"""The embedded MongoDB server through the real driver, async and sync."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import socket
+import struct
+import uuid
+from typing import Any
+
+import bson
+import pytest
+from bson import Timestamp
+from pymongo import AsyncMongoClient, MongoClient, ReturnDocument
+from pymongo.errors import (
+    BulkWriteError,
+    DuplicateKeyError,
+    OperationFailure,
+)
+
+from reactor.embedded.mongo import MongoEmulator
+from reactor.embedded.mongo.wire import OP_MSG, crc32c
+
+Client = AsyncMongoClient[dict[str, Any]]
+
+
+@pytest.fixture
+async def db(emulator: MongoEmulator) -> Any:
+    c: Client = AsyncMongoClient(emulator.uri, tz_aware=True)
+    yield c.testdb
+    await c.close()
+
+
+async def test_presents_a_replica_set_primary(emulator: MongoEmulator) -> None:
+    c: Client = AsyncMongoClient(emulator.uri)
+    hello = await c.admin.command("hello")
+    assert hello["isWritablePrimary"] is True
+    assert hello["setName"] == "rs0"
+    assert hello["hosts"] == [emulator.address]
+    assert hello["logicalSessionTimeoutMinutes"] == 30
+    assert (await c.admin.command("ping"))["ok"] == 1
+    info = await c.server_info()
+    assert info["versionArray"][0] >= 4
+    assert "operationTime" in await c.admin.command("ping")
+    await c.close()
+
+
+async def test_crud_and_cursor_batching(db: Any) -> None:
+    await db.items.insert_many([{"n": i, "even": i % 2 == 0} for i in range(250)])
+    assert await db.items.count_documents({}) == 250
+    assert await db.items.count_documents({"even": True}) == 125
+    assert await db.items.estimated_document_count() == 250
+    docs = await db.items.find({"n": {"$gte": 10}}, {"_id": 0, "n": 1}).sort("n", -1).skip(5) \
+        .limit(120).batch_size(7).to_list()
+    assert [d["n"] for d in docs[:3]] == [244, 243, 242]
+    assert len(docs) == 120
+    assert docs[0] == {"n": 244}
+    assert sorted(await db.items.distinct("even")) == [False, True]
+    res = await db.items.update_many({"even": False}, {"$inc": {"n": 1000}, "$set": {"odd": True}})
+    assert (res.matched_count, res.modified_count) == (125, 125)
+    assert await db.items.count_documents({"n": {"$gt": 1000}}) == 125
+    up = await db.items.update_one({"n": -1}, {"$set": {"new": 1}}, upsert=True)
+    assert up.upserted_id is not None
+    assert (await db.items.find_one({"_id": up.upserted_id}))["n"] == -1
+    rep = await db.items.replace_one({"n": 0}, {"n": 0, "replaced": True})
+    assert rep.modified_count == 1
+    dele = await db.items.delete_many({"odd": True})
+    assert dele.deleted_count == 125
+    one = await db.items.delete_one({"n": 2})
+    assert one.deleted_count == 1
+
+
+async def test_find_and_modify_variants(db: Any) -> None:
+    await db.q.insert_many([{"k": "a", "v": 1}, {"k": "b", "v": 2}, {"k": "c", "v": 3}])
+    before = await db.q.find_one_and_update({"v": {"$gte": 2}}, {"$inc": {"v": 10}},
+                                            sort=[("v", -1)], projection={"_id": 0})
+    assert before == {"k": "c", "v": 3}
+    after = await db.q.find_one_and_update({"k": "a"}, {"$set": {"v": 5}},
+                                           return_document=ReturnDocument.AFTER)
+    assert after["v"] == 5
+    upserted = await db.q.find_one_and_update({"k": "z"}, {"$set": {"v": 0}}, upsert=True,
+                                              return_document=ReturnDocument.AFTER)
+    assert upserted["k"] == "z"
+    removed = await db.q.find_one_and_delete({"k": "b"})
+    assert removed["v"] == 2
+    assert await db.q.find_one({"k": "b"}) is None
+    replaced = await db.q.find_one_and_replace({"k": "a"}, {"k": "a2"},
+                                               return_document=ReturnDocument.AFTER)
+    assert replaced["k"] == "a2"
+    assert await db.q.find_one_and_update({"k": "none"}, {"$set": {"v": 1}}) is None
+
+
+async def test_aggregation_pipeline(db: Any) -> None:
+    await db.orders.insert_many([
+        {"customer_id": c, "total": t, "items": ["x", "y"]}
+        for c, t in [(1, 10), (1, 5), (2, 7), ("3", 1)]
+    ])
+    await db.people.insert_many([{"_id": 1, "name": "Ann"}, {"_id": 2, "name": "Bob"}])
+    rows = await (await db.orders.aggregate([
+        {"$match": {"customer_id": {"$in": [1, 2]}}},
+        {"$group": {"_id": "$customer_id", "sum": {"$sum": "$total"}, "n": {"$sum": 1}}},
+        {"$sort": {"_id": 1}},
+        {"$lookup": {"from": "people", "localField": "_id", "foreignField": "_id", "as": "who"}},
+        {"$project": {"sum": 1, "n": 1, "name": {"$arrayElemAt": ["$who.name", 0]}}},
+    ])).to_list()
+    assert rows == [{"_id": 1, "sum": 15, "n": 2, "name": "Ann"},
+                    {"_id": 2, "sum": 7, "n": 1, "name": "Bob"}]
+    unwound = await (await db.orders.aggregate([{"$unwind": "$items"}, {"$count": "n"}])).to_list()
+    assert unwound == [{"n": 8}]
+    assert await db.orders.count_documents({"customer_id": "3"}) == 1
+    page = await (await db.orders.aggregate([{"$sort": {"total": -1}}, {"$skip": 1},
+                                             {"$limit": 2}])).to_list()
+    assert [r["total"] for r in page] == [7, 5]
+
+
+async def test_indexes_and_duplicate_keys(db: Any) -> None:
+    await db.u.create_index("email", unique=True)
+    names = {i["name"] for i in await (await db.u.list_indexes()).to_list()}
+    assert names == {"_id_", "email_1"}
+    await db.u.insert_one({"email": "a@x"})
+    with pytest.raises(DuplicateKeyError) as info:
+        await db.u.insert_one({"email": "a@x"})
+    assert info.value.code == 11000
+    assert "E11000 duplicate key error collection: testdb.u index: email_1" in str(info.value)
+    with pytest.raises(BulkWriteError) as bulk:
+        await db.u.insert_many([{"email": "b@x"}, {"email": "a@x"}, {"email": "c@x"}],
+                               ordered=False)
+    details = bulk.value.details
+    assert details["nInserted"] == 2
+    assert [e["index"] for e in details["writeErrors"]] == [1]
+    with pytest.raises(BulkWriteError) as ordered:
+        await db.u.insert_many([{"email": "d@x"}, {"email": "a@x"}, {"email": "e@x"}])
+    assert ordered.value.details["nInserted"] == 1
+    await db.u.drop_index("email_1")
+    await db.u.insert_one({"email": "a@x"})
+    await db.u.insert_one({"_id": 1})
+    with pytest.raises(DuplicateKeyError, match="index: _id_"):
+        await db.u.insert_one({"_id": 1})
+
+
+async def test_collections_and_databases(db: Any) -> None:
+    await db.create_collection("made")
+    with pytest.raises(OperationFailure) as exists:
+        await db.command("create", "made")
+    assert exists.value.code == 48
+    assert "made" in await db.list_collection_names()
+    assert "testdb" in await db.client.list_database_names()
+    await db.drop_collection("made")
+    assert "made" not in await db.list_collection_names()
+    await db.other.insert_one({})
+    await db.client.drop_database("testdb")
+    assert "testdb" not in await db.client.list_database_names()
+
+
+async def test_unsupported_commands_answer_with_mongodb_errors(db: Any) -> None:
+    with pytest.raises(OperationFailure) as unknown:
+        await db.command("noSuchCommand")
+    assert unknown.value.code == 59
+    assert (unknown.value.details or {})["codeName"] == "CommandNotFound"
+    await db.c.insert_one({"a": 1})
+    with pytest.raises(OperationFailure) as stage:
+        await db.c.aggregate([{"$bogusStage": {}}])
+    assert (stage.value.details or {})["ok"] == 0
+    # The connection is still good afterwards.
+    assert await db.c.count_documents({}) == 1
+
+
+async def test_sync_driver_works_too(emulator: MongoEmulator) -> None:
+    def work() -> tuple[int, list[str]]:
+        with MongoClient[dict[str, Any]](emulator.uri) as c:
+            c.s.t.insert_many([{"i": i} for i in range(5)])
+            return c.s.t.count_documents({}), c.list_database_names()
+
+    count, names = await asyncio.to_thread(work)
+    assert count == 5
+    assert "s" in names
+
+
+async def test_retryable_write_is_applied_once(emulator: MongoEmulator) -> None:
+    """A retried write (same lsid and txnNumber, as a driver sends after losing the reply) is
+    answered from the server's record, not applied twice."""
+    lsid = {"id": bson.Binary(uuid.uuid4().bytes, 4)}
+    command = {"update": "c", "$db": "d", "lsid": lsid, "txnNumber": bson.Int64(1),
+               "updates": [{"q": {"_id": "x"}, "u": {"$inc": {"n": 1}}, "upsert": True}]}
+
+    def send_twice() -> list[dict[str, Any]]:
+        replies = []
+        with _raw_socket(emulator) as sock:
+            for request_id in (1, 2):
+                body = b"\x00" + bson.encode(command)
+                header = struct.pack("<iiii", 16 + 4 + len(body), request_id, 0, OP_MSG)
+                sock.sendall(header + struct.pack("<I", 0) + body)
+                replies.append(_read_reply(sock))
+        return replies
+
+    first, second = await asyncio.to_thread(send_twice)
+    assert first["ok"] == 1
+    assert second["n"] == first["n"] == 1
+    c: Client = AsyncMongoClient(emulator.uri)
+    doc = await c.d.c.find_one({"_id": "x"})
+    assert doc is not None
+    assert doc["n"] == 1
+    await c.close()
+
+
+async def test_fail_point_error_codes_and_modes(emulator: MongoEmulator) -> None:
+    c: Client = AsyncMongoClient(emulator.uri, retryReads=False, retryWrites=False)
+    await c.d.c.insert_one({"a": 1})
+    await c.admin.command({"configureFailPoint": "failCommand", "mode": {"times": 2},
+                           "data": {"failCommands": ["find"], "errorCode": 2,
+                                    "errorLabels": ["Custom"]}})
+    for _ in range(2):
+        with pytest.raises(OperationFailure) as err:
+            await c.d.c.find_one({})
+        assert err.value.code == 2
+        assert err.value.has_error_label("Custom")
+    found = await c.d.c.find_one({})
+    assert found is not None
+    assert found["a"] == 1
+    await c.admin.command({"configureFailPoint": "failCommand", "mode": "alwaysOn",
+                           "data": {"failCommands": ["insert"], "errorCode": 121}})
+    with pytest.raises(OperationFailure):
+        await c.d.c.insert_one({"b": 1})
+    await c.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
+    await c.d.c.insert_one({"b": 1})
+    await c.admin.command({"configureFailPoint": "failCommand", "mode": {"times": 1},
+                           "data": {"failCommands": ["ping"], "blockConnection": True,
+                                    "blockTimeMS": 200}})
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await c.admin.command("ping")
+    assert loop.time() - t0 >= 0.19
+    await c.close()
+
+
+async def test_retryable_error_codes_get_the_retryable_label(emulator: MongoEmulator) -> None:
+    c: Client = AsyncMongoClient(emulator.uri, retryWrites=True)
+    await c.admin.command({"configureFailPoint": "failCommand", "mode": {"times": 1},
+                           "data": {"failCommands": ["insert"], "errorCode": 91}})
+    await c.d.c.insert_one({"_id": 1})  # retried by the driver after ShutdownInProgress
+    assert await c.d.c.count_documents({}) == 1
+    await c.close()
+
+
+# ---- change streams ---------------------------------------------------------------------------
+
+
+async def _collect(stream: Any, n: int, limit_s: float = 5.0) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+
+    async def run() -> None:
+        while len(out) < n:
+            event = await stream.try_next()
+            if event is not None:
+                out.append(event)
+
+    await asyncio.wait_for(run(), limit_s)
+    return out
+
+
+async def test_change_stream_events_and_update_description(db: Any) -> None:
+    stream = await db.c.watch(full_document="updateLookup", max_await_time_ms=200)
+    await db.c.insert_one({"_id": 1, "a": 1, "sub": {"x": 1}})
+    await db.c.update_one({"_id": 1}, {"$set": {"sub.x": 2, "b": 3}, "$unset": {"a": ""}})
+    await db.c.replace_one({"_id": 1}, {"only": True})
+    await db.c.delete_one({"_id": 1})
+    events = await _collect(stream, 4)
+    assert [e["operationType"] for e in events] == ["insert", "update", "replace", "delete"]
+    ins, upd, rep, dele = events
+    assert ins["fullDocument"] == {"_id": 1, "a": 1, "sub": {"x": 1}}
+    assert ins["ns"] == {"db": "testdb", "coll": "c"}
+    assert upd["updateDescription"]["updatedFields"] == {"sub.x": 2, "b": 3}
+    assert upd["updateDescription"]["removedFields"] == ["a"]
+    # updateLookup returns the document as it is when the event is read: by then it was deleted
+    # or replaced, so the lookup is of the current state.
+    assert "fullDocument" in upd
+    assert rep["fullDocument"] == {"_id": 1, "only": True}
+    assert dele["documentKey"] == {"_id": 1}
+    assert isinstance(ins["clusterTime"], Timestamp)
+    assert ins["clusterTime"] < upd["clusterTime"] < rep["clusterTime"] < dele["clusterTime"]
+    await stream.close()
+
+
+async def test_change_stream_user_pipeline_filters_and_reshapes(db: Any) -> None:
+    pipeline = [
+        {"$match": {"$or": [{"operationType": "insert"},
+                            {"updateDescription.updatedFields.status": {"$exists": True}}]}},
+        {"$addFields": {"tag": "seen"}},
+        {"$project": {"fullDocument.secret": 0}},
+    ]
+    stream = await db.c.watch(pipeline, max_await_time_ms=200)
+    await db.c.insert_one({"_id": 1, "status": "draft", "secret": "s"})
+    await db.c.update_one({"_id": 1}, {"$set": {"performance.sent": 5}})  # filtered out
+    await db.c.update_one({"_id": 1}, {"$set": {"status": "approved"}})
+    events = await _collect(stream, 2)
+    assert [e["operationType"] for e in events] == ["insert", "update"]
+    assert all(e["tag"] == "seen" for e in events)
+    assert "secret" not in events[0]["fullDocument"]
+    assert events[1]["updateDescription"]["updatedFields"] == {"status": "approved"}
+    await stream.close()
+
+
+async def test_database_and_cluster_streams(db: Any) -> None:
+    dbs = await db.watch(max_await_time_ms=200)
+    cluster = await db.client.watch(max_await_time_ms=200)
+    await db.a.insert_one({"x": 1})
+    await db.client.otherdb.b.insert_one({"y": 1})
+    got_db = await _collect(dbs, 1)
+    got_cluster = await _collect(cluster, 2)
+    assert got_db[0]["ns"]["coll"] == "a"
+    assert {e["ns"]["db"] for e in got_cluster} == {"testdb", "otherdb"}
+    await dbs.close()
+    await cluster.close()
+
+
+async def test_drop_invalidates_and_start_after(db: Any) -> None:
+    await db.c.insert_one({"x": 1})
+    stream = await db.c.watch(max_await_time_ms=200)
+    await db.c.insert_one({"x": 2})
+    await db.drop_collection("c")
+    events = await _collect(stream, 3)
+    assert [e["operationType"] for e in events] == ["insert", "drop", "invalidate"]
+    await asyncio.sleep(0)
+    assert not stream.alive
+    invalidate_token = events[-1]["_id"]
+    with pytest.raises(OperationFailure) as err:
+        await db.c.watch(resume_after=invalidate_token)
+    assert err.value.code == 260
+    after = await db.c.watch(start_after=invalidate_token, max_await_time_ms=200)
+    await db.c.insert_one({"x": 3})
+    again = await _collect(after, 1)
+    assert again[0]["fullDocument"]["x"] == 3
+    await after.close()
+
+
+async def test_resume_after_and_start_at_operation_time(db: Any) -> None:
+    stream = await db.c.watch(max_await_time_ms=200)
+    await db.c.insert_many([{"i": i} for i in range(5)])
+    first = await _collect(stream, 2)
+    await stream.close()
+    resumed = await db.c.watch(resume_after=first[1]["_id"], max_await_time_ms=200)
+    rest = await _collect(resumed, 3)
+    assert [e["fullDocument"]["i"] for e in rest] == [2, 3, 4]
+    await resumed.close()
+    op_time = first[0]["clusterTime"]
+    from_time = await db.c.watch(start_at_operation_time=op_time, max_await_time_ms=200)
+    everything = await _collect(from_time, 5)
+    assert [e["fullDocument"]["i"] for e in everything] == [0, 1, 2, 3, 4]
+    await from_time.close()
+
+
+async def test_post_batch_resume_token_advances_without_events(db: Any) -> None:
+    stream = await db.c.watch(max_await_time_ms=50)
+    token0 = stream.resume_token
+    await db.other.insert_one({"unrelated": True})
+    assert await stream.try_next() is None
+    assert stream.resume_token is not None
+    assert stream.resume_token != token0
+    await db.c.insert_one({"x": 1})
+    events = await _collect(stream, 1)
+    # A stream resumed from the high-water mark sees the event.
+    assert events[0]["fullDocument"]["x"] == 1
+    await stream.close()
+
+
+async def test_pre_images_when_enabled(db: Any) -> None:
+    await db.create_collection("pi", changeStreamPreAndPostImages={"enabled": True})
+    await db.plain.insert_one({"_id": 1, "v": 0})
+    await db.pi.insert_one({"_id": 1, "v": 0})
+    stream = await db.watch(full_document_before_change="whenAvailable", max_await_time_ms=200)
+    await db.pi.update_one({"_id": 1}, {"$set": {"v": 1}})
+    await db.plain.update_one({"_id": 1}, {"$set": {"v": 1}})
+    events = await _collect(stream, 2)
+    assert events[0]["fullDocumentBeforeChange"] == {"_id": 1, "v": 0}
+    assert events[1]["fullDocumentBeforeChange"] is None
+    await stream.close()
+    required = await db.plain.watch(full_document_before_change="required", max_await_time_ms=200)
+    await db.plain.update_one({"_id": 1}, {"$set": {"v": 2}})
+    with pytest.raises(OperationFailure):
+        await _collect(required, 1)
+
+
+async def test_await_data_wakes_on_write_not_on_timeout(db: Any) -> None:
+    stream = await db.c.watch(max_await_time_ms=5000)
+    loop = asyncio.get_running_loop()
+
+    async def write_soon() -> float:
+        await asyncio.sleep(0.1)
+        await db.c.insert_one({"x": 1})
+        return loop.time()
+
+    writer = asyncio.create_task(write_soon())
+    event = await stream.try_next()
+    while event is None:
+        event = await stream.try_next()
+    delay = loop.time() - await writer
+    assert event["operationType"] == "insert"
+    assert delay < 1.0  # far below the 5 s await: woken by the write
+    await stream.close()
+
+
+async def test_stream_resumes_after_closed_connection_without_loss(emulator: MongoEmulator) -> None:
+    c: Client = AsyncMongoClient(emulator.uri)
+    stream = await c.d.c.watch(max_await_time_ms=100)
+    await c.d.c.insert_many([{"i": i} for i in range(3)])
+    got = await _collect(stream, 3)
+    await c.admin.command({"configureFailPoint": "failCommand", "mode": {"times": 1},
+                           "data": {"failCommands": ["getMore"], "closeConnection": True}})
+    await c.d.c.insert_many([{"i": i} for i in range(3, 6)])
+    got += await _collect(stream, 3)
+    await c.admin.command({"configureFailPoint": "failCommand", "mode": {"times": 1},
+                           "data": {"failCommands": ["getMore"], "errorCode": 10107}})
+    await c.d.c.insert_many([{"i": i} for i in range(6, 9)])
+    got += await _collect(stream, 3)
+    assert [e["fullDocument"]["i"] for e in got] == list(range(9))
+    await stream.close()
+    await c.close()
+
+
+async def test_history_lost_fails_resume_with_286(emulator: MongoEmulator) -> None:
+    c: Client = AsyncMongoClient(emulator.uri)
+    stream = await c.d.c.watch(max_await_time_ms=100)
+    await c.d.c.insert_one({"i": 1})
+    (event,) = await _collect(stream, 1)
+    await stream.close()
+    await c.d.c.insert_one({"i": 2})
+    emulator.drop_change_stream_history()
+    with pytest.raises(OperationFailure) as err:
+        async with await c.d.c.watch(resume_after=event["_id"]) as s:
+            await s.try_next()
+    assert err.value.code == 286
+    with pytest.raises(OperationFailure) as err2:
+        await c.d.c.watch(start_at_operation_time=event["clusterTime"])
+    assert err2.value.code == 286
+    fresh = await c.d.c.watch(max_await_time_ms=100)
+    await c.d.c.insert_one({"i": 3})
+    assert (await _collect(fresh, 1))[0]["fullDocument"]["i"] == 3
+    await fresh.close()
+    await c.close()
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+
+def _raw_socket(emulator: MongoEmulator) -> socket.socket:
+    return socket.create_connection((emulator.host, emulator.port), timeout=5)
+
+
+async def _still_serving(emulator: MongoEmulator) -> None:
+    c: Client = AsyncMongoClient(emulator.uri, serverSelectionTimeoutMS=3000)
+    assert (await c.admin.command("ping"))["ok"] == 1
+    await c.close()
+
+
+def _read_reply(sock: socket.socket) -> dict[str, Any]:
+    header = b""
+    while len(header) < 16:
+        chunk = sock.recv(16 - len(header))
+        if not chunk:
+            raise ConnectionError("closed")
+        header += chunk
+    length = struct.unpack("<i", header[:4])[0]
+    body = b""
+    while len(body) < length - 16:
+        body += sock.recv(length - 16 - len(body))
+    return bson.decode(body[5:])
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param(b"\x00" * 3, id="truncated-header"),
+        pytest.param(struct.pack("<iiii", 64_000_000, 1, 0, OP_MSG), id="oversized"),
+        pytest.param(struct.pack("<iiii", 30, 1, 0, OP_MSG) + b"\x00\x00\x00\x00\x00garbage!!",
+                     id="garbage-body"),
+        pytest.param(struct.pack("<iiii", 20, 1, 0, 9999) + b"abcd", id="unknown-opcode"),
+        pytest.param(struct.pack("<iiii", 100, 1, 0, OP_MSG) + b"half", id="disconnect-mid-message"),
+    ],
+)
+async def test_bad_messages_close_only_that_connection(emulator: MongoEmulator,
+                                                       payload: bytes) -> None:
+    def send() -> bytes:
+        with _raw_socket(emulator) as sock:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            try:
+                return sock.recv(100)
+            except OSError:
+                return b""
+
+    assert await asyncio.to_thread(send) == b""  # closed without a reply
+    await _still_serving(emulator)
+
+
+async def test_checksummed_op_msg_and_document_sequences(emulator: MongoEmulator) -> None:
+    def roundtrip() -> tuple[dict[str, Any], dict[str, Any]]:
+        body = bson.encode({"insert": "seq", "$db": "raw"})
+        docs = b"".join(bson.encode({"n": i}) for i in range(3))
+        ident = b"documents\x00"
+        seq = struct.pack("<i", 4 + len(ident) + len(docs)) + ident + docs
+        sections = b"\x00" + body + b"\x01" + seq
+        flags = struct.pack("<I", 1)
+        msg_len = 16 + 4 + len(sections) + 4
+        without_crc = struct.pack("<iiii", msg_len, 7, 0, OP_MSG) + flags + sections
+        message = without_crc + struct.pack("<I", crc32c(without_crc))
+        with _raw_socket(emulator) as sock:
+            sock.sendall(message)
+            first = _read_reply(sock)
+            bad = bytearray(message)
+            bad[-1] ^= 0xFF
+            sock.sendall(bytes(bad))
+            try:
+                second = _read_reply(sock)
+            except (ConnectionError, OSError):
+                second = {}
+        return first, second
+
+    reply, after_bad_crc = await asyncio.to_thread(roundtrip)
+    assert reply["ok"] == 1
+    assert reply["n"] == 3
+    assert after_bad_crc == {}
+    c: Client = AsyncMongoClient(emulator.uri)
+    assert await c.raw.seq.count_documents({}) == 3
+    await c.close()
+
+
+async def test_emulator_cli_prints_one_ready_line_and_stops_cleanly() -> None:
+    import signal
+    import sys
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "reactor", "mongo-emulator", "--port", "0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    line = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode()
+    assert line.startswith("ready mongodb://127.0.0.1:")
+    assert line.rstrip().endswith("replicaSet=rs0")
+    uri = line.split()[1]
+    c: Client = AsyncMongoClient(uri)
+    await c.x.y.insert_one({"a": 1})
+    stream = await c.x.y.watch(max_await_time_ms=100)
+    await c.close()
+    proc.send_signal(signal.SIGTERM)
+    out, err = await asyncio.wait_for(proc.communicate(), 15)
+    assert proc.returncode == 0
+    assert out == b""
+    assert b"Traceback" not in err
+    del stream
+
+
+async def test_dates_round_trip_as_utc(db: Any) -> None:
+    when = dt.datetime(2026, 5, 1, 12, 30, tzinfo=dt.UTC)
+    await db.d.insert_one({"at": when})
+    found = await db.d.find_one({"at": {"$lte": when}})
+    assert found["at"] == when
