@@ -132,6 +132,7 @@ class Reactor:
                                 metrics=self.metrics, interval_s=sched_cfg.reconcile_interval_s)
         watcher = Watcher(store=store, scheduler=scheduler, reconciler=reconciler,
                           clock=self.clock, metrics=self.metrics, instance_id=self.instance_id)
+        reconciler.barrier = watcher.barrier
         self.executor, self.scheduler, self.reconciler, self.watcher = (
             executor, scheduler, reconciler, watcher)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Awaitable, Callable
 
 import anyio
 
@@ -27,12 +28,17 @@ class Reconciler:
         self._interval_s = interval_s
         self.sweeps_done = 0
         self.first_sweep = anyio.Event()
+        self.barrier: Callable[[], Awaitable[bool]] | None = None
 
     async def sweep(self, *, initial: bool = False) -> Counter[str]:
         """One pass. `initial` sweeps (start-up, after the stream lost history) arm everything
         they find as a matter of course; later ones count what they change as repairs."""
         seen_at = await self._store.cluster_time()
         docs = await self._store.list_active()
+        if not initial and self.barrier is not None:
+            # Let the stream deliver everything written up to this read first; what the sweep
+            # still has to change after that, the stream really missed.
+            await self.barrier()
         repairs: Counter[str] = Counter()
         listed = set()
         for doc in docs:

@@ -60,6 +60,10 @@ class Scheduler:
         self._event_ts: dict[str, Timestamp] = {}
         self._tg: TaskGroup | None = None
         self._inflight: set[TimerKey] = set()
+        # Starts this instance already fired and settled (claimed, lost to another replica, or
+        # missed): campaign key -> (due timestamp, monotonic time handled). A sweep row read
+        # before our own claim landed must not re-arm them or count a repair.
+        self._handled: dict[str, tuple[float, float]] = {}
         self.on_fired: list[Any] = []  # test/benchmark hooks: callables(key, due_at, fired_at)
 
     # ---- running ---------------------------------------------------------------------------
@@ -101,6 +105,10 @@ class Scheduler:
             changes |= self._disarm_all(key)
             await self._reject(doc, exc, now)
             return changes
+        if seen_at is not None and self._stale_row(campaign):
+            return set()
+        if event_ts is not None and campaign.status is not Status.APPROVED:
+            self._handled.pop(key, None)
         self._ids[key] = campaign.id
         self._names[key] = campaign.name
         wanted = {t.key: t for t in desired_timers(campaign, now, self._config.horizon_s)}
@@ -124,6 +132,14 @@ class Scheduler:
         self._update_gauges()
         return changes
 
+    def _stale_row(self, campaign: Campaign) -> bool:
+        """A sweep row older than a start this instance is handling or has handled."""
+        if TimerKey(campaign.key, TimerKind.START) in self._inflight:
+            return True
+        handled = self._handled.get(campaign.key)
+        return (campaign.status is Status.APPROVED and handled is not None
+                and handled[0] == campaign.start_at.timestamp())
+
     def forget(self, key: str) -> set[str]:
         """The document is gone (deleted): drop its timers and stop any sending."""
         changes = self._disarm_all(key)
@@ -132,6 +148,7 @@ class Scheduler:
         return changes
 
     def _disarm_all(self, key: str) -> set[str]:
+        self._handled.pop(key, None)
         changes = set()
         for kind in TimerKind:
             if self.timers.disarm(TimerKey(key, kind)):
@@ -163,9 +180,13 @@ class Scheduler:
         return self.forget(key)
 
     def prune_event_times(self, older_than: Timestamp) -> None:
-        """Event times older than a completed sweep can no longer matter."""
+        """Event times older than a completed sweep can no longer matter; nor can starts handled
+        long enough ago that every stream event about them has arrived."""
         for key in [k for k, ts in self._event_ts.items() if ts <= older_than]:
             del self._event_ts[key]
+        horizon = time.monotonic() - 2 * self._config.reconcile_interval_s - 60
+        for key in [k for k, (_, at) in self._handled.items() if at < horizon]:
+            del self._handled[key]
 
     # ---- firing ----------------------------------------------------------------------------
 
@@ -180,10 +201,9 @@ class Scheduler:
             self._metrics.campaign_errors.labels("scheduler_error").inc()
             log.exception("scheduling action %s failed for %s", getattr(fn, "__name__", fn), args[:1])
 
-    def _fire(self, key: TimerKey, due_at: dt.datetime, fired_at: dt.datetime) -> None:
-        lateness = (fired_at - due_at).total_seconds()
+    def _fire(self, key: TimerKey, due_at: dt.datetime, lateness: float) -> None:
         for hook in self.on_fired:
-            hook(key, due_at, fired_at)
+            hook(key, due_at, lateness)
         if key in self._inflight:
             return
         self._inflight.add(key)
@@ -195,6 +215,8 @@ class Scheduler:
                         lateness: float) -> None:
         try:
             await handler(key, due_at, lateness)
+            if key.kind is TimerKind.START:
+                self._handled[key.campaign] = (due_at.timestamp(), time.monotonic())
         finally:
             self._inflight.discard(key)
 
@@ -220,12 +242,16 @@ class Scheduler:
             self._metrics.timer_lateness.labels("start").observe(committed)
             self._metrics.transitions.labels("running").inc()
             name = claimed.get("name", key.campaign)
+            # On the document: lateness against startDate, what the business sees (a late
+            # approval included). In the metric: lateness the reactor itself caused.
+            since_start = (now - due_at).total_seconds() + (time.perf_counter() - t0)
             log.info("▶️ Started campaign: %s (ID: %s)", name, key.campaign,
-                     extra={"campaign_id": key.campaign, "lateness_ms": round(committed * 1000, 3),
+                     extra={"campaign_id": key.campaign,
+                            "lateness_ms": round(since_start * 1000, 3),
                             "epoch": claimed.get("execution", {}).get("epoch")})
             await self._store.campaigns.update_one(
                 {"_id": campaign_id, "execution.epoch": claimed["execution"]["epoch"]},
-                {"$set": {"execution.startLatenessMs": round(committed * 1000, 3)}})
+                {"$set": {"execution.startLatenessMs": round(since_start * 1000, 3)}})
             self._executor.start(claimed)
             end_at = claimed.get("endDate")
             if isinstance(end_at, dt.datetime):

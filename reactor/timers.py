@@ -8,7 +8,6 @@ number per key), which keeps arm/disarm O(log n) and the memory per timer small.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import heapq
 import itertools
@@ -16,6 +15,7 @@ import logging
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+import anyio
 from anyio import TASK_STATUS_IGNORED
 from anyio.abc import TaskStatus
 
@@ -33,8 +33,12 @@ class TimerHeap(Generic[K]):
         # (due timestamp, generation, key); stale entries are skipped when popped.
         self._heap: list[tuple[float, int, K]] = []
         self._live: dict[K, tuple[float, int]] = {}
+        # Timers armed already overdue (a late approval) are late by the arming, not by us:
+        # their lateness is measured from when they were armed.
+        self._armed_late: dict[K, float] = {}
         self._gen = itertools.count()
-        self._wake = asyncio.Event()
+        # Cancelled to cut the loop's sleep short when an earlier timer is armed.
+        self._sleep_scope: anyio.CancelScope | None = None
 
     def __len__(self) -> int:
         return len(self._live)
@@ -57,13 +61,19 @@ class TimerHeap(Generic[K]):
             return False
         gen = next(self._gen)
         self._live[key] = (due, gen)
+        now_ts = self._clock.now().timestamp()
+        if due < now_ts:
+            self._armed_late[key] = now_ts
+        else:
+            self._armed_late.pop(key, None)
         heapq.heappush(self._heap, (due, gen, key))
-        if self._heap[0][1] == gen:
-            self._wake.set()  # the new timer is the earliest: re-plan the sleep
+        if self._heap[0][1] == gen and self._sleep_scope is not None:
+            self._sleep_scope.cancel()  # the new timer is the earliest: re-plan the sleep
         self._compact()
         return True
 
     def disarm(self, key: K) -> bool:
+        self._armed_late.pop(key, None)
         return self._live.pop(key, None) is not None
 
     def _compact(self) -> None:
@@ -72,15 +82,17 @@ class TimerHeap(Generic[K]):
             self._heap = [(d, g, k) for (d, g, k) in self._heap if self._live.get(k) == (d, g)]
             heapq.heapify(self._heap)
 
-    def pop_due(self, now: dt.datetime) -> list[tuple[K, dt.datetime]]:
+    def pop_due(self, now: dt.datetime) -> list[tuple[K, dt.datetime, float]]:
+        """Due timers as (key, due instant, lateness in seconds attributable to the heap)."""
         now_ts = now.timestamp()
-        due: list[tuple[K, dt.datetime]] = []
+        due: list[tuple[K, dt.datetime, float]] = []
         heap = self._heap
         while heap and heap[0][0] <= now_ts:
             d, g, key = heapq.heappop(heap)
             if self._live.get(key) == (d, g):
                 del self._live[key]
-                due.append((key, dt.datetime.fromtimestamp(d, dt.UTC)))
+                reference = max(d, self._armed_late.pop(key, d))
+                due.append((key, dt.datetime.fromtimestamp(d, dt.UTC), max(0.0, now_ts - reference)))
         return due
 
     def next_due_ts(self) -> float | None:
@@ -91,31 +103,23 @@ class TimerHeap(Generic[K]):
 
     async def run(
         self,
-        fire: Callable[[K, dt.datetime, dt.datetime], None],
+        fire: Callable[[K, dt.datetime, float], None],
         *,
         task_status: TaskStatus[None] = TASK_STATUS_IGNORED,
     ) -> None:
-        """Call `fire(key, due_at, fired_at)` for each timer as it comes due; never returns."""
+        """Call `fire(key, due_at, lateness_s)` for each timer as it comes due; never returns."""
         task_status.started()
         while True:
             now = self._clock.now()
-            for key, due_at in self.pop_due(now):
-                fire(key, due_at, now)
+            for key, due_at, lateness_s in self.pop_due(now):
+                fire(key, due_at, lateness_s)
             next_ts = self.next_due_ts()
             delay = self._max_sleep_s
             if next_ts is not None:
                 delay = min(delay, max(0.0, next_ts - self._clock.now().timestamp()))
             if delay <= 0:
                 continue
-            self._wake.clear()
-            await _sleep_or_wake(self._clock, delay, self._wake)
-
-
-async def _sleep_or_wake(clock: Clock, delay: float, wake: asyncio.Event) -> None:
-    sleeper = asyncio.ensure_future(clock.sleep(delay))
-    waiter = asyncio.ensure_future(wake.wait())
-    try:
-        await asyncio.wait({sleeper, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        sleeper.cancel()
-        waiter.cancel()
+            with anyio.CancelScope() as scope:
+                self._sleep_scope = scope
+                await self._clock.sleep(delay)
+            self._sleep_scope = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,21 +29,32 @@ log = logging.getLogger(__name__)
 
 HISTORY_LOST_CODES = {286, 260, 280, 136}  # history lost, invalid token, fatal, capped deleted
 
-# Only changes that can alter a schedule. `execution` as a whole field appears when a lease is
-# released (so another replica takes over at once); heartbeats and counters set dotted sub-fields
-# (`execution.leaseUntil`, `performance.*`) and are filtered out here, on the server.
-PIPELINE: list[dict[str, Any]] = [
-    {"$match": {"$or": [
-        {"operationType": {"$in": ["insert", "replace", "delete", "drop", "rename",
-                                   "dropDatabase", "invalidate"]}},
-        {"updateDescription.updatedFields.status": {"$exists": True}},
-        {"updateDescription.updatedFields.startDate": {"$exists": True}},
-        {"updateDescription.updatedFields.endDate": {"$exists": True}},
-        {"updateDescription.updatedFields.execution": {"$exists": True}},
-        {"updateDescription.removedFields": {"$in": ["status", "startDate", "endDate"]}},
-    ]}},
-    {"$project": {"fullDocument.targetedCustomerIds": 0}},
-]
+STATE_COLLECTION = "reactor_state"
+
+
+def pipeline(campaigns: str, barrier_id: str) -> list[dict[str, Any]]:
+    """The server-side filter for a stream on the campaigns database.
+
+    Campaign changes pass only if they can alter a schedule. `execution` as a whole field appears
+    when a lease is released (so another replica takes over at once); heartbeats and counters set
+    dotted sub-fields (`execution.leaseUntil`, `performance.*`) and are dropped here, on the server.
+    This instance's barrier document passes too: see `Watcher.barrier`.
+    """
+    return [
+        {"$match": {"$or": [
+            {"ns.coll": campaigns, "$or": [
+                {"operationType": {"$in": ["insert", "replace", "delete", "drop", "rename"]}},
+                {"updateDescription.updatedFields.status": {"$exists": True}},
+                {"updateDescription.updatedFields.startDate": {"$exists": True}},
+                {"updateDescription.updatedFields.endDate": {"$exists": True}},
+                {"updateDescription.updatedFields.execution": {"$exists": True}},
+                {"updateDescription.removedFields": {"$in": ["status", "startDate", "endDate"]}},
+            ]},
+            {"operationType": {"$in": ["dropDatabase", "invalidate"]}},
+            {"ns.coll": STATE_COLLECTION, "documentKey._id": barrier_id},
+        ]}},
+        {"$project": {"fullDocument.targetedCustomerIds": 0}},
+    ]
 
 
 class Watcher:
@@ -60,6 +72,8 @@ class Watcher:
         self.up = False
         self.opened = anyio.Event()
         self._backoff = 0.5
+        self._barrier_id = f"barrier:{instance_id}"
+        self._barriers: dict[str, anyio.Event] = {}
 
     async def run(self) -> None:
         """Watch until cancelled; `opened` is set once the first sweep is done and the stream
@@ -120,7 +134,8 @@ class Watcher:
             kwargs["resume_after"] = self.token
         else:
             kwargs["start_at_operation_time"] = start_at
-        stream = await self._store.campaigns.watch(PIPELINE, **kwargs)
+        stream = await self._store.db.watch(
+            pipeline(self._store.campaigns.name, self._barrier_id), **kwargs)
         async with stream:
             self._set_up(True)
             self.opened.set()
@@ -141,11 +156,37 @@ class Watcher:
                     last_save, unsaved = time.monotonic(), 0
         raise _Reopen("invalidated")
 
+    async def barrier(self, timeout_s: float = 5.0) -> bool:
+        """Write a marker the stream will carry back, and wait for it: once it arrives, every
+        change made before it has been applied. False if the stream did not deliver it in time."""
+        if not self.up:
+            return False
+        nonce = uuid.uuid4().hex
+        arrived = self._barriers[nonce] = anyio.Event()
+        try:
+            await self._store.db[STATE_COLLECTION].update_one(
+                {"_id": self._barrier_id}, {"$set": {"nonce": nonce}}, upsert=True)
+            with anyio.move_on_after(timeout_s):
+                await arrived.wait()
+        finally:
+            self._barriers.pop(nonce, None)
+        return arrived.is_set()
+
     async def _handle(self, event: Mapping[str, Any]) -> None:
         op = str(event.get("operationType"))
+        ns = event.get("ns") or {}
+        if ns.get("coll") == STATE_COLLECTION:
+            nonce = (event.get("fullDocument") or {}).get("nonce")
+            if nonce in self._barriers:
+                self._barriers[nonce].set()
+            return
         self._metrics.change_stream_events.labels(op).inc()
-        if op in ("drop", "rename", "dropDatabase", "invalidate"):
+        if op in ("dropDatabase", "invalidate"):
             return  # the stream closes after these; run() sweeps and reopens
+        if op in ("drop", "rename"):
+            # The campaigns collection went away: a sweep forgets what no longer exists.
+            await self._reconciler.sweep(initial=True)
+            return
         key_doc = event.get("documentKey") or {}
         key = str(key_doc.get("_id"))
         try:

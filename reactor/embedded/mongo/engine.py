@@ -87,7 +87,7 @@ class FastCollection(mongomock.Collection):  # type: ignore[type-arg]
         state: _IndexState | None = getattr(store, "_reactor_index", None)
         if state is None or state.version != version:
             state = _IndexState(version, set(fields))
-            setattr(store, "_reactor_index", state)
+            store._reactor_index = state
         for field_name, condition in filter.items():
             if field_name not in state.fields:
                 continue
@@ -207,20 +207,20 @@ class Engine:
     def touch(self, db: str, name: str) -> None:
         """Invalidate the equality tables of a collection."""
         store = self.client[db]._store[name]
-        setattr(store, "_reactor_version", getattr(store, "_reactor_version", 0) + 1)
-        setattr(store, "_reactor_index", None)
-        setattr(store, "_reactor_fields", self.indexed_fields.get((db, name), set()))
+        store._reactor_version = getattr(store, "_reactor_version", 0) + 1
+        store._reactor_index = None
+        store._reactor_fields = self.indexed_fields.get((db, name), set())
 
     @contextlib.contextmanager
     def writing(self, db: str, name: str) -> Iterator[None]:
         """Bracket a write: equality tables are neither used nor trusted while it runs."""
         store = self.client[db]._store[name]
-        setattr(store, "_reactor_writing", True)
+        store._reactor_writing = True
         self.touch(db, name)
         try:
             yield
         finally:
-            setattr(store, "_reactor_writing", False)
+            store._reactor_writing = False
             self.touch(db, name)
 
     def set_indexed_fields(self, db: str, name: str) -> None:
@@ -260,10 +260,12 @@ class Engine:
         return self.oplog[start:]
 
     def drop_history(self) -> None:
-        """Forget every change so far, as an oplog rollover would."""
-        self.history_floor = self.next_ts()
+        """Forget every change so far, as an oplog rollover would. Like mongod's periodic no-op
+        oplog entries, the cluster time then moves on, so watching from now still works."""
+        self.history_floor = self.cluster_time
         self.oplog.clear()
         self._oplog_ts.clear()
+        self.next_ts()
 
     def make_entry(
         self,
