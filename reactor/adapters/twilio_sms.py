@@ -9,6 +9,7 @@ rate limiter. Everything else — URLs, form encoding, errors as `TwilioRestExce
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 from typing import Any
 
@@ -48,10 +49,13 @@ class MappedTwilioHttpClient(AsyncTwilioHttpClient):  # type: ignore[misc]
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=timeout or self._timeout_s,
                                               connect=min(5.0, self._timeout_s)))
-        basic = aiohttp.BasicAuth(auth[0], auth[1]) if auth else None
+        headers = dict(headers or {})
+        if auth:
+            token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode("ascii")
+            headers["Authorization"] = f"Basic {token}"
         try:
             async with self._session.request(method.upper(), url, params=params, data=data,
-                                             headers=headers, auth=basic,
+                                             headers=headers,
                                              allow_redirects=allow_redirects) as resp:
                 text = await resp.text()
                 status, resp_headers = resp.status, dict(resp.headers)

@@ -6,6 +6,7 @@ at random, or add latency."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import random
 import re
 import secrets
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from aiohttp import BasicAuth, web
+from aiohttp import web
 
 E164 = re.compile(r"^\+[1-9]\d{6,14}$")
 
@@ -88,14 +89,15 @@ class TwilioFake:
             status=status, headers=headers)
 
     def _authorised(self, request: web.Request) -> bool:
-        header = request.headers.get("Authorization")
-        if not header:
+        header = request.headers.get("Authorization", "")
+        scheme, _, encoded = header.partition(" ")
+        if scheme.lower() != "basic":
             return False
         try:
-            auth = BasicAuth.decode(header)
-        except ValueError:
+            login, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
             return False
-        return bool(auth.login == self.account_sid and auth.password == self.auth_token)
+        return login == self.account_sid and password == self.auth_token
 
     async def _fetch_account(self, request: web.Request) -> web.Response:
         if not self._authorised(request) or request.match_info["sid"] != self.account_sid:

@@ -1,0 +1,300 @@
+"""Execution end to end: recipients, the ledger, both channels with their faults, takeover,
+pause/resume, the end of the window, and malformed content. Every test counts what the sinks
+received against what the ledger says."""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import anyio
+from pymongo import AsyncMongoClient
+
+from reactor.embedded.smtp_sink import SmtpSink
+from reactor.embedded.twilio_fake import TwilioFake
+
+from .conftest import MongoTarget
+from .helpers import (
+    campaign,
+    eventually,
+    has_status,
+    ledger,
+    running,
+    seed_customers,
+    settings,
+)
+
+Client = AsyncMongoClient[dict[str, Any]]
+
+
+def sends_done(client: Client, mongo: MongoTarget, campaign_id: Any) -> Any:
+    async def check() -> bool:
+        doc = await client[mongo.campaigns_db].campaigns.find_one({"_id": campaign_id})
+        return bool(doc and doc.get("execution", {}).get("sendsDone"))
+
+    return check
+
+
+def assert_no_duplicates(sink: SmtpSink, twilio: TwilioFake) -> None:
+    emails = collections.Counter(sink.recipients())
+    sms = collections.Counter(m.to for m in twilio.messages)
+    assert [a for a, n in emails.items() if n > 1] == []
+    assert [a for a, n in sms.items() if n > 1] == []
+
+
+async def test_every_customer_gets_each_channel_once_and_is_accounted_for(
+        mongo: MongoTarget, client: Client, sink: SmtpSink, twilio: TwilioFake) -> None:
+    ids = await seed_customers(client, mongo, 40, numeric_ids=True, bad_every=10)
+    # Ids as strings against numeric order rows, a duplicate, and two unknown customers.
+    targets = [*ids, "3", "9999", "abc"]
+    coll = client[mongo.campaigns_db].campaigns
+    async with running(settings(mongo, sink, twilio)):
+        res = await coll.insert_one(campaign("full", 0.5, 30, targets))
+        await eventually(sends_done(client, mongo, res.inserted_id), 15)
+    rows = await ledger(client, mongo, res.inserted_id)
+    by_state = collections.Counter((r["channel"], r["state"], r.get("reason")) for r in rows)
+    # 40 distinct known customers (4 with invalid contacts) + 2 unknown, per channel.
+    assert by_state[("email", "sent", None)] == 36
+    assert by_state[("email", "skipped", "invalid_email")] == 4
+    assert by_state[("email", "skipped", "not_found")] == 2
+    assert by_state[("sms", "skipped", "invalid_phone")] >= 4
+    assert by_state[("sms", "skipped", "not_found")] == 2
+    assert len(rows) == 2 * 42
+    assert len(sink.messages) == 36
+    sms_sent = by_state[("sms", "sent", None)]
+    assert len(twilio.messages) == sms_sent
+    assert_no_duplicates(sink, twilio)
+    first = next(m for m in sink.messages if m.to == "c1@example.com")
+    assert first.subject == "Hi Cust 1"
+    assert first.text is not None
+    assert "Hello Cust 1" in first.text
+    assert first.html is not None
+    assert "<b>Cust 1</b>" in first.html
+    assert first.message_id.startswith("<")
+    doc = await coll.find_one({"_id": res.inserted_id})
+    assert doc is not None
+    perf = doc["performance"]
+    assert (perf["emailsSent"], perf["emailsSkipped"], perf["emailsFailed"]) == (36, 6, 0)
+    assert perf["smsSent"] == sms_sent
+    sent_rows = [r for r in rows if r["state"] == "sent"]
+    assert all(r.get("providerId") for r in sent_rows)
+    assert all(r["providerId"].startswith("SM") for r in sent_rows if r["channel"] == "sms")
+
+
+async def test_smtp_down_mid_run_then_back_retries_without_duplicates(
+        mongo: MongoTarget, client: Client, sink: SmtpSink) -> None:
+    ids = await seed_customers(client, mongo, 60)
+    cfg = settings(mongo, sink, email_rate_per_second=40, send_max_attempts=30,
+                   retry_base_seconds=0.1, retry_max_seconds=0.3, send_concurrency=4)
+    coll = client[mongo.campaigns_db].campaigns
+    async with running(cfg):
+        res = await coll.insert_one(campaign("smtp-outage", 0.2, 60, ids, channels=["email"]))
+        await eventually(lambda: _true(len(sink.messages) >= 10))
+        await sink.go_down()
+        await anyio.sleep(1.5)
+        await sink.come_back()
+        await eventually(sends_done(client, mongo, res.inserted_id), 20)
+    rows = await ledger(client, mongo, res.inserted_id)
+    states = collections.Counter(r["state"] for r in rows)
+    sent = states["sent"]
+    uncertain = states["uncertain"]
+    assert sent + uncertain == 60
+    assert uncertain <= 4  # at most the concurrency bound: messages in DATA when it went down
+    assert len(set(sink.recipients())) == len(sink.recipients())
+    assert len(sink.messages) >= sent
+    assert any(r["attempts"] > 1 for r in rows)  # some were retried
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_permanent_smtp_error_fails_at_once(mongo: MongoTarget, client: Client,
+                                                  sink: SmtpSink) -> None:
+    ids = await seed_customers(client, mongo, 5)
+    sink.fail_next(2, "550 5.1.1 mailbox unavailable")
+    coll = client[mongo.campaigns_db].campaigns
+    async with running(settings(mongo, sink, send_concurrency=1)) as (reactor,):
+        res = await coll.insert_one(campaign("perm", 0.2, 30, ids, channels=["email"]))
+        await eventually(sends_done(client, mongo, res.inserted_id))
+        failed_samples = reactor.metrics.registry.get_sample_value(
+            "reactor_sends_total", {"channel": "email", "outcome": "failed"})
+        retries = reactor.metrics.registry.get_sample_value(
+            "reactor_send_retries_total", {"channel": "email"})
+    rows = await ledger(client, mongo, res.inserted_id)
+    failed = [r for r in rows if r["state"] == "failed"]
+    assert len(failed) == 2
+    assert all(r["attempts"] == 1 for r in failed)
+    assert all("550" in r["error"] for r in failed)
+    assert len(sink.messages) == 3
+    assert failed_samples == 2
+    assert retries == 0
+
+
+async def test_twilio_429_with_retry_after_slows_the_channel_then_500s_retry(
+        mongo: MongoTarget, client: Client, twilio: TwilioFake) -> None:
+    ids = await seed_customers(client, mongo, 8)
+    twilio.fail_next(2, 429, retry_after_s=1)
+    twilio.fail_next(2, 500)
+    coll = client[mongo.campaigns_db].campaigns
+    async with running(settings(mongo, twilio=twilio, send_concurrency=1)) as (reactor,):
+        t0 = anyio.current_time()
+        res = await coll.insert_one(campaign("sms-limits", 0.2, 30, ids, channels=["sms"]))
+        await eventually(sends_done(client, mongo, res.inserted_id), 20)
+        elapsed = anyio.current_time() - t0
+        retries = reactor.metrics.registry.get_sample_value(
+            "reactor_send_retries_total", {"channel": "sms"})
+    rows = await ledger(client, mongo, res.inserted_id)
+    assert collections.Counter(r["state"] for r in rows)["sent"] == len(twilio.messages)
+    assert len(twilio.messages) >= 6  # valid numbers among the 8
+    assert retries == 4
+    assert elapsed >= 2.0  # two Retry-After: 1 pauses, honoured
+    assert twilio.requests == len(twilio.messages) + 4 + _invalid(rows)
+
+
+def _invalid(rows: list[dict[str, Any]]) -> int:
+    return sum(1 for r in rows if r["state"] == "failed")
+
+
+async def test_unconfigured_channel_is_skipped_not_dropped(
+        mongo: MongoTarget, client: Client, sink: SmtpSink) -> None:
+    ids = await seed_customers(client, mongo, 5)
+    coll = client[mongo.campaigns_db].campaigns
+    async with running(settings(mongo, sink)):  # no Twilio settings
+        res = await coll.insert_one(campaign("no-sms", 0.2, 30, ids))
+        await eventually(sends_done(client, mongo, res.inserted_id))
+    rows = await ledger(client, mongo, res.inserted_id)
+    sms = [r for r in rows if r["channel"] == "sms"]
+    assert len(sms) == 5
+    assert {r["reason"] for r in sms} == {"channel_not_configured"}
+    assert len(sink.messages) == 5
+
+
+async def test_owner_killed_mid_run_another_takes_over_with_zero_duplicates(
+        mongo: MongoTarget, client: Client, sink: SmtpSink, twilio: TwilioFake) -> None:
+    ids = await seed_customers(client, mongo, 80)
+    coll = client[mongo.campaigns_db].campaigns
+    slow = dict(email_rate_per_second=40, sms_rate_per_second=40, send_concurrency=4,
+                lease_seconds=1.5)
+    cfg_a = settings(mongo, sink, twilio, reactor_instance_id="owner", **slow)
+    cfg_b = settings(mongo, sink, twilio, reactor_instance_id="standby",
+                     reconcile_interval_seconds=0.5, **slow)
+    res = None
+    async with running(cfg_b) as (standby,):
+        async with anyio.create_task_group() as tg:
+            from reactor.app import Reactor
+
+            owner = Reactor(cfg_a)
+            await tg.start(owner.run)
+            await owner.ready.wait()
+            # Only the owner may claim: the standby's start timer must not race it here.
+            res = await coll.insert_one(campaign("takeover", 0.3, 60, ids))
+            await eventually(lambda: _true(len(sink.messages) >= 15))
+            tg.cancel_scope.cancel()  # killed: no drain, no lease release
+        assert res is not None
+        await eventually(sends_done(client, mongo, res.inserted_id), 30)
+        takeovers = standby.metrics.registry.get_sample_value("reactor_lease_takeovers_total")
+    rows = await ledger(client, mongo, res.inserted_id)
+    assert len(rows) == 160  # every (customer, channel) accounted for
+    states = collections.Counter(r["state"] for r in rows)
+    assert states["pending"] == 0
+    assert states["uncertain"] <= 2 * 4  # in flight on each channel when killed
+    assert_no_duplicates(sink, twilio)
+    assert len(sink.messages) >= states["sent"] - len(twilio.messages)
+    doc = await coll.find_one({"_id": res.inserted_id})
+    assert doc is not None
+    assert doc["execution"]["owner"] == "standby"
+    assert doc["execution"]["epoch"] >= 2
+    assert takeovers is not None
+    assert takeovers >= 1
+
+
+async def test_pause_stops_within_a_second_and_resume_sends_the_rest_once(
+        mongo: MongoTarget, client: Client, sink: SmtpSink) -> None:
+    ids = await seed_customers(client, mongo, 100)
+    coll = client[mongo.campaigns_db].campaigns
+    cfg = settings(mongo, sink, email_rate_per_second=40, send_concurrency=2)
+    async with running(cfg):
+        res = await coll.insert_one(campaign("pausable", 0.2, 60, ids, channels=["email"]))
+        await eventually(lambda: _true(len(sink.messages) >= 10))
+        await coll.update_one({"_id": res.inserted_id}, {"$set": {"status": "paused"}})
+        await anyio.sleep(1.0)
+        at_pause = len(sink.messages)
+        await anyio.sleep(1.0)
+        assert len(sink.messages) == at_pause  # nothing sent while paused
+        assert at_pause < 100
+        await coll.update_one({"_id": res.inserted_id}, {"$set": {"status": "running"}})
+        await eventually(sends_done(client, mongo, res.inserted_id), 20)
+    assert sorted(sink.recipients()) == sorted(f"c{i}@example.com" for i in range(100))
+    rows = await ledger(client, mongo, res.inserted_id)
+    assert collections.Counter(r["state"] for r in rows) == {"sent": 100}
+
+
+async def test_cancel_during_a_run_stops_sending(mongo: MongoTarget, client: Client,
+                                                 sink: SmtpSink) -> None:
+    ids = await seed_customers(client, mongo, 100)
+    coll = client[mongo.campaigns_db].campaigns
+    async with running(settings(mongo, sink, email_rate_per_second=40, send_concurrency=2)):
+        res = await coll.insert_one(campaign("cancel", 0.2, 60, ids, channels=["email"]))
+        await eventually(lambda: _true(len(sink.messages) >= 5))
+        await coll.update_one({"_id": res.inserted_id}, {"$set": {"status": "cancelled"}})
+        await anyio.sleep(1.0)
+        stopped_at = len(sink.messages)
+        await anyio.sleep(1.0)
+        assert len(sink.messages) == stopped_at < 100
+
+
+async def test_window_close_skips_the_rest_and_completes(
+        mongo: MongoTarget, client: Client, sink: SmtpSink) -> None:
+    ids = await seed_customers(client, mongo, 200)
+    coll = client[mongo.campaigns_db].campaigns
+    async with running(settings(mongo, sink, email_rate_per_second=50, send_concurrency=2)):
+        res = await coll.insert_one(campaign("short", 0.2, 1.5, ids, channels=["email"]))
+        await eventually(has_status(client, mongo, res.inserted_id, "completed"), 15)
+    rows = await ledger(client, mongo, res.inserted_id)
+    states = collections.Counter((r["state"], r.get("reason")) for r in rows)
+    assert len(rows) == 200
+    assert states[("skipped", "window_closed")] > 50
+    assert states[("sent", None)] == len(sink.messages)
+    doc = await coll.find_one({"_id": res.inserted_id})
+    assert doc is not None
+    assert doc["performance"]["emailsSkipped"] == states[("skipped", "window_closed")]
+
+
+async def test_two_instances_racing_send_each_message_once(
+        mongo: MongoTarget, client: Client, sink: SmtpSink, twilio: TwilioFake) -> None:
+    ids = await seed_customers(client, mongo, 50)
+    coll = client[mongo.campaigns_db].campaigns
+    configs = [settings(mongo, sink, twilio, reactor_instance_id=f"i{i}") for i in range(2)]
+    async with running(*configs):
+        docs = [campaign(f"race{i}", 0.5, 60, ids[i * 10:(i + 1) * 10]) for i in range(5)]
+        result = await coll.insert_many(docs)
+        for cid in result.inserted_ids:
+            await eventually(sends_done(client, mongo, cid), 15)
+    assert len(sink.messages) == 50
+    assert_no_duplicates(sink, twilio)
+
+
+async def test_malformed_content_is_reported_and_nothing_is_sent(
+        mongo: MongoTarget, client: Client, sink: SmtpSink, twilio: TwilioFake) -> None:
+    ids = await seed_customers(client, mongo, 3)
+    coll = client[mongo.campaigns_db].campaigns
+    bad = [
+        campaign("empty-body", 0.3, 30, ids, sms={"body": ""}, channels=["sms"]),
+        campaign("no-subject", 0.3, 30, ids, email={"text": "hi"}, channels=["email"]),
+        campaign("huge", 0.3, 30, ids, email={"subject": "s", "html": "x" * 1_000_000},
+                 channels=["email"]),
+    ]
+    async with running(settings(mongo, sink, twilio, reconcile_interval_seconds=0.5)):
+        result = await coll.insert_many(bad)
+        good = await coll.insert_one(campaign("good", 0.3, 30, ids, channels=["email"]))
+        await eventually(sends_done(client, mongo, good.inserted_id))
+        await anyio.sleep(1.0)
+    for cid in result.inserted_ids:
+        doc = await coll.find_one({"_id": cid})
+        assert doc is not None
+        assert doc["status"] == "approved"
+        assert doc["execution"]["lastError"]["reason"] == "bad_content"
+        assert await ledger(client, mongo, cid) == []
+    assert len(sink.messages) == 3  # only the good campaign's
+    assert twilio.messages == []
