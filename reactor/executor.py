@@ -44,6 +44,8 @@ from .ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 
+COUNTER_FLUSH_S = 0.5
+
 _COUNTER_NAMES = {
     (Channel.EMAIL, "sent"): "emailsSent",
     (Channel.EMAIL, "failed"): "emailsFailed",
@@ -91,6 +93,8 @@ class Run:
     stopped: anyio.Event = field(default_factory=anyio.Event)
     done: anyio.Event = field(default_factory=anyio.Event)
     totals: dict[tuple[str, str], int] = field(default_factory=dict)
+    unflushed: dict[str, int] = field(default_factory=dict)
+    flushed_at: float = 0.0
 
     def stop(self, reason: str) -> None:
         if self.stop_reason is None:
@@ -471,17 +475,28 @@ class Executor:
         now = self._clock.now()
         fenced = await self._store.write_deliveries(run.key, epoch=run.epoch, records=records,
                                                     now=now)
-        counts: dict[str, int] = {}
         for rec in records:
             if f"{run.key}:{rec.channel}:{rec.customer}" in fenced or rec.state == "pending":
                 continue
             self._metrics.sends.labels(rec.channel, rec.state).inc()
             run.totals[(rec.channel, rec.state)] = run.totals.get((rec.channel, rec.state), 0) + 1
             name = _COUNTER_NAMES.get((Channel(rec.channel), rec.state), "uncertain")
-            counts[name] = counts.get(name, 0) + 1
+            run.unflushed[name] = run.unflushed.get(name, 0) + 1
+        if fenced:
+            raise LeaseLost(f"campaign {run.key} epoch {run.epoch} was superseded")
+        await self._flush_counters(run)
+
+    async def _flush_counters(self, run: Run, *, force: bool = False) -> None:
+        """Live `performance` counters, one `$inc` at most every COUNTER_FLUSH_S (the ledger is
+        the record; these are for people watching a run)."""
+        now_m = time.monotonic()
+        if not run.unflushed or (not force and now_m - run.flushed_at < COUNTER_FLUSH_S):
+            return
+        counts, run.unflushed = run.unflushed, {}
+        run.flushed_at = now_m
         owned = await self._store.add_performance(run.campaign_id, epoch=run.epoch, counts=counts,
-                                                  now=now)
-        if fenced or not owned:
+                                                  now=self._clock.now())
+        if not owned:
             raise LeaseLost(f"campaign {run.key} epoch {run.epoch} was superseded")
 
     async def _close_window(self, run: Run, campaign: Campaign, batch: Sequence[str]) -> None:
@@ -492,6 +507,7 @@ class Executor:
             await self._write(run, records)
 
     async def _finish(self, run: Run, campaign: Campaign, started: dt.datetime) -> None:
+        await self._flush_counters(run, force=True)
         now = self._clock.now()
         counts = await self._store.ledger_counts(run.key)
         performance = {

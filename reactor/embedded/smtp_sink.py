@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import functools
 import random
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -17,12 +18,41 @@ from aiosmtpd.smtp import Envelope, Session
 
 @dataclass
 class CapturedEmail:
+    """One accepted message for one recipient; parsed on first access (parsing is the costly
+    part of a sink, and most runs only count messages)."""
+
     mail_from: str
     to: str
-    subject: str
-    message_id: str
-    text: str | None
-    html: str | None
+    raw: bytes
+
+    @functools.cached_property
+    def _parsed(self) -> dict[str, Any]:
+        msg = email.message_from_bytes(self.raw, policy=email.policy.default)
+        text = html = None
+        for part in msg.walk():
+            ctype = part.get_content_type()
+            if ctype == "text/plain" and text is None:
+                text = part.get_content()
+            elif ctype == "text/html" and html is None:
+                html = part.get_content()
+        return {"subject": str(msg.get("Subject", "")),
+                "message_id": str(msg.get("Message-ID", "")), "text": text, "html": html}
+
+    @property
+    def subject(self) -> str:
+        return str(self._parsed["subject"])
+
+    @property
+    def message_id(self) -> str:
+        return str(self._parsed["message_id"])
+
+    @property
+    def text(self) -> str | None:
+        return self._parsed["text"]  # type: ignore[no-any-return]
+
+    @property
+    def html(self) -> str | None:
+        return self._parsed["html"]  # type: ignore[no-any-return]
 
 
 @dataclass
@@ -70,18 +100,9 @@ class SmtpSink:
         raw = envelope.original_content or envelope.content or b""
         if isinstance(raw, str):
             raw = raw.encode()
-        msg = email.message_from_bytes(raw, policy=email.policy.default)
-        text = html = None
-        for part in msg.walk():
-            ctype = part.get_content_type()
-            if ctype == "text/plain" and text is None:
-                text = part.get_content()
-            elif ctype == "text/html" and html is None:
-                html = part.get_content()
         for rcpt in envelope.rcpt_tos:
-            self.messages.append(CapturedEmail(
-                mail_from=envelope.mail_from or "", to=rcpt, subject=str(msg.get("Subject", "")),
-                message_id=str(msg.get("Message-ID", "")), text=text, html=html))
+            self.messages.append(CapturedEmail(mail_from=envelope.mail_from or "", to=rcpt,
+                                               raw=raw))
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

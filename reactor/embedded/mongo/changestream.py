@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mongomock import aggregate as mm_aggregate
+from mongomock import filtering
 
 from .engine import Engine, OplogEntry, int_to_ts
 
@@ -99,6 +100,9 @@ class ChangeStreamCursor:
     invalidated: bool = False
     finished: bool = False
     pending: list[dict[str, Any]] = field(default_factory=list)
+    # The pipeline's leading $match when it does not look at fullDocument: applied before the
+    # (costly) document lookup and copies.
+    prefilter: dict[str, Any] | None = None
 
     def matches(self, entry: OplogEntry) -> bool:
         if self.db is None:
@@ -150,6 +154,9 @@ def open_stream(
     if position < engine.history_floor:
         raise CommandError(286, "Resume of change stream was not possible, as the resume point may "
                            "no longer be in the oplog.")
+    prefilter = None
+    if pipeline and set(pipeline[0]) == {"$match"} and "fullDocument" not in repr(pipeline[0]):
+        prefilter = pipeline[0]["$match"]
     return ChangeStreamCursor(
         db=None if all_cluster else db,
         coll=coll,
@@ -157,6 +164,7 @@ def open_stream(
         full_document=full_document,
         before_change=before,
         position=position,
+        prefilter=prefilter,
     )
 
 
@@ -190,6 +198,9 @@ def next_batch(engine: Engine, cursor: ChangeStreamCursor, limit: int) -> list[d
         cursor.position = entry.ts
         if not cursor.matches(entry):
             continue
+        if cursor.prefilter is not None and not filtering.filter_applies(
+                cursor.prefilter, _event(engine, cursor, entry, lookup=False)):
+            continue  # like mongod, a $match that does not read fullDocument runs first
         event = _event(engine, cursor, entry)
         for produced in _apply_pipeline(engine, cursor, event):
             out.append(produced)
@@ -220,7 +231,8 @@ def _invalidates(cursor: ChangeStreamCursor, entry: OplogEntry) -> bool:
     return entry.op in ("drop", "rename", "dropDatabase")
 
 
-def _event(engine: Engine, cursor: ChangeStreamCursor, entry: OplogEntry) -> dict[str, Any]:
+def _event(engine: Engine, cursor: ChangeStreamCursor, entry: OplogEntry,
+           lookup: bool = True) -> dict[str, Any]:
     event: dict[str, Any] = {
         "_id": encode_token(entry.ts),
         "operationType": entry.op,
@@ -233,6 +245,10 @@ def _event(engine: Engine, cursor: ChangeStreamCursor, entry: OplogEntry) -> dic
         event["ns"] = {"db": entry.db, "coll": entry.coll}
     if entry.document_key is not None:
         event["documentKey"] = copy.deepcopy(entry.document_key)
+    if not lookup:
+        # A cheap view for pre-filtering: shared (not copied) parts, never handed out.
+        event["updateDescription"] = entry.update_description
+        return event
     if entry.op in ("insert", "replace"):
         event["fullDocument"] = copy.deepcopy(entry.full_document)
     if entry.op == "update":

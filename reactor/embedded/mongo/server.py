@@ -578,6 +578,9 @@ class MongoEmulator:
 
     # ---- writes ------------------------------------------------------------------------------
 
+    def _pre_image_wanted(self, db: str, name: str) -> bool:
+        return (db, name) in self.engine.pre_images_enabled
+
     def _pre_image(self, db: str, name: str, doc: dict[str, Any] | None) -> dict[str, Any] | None:
         if doc is None or (db, name) not in self.engine.pre_images_enabled:
             return None
@@ -653,7 +656,7 @@ class MongoEmulator:
 
     def _apply_one_update(
         self, db: str, name: str, q: dict[str, Any], u: Any, *, multi: bool, upsert: bool,
-        array_filters: Any, sort: Any = None,
+        array_filters: Any, sort: Any = None, full_documents: bool = False,
     ) -> tuple[int, int, Any, list[OplogEntry], list[tuple[dict[str, Any] | None, dict[str, Any] | None]]]:
         """Apply one update statement; returns (matched, modified, upserted_id, entries,
         [(before, after)]). Raises mongomock errors for the caller to map."""
@@ -680,11 +683,15 @@ class MongoEmulator:
         pairs: list[tuple[dict[str, Any] | None, dict[str, Any] | None]] = []
         matched = modified = 0
         upserted_id = None
+        # Only the fields an operator update can touch are copied for the change event: campaign
+        # documents carry long target lists that no counter update should have to copy.
+        touched = None if (full_documents or is_pipeline or is_replacement
+                           or self._pre_image_wanted(db, name)) else _touched_fields(u)
         for _id in ids:
-            before = coll.find_one({"_id": _id})
-            target = dict(q) if "_id" not in q else {"$and": [{"_id": _id}, q]}
-            if "_id" not in q:
-                target["_id"] = _id
+            before = _snapshot(coll, _id, touched)
+            # Pin the document by _id (the engine's fast path); keep the statement's own filter
+            # for positional operators and for correctness.
+            target = {"_id": _id, "$and": [q]} if "_id" in q else {**q, "_id": _id}
             if is_replacement:
                 replacement = dict(u)
                 if "_id" in replacement and replacement["_id"] != _id:
@@ -693,7 +700,7 @@ class MongoEmulator:
                 coll.replace_one(target, replacement)
             else:
                 coll.update_one(target, u)
-            after = coll.find_one({"_id": _id})
+            after = _snapshot(coll, _id, touched)
             matched += 1
             pairs.append((before, after))
             if after != before:
@@ -720,7 +727,7 @@ class MongoEmulator:
             else:
                 result = coll.update_one(q, u, upsert=True)
                 upserted_id = result.upserted_id
-            after = coll.find_one({"_id": upserted_id})
+            after = _snapshot(coll, upserted_id)
             entries.append(self.engine.make_entry(
                 db, name, "insert", {"_id": upserted_id}, full_document=copy.deepcopy(after)))
             pairs.append((None, after))
@@ -840,7 +847,7 @@ class MongoEmulator:
                 raise CommandError(9, "Either an update or remove=true must be specified")
             matched, _modified, upserted_id, entries, pairs = self._apply_one_update(
                 db, name, q, command["update"], multi=False, upsert=bool(command.get("upsert")),
-                array_filters=command.get("arrayFilters"), sort=sort)
+                array_filters=command.get("arrayFilters"), sort=sort, full_documents=True)
         except mongomock.DuplicateKeyError as exc:
             err = self._dup_key_error(db, name, q if isinstance(q, dict) else {})
             raise CommandError(11000, err["errmsg"]) from exc
@@ -1026,6 +1033,32 @@ class MongoEmulator:
                 missing.append(cursor_id)
         return {"cursorsKilled": killed, "cursorsNotFound": missing, "cursorsAlive": [],
                 "cursorsUnknown": []}
+
+
+def _snapshot(coll: Any, _id: Any, fields: set[str] | None = None) -> dict[str, Any] | None:
+    """A private copy of the stored document with this _id (or of only its top-level `fields`,
+    plus _id), without a query."""
+    key = mongomock.helpers.hashdict(_id) if isinstance(_id, dict) else _id
+    try:
+        doc = coll._store[key]
+    except KeyError:
+        return None
+    if fields is None:
+        return copy.deepcopy(doc)  # type: ignore[no-any-return]
+    return {k: copy.deepcopy(v) for k, v in doc.items() if k in fields or k == "_id"}
+
+
+def _touched_fields(update: dict[str, Any]) -> set[str] | None:
+    """Top-level fields an operator update may change; None when that cannot be told."""
+    fields: set[str] = set()
+    for op, spec in update.items():
+        if not isinstance(spec, dict):
+            return None
+        for path in spec:
+            fields.add(path.split(".", 1)[0])
+        if op == "$rename":
+            fields.update(str(v).split(".", 1)[0] for v in spec.values())
+    return fields
 
 
 def _id_is_plain(value: Any) -> bool:
