@@ -1,0 +1,221 @@
+"""The command line as a user meets it: `reactor demo`, `reactor doctor`, `reactor run` and bad
+usage, as real subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+import pytest
+from pymongo import AsyncMongoClient
+
+from reactor.embedded.mongo import MongoEmulator
+from reactor.embedded.smtp_sink import SmtpSink
+
+from .helpers import campaign, eventually, has_status, seed_customers
+
+Client = AsyncMongoClient[dict[str, Any]]
+
+
+async def reactor_cli(*args: str, env: dict[str, str] | None = None,
+                      limit_s: float = 90) -> tuple[int, str, str]:
+    full_env = {k: v for k, v in os.environ.items()
+                if not k.startswith(("MONGO", "SMTP", "TWILIO", "SEGMENTATION", "CAMPAIGNS"))}
+    full_env.update(env or {})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "reactor", *args, env=full_env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), limit_s)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_demo_small_runs_to_a_passing_summary() -> None:
+    code, out, err = await reactor_cli("demo", "--customers", "60", "--campaigns", "2",
+                                       "--metrics-port", "0", "--failure-rate", "0.1")
+    assert code == 0, out + err
+    assert "Approved too late" in out
+    assert "missed" in out
+    assert out.count("completed") >= 2
+    assert "duplicates: 0" in out
+    assert "demo passed" in out
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "needle"),
+    [
+        (["run", "--bogus"], {}, "unrecognized arguments"),
+        (["demo", "--customers", "many"], {}, "expected a whole number"),
+        (["demo", "--failure-rate", "2"], {}, "between 0 and 1"),
+        (["mongo-emulator", "--port", "70000"], {}, "port must be"),
+        (["run"], {}, "MONGO_URI: required but not set"),
+        (["run"], {"MONGO_URI": "http://nope"}, "MONGO_URI: not a valid MongoDB URI"),
+        (["run"], {"MONGO_URI": "mongodb://h/?replicaSet=rs0", "LEASE_SECONDS": "-1"},
+         "LEASE_SECONDS"),
+        (["run"], {"MONGO_URI": "mongodb://h/?replicaSet=rs0", "METRICS_PORT": "abc"},
+         "METRICS_PORT"),
+        (["doctor"], {"MONGO_URI": "mongodb://u:hunter2@h:1/?replicaSet=rs0",
+                      "SMTP_TLS": "sometimes"}, "SMTP_TLS"),
+        ([], {}, "required"),
+    ],
+)
+async def test_bad_usage_is_one_clear_line_and_exit_2(args: list[str], env: dict[str, str],
+                                                      needle: str) -> None:
+    code, out, err = await reactor_cli(*args, env=env, limit_s=30)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("reactor: ")
+    assert needle in lines[0]
+    assert "Traceback" not in err
+    assert "hunter2" not in err + out
+
+
+async def _seed_segmentation(uri: str) -> None:
+    client: Client = AsyncMongoClient(uri)
+    await client.retail_db.newdatabase.insert_one(
+        {"customer_id": 1, "email": "a@b.example", "phone": "+14155550100", "name": "A"})
+    await client.close()
+
+
+async def test_doctor_healthy(emulator: MongoEmulator, sink: SmtpSink) -> None:
+    await _seed_segmentation(emulator.uri)
+    client: Client = AsyncMongoClient(emulator.uri, tz_aware=True)
+    coll = client.marketing.campaigns
+    await coll.insert_one(campaign("soon", 600, 1200, ["1"]))
+    await coll.insert_one(campaign("too-late", -7200, 600, ["1"]))
+    env = {"MONGO_URI": emulator.uri, "SMTP_HOST": sink.host, "SMTP_PORT": str(sink.port),
+           "SMTP_TLS": "none", "EMAIL_FROM": "x@y.example", "SMTP_PASSWORD": "s3cret-pw",
+           "TWILIO_ACCOUNT_SID": "AC1", "TWILIO_AUTH_TOKEN": "tok-secret",
+           "TWILIO_FROM_NUMBER": "+15005550006"}
+    code, out, err = await reactor_cli("doctor", "--json", "--probe", env=env)
+    report = json.loads(out)
+    checks = {c["name"]: c["status"] for c in report["checks"]}
+    assert checks["mongodb"] == "ok"
+    assert checks["replica set"] == "ok"
+    assert checks["change streams"] == "ok"
+    assert checks["segmentation"] == "ok"
+    assert checks["email (SMTP)"] == "ok"  # probed: the sink answered
+    assert checks["sms (Twilio)"] == "fail"  # probed: nothing at api.twilio.com from here
+    states = {w["name"]: w["state"] for w in report["waiting"]}
+    assert states == {"soon": "waiting", "too-late": "would be missed"}
+    assert report["configuration"]["SMTP_PASSWORD"] == "********"
+    assert report["configuration"]["TWILIO_AUTH_TOKEN"] == "********"
+    assert "s3cret-pw" not in out + err
+    assert "tok-secret" not in out + err
+    assert any("misfire grace" in r for r in report["recommendations"])
+    assert code == 1  # the failed Twilio probe is something wrong
+    code_np, out_np, _ = await reactor_cli("doctor", env=env)
+    assert code_np == 0
+    assert "healthy" in out_np
+    assert "Approved campaigns waiting" in out_np
+    await client.close()
+
+
+async def test_doctor_reports_broken_setups(emulator: MongoEmulator) -> None:
+    await _seed_segmentation(emulator.uri)
+    base = {"MONGO_URI": emulator.uri, "SMTP_HOST": "127.0.0.1", "SMTP_PORT": "1",
+            "SMTP_TLS": "none", "EMAIL_FROM": "x@y.example"}
+    # Wrong database name for the orders.
+    code, out, _ = await reactor_cli("doctor", "--json", env={**base, "SEGMENTATION_DB": "retail"})
+    report = json.loads(out)
+    seg = next(c for c in report["checks"] if c["name"] == "segmentation")
+    assert code == 1
+    assert seg["status"] == "fail"
+    assert "no collection 'newdatabase' in database 'retail'" in seg["detail"]
+    # Change streams unavailable (as on a standalone): the server refuses the aggregate.
+    client: Client = AsyncMongoClient(emulator.uri)
+    await client.admin.command({"configureFailPoint": "failCommand", "mode": "alwaysOn",
+                                "data": {"failCommands": ["aggregate"], "errorCode": 40573}})
+    code, out, _ = await reactor_cli("doctor", "--json", env=base)
+    await client.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
+    report = json.loads(out)
+    streams = next(c for c in report["checks"] if c["name"] == "change streams")
+    assert code == 1
+    assert streams["status"] == "fail"
+    assert "40573" in streams["detail"]
+    # Unreachable SMTP with --probe.
+    code, out, _ = await reactor_cli("doctor", "--json", "--probe", env=base)
+    report = json.loads(out)
+    smtp = next(c for c in report["checks"] if c["name"] == "email (SMTP)")
+    assert code == 1
+    assert smtp["status"] == "fail"
+    assert "unreachable" in smtp["detail"]
+    # MongoDB not there at all.
+    code, out, _ = await reactor_cli(
+        "doctor", "--json", env={"MONGO_URI": "mongodb://127.0.0.1:1/?replicaSet=rs0"})
+    report = json.loads(out)
+    assert code == 1
+    assert report["checks"][0]["name"] == "mongodb"
+    assert report["checks"][0]["status"] == "fail"
+    await client.close()
+
+
+async def test_run_serves_then_drains_on_sigterm(emulator: MongoEmulator, sink: SmtpSink) -> None:
+    client: Client = AsyncMongoClient(emulator.uri, tz_aware=True)
+
+    class Target:
+        uri = emulator.uri
+        campaigns_db = "marketing"
+        segmentation_db = "retail_db"
+
+    ids = await seed_customers(client, Target(), 400)  # type: ignore[arg-type]
+    env = {"MONGO_URI": emulator.uri, **{k: str(v) for k, v in sink.settings_env().items()},
+           "METRICS_PORT": "0", "EMAIL_RATE_PER_SECOND": "50", "SEND_CONCURRENCY": "4",
+           "REACTOR_INSTANCE_ID": "cli-run", "LOG_FORMAT": "json", "LEASE_SECONDS": "30"}
+    full_env = {**os.environ, **env}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "reactor", "run", env=full_env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert proc.stderr is not None
+    lines: list[dict[str, Any]] = []
+
+    async def read_logs() -> None:
+        assert proc.stderr is not None
+        async for raw in proc.stderr:
+            lines.append(json.loads(raw))
+
+    reader = asyncio.create_task(read_logs())
+
+    async def logged(text: str) -> bool:
+        return any(text in line["message"] for line in lines)
+
+    await eventually(lambda: logged("ready: first sweep done"), 20)
+    res = await client.marketing.campaigns.insert_one(
+        campaign("drained", 0.3, 120, ids, channels=["email"]))
+    await eventually(has_status(client, Target(), res.inserted_id, "running"),  # type: ignore[arg-type]
+                     10)
+    await eventually(lambda: _true(len(sink.messages) >= 20))
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 40) == 0
+    await reader
+    messages = [line["message"] for line in lines]
+    assert any("📅 Campaign scheduler started" in m for m in messages)
+    assert any("▶️ Started campaign: drained" in m for m in messages)
+    assert any("shutdown requested" in m for m in messages)
+    started = next(line for line in lines if "Started campaign" in line["message"])
+    assert started["campaign_id"] == str(res.inserted_id)
+    doc = await client.marketing.campaigns.find_one({"_id": res.inserted_id})
+    assert doc is not None
+    assert doc["execution"]["owner"] is None  # lease released for another replica
+    assert doc["execution"]["leaseUntil"] <= dt.datetime.now(dt.UTC)
+    assert doc["status"] == "running"
+    state = await client.marketing.reactor_state.find_one({"_id": "resume_token:cli-run"})
+    assert state is not None
+    rows = await client.marketing.deliveries.count_documents(
+        {"campaign": str(res.inserted_id), "state": "pending"})
+    assert rows == 0  # in-flight sends finished and were recorded before exit
+    sent = await client.marketing.deliveries.count_documents(
+        {"campaign": str(res.inserted_id), "state": "sent"})
+    assert sent == len(sink.messages) < 400
+    await client.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
