@@ -155,6 +155,7 @@ class Reactor:
             log.info("metrics and health on http://%s:%s", s.metrics_host, self.http.port)
 
         await store.ensure_indexes()
+        self.metrics.schedulers_enabled.set(1 if s.enable_schedulers else 0)
         async with anyio.create_task_group() as sending:
             await sending.start(executor.serve)
             async with anyio.create_task_group() as intake:

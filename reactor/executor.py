@@ -250,7 +250,8 @@ class Executor:
         await self._store.record_execution(run.key, epoch=run.epoch, owner=self._instance, fields={
             "startedAt": started, "owner": self._instance, "state": "running",
         })
-        await self._settle_previous_pending(run)
+        if run.epoch > 1:  # only a takeover can find rows an earlier owner left pending
+            await self._settle_previous_pending(run)
         targets = list(dict.fromkeys(normalise_id(t) for t in campaign.targets))
         log.info("📋 Fetching %d targeted customers by IDs", len(targets),
                  extra={"campaign_id": run.key, "count": len(targets)})
@@ -523,8 +524,6 @@ class Executor:
         extra = {"campaign_id": run.key, **performance}
         stopped_early = run.stop_reason in (StopReason.PAUSED, StopReason.SHUTDOWN,
                                             StopReason.LEASE_LOST)
-        if not stopped_early:
-            await self._store.set_performance(run.campaign_id, performance, now)
         if Channel.EMAIL in campaign.channels:
             log.info("✉️ Emails sent: %d/%d", performance["emailsSent"], targets, extra=extra)
         if Channel.SMS in campaign.channels:
@@ -537,7 +536,8 @@ class Executor:
                      run.stop_reason, extra=extra)
             await self._release(run)
             return
-        await self._store.mark_sends_done(run.campaign_id, epoch=run.epoch, now=now)
+        await self._store.mark_sends_done(run.campaign_id, epoch=run.epoch, now=now,
+                                          performance=performance)
         log.info("✅ Campaign executed successfully: %s", run.name, extra=extra)
 
     async def _release(self, run: Run) -> None:

@@ -74,6 +74,15 @@ class Metrics:
             "reactor_executions_active", "Campaign executions sending from this instance.",
             registry=r,
         )
+        self.campaigns_overdue = Gauge(
+            "reactor_campaigns_overdue",
+            "Running or paused campaigns past their end date by more than two sweeps (stuck).",
+            registry=r,
+        )
+        self.schedulers_enabled = Gauge(
+            "reactor_schedulers_enabled", "1 when this instance arms and fires timers.",
+            registry=r,
+        )
         self.build_info = Info("reactor_build", "Reactor build information.", registry=r)
         self.build_info.info({"version": __version__, "python": platform.python_version()})
         # Materialise the label sets dashboards and alerts read, so queries see 0, not no data.

@@ -4,9 +4,11 @@ should have done and did not — a repair, counted and logged."""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 
@@ -41,6 +43,7 @@ class Reconciler:
             await self.barrier()
         repairs: Counter[str] = Counter()
         listed = set()
+        self._count_overdue(docs)
         for doc in docs:
             key = str(doc["_id"])
             listed.add(key)
@@ -64,6 +67,16 @@ class Reconciler:
                         extra={"repairs": dict(repairs)})
         self.first_sweep.set()
         return repairs
+
+    def _count_overdue(self, docs: list[dict[str, Any]]) -> None:
+        limit = self._clock.now() - dt.timedelta(seconds=2 * self._interval_s + 30)
+        overdue = 0
+        for doc in docs:
+            end = doc.get("endDate")
+            if doc.get("status") in ("running", "paused") and isinstance(end, dt.datetime) \
+                    and (end if end.tzinfo else end.replace(tzinfo=dt.UTC)) < limit:
+                overdue += 1
+        self._metrics.campaigns_overdue.set(overdue)
 
     async def run(self) -> None:
         """Sweep at a fixed rate until cancelled (the first sweep is the watcher's)."""

@@ -64,7 +64,10 @@ class Scheduler:
         # missed): campaign key -> (due timestamp, monotonic time handled). A sweep row read
         # before our own claim landed must not re-arm them or count a repair.
         self._handled: dict[str, tuple[float, float]] = {}
-        self.on_fired: list[Any] = []  # test/benchmark hooks: callables(key, due_at, fired_at)
+        # Benchmark/test hooks: on_fired(key, due_at, lateness_s) as a timer pops;
+        # on_started(key, lateness_s) once a start claim has committed.
+        self.on_fired: list[Any] = []
+        self.on_started: list[Any] = []
 
     # ---- running ---------------------------------------------------------------------------
 
@@ -236,22 +239,22 @@ class Scheduler:
         if decision is StartDecision.RUN:
             claimed = await self._store.claim_start(
                 campaign_id, owner=self._config.instance_id, now=now,
-                lease_s=self._config.lease_s, grace_s=self._config.misfire_grace_s)
+                lease_s=self._config.lease_s, grace_s=self._config.misfire_grace_s,
+                lateness_ms=round((now - due_at).total_seconds() * 1000, 3))
         if claimed is not None:
             committed = lateness + (time.perf_counter() - t0)
             self._metrics.timer_lateness.labels("start").observe(committed)
+            for hook in self.on_started:
+                hook(key, committed)
             self._metrics.transitions.labels("running").inc()
             name = claimed.get("name", key.campaign)
-            # On the document: lateness against startDate, what the business sees (a late
-            # approval included). In the metric: lateness the reactor itself caused.
+            # On the document (set by the claim): lateness against startDate, what the business
+            # sees, a late approval included. In the metric: lateness the reactor caused.
             since_start = (now - due_at).total_seconds() + (time.perf_counter() - t0)
             log.info("▶️ Started campaign: %s (ID: %s)", name, key.campaign,
                      extra={"campaign_id": key.campaign,
                             "lateness_ms": round(since_start * 1000, 3),
                             "epoch": claimed.get("execution", {}).get("epoch")})
-            await self._store.campaigns.update_one(
-                {"_id": campaign_id, "execution.epoch": claimed["execution"]["epoch"]},
-                {"$set": {"execution.startLatenessMs": round(since_start * 1000, 3)}})
             self._executor.start(claimed)
             end_at = claimed.get("endDate")
             if isinstance(end_at, dt.datetime):

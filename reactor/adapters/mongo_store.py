@@ -113,7 +113,8 @@ class MongoCampaignStore:
     # ---- claims --------------------------------------------------------------------------
 
     async def claim_start(self, campaign_id: Any, *, owner: str, now: dt.datetime,
-                          lease_s: float, grace_s: float) -> dict[str, Any] | None:
+                          lease_s: float, grace_s: float,
+                          lateness_ms: float = 0.0) -> dict[str, Any] | None:
         """approved → running if due, inside the grace and before the end. Returns the claimed
         document (with its new epoch) to the single winner, None to everyone else."""
         lease_until = now + dt.timedelta(seconds=lease_s)
@@ -132,6 +133,7 @@ class MongoCampaignStore:
                     "execution.startedAt": now,
                     "execution.sendsDone": False,
                     "execution.reason": None,
+                    "execution.startLatenessMs": lateness_ms,
                 },
                 "$inc": {"execution.epoch": 1},
             },
@@ -203,11 +205,16 @@ class MongoCampaignStore:
         )
         return result.modified_count > 0
 
-    async def mark_sends_done(self, campaign_id: Any, *, epoch: int, now: dt.datetime) -> bool:
+    async def mark_sends_done(self, campaign_id: Any, *, epoch: int, now: dt.datetime,
+                              performance: Mapping[str, int] | None = None) -> bool:
+        """Sending is over for this epoch; with `performance`, the authoritative counts from the
+        ledger replace the live ones in the same write."""
+        fields: dict[str, Any] = {"execution.sendsDone": True, "execution.sendsDoneAt": now}
+        if performance is not None:
+            fields.update({f"performance.{k}": v for k, v in performance.items()})
+            fields["performance.updatedAt"] = now
         result = await self.campaigns.update_one(
-            {"_id": campaign_id, "execution.epoch": epoch},
-            {"$set": {"execution.sendsDone": True, "execution.sendsDoneAt": now}},
-        )
+            {"_id": campaign_id, "execution.epoch": epoch}, {"$set": fields})
         return result.modified_count > 0
 
     async def complete(self, campaign_id: Any, *, now: dt.datetime,
@@ -248,12 +255,6 @@ class MongoCampaignStore:
             {"$inc": incs, "$set": {"performance.updatedAt": now}},
         )
         return result.matched_count > 0
-
-    async def set_performance(self, campaign_id: Any, counts: Mapping[str, int],
-                              now: dt.datetime) -> None:
-        fields: dict[str, Any] = {f"performance.{k}": v for k, v in counts.items()}
-        fields["performance.updatedAt"] = now
-        await self.campaigns.update_one({"_id": campaign_id}, {"$set": fields})
 
     # ---- ledger --------------------------------------------------------------------------
 

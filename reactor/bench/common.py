@@ -1,0 +1,65 @@
+"""Shared helpers for benchmarks: percentiles, subprocess services, machine description."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import platform
+import statistics
+import sys
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def summary_ms(values: Sequence[float]) -> dict[str, float]:
+    """p50/p99/max of durations given in seconds, in milliseconds."""
+    ms = [v * 1000 for v in values]
+    return {"p50_ms": round(percentile(ms, 0.5), 3), "p99_ms": round(percentile(ms, 0.99), 3),
+            "max_ms": round(max(ms), 3) if ms else float("nan"),
+            "mean_ms": round(statistics.fmean(ms), 3) if ms else float("nan"), "n": len(ms)}
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_gib = 0.0
+    with contextlib.suppress(OSError, ValueError):
+        for line in open("/proc/meminfo", encoding="utf-8"):
+            if line.startswith("MemTotal"):
+                mem_gib = round(int(line.split()[1]) / 1024 / 1024, 1)
+                break
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem_gib,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+@contextlib.asynccontextmanager
+async def emulator_process() -> AsyncIterator[str]:
+    """`reactor mongo-emulator` in its own process (so its CPU is not the client's)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "reactor", "mongo-emulator", "--port", "0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    assert proc.stdout is not None
+    line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip()
+    if not line.startswith("ready "):
+        proc.kill()
+        raise RuntimeError(f"emulator did not start: {line!r}")
+    try:
+        yield line.split(" ", 1)[1]
+    finally:
+        proc.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            await asyncio.wait_for(proc.wait(), 10)
