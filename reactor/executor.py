@@ -357,7 +357,7 @@ class Executor:
         row is marked pending and given back only once its outcome is written."""
         concurrency = self._config.concurrency
         permits = asyncio.Semaphore(concurrency)
-        group = max(1, concurrency // 2)
+        group = max(1, concurrency // 4)
         outcomes: list[_Outcome] = []
         flush_needed = asyncio.Event()
         sending_done = False

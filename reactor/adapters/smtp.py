@@ -8,9 +8,12 @@ DATA may have delivered the message — that outcome is uncertain and never retr
 from __future__ import annotations
 
 import asyncio
+import email.charset
 import email.message
-import email.policy
 import logging
+from email.header import Header
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
 from email.utils import formatdate
 
 import aiosmtplib
@@ -25,26 +28,37 @@ _DISCONNECTS = (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, 
                 asyncio.TimeoutError)
 
 
-def build_mime(message: EmailMessage, sender: str) -> email.message.EmailMessage:
-    """A multipart/alternative message; header values with line breaks are refused by the
-    stdlib's strict policy, which closes the header-injection door a second time."""
-    mime = email.message.EmailMessage(policy=email.policy.SMTP)
-    try:
-        mime["From"] = sender
-        mime["To"] = message.to
-        mime["Subject"] = message.subject
-        mime["Message-ID"] = message.message_id
-        mime["Date"] = formatdate(usegmt=True)
-    except ValueError as exc:
-        raise PermanentDeliveryError(f"refused header: {exc}", code="header_injection") from exc
-    if message.text:
-        mime.set_content(message.text)
-        if message.html:
-            mime.add_alternative(message.html, subtype="html")
-    elif message.html:
-        mime.set_content(message.html, subtype="html")
+_UTF8_QP = email.charset.Charset("utf-8")
+_UTF8_QP.body_encoding = email.charset.QP
+
+
+def _header_value(name: str, value: str) -> str | Header:
+    # Line breaks in a header value would let content inject headers (Bcc: ...): refuse them.
+    if "\r" in value or "\n" in value:
+        raise PermanentDeliveryError(f"refused {name} header: it contains a line break",
+                                     code="header_injection")
+    return value if value.isascii() else Header(value, "utf-8")
+
+
+def build_mime(message: EmailMessage, sender: str) -> email.message.Message:
+    """multipart/alternative (text + html), or a single part when only one body exists.
+
+    Built with the compat32 classes: the modern `EmailMessage` API re-parses every header
+    through the header registry and costs more CPU than the rest of a send together."""
+    if message.text and message.html:
+        mime: email.message.Message = MIMEMultipart("alternative")
+        mime.attach(MIMEText(message.text, "plain", _UTF8_QP))
+        mime.attach(MIMEText(message.html, "html", _UTF8_QP))
+    elif message.text or message.html:
+        subtype = "plain" if message.text else "html"
+        mime = MIMEText(message.text or message.html or "", subtype, _UTF8_QP)
     else:
         raise PermanentDeliveryError("message has no body", code="empty_body")
+    mime["From"] = _header_value("From", sender)
+    mime["To"] = _header_value("To", message.to)
+    mime["Subject"] = _header_value("Subject", message.subject)
+    mime["Message-ID"] = _header_value("Message-ID", message.message_id)
+    mime["Date"] = formatdate(usegmt=True)
     return mime
 
 
@@ -77,7 +91,7 @@ class SmtpEmailSender:
         finally:
             self._idle.put_nowait(client)
 
-    async def _send_on(self, client: aiosmtplib.SMTP, mime: email.message.EmailMessage,
+    async def _send_on(self, client: aiosmtplib.SMTP, mime: email.message.Message,
                        message: EmailMessage) -> str:
         if not client.is_connected:
             try:

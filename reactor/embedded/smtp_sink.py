@@ -8,6 +8,7 @@ import email
 import email.policy
 import functools
 import random
+import time
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -24,6 +25,7 @@ class CapturedEmail:
     mail_from: str
     to: str
     raw: bytes
+    received_at: float = 0.0  # time.monotonic() when accepted
 
     @functools.cached_property
     def _parsed(self) -> dict[str, Any]:
@@ -63,6 +65,19 @@ class _Faults:
     drop_during_data: int = 0
 
 
+class _SinkProtocol(SMTPProtocol):  # type: ignore[misc]
+    """aiosmtpd's protocol, answering each command after the sink's simulated round trip."""
+
+    def __init__(self, sink: SmtpSink, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sink = sink
+
+    async def push(self, status: Any) -> None:
+        if self._sink.reply_delay_s:
+            await asyncio.sleep(self._sink.reply_delay_s)
+        await super().push(status)
+
+
 class _Handler:
     def __init__(self, sink: SmtpSink) -> None:
         self.sink = sink
@@ -86,11 +101,15 @@ class _Handler:
 
 
 class SmtpSink:
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, seed: int | None = None) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, seed: int | None = None,
+                 reply_delay_s: float = 0.0) -> None:
         self.host = host
         self.port = port
         self.messages: list[CapturedEmail] = []
         self.faults = _Faults()
+        # A simulated network round trip before every reply (a real provider is not on
+        # loopback); 0 answers at once.
+        self.reply_delay_s = reply_delay_s
         self.rng = random.Random(seed)
         self._server: asyncio.base_events.Server | None = None
         self._handler = _Handler(self)
@@ -102,14 +121,14 @@ class SmtpSink:
             raw = raw.encode()
         for rcpt in envelope.rcpt_tos:
             self.messages.append(CapturedEmail(mail_from=envelope.mail_from or "", to=rcpt,
-                                               raw=raw))
+                                               raw=raw, received_at=time.monotonic()))
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
 
         def protocol() -> SMTPProtocol:
-            proto = SMTPProtocol(self._handler, hostname="reactor-sink", ident="reactor-sink",
-                                 data_size_limit=10 * 1024 * 1024)
+            proto = _SinkProtocol(self, self._handler, hostname="reactor-sink",
+                                  ident="reactor-sink", data_size_limit=10 * 1024 * 1024)
             self._protocols.add(proto)
             return proto
 

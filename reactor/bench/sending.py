@@ -1,0 +1,195 @@
+"""Sending benchmark, in one run against the same local SMTP sink:
+
+* emails per second through the reactor, ledger on (MongoDB emulator in its own process);
+* the ceiling: a bare pooled aiosmtplib sender (same pool, same concurrency, same messages);
+* the old approach: one SMTP connection per message, sequential;
+* a 100,000-id audience resolved in batches, with the peak memory it took;
+* a configured rate held over 30 s (per-second deviation).
+
+Targets: reactor >= 0.7 x ceiling and >= 20 x the old approach; rate within +-5 %.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+import tracemalloc
+from typing import Any
+
+import aiosmtplib
+import anyio
+from pymongo import AsyncMongoClient
+
+from ..adapters.recipients import MongoRecipients
+from ..adapters.smtp import SmtpEmailSender, build_mime
+from ..app import Reactor
+from ..config import RecipientsConfig, Settings
+from ..embedded.smtp_sink import SmtpSink
+from ..ports import EmailMessage
+from .common import emulator_process, percentile
+
+POOL = 4
+CONCURRENCY = 16
+
+
+def _message(i: int) -> EmailMessage:
+    return EmailMessage(to=f"c{i}@example.com", subject=f"Hello Customer {i}",
+                        text=f"Hello Customer {i}, 20% off today.",
+                        html=f"<p>Hello <b>Customer {i}</b>, 20% off today.</p>",
+                        message_id=f"<bench.{i}@reactor.example.com>")
+
+
+async def ceiling(sink: SmtpSink, n: int) -> float:
+    sender = SmtpEmailSender(Settings(  # type: ignore[call-arg]
+        mongo_uri="mongodb://unused", smtp_pool_size=POOL,
+        **{k.lower(): v for k, v in sink.settings_env().items()}).smtp_config())  # type: ignore[arg-type]
+    queue = list(range(n))
+    t0 = time.perf_counter()
+
+    async def worker() -> None:
+        while queue:
+            await sender.send(_message(queue.pop()))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(CONCURRENCY):
+            tg.start_soon(worker)
+    elapsed = time.perf_counter() - t0
+    await sender.aclose()
+    return n / elapsed
+
+
+async def old_approach(sink: SmtpSink, n: int) -> float:
+    t0 = time.perf_counter()
+    for i in range(n):
+        client = aiosmtplib.SMTP(hostname=sink.host, port=sink.port, start_tls=False)
+        await client.connect()
+        await client.send_message(build_mime(_message(i), "campaigns@reactor.example"))
+        await client.quit()
+    return n / (time.perf_counter() - t0)
+
+
+async def through_reactor(uri: str, sink: SmtpSink, n: int, *, rate: float,
+                          instance: str) -> tuple[float, list[float]]:
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri, tz_aware=True)
+    settings = Settings(  # type: ignore[call-arg]
+        mongo_uri=uri, metrics_port=0, metrics_host="127.0.0.1", reactor_instance_id=instance,
+        email_rate_per_second=rate, send_concurrency=CONCURRENCY, smtp_pool_size=POOL,
+        lease_seconds=60, **{k.lower(): v for k, v in sink.settings_env().items()})
+    reactor = Reactor(settings, serve_http=False)
+    first = len(sink.messages)
+    async with anyio.create_task_group() as tg:
+        await tg.start(reactor.run)
+        await reactor.ready.wait()
+        now = dt.datetime.now(dt.UTC)
+        res = await client.marketing.campaigns.insert_one({
+            "name": f"bench {instance}", "status": "approved", "channels": ["email"],
+            "startDate": now + dt.timedelta(seconds=1), "endDate": now + dt.timedelta(hours=1),
+            "email": {"subject": "Hello {{name}}", "text": "Hello {{name}}, 20% off today.",
+                      "html": "<p>Hello <b>{{name}}</b>, 20% off today.</p>"},
+            "targetedCustomerIds": [str(i) for i in range(n)]})
+        started = finished = None
+        while True:
+            doc = await client.marketing.campaigns.find_one(
+                {"_id": res.inserted_id}, {"status": 1, "execution": 1})
+            assert doc is not None
+            exe = doc.get("execution") or {}
+            if started is None and exe.get("startedAt"):
+                started = exe["startedAt"]
+            if exe.get("sendsDone"):
+                finished = exe["sendsDoneAt"]
+                break
+            await anyio.sleep(0.1)
+        reactor.request_shutdown()
+    await client.close()
+    assert started is not None and finished is not None
+    sent = len(sink.messages) - first
+    arrivals = [m.received_at for m in sink.messages[first:]]
+    return sent / (finished - started).total_seconds(), arrivals
+
+
+async def audience(uri: str, n: int) -> dict[str, Any]:
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri)
+    rows = []
+    for i in range(n):
+        cid: Any = i if i % 2 else str(i)
+        rows.append({"customer_id": cid, "email": f"a{i}@x.example", "phone": "+14155550100",
+                     "name": f"N{i}"})
+        if i % 3 == 0:
+            rows.append({"customer_id": cid, "email": "", "name": f"N{i}"})
+    for start in range(0, len(rows), 5000):
+        await client.aud.orders.insert_many(rows[start:start + 5000])
+    await client.aud.orders.create_index("customer_id")
+    recipients = MongoRecipients(client.aud.orders, RecipientsConfig(db="aud", collection="orders"))
+    ids = [str(i) for i in range(n)]
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    found = 0
+    for start in range(0, n, 1000):
+        found += len(await recipients.resolve(ids[start:start + 1000]))
+    elapsed = time.perf_counter() - t0
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    await client.close()
+    return {"ids": n, "batch": 1000, "resolved": found, "seconds": round(elapsed, 2),
+            "ids_per_s": round(n / elapsed), "peak_memory_mib": round(peak / 2**20, 2)}
+
+
+def rate_deviation(arrivals: list[float], rate: float) -> dict[str, Any]:
+    if len(arrivals) < 2:
+        return {}
+    t0 = arrivals[0]
+    seconds = int(arrivals[-1] - t0)
+    windows = [0] * max(1, seconds)
+    for t in arrivals:
+        k = int(t - t0)
+        if k < len(windows):
+            windows[k] += 1
+    full = windows[1:-1] or windows  # the first and last seconds are partial
+    overall = (len(arrivals) - 1) / (arrivals[-1] - t0)
+    return {"configured_per_s": rate, "achieved_per_s": round(overall, 2),
+            "overall_deviation_pct": round(100 * (overall - rate) / rate, 2),
+            "per_second_min": min(full), "per_second_max": max(full),
+            "per_second_p5": percentile([float(w) for w in full], 0.05),
+            "per_second_p95": percentile([float(w) for w in full], 0.95),
+            "seconds": len(full)}
+
+
+async def run(quick: bool = False) -> dict[str, Any]:
+    n = 600 if quick else 3000
+    n_old = 60 if quick else 200
+    n_audience = 20_000 if quick else 100_000
+    rate_s = 6 if quick else 30
+    rate = 50.0
+    result: dict[str, Any] = {"pool_size": POOL, "concurrency": CONCURRENCY}
+    async with emulator_process() as uri:
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri)
+        await client.retail_db.newdatabase.insert_many(
+            [{"customer_id": i, "email": f"c{i}@example.com", "name": f"Customer {i}"}
+             for i in range(max(n, int(rate * rate_s)))])
+        await client.close()
+        for rtt_ms in (0, 5):
+            # 0: the sink answers at once (CPU-bound, loopback); 5: each SMTP reply after a
+            # 5 ms simulated round trip, as to a provider on a real network.
+            async with SmtpSink(reply_delay_s=rtt_ms / 1000) as sink:
+                ceil = await ceiling(sink, n)
+                old = await old_approach(sink, n_old)
+                fast, _ = await through_reactor(uri, sink, n, rate=100_000,
+                                                instance=f"fast-{rtt_ms}")
+            result[f"rtt_{rtt_ms}ms"] = {
+                "ceiling_emails_per_s": round(ceil, 1),
+                "old_approach_emails_per_s": round(old, 1),
+                "reactor_emails_per_s": round(fast, 1),
+                "reactor_vs_ceiling": round(fast / ceil, 3),
+                "reactor_vs_old": round(fast / old, 1),
+            }
+        async with SmtpSink() as sink:
+            _, arrivals = await through_reactor(uri, sink, int(rate * rate_s), rate=rate,
+                                                instance="paced")
+            result["rate_limit"] = rate_deviation(arrivals, rate)
+        result["audience"] = await audience(uri, n_audience)
+    result["targets"] = {"vs_ceiling": 0.7, "vs_old": 20, "rate_deviation_pct": 5}
+    return result
+
+
+__all__ = ["asyncio", "run"]
