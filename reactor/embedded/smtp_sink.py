@@ -37,8 +37,8 @@ class CapturedEmail:
                 text = part.get_content()
             elif ctype == "text/html" and html is None:
                 html = part.get_content()
-        return {"subject": str(msg.get("Subject", "")),
-                "message_id": str(msg.get("Message-ID", "")), "text": text, "html": html}
+        return {"subject": str(msg.get("Subject", "")).strip(),
+                "message_id": str(msg.get("Message-ID", "")).strip(), "text": text, "html": html}
 
     @property
     def subject(self) -> str:
