@@ -179,19 +179,17 @@ async def test_owner_killed_mid_run_another_takes_over_with_zero_duplicates(
     cfg_a = settings(mongo, sink, twilio, reactor_instance_id="owner", **slow)
     cfg_b = settings(mongo, sink, twilio, reactor_instance_id="standby",
                      reconcile_interval_seconds=0.5, **slow)
-    res = None
-    async with running(cfg_b) as (standby,):
-        async with anyio.create_task_group() as tg:
-            from reactor.app import Reactor
+    from reactor.app import Reactor
 
-            owner = Reactor(cfg_a)
-            await tg.start(owner.run)
-            await owner.ready.wait()
-            # Only the owner may claim: the standby's start timer must not race it here.
-            res = await coll.insert_one(campaign("takeover", 0.3, 60, ids))
-            await eventually(lambda: _true(len(sink.messages) >= 15))
-            tg.cancel_scope.cancel()  # killed: no drain, no lease release
-        assert res is not None
+    async with anyio.create_task_group() as tg:
+        owner = Reactor(cfg_a)
+        await tg.start(owner.run)
+        await owner.ready.wait()
+        res = await coll.insert_one(campaign("takeover", 0.3, 60, ids))
+        await eventually(lambda: _true(len(sink.messages) >= 15))
+        tg.cancel_scope.cancel()  # killed: no drain, no lease release
+    # The standby comes up after the owner died: it must find the expired lease and resume.
+    async with running(cfg_b) as (standby,):
         await eventually(sends_done(client, mongo, res.inserted_id), 30)
         takeovers = standby.metrics.registry.get_sample_value("reactor_lease_takeovers_total")
     rows = await ledger(client, mongo, res.inserted_id)
