@@ -89,13 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_settings(env: dict[str, str] | None = None) -> Any:
+def load_settings() -> Any:
     from .config import Settings
 
     try:
-        if env is None:
-            return Settings()  # type: ignore[call-arg]
-        return Settings(**{k.lower(): v for k, v in env.items()})
+        return Settings()
     except ValidationError as exc:
         problems = []
         for err in exc.errors():

@@ -52,7 +52,8 @@ class Scheduler:
         self._clock = clock
         self._metrics = metrics
         self._config = config
-        self.timers: TimerHeap[TimerKey] = TimerHeap(clock, max_sleep_s=config.max_sleep_s)
+        self.timers: TimerHeap[TimerKey] = TimerHeap(clock, max_sleep_s=config.max_sleep_s,
+                                                     classify=lambda key: key.kind)
         self._ids: dict[str, Any] = {}  # campaign key -> _id as stored
         self._names: dict[str, str] = {}
         # Cluster time of the newest change event applied per campaign: an older sweep row
@@ -80,9 +81,9 @@ class Scheduler:
             await anyio.sleep_forever()
 
     def _update_gauges(self) -> None:
-        starts = sum(1 for k in self.timers.keys() if k.kind is TimerKind.START)
-        self._metrics.timers_armed.labels("start").set(starts)
-        self._metrics.timers_armed.labels("end").set(len(self.timers) - starts)
+        counts = self.timers.counts
+        self._metrics.timers_armed.labels("start").set(counts[TimerKind.START])
+        self._metrics.timers_armed.labels("end").set(counts[TimerKind.END])
 
     # ---- sync ------------------------------------------------------------------------------
 

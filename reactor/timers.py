@@ -12,6 +12,7 @@ import datetime as dt
 import heapq
 import itertools
 import logging
+from collections import Counter
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -27,8 +28,12 @@ K = TypeVar("K")
 
 
 class TimerHeap(Generic[K]):
-    def __init__(self, clock: Clock, *, max_sleep_s: float = 2.0) -> None:
+    def __init__(self, clock: Clock, *, max_sleep_s: float = 2.0,
+                 classify: Callable[[K], str] | None = None) -> None:
         self._clock = clock
+        # Live timers per class (e.g. start/end), kept up to date in O(1) for gauges.
+        self._classify = classify or (lambda key: "")
+        self.counts: Counter[str] = Counter()
         self._max_sleep_s = max_sleep_s
         # (due timestamp, generation, key); stale entries are skipped when popped.
         self._heap: list[tuple[float, int, K]] = []
@@ -60,6 +65,8 @@ class TimerHeap(Generic[K]):
         if current is not None and current[0] == due:
             return False
         gen = next(self._gen)
+        if current is None:
+            self.counts[self._classify(key)] += 1
         self._live[key] = (due, gen)
         now_ts = self._clock.now().timestamp()
         if due < now_ts:
@@ -74,7 +81,10 @@ class TimerHeap(Generic[K]):
 
     def disarm(self, key: K) -> bool:
         self._armed_late.pop(key, None)
-        return self._live.pop(key, None) is not None
+        if self._live.pop(key, None) is None:
+            return False
+        self.counts[self._classify(key)] -= 1
+        return True
 
     def _compact(self) -> None:
         # Lazy deletion leaves dead entries behind; rebuild once they dominate the heap.
@@ -91,6 +101,7 @@ class TimerHeap(Generic[K]):
             d, g, key = heapq.heappop(heap)
             if self._live.get(key) == (d, g):
                 del self._live[key]
+                self.counts[self._classify(key)] -= 1
                 reference = max(d, self._armed_late.pop(key, d))
                 due.append((key, dt.datetime.fromtimestamp(d, dt.UTC), max(0.0, now_ts - reference)))
         return due

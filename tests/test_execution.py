@@ -174,8 +174,8 @@ async def test_owner_killed_mid_run_another_takes_over_with_zero_duplicates(
         mongo: MongoTarget, client: Client, sink: SmtpSink, twilio: TwilioFake) -> None:
     ids = await seed_customers(client, mongo, 80)
     coll = client[mongo.campaigns_db].campaigns
-    slow = dict(email_rate_per_second=40, sms_rate_per_second=40, send_concurrency=4,
-                lease_seconds=1.5)
+    slow = {"email_rate_per_second": 40, "sms_rate_per_second": 40, "send_concurrency": 4,
+            "lease_seconds": 1.5}
     cfg_a = settings(mongo, sink, twilio, reactor_instance_id="owner", **slow)
     cfg_b = settings(mongo, sink, twilio, reactor_instance_id="standby",
                      reconcile_interval_seconds=0.5, **slow)

@@ -104,7 +104,8 @@ def test_dockerfile_passes_hadolint_and_is_non_root() -> None:
     assert "USER 10001" in final
     assert "HEALTHCHECK" in final
     assert 'ENTRYPOINT ["reactor"]' in final
-    assert "gcc" not in final and "build-essential" not in final
+    assert "gcc" not in final
+    assert "build-essential" not in final
 
 
 def test_env_example_and_readme_document_every_setting() -> None:
@@ -145,7 +146,8 @@ def test_metrics_pass_promtool_and_every_used_metric_exists() -> None:
         for metric in set(re.findall(r"\breactor_[a-z_]+", expr)):
             assert metric in names, f"{where} uses {metric}, which the reactor does not export"
     text_s = text.decode()
-    assert "campaign_id" not in text_s and "customer" not in text_s  # no id labels
+    assert "campaign_id" not in text_s  # no id labels
+    assert "customer" not in text_s
 
 
 def test_dashboard_is_well_formed() -> None:

@@ -108,12 +108,13 @@ async def test_moving_the_start_rearms_and_unapproving_or_deleting_disarms(
                               {"$set": {"status": "pending_approval"}})
         await coll.delete_one({"_id": deleted.inserted_id})
 
-        def due(name: str) -> dt.datetime | None:
-            return sched.timers.due_at(keys[name])
+        def settled() -> bool:
+            later = sched.timers.due_at(keys["later"])
+            return (later is not None and abs((later - later_at).total_seconds()) < 0.01
+                    and keys["unapproved"] not in sched.timers
+                    and keys["deleted"] not in sched.timers)
 
-        await eventually(lambda: _true(
-            due("later") is not None and abs((due("later") - later_at).total_seconds()) < 0.01
-            and keys["unapproved"] not in sched.timers and keys["deleted"] not in sched.timers))
+        await eventually(lambda: _true(settled()))
         await eventually(has_status(client, mongo, moved_earlier.inserted_id, "running"), 5)
         await anyio.sleep(1.0)  # past the original starts of the other three
         assert await status_of(client, mongo, moved_later.inserted_id) == "approved"

@@ -122,6 +122,18 @@ async def test_clock_stepping_forward_fires_overdue_timers_within_max_sleep() ->
         tg.cancel_scope.cancel()
 
 
+def test_counts_per_class_follow_arm_disarm_and_firing() -> None:
+    heap: TimerHeap[str] = TimerHeap(FakeClock(T0), classify=lambda key: key[0])
+    heap.arm("s1", at(1))
+    heap.arm("s2", at(2))
+    heap.arm("e1", at(3))
+    heap.arm("s1", at(4))  # moved, still one timer
+    assert heap.counts == {"s": 2, "e": 1}
+    heap.disarm("s2")
+    heap.pop_due(at(3))
+    assert heap.counts == {"s": 1, "e": 0}
+
+
 def test_lazy_deletion_is_compacted() -> None:
     heap: TimerHeap[int] = TimerHeap(FakeClock(T0))
     for i in range(5000):

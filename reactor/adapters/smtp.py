@@ -40,6 +40,11 @@ def _header_value(name: str, value: str) -> str | Header:
     return value if value.isascii() else Header(value, "utf-8")
 
 
+def _text_part(body: str, subtype: str) -> MIMEText:
+    # A Charset object (quoted-printable bodies) is accepted at run time; the stubs say str.
+    return MIMEText(body, subtype, _UTF8_QP)  # type: ignore[arg-type]
+
+
 def build_mime(message: EmailMessage, sender: str) -> email.message.Message:
     """multipart/alternative (text + html), or a single part when only one body exists.
 
@@ -47,17 +52,16 @@ def build_mime(message: EmailMessage, sender: str) -> email.message.Message:
     through the header registry and costs more CPU than the rest of a send together."""
     if message.text and message.html:
         mime: email.message.Message = MIMEMultipart("alternative")
-        mime.attach(MIMEText(message.text, "plain", _UTF8_QP))
-        mime.attach(MIMEText(message.html, "html", _UTF8_QP))
+        mime.attach(_text_part(message.text, "plain"))
+        mime.attach(_text_part(message.html, "html"))
     elif message.text or message.html:
         subtype = "plain" if message.text else "html"
-        mime = MIMEText(message.text or message.html or "", subtype, _UTF8_QP)
+        mime = _text_part(message.text or message.html or "", subtype)
     else:
         raise PermanentDeliveryError("message has no body", code="empty_body")
-    mime["From"] = _header_value("From", sender)
-    mime["To"] = _header_value("To", message.to)
-    mime["Subject"] = _header_value("Subject", message.subject)
-    mime["Message-ID"] = _header_value("Message-ID", message.message_id)
+    for name, value in (("From", sender), ("To", message.to), ("Subject", message.subject),
+                        ("Message-ID", message.message_id)):
+        mime[name] = _header_value(name, value)  # type: ignore[assignment]  # Header is allowed
     mime["Date"] = formatdate(usegmt=True)
     return mime
 

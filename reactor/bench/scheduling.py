@@ -13,7 +13,7 @@ import datetime as dt
 import gc
 import time
 import tracemalloc
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 from bson import ObjectId
@@ -35,7 +35,7 @@ async def run(quick: bool = False) -> dict[str, Any]:
     n_burst = 200 if quick else 1000
     async with emulator_process() as uri:
         client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri, tz_aware=True)
-        settings = Settings(mongo_uri=uri, metrics_port=0, metrics_host="127.0.0.1",  # type: ignore[call-arg]
+        settings = Settings(mongo_uri=uri, metrics_port=0, metrics_host="127.0.0.1",
                             reactor_instance_id="bench", lease_seconds=60,
                             reconcile_interval_seconds=3600)
         reactor = Reactor(settings, serve_http=False)
@@ -125,7 +125,7 @@ def per_timer_memory(n: int) -> float:
     `n` approved campaign documents (no I/O: valid documents never touch the store)."""
 
     class _NoExecutor:
-        runs: dict[str, Any] = {}
+        runs: ClassVar[dict[str, Any]] = {}
 
         def active(self, key: str) -> bool:
             return False

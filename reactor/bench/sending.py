@@ -41,7 +41,7 @@ def _message(i: int) -> EmailMessage:
 
 
 async def ceiling(sink: SmtpSink, n: int) -> float:
-    sender = SmtpEmailSender(Settings(  # type: ignore[call-arg]
+    sender = SmtpEmailSender(Settings(
         mongo_uri="mongodb://unused", smtp_pool_size=POOL,
         **{k.lower(): v for k, v in sink.settings_env().items()}).smtp_config())  # type: ignore[arg-type]
     queue = list(range(n))
@@ -72,7 +72,7 @@ async def old_approach(sink: SmtpSink, n: int) -> float:
 async def through_reactor(uri: str, sink: SmtpSink, n: int, *, rate: float,
                           instance: str) -> tuple[float, list[float]]:
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri, tz_aware=True)
-    settings = Settings(  # type: ignore[call-arg]
+    settings = Settings(
         mongo_uri=uri, metrics_port=0, metrics_host="127.0.0.1", reactor_instance_id=instance,
         email_rate_per_second=rate, send_concurrency=CONCURRENCY, smtp_pool_size=POOL,
         lease_seconds=60, **{k.lower(): v for k, v in sink.settings_env().items()})
@@ -102,7 +102,8 @@ async def through_reactor(uri: str, sink: SmtpSink, n: int, *, rate: float,
             await anyio.sleep(0.1)
         reactor.request_shutdown()
     await client.close()
-    assert started is not None and finished is not None
+    assert started is not None
+    assert finished is not None
     sent = len(sink.messages) - first
     arrivals = [m.received_at for m in sink.messages[first:]]
     return sent / (finished - started).total_seconds(), arrivals

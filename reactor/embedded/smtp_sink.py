@@ -65,7 +65,7 @@ class _Faults:
     drop_during_data: int = 0
 
 
-class _SinkProtocol(SMTPProtocol):  # type: ignore[misc]
+class _SinkProtocol(SMTPProtocol):
     """aiosmtpd's protocol, answering each command after the sink's simulated round trip."""
 
     def __init__(self, sink: SmtpSink, *args: Any, **kwargs: Any) -> None:

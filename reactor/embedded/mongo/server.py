@@ -1044,7 +1044,7 @@ def _snapshot(coll: Any, _id: Any, fields: set[str] | None = None) -> dict[str, 
     except KeyError:
         return None
     if fields is None:
-        return copy.deepcopy(doc)  # type: ignore[no-any-return]
+        return copy.deepcopy(doc)
     return {k: copy.deepcopy(v) for k, v in doc.items() if k in fields or k == "_id"}
 
 
