@@ -92,7 +92,6 @@ class Run:
     stop_reason: str | None = None
     stopped: anyio.Event = field(default_factory=anyio.Event)
     done: anyio.Event = field(default_factory=anyio.Event)
-    totals: dict[tuple[str, str], int] = field(default_factory=dict)
     unflushed: dict[str, int] = field(default_factory=dict)
     flushed_at: float = 0.0
 
@@ -480,7 +479,6 @@ class Executor:
             if f"{run.key}:{rec.channel}:{rec.customer}" in fenced or rec.state == "pending":
                 continue
             self._metrics.sends.labels(rec.channel, rec.state).inc()
-            run.totals[(rec.channel, rec.state)] = run.totals.get((rec.channel, rec.state), 0) + 1
             name = _COUNTER_NAMES.get((Channel(rec.channel), rec.state), "uncertain")
             run.unflushed[name] = run.unflushed.get(name, 0) + 1
         if fenced:

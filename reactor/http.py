@@ -13,6 +13,17 @@ from .metrics import Metrics
 ReadyCheck = Callable[[], Awaitable[dict[str, bool]]]
 
 
+async def start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Serve `app` on host:port (0 picks a free port); returns the runner and the bound port."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    server = site._server
+    assert server is not None
+    return runner, int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+
+
 class OpsServer:
     def __init__(self, metrics: Metrics, ready: ReadyCheck, host: str, port: int) -> None:
         self._metrics = metrics
@@ -26,14 +37,7 @@ class OpsServer:
         app.router.add_get("/metrics", self._get_metrics)
         app.router.add_get("/healthz", self._get_health)
         app.router.add_get("/readyz", self._get_ready)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        if self.port == 0:
-            server = site._server
-            assert server is not None
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self._runner, self.port = await start_site(app, self.host, self.port)
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -132,7 +132,8 @@ def per_timer_memory(n: int) -> float:
 
     start = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
     docs = [{"_id": ObjectId(), "name": f"campaign {i}", "status": "approved",
-             "startDate": start + dt.timedelta(seconds=i), "endDate": start + dt.timedelta(days=1),
+             "startDate": start + dt.timedelta(seconds=i * 0.5),
+             "endDate": start + dt.timedelta(seconds=i * 0.5 + 3600),
              "email": {"subject": "s", "text": "t"}} for i in range(n)]
 
     async def fill() -> float:

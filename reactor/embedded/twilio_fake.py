@@ -16,6 +16,8 @@ from typing import Any
 
 from aiohttp import web
 
+from ..http import start_site
+
 E164 = re.compile(r"^\+[1-9]\d{6,14}$")
 
 
@@ -60,13 +62,7 @@ class TwilioFake:
         app = web.Application()
         app.router.add_post("/2010-04-01/Accounts/{sid}/Messages.json", self._create_message)
         app.router.add_get("/2010-04-01/Accounts/{sid}.json", self._fetch_account)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self._runner, self.port = await start_site(app, self.host, self.port)
 
     async def stop(self) -> None:
         if self._runner is not None:
