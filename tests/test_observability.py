@@ -120,9 +120,16 @@ def test_env_example_and_readme_document_every_setting() -> None:
 
 
 def _metric_names() -> set[str]:
-    text = generate_latest(Metrics().registry).decode()
-    return {line.split("{")[0].split(" ")[0] for line in text.splitlines()
-            if line and not line.startswith("#")}
+    """Every series name the registry can expose, including those of label sets not yet
+    observed (a histogram with labels has no samples until its first observation)."""
+    suffixes = {"counter": ["_total", "_created"], "histogram": ["_bucket", "_sum", "_count",
+                                                                 "_created"],
+                "gauge": [""], "info": ["_info"]}
+    names = set()
+    for family in Metrics().registry.collect():
+        for suffix in suffixes.get(family.type, [""]):
+            names.add(family.name + suffix)
+    return names
 
 
 def _expressions() -> dict[str, str]:
