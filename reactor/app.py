@@ -33,8 +33,13 @@ log = logging.getLogger(__name__)
 
 
 def mongo_client(uri: str, instance: str, **kwargs: Any) -> AsyncMongoClient[dict[str, Any]]:
-    return AsyncMongoClient(uri, tz_aware=True, appname=f"campaign-reactor/{instance}",
-                            serverSelectionTimeoutMS=10_000, **kwargs)
+    return AsyncMongoClient(
+        uri,
+        tz_aware=True,
+        appname=f"campaign-reactor/{instance}",
+        serverSelectionTimeoutMS=10_000,
+        **kwargs,
+    )
 
 
 class Reactor:
@@ -106,35 +111,68 @@ class Reactor:
         if sms is None and (twilio := s.twilio_config()) is not None:
             sms = TwilioSmsSender(twilio)
         if email is None:
-            log.warning("email channel not configured (SMTP_HOST / EMAIL_FROM): email deliveries "
-                        "will be recorded as skipped (channel_not_configured)")
+            log.warning(
+                "email channel not configured (SMTP_HOST / EMAIL_FROM): email deliveries "
+                "will be recorded as skipped (channel_not_configured)"
+            )
         if sms is None:
-            log.warning("SMS channel not configured (TWILIO_ACCOUNT_SID / TWILIO_AUTH_TOKEN / "
-                        "TWILIO_FROM_NUMBER): SMS deliveries will be recorded as skipped "
-                        "(channel_not_configured)")
+            log.warning(
+                "SMS channel not configured (TWILIO_ACCOUNT_SID / TWILIO_AUTH_TOKEN / "
+                "TWILIO_FROM_NUMBER): SMS deliveries will be recorded as skipped "
+                "(channel_not_configured)"
+            )
         return email, sms
 
-    async def _serve(self, client: AsyncMongoClient[dict[str, Any]],
-                     seg_client: AsyncMongoClient[dict[str, Any]], email: EmailSender | None,
-                     sms: SmsSender | None, task_status: TaskStatus[None]) -> None:
+    async def _serve(
+        self,
+        client: AsyncMongoClient[dict[str, Any]],
+        seg_client: AsyncMongoClient[dict[str, Any]],
+        email: EmailSender | None,
+        sms: SmsSender | None,
+        task_status: TaskStatus[None],
+    ) -> None:
         s = self.settings
         sched_cfg = s.scheduler_config()
         store = MongoCampaignStore(client[s.campaigns_db], s.campaigns_collection)
         self.store = store
         rcfg = s.recipients_config()
         recipients = MongoRecipients(seg_client[rcfg.db][rcfg.collection], rcfg)
-        executor = Executor(store=store, recipients=recipients, email=email, sms=sms,
-                            clock=self.clock, metrics=self.metrics, config=s.send_config(),
-                            instance_id=self.instance_id, lease_s=sched_cfg.lease_s)
-        scheduler = Scheduler(store=store, executor=executor, clock=self.clock,
-                              metrics=self.metrics, config=sched_cfg)
-        reconciler = Reconciler(store=store, scheduler=scheduler, clock=self.clock,
-                                metrics=self.metrics, interval_s=sched_cfg.reconcile_interval_s)
-        watcher = Watcher(store=store, scheduler=scheduler, reconciler=reconciler,
-                          clock=self.clock, metrics=self.metrics, instance_id=self.instance_id)
+        executor = Executor(
+            store=store,
+            recipients=recipients,
+            email=email,
+            sms=sms,
+            clock=self.clock,
+            metrics=self.metrics,
+            config=s.send_config(),
+            instance_id=self.instance_id,
+            lease_s=sched_cfg.lease_s,
+        )
+        scheduler = Scheduler(
+            store=store, executor=executor, clock=self.clock, metrics=self.metrics, config=sched_cfg
+        )
+        reconciler = Reconciler(
+            store=store,
+            scheduler=scheduler,
+            clock=self.clock,
+            metrics=self.metrics,
+            interval_s=sched_cfg.reconcile_interval_s,
+        )
+        watcher = Watcher(
+            store=store,
+            scheduler=scheduler,
+            reconciler=reconciler,
+            clock=self.clock,
+            metrics=self.metrics,
+            instance_id=self.instance_id,
+        )
         reconciler.barrier = watcher.barrier
         self.executor, self.scheduler, self.reconciler, self.watcher = (
-            executor, scheduler, reconciler, watcher)
+            executor,
+            scheduler,
+            reconciler,
+            watcher,
+        )
 
         async def readiness() -> dict[str, bool]:
             checks = {"mongodb": False}
@@ -164,18 +202,26 @@ class Reactor:
                     intake.start_soon(watcher.run)
                     intake.start_soon(reconciler.run)
                     intake.start_soon(self._announce_ready, watcher)
-                    log.info("📅 Campaign scheduler started (instance %s, horizon %gs, sweep "
-                             "every %gs, misfire grace %gs)", self.instance_id,
-                             sched_cfg.horizon_s, sched_cfg.reconcile_interval_s,
-                             sched_cfg.misfire_grace_s)
+                    log.info(
+                        "📅 Campaign scheduler started (instance %s, horizon %gs, sweep "
+                        "every %gs, misfire grace %gs)",
+                        self.instance_id,
+                        sched_cfg.horizon_s,
+                        sched_cfg.reconcile_interval_s,
+                        sched_cfg.misfire_grace_s,
+                    )
                 else:
-                    log.warning("ENABLE_SCHEDULERS=false: this instance arms and fires nothing; "
-                                "it serves metrics and health only")
+                    log.warning(
+                        "ENABLE_SCHEDULERS=false: this instance arms and fires nothing; "
+                        "it serves metrics and health only"
+                    )
                     self.ready.set()
                 task_status.started()
                 await self._stop.wait()
-                log.info("shutdown requested: stopping intake, draining sends for up to %gs",
-                         s.shutdown_grace_seconds)
+                log.info(
+                    "shutdown requested: stopping intake, draining sends for up to %gs",
+                    s.shutdown_grace_seconds,
+                )
                 intake.cancel_scope.cancel()
             await executor.stop_all(StopReason.SHUTDOWN, s.shutdown_grace_seconds)
             with anyio.move_on_after(5, shield=True):

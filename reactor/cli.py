@@ -49,7 +49,9 @@ def _rate(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a number between 0 and 1, got {text!r}"
+        ) from None
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {value}")
     return value
@@ -66,15 +68,18 @@ def _port(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="reactor", description="Campaign Reactor: start approved campaigns on "
-                     "time, exactly once.")
+    parser = _Parser(
+        prog="reactor",
+        description="Campaign Reactor: start approved campaigns on time, exactly once.",
+    )
     parser.add_argument("--version", action="version", version=f"campaign-reactor {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sub.add_parser("run", help="run the service (configured by environment variables)")
     doctor = sub.add_parser("doctor", help="check configuration, connectivity and campaigns")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
-    doctor.add_argument("--probe", action="store_true",
-                        help="also connect to SMTP and Twilio to prove they answer")
+    doctor.add_argument(
+        "--probe", action="store_true", help="also connect to SMTP and Twilio to prove they answer"
+    )
     demo = sub.add_parser("demo", help="the whole system on embedded stand-ins")
     demo.add_argument("--customers", type=_positive_int, default=300)
     demo.add_argument("--campaigns", type=_positive_int, default=4)
@@ -122,11 +127,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from .demo import run_demo
 
-            logsetup.configure(os.environ.get("LOG_FORMAT", "text"),
-                               os.environ.get("LOG_LEVEL", "WARNING").upper())
-            return run_demo(customers=args.customers, campaigns=args.campaigns,
-                            failure_rate=args.failure_rate, keep_running=args.keep_running,
-                            seed=args.seed, metrics_port=args.metrics_port)
+            logsetup.configure(
+                os.environ.get("LOG_FORMAT", "text"), os.environ.get("LOG_LEVEL", "WARNING").upper()
+            )
+            return run_demo(
+                customers=args.customers,
+                campaigns=args.campaigns,
+                failure_rate=args.failure_rate,
+                keep_running=args.keep_running,
+                seed=args.seed,
+                metrics_port=args.metrics_port,
+            )
     except UsageError as exc:
         print(f"reactor: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -142,6 +153,7 @@ def _run_service(settings: Any) -> int:
 
     async def serve() -> None:
         async with anyio.create_task_group() as tg:
+
             async def on_signals() -> None:
                 with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async for _ in signals:
@@ -165,6 +177,7 @@ def _mongo_emulator(args: argparse.Namespace) -> int:
 
     async def serve() -> None:
         async with anyio.create_task_group() as tg:
+
             async def on_signals() -> None:
                 with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async for _ in signals:

@@ -94,9 +94,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_sms(self) -> Settings:
         if self.twilio_from_number and self.twilio_messaging_service_sid:
-            raise ValueError(
-                "set only one of TWILIO_FROM_NUMBER and TWILIO_MESSAGING_SERVICE_SID"
-            )
+            raise ValueError("set only one of TWILIO_FROM_NUMBER and TWILIO_MESSAGING_SERVICE_SID")
         return self
 
     # ---- derived configs -----------------------------------------------------------------

@@ -53,8 +53,9 @@ def _port_free(port: int) -> bool:
     return True
 
 
-async def _seed(client: AsyncMongoClient[dict[str, Any]], rng: random.Random, customers: int,
-                campaigns: int) -> list[DemoCampaign]:
+async def _seed(
+    client: AsyncMongoClient[dict[str, Any]], rng: random.Random, customers: int, campaigns: int
+) -> list[DemoCampaign]:
     first = ["Ana", "Ben", "Chloé", "Dev", "Eli", "Fatima", "Goran", "Hana", "Ivo", "Jun"]
     rows = []
     for i in range(customers):
@@ -66,11 +67,25 @@ async def _seed(client: AsyncMongoClient[dict[str, Any]], rng: random.Random, cu
         if i % 41 == 7:
             phone = "555"
         name = f"{rng.choice(first)} {i}"
-        rows.append({"customer_id": cid, "email": email, "phone": phone, "name": name,
-                     "total": rng.randint(5, 500)})
+        rows.append(
+            {
+                "customer_id": cid,
+                "email": email,
+                "phone": phone,
+                "name": name,
+                "total": rng.randint(5, 500),
+            }
+        )
         if i % 3 == 0:  # repeat buyers have several order rows
-            rows.append({"customer_id": cid, "email": "", "phone": None, "name": name,
-                         "total": rng.randint(5, 500)})
+            rows.append(
+                {
+                    "customer_id": cid,
+                    "email": "",
+                    "phone": None,
+                    "name": name,
+                    "total": rng.randint(5, 500),
+                }
+            )
     await client.retail_db.newdatabase.insert_many(rows)
 
     now = dt.datetime.now(dt.UTC)
@@ -84,53 +99,101 @@ async def _seed(client: AsyncMongoClient[dict[str, Any]], rng: random.Random, cu
         targets: list[Any] = [str(c) for c in audience]
         targets += [f"ghost-{j}" for j in range(3)]  # ids with no order rows
         channels = channel_sets[i % len(channel_sets)]
-        docs.append({
-            "name": f"Campaign {i + 1}", "status": "approved", "startDate": start,
-            "endDate": end, "channels": channels,
-            "email": {"subject": f"{{{{name}}}}, autumn sale {i + 1} starts now",
-                      "text": "Hello {{name}},\n20% off everything today.",
-                      "html": "<p>Hello <b>{{name}}</b>,</p><p>20% off everything today.</p>"},
-            "sms": {"body": f"Hi {{{{name}}}}: sale {i + 1}, 20% off today only. Reply STOP to opt out."},
-            "targetedCustomerIds": targets,
-        })
-        plan.append(DemoCampaign(None, f"Campaign {i + 1}", start, end, channels,
-                                 len(set(targets)), "completed"))
+        docs.append(
+            {
+                "name": f"Campaign {i + 1}",
+                "status": "approved",
+                "startDate": start,
+                "endDate": end,
+                "channels": channels,
+                "email": {
+                    "subject": f"{{{{name}}}}, autumn sale {i + 1} starts now",
+                    "text": "Hello {{name}},\n20% off everything today.",
+                    "html": "<p>Hello <b>{{name}}</b>,</p><p>20% off everything today.</p>",
+                },
+                "sms": {
+                    "body": f"Hi {{{{name}}}}: sale {i + 1}, 20% off today only. Reply STOP to opt out."
+                },
+                "targetedCustomerIds": targets,
+            }
+        )
+        plan.append(
+            DemoCampaign(
+                None, f"Campaign {i + 1}", start, end, channels, len(set(targets)), "completed"
+            )
+        )
     late_start = now - dt.timedelta(hours=2)
-    docs.append({
-        "name": "Approved too late", "status": "approved", "startDate": late_start,
-        "endDate": now + dt.timedelta(hours=1), "channels": ["email"],
-        "email": {"subject": "Yesterday's news", "text": "This must not be sent late."},
-        "targetedCustomerIds": [str(c) for c in range(min(customers, 20))],
-    })
-    plan.append(DemoCampaign(None, "Approved too late", late_start, now + dt.timedelta(hours=1),
-                             ["email"], min(customers, 20), "missed"))
+    docs.append(
+        {
+            "name": "Approved too late",
+            "status": "approved",
+            "startDate": late_start,
+            "endDate": now + dt.timedelta(hours=1),
+            "channels": ["email"],
+            "email": {"subject": "Yesterday's news", "text": "This must not be sent late."},
+            "targetedCustomerIds": [str(c) for c in range(min(customers, 20))],
+        }
+    )
+    plan.append(
+        DemoCampaign(
+            None,
+            "Approved too late",
+            late_start,
+            now + dt.timedelta(hours=1),
+            ["email"],
+            min(customers, 20),
+            "missed",
+        )
+    )
     result = await client.marketing.campaigns.insert_many(docs)
     for item, cid in zip(plan, result.inserted_ids, strict=True):
         item.id = cid
     return plan
 
 
-def run_demo(*, customers: int = 300, campaigns: int = 4, failure_rate: float = 0.0,
-             keep_running: bool = False, seed: int = 7, metrics_port: int = 9464) -> int:
+def run_demo(
+    *,
+    customers: int = 300,
+    campaigns: int = 4,
+    failure_rate: float = 0.0,
+    keep_running: bool = False,
+    seed: int = 7,
+    metrics_port: int = 9464,
+) -> int:
     return asyncio.run(_demo(customers, campaigns, failure_rate, keep_running, seed, metrics_port))
 
 
-async def _demo(customers: int, campaigns: int, failure_rate: float, keep_running: bool,
-                seed: int, metrics_port: int) -> int:
+async def _demo(
+    customers: int,
+    campaigns: int,
+    failure_rate: float,
+    keep_running: bool,
+    seed: int,
+    metrics_port: int,
+) -> int:
     console = Console(width=120)
     rng = random.Random(seed)
-    async with MongoEmulator() as mongo, SmtpSink(seed=seed) as sink, \
-            TwilioFake(seed=seed) as twilio:
+    async with (
+        MongoEmulator() as mongo,
+        SmtpSink(seed=seed) as sink,
+        TwilioFake(seed=seed) as twilio,
+    ):
         sink.faults.failure_rate = failure_rate
         twilio.faults.failure_rate = failure_rate
         client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo.uri, tz_aware=True)
         plan = await _seed(client, rng, customers, campaigns)
         port = metrics_port if metrics_port and _port_free(metrics_port) else 0
         base: dict[str, Any] = {
-            "mongo_uri": mongo.uri, "metrics_host": "127.0.0.1",
-            "reconcile_interval_seconds": 5, "lease_seconds": 5,
-            "email_rate_per_second": 400, "sms_rate_per_second": 200, "send_concurrency": 16,
-            "send_max_attempts": 3, "retry_base_seconds": 0.05, "retry_max_seconds": 0.3,
+            "mongo_uri": mongo.uri,
+            "metrics_host": "127.0.0.1",
+            "reconcile_interval_seconds": 5,
+            "lease_seconds": 5,
+            "email_rate_per_second": 400,
+            "sms_rate_per_second": 200,
+            "send_concurrency": 16,
+            "send_max_attempts": 3,
+            "retry_base_seconds": 0.05,
+            "retry_max_seconds": 0.3,
             "shutdown_grace_seconds": 5,
         }
         base.update({k.lower(): v for k, v in sink.settings_env().items()})
@@ -146,18 +209,26 @@ async def _demo(customers: int, campaigns: int, failure_rate: float, keep_runnin
             for reactor in reactors:
                 await reactor.ready.wait()
             http = reactors[0].http
-            console.print(f"[bold]Campaign Reactor demo[/]: MongoDB emulator at {mongo.uri}, "
-                          f"SMTP sink on :{sink.port}, Twilio fake on :{twilio.port}")
+            console.print(
+                f"[bold]Campaign Reactor demo[/]: MongoDB emulator at {mongo.uri}, "
+                f"SMTP sink on :{sink.port}, Twilio fake on :{twilio.port}"
+            )
             if http is not None:
-                console.print(f"metrics: http://127.0.0.1:{http.port}/metrics   "
-                              f"health: http://127.0.0.1:{http.port}/readyz")
-            console.print(f"{customers} customers, {len(plan)} campaigns (one approved too late), "
-                          f"two reactor instances, failure rate {failure_rate:g}")
+                console.print(
+                    f"metrics: http://127.0.0.1:{http.port}/metrics   "
+                    f"health: http://127.0.0.1:{http.port}/readyz"
+                )
+            console.print(
+                f"{customers} customers, {len(plan)} campaigns (one approved too late), "
+                f"two reactor instances, failure rate {failure_rate:g}"
+            )
             docs = await _watch_progress(console, client, plan)
             exit_code = _summarise(console, plan, docs, sink, twilio, reactors)
             if keep_running:
-                console.print("[bold]--keep-running[/]: up until Ctrl-C. Captured: "
-                              f"{len(sink.messages)} emails, {len(twilio.messages)} SMS.")
+                console.print(
+                    "[bold]--keep-running[/]: up until Ctrl-C. Captured: "
+                    f"{len(sink.messages)} emails, {len(twilio.messages)} SMS."
+                )
                 with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
                     await anyio.sleep_forever()
             for reactor in reactors:
@@ -166,24 +237,43 @@ async def _demo(customers: int, campaigns: int, failure_rate: float, keep_runnin
     return exit_code
 
 
-async def _watch_progress(console: Console, client: AsyncMongoClient[dict[str, Any]],
-                          plan: list[DemoCampaign]) -> dict[Any, dict[str, Any]]:
+async def _watch_progress(
+    console: Console, client: AsyncMongoClient[dict[str, Any]], plan: list[DemoCampaign]
+) -> dict[Any, dict[str, Any]]:
     coll = client.marketing.campaigns
     docs: dict[Any, dict[str, Any]] = {}
-    with Progress(TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[status]:<10}"), TimeElapsedColumn(),
-                  console=console, transient=False) as progress:
-        tasks = {c.id: progress.add_task(c.name, total=c.targets * len(c.channels),
-                                         status="armed") for c in plan}
+    with Progress(
+        TextColumn("{task.description:<34}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]:<10}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        tasks = {
+            c.id: progress.add_task(c.name, total=c.targets * len(c.channels), status="armed")
+            for c in plan
+        }
         with anyio.move_on_after(60):
             while True:
-                async for doc in coll.find({"_id": {"$in": [c.id for c in plan]}},
-                                           {"targetedCustomerIds": 0}):
+                async for doc in coll.find(
+                    {"_id": {"$in": [c.id for c in plan]}}, {"targetedCustomerIds": 0}
+                ):
                     docs[doc["_id"]] = doc
                     perf = doc.get("performance") or {}
-                    done = sum(int(perf.get(k, 0)) for k in (
-                        "emailsSent", "emailsFailed", "emailsSkipped", "smsSent", "smsFailed",
-                        "smsSkipped", "uncertain"))
+                    done = sum(
+                        int(perf.get(k, 0))
+                        for k in (
+                            "emailsSent",
+                            "emailsFailed",
+                            "emailsSkipped",
+                            "smsSent",
+                            "smsFailed",
+                            "smsSkipped",
+                            "uncertain",
+                        )
+                    )
                     status = doc.get("status", "?")
                     if status == "approved":
                         status = "armed"
@@ -194,11 +284,24 @@ async def _watch_progress(console: Console, client: AsyncMongoClient[dict[str, A
     return docs
 
 
-def _summarise(console: Console, plan: list[DemoCampaign], docs: dict[Any, dict[str, Any]],
-               sink: SmtpSink, twilio: TwilioFake, reactors: list[Reactor]) -> int:
+def _summarise(
+    console: Console,
+    plan: list[DemoCampaign],
+    docs: dict[Any, dict[str, Any]],
+    sink: SmtpSink,
+    twilio: TwilioFake,
+    reactors: list[Reactor],
+) -> int:
     table = Table(title="Campaigns")
-    for col in ("campaign", "scheduled start", "start lateness", "emails sent/failed/skipped",
-                "SMS sent/failed/skipped", "status", "expected"):
+    for col in (
+        "campaign",
+        "scheduled start",
+        "start lateness",
+        "emails sent/failed/skipped",
+        "SMS sent/failed/skipped",
+        "status",
+        "expected",
+    ):
         table.add_column(col)
     ok = True
     for c in plan:
@@ -210,23 +313,39 @@ def _summarise(console: Console, plan: list[DemoCampaign], docs: dict[Any, dict[
         good = status == c.expected
         ok &= good
         table.add_row(
-            c.name, c.start_at.strftime("%H:%M:%S.%f")[:-3] + "Z",
+            c.name,
+            c.start_at.strftime("%H:%M:%S.%f")[:-3] + "Z",
             f"{lateness:.1f} ms" if isinstance(lateness, int | float) else "—",
             "/".join(str(perf.get(k, 0)) for k in ("emailsSent", "emailsFailed", "emailsSkipped"))
-            if "email" in c.channels else "—",
+            if "email" in c.channels
+            else "—",
             "/".join(str(perf.get(k, 0)) for k in ("smsSent", "smsFailed", "smsSkipped"))
-            if "sms" in c.channels else "—",
-            f"[{'green' if good else 'red'}]{status}[/]", c.expected)
+            if "sms" in c.channels
+            else "—",
+            f"[{'green' if good else 'red'}]{status}[/]",
+            c.expected,
+        )
     console.print(table)
-    email_dupes = [a for a, n in collections.Counter(
-        (m.to, m.subject) for m in sink.messages).items() if n > 1]
-    sms_dupes = [a for a, n in collections.Counter(
-        (m.to, m.body) for m in twilio.messages).items() if n > 1]
-    starts = {r.instance_id: int(r.metrics.registry.get_sample_value(
-        "reactor_campaign_transitions_total", {"to": "running"}) or 0) for r in reactors}
-    console.print(f"messages captured: {len(sink.messages)} emails, {len(twilio.messages)} SMS; "
-                  f"duplicates: {len(email_dupes) + len(sms_dupes)}; starts claimed per "
-                  f"instance: {starts}")
+    email_dupes = [
+        a for a, n in collections.Counter((m.to, m.subject) for m in sink.messages).items() if n > 1
+    ]
+    sms_dupes = [
+        a for a, n in collections.Counter((m.to, m.body) for m in twilio.messages).items() if n > 1
+    ]
+    starts = {
+        r.instance_id: int(
+            r.metrics.registry.get_sample_value(
+                "reactor_campaign_transitions_total", {"to": "running"}
+            )
+            or 0
+        )
+        for r in reactors
+    }
+    console.print(
+        f"messages captured: {len(sink.messages)} emails, {len(twilio.messages)} SMS; "
+        f"duplicates: {len(email_dupes) + len(sms_dupes)}; starts claimed per "
+        f"instance: {starts}"
+    )
     ok &= not email_dupes and not sms_dupes
     ok &= sum(starts.values()) == len(plan) - 1
     console.print("[green]demo passed[/]" if ok else "[red]demo failed[/]")

@@ -27,9 +27,11 @@ from .domain.errors import InvalidCampaign
 from .domain.models import as_utc, parse_campaign
 
 OK, WARN, FAIL = "ok", "warn", "fail"
-EXPECTED_INDEXES = {"campaigns": {"status_startDate", "status_endDate"},
-                    "deliveries": {"campaign_channel_state"},
-                    "campaign_executions": {"campaign_epoch"}}
+EXPECTED_INDEXES = {
+    "campaigns": {"status_startDate", "status_endDate"},
+    "deliveries": {"campaign_channel_state"},
+    "campaign_executions": {"campaign_epoch"},
+}
 
 
 @dataclass
@@ -60,8 +62,9 @@ def redacted_configuration(settings: Settings) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, value in settings.model_dump().items():
         if isinstance(value, SecretStr):
-            out[name.upper()] = _redact_uri(value.get_secret_value()) if "uri" in name \
-                else "********"
+            out[name.upper()] = (
+                _redact_uri(value.get_secret_value()) if "uri" in name else "********"
+            )
         else:
             out[name.upper()] = value
     return out
@@ -77,17 +80,25 @@ def _redact_uri(uri: str) -> str:
     return f"{scheme}://{user}:********@{host}"
 
 
-async def diagnose(settings: Settings, *, probe: bool = False,
-                   now: dt.datetime | None = None) -> Report:
+async def diagnose(
+    settings: Settings, *, probe: bool = False, now: dt.datetime | None = None
+) -> Report:
     now = now or dt.datetime.now(dt.UTC)
     report = Report(configuration=redacted_configuration(settings))
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-        settings.mongo_uri.get_secret_value(), tz_aware=True, serverSelectionTimeoutMS=3000,
-        connectTimeoutMS=3000, appname="campaign-reactor/doctor")
+        settings.mongo_uri.get_secret_value(),
+        tz_aware=True,
+        serverSelectionTimeoutMS=3000,
+        connectTimeoutMS=3000,
+        appname="campaign-reactor/doctor",
+    )
     seg_client = client
     if settings.segmentation_mongo_uri is not None:
-        seg_client = AsyncMongoClient(settings.segmentation_uri.get_secret_value(), tz_aware=True,
-                                      serverSelectionTimeoutMS=3000)
+        seg_client = AsyncMongoClient(
+            settings.segmentation_uri.get_secret_value(),
+            tz_aware=True,
+            serverSelectionTimeoutMS=3000,
+        )
     try:
         if await _check_mongo(report, client):
             await _check_change_streams(report, client, settings)
@@ -107,8 +118,9 @@ async def _check_mongo(report: Report, client: AsyncMongoClient[dict[str, Any]])
     try:
         hello = await client.admin.command("hello")
     except PyMongoError as exc:
-        report.add("mongodb", FAIL, f"cannot reach MongoDB: {type(exc).__name__}: "
-                   f"{str(exc).split(',')[0]}")
+        report.add(
+            "mongodb", FAIL, f"cannot reach MongoDB: {type(exc).__name__}: {str(exc).split(',')[0]}"
+        )
         return False
     report.add("mongodb", OK, f"connected (wire version {hello.get('maxWireVersion')})")
     if hello.get("setName"):
@@ -118,16 +130,20 @@ async def _check_mongo(report: Report, client: AsyncMongoClient[dict[str, Any]])
     return True
 
 
-async def _check_change_streams(report: Report, client: AsyncMongoClient[dict[str, Any]],
-                                settings: Settings) -> None:
+async def _check_change_streams(
+    report: Report, client: AsyncMongoClient[dict[str, Any]], settings: Settings
+) -> None:
     db = client[settings.campaigns_db]
     try:
         stream = await db.watch(max_await_time_ms=100)
         await stream.close()
     except OperationFailure as exc:
-        report.add("change streams", FAIL,
-                   f"cannot open a change stream on {settings.campaigns_db!r}: {exc.code} "
-                   f"{(exc.details or {}).get('codeName', '')}".rstrip())
+        report.add(
+            "change streams",
+            FAIL,
+            f"cannot open a change stream on {settings.campaigns_db!r}: {exc.code} "
+            f"{(exc.details or {}).get('codeName', '')}".rstrip(),
+        )
         return
     except PyMongoError as exc:
         report.add("change streams", FAIL, f"cannot open a change stream: {type(exc).__name__}")
@@ -135,8 +151,9 @@ async def _check_change_streams(report: Report, client: AsyncMongoClient[dict[st
     report.add("change streams", OK, f"available on {settings.campaigns_db!r}")
 
 
-async def _check_indexes(report: Report, client: AsyncMongoClient[dict[str, Any]],
-                         settings: Settings) -> None:
+async def _check_indexes(
+    report: Report, client: AsyncMongoClient[dict[str, Any]], settings: Settings
+) -> None:
     db = client[settings.campaigns_db]
     missing = []
     for coll_name, wanted in EXPECTED_INDEXES.items():
@@ -147,14 +164,16 @@ async def _check_indexes(report: Report, client: AsyncMongoClient[dict[str, Any]
             names = set()
         missing += [f"{real}.{n}" for n in sorted(wanted - names)]
     if missing:
-        report.add("indexes", WARN, "missing (created by `reactor run` at start): "
-                   + ", ".join(missing))
+        report.add(
+            "indexes", WARN, "missing (created by `reactor run` at start): " + ", ".join(missing)
+        )
     else:
         report.add("indexes", OK, "all present")
 
 
-async def _check_segmentation(report: Report, client: AsyncMongoClient[dict[str, Any]],
-                              settings: Settings) -> None:
+async def _check_segmentation(
+    report: Report, client: AsyncMongoClient[dict[str, Any]], settings: Settings
+) -> None:
     rc = settings.recipients_config()
     try:
         names = await client[rc.db].list_collection_names()
@@ -162,10 +181,14 @@ async def _check_segmentation(report: Report, client: AsyncMongoClient[dict[str,
         report.add("segmentation", FAIL, f"cannot read database {rc.db!r}: {type(exc).__name__}")
         return
     if rc.collection not in names:
-        hint = f"; collections there: {', '.join(sorted(names)[:8])}" if names else \
-            " (the database is empty or does not exist)"
-        report.add("segmentation", FAIL,
-                   f"no collection {rc.collection!r} in database {rc.db!r}{hint}")
+        hint = (
+            f"; collections there: {', '.join(sorted(names)[:8])}"
+            if names
+            else " (the database is empty or does not exist)"
+        )
+        report.add(
+            "segmentation", FAIL, f"no collection {rc.collection!r} in database {rc.db!r}{hint}"
+        )
         return
     orders = client[rc.db][rc.collection]
     sample = await orders.find_one({})
@@ -176,22 +199,34 @@ async def _check_segmentation(report: Report, client: AsyncMongoClient[dict[str,
     fields = [rc.id_field, rc.email_field, rc.phone_field, rc.name_field]
     absent = [f for f in fields if f not in sample]
     if rc.id_field in absent:
-        report.add("segmentation", FAIL, f"order rows have no {rc.id_field!r} field "
-                   f"(CUSTOMER_ID_FIELD); a row has: {', '.join(sorted(sample))}")
+        report.add(
+            "segmentation",
+            FAIL,
+            f"order rows have no {rc.id_field!r} field "
+            f"(CUSTOMER_ID_FIELD); a row has: {', '.join(sorted(sample))}",
+        )
     elif absent:
-        report.add("segmentation", WARN, f"{count} order rows; a sample row lacks "
-                   f"{', '.join(absent)}")
+        report.add(
+            "segmentation", WARN, f"{count} order rows; a sample row lacks {', '.join(absent)}"
+        )
     else:
-        report.add("segmentation", OK, f"{rc.db}.{rc.collection}: about {count} order rows "
-                   "with the configured field names")
+        report.add(
+            "segmentation",
+            OK,
+            f"{rc.db}.{rc.collection}: about {count} order rows with the configured field names",
+        )
 
 
 async def _check_channels(report: Report, settings: Settings, probe: bool) -> None:
     smtp = settings.smtp_config()
     twilio = settings.twilio_config()
     if smtp is None:
-        report.add("email (SMTP)", WARN, "not configured: set SMTP_HOST and EMAIL_FROM; emails "
-                   "will be recorded as skipped (channel_not_configured)")
+        report.add(
+            "email (SMTP)",
+            WARN,
+            "not configured: set SMTP_HOST and EMAIL_FROM; emails "
+            "will be recorded as skipped (channel_not_configured)",
+        )
     elif probe:
         from .adapters.smtp import SmtpEmailSender
 
@@ -199,14 +234,22 @@ async def _check_channels(report: Report, settings: Settings, probe: bool) -> No
             await asyncio.wait_for(SmtpEmailSender(smtp).check(), 10)
             report.add("email (SMTP)", OK, f"{smtp.host}:{smtp.port} answered")
         except Exception as exc:
-            report.add("email (SMTP)", FAIL, f"{smtp.host}:{smtp.port} unreachable: "
-                       f"{type(exc).__name__}")
+            report.add(
+                "email (SMTP)", FAIL, f"{smtp.host}:{smtp.port} unreachable: {type(exc).__name__}"
+            )
     else:
-        report.add("email (SMTP)", OK, f"configured ({smtp.host}:{smtp.port}, tls={smtp.tls}); "
-                   "--probe to connect")
+        report.add(
+            "email (SMTP)",
+            OK,
+            f"configured ({smtp.host}:{smtp.port}, tls={smtp.tls}); --probe to connect",
+        )
     if twilio is None:
-        report.add("sms (Twilio)", WARN, "not configured: set TWILIO_ACCOUNT_SID, "
-                   "TWILIO_AUTH_TOKEN and TWILIO_FROM_NUMBER; SMS will be recorded as skipped")
+        report.add(
+            "sms (Twilio)",
+            WARN,
+            "not configured: set TWILIO_ACCOUNT_SID, "
+            "TWILIO_AUTH_TOKEN and TWILIO_FROM_NUMBER; SMS will be recorded as skipped",
+        )
     elif probe:
         from .adapters.twilio_sms import TwilioSmsSender
 
@@ -222,8 +265,9 @@ async def _check_channels(report: Report, settings: Settings, probe: bool) -> No
         report.add("sms (Twilio)", OK, "configured; --probe to call the API")
 
 
-async def _list_campaigns(report: Report, client: AsyncMongoClient[dict[str, Any]],
-                          settings: Settings, now: dt.datetime) -> None:
+async def _list_campaigns(
+    report: Report, client: AsyncMongoClient[dict[str, Any]], settings: Settings, now: dt.datetime
+) -> None:
     coll = client[settings.campaigns_db][settings.campaigns_collection]
     grace = dt.timedelta(seconds=settings.misfire_grace_seconds)
     projection = {"targetedCustomerIds": 0}
@@ -237,8 +281,10 @@ async def _list_campaigns(report: Report, client: AsyncMongoClient[dict[str, Any
             continue
         row["start"] = c.start_at.isoformat()
         if c.end_at <= now or c.start_at < now - grace:
-            row.update(state="would be missed",
-                       note="start is past the misfire grace or the window already closed")
+            row.update(
+                state="would be missed",
+                note="start is past the misfire grace or the window already closed",
+            )
         elif c.start_at <= now:
             row.update(state="due now", note="should start within a second if a reactor runs")
         else:
@@ -253,31 +299,50 @@ async def _list_campaigns(report: Report, client: AsyncMongoClient[dict[str, Any
             lease_state = "valid" if lease_at > now else f"expired {_ago(now - lease_at)} ago"
         perf = doc.get("performance") or {}
         end = doc.get("endDate")
-        overdue = isinstance(end, dt.datetime) and as_utc(end, "endDate") < now - \
-            dt.timedelta(seconds=2 * settings.reconcile_interval_seconds + 60)
-        report.running.append({
-            "id": str(doc["_id"]), "name": doc.get("name"), "status": doc.get("status"),
-            "owner": exe.get("owner"), "lease": lease_state,
-            "sends_done": bool(exe.get("sendsDone")),
-            "progress": {k: perf.get(k, 0) for k in ("emailsSent", "emailsFailed", "smsSent",
-                                                     "smsFailed", "uncertain")},
-            "stuck": overdue,
-        })
+        overdue = isinstance(end, dt.datetime) and as_utc(end, "endDate") < now - dt.timedelta(
+            seconds=2 * settings.reconcile_interval_seconds + 60
+        )
+        report.running.append(
+            {
+                "id": str(doc["_id"]),
+                "name": doc.get("name"),
+                "status": doc.get("status"),
+                "owner": exe.get("owner"),
+                "lease": lease_state,
+                "sends_done": bool(exe.get("sendsDone")),
+                "progress": {
+                    k: perf.get(k, 0)
+                    for k in ("emailsSent", "emailsFailed", "smsSent", "smsFailed", "uncertain")
+                },
+                "stuck": overdue,
+            }
+        )
     since = now - dt.timedelta(days=7)
-    failed = coll.find({"$or": [
-        {"execution.lastError": {"$exists": True}},
-        {"status": "missed", "execution.finishedAt": {"$gte": since}},
-        {"performance.emailsFailed": {"$gt": 0}}, {"performance.smsFailed": {"$gt": 0}},
-    ]}, projection).limit(20)
+    failed = coll.find(
+        {
+            "$or": [
+                {"execution.lastError": {"$exists": True}},
+                {"status": "missed", "execution.finishedAt": {"$gte": since}},
+                {"performance.emailsFailed": {"$gt": 0}},
+                {"performance.smsFailed": {"$gt": 0}},
+            ]
+        },
+        projection,
+    ).limit(20)
     async for doc in failed:
         exe = doc.get("execution") or {}
         err = exe.get("lastError") or {}
         perf = doc.get("performance") or {}
-        report.failures.append({
-            "id": str(doc["_id"]), "name": doc.get("name"), "status": doc.get("status"),
-            "problem": err.get("detail") or exe.get("reason")
-            or f"{perf.get('emailsFailed', 0)} emails and {perf.get('smsFailed', 0)} SMS failed",
-        })
+        report.failures.append(
+            {
+                "id": str(doc["_id"]),
+                "name": doc.get("name"),
+                "status": doc.get("status"),
+                "problem": err.get("detail")
+                or exe.get("reason")
+                or f"{perf.get('emailsFailed', 0)} emails and {perf.get('smsFailed', 0)} SMS failed",
+            }
+        )
     if any(r["stuck"] for r in report.running):
         report.add("executions", FAIL, "a campaign is still running well past its end date")
     else:
@@ -301,28 +366,40 @@ def _recommend(report: Report, settings: Settings) -> None:
     if status.get("mongodb") and status["mongodb"].status == FAIL:
         r.append("Check MONGO_URI (host, port, credentials) and that this machine can reach it.")
     if status.get("replica set") and status["replica set"].status == FAIL:
-        r.append("Run MongoDB as a replica set (even one member: `rs.initiate()`) and add "
-                 "`?replicaSet=NAME` to MONGO_URI; change streams need it.")
+        r.append(
+            "Run MongoDB as a replica set (even one member: `rs.initiate()`) and add "
+            "`?replicaSet=NAME` to MONGO_URI; change streams need it."
+        )
     if status.get("change streams") and status["change streams"].status == FAIL:
-        r.append("Grant the reactor's user `changeStream` and `find` on the campaigns database, "
-                 "and use a replica set (not a standalone).")
+        r.append(
+            "Grant the reactor's user `changeStream` and `find` on the campaigns database, "
+            "and use a replica set (not a standalone)."
+        )
     seg = status.get("segmentation")
     if seg and seg.status == FAIL:
-        r.append(f"Point SEGMENTATION_DB / ORDERS_COLLECTION (now {settings.segmentation_db!r} / "
-                 f"{settings.orders_collection!r}) at the customers' order rows, and "
-                 "CUSTOMER_*_FIELD at their field names.")
+        r.append(
+            f"Point SEGMENTATION_DB / ORDERS_COLLECTION (now {settings.segmentation_db!r} / "
+            f"{settings.orders_collection!r}) at the customers' order rows, and "
+            "CUSTOMER_*_FIELD at their field names."
+        )
     if any(w.get("state") == "would be missed" for w in report.waiting):
-        r.append(f"Approved campaigns past the misfire grace ({settings.misfire_grace_seconds:g}s) "
-                 "will be marked missed, not sent late: move their startDate, or raise "
-                 "MISFIRE_GRACE_SECONDS if late sending is acceptable.")
+        r.append(
+            f"Approved campaigns past the misfire grace ({settings.misfire_grace_seconds:g}s) "
+            "will be marked missed, not sent late: move their startDate, or raise "
+            "MISFIRE_GRACE_SECONDS if late sending is acceptable."
+        )
     if any(w.get("state") == "invalid" for w in report.waiting):
         r.append("Fix the invalid approved campaigns listed above; they are not scheduled.")
     if any(run["lease"].startswith("expired") and not run["sends_done"] for run in report.running):
-        r.append("A running campaign's lease expired: if no reactor is running, start one; it "
-                 "takes over and resumes from the ledger.")
+        r.append(
+            "A running campaign's lease expired: if no reactor is running, start one; it "
+            "takes over and resumes from the ledger."
+        )
     if any(run["stuck"] for run in report.running):
-        r.append("A campaign is past its end but not completed: check that a reactor is running "
-                 "(`/readyz`) and its logs for errors.")
+        r.append(
+            "A campaign is past its end but not completed: check that a reactor is running "
+            "(`/readyz`) and its logs for errors."
+        )
     for name in ("email (SMTP)", "sms (Twilio)"):
         check = status.get(name)
         if check and check.status != OK:

@@ -118,7 +118,8 @@ class Executor:
         self._store = store
         self._recipients = recipients
         self._senders: dict[Channel, EmailSender | SmsSender | None] = {
-            Channel.EMAIL: email, Channel.SMS: sms,
+            Channel.EMAIL: email,
+            Channel.SMS: sms,
         }
         self._clock = clock
         self._metrics = metrics
@@ -136,8 +137,9 @@ class Executor:
 
     # ---- lifecycle -------------------------------------------------------------------------
 
-    async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-                    ) -> None:
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         """Own the task group every execution runs in, until cancelled."""
         async with anyio.create_task_group() as tg:
             self._tg = tg
@@ -158,8 +160,13 @@ class Executor:
         if key in self._runs:
             return False
         execution = dict(claimed.get("execution") or {})
-        run = Run(key=key, campaign_id=claimed["_id"], name=str(claimed.get("name", key)),
-                  epoch=int(execution.get("epoch", 0)), execution=execution)
+        run = Run(
+            key=key,
+            campaign_id=claimed["_id"],
+            name=str(claimed.get("name", key)),
+            epoch=int(execution.get("epoch", 0)),
+            execution=execution,
+        )
         self._runs[key] = run
         self._metrics.executions_active.set(len(self._runs))
         assert self._tg is not None, "Executor.serve() must be running"
@@ -195,15 +202,23 @@ class Executor:
         except Exception as exc:  # one campaign's failure must not take the service down
             if _contains(exc, LeaseLost):
                 run.stop(StopReason.LEASE_LOST)
-                log.warning("lease lost for campaign %s; another replica continues", run.name,
-                            extra={"campaign_id": run.key, "epoch": run.epoch})
+                log.warning(
+                    "lease lost for campaign %s; another replica continues",
+                    run.name,
+                    extra={"campaign_id": run.key, "epoch": run.epoch},
+                )
                 return
             self._metrics.campaign_errors.labels("execution_failed").inc()
-            log.exception("execution of campaign %s failed", run.name,
-                          extra={"campaign_id": run.key})
+            log.exception(
+                "execution of campaign %s failed", run.name, extra={"campaign_id": run.key}
+            )
             with anyio.move_on_after(5, shield=True):
-                await self._store.record_invalid(run.campaign_id, "execution_failed",
-                                                 f"{type(exc).__name__}: {exc}", self._clock.now())
+                await self._store.record_invalid(
+                    run.campaign_id,
+                    "execution_failed",
+                    f"{type(exc).__name__}: {exc}",
+                    self._clock.now(),
+                )
                 await self._release(run)
         finally:
             self._runs.pop(run.key, None)
@@ -216,17 +231,24 @@ class Executor:
             lease_until = self._clock.now() + dt.timedelta(seconds=self._lease_s)
             try:
                 alive = await self._store.heartbeat(
-                    run.campaign_id, epoch=run.epoch, owner=self._instance,
-                    lease_until=lease_until)
+                    run.campaign_id, epoch=run.epoch, owner=self._instance, lease_until=lease_until
+                )
             except Exception:
-                log.warning("lease heartbeat failed for %s; will retry", run.name, exc_info=True,
-                            extra={"campaign_id": run.key})
+                log.warning(
+                    "lease heartbeat failed for %s; will retry",
+                    run.name,
+                    exc_info=True,
+                    extra={"campaign_id": run.key},
+                )
                 continue
             if alive is None:
                 doc = await self._store.get(run.campaign_id)
                 status = doc.get("status") if doc else None
-                reason = StopReason.PAUSED if status in ("paused", "cancelled", "rejected") \
+                reason = (
+                    StopReason.PAUSED
+                    if status in ("paused", "cancelled", "rejected")
                     else StopReason.LEASE_LOST
+                )
                 run.stop(reason)
                 return
 
@@ -238,22 +260,38 @@ class Executor:
             campaign = parse_campaign(doc)
         except InvalidCampaign as exc:
             self._metrics.campaign_errors.labels(exc.reason).inc()
-            log.error("campaign %s cannot be sent: %s", run.name, exc,
-                      extra={"campaign_id": run.key, "reason": exc.reason})
-            await self._store.record_invalid(run.campaign_id, exc.reason, exc.detail,
-                                             self._clock.now())
-            await self._store.mark_sends_done(run.campaign_id, epoch=run.epoch,
-                                              now=self._clock.now())
+            log.error(
+                "campaign %s cannot be sent: %s",
+                run.name,
+                exc,
+                extra={"campaign_id": run.key, "reason": exc.reason},
+            )
+            await self._store.record_invalid(
+                run.campaign_id, exc.reason, exc.detail, self._clock.now()
+            )
+            await self._store.mark_sends_done(
+                run.campaign_id, epoch=run.epoch, now=self._clock.now()
+            )
             return
         started = self._clock.now()
-        await self._store.record_execution(run.key, epoch=run.epoch, owner=self._instance, fields={
-            "startedAt": started, "owner": self._instance, "state": "running",
-        })
+        await self._store.record_execution(
+            run.key,
+            epoch=run.epoch,
+            owner=self._instance,
+            fields={
+                "startedAt": started,
+                "owner": self._instance,
+                "state": "running",
+            },
+        )
         if run.epoch > 1:  # only a takeover can find rows an earlier owner left pending
             await self._settle_previous_pending(run)
         targets = list(dict.fromkeys(normalise_id(t) for t in campaign.targets))
-        log.info("📋 Fetching %d targeted customers by IDs", len(targets),
-                 extra={"campaign_id": run.key, "count": len(targets)})
+        log.info(
+            "📋 Fetching %d targeted customers by IDs",
+            len(targets),
+            extra={"campaign_id": run.key, "count": len(targets)},
+        )
         found = 0
         for batch in _chunks(targets, self._config.batch_size):
             if run.stop_reason not in (None, StopReason.WINDOW_CLOSED):
@@ -267,8 +305,11 @@ class Executor:
                 # The window closed during or before this batch: whoever was not reached is
                 # recorded as skipped, so every customer is accounted for.
                 await self._close_window(run, campaign, batch)
-        log.info("Found %d customers in orders collection", found,
-                 extra={"campaign_id": run.key, "count": found})
+        log.info(
+            "Found %d customers in orders collection",
+            found,
+            extra={"campaign_id": run.key, "count": found},
+        )
         await self._finish(run, campaign, started)
 
     async def _settle_previous_pending(self, run: Run) -> None:
@@ -276,14 +317,32 @@ class Executor:
         rows = await self._store.pending_from_other_epochs(run.key, run.epoch)
         if not rows:
             return
-        records = [DeliveryRecord(r["customer"], r["channel"], "uncertain", to=r.get("to"),
-                                  reason="previous_owner_lost") for r in rows]
+        records = [
+            DeliveryRecord(
+                r["customer"],
+                r["channel"],
+                "uncertain",
+                to=r.get("to"),
+                reason="previous_owner_lost",
+            )
+            for r in rows
+        ]
         await self._write(run, records)
-        log.warning("%d deliveries of %s left pending by a previous owner are uncertain",
-                    len(records), run.name, extra={"campaign_id": run.key, "count": len(records)})
+        log.warning(
+            "%d deliveries of %s left pending by a previous owner are uncertain",
+            len(records),
+            run.name,
+            extra={"campaign_id": run.key, "count": len(records)},
+        )
 
-    async def _send_batch(self, run: Run, campaign: Campaign, channel: Channel,
-                          batch: Sequence[str], recipients: dict[str, Recipient]) -> None:
+    async def _send_batch(
+        self,
+        run: Run,
+        campaign: Campaign,
+        channel: Channel,
+        batch: Sequence[str],
+        recipients: dict[str, Recipient],
+    ) -> None:
         states = await self._store.ledger_states(run.key, channel, batch)
         skipped: list[DeliveryRecord] = []
         items: list[_Item] = []
@@ -298,15 +357,19 @@ class Executor:
                 skipped.append(DeliveryRecord(customer, channel, "skipped", reason="not_found"))
                 continue
             if sender is None:
-                skipped.append(DeliveryRecord(customer, channel, "skipped",
-                                              reason="channel_not_configured"))
+                skipped.append(
+                    DeliveryRecord(customer, channel, "skipped", reason="channel_not_configured")
+                )
                 continue
             address, problem = self._address(channel, recipient)
             if address is None:
                 skipped.append(DeliveryRecord(customer, channel, "skipped", reason=problem))
                 continue
-            items.append(_Item(customer, channel, address,
-                               self._message(campaign, channel, recipient, address)))
+            items.append(
+                _Item(
+                    customer, channel, address, self._message(campaign, channel, recipient, address)
+                )
+            )
         if skipped:
             await self._write(run, skipped)
         if items:
@@ -331,10 +394,14 @@ class Executor:
             return None, "invalid_phone"
         return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), ""
 
-    def _message(self, campaign: Campaign, channel: Channel, recipient: Recipient,
-                 address: str) -> EmailMessage | SmsMessage:
-        values = {"name": recipient.name or "", "email": recipient.email or "",
-                  "phone": recipient.phone or ""}
+    def _message(
+        self, campaign: Campaign, channel: Channel, recipient: Recipient, address: str
+    ) -> EmailMessage | SmsMessage:
+        values = {
+            "name": recipient.name or "",
+            "email": recipient.email or "",
+            "phone": recipient.phone or "",
+        }
         if channel is Channel.SMS:
             assert campaign.sms is not None
             return SmsMessage(to=address, body=render(campaign.sms.body, values))
@@ -347,7 +414,8 @@ class Executor:
             subject=render(campaign.email.subject, header_values),
             text=render(campaign.email.text, values) if campaign.email.text else None,
             html=render(campaign.email.html, values, escape_html=True)
-            if campaign.email.html else None,
+            if campaign.email.html
+            else None,
             message_id=make_msgid(idstring=f"c{campaign.key}", domain=f"reactor.{domain}"),
         )
 
@@ -389,8 +457,9 @@ class Executor:
             pending: list[_Item] = []
 
             async def launch() -> None:
-                records = [DeliveryRecord(i.customer, i.channel, "pending", to=i.to)
-                           for i in pending]
+                records = [
+                    DeliveryRecord(i.customer, i.channel, "pending", to=i.to) for i in pending
+                ]
                 await self._write(run, records)
                 for it in pending:
                     tg.start_soon(send_one, it)
@@ -430,8 +499,9 @@ class Executor:
                 if exc.retry_after_s:
                     limiter.pause(exc.retry_after_s)
                 if not self._policy.should_retry(attempt):
-                    return _Outcome(item, "failed", error=f"transient, gave up: {exc}",
-                                    attempts=attempt)
+                    return _Outcome(
+                        item, "failed", error=f"transient, gave up: {exc}", attempts=attempt
+                    )
                 if run.stop_reason is not None:
                     # Not delivered, and we are stopping: leave it for whoever resumes.
                     return _Outcome(item, "abandoned", error=str(exc), attempts=attempt)
@@ -445,10 +515,15 @@ class Executor:
                 self._metrics.send_duration.labels(channel).observe(time.perf_counter() - started)
                 return _Outcome(item, "uncertain", error=str(exc), attempts=attempt)
             except Exception as exc:  # a bug in one send must not stop the campaign
-                log.exception("unexpected error sending %s to customer %s", channel, item.customer,
-                              extra={"campaign_id": run.key, "channel": channel})
-                return _Outcome(item, "uncertain", error=f"{type(exc).__name__}: {exc}",
-                                attempts=attempt)
+                log.exception(
+                    "unexpected error sending %s to customer %s",
+                    channel,
+                    item.customer,
+                    extra={"campaign_id": run.key, "channel": channel},
+                )
+                return _Outcome(
+                    item, "uncertain", error=f"{type(exc).__name__}: {exc}", attempts=attempt
+                )
             self._metrics.send_duration.labels(channel).observe(time.perf_counter() - started)
             return _Outcome(item, "sent", provider_id=provider_id, attempts=attempt)
 
@@ -459,22 +534,36 @@ class Executor:
             if o.state == "abandoned":
                 abandoned.append(o)
                 continue
-            records.append(DeliveryRecord(o.item.customer, o.item.channel, o.state, to=o.item.to,
-                                          provider_id=o.provider_id, error=o.error,
-                                          attempts=o.attempts))
+            records.append(
+                DeliveryRecord(
+                    o.item.customer,
+                    o.item.channel,
+                    o.state,
+                    to=o.item.to,
+                    provider_id=o.provider_id,
+                    error=o.error,
+                    attempts=o.attempts,
+                )
+            )
         if abandoned:
-            await self._store.deliveries.delete_many({
-                "_id": {"$in": [f"{run.key}:{o.item.channel}:{o.item.customer}" for o in abandoned]},
-                "epoch": run.epoch, "state": "pending",
-            })
+            await self._store.deliveries.delete_many(
+                {
+                    "_id": {
+                        "$in": [f"{run.key}:{o.item.channel}:{o.item.customer}" for o in abandoned]
+                    },
+                    "epoch": run.epoch,
+                    "state": "pending",
+                }
+            )
         await self._write(run, records)
 
     async def _write(self, run: Run, records: list[DeliveryRecord]) -> None:
         if not records:
             return
         now = self._clock.now()
-        fenced = await self._store.write_deliveries(run.key, epoch=run.epoch, records=records,
-                                                    now=now)
+        fenced = await self._store.write_deliveries(
+            run.key, epoch=run.epoch, records=records, now=now
+        )
         for rec in records:
             if f"{run.key}:{rec.channel}:{rec.customer}" in fenced or rec.state == "pending":
                 continue
@@ -493,16 +582,20 @@ class Executor:
             return
         counts, run.unflushed = run.unflushed, {}
         run.flushed_at = now_m
-        owned = await self._store.add_performance(run.campaign_id, epoch=run.epoch, counts=counts,
-                                                  now=self._clock.now())
+        owned = await self._store.add_performance(
+            run.campaign_id, epoch=run.epoch, counts=counts, now=self._clock.now()
+        )
         if not owned:
             raise LeaseLost(f"campaign {run.key} epoch {run.epoch} was superseded")
 
     async def _close_window(self, run: Run, campaign: Campaign, batch: Sequence[str]) -> None:
         for channel in sorted(campaign.channels):
             states = await self._store.ledger_states(run.key, channel, batch)
-            records = [DeliveryRecord(c, channel, "skipped", reason="window_closed")
-                       for c in batch if c not in states]
+            records = [
+                DeliveryRecord(c, channel, "skipped", reason="window_closed")
+                for c in batch
+                if c not in states
+            ]
             await self._write(run, records)
 
     async def _finish(self, run: Run, campaign: Campaign, started: dt.datetime) -> None:
@@ -520,28 +613,44 @@ class Executor:
         }
         targets = len({normalise_id(t) for t in campaign.targets})
         extra = {"campaign_id": run.key, **performance}
-        stopped_early = run.stop_reason in (StopReason.PAUSED, StopReason.SHUTDOWN,
-                                            StopReason.LEASE_LOST)
+        stopped_early = run.stop_reason in (
+            StopReason.PAUSED,
+            StopReason.SHUTDOWN,
+            StopReason.LEASE_LOST,
+        )
         if Channel.EMAIL in campaign.channels:
             log.info("✉️ Emails sent: %d/%d", performance["emailsSent"], targets, extra=extra)
         if Channel.SMS in campaign.channels:
             log.info("📱 SMS sent: %d/%d", performance["smsSent"], targets, extra=extra)
-        await self._store.record_execution(run.key, epoch=run.epoch, owner=self._instance, fields={
-            "finishedAt": now, "state": run.stop_reason or "sent", "counts": performance,
-        })
+        await self._store.record_execution(
+            run.key,
+            epoch=run.epoch,
+            owner=self._instance,
+            fields={
+                "finishedAt": now,
+                "state": run.stop_reason or "sent",
+                "counts": performance,
+            },
+        )
         if stopped_early:
-            log.info("⏸ Campaign %s stopped sending (%s); the ledger keeps its place", run.name,
-                     run.stop_reason, extra=extra)
+            log.info(
+                "⏸ Campaign %s stopped sending (%s); the ledger keeps its place",
+                run.name,
+                run.stop_reason,
+                extra=extra,
+            )
             await self._release(run)
             return
-        await self._store.mark_sends_done(run.campaign_id, epoch=run.epoch, now=now,
-                                          performance=performance)
+        await self._store.mark_sends_done(
+            run.campaign_id, epoch=run.epoch, now=now, performance=performance
+        )
         log.info("✅ Campaign executed successfully: %s", run.name, extra=extra)
 
     async def _release(self, run: Run) -> None:
         with anyio.CancelScope(shield=True):
-            await self._store.release(run.campaign_id, epoch=run.epoch, execution=run.execution,
-                                      now=self._clock.now())
+            await self._store.release(
+                run.campaign_id, epoch=run.epoch, execution=run.execution, now=self._clock.now()
+            )
 
 
 def _contains(exc: BaseException, kind: type[BaseException]) -> bool:

@@ -11,8 +11,23 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from . import __version__
 
 _LATENESS_BUCKETS = (
-    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    60.0, 300.0,
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
 )
 _SEND_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -22,24 +37,36 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.sends = Counter(
-            "reactor_sends", "Deliveries by channel and outcome.", ["channel", "outcome"], registry=r
+            "reactor_sends",
+            "Deliveries by channel and outcome.",
+            ["channel", "outcome"],
+            registry=r,
         )
         self.send_retries = Counter(
-            "reactor_send_retries", "Send attempts retried after a transient error.", ["channel"],
+            "reactor_send_retries",
+            "Send attempts retried after a transient error.",
+            ["channel"],
             registry=r,
         )
         self.send_duration = Histogram(
-            "reactor_send_duration_seconds", "Time one provider call took.", ["channel"],
-            buckets=_SEND_BUCKETS, registry=r,
+            "reactor_send_duration_seconds",
+            "Time one provider call took.",
+            ["channel"],
+            buckets=_SEND_BUCKETS,
+            registry=r,
         )
         self.transitions = Counter(
-            "reactor_campaign_transitions", "Campaign status changes made by the reactor.", ["to"],
+            "reactor_campaign_transitions",
+            "Campaign status changes made by the reactor.",
+            ["to"],
             registry=r,
         )
         self.timer_lateness = Histogram(
             "reactor_timer_lateness_seconds",
             "How late a timer fired after its due instant (start lateness includes the claim).",
-            ["kind"], buckets=_LATENESS_BUCKETS, registry=r,
+            ["kind"],
+            buckets=_LATENESS_BUCKETS,
+            registry=r,
         )
         self.timers_armed = Gauge(
             "reactor_timers_armed", "Timers held in memory.", ["kind"], registry=r
@@ -51,7 +78,9 @@ class Metrics:
             "reactor_change_stream_events", "Change events received.", ["operation"], registry=r
         )
         self.change_stream_restarts = Counter(
-            "reactor_change_stream_restarts", "Times the change stream was reopened.", ["reason"],
+            "reactor_change_stream_restarts",
+            "Times the change stream was reopened.",
+            ["reason"],
             registry=r,
         )
         self.reconcile_runs = Counter(
@@ -59,19 +88,24 @@ class Metrics:
         )
         self.reconcile_repairs = Counter(
             "reactor_reconcile_repairs",
-            "Corrections a sweep made that the change stream should have made.", ["kind"],
+            "Corrections a sweep made that the change stream should have made.",
+            ["kind"],
             registry=r,
         )
         self.lease_takeovers = Counter(
-            "reactor_lease_takeovers", "Running campaigns taken over from an expired lease.",
+            "reactor_lease_takeovers",
+            "Running campaigns taken over from an expired lease.",
             registry=r,
         )
         self.campaign_errors = Counter(
-            "reactor_campaign_errors", "Campaigns rejected or failed, by reason.", ["reason"],
+            "reactor_campaign_errors",
+            "Campaigns rejected or failed, by reason.",
+            ["reason"],
             registry=r,
         )
         self.executions_active = Gauge(
-            "reactor_executions_active", "Campaign executions sending from this instance.",
+            "reactor_executions_active",
+            "Campaign executions sending from this instance.",
             registry=r,
         )
         self.campaigns_overdue = Gauge(
@@ -80,7 +114,8 @@ class Metrics:
             registry=r,
         )
         self.schedulers_enabled = Gauge(
-            "reactor_schedulers_enabled", "1 when this instance arms and fires timers.",
+            "reactor_schedulers_enabled",
+            "1 when this instance arms and fires timers.",
             registry=r,
         )
         self.build_info = Info("reactor_build", "Reactor build information.", registry=r)

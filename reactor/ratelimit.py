@@ -15,8 +15,13 @@ class TokenBucket:
     Tokens are reserved in arrival order (each caller computes its own slot), so concurrent
     waiters do not stampede and the long-run rate is exact."""
 
-    def __init__(self, clock: Clock, rate_per_s: float, burst: float | None = None,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        clock: Clock,
+        rate_per_s: float,
+        burst: float | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         if rate_per_s <= 0:
             raise ValueError("rate must be positive")
         self._clock = clock

@@ -21,8 +21,15 @@ log = logging.getLogger(__name__)
 
 
 class Reconciler:
-    def __init__(self, *, store: MongoCampaignStore, scheduler: Scheduler, clock: Clock,
-                 metrics: Metrics, interval_s: float) -> None:
+    def __init__(
+        self,
+        *,
+        store: MongoCampaignStore,
+        scheduler: Scheduler,
+        clock: Clock,
+        metrics: Metrics,
+        interval_s: float,
+    ) -> None:
         self._store = store
         self._scheduler = scheduler
         self._clock = clock
@@ -50,8 +57,7 @@ class Reconciler:
             try:
                 changes = await self._scheduler.sync(doc, seen_at=seen_at)
             except Exception:  # one bad row must not end the sweep
-                log.exception("sweep could not sync campaign %s", key,
-                              extra={"campaign_id": key})
+                log.exception("sweep could not sync campaign %s", key, extra={"campaign_id": key})
                 continue
             repairs.update(changes)
         for key in self._scheduler.known_keys() - listed:
@@ -62,9 +68,11 @@ class Reconciler:
         if not initial and repairs:
             for kind, n in repairs.items():
                 self._metrics.reconcile_repairs.labels(kind).inc(n)
-            log.warning("🔧 Sweep repaired what the change stream missed: %s",
-                        ", ".join(f"{k}={v}" for k, v in sorted(repairs.items())),
-                        extra={"repairs": dict(repairs)})
+            log.warning(
+                "🔧 Sweep repaired what the change stream missed: %s",
+                ", ".join(f"{k}={v}" for k, v in sorted(repairs.items())),
+                extra={"repairs": dict(repairs)},
+            )
         self.first_sweep.set()
         return repairs
 
@@ -73,8 +81,11 @@ class Reconciler:
         overdue = 0
         for doc in docs:
             end = doc.get("endDate")
-            if doc.get("status") in ("running", "paused") and isinstance(end, dt.datetime) \
-                    and (end if end.tzinfo else end.replace(tzinfo=dt.UTC)) < limit:
+            if (
+                doc.get("status") in ("running", "paused")
+                and isinstance(end, dt.datetime)
+                and (end if end.tzinfo else end.replace(tzinfo=dt.UTC)) < limit
+            ):
                 overdue += 1
         self._metrics.campaigns_overdue.set(overdue)
 

@@ -52,8 +52,9 @@ class Scheduler:
         self._clock = clock
         self._metrics = metrics
         self._config = config
-        self.timers: TimerHeap[TimerKey] = TimerHeap(clock, max_sleep_s=config.max_sleep_s,
-                                                     classify=lambda key: key.kind)
+        self.timers: TimerHeap[TimerKey] = TimerHeap(
+            clock, max_sleep_s=config.max_sleep_s, classify=lambda key: key.kind
+        )
         self._ids: dict[str, Any] = {}  # campaign key -> _id as stored
         self._names: dict[str, str] = {}
         # Cluster time of the newest change event applied per campaign: an older sweep row
@@ -72,8 +73,9 @@ class Scheduler:
 
     # ---- running ---------------------------------------------------------------------------
 
-    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-                  ) -> None:
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             await tg.start(self.timers.run, self._fire)
@@ -87,8 +89,13 @@ class Scheduler:
 
     # ---- sync ------------------------------------------------------------------------------
 
-    async def sync(self, doc: dict[str, Any], *, event_ts: Timestamp | None = None,
-                   seen_at: Timestamp | None = None) -> set[str]:
+    async def sync(
+        self,
+        doc: dict[str, Any],
+        *,
+        event_ts: Timestamp | None = None,
+        seen_at: Timestamp | None = None,
+    ) -> set[str]:
         """Make the armed timers match what `doc` wants. Returns what changed ("armed",
         "disarmed", "takeover") so the sweep can count its repairs."""
         key = str(doc.get("_id"))
@@ -124,11 +131,13 @@ class Scheduler:
             if self.timers.arm(timer.key, timer.due_at):
                 changes.add("armed")
         if campaign.status in (Status.PAUSED,) or (
-            campaign.status is Status.RUNNING and campaign.execution.owner != self._config.instance_id
+            campaign.status is Status.RUNNING
+            and campaign.execution.owner != self._config.instance_id
         ):
             if self._executor.active(key):
-                reason = StopReason.PAUSED if campaign.status is Status.PAUSED \
-                    else StopReason.LEASE_LOST
+                reason = (
+                    StopReason.PAUSED if campaign.status is Status.PAUSED else StopReason.LEASE_LOST
+                )
                 self._spawn(self._executor.stop, key, reason)
         if wants_takeover(campaign, now) and not self._executor.active(key):
             changes.add("takeover")
@@ -141,8 +150,11 @@ class Scheduler:
         if TimerKey(campaign.key, TimerKind.START) in self._inflight:
             return True
         handled = self._handled.get(campaign.key)
-        return (campaign.status is Status.APPROVED and handled is not None
-                and handled[0] == campaign.start_at.timestamp())
+        return (
+            campaign.status is Status.APPROVED
+            and handled is not None
+            and handled[0] == campaign.start_at.timestamp()
+        )
 
     def forget(self, key: str) -> set[str]:
         """The document is gone (deleted): drop its timers and stop any sending."""
@@ -169,9 +181,13 @@ class Scheduler:
         written = await self._store.record_invalid(doc["_id"], exc.reason, exc.detail, now)
         if written:
             self._metrics.campaign_errors.labels(exc.reason).inc()
-            log.error("campaign %s (ID: %s) is invalid and will not be scheduled: %s",
-                      doc.get("name"), doc["_id"], exc.detail,
-                      extra={"campaign_id": str(doc["_id"]), "reason": exc.reason})
+            log.error(
+                "campaign %s (ID: %s) is invalid and will not be scheduled: %s",
+                doc.get("name"),
+                doc["_id"],
+                exc.detail,
+                extra={"campaign_id": str(doc["_id"]), "reason": exc.reason},
+            )
 
     def known_keys(self) -> set[str]:
         return {k.campaign for k in self.timers.keys()} | set(self._executor.runs)
@@ -203,7 +219,9 @@ class Scheduler:
             await fn(*args)
         except Exception:  # one campaign's failure must not stop the scheduler
             self._metrics.campaign_errors.labels("scheduler_error").inc()
-            log.exception("scheduling action %s failed for %s", getattr(fn, "__name__", fn), args[:1])
+            log.exception(
+                "scheduling action %s failed for %s", getattr(fn, "__name__", fn), args[:1]
+            )
 
     def _fire(self, key: TimerKey, due_at: dt.datetime, lateness: float) -> None:
         for hook in self.on_fired:
@@ -215,8 +233,9 @@ class Scheduler:
         handler = self._fire_start if key.kind is TimerKind.START else self._fire_end
         self._spawn(self._run_fire, handler, key, due_at, lateness)
 
-    async def _run_fire(self, handler: Any, key: TimerKey, due_at: dt.datetime,
-                        lateness: float) -> None:
+    async def _run_fire(
+        self, handler: Any, key: TimerKey, due_at: dt.datetime, lateness: float
+    ) -> None:
         try:
             await handler(key, due_at, lateness)
             if key.kind is TimerKind.START:
@@ -229,8 +248,9 @@ class Scheduler:
         if campaign_id is None:
             return
         now = self._clock.now()
-        decision = start_decision(due_at, dt.datetime.max.replace(tzinfo=dt.UTC), now,
-                                  self._config.misfire_grace_s)
+        decision = start_decision(
+            due_at, dt.datetime.max.replace(tzinfo=dt.UTC), now, self._config.misfire_grace_s
+        )
         if decision is StartDecision.NOT_DUE:
             # The wall clock stepped back since the timer fired: wait for the instant again.
             self.timers.arm(key, due_at)
@@ -239,9 +259,13 @@ class Scheduler:
         claimed = None
         if decision is StartDecision.RUN:
             claimed = await self._store.claim_start(
-                campaign_id, owner=self._config.instance_id, now=now,
-                lease_s=self._config.lease_s, grace_s=self._config.misfire_grace_s,
-                lateness_ms=round((now - due_at).total_seconds() * 1000, 3))
+                campaign_id,
+                owner=self._config.instance_id,
+                now=now,
+                lease_s=self._config.lease_s,
+                grace_s=self._config.misfire_grace_s,
+                lateness_ms=round((now - due_at).total_seconds() * 1000, 3),
+            )
         if claimed is not None:
             committed = lateness + (time.perf_counter() - t0)
             self._metrics.timer_lateness.labels("start").observe(committed)
@@ -252,32 +276,47 @@ class Scheduler:
             # On the document (set by the claim): lateness against startDate, what the business
             # sees, a late approval included. In the metric: lateness the reactor caused.
             since_start = (now - due_at).total_seconds() + (time.perf_counter() - t0)
-            log.info("▶️ Started campaign: %s (ID: %s)", name, key.campaign,
-                     extra={"campaign_id": key.campaign,
-                            "lateness_ms": round(since_start * 1000, 3),
-                            "epoch": claimed.get("execution", {}).get("epoch")})
+            log.info(
+                "▶️ Started campaign: %s (ID: %s)",
+                name,
+                key.campaign,
+                extra={
+                    "campaign_id": key.campaign,
+                    "lateness_ms": round(since_start * 1000, 3),
+                    "epoch": claimed.get("execution", {}).get("epoch"),
+                },
+            )
             self._executor.start(claimed)
             end_at = claimed.get("endDate")
             if isinstance(end_at, dt.datetime):
-                self.timers.arm(TimerKey(key.campaign, TimerKind.END),
-                                end_at if end_at.tzinfo else end_at.replace(tzinfo=dt.UTC))
+                self.timers.arm(
+                    TimerKey(key.campaign, TimerKind.END),
+                    end_at if end_at.tzinfo else end_at.replace(tzinfo=dt.UTC),
+                )
                 self._update_gauges()
             return
         # Not ours to run: either another replica won, or it is too late to send.
         reason = self._missed_reason(now)
-        if await self._store.mark_missed(campaign_id, now=now, grace_s=self._config.misfire_grace_s,
-                                         reason=reason):
+        if await self._store.mark_missed(
+            campaign_id, now=now, grace_s=self._config.misfire_grace_s, reason=reason
+        ):
             self._metrics.transitions.labels("missed").inc()
-            log.warning("⏭ Missed campaign: %s (ID: %s): %s; it will not be sent late",
-                        self._names.get(key.campaign, key.campaign), key.campaign, reason,
-                        extra={"campaign_id": key.campaign, "reason": reason})
+            log.warning(
+                "⏭ Missed campaign: %s (ID: %s): %s; it will not be sent late",
+                self._names.get(key.campaign, key.campaign),
+                key.campaign,
+                reason,
+                extra={"campaign_id": key.campaign, "reason": reason},
+            )
         else:
             log.debug("start of %s claimed elsewhere or no longer approved", key.campaign)
 
     def _missed_reason(self, now: dt.datetime) -> str:
-        return (f"start passed by more than the misfire grace of "
-                f"{self._config.misfire_grace_s:g}s, or its window closed, before it could start "
-                f"(checked at {now.isoformat()})")
+        return (
+            f"start passed by more than the misfire grace of "
+            f"{self._config.misfire_grace_s:g}s, or its window closed, before it could start "
+            f"(checked at {now.isoformat()})"
+        )
 
     async def _fire_end(self, key: TimerKey, due_at: dt.datetime, lateness: float) -> None:
         campaign_id = self._ids.get(key.campaign)
@@ -286,16 +325,20 @@ class Scheduler:
         run = self._executor.runs.get(key.campaign)
         if run is not None:
             await self._executor.stop(key.campaign, StopReason.WINDOW_CLOSED)
-            completed = await self._store.complete(campaign_id, now=self._clock.now(),
-                                                   epoch=run.epoch)
+            completed = await self._store.complete(
+                campaign_id, now=self._clock.now(), epoch=run.epoch
+            )
         else:
             completed = await self._complete_orphan(campaign_id)
         if completed:
             self._metrics.timer_lateness.labels("end").observe(max(0.0, lateness))
             self._metrics.transitions.labels("completed").inc()
-            log.info("✓ Completed campaign: %s (ID: %s)",
-                     self._names.get(key.campaign, key.campaign), key.campaign,
-                     extra={"campaign_id": key.campaign})
+            log.info(
+                "✓ Completed campaign: %s (ID: %s)",
+                self._names.get(key.campaign, key.campaign),
+                key.campaign,
+                extra={"campaign_id": key.campaign},
+            )
             self._names.pop(key.campaign, None)
 
     async def _complete_orphan(self, campaign_id: Any) -> bool:
@@ -310,33 +353,49 @@ class Scheduler:
         except InvalidCampaign:
             return await self._store.complete(campaign_id, now=now)
         exe = campaign.execution
-        if campaign.status is Status.RUNNING and not exe.sends_done and exe.owner is not None \
-                and not exe.lease_expired(now):
+        if (
+            campaign.status is Status.RUNNING
+            and not exe.sends_done
+            and exe.owner is not None
+            and not exe.lease_expired(now)
+        ):
             return False  # the owner is alive and will complete it
         if campaign.status is Status.RUNNING and not exe.sends_done and exe.epoch > 0:
             claimed = await self._store.claim_takeover(
-                campaign_id, old_epoch=exe.epoch, owner=self._config.instance_id, now=now,
-                lease_s=self._config.lease_s)
+                campaign_id,
+                old_epoch=exe.epoch,
+                owner=self._config.instance_id,
+                now=now,
+                lease_s=self._config.lease_s,
+            )
             if claimed is None:
                 return False
             self._metrics.lease_takeovers.inc()
             if self._executor.start(claimed):
                 await self._executor.stop(str(campaign_id), StopReason.WINDOW_CLOSED)
-            return await self._store.complete(campaign_id, now=self._clock.now(),
-                                              epoch=claimed["execution"]["epoch"])
+            return await self._store.complete(
+                campaign_id, now=self._clock.now(), epoch=claimed["execution"]["epoch"]
+            )
         return await self._store.complete(campaign_id, now=now)
 
     async def _take_over(self, campaign: Campaign) -> None:
         now = self._clock.now()
         claimed = await self._store.claim_takeover(
-            campaign.id, old_epoch=campaign.execution.epoch, owner=self._config.instance_id,
-            now=now, lease_s=self._config.lease_s)
+            campaign.id,
+            old_epoch=campaign.execution.epoch,
+            owner=self._config.instance_id,
+            now=now,
+            lease_s=self._config.lease_s,
+        )
         if claimed is None:
             log.debug("takeover of %s lost to another replica", campaign.key)
             return
         self._metrics.lease_takeovers.inc()
-        log.warning("♻️ Took over campaign: %s (ID: %s) from %s; resuming from the ledger",
-                    campaign.name, campaign.key, campaign.execution.owner or "a released lease",
-                    extra={"campaign_id": campaign.key,
-                           "epoch": claimed.get("execution", {}).get("epoch")})
+        log.warning(
+            "♻️ Took over campaign: %s (ID: %s) from %s; resuming from the ledger",
+            campaign.name,
+            campaign.key,
+            campaign.execution.owner or "a released lease",
+            extra={"campaign_id": campaign.key, "epoch": claimed.get("execution", {}).get("epoch")},
+        )
         self._executor.start(claimed)

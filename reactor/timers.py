@@ -28,8 +28,9 @@ K = TypeVar("K")
 
 
 class TimerHeap(Generic[K]):
-    def __init__(self, clock: Clock, *, max_sleep_s: float = 2.0,
-                 classify: Callable[[K], str] | None = None) -> None:
+    def __init__(
+        self, clock: Clock, *, max_sleep_s: float = 2.0, classify: Callable[[K], str] | None = None
+    ) -> None:
         self._clock = clock
         # Live timers per class (e.g. start/end), kept up to date in O(1) for gauges.
         self._classify = classify or (lambda key: "")
@@ -103,7 +104,9 @@ class TimerHeap(Generic[K]):
                 del self._live[key]
                 self.counts[self._classify(key)] -= 1
                 reference = max(d, self._armed_late.pop(key, d))
-                due.append((key, dt.datetime.fromtimestamp(d, dt.UTC), max(0.0, now_ts - reference)))
+                due.append(
+                    (key, dt.datetime.fromtimestamp(d, dt.UTC), max(0.0, now_ts - reference))
+                )
         return due
 
     def next_due_ts(self) -> float | None:

@@ -41,26 +41,49 @@ def pipeline(campaigns: str, barrier_id: str) -> list[dict[str, Any]]:
     This instance's barrier document passes too: see `Watcher.barrier`.
     """
     return [
-        {"$match": {"$or": [
-            {"ns.coll": campaigns, "$or": [
-                {"operationType": {"$in": ["insert", "replace", "delete", "drop", "rename"]}},
-                {"updateDescription.updatedFields.status": {"$exists": True}},
-                {"updateDescription.updatedFields.startDate": {"$exists": True}},
-                {"updateDescription.updatedFields.endDate": {"$exists": True}},
-                {"updateDescription.updatedFields.execution": {"$exists": True}},
-                {"updateDescription.removedFields": {"$in": ["status", "startDate", "endDate"]}},
-            ]},
-            {"operationType": {"$in": ["dropDatabase", "invalidate"]}},
-            {"ns.coll": STATE_COLLECTION, "documentKey._id": barrier_id},
-        ]}},
+        {
+            "$match": {
+                "$or": [
+                    {
+                        "ns.coll": campaigns,
+                        "$or": [
+                            {
+                                "operationType": {
+                                    "$in": ["insert", "replace", "delete", "drop", "rename"]
+                                }
+                            },
+                            {"updateDescription.updatedFields.status": {"$exists": True}},
+                            {"updateDescription.updatedFields.startDate": {"$exists": True}},
+                            {"updateDescription.updatedFields.endDate": {"$exists": True}},
+                            {"updateDescription.updatedFields.execution": {"$exists": True}},
+                            {
+                                "updateDescription.removedFields": {
+                                    "$in": ["status", "startDate", "endDate"]
+                                }
+                            },
+                        ],
+                    },
+                    {"operationType": {"$in": ["dropDatabase", "invalidate"]}},
+                    {"ns.coll": STATE_COLLECTION, "documentKey._id": barrier_id},
+                ]
+            }
+        },
         {"$project": {"fullDocument.targetedCustomerIds": 0}},
     ]
 
 
 class Watcher:
-    def __init__(self, *, store: MongoCampaignStore, scheduler: Scheduler,
-                 reconciler: Reconciler, clock: Clock, metrics: Metrics, instance_id: str,
-                 max_await_ms: int = 1000) -> None:
+    def __init__(
+        self,
+        *,
+        store: MongoCampaignStore,
+        scheduler: Scheduler,
+        reconciler: Reconciler,
+        clock: Clock,
+        metrics: Metrics,
+        instance_id: str,
+        max_await_ms: int = 1000,
+    ) -> None:
         self._store = store
         self._scheduler = scheduler
         self._reconciler = reconciler
@@ -93,9 +116,11 @@ class Watcher:
                 self._set_up(False)
                 if exc.code in HISTORY_LOST_CODES:
                     self._metrics.change_stream_restarts.labels("history_lost").inc()
-                    log.warning("change stream cannot resume (%s, code %s); sweeping and "
-                                "watching from now", exc.details.get("codeName") if exc.details
-                                else "", exc.code)
+                    log.warning(
+                        "change stream cannot resume (%s, code %s); sweeping and watching from now",
+                        exc.details.get("codeName") if exc.details else "",
+                        exc.code,
+                    )
                     self.token = None
                     need_sweep = True
                     initial = True
@@ -106,8 +131,11 @@ class Watcher:
             except PyMongoError as exc:
                 self._set_up(False)
                 self._metrics.change_stream_restarts.labels("connection").inc()
-                log.warning("change stream connection failed: %s; reopening in %.1fs",
-                            type(exc).__name__, self._backoff)
+                log.warning(
+                    "change stream connection failed: %s; reopening in %.1fs",
+                    type(exc).__name__,
+                    self._backoff,
+                )
                 need_sweep = True
             except _Reopen as exc:
                 self._set_up(False)
@@ -128,14 +156,17 @@ class Watcher:
         self._metrics.change_stream_up.set(1 if value else 0)
 
     async def _watch(self, start_at: Any) -> None:
-        kwargs: dict[str, Any] = {"full_document": "updateLookup",
-                                  "max_await_time_ms": self._max_await_ms}
+        kwargs: dict[str, Any] = {
+            "full_document": "updateLookup",
+            "max_await_time_ms": self._max_await_ms,
+        }
         if self.token:
             kwargs["resume_after"] = self.token
         else:
             kwargs["start_at_operation_time"] = start_at
         stream = await self._store.db.watch(
-            pipeline(self._store.campaigns.name, self._barrier_id), **kwargs)
+            pipeline(self._store.campaigns.name, self._barrier_id), **kwargs
+        )
         async with stream:
             self._set_up(True)
             self.opened.set()
@@ -150,8 +181,11 @@ class Watcher:
                 token = stream.resume_token
                 if token is not None:
                     self.token = token
-                if token is not None and unsaved and (
-                        unsaved >= 100 or time.monotonic() - last_save >= 5):
+                if (
+                    token is not None
+                    and unsaved
+                    and (unsaved >= 100 or time.monotonic() - last_save >= 5)
+                ):
                     await self.save_token()
                     last_save, unsaved = time.monotonic(), 0
         raise _Reopen("invalidated")
@@ -165,7 +199,8 @@ class Watcher:
         arrived = self._barriers[nonce] = anyio.Event()
         try:
             await self._store.db[STATE_COLLECTION].update_one(
-                {"_id": self._barrier_id}, {"$set": {"nonce": nonce}}, upsert=True)
+                {"_id": self._barrier_id}, {"$set": {"nonce": nonce}}, upsert=True
+            )
             with anyio.move_on_after(timeout_s):
                 await arrived.wait()
         finally:
@@ -200,8 +235,9 @@ class Watcher:
             await self._scheduler.sync(dict(doc), event_ts=event.get("clusterTime"))
         except Exception:  # one bad event must not stop the stream
             self._metrics.campaign_errors.labels("event_error").inc()
-            log.exception("could not apply change event for campaign %s", key,
-                          extra={"campaign_id": key})
+            log.exception(
+                "could not apply change event for campaign %s", key, extra={"campaign_id": key}
+            )
 
     async def save_token(self) -> None:
         if self.token:

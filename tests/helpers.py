@@ -24,8 +24,12 @@ def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def settings(mongo: MongoTarget, sink: SmtpSink | None = None, twilio: TwilioFake | None = None,
-             **overrides: Any) -> Settings:
+def settings(
+    mongo: MongoTarget,
+    sink: SmtpSink | None = None,
+    twilio: TwilioFake | None = None,
+    **overrides: Any,
+) -> Settings:
     values: dict[str, Any] = {
         "mongo_uri": mongo.uri,
         "campaigns_db": mongo.campaigns_db,
@@ -67,16 +71,18 @@ async def running(*configs: Settings, **kwargs: Any) -> AsyncIterator[list[React
                 reactor.request_shutdown()
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 10.0,
-                     interval_s: float = 0.05) -> None:
+async def eventually(
+    check: Callable[[], Awaitable[bool]], timeout_s: float = 10.0, interval_s: float = 0.05
+) -> None:
     """Poll until `check()` is true or fail after `timeout_s` (observing, not timing)."""
     with anyio.fail_after(timeout_s):
         while not await check():
             await anyio.sleep(interval_s)
 
 
-async def seed_customers(client: Client, mongo: MongoTarget, n: int, *,
-                         numeric_ids: bool = True, bad_every: int = 0) -> list[str]:
+async def seed_customers(
+    client: Client, mongo: MongoTarget, n: int, *, numeric_ids: bool = True, bad_every: int = 0
+) -> list[str]:
     rows = []
     for i in range(n):
         cid: Any = i if numeric_ids else str(i)
@@ -91,11 +97,13 @@ async def seed_customers(client: Client, mongo: MongoTarget, n: int, *,
     return [str(i) for i in range(n)]
 
 
-def campaign(name: str, start_in_s: float, end_in_s: float, targets: list[Any],
-             **overrides: Any) -> dict[str, Any]:
+def campaign(
+    name: str, start_in_s: float, end_in_s: float, targets: list[Any], **overrides: Any
+) -> dict[str, Any]:
     t = now()
     doc: dict[str, Any] = {
-        "name": name, "status": "approved",
+        "name": name,
+        "status": "approved",
         "startDate": t + dt.timedelta(seconds=start_in_s),
         "endDate": t + dt.timedelta(seconds=end_in_s),
         "email": {"subject": "Hi {{name}}", "text": "Hello {{name}}", "html": "<b>{{name}}</b>"},
@@ -111,8 +119,9 @@ async def status_of(client: Client, mongo: MongoTarget, campaign_id: Any) -> str
     return None if doc is None else doc.get("status")
 
 
-def has_status(client: Client, mongo: MongoTarget, campaign_id: Any,
-               *statuses: str) -> Callable[[], Awaitable[bool]]:
+def has_status(
+    client: Client, mongo: MongoTarget, campaign_id: Any, *statuses: str
+) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
         return await status_of(client, mongo, campaign_id) in statuses
 
@@ -120,5 +129,6 @@ def has_status(client: Client, mongo: MongoTarget, campaign_id: Any,
 
 
 async def ledger(client: Client, mongo: MongoTarget, campaign_id: Any) -> list[dict[str, Any]]:
-    return await client[mongo.campaigns_db].deliveries.find(
-        {"campaign": str(campaign_id)}).to_list()
+    return (
+        await client[mongo.campaigns_db].deliveries.find({"campaign": str(campaign_id)}).to_list()
+    )

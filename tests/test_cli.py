@@ -22,22 +22,41 @@ from .helpers import campaign, eventually, has_status, seed_customers
 Client = AsyncMongoClient[dict[str, Any]]
 
 
-async def reactor_cli(*args: str, env: dict[str, str] | None = None,
-                      limit_s: float = 90) -> tuple[int, str, str]:
-    full_env = {k: v for k, v in os.environ.items()
-                if not k.startswith(("MONGO", "SMTP", "TWILIO", "SEGMENTATION", "CAMPAIGNS"))}
+async def reactor_cli(
+    *args: str, env: dict[str, str] | None = None, limit_s: float = 90
+) -> tuple[int, str, str]:
+    full_env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MONGO", "SMTP", "TWILIO", "SEGMENTATION", "CAMPAIGNS"))
+    }
     full_env.update(env or {})
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "reactor", *args, env=full_env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "reactor",
+        *args,
+        env=full_env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), limit_s)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
 
 
 async def test_demo_small_runs_to_a_passing_summary() -> None:
-    code, out, err = await reactor_cli("demo", "--customers", "60", "--campaigns", "2",
-                                       "--metrics-port", "0", "--failure-rate", "0.1")
+    code, out, err = await reactor_cli(
+        "demo",
+        "--customers",
+        "60",
+        "--campaigns",
+        "2",
+        "--metrics-port",
+        "0",
+        "--failure-rate",
+        "0.1",
+    )
     assert code == 0, out + err
     assert "Approved too late" in out
     assert "missed" in out
@@ -56,17 +75,27 @@ async def test_demo_small_runs_to_a_passing_summary() -> None:
         (["mongo-emulator", "--port", "70000"], {}, "port must be"),
         (["run"], {}, "MONGO_URI: required but not set"),
         (["run"], {"MONGO_URI": "http://nope"}, "MONGO_URI: not a valid MongoDB URI"),
-        (["run"], {"MONGO_URI": "mongodb://h/?replicaSet=rs0", "LEASE_SECONDS": "-1"},
-         "LEASE_SECONDS"),
-        (["run"], {"MONGO_URI": "mongodb://h/?replicaSet=rs0", "METRICS_PORT": "abc"},
-         "METRICS_PORT"),
-        (["doctor"], {"MONGO_URI": "mongodb://u:hunter2@h:1/?replicaSet=rs0",
-                      "SMTP_TLS": "sometimes"}, "SMTP_TLS"),
+        (
+            ["run"],
+            {"MONGO_URI": "mongodb://h/?replicaSet=rs0", "LEASE_SECONDS": "-1"},
+            "LEASE_SECONDS",
+        ),
+        (
+            ["run"],
+            {"MONGO_URI": "mongodb://h/?replicaSet=rs0", "METRICS_PORT": "abc"},
+            "METRICS_PORT",
+        ),
+        (
+            ["doctor"],
+            {"MONGO_URI": "mongodb://u:hunter2@h:1/?replicaSet=rs0", "SMTP_TLS": "sometimes"},
+            "SMTP_TLS",
+        ),
         ([], {}, "required"),
     ],
 )
-async def test_bad_usage_is_one_clear_line_and_exit_2(args: list[str], env: dict[str, str],
-                                                      needle: str) -> None:
+async def test_bad_usage_is_one_clear_line_and_exit_2(
+    args: list[str], env: dict[str, str], needle: str
+) -> None:
     code, out, err = await reactor_cli(*args, env=env, limit_s=30)
     assert code == 2
     lines = [line for line in err.splitlines() if line.strip()]
@@ -80,7 +109,8 @@ async def test_bad_usage_is_one_clear_line_and_exit_2(args: list[str], env: dict
 async def _seed_segmentation(uri: str) -> None:
     client: Client = AsyncMongoClient(uri)
     await client.retail_db.newdatabase.insert_one(
-        {"customer_id": 1, "email": "a@b.example", "phone": "+14155550100", "name": "A"})
+        {"customer_id": 1, "email": "a@b.example", "phone": "+14155550100", "name": "A"}
+    )
     await client.close()
 
 
@@ -90,10 +120,17 @@ async def test_doctor_healthy(emulator: MongoEmulator, sink: SmtpSink) -> None:
     coll = client.marketing.campaigns
     await coll.insert_one(campaign("soon", 600, 1200, ["1"]))
     await coll.insert_one(campaign("too-late", -7200, 600, ["1"]))
-    env = {"MONGO_URI": emulator.uri, "SMTP_HOST": sink.host, "SMTP_PORT": str(sink.port),
-           "SMTP_TLS": "none", "EMAIL_FROM": "x@y.example", "SMTP_PASSWORD": "s3cret-pw",
-           "TWILIO_ACCOUNT_SID": "AC1", "TWILIO_AUTH_TOKEN": "tok-secret",
-           "TWILIO_FROM_NUMBER": "+15005550006"}
+    env = {
+        "MONGO_URI": emulator.uri,
+        "SMTP_HOST": sink.host,
+        "SMTP_PORT": str(sink.port),
+        "SMTP_TLS": "none",
+        "EMAIL_FROM": "x@y.example",
+        "SMTP_PASSWORD": "s3cret-pw",
+        "TWILIO_ACCOUNT_SID": "AC1",
+        "TWILIO_AUTH_TOKEN": "tok-secret",
+        "TWILIO_FROM_NUMBER": "+15005550006",
+    }
     code, out, err = await reactor_cli("doctor", "--json", "--probe", env=env)
     report = json.loads(out)
     checks = {c["name"]: c["status"] for c in report["checks"]}
@@ -120,8 +157,13 @@ async def test_doctor_healthy(emulator: MongoEmulator, sink: SmtpSink) -> None:
 
 async def test_doctor_reports_broken_setups(emulator: MongoEmulator) -> None:
     await _seed_segmentation(emulator.uri)
-    base = {"MONGO_URI": emulator.uri, "SMTP_HOST": "127.0.0.1", "SMTP_PORT": "1",
-            "SMTP_TLS": "none", "EMAIL_FROM": "x@y.example"}
+    base = {
+        "MONGO_URI": emulator.uri,
+        "SMTP_HOST": "127.0.0.1",
+        "SMTP_PORT": "1",
+        "SMTP_TLS": "none",
+        "EMAIL_FROM": "x@y.example",
+    }
     # Wrong database name for the orders.
     code, out, _ = await reactor_cli("doctor", "--json", env={**base, "SEGMENTATION_DB": "retail"})
     report = json.loads(out)
@@ -131,8 +173,13 @@ async def test_doctor_reports_broken_setups(emulator: MongoEmulator) -> None:
     assert "no collection 'newdatabase' in database 'retail'" in seg["detail"]
     # Change streams unavailable (as on a standalone): the server refuses the aggregate.
     client: Client = AsyncMongoClient(emulator.uri)
-    await client.admin.command({"configureFailPoint": "failCommand", "mode": "alwaysOn",
-                                "data": {"failCommands": ["aggregate"], "errorCode": 40573}})
+    await client.admin.command(
+        {
+            "configureFailPoint": "failCommand",
+            "mode": "alwaysOn",
+            "data": {"failCommands": ["aggregate"], "errorCode": 40573},
+        }
+    )
     code, out, _ = await reactor_cli("doctor", "--json", env=base)
     await client.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
     report = json.loads(out)
@@ -149,7 +196,8 @@ async def test_doctor_reports_broken_setups(emulator: MongoEmulator) -> None:
     assert "unreachable" in smtp["detail"]
     # MongoDB not there at all.
     code, out, _ = await reactor_cli(
-        "doctor", "--json", env={"MONGO_URI": "mongodb://127.0.0.1:1/?replicaSet=rs0"})
+        "doctor", "--json", env={"MONGO_URI": "mongodb://127.0.0.1:1/?replicaSet=rs0"}
+    )
     report = json.loads(out)
     assert code == 1
     assert report["checks"][0]["name"] == "mongodb"
@@ -166,13 +214,26 @@ async def test_run_serves_then_drains_on_sigterm(emulator: MongoEmulator, sink: 
         segmentation_db = "retail_db"
 
     ids = await seed_customers(client, Target(), 400)  # type: ignore[arg-type]
-    env = {"MONGO_URI": emulator.uri, **{k: str(v) for k, v in sink.settings_env().items()},
-           "METRICS_PORT": "0", "EMAIL_RATE_PER_SECOND": "50", "SEND_CONCURRENCY": "4",
-           "REACTOR_INSTANCE_ID": "cli-run", "LOG_FORMAT": "json", "LEASE_SECONDS": "30"}
+    env = {
+        "MONGO_URI": emulator.uri,
+        **{k: str(v) for k, v in sink.settings_env().items()},
+        "METRICS_PORT": "0",
+        "EMAIL_RATE_PER_SECOND": "50",
+        "SEND_CONCURRENCY": "4",
+        "REACTOR_INSTANCE_ID": "cli-run",
+        "LOG_FORMAT": "json",
+        "LEASE_SECONDS": "30",
+    }
     full_env = {**os.environ, **env}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "reactor", "run", env=full_env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "reactor",
+        "run",
+        env=full_env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     assert proc.stderr is not None
     lines: list[dict[str, Any]] = []
 
@@ -188,9 +249,12 @@ async def test_run_serves_then_drains_on_sigterm(emulator: MongoEmulator, sink: 
 
     await eventually(lambda: logged("ready: first sweep done"), 20)
     res = await client.marketing.campaigns.insert_one(
-        campaign("drained", 0.3, 120, ids, channels=["email"]))
-    await eventually(has_status(client, Target(), res.inserted_id, "running"),  # type: ignore[arg-type]
-                     10)
+        campaign("drained", 0.3, 120, ids, channels=["email"])
+    )
+    await eventually(
+        has_status(client, Target(), res.inserted_id, "running"),  # type: ignore[arg-type]
+        10,
+    )
     await eventually(lambda: _true(len(sink.messages) >= 20))
     proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(proc.wait(), 40) == 0
@@ -209,10 +273,12 @@ async def test_run_serves_then_drains_on_sigterm(emulator: MongoEmulator, sink: 
     state = await client.marketing.reactor_state.find_one({"_id": "resume_token:cli-run"})
     assert state is not None
     rows = await client.marketing.deliveries.count_documents(
-        {"campaign": str(res.inserted_id), "state": "pending"})
+        {"campaign": str(res.inserted_id), "state": "pending"}
+    )
     assert rows == 0  # in-flight sends finished and were recorded before exit
     sent = await client.marketing.deliveries.count_documents(
-        {"campaign": str(res.inserted_id), "state": "sent"})
+        {"campaign": str(res.inserted_id), "state": "sent"}
+    )
     assert sent == len(sink.messages) < 400
     await client.close()
 

@@ -27,8 +27,11 @@ T0 = dt.datetime(2026, 6, 1, 12, 0, tzinfo=dt.UTC)
 
 def doc(**overrides: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
-        "_id": ObjectId(), "name": "Summer sale", "status": "approved",
-        "startDate": T0, "endDate": T0 + dt.timedelta(hours=2),
+        "_id": ObjectId(),
+        "name": "Summer sale",
+        "status": "approved",
+        "startDate": T0,
+        "endDate": T0 + dt.timedelta(hours=2),
         "email": {"subject": "Hi {{name}}", "text": "Hello {{name}}"},
         "sms": {"body": "Sale! {{name}}"},
         "targetedCustomerIds": ["1", 2],
@@ -83,8 +86,9 @@ def test_naive_dates_are_read_as_utc() -> None:
         ({"targetedCustomerIds": [True]}, "bad_targets"),
     ],
 )
-def test_malformed_campaigns_are_rejected_with_a_reason(overrides: dict[str, Any],
-                                                        reason: str) -> None:
+def test_malformed_campaigns_are_rejected_with_a_reason(
+    overrides: dict[str, Any], reason: str
+) -> None:
     with pytest.raises(InvalidCampaign) as info:
         parse_campaign(doc(**overrides))
     assert info.value.reason == reason
@@ -103,10 +107,20 @@ def test_malformed_campaigns_are_rejected_with_a_reason(overrides: dict[str, Any
         ("completed", -60, -1, 86400, []),
     ],
 )
-def test_desired_timers(status: str, start_offset_s: int, end_offset_s: int, horizon_s: int,
-                        expected: list[tuple[TimerKind, int]]) -> None:
-    c = parse_campaign(doc(status=status, startDate=T0 + dt.timedelta(seconds=start_offset_s),
-                           endDate=T0 + dt.timedelta(seconds=end_offset_s)))
+def test_desired_timers(
+    status: str,
+    start_offset_s: int,
+    end_offset_s: int,
+    horizon_s: int,
+    expected: list[tuple[TimerKind, int]],
+) -> None:
+    c = parse_campaign(
+        doc(
+            status=status,
+            startDate=T0 + dt.timedelta(seconds=start_offset_s),
+            endDate=T0 + dt.timedelta(seconds=end_offset_s),
+        )
+    )
     timers = desired_timers(c, T0, horizon_s)
     assert [(t.key.kind, (t.due_at - T0).total_seconds()) for t in timers] == expected
 
@@ -122,23 +136,37 @@ def test_desired_timers(status: str, start_offset_s: int, end_offset_s: int, hor
         (3600, 3600, 99999, StartDecision.MISSED_WINDOW),
     ],
 )
-def test_start_decision(now_offset_s: int, end_offset_s: int, grace_s: int,
-                        expected: StartDecision) -> None:
-    assert start_decision(T0, T0 + dt.timedelta(seconds=end_offset_s),
-                          T0 + dt.timedelta(seconds=now_offset_s), grace_s) is expected
+def test_start_decision(
+    now_offset_s: int, end_offset_s: int, grace_s: int, expected: StartDecision
+) -> None:
+    assert (
+        start_decision(
+            T0,
+            T0 + dt.timedelta(seconds=end_offset_s),
+            T0 + dt.timedelta(seconds=now_offset_s),
+            grace_s,
+        )
+        is expected
+    )
 
 
 def test_takeover_only_for_expired_leases_with_work_left() -> None:
     def running(**execution: Any) -> Any:
-        return parse_campaign(doc(status="running", startDate=T0 - dt.timedelta(minutes=5),
-                                  execution=execution))
+        return parse_campaign(
+            doc(status="running", startDate=T0 - dt.timedelta(minutes=5), execution=execution)
+        )
 
     now = T0
-    assert wants_takeover(running(owner="a", epoch=1, leaseUntil=now - dt.timedelta(seconds=1)), now)
+    assert wants_takeover(
+        running(owner="a", epoch=1, leaseUntil=now - dt.timedelta(seconds=1)), now
+    )
     assert wants_takeover(running(owner=None, epoch=1, leaseUntil=now), now)
-    assert not wants_takeover(running(owner="a", epoch=1, leaseUntil=now + dt.timedelta(seconds=5)), now)
-    assert not wants_takeover(running(owner="a", epoch=1, leaseUntil=now - dt.timedelta(seconds=1),
-                                      sendsDone=True), now)
+    assert not wants_takeover(
+        running(owner="a", epoch=1, leaseUntil=now + dt.timedelta(seconds=5)), now
+    )
+    assert not wants_takeover(
+        running(owner="a", epoch=1, leaseUntil=now - dt.timedelta(seconds=1), sendsDone=True), now
+    )
 
 
 def test_retry_backoff_grows_is_capped_and_honours_retry_after() -> None:
@@ -159,12 +187,17 @@ def test_retry_backoff_grows_is_capped_and_honours_retry_after() -> None:
         ("Hi {{name}}!", False, "Hi Ann <3!"),
         ("Hi {{ name }} at {{email}}", False, "Hi Ann <3 at ann@x.io"),
         ("<p>{{name}}</p>", True, "<p>Ann &lt;3</p>"),
-        ("{{name.__class__}} {{ 7*7 }} {% if x %}", False, "{{name.__class__}} {{ 7*7 }} {% if x %}"),
+        (
+            "{{name.__class__}} {{ 7*7 }} {% if x %}",
+            False,
+            "{{name.__class__}} {{ 7*7 }} {% if x %}",
+        ),
         ("{{unknown}} {{phone}}", False, "{{unknown}} +1555"),
     ],
 )
-def test_templates_substitute_only_known_placeholders(template: str, html: bool,
-                                                      expected: str) -> None:
+def test_templates_substitute_only_known_placeholders(
+    template: str, html: bool, expected: str
+) -> None:
     values = {"name": "Ann <3", "email": "ann@x.io", "phone": "+1555"}
     assert render(template, values, escape_html=html) == expected
 

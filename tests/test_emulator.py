@@ -51,8 +51,14 @@ async def test_crud_and_cursor_batching(db: Any) -> None:
     assert await db.items.count_documents({}) == 250
     assert await db.items.count_documents({"even": True}) == 125
     assert await db.items.estimated_document_count() == 250
-    docs = await db.items.find({"n": {"$gte": 10}}, {"_id": 0, "n": 1}).sort("n", -1).skip(5) \
-        .limit(120).batch_size(7).to_list()
+    docs = (
+        await db.items.find({"n": {"$gte": 10}}, {"_id": 0, "n": 1})
+        .sort("n", -1)
+        .skip(5)
+        .limit(120)
+        .batch_size(7)
+        .to_list()
+    )
     assert [d["n"] for d in docs[:3]] == [244, 243, 242]
     assert len(docs) == 120
     assert docs[0] == {"n": 244}
@@ -73,44 +79,64 @@ async def test_crud_and_cursor_batching(db: Any) -> None:
 
 async def test_find_and_modify_variants(db: Any) -> None:
     await db.q.insert_many([{"k": "a", "v": 1}, {"k": "b", "v": 2}, {"k": "c", "v": 3}])
-    before = await db.q.find_one_and_update({"v": {"$gte": 2}}, {"$inc": {"v": 10}},
-                                            sort=[("v", -1)], projection={"_id": 0})
+    before = await db.q.find_one_and_update(
+        {"v": {"$gte": 2}}, {"$inc": {"v": 10}}, sort=[("v", -1)], projection={"_id": 0}
+    )
     assert before == {"k": "c", "v": 3}
-    after = await db.q.find_one_and_update({"k": "a"}, {"$set": {"v": 5}},
-                                           return_document=ReturnDocument.AFTER)
+    after = await db.q.find_one_and_update(
+        {"k": "a"}, {"$set": {"v": 5}}, return_document=ReturnDocument.AFTER
+    )
     assert after["v"] == 5
-    upserted = await db.q.find_one_and_update({"k": "z"}, {"$set": {"v": 0}}, upsert=True,
-                                              return_document=ReturnDocument.AFTER)
+    upserted = await db.q.find_one_and_update(
+        {"k": "z"}, {"$set": {"v": 0}}, upsert=True, return_document=ReturnDocument.AFTER
+    )
     assert upserted["k"] == "z"
     removed = await db.q.find_one_and_delete({"k": "b"})
     assert removed["v"] == 2
     assert await db.q.find_one({"k": "b"}) is None
-    replaced = await db.q.find_one_and_replace({"k": "a"}, {"k": "a2"},
-                                               return_document=ReturnDocument.AFTER)
+    replaced = await db.q.find_one_and_replace(
+        {"k": "a"}, {"k": "a2"}, return_document=ReturnDocument.AFTER
+    )
     assert replaced["k"] == "a2"
     assert await db.q.find_one_and_update({"k": "none"}, {"$set": {"v": 1}}) is None
 
 
 async def test_aggregation_pipeline(db: Any) -> None:
-    await db.orders.insert_many([
-        {"customer_id": c, "total": t, "items": ["x", "y"]}
-        for c, t in [(1, 10), (1, 5), (2, 7), ("3", 1)]
-    ])
+    await db.orders.insert_many(
+        [
+            {"customer_id": c, "total": t, "items": ["x", "y"]}
+            for c, t in [(1, 10), (1, 5), (2, 7), ("3", 1)]
+        ]
+    )
     await db.people.insert_many([{"_id": 1, "name": "Ann"}, {"_id": 2, "name": "Bob"}])
-    rows = await (await db.orders.aggregate([
-        {"$match": {"customer_id": {"$in": [1, 2]}}},
-        {"$group": {"_id": "$customer_id", "sum": {"$sum": "$total"}, "n": {"$sum": 1}}},
-        {"$sort": {"_id": 1}},
-        {"$lookup": {"from": "people", "localField": "_id", "foreignField": "_id", "as": "who"}},
-        {"$project": {"sum": 1, "n": 1, "name": {"$arrayElemAt": ["$who.name", 0]}}},
-    ])).to_list()
-    assert rows == [{"_id": 1, "sum": 15, "n": 2, "name": "Ann"},
-                    {"_id": 2, "sum": 7, "n": 1, "name": "Bob"}]
+    rows = await (
+        await db.orders.aggregate(
+            [
+                {"$match": {"customer_id": {"$in": [1, 2]}}},
+                {"$group": {"_id": "$customer_id", "sum": {"$sum": "$total"}, "n": {"$sum": 1}}},
+                {"$sort": {"_id": 1}},
+                {
+                    "$lookup": {
+                        "from": "people",
+                        "localField": "_id",
+                        "foreignField": "_id",
+                        "as": "who",
+                    }
+                },
+                {"$project": {"sum": 1, "n": 1, "name": {"$arrayElemAt": ["$who.name", 0]}}},
+            ]
+        )
+    ).to_list()
+    assert rows == [
+        {"_id": 1, "sum": 15, "n": 2, "name": "Ann"},
+        {"_id": 2, "sum": 7, "n": 1, "name": "Bob"},
+    ]
     unwound = await (await db.orders.aggregate([{"$unwind": "$items"}, {"$count": "n"}])).to_list()
     assert unwound == [{"n": 8}]
     assert await db.orders.count_documents({"customer_id": "3"}) == 1
-    page = await (await db.orders.aggregate([{"$sort": {"total": -1}}, {"$skip": 1},
-                                             {"$limit": 2}])).to_list()
+    page = await (
+        await db.orders.aggregate([{"$sort": {"total": -1}}, {"$skip": 1}, {"$limit": 2}])
+    ).to_list()
     assert [r["total"] for r in page] == [7, 5]
 
 
@@ -124,8 +150,9 @@ async def test_indexes_and_duplicate_keys(db: Any) -> None:
     assert info.value.code == 11000
     assert "E11000 duplicate key error collection: testdb.u index: email_1" in str(info.value)
     with pytest.raises(BulkWriteError) as bulk:
-        await db.u.insert_many([{"email": "b@x"}, {"email": "a@x"}, {"email": "c@x"}],
-                               ordered=False)
+        await db.u.insert_many(
+            [{"email": "b@x"}, {"email": "a@x"}, {"email": "c@x"}], ordered=False
+        )
     details = bulk.value.details
     assert details["nInserted"] == 2
     assert [e["index"] for e in details["writeErrors"]] == [1]
@@ -181,8 +208,13 @@ async def test_retryable_write_is_applied_once(emulator: MongoEmulator) -> None:
     """A retried write (same lsid and txnNumber, as a driver sends after losing the reply) is
     answered from the server's record, not applied twice."""
     lsid = {"id": bson.Binary(uuid.uuid4().bytes, 4)}
-    command = {"update": "c", "$db": "d", "lsid": lsid, "txnNumber": bson.Int64(1),
-               "updates": [{"q": {"_id": "x"}, "u": {"$inc": {"n": 1}}, "upsert": True}]}
+    command = {
+        "update": "c",
+        "$db": "d",
+        "lsid": lsid,
+        "txnNumber": bson.Int64(1),
+        "updates": [{"q": {"_id": "x"}, "u": {"$inc": {"n": 1}}, "upsert": True}],
+    }
 
     def send_twice() -> list[dict[str, Any]]:
         replies = []
@@ -207,9 +239,13 @@ async def test_retryable_write_is_applied_once(emulator: MongoEmulator) -> None:
 async def test_fail_point_error_codes_and_modes(emulator: MongoEmulator) -> None:
     c: Client = AsyncMongoClient(emulator.uri, retryReads=False, retryWrites=False)
     await c.d.c.insert_one({"a": 1})
-    await c.admin.command({"configureFailPoint": "failCommand", "mode": {"times": 2},
-                           "data": {"failCommands": ["find"], "errorCode": 2,
-                                    "errorLabels": ["Custom"]}})
+    await c.admin.command(
+        {
+            "configureFailPoint": "failCommand",
+            "mode": {"times": 2},
+            "data": {"failCommands": ["find"], "errorCode": 2, "errorLabels": ["Custom"]},
+        }
+    )
     for _ in range(2):
         with pytest.raises(OperationFailure) as err:
             await c.d.c.find_one({})
@@ -218,15 +254,24 @@ async def test_fail_point_error_codes_and_modes(emulator: MongoEmulator) -> None
     found = await c.d.c.find_one({})
     assert found is not None
     assert found["a"] == 1
-    await c.admin.command({"configureFailPoint": "failCommand", "mode": "alwaysOn",
-                           "data": {"failCommands": ["insert"], "errorCode": 121}})
+    await c.admin.command(
+        {
+            "configureFailPoint": "failCommand",
+            "mode": "alwaysOn",
+            "data": {"failCommands": ["insert"], "errorCode": 121},
+        }
+    )
     with pytest.raises(OperationFailure):
         await c.d.c.insert_one({"b": 1})
     await c.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
     await c.d.c.insert_one({"b": 1})
-    await c.admin.command({"configureFailPoint": "failCommand", "mode": {"times": 1},
-                           "data": {"failCommands": ["ping"], "blockConnection": True,
-                                    "blockTimeMS": 200}})
+    await c.admin.command(
+        {
+            "configureFailPoint": "failCommand",
+            "mode": {"times": 1},
+            "data": {"failCommands": ["ping"], "blockConnection": True, "blockTimeMS": 200},
+        }
+    )
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     await c.admin.command("ping")
@@ -236,8 +281,13 @@ async def test_fail_point_error_codes_and_modes(emulator: MongoEmulator) -> None
 
 async def test_retryable_error_codes_get_the_retryable_label(emulator: MongoEmulator) -> None:
     c: Client = AsyncMongoClient(emulator.uri, retryWrites=True)
-    await c.admin.command({"configureFailPoint": "failCommand", "mode": {"times": 1},
-                           "data": {"failCommands": ["insert"], "errorCode": 91}})
+    await c.admin.command(
+        {
+            "configureFailPoint": "failCommand",
+            "mode": {"times": 1},
+            "data": {"failCommands": ["insert"], "errorCode": 91},
+        }
+    )
     await c.d.c.insert_one({"_id": 1})  # retried by the driver after ShutdownInProgress
     assert await c.d.c.count_documents({}) == 1
     await c.close()
@@ -284,8 +334,14 @@ async def test_change_stream_events_and_update_description(db: Any) -> None:
 
 async def test_change_stream_user_pipeline_filters_and_reshapes(db: Any) -> None:
     pipeline = [
-        {"$match": {"$or": [{"operationType": "insert"},
-                            {"updateDescription.updatedFields.status": {"$exists": True}}]}},
+        {
+            "$match": {
+                "$or": [
+                    {"operationType": "insert"},
+                    {"updateDescription.updatedFields.status": {"$exists": True}},
+                ]
+            }
+        },
         {"$addFields": {"tag": "seen"}},
         {"$project": {"fullDocument.secret": 0}},
     ]
@@ -405,12 +461,22 @@ async def test_stream_resumes_after_closed_connection_without_loss(emulator: Mon
     stream = await c.d.c.watch(max_await_time_ms=100)
     await c.d.c.insert_many([{"i": i} for i in range(3)])
     got = await _collect(stream, 3)
-    await c.admin.command({"configureFailPoint": "failCommand", "mode": {"times": 1},
-                           "data": {"failCommands": ["getMore"], "closeConnection": True}})
+    await c.admin.command(
+        {
+            "configureFailPoint": "failCommand",
+            "mode": {"times": 1},
+            "data": {"failCommands": ["getMore"], "closeConnection": True},
+        }
+    )
     await c.d.c.insert_many([{"i": i} for i in range(3, 6)])
     got += await _collect(stream, 3)
-    await c.admin.command({"configureFailPoint": "failCommand", "mode": {"times": 1},
-                           "data": {"failCommands": ["getMore"], "errorCode": 10107}})
+    await c.admin.command(
+        {
+            "configureFailPoint": "failCommand",
+            "mode": {"times": 1},
+            "data": {"failCommands": ["getMore"], "errorCode": 10107},
+        }
+    )
     await c.d.c.insert_many([{"i": i} for i in range(6, 9)])
     got += await _collect(stream, 3)
     assert [e["fullDocument"]["i"] for e in got] == list(range(9))
@@ -472,14 +538,19 @@ def _read_reply(sock: socket.socket) -> dict[str, Any]:
     [
         pytest.param(b"\x00" * 3, id="truncated-header"),
         pytest.param(struct.pack("<iiii", 64_000_000, 1, 0, OP_MSG), id="oversized"),
-        pytest.param(struct.pack("<iiii", 30, 1, 0, OP_MSG) + b"\x00\x00\x00\x00\x00garbage!!",
-                     id="garbage-body"),
+        pytest.param(
+            struct.pack("<iiii", 30, 1, 0, OP_MSG) + b"\x00\x00\x00\x00\x00garbage!!",
+            id="garbage-body",
+        ),
         pytest.param(struct.pack("<iiii", 20, 1, 0, 9999) + b"abcd", id="unknown-opcode"),
-        pytest.param(struct.pack("<iiii", 100, 1, 0, OP_MSG) + b"half", id="disconnect-mid-message"),
+        pytest.param(
+            struct.pack("<iiii", 100, 1, 0, OP_MSG) + b"half", id="disconnect-mid-message"
+        ),
     ],
 )
-async def test_bad_messages_close_only_that_connection(emulator: MongoEmulator,
-                                                       payload: bytes) -> None:
+async def test_bad_messages_close_only_that_connection(
+    emulator: MongoEmulator, payload: bytes
+) -> None:
     def send() -> bytes:
         with _raw_socket(emulator) as sock:
             sock.sendall(payload)
@@ -530,8 +601,15 @@ async def test_emulator_cli_prints_one_ready_line_and_stops_cleanly() -> None:
     import sys
 
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "reactor", "mongo-emulator", "--port", "0",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "reactor",
+        "mongo-emulator",
+        "--port",
+        "0",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     assert proc.stdout is not None
     line = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode()
     assert line.startswith("ready mongodb://127.0.0.1:")

@@ -43,7 +43,8 @@ def assert_no_duplicates(sink: SmtpSink, twilio: TwilioFake) -> None:
 
 
 async def test_every_customer_gets_each_channel_once_and_is_accounted_for(
-        mongo: MongoTarget, client: Client, sink: SmtpSink, twilio: TwilioFake) -> None:
+    mongo: MongoTarget, client: Client, sink: SmtpSink, twilio: TwilioFake
+) -> None:
     ids = await seed_customers(client, mongo, 40, numeric_ids=True, bad_every=10)
     # Ids as strings against numeric order rows, a duplicate, and two unknown customers.
     targets = [*ids, "3", "9999", "abc"]
@@ -82,10 +83,18 @@ async def test_every_customer_gets_each_channel_once_and_is_accounted_for(
 
 
 async def test_smtp_down_mid_run_then_back_retries_without_duplicates(
-        mongo: MongoTarget, client: Client, sink: SmtpSink) -> None:
+    mongo: MongoTarget, client: Client, sink: SmtpSink
+) -> None:
     ids = await seed_customers(client, mongo, 60)
-    cfg = settings(mongo, sink, email_rate_per_second=40, send_max_attempts=30,
-                   retry_base_seconds=0.1, retry_max_seconds=0.3, send_concurrency=4)
+    cfg = settings(
+        mongo,
+        sink,
+        email_rate_per_second=40,
+        send_max_attempts=30,
+        retry_base_seconds=0.1,
+        retry_max_seconds=0.3,
+        send_concurrency=4,
+    )
     coll = client[mongo.campaigns_db].campaigns
     async with running(cfg):
         res = await coll.insert_one(campaign("smtp-outage", 0.2, 60, ids, channels=["email"]))
@@ -109,8 +118,9 @@ async def _true(value: bool) -> bool:
     return value
 
 
-async def test_permanent_smtp_error_fails_at_once(mongo: MongoTarget, client: Client,
-                                                  sink: SmtpSink) -> None:
+async def test_permanent_smtp_error_fails_at_once(
+    mongo: MongoTarget, client: Client, sink: SmtpSink
+) -> None:
     ids = await seed_customers(client, mongo, 5)
     sink.fail_next(2, "550 5.1.1 mailbox unavailable")
     coll = client[mongo.campaigns_db].campaigns
@@ -118,9 +128,11 @@ async def test_permanent_smtp_error_fails_at_once(mongo: MongoTarget, client: Cl
         res = await coll.insert_one(campaign("perm", 0.2, 30, ids, channels=["email"]))
         await eventually(sends_done(client, mongo, res.inserted_id))
         failed_samples = reactor.metrics.registry.get_sample_value(
-            "reactor_sends_total", {"channel": "email", "outcome": "failed"})
+            "reactor_sends_total", {"channel": "email", "outcome": "failed"}
+        )
         retries = reactor.metrics.registry.get_sample_value(
-            "reactor_send_retries_total", {"channel": "email"})
+            "reactor_send_retries_total", {"channel": "email"}
+        )
     rows = await ledger(client, mongo, res.inserted_id)
     failed = [r for r in rows if r["state"] == "failed"]
     assert len(failed) == 2
@@ -132,7 +144,8 @@ async def test_permanent_smtp_error_fails_at_once(mongo: MongoTarget, client: Cl
 
 
 async def test_twilio_429_with_retry_after_slows_the_channel_then_500s_retry(
-        mongo: MongoTarget, client: Client, twilio: TwilioFake) -> None:
+    mongo: MongoTarget, client: Client, twilio: TwilioFake
+) -> None:
     ids = await seed_customers(client, mongo, 8)
     twilio.fail_next(2, 429, retry_after_s=1)
     twilio.fail_next(2, 500)
@@ -143,7 +156,8 @@ async def test_twilio_429_with_retry_after_slows_the_channel_then_500s_retry(
         await eventually(sends_done(client, mongo, res.inserted_id), 20)
         elapsed = anyio.current_time() - t0
         retries = reactor.metrics.registry.get_sample_value(
-            "reactor_send_retries_total", {"channel": "sms"})
+            "reactor_send_retries_total", {"channel": "sms"}
+        )
     rows = await ledger(client, mongo, res.inserted_id)
     assert collections.Counter(r["state"] for r in rows)["sent"] == len(twilio.messages)
     assert len(twilio.messages) >= 6  # valid numbers among the 8
@@ -157,7 +171,8 @@ def _invalid(rows: list[dict[str, Any]]) -> int:
 
 
 async def test_unconfigured_channel_is_skipped_not_dropped(
-        mongo: MongoTarget, client: Client, sink: SmtpSink) -> None:
+    mongo: MongoTarget, client: Client, sink: SmtpSink
+) -> None:
     ids = await seed_customers(client, mongo, 5)
     coll = client[mongo.campaigns_db].campaigns
     async with running(settings(mongo, sink)):  # no Twilio settings
@@ -171,14 +186,20 @@ async def test_unconfigured_channel_is_skipped_not_dropped(
 
 
 async def test_owner_killed_mid_run_another_takes_over_with_zero_duplicates(
-        mongo: MongoTarget, client: Client, sink: SmtpSink, twilio: TwilioFake) -> None:
+    mongo: MongoTarget, client: Client, sink: SmtpSink, twilio: TwilioFake
+) -> None:
     ids = await seed_customers(client, mongo, 80)
     coll = client[mongo.campaigns_db].campaigns
-    slow = {"email_rate_per_second": 40, "sms_rate_per_second": 40, "send_concurrency": 4,
-            "lease_seconds": 1.5}
+    slow = {
+        "email_rate_per_second": 40,
+        "sms_rate_per_second": 40,
+        "send_concurrency": 4,
+        "lease_seconds": 1.5,
+    }
     cfg_a = settings(mongo, sink, twilio, reactor_instance_id="owner", **slow)
-    cfg_b = settings(mongo, sink, twilio, reactor_instance_id="standby",
-                     reconcile_interval_seconds=0.5, **slow)
+    cfg_b = settings(
+        mongo, sink, twilio, reactor_instance_id="standby", reconcile_interval_seconds=0.5, **slow
+    )
     from reactor.app import Reactor
 
     async with anyio.create_task_group() as tg:
@@ -208,7 +229,8 @@ async def test_owner_killed_mid_run_another_takes_over_with_zero_duplicates(
 
 
 async def test_pause_stops_within_a_second_and_resume_sends_the_rest_once(
-        mongo: MongoTarget, client: Client, sink: SmtpSink) -> None:
+    mongo: MongoTarget, client: Client, sink: SmtpSink
+) -> None:
     ids = await seed_customers(client, mongo, 100)
     coll = client[mongo.campaigns_db].campaigns
     cfg = settings(mongo, sink, email_rate_per_second=40, send_concurrency=2)
@@ -228,8 +250,9 @@ async def test_pause_stops_within_a_second_and_resume_sends_the_rest_once(
     assert collections.Counter(r["state"] for r in rows) == {"sent": 100}
 
 
-async def test_cancel_during_a_run_stops_sending(mongo: MongoTarget, client: Client,
-                                                 sink: SmtpSink) -> None:
+async def test_cancel_during_a_run_stops_sending(
+    mongo: MongoTarget, client: Client, sink: SmtpSink
+) -> None:
     ids = await seed_customers(client, mongo, 100)
     coll = client[mongo.campaigns_db].campaigns
     async with running(settings(mongo, sink, email_rate_per_second=40, send_concurrency=2)):
@@ -243,7 +266,8 @@ async def test_cancel_during_a_run_stops_sending(mongo: MongoTarget, client: Cli
 
 
 async def test_window_close_skips_the_rest_and_completes(
-        mongo: MongoTarget, client: Client, sink: SmtpSink) -> None:
+    mongo: MongoTarget, client: Client, sink: SmtpSink
+) -> None:
     ids = await seed_customers(client, mongo, 200)
     coll = client[mongo.campaigns_db].campaigns
     async with running(settings(mongo, sink, email_rate_per_second=50, send_concurrency=2)):
@@ -260,12 +284,13 @@ async def test_window_close_skips_the_rest_and_completes(
 
 
 async def test_two_instances_racing_send_each_message_once(
-        mongo: MongoTarget, client: Client, sink: SmtpSink, twilio: TwilioFake) -> None:
+    mongo: MongoTarget, client: Client, sink: SmtpSink, twilio: TwilioFake
+) -> None:
     ids = await seed_customers(client, mongo, 50)
     coll = client[mongo.campaigns_db].campaigns
     configs = [settings(mongo, sink, twilio, reactor_instance_id=f"i{i}") for i in range(2)]
     async with running(*configs):
-        docs = [campaign(f"race{i}", 0.5, 60, ids[i * 10:(i + 1) * 10]) for i in range(5)]
+        docs = [campaign(f"race{i}", 0.5, 60, ids[i * 10 : (i + 1) * 10]) for i in range(5)]
         result = await coll.insert_many(docs)
         for cid in result.inserted_ids:
             await eventually(sends_done(client, mongo, cid), 15)
@@ -274,14 +299,21 @@ async def test_two_instances_racing_send_each_message_once(
 
 
 async def test_malformed_content_is_reported_and_nothing_is_sent(
-        mongo: MongoTarget, client: Client, sink: SmtpSink, twilio: TwilioFake) -> None:
+    mongo: MongoTarget, client: Client, sink: SmtpSink, twilio: TwilioFake
+) -> None:
     ids = await seed_customers(client, mongo, 3)
     coll = client[mongo.campaigns_db].campaigns
     bad = [
         campaign("empty-body", 0.3, 30, ids, sms={"body": ""}, channels=["sms"]),
         campaign("no-subject", 0.3, 30, ids, email={"text": "hi"}, channels=["email"]),
-        campaign("huge", 0.3, 30, ids, email={"subject": "s", "html": "x" * 1_000_000},
-                 channels=["email"]),
+        campaign(
+            "huge",
+            0.3,
+            30,
+            ids,
+            email={"subject": "s", "html": "x" * 1_000_000},
+            channels=["email"],
+        ),
     ]
     async with running(settings(mongo, sink, twilio, reconcile_interval_seconds=0.5)):
         result = await coll.insert_many(bad)

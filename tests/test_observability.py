@@ -40,16 +40,23 @@ def tool(name: str) -> str:
 
 
 def run_tool(*args: str, cwd: Path | None = None, stdin: bytes | None = None) -> str:
-    proc = subprocess.run([tool(args[0]), *args[1:]], cwd=cwd, input=stdin,
-                          capture_output=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [tool(args[0]), *args[1:]],
+        cwd=cwd,
+        input=stdin,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
     output = (proc.stdout + proc.stderr).decode()
     assert proc.returncode == 0, output
     return output
 
 
 def test_alert_rules_are_valid_and_every_alert_is_unit_tested() -> None:
-    assert "SUCCESS: 8 rules found" in run_tool("promtool", "check", "rules", "alerts.yml",
-                                                cwd=DEPLOY)
+    assert "SUCCESS: 8 rules found" in run_tool(
+        "promtool", "check", "rules", "alerts.yml", cwd=DEPLOY
+    )
     assert "SUCCESS" in run_tool("promtool", "test", "rules", "alerts.test.yml", cwd=DEPLOY)
     rules = yaml.safe_load((DEPLOY / "alerts.yml").read_text())["groups"][0]["rules"]
     tests = yaml.safe_load((DEPLOY / "alerts.test.yml").read_text())["tests"]
@@ -58,8 +65,9 @@ def test_alert_rules_are_valid_and_every_alert_is_unit_tested() -> None:
         for check in case["alert_rule_test"]:
             tested.setdefault(check["alertname"], set()).add(bool(check["exp_alerts"]))
     for rule in rules:
-        assert tested.get(rule["alert"]) == {True, False}, \
+        assert tested.get(rule["alert"]) == {True, False}, (
             f"{rule['alert']} needs a firing and a silent case"
+        )
         assert rule["labels"]["severity"] in ("warning", "critical")
         assert rule["annotations"]["runbook"].startswith("README.md#")
     readme = (ROOT / "README.md").read_text().lower()
@@ -82,13 +90,21 @@ def test_compose_file_validates_with_every_service() -> None:
         shutil.copytree(DEPLOY, Path(tmp) / "deploy")
         shutil.copytree(ROOT / "grafana", Path(tmp) / "grafana")
         shutil.copy(Path(tmp) / "deploy" / ".env.example", Path(tmp) / "deploy" / ".env")
-        run_tool("docker-compose", "-f", "deploy/docker-compose.yml", "config", "-q",
-                 cwd=Path(tmp))
-        rendered = yaml.safe_load(run_tool("docker-compose", "-f", "deploy/docker-compose.yml",
-                                           "config", cwd=Path(tmp)))
+        run_tool("docker-compose", "-f", "deploy/docker-compose.yml", "config", "-q", cwd=Path(tmp))
+        rendered = yaml.safe_load(
+            run_tool("docker-compose", "-f", "deploy/docker-compose.yml", "config", cwd=Path(tmp))
+        )
     services = rendered["services"]
-    assert {"mongo", "mongo-init", "reactor-1", "reactor-2", "prometheus", "alertmanager",
-            "grafana", "mailcatcher"} <= set(services)
+    assert {
+        "mongo",
+        "mongo-init",
+        "reactor-1",
+        "reactor-2",
+        "prometheus",
+        "alertmanager",
+        "grafana",
+        "mailcatcher",
+    } <= set(services)
     assert "--replSet" in services["mongo"]["command"]
     assert "rs.initiate" in " ".join(services["mongo-init"]["command"])
     for name in ("reactor-1", "reactor-2"):
@@ -122,9 +138,12 @@ def test_env_example_and_readme_document_every_setting() -> None:
 def _metric_names() -> set[str]:
     """Every series name the registry can expose, including those of label sets not yet
     observed (a histogram with labels has no samples until its first observation)."""
-    suffixes = {"counter": ["_total", "_created"], "histogram": ["_bucket", "_sum", "_count",
-                                                                 "_created"],
-                "gauge": [""], "info": ["_info"]}
+    suffixes = {
+        "counter": ["_total", "_created"],
+        "histogram": ["_bucket", "_sum", "_count", "_created"],
+        "gauge": [""],
+        "info": ["_info"],
+    }
     names = set()
     for family in Metrics().registry.collect():
         for suffix in suffixes.get(family.type, [""]):
@@ -146,8 +165,13 @@ def _expressions() -> dict[str, str]:
 
 def test_metrics_pass_promtool_and_every_used_metric_exists() -> None:
     text = generate_latest(Metrics().registry)
-    subprocess.run([tool("promtool"), "check", "metrics"], input=text, check=True,
-                   capture_output=True, timeout=60)
+    subprocess.run(
+        [tool("promtool"), "check", "metrics"],
+        input=text,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     names = _metric_names()
     for where, expr in _expressions().items():
         for metric in set(re.findall(r"\breactor_[a-z_]+", expr)):
@@ -166,9 +190,17 @@ def test_dashboard_is_well_formed() -> None:
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
     titles = {p["title"] for p in dashboard["panels"]}
-    for wanted in ("Sends by channel and outcome", "Failure ratio", "Start lateness",
-                   "Timers armed", "Campaign transitions", "Change stream", "Sweep repairs",
-                   "Lease takeovers", "Send retries"):
+    for wanted in (
+        "Sends by channel and outcome",
+        "Failure ratio",
+        "Start lateness",
+        "Timers armed",
+        "Campaign transitions",
+        "Change stream",
+        "Sweep repairs",
+        "Lease takeovers",
+        "Send retries",
+    ):
         assert wanted in titles
     for panel in dashboard["panels"]:
         assert panel["datasource"]["uid"] == "${datasource}"
@@ -176,7 +208,8 @@ def test_dashboard_is_well_formed() -> None:
         for target in panel["targets"]:
             assert target["datasource"]["uid"] == "${datasource}"
     provisioning = yaml.safe_load(
-        (ROOT / "grafana" / "provisioning" / "dashboards" / "campaign-reactor.yml").read_text())
+        (ROOT / "grafana" / "provisioning" / "dashboards" / "campaign-reactor.yml").read_text()
+    )
     assert provisioning["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
 
 
@@ -187,12 +220,16 @@ def _free_port() -> int:
 
 
 def _grafana_to_promql(expr: str) -> str:
-    return (expr.replace("$__rate_interval", "20s").replace("$__range", "5m")
-            .replace('instance=~"$instance"', 'instance=~".*"'))
+    return (
+        expr.replace("$__rate_interval", "20s")
+        .replace("$__range", "5m")
+        .replace('instance=~"$instance"', 'instance=~".*"')
+    )
 
 
 async def test_prometheus_scrapes_the_reactor_and_every_query_evaluates(
-        mongo: MongoTarget, client: Client, sink: Any, twilio: Any, tmp_path: Path) -> None:
+    mongo: MongoTarget, client: Client, sink: Any, twilio: Any, tmp_path: Path
+) -> None:
     ids = await seed_customers(client, mongo, 30)
     cfg = settings(mongo, sink, twilio)
     async with running(cfg) as (reactor,):
@@ -200,20 +237,32 @@ async def test_prometheus_scrapes_the_reactor_and_every_query_evaluates(
         metrics_port = reactor.http.port
         prom_port = _free_port()
         (tmp_path / "alerts.yml").write_text((DEPLOY / "alerts.yml").read_text())
-        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": ["alerts.yml"],
-            "scrape_configs": [{"job_name": "campaign-reactor", "static_configs": [
-                {"targets": [f"127.0.0.1:{metrics_port}"]}]}],
-        }))
+        (tmp_path / "prometheus.yml").write_text(
+            yaml.safe_dump(
+                {
+                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                    "rule_files": ["alerts.yml"],
+                    "scrape_configs": [
+                        {
+                            "job_name": "campaign-reactor",
+                            "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}],
+                        }
+                    ],
+                }
+            )
+        )
         prom = await asyncio.create_subprocess_exec(
-            tool("prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}",
+            tool("prometheus"),
+            f"--config.file={tmp_path / 'prometheus.yml'}",
             f"--storage.tsdb.path={tmp_path / 'data'}",
             f"--web.listen-address=127.0.0.1:{prom_port}",
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
         try:
             base = f"http://127.0.0.1:{prom_port}/api/v1"
             async with aiohttp.ClientSession() as http:
+
                 async def query(expr: str) -> dict[str, Any]:
                     url = f"{base}/query?query={urllib.parse.quote(expr)}"
                     async with http.get(url) as resp:
@@ -230,7 +279,8 @@ async def test_prometheus_scrapes_the_reactor_and_every_query_evaluates(
 
                 await eventually(scraped, 30, 0.5)
                 res = await client[mongo.campaigns_db].campaigns.insert_one(
-                    campaign("observed", 0.5, 4, ids))
+                    campaign("observed", 0.5, 4, ids)
+                )
                 await eventually(has_status(client, mongo, res.inserted_id, "completed"), 20)
                 await asyncio.sleep(4)  # a few more scrapes after the run
 
@@ -239,11 +289,17 @@ async def test_prometheus_scrapes_the_reactor_and_every_query_evaluates(
                     body = await query(_grafana_to_promql(expr))
                     assert body["status"] == "success", f"{where}: {body}"
                     results[where] = body["data"]["result"]
-                for must in ("panel Sends by channel and outcome A", "panel Start lateness A",
-                             "panel Start lateness B", "panel Campaign transitions A"):
+                for must in (
+                    "panel Sends by channel and outcome A",
+                    "panel Start lateness A",
+                    "panel Start lateness B",
+                    "panel Campaign transitions A",
+                ):
                     assert results[must], f"{must} returned no data"
-                sends = {(r["metric"]["channel"], r["metric"]["outcome"])
-                         for r in results["panel Sends by channel and outcome A"]}
+                sends = {
+                    (r["metric"]["channel"], r["metric"]["outcome"])
+                    for r in results["panel Sends by channel and outcome A"]
+                }
                 assert ("email", "sent") in sends
                 async with http.get(f"{base}/rules") as resp:
                     rules = (await resp.json())["data"]["groups"][0]["rules"]
@@ -263,8 +319,9 @@ def test_log_formats(fmt: str) -> None:
 
     stream = io.StringIO()
     logsetup.configure(fmt, "INFO", stream=stream)
-    logging.getLogger("reactor.test").info("✉️ Emails sent: %d/%d", 3, 4,
-                                           extra={"campaign_id": "c1", "channel": "email"})
+    logging.getLogger("reactor.test").info(
+        "✉️ Emails sent: %d/%d", 3, 4, extra={"campaign_id": "c1", "channel": "email"}
+    )
     line = stream.getvalue().strip()
     if fmt == "json":
         record = json.loads(line)

@@ -33,11 +33,13 @@ def sample(reactor: Any, name: str, labels: dict[str, str] | None = None) -> flo
 
 
 async def test_approved_ahead_starts_on_time_and_completes_at_end(
-        mongo: MongoTarget, client: Client) -> None:
+    mongo: MongoTarget, client: Client
+) -> None:
     targets = await seed_customers(client, mongo, 5)
     async with running(settings(mongo)) as (reactor,):
         res = await client[mongo.campaigns_db].campaigns.insert_one(
-            campaign("ahead", 1.0, 2.5, targets))
+            campaign("ahead", 1.0, 2.5, targets)
+        )
         key = TimerKey(str(res.inserted_id), TimerKind.START)
         assert reactor.scheduler is not None
         await eventually(lambda: _true(key in reactor.scheduler.timers), 3)  # type: ignore[union-attr]
@@ -62,7 +64,8 @@ async def _true(value: bool) -> bool:
 
 
 async def test_late_approval_within_grace_starts_at_once_beyond_grace_is_missed(
-        mongo: MongoTarget, client: Client) -> None:
+    mongo: MongoTarget, client: Client
+) -> None:
     coll = client[mongo.campaigns_db].campaigns
     async with running(settings(mongo, misfire_grace_seconds=60)) as (reactor,):
         within = await coll.insert_one(campaign("within", -30, 30, ["1"]))
@@ -84,7 +87,8 @@ async def test_late_approval_within_grace_starts_at_once_beyond_grace_is_missed(
 
 
 async def test_moving_the_start_rearms_and_unapproving_or_deleting_disarms(
-        mongo: MongoTarget, client: Client) -> None:
+    mongo: MongoTarget, client: Client
+) -> None:
     coll = client[mongo.campaigns_db].campaigns
     async with running(settings(mongo)) as (reactor,):
         sched = reactor.scheduler
@@ -93,26 +97,38 @@ async def test_moving_the_start_rearms_and_unapproving_or_deleting_disarms(
         moved_earlier = await coll.insert_one(campaign("earlier", 3600, 7200, ["1"]))
         unapproved = await coll.insert_one(campaign("unapproved", 1.5, 30, ["1"]))
         deleted = await coll.insert_one(campaign("deleted", 1.5, 30, ["1"]))
-        keys = {name: TimerKey(str(r.inserted_id), TimerKind.START) for name, r in [
-            ("later", moved_later), ("earlier", moved_earlier), ("unapproved", unapproved),
-            ("deleted", deleted)]}
+        keys = {
+            name: TimerKey(str(r.inserted_id), TimerKind.START)
+            for name, r in [
+                ("later", moved_later),
+                ("earlier", moved_earlier),
+                ("unapproved", unapproved),
+                ("deleted", deleted),
+            ]
+        }
         await eventually(lambda: _true(all(k in sched.timers for k in keys.values())))
         later_at = now() + dt.timedelta(hours=1)
         earlier_at = now() + dt.timedelta(seconds=1)
-        await coll.update_one({"_id": moved_later.inserted_id},
-                              {"$set": {"startDate": later_at,
-                                        "endDate": later_at + dt.timedelta(hours=1)}})
-        await coll.update_one({"_id": moved_earlier.inserted_id},
-                              {"$set": {"startDate": earlier_at}})
-        await coll.update_one({"_id": unapproved.inserted_id},
-                              {"$set": {"status": "pending_approval"}})
+        await coll.update_one(
+            {"_id": moved_later.inserted_id},
+            {"$set": {"startDate": later_at, "endDate": later_at + dt.timedelta(hours=1)}},
+        )
+        await coll.update_one(
+            {"_id": moved_earlier.inserted_id}, {"$set": {"startDate": earlier_at}}
+        )
+        await coll.update_one(
+            {"_id": unapproved.inserted_id}, {"$set": {"status": "pending_approval"}}
+        )
         await coll.delete_one({"_id": deleted.inserted_id})
 
         def settled() -> bool:
             later = sched.timers.due_at(keys["later"])
-            return (later is not None and abs((later - later_at).total_seconds()) < 0.01
-                    and keys["unapproved"] not in sched.timers
-                    and keys["deleted"] not in sched.timers)
+            return (
+                later is not None
+                and abs((later - later_at).total_seconds()) < 0.01
+                and keys["unapproved"] not in sched.timers
+                and keys["deleted"] not in sched.timers
+            )
 
         await eventually(lambda: _true(settled()))
         await eventually(has_status(client, mongo, moved_earlier.inserted_id, "running"), 5)
@@ -123,7 +139,8 @@ async def test_moving_the_start_rearms_and_unapproving_or_deleting_disarms(
 
 
 async def test_three_instances_race_each_campaign_claimed_exactly_once(
-        mongo: MongoTarget, client: Client) -> None:
+    mongo: MongoTarget, client: Client
+) -> None:
     coll = client[mongo.campaigns_db].campaigns
     configs = [settings(mongo, reactor_instance_id=f"r{i}", lease_seconds=30) for i in range(3)]
     async with running(*configs) as reactors:
@@ -137,8 +154,9 @@ async def test_three_instances_race_each_campaign_claimed_exactly_once(
         await eventually(all_running, 20)
         epochs = await coll.distinct("execution.epoch")
         assert epochs == [1]  # one successful claim each, never a second
-        wins = sum(sample(r, "reactor_campaign_transitions_total", {"to": "running"})
-                   for r in reactors)
+        wins = sum(
+            sample(r, "reactor_campaign_transitions_total", {"to": "running"}) for r in reactors
+        )
         assert wins == 200
         owners = {d["execution"]["owner"] async for d in coll.find({"_id": {"$in": ids}})}
         assert owners <= {"r0", "r1", "r2"}
@@ -149,27 +167,36 @@ async def test_three_instances_race_each_campaign_claimed_exactly_once(
 
         await eventually(all_recorded)
         assert await executions.count_documents({}) == 200
-        repairs = sum(sample(r, "reactor_reconcile_repairs_total", {"kind": kind})
-                      for r in reactors for kind in ("armed", "disarmed", "takeover"))
+        repairs = sum(
+            sample(r, "reactor_reconcile_repairs_total", {"kind": kind})
+            for r in reactors
+            for kind in ("armed", "disarmed", "takeover")
+        )
         assert repairs == 0  # a burst the stream delivered in full is no repair
 
 
 async def test_stream_connection_closed_by_fail_point_later_changes_still_handled(
-        mongo: MongoTarget, client: Client) -> None:
+    mongo: MongoTarget, client: Client
+) -> None:
     coll = client[mongo.campaigns_db].campaigns
     async with running(settings(mongo, reconcile_interval_seconds=3600)) as (reactor,):
         for _ in range(3):
-            await client.admin.command({
-                "configureFailPoint": "failCommand", "mode": {"times": 2},
-                "data": {"failCommands": ["getMore"], "closeConnection": True}})
+            await client.admin.command(
+                {
+                    "configureFailPoint": "failCommand",
+                    "mode": {"times": 2},
+                    "data": {"failCommands": ["getMore"], "closeConnection": True},
+                }
+            )
             res = await coll.insert_one(campaign("after-close", 0.5, 30, []))
             await eventually(has_status(client, mongo, res.inserted_id, "running"), 10)
         # The sweep is an hour away: these were handled by the (resumed) stream.
         assert sample(reactor, "reactor_reconcile_runs_total") == 1
 
 
-async def test_history_lost_sweep_repairs_nothing_missed(mongo: MongoTarget,
-                                                         client: Client) -> None:
+async def test_history_lost_sweep_repairs_nothing_missed(
+    mongo: MongoTarget, client: Client
+) -> None:
     emulator = mongo.require_emulator()
     coll = client[mongo.campaigns_db].campaigns
     cfg = settings(mongo, reconcile_interval_seconds=3600)
@@ -182,8 +209,9 @@ async def test_history_lost_sweep_repairs_nothing_missed(mongo: MongoTarget,
     emulator.drop_change_stream_history()
     async with running(cfg) as (reactor,):
         await eventually(has_status(client, mongo, res.inserted_id, "running"), 5)
-        assert sample(reactor, "reactor_change_stream_restarts_total",
-                      {"reason": "history_lost"}) == 1
+        assert (
+            sample(reactor, "reactor_change_stream_restarts_total", {"reason": "history_lost"}) == 1
+        )
         # and the stream works again from now on
         again = await coll.insert_one(campaign("after", 0.5, 30, []))
         await eventually(has_status(client, mongo, again.inserted_id, "running"), 5)
@@ -202,8 +230,7 @@ async def test_sweep_repairs_what_the_stream_missed(mongo: MongoTarget, client: 
         assert sample(reactor, "reactor_reconcile_repairs_total", {"kind": "armed"}) >= 1
 
 
-async def test_restart_resumes_from_the_persisted_token(mongo: MongoTarget,
-                                                        client: Client) -> None:
+async def test_restart_resumes_from_the_persisted_token(mongo: MongoTarget, client: Client) -> None:
     coll = client[mongo.campaigns_db].campaigns
     state = client[mongo.campaigns_db].reactor_state
     cfg = settings(mongo, reconcile_interval_seconds=3600, reactor_instance_id="stable")
@@ -216,12 +243,14 @@ async def test_restart_resumes_from_the_persisted_token(mongo: MongoTarget,
     assert saved is not None
     assert saved["token"]["_data"]
     # While it is down, a change arrives; the restarted instance resumes from the token.
-    await coll.update_one({"_id": res.inserted_id},
-                          {"$set": {"startDate": now() + dt.timedelta(seconds=1)}})
+    await coll.update_one(
+        {"_id": res.inserted_id}, {"$set": {"startDate": now() + dt.timedelta(seconds=1)}}
+    )
     async with running(cfg) as (reactor,):
         await eventually(has_status(client, mongo, res.inserted_id, "running"), 5)
-        assert sample(reactor, "reactor_change_stream_restarts_total",
-                      {"reason": "history_lost"}) == 0
+        assert (
+            sample(reactor, "reactor_change_stream_restarts_total", {"reason": "history_lost"}) == 0
+        )
 
 
 @pytest.mark.parametrize(
@@ -235,7 +264,8 @@ async def test_restart_resumes_from_the_persisted_token(mongo: MongoTarget,
     ],
 )
 async def test_bad_documents_are_reported_once_and_others_carry_on(
-        mongo: MongoTarget, client: Client, bad: dict[str, Any], reason: str) -> None:
+    mongo: MongoTarget, client: Client, bad: dict[str, Any], reason: str
+) -> None:
     coll = client[mongo.campaigns_db].campaigns
     async with running(settings(mongo, reconcile_interval_seconds=0.3)) as (reactor,):
         broken = campaign("broken", 0.5, 30, [])
@@ -277,8 +307,11 @@ async def test_readiness_endpoint_reports_components(mongo: MongoTarget) -> None
             async with session.get(f"{base}/readyz") as resp:
                 body = await resp.json()
                 assert resp.status == 200
-                assert body["checks"] == {"mongodb": True, "change_stream": True,
-                                          "first_sweep": True}
+                assert body["checks"] == {
+                    "mongodb": True,
+                    "change_stream": True,
+                    "first_sweep": True,
+                }
             async with session.get(f"{base}/healthz") as resp:
                 assert resp.status == 200
             async with session.get(f"{base}/metrics") as resp:

@@ -31,8 +31,9 @@ class Fired:
         return [k for k, _, _ in self.events]
 
 
-async def run_heap(clock: FakeClock, heap: TimerHeap[str], fired: Fired,
-                   tg: anyio.abc.TaskGroup) -> None:
+async def run_heap(
+    clock: FakeClock, heap: TimerHeap[str], fired: Fired, tg: anyio.abc.TaskGroup
+) -> None:
     await tg.start(heap.run, fired)
     await anyio.wait_all_tasks_blocked()
 

@@ -22,8 +22,17 @@ from reactor.ports import SmsMessage
 
 ROOT = Path(__file__).resolve().parent.parent
 PRISM = ROOT / ".tools" / "node_modules" / ".bin" / "prism"
-SPEC = (ROOT / ".tools" / "node_modules" / "@twilio-alpha" / "mcp" / "twilio-oai" / "spec"
-        / "json" / "twilio_api_v2010.json")
+SPEC = (
+    ROOT
+    / ".tools"
+    / "node_modules"
+    / "@twilio-alpha"
+    / "mcp"
+    / "twilio-oai"
+    / "spec"
+    / "json"
+    / "twilio_api_v2010.json"
+)
 ACCOUNT = "AC" + "0" * 32
 
 
@@ -43,8 +52,17 @@ async def prism(port: int) -> AsyncIterator[str]:
     assert PRISM.exists(), "Prism is not installed: run `bash .ci/install`"
     assert SPEC.exists(), "Twilio's OpenAPI description is not installed: run `bash .ci/install`"
     proc = await asyncio.create_subprocess_exec(
-        str(PRISM), "mock", "--errors", "-h", "127.0.0.1", "-p", str(port), str(SPEC),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        str(PRISM),
+        "mock",
+        "--errors",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        str(SPEC),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as session:
@@ -65,9 +83,12 @@ async def prism(port: int) -> AsyncIterator[str]:
 
 def _config(base: str, **overrides: str | None) -> TwilioConfig:
     values: dict[str, object] = {
-        "account_sid": ACCOUNT, "auth_token": SecretStr("0" * 32),
-        "from_number": "+15005550006", "messaging_service_sid": None,
-        "api_base_url": base, "timeout_s": 10.0,
+        "account_sid": ACCOUNT,
+        "auth_token": SecretStr("0" * 32),
+        "from_number": "+15005550006",
+        "messaging_service_sid": None,
+        "api_base_url": base,
+        "timeout_s": 10.0,
     }
     values.update(overrides)
     return TwilioConfig(**values)  # type: ignore[arg-type]
@@ -82,10 +103,13 @@ async def test_sends_conform_to_twilios_openapi_description(prism_port: int) -> 
             assert len(sid) == 34
         finally:
             await sender.aclose()
-        with_service = TwilioSmsSender(_config(base, from_number=None,
-                                               messaging_service_sid="MG" + "0" * 32))
+        with_service = TwilioSmsSender(
+            _config(base, from_number=None, messaging_service_sid="MG" + "0" * 32)
+        )
         try:
-            assert (await with_service.send(SmsMessage(to="+14155550100", body="x"))).startswith("SM")
+            assert (await with_service.send(SmsMessage(to="+14155550100", body="x"))).startswith(
+                "SM"
+            )
         finally:
             await with_service.aclose()
 

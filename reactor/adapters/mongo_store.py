@@ -101,8 +101,9 @@ class MongoCampaignStore:
 
     # ---- errors on documents -------------------------------------------------------------
 
-    async def record_invalid(self, campaign_id: Any, reason: str, detail: str,
-                             now: dt.datetime) -> bool:
+    async def record_invalid(
+        self, campaign_id: Any, reason: str, detail: str, now: dt.datetime
+    ) -> bool:
         """Write `execution.lastError` unless the same error is already there; True if written."""
         result = await self.campaigns.update_one(
             {"_id": campaign_id, "execution.lastError.detail": {"$ne": detail}},
@@ -112,9 +113,16 @@ class MongoCampaignStore:
 
     # ---- claims --------------------------------------------------------------------------
 
-    async def claim_start(self, campaign_id: Any, *, owner: str, now: dt.datetime,
-                          lease_s: float, grace_s: float,
-                          lateness_ms: float = 0.0) -> dict[str, Any] | None:
+    async def claim_start(
+        self,
+        campaign_id: Any,
+        *,
+        owner: str,
+        now: dt.datetime,
+        lease_s: float,
+        grace_s: float,
+        lateness_ms: float = 0.0,
+    ) -> dict[str, Any] | None:
         """approved → running if due, inside the grace and before the end. Returns the claimed
         document (with its new epoch) to the single winner, None to everyone else."""
         lease_until = now + dt.timedelta(seconds=lease_s)
@@ -141,8 +149,9 @@ class MongoCampaignStore:
             return_document=ReturnDocument.AFTER,
         )
 
-    async def mark_missed(self, campaign_id: Any, *, now: dt.datetime, grace_s: float,
-                          reason: str) -> bool:
+    async def mark_missed(
+        self, campaign_id: Any, *, now: dt.datetime, grace_s: float, reason: str
+    ) -> bool:
         """approved → missed when the start is past the grace or the window already closed."""
         result = await self.campaigns.update_one(
             {
@@ -153,13 +162,19 @@ class MongoCampaignStore:
                     {"endDate": {"$lte": now}},
                 ],
             },
-            {"$set": {"status": Status.MISSED, "execution.reason": reason,
-                      "execution.finishedAt": now}},
+            {
+                "$set": {
+                    "status": Status.MISSED,
+                    "execution.reason": reason,
+                    "execution.finishedAt": now,
+                }
+            },
         )
         return result.modified_count > 0
 
-    async def claim_takeover(self, campaign_id: Any, *, old_epoch: int, owner: str,
-                             now: dt.datetime, lease_s: float) -> dict[str, Any] | None:
+    async def claim_takeover(
+        self, campaign_id: Any, *, old_epoch: int, owner: str, now: dt.datetime, lease_s: float
+    ) -> dict[str, Any] | None:
         """Take a running campaign whose lease expired (or was released) from `old_epoch`."""
         return await self.campaigns.find_one_and_update(
             {
@@ -183,19 +198,25 @@ class MongoCampaignStore:
             return_document=ReturnDocument.AFTER,
         )
 
-    async def heartbeat(self, campaign_id: Any, *, epoch: int, owner: str,
-                        lease_until: dt.datetime) -> dict[str, Any] | None:
+    async def heartbeat(
+        self, campaign_id: Any, *, epoch: int, owner: str, lease_until: dt.datetime
+    ) -> dict[str, Any] | None:
         """Extend the lease while the campaign is still ours and running; the returned document
         is None when it is not (paused, cancelled, taken over...)."""
         return await self.campaigns.find_one_and_update(
-            {"_id": campaign_id, "status": Status.RUNNING, "execution.epoch": epoch,
-             "execution.owner": owner},
+            {
+                "_id": campaign_id,
+                "status": Status.RUNNING,
+                "execution.epoch": epoch,
+                "execution.owner": owner,
+            },
             {"$set": {"execution.leaseUntil": lease_until}},
             projection={"_id": 1},
         )
 
-    async def release(self, campaign_id: Any, *, epoch: int, execution: Mapping[str, Any],
-                      now: dt.datetime) -> bool:
+    async def release(
+        self, campaign_id: Any, *, epoch: int, execution: Mapping[str, Any], now: dt.datetime
+    ) -> bool:
         """Give up the lease at once. The whole `execution` sub-document is replaced (not one
         dotted field) so that the change reaches the other replicas' filtered change streams."""
         released = dict(execution)
@@ -205,8 +226,14 @@ class MongoCampaignStore:
         )
         return result.modified_count > 0
 
-    async def mark_sends_done(self, campaign_id: Any, *, epoch: int, now: dt.datetime,
-                              performance: Mapping[str, int] | None = None) -> bool:
+    async def mark_sends_done(
+        self,
+        campaign_id: Any,
+        *,
+        epoch: int,
+        now: dt.datetime,
+        performance: Mapping[str, int] | None = None,
+    ) -> bool:
         """Sending is over for this epoch; with `performance`, the authoritative counts from the
         ledger replace the live ones in the same write."""
         fields: dict[str, Any] = {"execution.sendsDone": True, "execution.sendsDoneAt": now}
@@ -214,11 +241,13 @@ class MongoCampaignStore:
             fields.update({f"performance.{k}": v for k, v in performance.items()})
             fields["performance.updatedAt"] = now
         result = await self.campaigns.update_one(
-            {"_id": campaign_id, "execution.epoch": epoch}, {"$set": fields})
+            {"_id": campaign_id, "execution.epoch": epoch}, {"$set": fields}
+        )
         return result.modified_count > 0
 
-    async def complete(self, campaign_id: Any, *, now: dt.datetime,
-                       epoch: int | None = None) -> bool:
+    async def complete(
+        self, campaign_id: Any, *, now: dt.datetime, epoch: int | None = None
+    ) -> bool:
         """running/paused → completed once the end has passed. With `epoch`, only as that
         execution's owner; without, only when no live owner remains."""
         query: dict[str, Any] = {
@@ -238,15 +267,21 @@ class MongoCampaignStore:
             ]
         result = await self.campaigns.update_one(
             query,
-            {"$set": {"status": Status.COMPLETED, "execution.finishedAt": now,
-                      "execution.owner": None}},
+            {
+                "$set": {
+                    "status": Status.COMPLETED,
+                    "execution.finishedAt": now,
+                    "execution.owner": None,
+                }
+            },
         )
         return result.modified_count > 0
 
     # ---- counters ------------------------------------------------------------------------
 
-    async def add_performance(self, campaign_id: Any, *, epoch: int,
-                              counts: Mapping[str, int], now: dt.datetime) -> bool:
+    async def add_performance(
+        self, campaign_id: Any, *, epoch: int, counts: Mapping[str, int], now: dt.datetime
+    ) -> bool:
         incs = {f"performance.{k}": v for k, v in counts.items() if v}
         if not incs:
             return True
@@ -258,17 +293,21 @@ class MongoCampaignStore:
 
     # ---- ledger --------------------------------------------------------------------------
 
-    async def ledger_states(self, campaign: str, channel: str,
-                            customers: Sequence[str]) -> dict[str, tuple[str, int]]:
+    async def ledger_states(
+        self, campaign: str, channel: str, customers: Sequence[str]
+    ) -> dict[str, tuple[str, int]]:
         ids = [delivery_id(campaign, channel, c) for c in customers]
         found: dict[str, tuple[str, int]] = {}
-        cursor = self.deliveries.find({"_id": {"$in": ids}}, {"customer": 1, "state": 1, "epoch": 1})
+        cursor = self.deliveries.find(
+            {"_id": {"$in": ids}}, {"customer": 1, "state": 1, "epoch": 1}
+        )
         async for doc in cursor:
             found[doc["customer"]] = (doc["state"], int(doc.get("epoch", 0)))
         return found
 
-    async def write_deliveries(self, campaign: str, *, epoch: int,
-                               records: Iterable[DeliveryRecord], now: dt.datetime) -> set[str]:
+    async def write_deliveries(
+        self, campaign: str, *, epoch: int, records: Iterable[DeliveryRecord], now: dt.datetime
+    ) -> set[str]:
         """Upsert ledger rows, fenced by epoch: a row already written by a later epoch is not
         touched. Returns the delivery ids that were fenced off (empty when we still own it)."""
         ops = []
@@ -276,18 +315,35 @@ class MongoCampaignStore:
         for rec in records:
             _id = delivery_id(campaign, rec.channel, rec.customer)
             ids.append(_id)
-            fields: dict[str, Any] = {"state": rec.state, "epoch": epoch, "updatedAt": now,
-                                      "attempts": rec.attempts}
-            for name, value in (("to", rec.to), ("providerId", rec.provider_id),
-                                ("error", rec.error), ("reason", rec.reason)):
+            fields: dict[str, Any] = {
+                "state": rec.state,
+                "epoch": epoch,
+                "updatedAt": now,
+                "attempts": rec.attempts,
+            }
+            for name, value in (
+                ("to", rec.to),
+                ("providerId", rec.provider_id),
+                ("error", rec.error),
+                ("reason", rec.reason),
+            ):
                 if value is not None:
                     fields[name] = value
-            ops.append(UpdateOne(
-                {"_id": _id, "epoch": {"$lte": epoch}},
-                {"$set": fields, "$setOnInsert": {"campaign": campaign, "channel": rec.channel,
-                                                  "customer": rec.customer, "createdAt": now}},
-                upsert=True,
-            ))
+            ops.append(
+                UpdateOne(
+                    {"_id": _id, "epoch": {"$lte": epoch}},
+                    {
+                        "$set": fields,
+                        "$setOnInsert": {
+                            "campaign": campaign,
+                            "channel": rec.channel,
+                            "customer": rec.customer,
+                            "createdAt": now,
+                        },
+                    },
+                    upsert=True,
+                )
+            )
         if not ops:
             return set()
         try:
@@ -303,10 +359,12 @@ class MongoCampaignStore:
 
     async def ledger_counts(self, campaign: str) -> dict[str, dict[str, int]]:
         """{channel: {state: n}} straight from the ledger: the authoritative counts."""
-        cursor = await self.deliveries.aggregate([
-            {"$match": {"campaign": campaign}},
-            {"$group": {"_id": {"channel": "$channel", "state": "$state"}, "n": {"$sum": 1}}},
-        ])
+        cursor = await self.deliveries.aggregate(
+            [
+                {"$match": {"campaign": campaign}},
+                {"$group": {"_id": {"channel": "$channel", "state": "$state"}, "n": {"$sum": 1}}},
+            ]
+        )
         out: dict[str, dict[str, int]] = {}
         async for row in cursor:
             out.setdefault(row["_id"]["channel"], {})[row["_id"]["state"]] = int(row["n"])
@@ -321,8 +379,9 @@ class MongoCampaignStore:
 
     # ---- execution attempts ----------------------------------------------------------------
 
-    async def record_execution(self, campaign: str, *, epoch: int, owner: str,
-                               fields: Mapping[str, Any]) -> None:
+    async def record_execution(
+        self, campaign: str, *, epoch: int, owner: str, fields: Mapping[str, Any]
+    ) -> None:
         await self.executions.update_one(
             {"campaign": campaign, "epoch": epoch},
             {"$set": dict(fields), "$setOnInsert": {"owner": owner}},

@@ -29,12 +29,14 @@ class MongoRecipients:
         pipeline: list[dict[str, Any]] = [
             {"$match": {c.id_field: {"$in": variants}}},
             {"$sort": {"_id": 1}},
-            {"$group": {
-                "_id": f"${c.id_field}",
-                "emails": {"$push": f"${c.email_field}"},
-                "phones": {"$push": f"${c.phone_field}"},
-                "names": {"$push": f"${c.name_field}"},
-            }},
+            {
+                "$group": {
+                    "_id": f"${c.id_field}",
+                    "emails": {"$push": f"${c.email_field}"},
+                    "phones": {"$push": f"${c.phone_field}"},
+                    "names": {"$push": f"${c.name_field}"},
+                }
+            },
         ]
         out: dict[str, Recipient] = {}
         cursor = await self._orders.aggregate(pipeline)
@@ -52,8 +54,9 @@ class MongoRecipients:
     async def check(self) -> dict[str, Any]:
         """For `reactor doctor`: a sample row and whether it has the configured fields."""
         c = self._config
-        sample = await self._orders.find_one({}, {c.id_field: 1, c.email_field: 1,
-                                                  c.phone_field: 1, c.name_field: 1})
+        sample = await self._orders.find_one(
+            {}, {c.id_field: 1, c.email_field: 1, c.phone_field: 1, c.name_field: 1}
+        )
         return {"sample": sample, "count_estimate": await self._orders.estimated_document_count()}
 
 

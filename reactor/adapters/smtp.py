@@ -24,8 +24,12 @@ from ..ports import EmailMessage
 
 log = logging.getLogger(__name__)
 
-_DISCONNECTS = (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError,
-                asyncio.TimeoutError)
+_DISCONNECTS = (
+    aiosmtplib.SMTPServerDisconnected,
+    aiosmtplib.SMTPTimeoutError,
+    OSError,
+    asyncio.TimeoutError,
+)
 
 
 _UTF8_QP = email.charset.Charset("utf-8")
@@ -35,8 +39,9 @@ _UTF8_QP.body_encoding = email.charset.QP
 def _header_value(name: str, value: str) -> str | Header:
     # Line breaks in a header value would let content inject headers (Bcc: ...): refuse them.
     if "\r" in value or "\n" in value:
-        raise PermanentDeliveryError(f"refused {name} header: it contains a line break",
-                                     code="header_injection")
+        raise PermanentDeliveryError(
+            f"refused {name} header: it contains a line break", code="header_injection"
+        )
     return value if value.isascii() else Header(value, "utf-8")
 
 
@@ -59,8 +64,12 @@ def build_mime(message: EmailMessage, sender: str) -> email.message.Message:
         mime = _text_part(message.text or message.html or "", subtype)
     else:
         raise PermanentDeliveryError("message has no body", code="empty_body")
-    for name, value in (("From", sender), ("To", message.to), ("Subject", message.subject),
-                        ("Message-ID", message.message_id)):
+    for name, value in (
+        ("From", sender),
+        ("To", message.to),
+        ("Subject", message.subject),
+        ("Message-ID", message.message_id),
+    ):
         mime[name] = _header_value(name, value)  # type: ignore[assignment]  # Header is allowed
     mime["Date"] = formatdate(usegmt=True)
     return mime
@@ -95,14 +104,16 @@ class SmtpEmailSender:
         finally:
             self._idle.put_nowait(client)
 
-    async def _send_on(self, client: aiosmtplib.SMTP, mime: email.message.Message,
-                       message: EmailMessage) -> str:
+    async def _send_on(
+        self, client: aiosmtplib.SMTP, mime: email.message.Message, message: EmailMessage
+    ) -> str:
         if not client.is_connected:
             try:
                 await client.connect()
             except aiosmtplib.SMTPAuthenticationError as exc:
-                raise TransientDeliveryError(f"SMTP authentication failed ({exc.code})",
-                                             code=str(exc.code)) from exc
+                raise TransientDeliveryError(
+                    f"SMTP authentication failed ({exc.code})", code=str(exc.code)
+                ) from exc
             except (aiosmtplib.SMTPException, *_DISCONNECTS) as exc:
                 client.close()
                 raise TransientDeliveryError(f"SMTP connect failed: {exc}") from exc

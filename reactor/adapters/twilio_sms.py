@@ -41,33 +41,50 @@ class MappedTwilioHttpClient(AsyncTwilioHttpClient):  # type: ignore[misc]
         self._timeout_s = timeout_s
         self._session: aiohttp.ClientSession | None = None
 
-    async def request(self, method: str, url: str, params: Any = None, data: Any = None,
-                      headers: Any = None, auth: Any = None,
-                      timeout: float | None = None,  # noqa: ASYNC109 - twilio's signature
-                      allow_redirects: bool = False) -> Response:
+    async def request(
+        self,
+        method: str,
+        url: str,
+        params: Any = None,
+        data: Any = None,
+        headers: Any = None,
+        auth: Any = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - twilio's signature
+        allow_redirects: bool = False,
+    ) -> Response:
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=timeout or self._timeout_s,
-                                              connect=min(5.0, self._timeout_s)))
+                timeout=aiohttp.ClientTimeout(
+                    total=timeout or self._timeout_s, connect=min(5.0, self._timeout_s)
+                )
+            )
         headers = dict(headers or {})
         if auth:
             token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode("ascii")
             headers["Authorization"] = f"Basic {token}"
         try:
-            async with self._session.request(method.upper(), url, params=params, data=data,
-                                             headers=headers,
-                                             allow_redirects=allow_redirects) as resp:
+            async with self._session.request(
+                method.upper(),
+                url,
+                params=params,
+                data=data,
+                headers=headers,
+                allow_redirects=allow_redirects,
+            ) as resp:
                 text = await resp.text()
                 status, resp_headers = resp.status, dict(resp.headers)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise TransientDeliveryError(f"Twilio unreachable: {type(exc).__name__}") from exc
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise UncertainDeliveryError(
-                f"Twilio request outcome unknown: {type(exc).__name__}") from exc
+                f"Twilio request outcome unknown: {type(exc).__name__}"
+            ) from exc
         if status == 429:
             raise TransientDeliveryError(
-                "Twilio rate limit (429)", code="429",
-                retry_after_s=_retry_after(resp_headers.get("Retry-After")))
+                "Twilio rate limit (429)",
+                code="429",
+                retry_after_s=_retry_after(resp_headers.get("Retry-After")),
+            )
         return Response(status, text, resp_headers)
 
     async def close(self) -> None:
@@ -80,8 +97,9 @@ class TwilioSmsSender:
     def __init__(self, config: TwilioConfig) -> None:
         self._config = config
         self._http = MappedTwilioHttpClient(config.timeout_s)
-        self._client = Client(config.account_sid, config.auth_token.get_secret_value(),
-                              http_client=self._http)
+        self._client = Client(
+            config.account_sid, config.auth_token.get_secret_value(), http_client=self._http
+        )
         if config.api_base_url:
             self._client.api.base_url = config.api_base_url.rstrip("/")
         # twilio's own request logging would print URLs and parameters at INFO.
@@ -108,4 +126,5 @@ class TwilioSmsSender:
     async def check(self) -> None:
         """Fetch the account resource once, for `reactor doctor --probe`; raises on failure."""
         await asyncio.wait_for(
-            self._client.api.v2010.accounts(self._config.account_sid).fetch_async(), 10)
+            self._client.api.v2010.accounts(self._config.account_sid).fetch_async(), 10
+        )

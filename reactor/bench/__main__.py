@@ -21,8 +21,10 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     names = ["emulator", "scheduling", "sending", "faults"] if args.name == "all" else [args.name]
-    results: dict[str, Any] = {"machine": machine(),
-                               "measured_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "measured_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
     for name in names:
         module = __import__(f"reactor.bench.{name}", fromlist=["run"])
         print(f"== {name}", flush=True)

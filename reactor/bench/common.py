@@ -24,9 +24,13 @@ def percentile(values: Sequence[float], q: float) -> float:
 def summary_ms(values: Sequence[float]) -> dict[str, float]:
     """p50/p99/max of durations given in seconds, in milliseconds."""
     ms = [v * 1000 for v in values]
-    return {"p50_ms": round(percentile(ms, 0.5), 3), "p99_ms": round(percentile(ms, 0.99), 3),
-            "max_ms": round(max(ms), 3) if ms else float("nan"),
-            "mean_ms": round(statistics.fmean(ms), 3) if ms else float("nan"), "n": len(ms)}
+    return {
+        "p50_ms": round(percentile(ms, 0.5), 3),
+        "p99_ms": round(percentile(ms, 0.99), 3),
+        "max_ms": round(max(ms), 3) if ms else float("nan"),
+        "mean_ms": round(statistics.fmean(ms), 3) if ms else float("nan"),
+        "n": len(ms),
+    }
 
 
 def machine() -> dict[str, Any]:
@@ -42,16 +46,28 @@ def machine() -> dict[str, Any]:
             if line.startswith("MemTotal"):
                 mem_gib = round(int(line.split()[1]) / 1024 / 1024, 1)
                 break
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem_gib,
-            "python": platform.python_version(), "platform": platform.platform()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": mem_gib,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
 
 
 @contextlib.asynccontextmanager
 async def emulator_process() -> AsyncIterator[str]:
     """`reactor mongo-emulator` in its own process (so its CPU is not the client's)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "reactor", "mongo-emulator", "--port", "0",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        sys.executable,
+        "-m",
+        "reactor",
+        "mongo-emulator",
+        "--port",
+        "0",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
     assert proc.stdout is not None
     line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip()
     if not line.startswith("ready "):

@@ -28,13 +28,12 @@ async def run(quick: bool = False) -> dict[str, Any]:
         t0 = time.perf_counter()
         docs = [{"seq": i, "payload": "x" * 64} for i in range(n_bulk)]
         for start in range(0, n_bulk, 1000):
-            await client.bench.bulk.insert_many(docs[start:start + 1000])
+            await client.bench.bulk.insert_many(docs[start : start + 1000])
         bulk_rate = n_bulk / (time.perf_counter() - t0)
 
         received: dict[int, float] = {}
         acked: dict[int, float] = {}
-        stream = await coll.watch([{"$match": {"operationType": "insert"}}],
-                                  max_await_time_ms=5000)
+        stream = await coll.watch([{"$match": {"operationType": "insert"}}], max_await_time_ms=5000)
         done = asyncio.Event()
 
         async def consume() -> None:

@@ -52,11 +52,22 @@ class ReactorProcess:
     proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
-        env = {**os.environ, **self.env, "REACTOR_INSTANCE_ID": self.name,
-               "METRICS_PORT": str(self.port), "METRICS_HOST": "127.0.0.1"}
+        env = {
+            **os.environ,
+            **self.env,
+            "REACTOR_INSTANCE_ID": self.name,
+            "METRICS_PORT": str(self.port),
+            "METRICS_HOST": "127.0.0.1",
+        }
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "reactor", "run", env=env,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            sys.executable,
+            "-m",
+            "reactor",
+            "run",
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
 
     async def ready(self, timeout_s: float = 30) -> None:
         deadline = time.monotonic() + timeout_s
@@ -104,28 +115,39 @@ class World:
             await reactor.ready()
         return reactor
 
-    async def approve(self, n: int, *, start_in_s: float, window_s: float = 120,
-                      size: int | None = None, tag: str = "c") -> list[Any]:
+    async def approve(
+        self,
+        n: int,
+        *,
+        start_in_s: float,
+        window_s: float = 120,
+        size: int | None = None,
+        tag: str = "c",
+    ) -> list[Any]:
         now = dt.datetime.now(dt.UTC)
         docs = []
         for i in range(n):
             name = f"{tag}{len(self.campaign_ids) + i}"
             audience = [str(c) for c in range(size or self.customers)]
-            docs.append({
-                "name": name, "status": "approved",
-                "startDate": now + dt.timedelta(seconds=start_in_s),
-                "endDate": now + dt.timedelta(seconds=start_in_s + window_s),
-                "email": {"subject": f"[{name}] Hello {{{{name}}}}", "text": "Sale today."},
-                "sms": {"body": f"[{name}] Hi {{{{name}}}}, sale today."},
-                "targetedCustomerIds": audience,
-            })
+            docs.append(
+                {
+                    "name": name,
+                    "status": "approved",
+                    "startDate": now + dt.timedelta(seconds=start_in_s),
+                    "endDate": now + dt.timedelta(seconds=start_in_s + window_s),
+                    "email": {"subject": f"[{name}] Hello {{{{name}}}}", "text": "Sale today."},
+                    "sms": {"body": f"[{name}] Hi {{{{name}}}}, sale today."},
+                    "targetedCustomerIds": audience,
+                }
+            )
         result = await self.client.marketing.campaigns.insert_many(docs)
         self.campaign_ids.extend(result.inserted_ids)
         return list(result.inserted_ids)
 
     async def all_sent(self) -> bool:
         count = await self.client.marketing.campaigns.count_documents(
-            {"_id": {"$in": self.campaign_ids}, "execution.sendsDone": True})
+            {"_id": {"$in": self.campaign_ids}, "execution.sendsDone": True}
+        )
         return count == len(self.campaign_ids)
 
     async def stop_all(self) -> None:
@@ -146,16 +168,31 @@ async def until(check: Callable[[], Awaitable[bool]], timeout_s: float) -> float
 async def world(customers: int) -> AsyncIterator[World]:
     async with MongoEmulator() as emulator, SmtpSink(seed=3) as sink, TwilioFake(seed=3) as twilio:
         client: Client = AsyncMongoClient(emulator.uri, tz_aware=True)
-        await client.retail_db.newdatabase.insert_many([
-            {"customer_id": i, "email": f"c{i}@shop.example", "phone": f"+1415555{i:04d}",
-             "name": f"Customer {i}"} for i in range(customers)])
+        await client.retail_db.newdatabase.insert_many(
+            [
+                {
+                    "customer_id": i,
+                    "email": f"c{i}@shop.example",
+                    "phone": f"+1415555{i:04d}",
+                    "name": f"Customer {i}",
+                }
+                for i in range(customers)
+            ]
+        )
         await client.retail_db.newdatabase.create_index("customer_id")
         env = {
-            "MONGO_URI": emulator.uri, "LOG_LEVEL": "WARNING", "LOG_FORMAT": "json",
-            "LEASE_SECONDS": "2", "RECONCILE_INTERVAL_SECONDS": "2",
-            "SHUTDOWN_GRACE_SECONDS": "5", "EMAIL_RATE_PER_SECOND": "150",
-            "SMS_RATE_PER_SECOND": "150", "SEND_CONCURRENCY": str(CONCURRENCY),
-            "SEND_MAX_ATTEMPTS": "50", "RETRY_BASE_SECONDS": "0.1", "RETRY_MAX_SECONDS": "1.0",
+            "MONGO_URI": emulator.uri,
+            "LOG_LEVEL": "WARNING",
+            "LOG_FORMAT": "json",
+            "LEASE_SECONDS": "2",
+            "RECONCILE_INTERVAL_SECONDS": "2",
+            "SHUTDOWN_GRACE_SECONDS": "5",
+            "EMAIL_RATE_PER_SECOND": "150",
+            "SMS_RATE_PER_SECOND": "150",
+            "SEND_CONCURRENCY": str(CONCURRENCY),
+            "SEND_MAX_ATTEMPTS": "50",
+            "RETRY_BASE_SECONDS": "0.1",
+            "RETRY_MAX_SECONDS": "1.0",
             **{k: str(v) for k, v in sink.settings_env().items()},
             **{k: str(v) for k, v in twilio.settings_env().items()},
         }
@@ -170,8 +207,9 @@ async def world(customers: int) -> AsyncIterator[World]:
 async def account(w: World, *, crashes: int = 0) -> dict[str, Any]:
     """Count sinks against the ledger, per (campaign, channel, customer)."""
     names = {}
-    async for doc in w.client.marketing.campaigns.find({"_id": {"$in": w.campaign_ids}},
-                                                       {"name": 1, "execution": 1}):
+    async for doc in w.client.marketing.campaigns.find(
+        {"_id": {"$in": w.campaign_ids}}, {"name": 1, "execution": 1}
+    ):
         names[doc["name"]] = doc
     received: collections.Counter[tuple[str, str, str]] = collections.Counter()
     for m in w.sink.messages:
@@ -184,15 +222,17 @@ async def account(w: World, *, crashes: int = 0) -> dict[str, Any]:
     states: collections.Counter[str] = collections.Counter()
     final = 0
     async for row in w.client.marketing.deliveries.find(
-            {"campaign": {"$in": [str(i) for i in w.campaign_ids]}}):
+        {"campaign": {"$in": [str(i) for i in w.campaign_ids]}}
+    ):
         states[row["state"]] += 1
         if row["state"] in ("sent", "failed", "skipped", "uncertain"):
             final += 1
     expected = 0
     async for doc in w.client.marketing.campaigns.find({"_id": {"$in": w.campaign_ids}}):
         expected += len(set(doc.get("targetedCustomerIds", []))) * 2
-    lateness = [d["execution"].get("startLatenessMs", 0.0) for d in names.values()
-                if d.get("execution")]
+    lateness = [
+        d["execution"].get("startLatenessMs", 0.0) for d in names.values() if d.get("execution")
+    ]
     return {
         "campaigns": len(w.campaign_ids),
         "deliveries_expected": expected,
@@ -229,8 +269,9 @@ async def three_instances_bursts(w: World, quick: bool) -> dict[str, Any]:
         await w.approve(2 if quick else 4, start_in_s=0.5, size=w.customers // 2)
         await asyncio.sleep(1.0)
     done_at = await until(w.all_sent, 120)
-    claims = await w.client.marketing.campaigns.distinct("execution.epoch",
-                                                         {"_id": {"$in": w.campaign_ids}})
+    claims = await w.client.marketing.campaigns.distinct(
+        "execution.epoch", {"_id": {"$in": w.campaign_ids}}
+    )
     return {**await account(w), "epochs_seen": claims, "recovery_s": round(done_at - t0, 2)}
 
 
@@ -246,8 +287,11 @@ async def rolling_restart(w: World, quick: bool) -> dict[str, Any]:
         await w.spawn(f"{reactor.name}2")
     restarted_at = time.monotonic()
     done_at = await until(w.all_sent, 120)
-    return {**await account(w, crashes=0), "exit_codes": codes,
-            "recovery_s": round(done_at - restarted_at, 2)}
+    return {
+        **await account(w, crashes=0),
+        "exit_codes": codes,
+        "recovery_s": round(done_at - restarted_at, 2),
+    }
 
 
 async def stream_closed_repeatedly(w: World, quick: bool) -> dict[str, Any]:
@@ -255,9 +299,13 @@ async def stream_closed_repeatedly(w: World, quick: bool) -> dict[str, Any]:
     await w.spawn("b")
     admin = w.client.admin
     for _ in range(4):
-        await admin.command({"configureFailPoint": "failCommand", "mode": {"times": 2},
-                             "data": {"failCommands": ["getMore", "aggregate"],
-                                      "closeConnection": True}})
+        await admin.command(
+            {
+                "configureFailPoint": "failCommand",
+                "mode": {"times": 2},
+                "data": {"failCommands": ["getMore", "aggregate"], "closeConnection": True},
+            }
+        )
         await w.approve(1, start_in_s=0.5, size=w.customers // 2)
         await asyncio.sleep(0.5)
     fault_end = time.monotonic()
@@ -275,9 +323,13 @@ async def history_lost_while_down(w: World, quick: bool) -> dict[str, Any]:
     back_at = time.monotonic()
     done_at = await until(w.all_sent, 60)
     metrics = await _metrics(back)
-    return {**await account(w), "history_lost_restarts": metrics.get(
-        'reactor_change_stream_restarts_total{reason="history_lost"}', 0.0),
-        "recovery_s": round(done_at - back_at, 2)}
+    return {
+        **await account(w),
+        "history_lost_restarts": metrics.get(
+            'reactor_change_stream_restarts_total{reason="history_lost"}', 0.0
+        ),
+        "recovery_s": round(done_at - back_at, 2),
+    }
 
 
 async def providers_failing(w: World, quick: bool) -> dict[str, Any]:
@@ -292,8 +344,11 @@ async def providers_failing(w: World, quick: bool) -> dict[str, Any]:
     await w.sink.come_back()
     back_at = time.monotonic()
     done_at = await until(w.all_sent, 120)
-    return {**await account(w, crashes=1), "smtp_outage_s": outage_s,
-            "recovery_s": round(done_at - back_at, 2)}
+    return {
+        **await account(w, crashes=1),
+        "smtp_outage_s": outage_s,
+        "recovery_s": round(done_at - back_at, 2),
+    }
 
 
 async def mongo_failing(w: World, quick: bool) -> dict[str, Any]:
@@ -302,9 +357,13 @@ async def mongo_failing(w: World, quick: bool) -> dict[str, Any]:
     await w.approve(2, start_in_s=1)
     await until(lambda: _at_least(w, 20), 30)
     commands = ["find", "update", "insert", "findAndModify", "aggregate", "getMore", "delete"]
-    await w.client.admin.command({"configureFailPoint": "failCommand", "mode": "alwaysOn",
-                                  "data": {"failCommands": commands, "errorCode": 91,
-                                           "appName": "campaign-reactor/a"}})
+    await w.client.admin.command(
+        {
+            "configureFailPoint": "failCommand",
+            "mode": "alwaysOn",
+            "data": {"failCommands": commands, "errorCode": 91, "appName": "campaign-reactor/a"},
+        }
+    )
     await asyncio.sleep(3 if quick else 8)
     await w.client.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
     back_at = time.monotonic()
@@ -318,15 +377,35 @@ async def bad_campaigns_in_burst(w: World, quick: bool) -> dict[str, Any]:
     bad = [
         {"name": "bad-date", "status": "approved", "startDate": "soon", "endDate": now},
         {"name": "bad-window", "status": "approved", "startDate": now, "endDate": now},
-        {"name": "bad-channel", "status": "approved", "startDate": now,
-         "endDate": now + dt.timedelta(hours=1), "channels": ["fax"]},
-        {"name": "bad-content", "status": "approved", "startDate": now,
-         "endDate": now + dt.timedelta(hours=1), "channels": ["email"], "email": {"text": "x"}},
-        {"name": "bad-status", "status": "aproved", "startDate": now,
-         "endDate": now + dt.timedelta(hours=1)},
-        {"name": "bad-targets", "status": "approved", "startDate": now,
-         "endDate": now + dt.timedelta(hours=1), "sms": {"body": "x"},
-         "targetedCustomerIds": "1,2,3"},
+        {
+            "name": "bad-channel",
+            "status": "approved",
+            "startDate": now,
+            "endDate": now + dt.timedelta(hours=1),
+            "channels": ["fax"],
+        },
+        {
+            "name": "bad-content",
+            "status": "approved",
+            "startDate": now,
+            "endDate": now + dt.timedelta(hours=1),
+            "channels": ["email"],
+            "email": {"text": "x"},
+        },
+        {
+            "name": "bad-status",
+            "status": "aproved",
+            "startDate": now,
+            "endDate": now + dt.timedelta(hours=1),
+        },
+        {
+            "name": "bad-targets",
+            "status": "approved",
+            "startDate": now,
+            "endDate": now + dt.timedelta(hours=1),
+            "sms": {"body": "x"},
+            "targetedCustomerIds": "1,2,3",
+        },
     ]
     t0 = time.monotonic()
     result = await w.client.marketing.campaigns.insert_many(bad)
@@ -336,14 +415,21 @@ async def bad_campaigns_in_burst(w: World, quick: bool) -> dict[str, Any]:
 
     async def all_rejected() -> bool:
         n = await w.client.marketing.campaigns.count_documents(
-            {"_id": {"$in": w.bad_ids}, "execution.lastError": {"$exists": True}})
+            {"_id": {"$in": w.bad_ids}, "execution.lastError": {"$exists": True}}
+        )
         return n == len(w.bad_ids)
 
     await until(all_rejected, 30)
     sent_for_bad = await w.client.marketing.deliveries.count_documents(
-        {"campaign": {"$in": [str(i) for i in w.bad_ids]}})
-    return {**await account(w), "bad_campaigns": len(bad), "bad_rejected": len(bad),
-            "deliveries_for_bad": sent_for_bad, "recovery_s": round(done_at - t0, 2)}
+        {"campaign": {"$in": [str(i) for i in w.bad_ids]}}
+    )
+    return {
+        **await account(w),
+        "bad_campaigns": len(bad),
+        "bad_rejected": len(bad),
+        "deliveries_for_bad": sent_for_bad,
+        "recovery_s": round(done_at - t0, 2),
+    }
 
 
 SCENARIOS: dict[str, Callable[[World, bool], Awaitable[dict[str, Any]]]] = {
@@ -364,8 +450,10 @@ async def _at_least(w: World, n: int) -> bool:
 
 async def _metrics(reactor: ReactorProcess) -> dict[str, float]:
     out: dict[str, float] = {}
-    async with aiohttp.ClientSession() as session, \
-            session.get(f"http://127.0.0.1:{reactor.port}/metrics") as resp:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{reactor.port}/metrics") as resp,
+    ):
         for line in (await resp.text()).splitlines():
             if line and not line.startswith("#"):
                 name, _, value = line.rpartition(" ")
@@ -380,8 +468,11 @@ async def run_scenario(name: str, quick: bool) -> dict[str, Any]:
     async with world(customers) as w:
         result = await SCENARIOS[name](w, quick)
     result["wall_s"] = round(time.monotonic() - t0, 1)
-    result["ok"] = (result["duplicates"] == 0 and result["lost"] == 0
-                    and result["uncertain"] <= result["uncertain_bound"])
+    result["ok"] = (
+        result["duplicates"] == 0
+        and result["lost"] == 0
+        and result["uncertain"] <= result["uncertain_bound"]
+    )
     return result
 
 
@@ -395,10 +486,15 @@ async def run(quick: bool = False) -> dict[str, Any]:
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
-    lines = ["| scenario | deliveries | duplicates | lost | uncertain (bound) | start p99 ms | "
-             "recovery s | ok |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = [
+        "| scenario | deliveries | duplicates | lost | uncertain (bound) | start p99 ms | "
+        "recovery s | ok |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['deliveries_expected']} | {r['duplicates']} | {r['lost']} | "
-                     f"{r['uncertain']} ({r['uncertain_bound']}) | {r['start_lateness_p99_ms']} | "
-                     f"{r['recovery_s']} | {'yes' if r['ok'] else 'NO'} |")
+        lines.append(
+            f"| {name} | {r['deliveries_expected']} | {r['duplicates']} | {r['lost']} | "
+            f"{r['uncertain']} ({r['uncertain_bound']}) | {r['start_lateness_p99_ms']} | "
+            f"{r['recovery_s']} | {'yes' if r['ok'] else 'NO'} |"
+        )
     return "\n".join(lines)

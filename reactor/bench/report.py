@@ -14,49 +14,69 @@ def _ms(summary: dict[str, Any]) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
-    out = [f"Measured {results['measured_at']} on {m['cpu']} ({m['cores']} cores, "
-           f"{m['memory_gib']} GiB), Python {m['python']}; one run, so read ratios, not "
-           "absolute figures.", ""]
+    out = [
+        f"Measured {results['measured_at']} on {m['cpu']} ({m['cores']} cores, "
+        f"{m['memory_gib']} GiB), Python {m['python']}; one run, so read ratios, not "
+        "absolute figures.",
+        "",
+    ]
     if "emulator" in results:
         e = results["emulator"]
-        out += ["| Emulator | Figure |", "| --- | ---: |",
-                f"| inserts/s, one at a time | {e['inserts_per_s_sequential']} |",
-                f"| inserts/s, batches of 1,000 | {e['inserts_per_s_bulk_1000']} |",
-                f"| insert ack → change event p50 / p99 / max (ms) | "
-                f"{_ms(e['insert_ack_to_event'])} (target p99 ≤ {e['target_p99_ms']}) |", ""]
+        out += [
+            "| Emulator | Figure |",
+            "| --- | ---: |",
+            f"| inserts/s, one at a time | {e['inserts_per_s_sequential']} |",
+            f"| inserts/s, batches of 1,000 | {e['inserts_per_s_bulk_1000']} |",
+            f"| insert ack → change event p50 / p99 / max (ms) | "
+            f"{_ms(e['insert_ack_to_event'])} (target p99 ≤ {e['target_p99_ms']}) |",
+            "",
+        ]
     if "scheduling" in results:
         s = results["scheduling"]
         b = s["burst"]
-        out += ["| Scheduling | p50 / p99 / max (ms) | Target |", "| --- | ---: | ---: |",
-                f"| timer-fire lateness, {s['measured_starts']} starts among "
-                f"{s['timers_armed_in_background']:,} armed | {_ms(s['timer_fire_lateness'])} "
-                "| p99 ≤ 5 |",
-                f"| start lateness to committed `running` | "
-                f"{_ms(s['start_lateness_to_running'])} | p99 ≤ 50 |",
-                f"| approval → armed | {_ms(s['approval_to_armed'])} | p99 ≤ 100 |",
-                f"| burst: {b['campaigns_due_at_once']:,} due at once, lateness | "
-                f"{_ms(b['start_lateness'])} | {b['starts_per_s']} starts/s |",
-                f"| memory per armed timer | {s['memory_per_armed_timer_bytes']} bytes | "
-                "≤ 1,024 |", ""]
+        out += [
+            "| Scheduling | p50 / p99 / max (ms) | Target |",
+            "| --- | ---: | ---: |",
+            f"| timer-fire lateness, {s['measured_starts']} starts among "
+            f"{s['timers_armed_in_background']:,} armed | {_ms(s['timer_fire_lateness'])} "
+            "| p99 ≤ 5 |",
+            f"| start lateness to committed `running` | "
+            f"{_ms(s['start_lateness_to_running'])} | p99 ≤ 50 |",
+            f"| approval → armed | {_ms(s['approval_to_armed'])} | p99 ≤ 100 |",
+            f"| burst: {b['campaigns_due_at_once']:,} due at once, lateness | "
+            f"{_ms(b['start_lateness'])} | {b['starts_per_s']} starts/s |",
+            f"| memory per armed timer | {s['memory_per_armed_timer_bytes']} bytes | ≤ 1,024 |",
+            "",
+        ]
     if "sending" in results:
         s = results["sending"]
-        out += ["| Sending (pool 4, concurrency 16) | reactor | ceiling (bare pool) | "
-                "old (a connection per message) | vs ceiling | vs old |",
-                "| --- | ---: | ---: | ---: | ---: | ---: |"]
-        for key, label in (("rtt_0ms", "sink on loopback, answers at once"),
-                           ("rtt_5ms", "sink answering after a 5 ms round trip")):
+        out += [
+            "| Sending (pool 4, concurrency 16) | reactor | ceiling (bare pool) | "
+            "old (a connection per message) | vs ceiling | vs old |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for key, label in (
+            ("rtt_0ms", "sink on loopback, answers at once"),
+            ("rtt_5ms", "sink answering after a 5 ms round trip"),
+        ):
             r = s[key]
-            out.append(f"| {label} (emails/s) | {r['reactor_emails_per_s']} | "
-                       f"{r['ceiling_emails_per_s']} | {r['old_approach_emails_per_s']} | "
-                       f"{r['reactor_vs_ceiling']} | {r['reactor_vs_old']} |")
+            out.append(
+                f"| {label} (emails/s) | {r['reactor_emails_per_s']} | "
+                f"{r['ceiling_emails_per_s']} | {r['old_approach_emails_per_s']} | "
+                f"{r['reactor_vs_ceiling']} | {r['reactor_vs_old']} |"
+            )
         rl = s["rate_limit"]
         a = s["audience"]
-        out += ["", f"Rate limit: configured {rl['configured_per_s']}/s, achieved "
-                f"{rl['achieved_per_s']}/s ({rl['overall_deviation_pct']} %), per-second "
-                f"min/max {rl['per_second_min']}/{rl['per_second_max']} over "
-                f"{rl['seconds']} s. Audience: {a['ids']:,} ids resolved in batches of "
-                f"{a['batch']:,} in {a['seconds']} s ({a['ids_per_s']:,} ids/s), peak "
-                f"client memory {a['peak_memory_mib']} MiB.", ""]
+        out += [
+            "",
+            f"Rate limit: configured {rl['configured_per_s']}/s, achieved "
+            f"{rl['achieved_per_s']}/s ({rl['overall_deviation_pct']} %), per-second "
+            f"min/max {rl['per_second_min']}/{rl['per_second_max']} over "
+            f"{rl['seconds']} s. Audience: {a['ids']:,} ids resolved in batches of "
+            f"{a['batch']:,} in {a['seconds']} s ({a['ids_per_s']:,} ids/s), peak "
+            f"client memory {a['peak_memory_mib']} MiB.",
+            "",
+        ]
     if "faults" in results:
         out += [faults_table(results["faults"]), ""]
     return "\n".join(out)

@@ -35,9 +35,14 @@ async def run(quick: bool = False) -> dict[str, Any]:
     n_burst = 200 if quick else 1000
     async with emulator_process() as uri:
         client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri, tz_aware=True)
-        settings = Settings(mongo_uri=uri, metrics_port=0, metrics_host="127.0.0.1",
-                            reactor_instance_id="bench", lease_seconds=60,
-                            reconcile_interval_seconds=3600)
+        settings = Settings(
+            mongo_uri=uri,
+            metrics_port=0,
+            metrics_host="127.0.0.1",
+            reactor_instance_id="bench",
+            lease_seconds=60,
+            reconcile_interval_seconds=3600,
+        )
         reactor = Reactor(settings, serve_http=False)
         fire_lateness: dict[str, float] = {}
         start_lateness: dict[str, float] = {}
@@ -47,8 +52,12 @@ async def run(quick: bool = False) -> dict[str, Any]:
             await reactor.ready.wait()
             sched = reactor.scheduler
             assert sched is not None
-            sched.on_fired.append(lambda key, due, late: fire_lateness.__setitem__(key.campaign, late))
-            sched.on_started.append(lambda key, late: start_lateness.__setitem__(key.campaign, late))
+            sched.on_fired.append(
+                lambda key, due, late: fire_lateness.__setitem__(key.campaign, late)
+            )
+            sched.on_started.append(
+                lambda key, late: start_lateness.__setitem__(key.campaign, late)
+            )
             original_arm = sched.timers.arm
 
             def arm(key: TimerKey, due_at: dt.datetime) -> bool:
@@ -60,15 +69,23 @@ async def run(quick: bool = False) -> dict[str, Any]:
             now = dt.datetime.now(dt.UTC)
 
             def doc(name: str, start: dt.datetime) -> dict[str, Any]:
-                return {"name": name, "status": "approved", "channels": ["email"],
-                        "startDate": start, "endDate": start + dt.timedelta(hours=1),
-                        "email": {"subject": "s", "text": "t"}, "targetedCustomerIds": []}
+                return {
+                    "name": name,
+                    "status": "approved",
+                    "channels": ["email"],
+                    "startDate": start,
+                    "endDate": start + dt.timedelta(hours=1),
+                    "email": {"subject": "s", "text": "t"},
+                    "targetedCustomerIds": [],
+                }
 
             # 1. The background: n_armed timers held, due in an hour or two.
-            background = [doc(f"armed {i}", now + dt.timedelta(hours=1, seconds=3600 * i / n_armed))
-                          for i in range(n_armed)]
+            background = [
+                doc(f"armed {i}", now + dt.timedelta(hours=1, seconds=3600 * i / n_armed))
+                for i in range(n_armed)
+            ]
             for start in range(0, n_armed, 1000):
-                await coll.insert_many(background[start:start + 1000])
+                await coll.insert_many(background[start : start + 1000])
             with anyio.fail_after(120):
                 while len(sched.timers) < n_armed:
                     await anyio.sleep(0.05)
@@ -86,8 +103,11 @@ async def run(quick: bool = False) -> dict[str, Any]:
             # 3. Measured starts, one every 50 ms, among everything armed.
             first = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3)
             measured = await coll.insert_many(
-                [doc(f"measured {i}", first + dt.timedelta(seconds=spacing_s * i))
-                 for i in range(n_measured)])
+                [
+                    doc(f"measured {i}", first + dt.timedelta(seconds=spacing_s * i))
+                    for i in range(n_measured)
+                ]
+            )
             measured_keys = [str(i) for i in measured.inserted_ids]
             with anyio.fail_after(60 + n_measured * spacing_s):
                 while not all(k in start_lateness for k in measured_keys):
@@ -110,13 +130,19 @@ async def run(quick: bool = False) -> dict[str, Any]:
         "timer_fire_lateness": summary_ms([fire_lateness[k] for k in measured_keys]),
         "start_lateness_to_running": summary_ms([start_lateness[k] for k in measured_keys]),
         "approval_to_armed": summary_ms(approval_delays),
-        "burst": {"campaigns_due_at_once": n_burst,
-                  "all_running_after_s": round(burst_all_running_s, 3),
-                  "starts_per_s": round(n_burst / burst_all_running_s, 1),
-                  "start_lateness": summary_ms([start_lateness[k] for k in burst_keys])},
+        "burst": {
+            "campaigns_due_at_once": n_burst,
+            "all_running_after_s": round(burst_all_running_s, 3),
+            "starts_per_s": round(n_burst / burst_all_running_s, 1),
+            "start_lateness": summary_ms([start_lateness[k] for k in burst_keys]),
+        },
         "memory_per_armed_timer_bytes": memory,
-        "targets": {"timer_fire_p99_ms": 5, "start_p99_ms": 50, "approval_p99_ms": 100,
-                    "bytes_per_timer": 1024},
+        "targets": {
+            "timer_fire_p99_ms": 5,
+            "start_p99_ms": 50,
+            "approval_p99_ms": 100,
+            "bytes_per_timer": 1024,
+        },
     }
 
 
@@ -131,16 +157,28 @@ def per_timer_memory(n: int) -> float:
             return False
 
     start = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
-    docs = [{"_id": ObjectId(), "name": f"campaign {i}", "status": "approved",
-             "startDate": start + dt.timedelta(seconds=i * 0.5),
-             "endDate": start + dt.timedelta(seconds=i * 0.5 + 3600),
-             "email": {"subject": "s", "text": "t"}} for i in range(n)]
+    docs = [
+        {
+            "_id": ObjectId(),
+            "name": f"campaign {i}",
+            "status": "approved",
+            "startDate": start + dt.timedelta(seconds=i * 0.5),
+            "endDate": start + dt.timedelta(seconds=i * 0.5 + 3600),
+            "email": {"subject": "s", "text": "t"},
+        }
+        for i in range(n)
+    ]
 
     async def fill() -> float:
         from ..adapters.clock import SystemClock
 
-        sched = Scheduler(store=None, executor=_NoExecutor(), clock=SystemClock(),  # type: ignore[arg-type]
-                          metrics=Metrics(), config=SchedulerConfig(instance_id="mem"))
+        sched = Scheduler(
+            store=None,  # type: ignore[arg-type]  # valid documents never reach the store
+            executor=_NoExecutor(),  # type: ignore[arg-type]
+            clock=SystemClock(),
+            metrics=Metrics(),
+            config=SchedulerConfig(instance_id="mem"),
+        )
         gc.collect()
         tracemalloc.start()
         before = tracemalloc.take_snapshot()

@@ -34,16 +34,23 @@ CONCURRENCY = 16
 
 
 def _message(i: int) -> EmailMessage:
-    return EmailMessage(to=f"c{i}@example.com", subject=f"Hello Customer {i}",
-                        text=f"Hello Customer {i}, 20% off today.",
-                        html=f"<p>Hello <b>Customer {i}</b>, 20% off today.</p>",
-                        message_id=f"<bench.{i}@reactor.example.com>")
+    return EmailMessage(
+        to=f"c{i}@example.com",
+        subject=f"Hello Customer {i}",
+        text=f"Hello Customer {i}, 20% off today.",
+        html=f"<p>Hello <b>Customer {i}</b>, 20% off today.</p>",
+        message_id=f"<bench.{i}@reactor.example.com>",
+    )
 
 
 async def ceiling(sink: SmtpSink, n: int) -> float:
-    sender = SmtpEmailSender(Settings(
-        mongo_uri="mongodb://unused", smtp_pool_size=POOL,
-        **{k.lower(): v for k, v in sink.settings_env().items()}).smtp_config())  # type: ignore[arg-type]
+    config = Settings(
+        mongo_uri="mongodb://unused",
+        smtp_pool_size=POOL,
+        **{k.lower(): v for k, v in sink.settings_env().items()},
+    ).smtp_config()
+    assert config is not None
+    sender = SmtpEmailSender(config)
     queue = list(range(n))
     t0 = time.perf_counter()
 
@@ -69,29 +76,47 @@ async def old_approach(sink: SmtpSink, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-async def through_reactor(uri: str, sink: SmtpSink, n: int, *, rate: float,
-                          instance: str) -> tuple[float, list[float]]:
+async def through_reactor(
+    uri: str, sink: SmtpSink, n: int, *, rate: float, instance: str
+) -> tuple[float, list[float]]:
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri, tz_aware=True)
     settings = Settings(
-        mongo_uri=uri, metrics_port=0, metrics_host="127.0.0.1", reactor_instance_id=instance,
-        email_rate_per_second=rate, send_concurrency=CONCURRENCY, smtp_pool_size=POOL,
-        lease_seconds=60, **{k.lower(): v for k, v in sink.settings_env().items()})
+        mongo_uri=uri,
+        metrics_port=0,
+        metrics_host="127.0.0.1",
+        reactor_instance_id=instance,
+        email_rate_per_second=rate,
+        send_concurrency=CONCURRENCY,
+        smtp_pool_size=POOL,
+        lease_seconds=60,
+        **{k.lower(): v for k, v in sink.settings_env().items()},
+    )
     reactor = Reactor(settings, serve_http=False)
     first = len(sink.messages)
     async with anyio.create_task_group() as tg:
         await tg.start(reactor.run)
         await reactor.ready.wait()
         now = dt.datetime.now(dt.UTC)
-        res = await client.marketing.campaigns.insert_one({
-            "name": f"bench {instance}", "status": "approved", "channels": ["email"],
-            "startDate": now + dt.timedelta(seconds=1), "endDate": now + dt.timedelta(hours=1),
-            "email": {"subject": "Hello {{name}}", "text": "Hello {{name}}, 20% off today.",
-                      "html": "<p>Hello <b>{{name}}</b>, 20% off today.</p>"},
-            "targetedCustomerIds": [str(i) for i in range(n)]})
+        res = await client.marketing.campaigns.insert_one(
+            {
+                "name": f"bench {instance}",
+                "status": "approved",
+                "channels": ["email"],
+                "startDate": now + dt.timedelta(seconds=1),
+                "endDate": now + dt.timedelta(hours=1),
+                "email": {
+                    "subject": "Hello {{name}}",
+                    "text": "Hello {{name}}, 20% off today.",
+                    "html": "<p>Hello <b>{{name}}</b>, 20% off today.</p>",
+                },
+                "targetedCustomerIds": [str(i) for i in range(n)],
+            }
+        )
         started = finished = None
         while True:
             doc = await client.marketing.campaigns.find_one(
-                {"_id": res.inserted_id}, {"status": 1, "execution": 1})
+                {"_id": res.inserted_id}, {"status": 1, "execution": 1}
+            )
             assert doc is not None
             exe = doc.get("execution") or {}
             if started is None and exe.get("startedAt"):
@@ -114,12 +139,18 @@ async def audience(uri: str, n: int) -> dict[str, Any]:
     rows = []
     for i in range(n):
         cid: Any = i if i % 2 else str(i)
-        rows.append({"customer_id": cid, "email": f"a{i}@x.example", "phone": "+14155550100",
-                     "name": f"N{i}"})
+        rows.append(
+            {
+                "customer_id": cid,
+                "email": f"a{i}@x.example",
+                "phone": "+14155550100",
+                "name": f"N{i}",
+            }
+        )
         if i % 3 == 0:
             rows.append({"customer_id": cid, "email": "", "name": f"N{i}"})
     for start in range(0, len(rows), 5000):
-        await client.aud.orders.insert_many(rows[start:start + 5000])
+        await client.aud.orders.insert_many(rows[start : start + 5000])
     await client.aud.orders.create_index("customer_id")
     recipients = MongoRecipients(client.aud.orders, RecipientsConfig(db="aud", collection="orders"))
     ids = [str(i) for i in range(n)]
@@ -127,13 +158,19 @@ async def audience(uri: str, n: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     found = 0
     for start in range(0, n, 1000):
-        found += len(await recipients.resolve(ids[start:start + 1000]))
+        found += len(await recipients.resolve(ids[start : start + 1000]))
     elapsed = time.perf_counter() - t0
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     await client.close()
-    return {"ids": n, "batch": 1000, "resolved": found, "seconds": round(elapsed, 2),
-            "ids_per_s": round(n / elapsed), "peak_memory_mib": round(peak / 2**20, 2)}
+    return {
+        "ids": n,
+        "batch": 1000,
+        "resolved": found,
+        "seconds": round(elapsed, 2),
+        "ids_per_s": round(n / elapsed),
+        "peak_memory_mib": round(peak / 2**20, 2),
+    }
 
 
 def rate_deviation(arrivals: list[float], rate: float) -> dict[str, Any]:
@@ -148,12 +185,16 @@ def rate_deviation(arrivals: list[float], rate: float) -> dict[str, Any]:
             windows[k] += 1
     full = windows[1:-1] or windows  # the first and last seconds are partial
     overall = (len(arrivals) - 1) / (arrivals[-1] - t0)
-    return {"configured_per_s": rate, "achieved_per_s": round(overall, 2),
-            "overall_deviation_pct": round(100 * (overall - rate) / rate, 2),
-            "per_second_min": min(full), "per_second_max": max(full),
-            "per_second_p5": percentile([float(w) for w in full], 0.05),
-            "per_second_p95": percentile([float(w) for w in full], 0.95),
-            "seconds": len(full)}
+    return {
+        "configured_per_s": rate,
+        "achieved_per_s": round(overall, 2),
+        "overall_deviation_pct": round(100 * (overall - rate) / rate, 2),
+        "per_second_min": min(full),
+        "per_second_max": max(full),
+        "per_second_p5": percentile([float(w) for w in full], 0.05),
+        "per_second_p95": percentile([float(w) for w in full], 0.95),
+        "seconds": len(full),
+    }
 
 
 async def run(quick: bool = False) -> dict[str, Any]:
@@ -166,8 +207,11 @@ async def run(quick: bool = False) -> dict[str, Any]:
     async with emulator_process() as uri:
         client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri)
         await client.retail_db.newdatabase.insert_many(
-            [{"customer_id": i, "email": f"c{i}@example.com", "name": f"Customer {i}"}
-             for i in range(max(n, int(rate * rate_s)))])
+            [
+                {"customer_id": i, "email": f"c{i}@example.com", "name": f"Customer {i}"}
+                for i in range(max(n, int(rate * rate_s)))
+            ]
+        )
         await client.close()
         for rtt_ms in (0, 5):
             # 0: the sink answers at once (CPU-bound, loopback); 5: each SMTP reply after a
@@ -175,8 +219,9 @@ async def run(quick: bool = False) -> dict[str, Any]:
             async with SmtpSink(reply_delay_s=rtt_ms / 1000) as sink:
                 ceil = await ceiling(sink, n)
                 old = await old_approach(sink, n_old)
-                fast, _ = await through_reactor(uri, sink, n, rate=100_000,
-                                                instance=f"fast-{rtt_ms}")
+                fast, _ = await through_reactor(
+                    uri, sink, n, rate=100_000, instance=f"fast-{rtt_ms}"
+                )
             result[f"rtt_{rtt_ms}ms"] = {
                 "ceiling_emails_per_s": round(ceil, 1),
                 "old_approach_emails_per_s": round(old, 1),
@@ -185,8 +230,9 @@ async def run(quick: bool = False) -> dict[str, Any]:
                 "reactor_vs_old": round(fast / old, 1),
             }
         async with SmtpSink() as sink:
-            _, arrivals = await through_reactor(uri, sink, int(rate * rate_s), rate=rate,
-                                                instance="paced")
+            _, arrivals = await through_reactor(
+                uri, sink, int(rate * rate_s), rate=rate, instance="paced"
+            )
             result["rate_limit"] = rate_deviation(arrivals, rate)
         result["audience"] = await audience(uri, n_audience)
     result["targets"] = {"vs_ceiling": 0.7, "vs_old": 20, "rate_deviation_pct": 5}

@@ -80,7 +80,9 @@ class Campaign:
 
 def as_utc(value: Any, name: str) -> dt.datetime:
     if not isinstance(value, dt.datetime):
-        raise InvalidCampaign(f"bad_{name}", f"{name} must be a BSON date, got {type(value).__name__}")
+        raise InvalidCampaign(
+            f"bad_{name}", f"{name} must be a BSON date, got {type(value).__name__}"
+        )
     if value.tzinfo is None:
         return value.replace(tzinfo=dt.UTC)
     return value.astimezone(dt.UTC)

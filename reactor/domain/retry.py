@@ -12,8 +12,9 @@ class RetryPolicy:
     base_s: float = 0.5
     max_s: float = 30.0
 
-    def delay_s(self, attempt: int, retry_after_s: float | None = None,
-                rng: random.Random | None = None) -> float:
+    def delay_s(
+        self, attempt: int, retry_after_s: float | None = None, rng: random.Random | None = None
+    ) -> float:
         """Delay before attempt `attempt + 1`, where `attempt` counts from 1 (the first failure)."""
         ceiling = min(self.max_s, self.base_s * (2 ** (attempt - 1)))
         jittered = (rng or random).uniform(ceiling / 2, ceiling)

@@ -37,8 +37,12 @@ class CapturedEmail:
                 text = part.get_content()
             elif ctype == "text/html" and html is None:
                 html = part.get_content()
-        return {"subject": str(msg.get("Subject", "")).strip(),
-                "message_id": str(msg.get("Message-ID", "")).strip(), "text": text, "html": html}
+        return {
+            "subject": str(msg.get("Subject", "")).strip(),
+            "message_id": str(msg.get("Message-ID", "")).strip(),
+            "text": text,
+            "html": html,
+        }
 
     @property
     def subject(self) -> str:
@@ -82,8 +86,7 @@ class _Handler:
     def __init__(self, sink: SmtpSink) -> None:
         self.sink = sink
 
-    async def handle_DATA(self, server: SMTPProtocol, session: Session,
-                          envelope: Envelope) -> str:
+    async def handle_DATA(self, server: SMTPProtocol, session: Session, envelope: Envelope) -> str:
         faults = self.sink.faults
         if faults.drop_during_data > 0:
             faults.drop_during_data -= 1
@@ -101,8 +104,14 @@ class _Handler:
 
 
 class SmtpSink:
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, seed: int | None = None,
-                 reply_delay_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        seed: int | None = None,
+        reply_delay_s: float = 0.0,
+    ) -> None:
         self.host = host
         self.port = port
         self.messages: list[CapturedEmail] = []
@@ -120,15 +129,26 @@ class SmtpSink:
         if isinstance(raw, str):
             raw = raw.encode()
         for rcpt in envelope.rcpt_tos:
-            self.messages.append(CapturedEmail(mail_from=envelope.mail_from or "", to=rcpt,
-                                               raw=raw, received_at=time.monotonic()))
+            self.messages.append(
+                CapturedEmail(
+                    mail_from=envelope.mail_from or "",
+                    to=rcpt,
+                    raw=raw,
+                    received_at=time.monotonic(),
+                )
+            )
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
 
         def protocol() -> SMTPProtocol:
-            proto = _SinkProtocol(self, self._handler, hostname="reactor-sink",
-                                  ident="reactor-sink", data_size_limit=10 * 1024 * 1024)
+            proto = _SinkProtocol(
+                self,
+                self._handler,
+                hostname="reactor-sink",
+                ident="reactor-sink",
+                data_size_limit=10 * 1024 * 1024,
+            )
             self._protocols.add(proto)
             return proto
 
@@ -165,10 +185,18 @@ class SmtpSink:
         await self.start()
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         await self.stop()
 
     def settings_env(self) -> dict[str, Any]:
-        return {"SMTP_HOST": self.host, "SMTP_PORT": str(self.port), "SMTP_TLS": "none",
-                "EMAIL_FROM": "campaigns@reactor.example"}
+        return {
+            "SMTP_HOST": self.host,
+            "SMTP_PORT": str(self.port),
+            "SMTP_TLS": "none",
+            "EMAIL_FROM": "campaigns@reactor.example",
+        }

@@ -39,8 +39,15 @@ class _Faults:
 
 
 class TwilioFake:
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, account_sid: str | None = None,
-                 auth_token: str | None = None, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        account_sid: str | None = None,
+        auth_token: str | None = None,
+        seed: int | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self.account_sid = account_sid or "AC" + secrets.token_hex(16)
@@ -73,16 +80,27 @@ class TwilioFake:
         await self.start()
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         await self.stop()
 
-    def _error(self, status: int, code: int, message: str,
-               headers: dict[str, str] | None = None) -> web.Response:
+    def _error(
+        self, status: int, code: int, message: str, headers: dict[str, str] | None = None
+    ) -> web.Response:
         return web.json_response(
-            {"code": code, "message": message, "status": status,
-             "more_info": f"https://www.twilio.com/docs/errors/{code}"},
-            status=status, headers=headers)
+            {
+                "code": code,
+                "message": message,
+                "status": status,
+                "more_info": f"https://www.twilio.com/docs/errors/{code}",
+            },
+            status=status,
+            headers=headers,
+        )
 
     def _authorised(self, request: web.Request) -> bool:
         header = request.headers.get("Authorization", "")
@@ -98,8 +116,14 @@ class TwilioFake:
     async def _fetch_account(self, request: web.Request) -> web.Response:
         if not self._authorised(request) or request.match_info["sid"] != self.account_sid:
             return self._error(401, 20003, "Authenticate")
-        return web.json_response({"sid": self.account_sid, "status": "active",
-                                  "friendly_name": "reactor fake", "type": "Full"})
+        return web.json_response(
+            {
+                "sid": self.account_sid,
+                "status": "active",
+                "friendly_name": "reactor fake",
+                "type": "Full",
+            }
+        )
 
     async def _create_message(self, request: web.Request) -> web.Response:
         self.requests += 1
@@ -110,9 +134,12 @@ class TwilioFake:
         if self.faults.next_statuses:
             status, retry_after = self.faults.next_statuses.pop(0)
             headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else None
-            return self._error(status, 20429 if status == 429 else 20500,
-                               "Too Many Requests" if status == 429 else "Injected failure",
-                               headers)
+            return self._error(
+                status,
+                20429 if status == 429 else 20500,
+                "Too Many Requests" if status == 429 else "Injected failure",
+                headers,
+            )
         if self.faults.failure_rate and self.rng.random() < self.faults.failure_rate:
             return self._error(self.faults.failure_status, 20500, "Injected failure")
         form = await request.post()
@@ -129,22 +156,41 @@ class TwilioFake:
         if not from_ and not service:
             return self._error(400, 21603, "A 'From' phone number is required.")
         sid = "SM" + secrets.token_hex(16)
-        self.messages.append(CapturedSms(sid, to, str(from_) if from_ else None,
-                                         str(service) if service else None, body))
+        self.messages.append(
+            CapturedSms(
+                sid, to, str(from_) if from_ else None, str(service) if service else None, body
+            )
+        )
         return web.json_response(self._resource(sid, to, from_, service, body), status=201)
 
     def _resource(self, sid: str, to: str, from_: Any, service: Any, body: str) -> dict[str, Any]:
         return {
-            "sid": sid, "account_sid": self.account_sid, "to": to,
+            "sid": sid,
+            "account_sid": self.account_sid,
+            "to": to,
             "from": str(from_) if from_ else None,
-            "messaging_service_sid": str(service) if service else None, "body": body,
-            "status": "queued", "num_segments": "1", "num_media": "0", "direction": "outbound-api",
-            "api_version": "2010-04-01", "price": None, "price_unit": "USD", "error_code": None,
-            "error_message": None, "date_created": None, "date_updated": None, "date_sent": None,
+            "messaging_service_sid": str(service) if service else None,
+            "body": body,
+            "status": "queued",
+            "num_segments": "1",
+            "num_media": "0",
+            "direction": "outbound-api",
+            "api_version": "2010-04-01",
+            "price": None,
+            "price_unit": "USD",
+            "error_code": None,
+            "error_message": None,
+            "date_created": None,
+            "date_updated": None,
+            "date_sent": None,
             "uri": f"/2010-04-01/Accounts/{self.account_sid}/Messages/{sid}.json",
             "subresource_uris": {},
         }
 
     def settings_env(self) -> dict[str, Any]:
-        return {"TWILIO_ACCOUNT_SID": self.account_sid, "TWILIO_AUTH_TOKEN": self.auth_token,
-                "TWILIO_FROM_NUMBER": "+15005550006", "TWILIO_API_BASE_URL": self.base_url}
+        return {
+            "TWILIO_ACCOUNT_SID": self.account_sid,
+            "TWILIO_AUTH_TOKEN": self.auth_token,
+            "TWILIO_FROM_NUMBER": "+15005550006",
+            "TWILIO_API_BASE_URL": self.base_url,
+        }

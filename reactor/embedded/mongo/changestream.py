@@ -21,8 +21,9 @@ _FLAG_INVALIDATE = 1
 class CommandError(Exception):
     """Raised by a command handler to answer with MongoDB's error shape."""
 
-    def __init__(self, code: int, message: str, code_name: str | None = None,
-                 labels: list[str] | None = None) -> None:
+    def __init__(
+        self, code: int, message: str, code_name: str | None = None, labels: list[str] | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -115,16 +116,23 @@ class ChangeStreamCursor:
 
 
 def open_stream(
-    engine: Engine, db: str, coll: str | None, stage: dict[str, Any],
+    engine: Engine,
+    db: str,
+    coll: str | None,
+    stage: dict[str, Any],
     pipeline: list[dict[str, Any]],
 ) -> ChangeStreamCursor:
     all_cluster = bool(stage.get("allChangesForCluster"))
     if all_cluster and db != "admin":
-        raise CommandError(73, "$changeStream may only be run with allChangesForCluster on admin",
-                           "InvalidNamespace")
+        raise CommandError(
+            73,
+            "$changeStream may only be run with allChangesForCluster on admin",
+            "InvalidNamespace",
+        )
     if db == "admin" and not all_cluster:
-        raise CommandError(73, "$changeStream may not be opened on the internal admin database",
-                           "InvalidNamespace")
+        raise CommandError(
+            73, "$changeStream may not be opened on the internal admin database", "InvalidNamespace"
+        )
     full_document = stage.get("fullDocument", "default")
     if full_document not in ("default", "updateLookup", "whenAvailable", "required"):
         raise CommandError(2, f"unknown fullDocument mode {full_document!r}")
@@ -135,25 +143,36 @@ def open_stream(
         name = next(iter(stage_doc), "")
         if name not in _ALLOWED_STAGES:
             raise CommandError(
-                280, f"{name} is not permitted in a $changeStream pipeline", "ChangeStreamFatalError"
+                280,
+                f"{name} is not permitted in a $changeStream pipeline",
+                "ChangeStreamFatalError",
             )
     options = [k for k in ("resumeAfter", "startAfter", "startAtOperationTime") if k in stage]
     if len(options) > 1:
-        raise CommandError(40674, "Only one type of resume option is allowed, but multiple were found.",
-                           "Location40674")
+        raise CommandError(
+            40674,
+            "Only one type of resume option is allowed, but multiple were found.",
+            "Location40674",
+        )
     if options == ["resumeAfter"] or options == ["startAfter"]:
         ts, flag = decode_token(stage[options[0]])
         if flag == _FLAG_INVALIDATE and options[0] == "resumeAfter":
-            raise CommandError(260, "Attempting to resume a change stream using 'resumeAfter' is "
-                               "not allowed from an invalidate notification.")
+            raise CommandError(
+                260,
+                "Attempting to resume a change stream using 'resumeAfter' is "
+                "not allowed from an invalidate notification.",
+            )
         position = ts
     elif options == ["startAtOperationTime"]:
         position = max(0, _ts_arg(stage["startAtOperationTime"]) - 1)
     else:
         position = engine.cluster_time
     if position < engine.history_floor:
-        raise CommandError(286, "Resume of change stream was not possible, as the resume point may "
-                           "no longer be in the oplog.")
+        raise CommandError(
+            286,
+            "Resume of change stream was not possible, as the resume point may "
+            "no longer be in the oplog.",
+        )
     prefilter = None
     if pipeline and set(pipeline[0]) == {"$match"} and "fullDocument" not in repr(pipeline[0]):
         prefilter = pipeline[0]["$match"]
@@ -168,8 +187,16 @@ def open_stream(
     )
 
 
-_ALLOWED_STAGES = {"$match", "$project", "$addFields", "$set", "$unset", "$replaceRoot",
-                   "$replaceWith", "$redact"}
+_ALLOWED_STAGES = {
+    "$match",
+    "$project",
+    "$addFields",
+    "$set",
+    "$unset",
+    "$replaceRoot",
+    "$replaceWith",
+    "$redact",
+}
 
 
 def _ts_arg(value: Any) -> int:
@@ -190,8 +217,12 @@ def next_batch(engine: Engine, cursor: ChangeStreamCursor, limit: int) -> list[d
     try:
         entries = engine.entries_after(cursor.position)
     except Exception as exc:
-        raise CommandError(286, "Resume of change stream was not possible, as the resume point "
-                           "may no longer be in the oplog.", labels=["NonResumableChangeStreamError"]) from exc
+        raise CommandError(
+            286,
+            "Resume of change stream was not possible, as the resume point "
+            "may no longer be in the oplog.",
+            labels=["NonResumableChangeStreamError"],
+        ) from exc
     for entry in entries:
         if len(out) >= limit:
             break
@@ -199,7 +230,8 @@ def next_batch(engine: Engine, cursor: ChangeStreamCursor, limit: int) -> list[d
         if not cursor.matches(entry):
             continue
         if cursor.prefilter is not None and not filtering.filter_applies(
-                cursor.prefilter, _event(engine, cursor, entry, lookup=False)):
+            cursor.prefilter, _event(engine, cursor, entry, lookup=False)
+        ):
             continue  # like mongod, a $match that does not read fullDocument runs first
         event = _event(engine, cursor, entry)
         for produced in _apply_pipeline(engine, cursor, event):
@@ -231,8 +263,9 @@ def _invalidates(cursor: ChangeStreamCursor, entry: OplogEntry) -> bool:
     return entry.op in ("drop", "rename", "dropDatabase")
 
 
-def _event(engine: Engine, cursor: ChangeStreamCursor, entry: OplogEntry,
-           lookup: bool = True) -> dict[str, Any]:
+def _event(
+    engine: Engine, cursor: ChangeStreamCursor, entry: OplogEntry, lookup: bool = True
+) -> dict[str, Any]:
     event: dict[str, Any] = {
         "_id": encode_token(entry.ts),
         "operationType": entry.op,
@@ -284,6 +317,10 @@ def _apply_pipeline(
         raise CommandError(115, f"change stream pipeline not supported: {exc}") from exc
     for doc in produced:
         if doc.get("_id") != event["_id"]:
-            raise CommandError(280, "Encountered an event whose _id field, which contains the resume "
-                               "token, was modified by the pipeline.", "ChangeStreamFatalError")
+            raise CommandError(
+                280,
+                "Encountered an event whose _id field, which contains the resume "
+                "token, was modified by the pipeline.",
+                "ChangeStreamFatalError",
+            )
     return produced

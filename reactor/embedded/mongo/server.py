@@ -51,9 +51,23 @@ RESUMABLE_CODES = RETRYABLE_CODES | {63, 150, 13388, 234, 133, 43}
 
 # Fields every command may carry that say nothing about what it does.
 _GENERIC_FIELDS = {
-    "$db", "lsid", "$clusterTime", "txnNumber", "$readPreference", "readConcern", "writeConcern",
-    "apiVersion", "apiStrict", "apiDeprecationErrors", "comment", "maxTimeMS", "autocommit",
-    "startTransaction", "bypassDocumentValidation", "$audit", "signature",
+    "$db",
+    "lsid",
+    "$clusterTime",
+    "txnNumber",
+    "$readPreference",
+    "readConcern",
+    "writeConcern",
+    "apiVersion",
+    "apiStrict",
+    "apiDeprecationErrors",
+    "comment",
+    "maxTimeMS",
+    "autocommit",
+    "startTransaction",
+    "bypassDocumentValidation",
+    "$audit",
+    "signature",
 }
 
 
@@ -115,22 +129,45 @@ class MongoEmulator:
         self._fail_points: dict[str, FailPoint] = {}
         self._retry_cache: OrderedDict[tuple[bytes, int], dict[str, Any]] = OrderedDict()
         self._election_id = ObjectId()
-        self._handlers: dict[str, Callable[[Request, Connection, str], Awaitable[dict[str, Any]]]] = {
-            "hello": self._hello, "ismaster": self._hello, "isMaster": self._hello,
-            "ping": self._ping, "buildInfo": self._build_info, "buildinfo": self._build_info,
-            "listDatabases": self._list_databases, "listCollections": self._list_collections,
-            "create": self._create, "collMod": self._coll_mod, "drop": self._drop,
-            "dropDatabase": self._drop_database, "createIndexes": self._create_indexes,
-            "listIndexes": self._list_indexes, "dropIndexes": self._drop_indexes,
-            "insert": self._insert, "update": self._update, "delete": self._delete,
-            "find": self._find, "findAndModify": self._find_and_modify,
-            "findandmodify": self._find_and_modify, "count": self._count,
-            "distinct": self._distinct, "aggregate": self._aggregate, "getMore": self._get_more,
-            "killCursors": self._kill_cursors, "endSessions": self._ok, "killSessions": self._ok,
-            "killAllSessions": self._ok, "configureFailPoint": self._configure_fail_point,
-            "replSetGetStatus": self._repl_set_get_status, "serverStatus": self._server_status,
-            "getParameter": self._get_parameter, "connectionStatus": self._connection_status,
-            "getLog": self._get_log, "whatsmyuri": self._ok,
+        self._handlers: dict[
+            str, Callable[[Request, Connection, str], Awaitable[dict[str, Any]]]
+        ] = {
+            "hello": self._hello,
+            "ismaster": self._hello,
+            "isMaster": self._hello,
+            "ping": self._ping,
+            "buildInfo": self._build_info,
+            "buildinfo": self._build_info,
+            "listDatabases": self._list_databases,
+            "listCollections": self._list_collections,
+            "create": self._create,
+            "collMod": self._coll_mod,
+            "drop": self._drop,
+            "dropDatabase": self._drop_database,
+            "createIndexes": self._create_indexes,
+            "listIndexes": self._list_indexes,
+            "dropIndexes": self._drop_indexes,
+            "insert": self._insert,
+            "update": self._update,
+            "delete": self._delete,
+            "find": self._find,
+            "findAndModify": self._find_and_modify,
+            "findandmodify": self._find_and_modify,
+            "count": self._count,
+            "distinct": self._distinct,
+            "aggregate": self._aggregate,
+            "getMore": self._get_more,
+            "killCursors": self._kill_cursors,
+            "endSessions": self._ok,
+            "killSessions": self._ok,
+            "killAllSessions": self._ok,
+            "configureFailPoint": self._configure_fail_point,
+            "replSetGetStatus": self._repl_set_get_status,
+            "serverStatus": self._server_status,
+            "getParameter": self._get_parameter,
+            "connectionStatus": self._connection_status,
+            "getLog": self._get_log,
+            "whatsmyuri": self._ok,
         }
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -168,7 +205,9 @@ class MongoEmulator:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
@@ -198,8 +237,9 @@ class MongoEmulator:
                     return
                 length, request_id, _response_to, op_code = HEADER.unpack(header)
                 if length < 16 or length > MAX_MESSAGE_SIZE:
-                    log.warning("closing connection %s: message length %s out of bounds",
-                                conn.id, length)
+                    log.warning(
+                        "closing connection %s: message length %s out of bounds", conn.id, length
+                    )
                     return
                 try:
                     body = await reader.readexactly(length - 16)
@@ -249,7 +289,9 @@ class MongoEmulator:
                 if isinstance(app, dict) and isinstance(app.get("name"), str):
                     conn.app_name = app["name"]
         elif request.op_code == OP_QUERY:
-            return self._error(CommandError(352, "Unsupported OP_QUERY command", "UnsupportedOpQueryCommand"))
+            return self._error(
+                CommandError(352, "Unsupported OP_QUERY command", "UnsupportedOpQueryCommand")
+            )
         fail = self._matching_fail_point(name, conn)
         try:
             if fail is not None:
@@ -324,7 +366,10 @@ class MongoEmulator:
 
     def _error(self, exc: CommandError) -> dict[str, Any]:
         reply: dict[str, Any] = {
-            "ok": 0.0, "errmsg": exc.message, "code": exc.code, "codeName": exc.code_name,
+            "ok": 0.0,
+            "errmsg": exc.message,
+            "code": exc.code,
+            "codeName": exc.code_name,
         }
         if exc.labels:
             reply["errorLabels"] = exc.labels
@@ -347,8 +392,12 @@ class MongoEmulator:
             "me": self.address,
             "electionId": self._election_id,
             "secondary": False,
-            "lastWrite": {"opTime": op_time, "lastWriteDate": now, "majorityOpTime": op_time,
-                          "majorityWriteDate": now},
+            "lastWrite": {
+                "opTime": op_time,
+                "lastWriteDate": now,
+                "majorityOpTime": op_time,
+                "majorityWriteDate": now,
+            },
             "maxBsonObjectSize": 16 * 1024 * 1024,
             "maxMessageSizeBytes": MAX_MESSAGE_SIZE,
             "maxWriteBatchSize": 100_000,
@@ -371,34 +420,62 @@ class MongoEmulator:
         return {}
 
     async def _build_info(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
-        return {"version": SERVER_VERSION, "versionArray": [7, 0, 0, 0], "bits": 64,
-                "maxBsonObjectSize": 16 * 1024 * 1024, "storageEngines": ["mongomock"],
-                "gitVersion": "emulator"}
+        return {
+            "version": SERVER_VERSION,
+            "versionArray": [7, 0, 0, 0],
+            "bits": 64,
+            "maxBsonObjectSize": 16 * 1024 * 1024,
+            "storageEngines": ["mongomock"],
+            "gitVersion": "emulator",
+        }
 
-    async def _repl_set_get_status(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
+    async def _repl_set_get_status(
+        self, request: Request, conn: Connection, db: str
+    ) -> dict[str, Any]:
         now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-        return {"set": self.replica_set, "date": now, "myState": 1, "members": [
-            {"_id": 0, "name": self.address, "health": 1.0, "state": 1, "stateStr": "PRIMARY",
-             "self": True}]}
+        return {
+            "set": self.replica_set,
+            "date": now,
+            "myState": 1,
+            "members": [
+                {
+                    "_id": 0,
+                    "name": self.address,
+                    "health": 1.0,
+                    "state": 1,
+                    "stateStr": "PRIMARY",
+                    "self": True,
+                }
+            ],
+        }
 
     async def _server_status(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
-        return {"host": self.address, "version": SERVER_VERSION, "process": "reactor-emulator",
-                "connections": {"current": len(self._connections)},
-                "repl": {"setName": self.replica_set, "isWritablePrimary": True}}
+        return {
+            "host": self.address,
+            "version": SERVER_VERSION,
+            "process": "reactor-emulator",
+            "connections": {"current": len(self._connections)},
+            "repl": {"setName": self.replica_set, "isWritablePrimary": True},
+        }
 
     async def _get_parameter(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
         return {"featureCompatibilityVersion": {"version": "7.0"}}
 
-    async def _connection_status(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
+    async def _connection_status(
+        self, request: Request, conn: Connection, db: str
+    ) -> dict[str, Any]:
         return {"authInfo": {"authenticatedUsers": [], "authenticatedUserRoles": []}}
 
     async def _get_log(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
         return {"totalLinesWritten": 0, "log": []}
 
-    async def _configure_fail_point(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
+    async def _configure_fail_point(
+        self, request: Request, conn: Connection, db: str
+    ) -> dict[str, Any]:
         if db != "admin":
-            raise CommandError(13, "configureFailPoint may only be run against the admin database.",
-                               "Unauthorized")
+            raise CommandError(
+                13, "configureFailPoint may only be run against the admin database.", "Unauthorized"
+            )
         command = request.command
         name = command["configureFailPoint"]
         if name != "failCommand":
@@ -432,24 +509,37 @@ class MongoEmulator:
     async def _list_databases(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
         names = self.engine.client.list_database_names()
         name_only = bool(request.command.get("nameOnly"))
-        dbs = [{"name": n} if name_only else {"name": n, "sizeOnDisk": 0, "empty": False}
-               for n in names]
+        dbs = [
+            {"name": n} if name_only else {"name": n, "sizeOnDisk": 0, "empty": False}
+            for n in names
+        ]
         flt = request.command.get("filter")
         if flt:
             dbs = [d for d in dbs if filtering.filter_applies(flt, d)]
         return {"databases": dbs, "totalSize": 0}
 
-    async def _list_collections(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
-        names = self.engine.client[db].list_collection_names() if db in \
-            self.engine.client.list_database_names() else []
+    async def _list_collections(
+        self, request: Request, conn: Connection, db: str
+    ) -> dict[str, Any]:
+        names = (
+            self.engine.client[db].list_collection_names()
+            if db in self.engine.client.list_database_names()
+            else []
+        )
         infos = []
         for n in sorted(names):
             options: dict[str, Any] = {}
             if (db, n) in self.engine.pre_images_enabled:
                 options["changeStreamPreAndPostImages"] = {"enabled": True}
-            infos.append({"name": n, "type": "collection", "options": options,
-                          "info": {"readOnly": False},
-                          "idIndex": {"v": 2, "key": {"_id": 1}, "name": "_id_"}})
+            infos.append(
+                {
+                    "name": n,
+                    "type": "collection",
+                    "options": options,
+                    "info": {"readOnly": False},
+                    "idIndex": {"v": 2, "key": {"_id": 1}, "name": "_id_"},
+                }
+            )
         flt = request.command.get("filter")
         if flt:
             infos = [i for i in infos if filtering.filter_applies(flt, i)]
@@ -522,22 +612,33 @@ class MongoEmulator:
             if index_name in existing:
                 if existing[index_name].get("key") != list(key.items()):
                     raise CommandError(
-                        86, f"An existing index has the same name as the requested index: {index_name}",
-                        "IndexKeySpecsConflict")
+                        86,
+                        f"An existing index has the same name as the requested index: {index_name}",
+                        "IndexKeySpecsConflict",
+                    )
                 continue
-            kwargs = {k: spec[k] for k in ("unique", "sparse", "expireAfterSeconds",
-                                            "partialFilterExpression") if k in spec}
+            kwargs = {
+                k: spec[k]
+                for k in ("unique", "sparse", "expireAfterSeconds", "partialFilterExpression")
+                if k in spec
+            }
             try:
                 coll.create_index(list(key.items()), name=index_name, **kwargs)
             except mongomock.DuplicateKeyError as exc:
-                raise CommandError(11000, f"Index build failed: E11000 duplicate key error "
-                                   f"collection: {db}.{name} index: {index_name}") from exc
+                raise CommandError(
+                    11000,
+                    f"Index build failed: E11000 duplicate key error "
+                    f"collection: {db}.{name} index: {index_name}",
+                ) from exc
             except (mongomock.OperationFailure, NotImplementedError, TypeError) as exc:
                 raise CommandError(67, str(exc), "CannotCreateIndex") from exc
         self.engine.set_indexed_fields(db, name)
         after = len(coll.index_information())
-        return {"numIndexesBefore": before or 1, "numIndexesAfter": after,
-                "createdCollectionAutomatically": created_collection}
+        return {
+            "numIndexesBefore": before or 1,
+            "numIndexesAfter": after,
+            "createdCollectionAutomatically": created_collection,
+        }
 
     async def _list_indexes(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
         name = self._coll_name(request, "listIndexes")
@@ -586,7 +687,9 @@ class MongoEmulator:
             return None
         return copy.deepcopy(doc)
 
-    def _dup_key_error(self, db: str, name: str, doc: dict[str, Any], index: int | None = None) -> dict[str, Any]:
+    def _dup_key_error(
+        self, db: str, name: str, doc: dict[str, Any], index: int | None = None
+    ) -> dict[str, Any]:
         coll: Any = self.engine.collection(db, name)
         index_name, key_value = "_id_", {"_id": doc.get("_id")}
         for iname, info in coll.index_information().items():
@@ -598,9 +701,12 @@ class MongoEmulator:
                     values[k] = mongomock.helpers.get_value_by_dot(doc, k)
                 except KeyError:
                     values[k] = None
-            others = [d for d in coll._store.documents
-                      if d.get("_id") != doc.get("_id")
-                      and all(_get_dot(d, k) == v for k, v in values.items())]
+            others = [
+                d
+                for d in coll._store.documents
+                if d.get("_id") != doc.get("_id")
+                and all(_get_dot(d, k) == v for k, v in values.items())
+            ]
             if others:
                 index_name, key_value = iname, values
                 break
@@ -608,7 +714,7 @@ class MongoEmulator:
         err: dict[str, Any] = {
             "code": 11000,
             "errmsg": f"E11000 duplicate key error collection: {db}.{name} index: {index_name} "
-                      f"dup key: {{ {rendered} }}",
+            f"dup key: {{ {rendered} }}",
             "keyPattern": dict.fromkeys(key_value, 1),
             "keyValue": key_value,
         }
@@ -626,8 +732,9 @@ class MongoEmulator:
         with self.engine.writing(db, name):
             return self._insert_docs(db, name, coll, docs, ordered)
 
-    def _insert_docs(self, db: str, name: str, coll: Any, docs: list[dict[str, Any]],
-                     ordered: bool) -> dict[str, Any]:
+    def _insert_docs(
+        self, db: str, name: str, coll: Any, docs: list[dict[str, Any]], ordered: bool
+    ) -> dict[str, Any]:
         n = 0
         errors: list[dict[str, Any]] = []
         entries: list[OplogEntry] = []
@@ -640,11 +747,16 @@ class MongoEmulator:
             except mongomock.DuplicateKeyError:
                 errors.append(self._dup_key_error(db, name, doc, i))
             except (_WriteError, mongomock.OperationFailure, ValueError, TypeError) as exc:
-                errors.append({"index": i, "code": getattr(exc, "code", None) or 2, "errmsg": str(exc)})
+                errors.append(
+                    {"index": i, "code": getattr(exc, "code", None) or 2, "errmsg": str(exc)}
+                )
             else:
                 n += 1
-                entries.append(self.engine.make_entry(
-                    db, name, "insert", {"_id": doc["_id"]}, full_document=copy.deepcopy(doc)))
+                entries.append(
+                    self.engine.make_entry(
+                        db, name, "insert", {"_id": doc["_id"]}, full_document=copy.deepcopy(doc)
+                    )
+                )
                 continue
             if ordered:
                 break
@@ -655,17 +767,29 @@ class MongoEmulator:
         return reply
 
     def _apply_one_update(
-        self, db: str, name: str, q: dict[str, Any], u: Any, *, multi: bool, upsert: bool,
-        array_filters: Any, sort: Any = None, full_documents: bool = False,
-    ) -> tuple[int, int, Any, list[OplogEntry], list[tuple[dict[str, Any] | None, dict[str, Any] | None]]]:
+        self,
+        db: str,
+        name: str,
+        q: dict[str, Any],
+        u: Any,
+        *,
+        multi: bool,
+        upsert: bool,
+        array_filters: Any,
+        sort: Any = None,
+        full_documents: bool = False,
+    ) -> tuple[
+        int, int, Any, list[OplogEntry], list[tuple[dict[str, Any] | None, dict[str, Any] | None]]
+    ]:
         """Apply one update statement; returns (matched, modified, upserted_id, entries,
         [(before, after)]). Raises mongomock errors for the caller to map."""
         coll = self.engine.collection(db, name)
         if array_filters:
             raise CommandError(115, "arrayFilters are not supported by the emulator")
         is_pipeline = isinstance(u, list)
-        is_replacement = not is_pipeline and isinstance(u, dict) and not any(
-            k.startswith("$") for k in u)
+        is_replacement = (
+            not is_pipeline and isinstance(u, dict) and not any(k.startswith("$") for k in u)
+        )
         if not is_pipeline and not isinstance(u, dict):
             raise CommandError(9, "update must be a document or a pipeline")
         if is_replacement and multi:
@@ -685,8 +809,11 @@ class MongoEmulator:
         upserted_id = None
         # Only the fields an operator update can touch are copied for the change event: campaign
         # documents carry long target lists that no counter update should have to copy.
-        touched = None if (full_documents or is_pipeline or is_replacement
-                           or self._pre_image_wanted(db, name)) else _touched_fields(u)
+        touched = (
+            None
+            if (full_documents or is_pipeline or is_replacement or self._pre_image_wanted(db, name))
+            else _touched_fields(u)
+        )
         for _id in ids:
             before = _snapshot(coll, _id, touched)
             # Pin the document by _id (the engine's fast path); keep the statement's own filter
@@ -695,8 +822,11 @@ class MongoEmulator:
             if is_replacement:
                 replacement = dict(u)
                 if "_id" in replacement and replacement["_id"] != _id:
-                    raise CommandError(66, "After applying the update, the (immutable) field '_id' "
-                                       "was found to have been altered")
+                    raise CommandError(
+                        66,
+                        "After applying the update, the (immutable) field '_id' "
+                        "was found to have been altered",
+                    )
                 coll.replace_one(target, replacement)
             else:
                 coll.update_one(target, u)
@@ -706,16 +836,29 @@ class MongoEmulator:
             if after != before:
                 modified += 1
                 if is_replacement:
-                    entries.append(self.engine.make_entry(
-                        db, name, "replace", {"_id": _id}, full_document=copy.deepcopy(after),
-                        pre_image=self._pre_image(db, name, before)))
+                    entries.append(
+                        self.engine.make_entry(
+                            db,
+                            name,
+                            "replace",
+                            {"_id": _id},
+                            full_document=copy.deepcopy(after),
+                            pre_image=self._pre_image(db, name, before),
+                        )
+                    )
                 else:
                     assert before is not None
                     assert after is not None
-                    entries.append(self.engine.make_entry(
-                        db, name, "update", {"_id": _id},
-                        update_description=diff_documents(before, after),
-                        pre_image=self._pre_image(db, name, before)))
+                    entries.append(
+                        self.engine.make_entry(
+                            db,
+                            name,
+                            "update",
+                            {"_id": _id},
+                            update_description=diff_documents(before, after),
+                            pre_image=self._pre_image(db, name, before),
+                        )
+                    )
         if not ids and upsert:
             if is_replacement:
                 doc = dict(u)
@@ -728,8 +871,11 @@ class MongoEmulator:
                 result = coll.update_one(q, u, upsert=True)
                 upserted_id = result.upserted_id
             after = _snapshot(coll, upserted_id)
-            entries.append(self.engine.make_entry(
-                db, name, "insert", {"_id": upserted_id}, full_document=copy.deepcopy(after)))
+            entries.append(
+                self.engine.make_entry(
+                    db, name, "insert", {"_id": upserted_id}, full_document=copy.deepcopy(after)
+                )
+            )
             pairs.append((None, after))
         return matched, modified, upserted_id, entries, pairs
 
@@ -743,8 +889,9 @@ class MongoEmulator:
         with self.engine.writing(db, name):
             return self._update_statements(db, name, statements, ordered)
 
-    def _update_statements(self, db: str, name: str, statements: list[dict[str, Any]],
-                           ordered: bool) -> dict[str, Any]:
+    def _update_statements(
+        self, db: str, name: str, statements: list[dict[str, Any]], ordered: bool
+    ) -> dict[str, Any]:
         n = n_modified = 0
         upserted: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []
@@ -752,17 +899,34 @@ class MongoEmulator:
             q = stmt.get("q", {})
             try:
                 matched, modified, upserted_id, entries, _pairs = self._apply_one_update(
-                    db, name, q, stmt.get("u"), multi=bool(stmt.get("multi")),
-                    upsert=bool(stmt.get("upsert")), array_filters=stmt.get("arrayFilters"))
+                    db,
+                    name,
+                    q,
+                    stmt.get("u"),
+                    multi=bool(stmt.get("multi")),
+                    upsert=bool(stmt.get("upsert")),
+                    array_filters=stmt.get("arrayFilters"),
+                )
             except mongomock.DuplicateKeyError:
                 doc = q if isinstance(q, dict) else {}
                 errors.append(self._dup_key_error(db, name, doc, i))
             except CommandError as exc:
                 errors.append({"index": i, "code": exc.code, "errmsg": exc.message})
-            except (_WriteError, mongomock.OperationFailure, ValueError, TypeError,
-                    KeyError, NotImplementedError) as exc:
-                errors.append({"index": i, "code": getattr(exc, "code", None) or 2,
-                               "errmsg": str(exc) or type(exc).__name__})
+            except (
+                _WriteError,
+                mongomock.OperationFailure,
+                ValueError,
+                TypeError,
+                KeyError,
+                NotImplementedError,
+            ) as exc:
+                errors.append(
+                    {
+                        "index": i,
+                        "code": getattr(exc, "code", None) or 2,
+                        "errmsg": str(exc) or type(exc).__name__,
+                    }
+                )
             else:
                 self.engine.record(entries)
                 n += matched
@@ -787,11 +951,13 @@ class MongoEmulator:
             raise CommandError(2, "delete needs 'deletes'")
         coll = self.engine.collection(db, name)
         with self.engine.writing(db, name):
-            return self._delete_statements(db, name, coll, statements,
-                                           request.command.get("ordered", True))
+            return self._delete_statements(
+                db, name, coll, statements, request.command.get("ordered", True)
+            )
 
-    def _delete_statements(self, db: str, name: str, coll: Any, statements: list[dict[str, Any]],
-                           ordered: bool) -> dict[str, Any]:
+    def _delete_statements(
+        self, db: str, name: str, coll: Any, statements: list[dict[str, Any]], ordered: bool
+    ) -> dict[str, Any]:
         n = 0
         errors: list[dict[str, Any]] = []
         for i, stmt in enumerate(statements):
@@ -800,7 +966,9 @@ class MongoEmulator:
             try:
                 docs = list(coll._iter_documents(q))
             except (mongomock.OperationFailure, ValueError, TypeError, NotImplementedError) as exc:
-                errors.append({"index": i, "code": getattr(exc, "code", None) or 2, "errmsg": str(exc)})
+                errors.append(
+                    {"index": i, "code": getattr(exc, "code", None) or 2, "errmsg": str(exc)}
+                )
                 if ordered:
                     break
                 continue
@@ -810,8 +978,9 @@ class MongoEmulator:
             for doc in docs:
                 pre = self._pre_image(db, name, doc)
                 coll.delete_one({"_id": doc["_id"]})
-                entries.append(self.engine.make_entry(db, name, "delete", {"_id": doc["_id"]},
-                                                      pre_image=pre))
+                entries.append(
+                    self.engine.make_entry(db, name, "delete", {"_id": doc["_id"]}, pre_image=pre)
+                )
                 n += 1
             self.engine.record(entries)
         reply: dict[str, Any] = {"n": n}
@@ -829,8 +998,16 @@ class MongoEmulator:
         with self.engine.writing(db, name):
             return self._find_and_modify_in(db, name, coll, command, q, sort, fields)
 
-    def _find_and_modify_in(self, db: str, name: str, coll: Any, command: dict[str, Any],
-                            q: dict[str, Any], sort: Any, fields: Any) -> dict[str, Any]:
+    def _find_and_modify_in(
+        self,
+        db: str,
+        name: str,
+        coll: Any,
+        command: dict[str, Any],
+        q: dict[str, Any],
+        sort: Any,
+        fields: Any,
+    ) -> dict[str, Any]:
         try:
             if command.get("remove"):
                 if command.get("update") is not None or command.get("new"):
@@ -840,36 +1017,69 @@ class MongoEmulator:
                     return {"lastErrorObject": {"n": 0}, "value": None}
                 doc = found[0]
                 coll.delete_one({"_id": doc["_id"]})
-                self.engine.record([self.engine.make_entry(
-                    db, name, "delete", {"_id": doc["_id"]}, pre_image=self._pre_image(db, name, doc))])
+                self.engine.record(
+                    [
+                        self.engine.make_entry(
+                            db,
+                            name,
+                            "delete",
+                            {"_id": doc["_id"]},
+                            pre_image=self._pre_image(db, name, doc),
+                        )
+                    ]
+                )
                 return {"lastErrorObject": {"n": 1}, "value": _project(coll, doc, fields)}
             if "update" not in command:
                 raise CommandError(9, "Either an update or remove=true must be specified")
             matched, _modified, upserted_id, entries, pairs = self._apply_one_update(
-                db, name, q, command["update"], multi=False, upsert=bool(command.get("upsert")),
-                array_filters=command.get("arrayFilters"), sort=sort, full_documents=True)
+                db,
+                name,
+                q,
+                command["update"],
+                multi=False,
+                upsert=bool(command.get("upsert")),
+                array_filters=command.get("arrayFilters"),
+                sort=sort,
+                full_documents=True,
+            )
         except mongomock.DuplicateKeyError as exc:
             err = self._dup_key_error(db, name, q if isinstance(q, dict) else {})
             raise CommandError(11000, err["errmsg"]) from exc
-        except (_WriteError, mongomock.OperationFailure, ValueError, TypeError,
-                NotImplementedError) as exc:
-            raise CommandError(getattr(exc, "code", None) or 2, str(exc) or type(exc).__name__) from exc
+        except (
+            _WriteError,
+            mongomock.OperationFailure,
+            ValueError,
+            TypeError,
+            NotImplementedError,
+        ) as exc:
+            raise CommandError(
+                getattr(exc, "code", None) or 2, str(exc) or type(exc).__name__
+            ) from exc
         self.engine.record(entries)
-        last_error: dict[str, Any] = {"n": matched or (1 if upserted_id is not None else 0),
-                                      "updatedExisting": bool(matched)}
+        last_error: dict[str, Any] = {
+            "n": matched or (1 if upserted_id is not None else 0),
+            "updatedExisting": bool(matched),
+        }
         if upserted_id is not None:
             last_error["upserted"] = upserted_id
         if not pairs:
             return {"lastErrorObject": last_error, "value": None}
         before, after = pairs[0]
         value = after if command.get("new") else before
-        return {"lastErrorObject": last_error,
-                "value": _project(coll, value, fields) if value is not None else None}
+        return {
+            "lastErrorObject": last_error,
+            "value": _project(coll, value, fields) if value is not None else None,
+        }
 
     # ---- reads -------------------------------------------------------------------------------
 
-    def _cursor_reply(self, ns: str, docs: list[dict[str, Any]], command: dict[str, Any],
-                      single_batch: bool = False) -> dict[str, Any]:
+    def _cursor_reply(
+        self,
+        ns: str,
+        docs: list[dict[str, Any]],
+        command: dict[str, Any],
+        single_batch: bool = False,
+    ) -> dict[str, Any]:
         cursor_opts = command.get("cursor") or {}
         batch_size = command.get("batchSize", cursor_opts.get("batchSize"))
         first = DEFAULT_BATCH if batch_size is None else int(batch_size)
@@ -903,7 +1113,9 @@ class MongoEmulator:
             )
             docs = list(cursor)
         except (mongomock.OperationFailure, ValueError, TypeError, NotImplementedError) as exc:
-            raise CommandError(getattr(exc, "code", None) or 2, str(exc) or type(exc).__name__) from exc
+            raise CommandError(
+                getattr(exc, "code", None) or 2, str(exc) or type(exc).__name__
+            ) from exc
         return self._cursor_reply(f"{db}.{name}", docs, command, single_batch=single)
 
     async def _count(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
@@ -941,23 +1153,33 @@ class MongoEmulator:
             raise CommandError(14, "'pipeline' option must be specified as an array")
         if pipeline and "$changeStream" in pipeline[0]:
             coll = target if isinstance(target, str) else None
-            stream = open_stream(self.engine, db, coll, pipeline[0]["$changeStream"] or {},
-                                 pipeline[1:])
+            stream = open_stream(
+                self.engine, db, coll, pipeline[0]["$changeStream"] or {}, pipeline[1:]
+            )
             batch_size = (command.get("cursor") or {}).get("batchSize")
             limit = DEFAULT_BATCH if batch_size is None else int(batch_size)
             first = next_batch(self.engine, stream, limit) if limit else []
             cursor_id = next(self._cursor_ids)
             self._cursors[cursor_id] = stream
             ns = f"{db}.{coll}" if coll else f"{db}.$cmd.aggregate"
-            return {"cursor": {"id": Int64(cursor_id), "ns": ns, "firstBatch": first,
-                               "postBatchResumeToken": encode_token(stream.position)}}
+            return {
+                "cursor": {
+                    "id": Int64(cursor_id),
+                    "ns": ns,
+                    "firstBatch": first,
+                    "postBatchResumeToken": encode_token(stream.position),
+                }
+            }
         if not isinstance(target, str):
-            raise CommandError(115, "database-level aggregation is only supported for $changeStream")
+            raise CommandError(
+                115, "database-level aggregation is only supported for $changeStream"
+            )
         for stage in pipeline:
             name = next(iter(stage), "")
             if any("$changeStream" in s for s in pipeline[1:]):
-                raise CommandError(40602, "$changeStream is only valid as the first stage",
-                                   "Location40602")
+                raise CommandError(
+                    40602, "$changeStream is only valid as the first stage", "Location40602"
+                )
             if name in ("$out", "$merge"):
                 raise CommandError(115, f"{name} is not supported by the emulator")
         source_coll = self.engine.collection(db, target)
@@ -965,18 +1187,21 @@ class MongoEmulator:
             rest = pipeline
             if pipeline and "$match" in pipeline[0] and len(pipeline[0]) == 1:
                 # Narrow the input with the fast paths before mongomock copies it.
-                source = [copy.deepcopy(d)
-                          for d in source_coll._iter_documents(pipeline[0]["$match"])]
+                source = [
+                    copy.deepcopy(d) for d in source_coll._iter_documents(pipeline[0]["$match"])
+                ]
                 rest = pipeline[1:]
             else:
                 source = list(source_coll.find())
-            result = list(mongomock.aggregate.process_pipeline(source, source_coll.database, rest,
-                                                               None))
+            result = list(
+                mongomock.aggregate.process_pipeline(source, source_coll.database, rest, None)
+            )
         except mongomock.OperationFailure as exc:
             raise CommandError(getattr(exc, "code", None) or 2, str(exc)) from exc
         except NotImplementedError as exc:
-            raise CommandError(40324, f"Unrecognized or unsupported pipeline stage: {exc}",
-                               "Location40324") from exc
+            raise CommandError(
+                40324, f"Unrecognized or unsupported pipeline stage: {exc}", "Location40324"
+            ) from exc
         except (ValueError, TypeError, KeyError) as exc:
             raise CommandError(2, f"aggregation failed: {exc!r}") from exc
         return self._cursor_reply(f"{db}.{target}", result, command)
@@ -1020,8 +1245,14 @@ class MongoEmulator:
         if cursor.invalidated and not cursor.pending:
             self._cursors.pop(int(cursor_id), None)
             next_id = 0
-        return {"cursor": {"id": Int64(next_id), "ns": ns, "nextBatch": batch,
-                           "postBatchResumeToken": encode_token(cursor.position)}}
+        return {
+            "cursor": {
+                "id": Int64(next_id),
+                "ns": ns,
+                "nextBatch": batch,
+                "postBatchResumeToken": encode_token(cursor.position),
+            }
+        }
 
     async def _kill_cursors(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
         ids = request.command.get("cursors") or []
@@ -1031,8 +1262,12 @@ class MongoEmulator:
                 killed.append(cursor_id)
             else:
                 missing.append(cursor_id)
-        return {"cursorsKilled": killed, "cursorsNotFound": missing, "cursorsAlive": [],
-                "cursorsUnknown": []}
+        return {
+            "cursorsKilled": killed,
+            "cursorsNotFound": missing,
+            "cursorsAlive": [],
+            "cursorsUnknown": [],
+        }
 
 
 def _snapshot(coll: Any, _id: Any, fields: set[str] | None = None) -> dict[str, Any] | None:
@@ -1078,10 +1313,10 @@ def _project(coll: Any, doc: dict[str, Any], fields: dict[str, Any] | None) -> d
     return coll._copy_only_fields(copy.deepcopy(doc), fields, dict)
 
 
-async def serve_forever(host: str, port: int, replica_set: str,
-                        on_ready: Callable[[str], None]) -> None:
+async def serve_forever(
+    host: str, port: int, replica_set: str, on_ready: Callable[[str], None]
+) -> None:
     """Run an emulator until cancelled; `on_ready` gets its URI once it accepts connections."""
     async with MongoEmulator(host, port, replica_set) as emulator:
         on_ready(emulator.uri)
         await asyncio.Event().wait()
-
