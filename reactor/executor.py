@@ -424,7 +424,7 @@ class Executor:
         row is marked pending and given back only once its outcome is written."""
         concurrency = self._config.concurrency
         permits = asyncio.Semaphore(concurrency)
-        group = max(1, concurrency // 4)
+        group = max(1, concurrency // 2)
         outcomes: list[_Outcome] = []
         flush_needed = asyncio.Event()
         sending_done = False
@@ -448,9 +448,10 @@ class Executor:
                         permits.release()
 
         async def send_one(item: _Item) -> None:
+            # Wake the flusher at once: outcomes that finish while it writes are batched into
+            # its next write, so batches grow with load and latency stays low when idle.
             outcomes.append(await self._deliver(run, item))
-            if len(outcomes) >= group:
-                flush_needed.set()
+            flush_needed.set()
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(flusher)
