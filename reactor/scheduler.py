@@ -130,15 +130,14 @@ class Scheduler:
         for timer in wanted.values():
             if self.timers.arm(timer.key, timer.due_at):
                 changes.add("armed")
-        if campaign.status in (Status.PAUSED,) or (
-            campaign.status is Status.RUNNING
-            and campaign.execution.owner != self._config.instance_id
-        ):
-            if self._executor.active(key):
-                reason = (
-                    StopReason.PAUSED if campaign.status is Status.PAUSED else StopReason.LEASE_LOST
-                )
-                self._spawn(self._executor.stop, key, reason)
+        run = self._executor.runs.get(key)
+        if run is not None:
+            if campaign.status is Status.PAUSED:
+                self._spawn(self._executor.stop, key, StopReason.PAUSED)
+            elif campaign.execution.epoch > run.epoch:
+                # Only a newer epoch means another replica owns it now; an older event that
+                # arrives after our own claim must not stop us.
+                self._spawn(self._executor.stop, key, StopReason.LEASE_LOST)
         if wants_takeover(campaign, now) and not self._executor.active(key):
             changes.add("takeover")
             self._spawn(self._take_over, campaign)
