@@ -31,10 +31,6 @@ class TokenBucket:
         self._next_free = monotonic()  # when the next token becomes available
         self._paused_until = 0.0
 
-    @property
-    def rate_per_s(self) -> float:
-        return self._rate
-
     def _reserve(self) -> float:
         now = self._monotonic()
         interval = 1.0 / self._rate

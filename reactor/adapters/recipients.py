@@ -51,14 +51,6 @@ class MongoRecipients:
             out[key] = Recipient(customer_id=key, name=name, email=email, phone=phone)
         return out
 
-    async def check(self) -> dict[str, Any]:
-        """For `reactor doctor`: a sample row and whether it has the configured fields."""
-        c = self._config
-        sample = await self._orders.find_one(
-            {}, {c.id_field: 1, c.email_field: 1, c.phone_field: 1, c.name_field: 1}
-        )
-        return {"sample": sample, "count_estimate": await self._orders.estimated_document_count()}
-
 
 def _first(values: Any) -> str | None:
     if not isinstance(values, list):
