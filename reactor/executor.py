@@ -25,7 +25,12 @@ import anyio
 import phonenumbers
 from email_validator import EmailNotValidError, validate_email
 
-from .adapters.mongo_store import TERMINAL_STATES, DeliveryRecord, MongoCampaignStore
+from .adapters.mongo_store import (
+    TERMINAL_STATES,
+    DeliveryRecord,
+    MongoCampaignStore,
+    delivery_id,
+)
 from .config import SendConfig
 from .domain.errors import (
     InvalidCampaign,
@@ -550,7 +555,9 @@ class Executor:
             await self._store.deliveries.delete_many(
                 {
                     "_id": {
-                        "$in": [f"{run.key}:{o.item.channel}:{o.item.customer}" for o in abandoned]
+                        "$in": [
+                            delivery_id(run.key, o.item.channel, o.item.customer) for o in abandoned
+                        ]
                     },
                     "epoch": run.epoch,
                     "state": "pending",
@@ -566,7 +573,7 @@ class Executor:
             run.key, epoch=run.epoch, records=records, now=now
         )
         for rec in records:
-            if f"{run.key}:{rec.channel}:{rec.customer}" in fenced or rec.state == "pending":
+            if delivery_id(run.key, rec.channel, rec.customer) in fenced or rec.state == "pending":
                 continue
             self._metrics.sends.labels(rec.channel, rec.state).inc()
             name = _COUNTER_NAMES.get((Channel(rec.channel), rec.state), "uncertain")

@@ -80,6 +80,11 @@ async def eventually(
             await anyio.sleep(interval_s)
 
 
+async def holds(value: bool) -> bool:
+    """`eventually(lambda: holds(cond))` for a condition that needs no I/O."""
+    return value
+
+
 async def seed_customers(
     client: Client, mongo: MongoTarget, n: int, *, numeric_ids: bool = True, bad_every: int = 0
 ) -> list[str]:

@@ -17,7 +17,7 @@ from pymongo import AsyncMongoClient
 from reactor.embedded.mongo import MongoEmulator
 from reactor.embedded.smtp_sink import SmtpSink
 
-from .helpers import campaign, eventually, has_status, seed_customers
+from .helpers import campaign, eventually, has_status, holds, seed_customers
 
 Client = AsyncMongoClient[dict[str, Any]]
 
@@ -255,7 +255,7 @@ async def test_run_serves_then_drains_on_sigterm(emulator: MongoEmulator, sink: 
         has_status(client, Target(), res.inserted_id, "running"),  # type: ignore[arg-type]
         10,
     )
-    await eventually(lambda: _true(len(sink.messages) >= 20))
+    await eventually(lambda: holds(len(sink.messages) >= 20))
     proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(proc.wait(), 40) == 0
     await reader
@@ -281,7 +281,3 @@ async def test_run_serves_then_drains_on_sigterm(emulator: MongoEmulator, sink: 
     )
     assert sent == len(sink.messages) < 400
     await client.close()
-
-
-async def _true(value: bool) -> bool:
-    return value

@@ -18,6 +18,7 @@ from .helpers import (
     campaign,
     eventually,
     has_status,
+    holds,
     ledger,
     running,
     seed_customers,
@@ -98,7 +99,7 @@ async def test_smtp_down_mid_run_then_back_retries_without_duplicates(
     coll = client[mongo.campaigns_db].campaigns
     async with running(cfg):
         res = await coll.insert_one(campaign("smtp-outage", 0.2, 60, ids, channels=["email"]))
-        await eventually(lambda: _true(len(sink.messages) >= 10))
+        await eventually(lambda: holds(len(sink.messages) >= 10))
         await sink.go_down()
         await anyio.sleep(1.5)
         await sink.come_back()
@@ -112,10 +113,6 @@ async def test_smtp_down_mid_run_then_back_retries_without_duplicates(
     assert len(set(sink.recipients())) == len(sink.recipients())
     assert len(sink.messages) >= sent
     assert any(r["attempts"] > 1 for r in rows)  # some were retried
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def test_permanent_smtp_error_fails_at_once(
@@ -207,7 +204,7 @@ async def test_owner_killed_mid_run_another_takes_over_with_zero_duplicates(
         await tg.start(owner.run)
         await owner.ready.wait()
         res = await coll.insert_one(campaign("takeover", 0.3, 60, ids))
-        await eventually(lambda: _true(len(sink.messages) >= 15))
+        await eventually(lambda: holds(len(sink.messages) >= 15))
         tg.cancel_scope.cancel()  # killed: no drain, no lease release
     # The standby comes up after the owner died: it must find the expired lease and resume.
     async with running(cfg_b) as (standby,):
@@ -236,7 +233,7 @@ async def test_pause_stops_within_a_second_and_resume_sends_the_rest_once(
     cfg = settings(mongo, sink, email_rate_per_second=40, send_concurrency=2)
     async with running(cfg):
         res = await coll.insert_one(campaign("pausable", 0.2, 60, ids, channels=["email"]))
-        await eventually(lambda: _true(len(sink.messages) >= 10))
+        await eventually(lambda: holds(len(sink.messages) >= 10))
         await coll.update_one({"_id": res.inserted_id}, {"$set": {"status": "paused"}})
         await anyio.sleep(1.0)
         at_pause = len(sink.messages)
@@ -257,7 +254,7 @@ async def test_cancel_during_a_run_stops_sending(
     coll = client[mongo.campaigns_db].campaigns
     async with running(settings(mongo, sink, email_rate_per_second=40, send_concurrency=2)):
         res = await coll.insert_one(campaign("cancel", 0.2, 60, ids, channels=["email"]))
-        await eventually(lambda: _true(len(sink.messages) >= 5))
+        await eventually(lambda: holds(len(sink.messages) >= 5))
         await coll.update_one({"_id": res.inserted_id}, {"$set": {"status": "cancelled"}})
         await anyio.sleep(1.0)
         stopped_at = len(sink.messages)

@@ -17,6 +17,7 @@ from .helpers import (
     campaign,
     eventually,
     has_status,
+    holds,
     now,
     running,
     seed_customers,
@@ -42,7 +43,7 @@ async def test_approved_ahead_starts_on_time_and_completes_at_end(
         )
         key = TimerKey(str(res.inserted_id), TimerKind.START)
         assert reactor.scheduler is not None
-        await eventually(lambda: _true(key in reactor.scheduler.timers), 3)  # type: ignore[union-attr]
+        await eventually(lambda: holds(key in reactor.scheduler.timers), 3)  # type: ignore[union-attr]
         await eventually(has_status(client, mongo, res.inserted_id, "running"), 5)
         doc = await client[mongo.campaigns_db].campaigns.find_one({"_id": res.inserted_id})
         assert doc is not None
@@ -57,10 +58,6 @@ async def test_approved_ahead_starts_on_time_and_completes_at_end(
         assert sample(reactor, "reactor_campaign_transitions_total", {"to": "running"}) == 1
         assert sample(reactor, "reactor_campaign_transitions_total", {"to": "completed"}) == 1
         assert sample(reactor, "reactor_timer_lateness_seconds_count", {"kind": "start"}) == 1
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def test_late_approval_within_grace_starts_at_once_beyond_grace_is_missed(
@@ -106,7 +103,7 @@ async def test_moving_the_start_rearms_and_unapproving_or_deleting_disarms(
                 ("deleted", deleted),
             ]
         }
-        await eventually(lambda: _true(all(k in sched.timers for k in keys.values())))
+        await eventually(lambda: holds(all(k in sched.timers for k in keys.values())))
         later_at = now() + dt.timedelta(hours=1)
         earlier_at = now() + dt.timedelta(seconds=1)
         await coll.update_one(
@@ -130,7 +127,7 @@ async def test_moving_the_start_rearms_and_unapproving_or_deleting_disarms(
                 and keys["deleted"] not in sched.timers
             )
 
-        await eventually(lambda: _true(settled()))
+        await eventually(lambda: holds(settled()))
         await eventually(has_status(client, mongo, moved_earlier.inserted_id, "running"), 5)
         await anyio.sleep(1.0)  # past the original starts of the other three
         assert await status_of(client, mongo, moved_later.inserted_id) == "approved"
@@ -202,7 +199,7 @@ async def test_history_lost_sweep_repairs_nothing_missed(
     cfg = settings(mongo, reconcile_interval_seconds=3600)
     async with running(cfg) as (reactor,):
         assert reactor.watcher is not None
-        await eventually(lambda: _true(reactor.watcher.token is not None))  # type: ignore[union-attr]
+        await eventually(lambda: holds(reactor.watcher.token is not None))  # type: ignore[union-attr]
         await reactor.watcher.save_token()
     # Down: a campaign is approved meanwhile and the oplog rolls over.
     res = await coll.insert_one(campaign("while-down", 1.0, 30, []))
@@ -224,9 +221,9 @@ async def test_sweep_repairs_what_the_stream_missed(mongo: MongoTarget, client: 
         assert sched is not None
         res = await coll.insert_one(campaign("missed-by-stream", 3600, 7200, []))
         key = TimerKey(str(res.inserted_id), TimerKind.START)
-        await eventually(lambda: _true(key in sched.timers))
+        await eventually(lambda: holds(key in sched.timers))
         sched.timers.disarm(key)  # as if the stream had dropped the event
-        await eventually(lambda: _true(key in sched.timers), 5)
+        await eventually(lambda: holds(key in sched.timers), 5)
         assert sample(reactor, "reactor_reconcile_repairs_total", {"kind": "armed"}) >= 1
 
 
@@ -238,7 +235,7 @@ async def test_restart_resumes_from_the_persisted_token(mongo: MongoTarget, clie
         res = await coll.insert_one(campaign("first", 3600, 7200, []))
         assert reactor.scheduler is not None
         key = TimerKey(str(res.inserted_id), TimerKind.START)
-        await eventually(lambda: _true(key in reactor.scheduler.timers))  # type: ignore[union-attr]
+        await eventually(lambda: holds(key in reactor.scheduler.timers))  # type: ignore[union-attr]
     saved = await state.find_one({"_id": "resume_token:stable"})
     assert saved is not None
     assert saved["token"]["_data"]
