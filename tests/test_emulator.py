@@ -140,6 +140,41 @@ async def test_aggregation_pipeline(db: Any) -> None:
     assert [r["total"] for r in page] == [7, 5]
 
 
+async def test_long_in_lists_match_like_short_ones(db: Any) -> None:
+    """Long `$in`/`$nin` lists take a set-based path; the answers must equal the short path's."""
+    docs = [
+        {"_id": 1, "v": 5},
+        {"_id": 2, "v": "5"},
+        {"_id": 3, "v": [7, 8]},
+        {"_id": 4},
+        {"_id": 5, "v": None},
+        {"_id": 6, "v": {"a": 1}},
+        {"_id": 7, "v": "apple"},
+        {"_id": 8, "v": 9.0},
+    ]
+    await db.inlist.insert_many(docs)
+    filler = [f"x{i}" for i in range(40)]  # long enough for the set-based path
+
+    async def ids(flt: dict[str, Any]) -> list[int]:
+        return sorted(d["_id"] for d in await db.inlist.find(flt).to_list())
+
+    for values in ([5], [8], [None], [{"a": 1}], [9], ["5", 7]):
+        short = await ids({"v": {"$in": values}})
+        assert await ids({"v": {"$in": [*filler, *values]}}) == short, values
+        assert await ids({"v": {"$nin": [*filler, *values]}}) == await ids(
+            {"v": {"$nin": values}}
+        )
+    assert await ids({"v": {"$in": [*filler, 5]}}) == [1]
+    assert await ids({"v": {"$in": [*filler, None]}}) == [4, 5]
+    assert await ids({"v": {"$in": [*filler, 8]}}) == [3]
+    assert await ids({"v": {"$in": [*filler, 9]}}) == [8]
+    assert await ids({"v": {"$in": [*filler, bson.Regex("^app")]}}) == [7]
+    rows = await (
+        await db.inlist.aggregate([{"$match": {"v": {"$in": [*filler, 5, "apple"]}}}])
+    ).to_list()
+    assert sorted(r["_id"] for r in rows) == [1, 7]
+
+
 async def test_indexes_and_duplicate_keys(db: Any) -> None:
     await db.u.create_index("email", unique=True)
     names = {i["name"] for i in await (await db.u.list_indexes()).to_list()}

@@ -49,6 +49,54 @@ def _equality_values(condition: Any) -> list[Any] | None:
     return None
 
 
+_mongomock_in = filtering._in_op
+_in_cache: list[Any] = [None, 0, None]  # the last $in list seen, its length, its value set
+
+
+def _in_set(search_val: list[Any] | tuple[Any, ...]) -> frozenset[Any] | None:
+    """The values of a long `$in` list as a set, prepared once per query (mongomock rescans
+    the whole list for every document, which makes a 1,000-id match quadratic). None when
+    the list holds something a set cannot answer for: regexes, documents or arrays."""
+    if _in_cache[0] is search_val and _in_cache[1] == len(search_val):
+        cached: frozenset[Any] | None = _in_cache[2]
+        return cached
+    values: frozenset[Any] | None = None
+    if not any(isinstance(v, filtering._RE_TYPES) for v in search_val):
+        try:
+            values = frozenset(search_val)
+        except TypeError:  # unhashable members (documents, arrays)
+            values = None
+    # Holding the list keeps its id from being reused by another one while it is cached.
+    _in_cache[:] = [search_val, len(search_val), values]
+    return values
+
+
+def _fast_in(doc_val: Any, search_val: Any) -> bool:
+    """mongomock's `$in` with the same answers, in O(1) per document for long plain lists."""
+    if not isinstance(search_val, (list, tuple)) or len(search_val) < 16:
+        return bool(_mongomock_in(doc_val, search_val))
+    values = _in_set(search_val)
+    if values is None:
+        return bool(_mongomock_in(doc_val, search_val))
+    if doc_val is filtering.NOTHING:
+        return None in values
+    for x in doc_val if isinstance(doc_val, (list, tuple)) else (doc_val,):
+        try:
+            if x in values:
+                return True
+        except TypeError:  # an unhashable document value: compare it the slow way
+            if x in search_val:
+                return True
+    return False
+
+
+def install_fast_operators() -> None:
+    """Swap mongomock's `$in`/`$nin` matchers for the set-based ones (idempotent)."""
+    operators = filtering._filterer_inst._operator_map
+    operators["$in"] = _fast_in
+    operators["$nin"] = lambda dv, sv: not _fast_in(dv, sv)
+
+
 class FastCollection(mongomock.Collection):  # type: ignore[type-arg]
     """A mongomock collection that answers `_id` and indexed-field equality filters from a hash
     lookup instead of a full scan. Every candidate still goes through mongomock's matcher."""
@@ -157,6 +205,7 @@ class Engine:
     """One mongomock client plus a change log shared by every connection of the emulator."""
 
     def __init__(self, *, oplog_limit: int = 200_000) -> None:
+        install_fast_operators()
         self.client: Any = mongomock.MongoClient()
         self.oplog: list[OplogEntry] = []
         self._oplog_ts: list[int] = []
