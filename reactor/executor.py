@@ -15,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from email.utils import make_msgid
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import anyio
 import phonenumbers
@@ -49,7 +50,10 @@ from .ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 COUNTER_FLUSH_S = 0.5
+OUTCOME_MAX_AGE_S = 1.0  # a known outcome reaches the ledger within this, even mid-batch
 
 _COUNTER_NAMES = {
     (Channel.EMAIL, "sent"): "emailsSent",
@@ -83,6 +87,42 @@ class _Outcome:
     provider_id: str | None = None
     error: str | None = None
     attempts: int = 0
+
+
+@dataclass
+class _Prepared:
+    """One batch ready to send: per channel, the rows to record as skipped and the messages."""
+
+    found: int
+    channels: dict[Channel, tuple[list[DeliveryRecord], list[_Item]]] = field(default_factory=dict)
+
+
+class _Ahead(Generic[T]):
+    """A result computed in the background of a task group; `get()` waits for it (and raises
+    what it raised)."""
+
+    def __init__(
+        self, tg: anyio.abc.TaskGroup, fn: Callable[..., Awaitable[T]], *args: Any
+    ) -> None:
+        self._done = anyio.Event()
+        self._result: T | None = None
+        self._error: Exception | None = None
+        tg.start_soon(self._run, fn, args)
+
+    async def _run(self, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> None:
+        try:
+            self._result = await fn(*args)
+        except Exception as exc:
+            self._error = exc
+        finally:
+            self._done.set()
+
+    async def get(self) -> T:
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
 
 
 @dataclass
@@ -298,18 +338,32 @@ class Executor:
             extra={"campaign_id": run.key, "count": len(targets)},
         )
         found = 0
-        for batch in _chunks(targets, self._config.batch_size):
-            if run.stop_reason not in (None, StopReason.WINDOW_CLOSED):
-                break
-            if run.stop_reason is None:
-                recipients = await self._recipients.resolve(batch)
-                found += len(recipients)
-                for channel in sorted(campaign.channels):
-                    await self._send_batch(run, campaign, channel, batch, recipients)
-            if run.stop_reason == StopReason.WINDOW_CLOSED:
-                # The window closed during or before this batch: whoever was not reached is
-                # recorded as skipped, so every customer is accounted for.
-                await self._close_window(run, campaign, batch)
+        batches = list(_chunks(targets, self._config.batch_size))
+        async with anyio.create_task_group() as tg:
+            # The next batch is resolved and checked against the ledger while this one sends,
+            # so the pipeline does not drain at every batch boundary.
+            ahead = _Ahead(tg, self._prepare, run, campaign, batches[0]) if batches else None
+            for i, batch in enumerate(batches):
+                if run.stop_reason not in (None, StopReason.WINDOW_CLOSED):
+                    break
+                if run.stop_reason is None and ahead is not None:
+                    prepared = await ahead.get()
+                    ahead = (
+                        _Ahead(tg, self._prepare, run, campaign, batches[i + 1])
+                        if i + 1 < len(batches)
+                        else None
+                    )
+                    found += prepared.found
+                    for channel, (skipped, items) in prepared.channels.items():
+                        if skipped:
+                            await self._write(run, skipped)
+                        if items and run.stop_reason is None:
+                            await self._send_items(run, channel, items)
+                if run.stop_reason == StopReason.WINDOW_CLOSED:
+                    # The window closed during or before this batch: whoever was not reached is
+                    # recorded as skipped, so every customer is accounted for.
+                    await self._close_window(run, campaign, batch)
+            tg.cancel_scope.cancel()
         log.info(
             "Found %d customers in orders collection",
             found,
@@ -340,45 +394,40 @@ class Executor:
             extra={"campaign_id": run.key, "count": len(records)},
         )
 
-    async def _send_batch(
-        self,
-        run: Run,
-        campaign: Campaign,
-        channel: Channel,
-        batch: Sequence[str],
-        recipients: dict[str, Recipient],
-    ) -> None:
-        states = await self._store.ledger_states(run.key, channel, batch)
-        skipped: list[DeliveryRecord] = []
-        items: list[_Item] = []
-        sender = self._senders[channel]
-        for customer in batch:
-            if customer in states:
-                state, epoch = states[customer]
-                if state in TERMINAL_STATES or epoch >= run.epoch:
+    async def _prepare(self, run: Run, campaign: Campaign, batch: Sequence[str]) -> _Prepared:
+        """Resolve one batch, read what the ledger already holds for it, and build the messages
+        still to send (validated, rendered) and the rows to record as skipped."""
+        recipients = await self._recipients.resolve(batch)
+        prepared = _Prepared(found=len(recipients))
+        for channel in sorted(campaign.channels):
+            states = await self._store.ledger_states(run.key, channel, batch)
+            skipped: list[DeliveryRecord] = []
+            items: list[_Item] = []
+            sender = self._senders[channel]
+            for customer in batch:
+                if customer in states:
+                    state, epoch = states[customer]
+                    if state in TERMINAL_STATES or epoch >= run.epoch:
+                        continue
+                recipient = recipients.get(customer)
+                if recipient is None:
+                    skipped.append(DeliveryRecord(customer, channel, "skipped", reason="not_found"))
                     continue
-            recipient = recipients.get(customer)
-            if recipient is None:
-                skipped.append(DeliveryRecord(customer, channel, "skipped", reason="not_found"))
-                continue
-            if sender is None:
-                skipped.append(
-                    DeliveryRecord(customer, channel, "skipped", reason="channel_not_configured")
-                )
-                continue
-            address, problem = self._address(channel, recipient)
-            if address is None:
-                skipped.append(DeliveryRecord(customer, channel, "skipped", reason=problem))
-                continue
-            items.append(
-                _Item(
-                    customer, channel, address, self._message(campaign, channel, recipient, address)
-                )
-            )
-        if skipped:
-            await self._write(run, skipped)
-        if items:
-            await self._send_items(run, channel, items)
+                if sender is None:
+                    skipped.append(
+                        DeliveryRecord(
+                            customer, channel, "skipped", reason="channel_not_configured"
+                        )
+                    )
+                    continue
+                address, problem = self._address(channel, recipient)
+                if address is None:
+                    skipped.append(DeliveryRecord(customer, channel, "skipped", reason=problem))
+                    continue
+                message = self._message(campaign, channel, recipient, address)
+                items.append(_Item(customer, channel, address, message))
+            prepared.channels[channel] = (skipped, items)
+        return prepared
 
     def _address(self, channel: Channel, recipient: Recipient) -> tuple[str | None, str]:
         if channel is Channel.EMAIL:
@@ -425,68 +474,63 @@ class Executor:
         )
 
     async def _send_items(self, run: Run, channel: Channel, items: list[_Item]) -> None:
-        """Send with at most `concurrency` rows pending at any time: a permit is taken before a
-        row is marked pending and given back only once its outcome is written."""
-        concurrency = self._config.concurrency
-        permits = asyncio.Semaphore(concurrency)
-        group = max(1, concurrency // 2)
-        outcomes: list[_Outcome] = []
-        flush_needed = asyncio.Event()
-        sending_done = False
+        """Send with at most `concurrency` rows pending at any time, in few ledger writes.
 
-        async def flusher() -> None:
-            while True:
-                if not outcomes:
-                    if sending_done and permits._value == concurrency:
-                        return
-                    flush_needed.clear()
-                    with anyio.move_on_after(0.05):
-                        await flush_needed.wait()
-                    if not outcomes:
-                        continue
-                taken = outcomes[:]
-                outcomes.clear()
-                try:
-                    await self._write_outcomes(run, taken)
-                finally:
-                    for _ in taken:
-                        permits.release()
+        Each write is one ordered bulk write carrying the outcomes of the sends that finished
+        since the last write, then the `pending` marks of the sends about to start; a send
+        starts only once its mark is acknowledged. Because outcomes are applied first, the
+        slots they free can be refilled in the same write and the ledger never holds more than
+        `concurrency` pending rows: a crash leaves at most that many outcomes unknown.
+
+        The pipeline is refilled when the sends in flight fall to half the bound, so a write
+        carries about `concurrency` rows instead of one per finished send (a database round
+        trip costs far more than a row); the other half keeps the providers busy meanwhile.
+        Outcomes are also written once nothing is in flight, and never later than
+        OUTCOME_MAX_AGE_S after they are known."""
+        concurrency = self._config.concurrency
+        low_water = concurrency // 2
+        finished: list[_Outcome] = []
+        first_finished_at = 0.0  # monotonic time the oldest unwritten outcome was known
+        wake = asyncio.Event()
+        sending = 0
+        next_item = 0
 
         async def send_one(item: _Item) -> None:
-            # Wake the flusher at once: outcomes that finish while it writes are batched into
-            # its next write, so batches grow with load and latency stays low when idle.
-            outcomes.append(await self._deliver(run, item))
-            flush_needed.set()
+            nonlocal sending, first_finished_at
+            outcome = await self._deliver(run, item)
+            sending -= 1
+            if not finished:
+                first_finished_at = time.monotonic()
+            finished.append(outcome)
+            wake.set()
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(flusher)
-            pending: list[_Item] = []
-
-            async def launch() -> None:
-                records = [
-                    DeliveryRecord(i.customer, i.channel, "pending", to=i.to) for i in pending
-                ]
-                await self._write(run, records)
-                for it in pending:
-                    tg.start_soon(send_one, it)
-                pending.clear()
-
-            for item in items:
-                if run.stop_reason is not None:
-                    break
-                if permits.locked() and pending:
-                    await launch()
-                await permits.acquire()
-                pending.append(item)
-                if len(pending) >= group:
-                    await launch()
-            if pending and run.stop_reason is None:
-                await launch()
-            for _ in pending:  # acquired but never launched: hand the permits back
-                permits.release()
-            pending.clear()
-            sending_done = True
-            flush_needed.set()
+            while True:
+                more = run.stop_reason is None and next_item < len(items)
+                refill = more and sending <= low_water
+                stale = bool(finished) and (
+                    sending == 0 or time.monotonic() - first_finished_at >= OUTCOME_MAX_AGE_S
+                )
+                if refill or stale:
+                    done = finished[:]
+                    finished.clear()
+                    new = items[next_item : next_item + concurrency - sending] if more else []
+                    next_item += len(new)
+                    await self._write_outcomes(run, done, pending=new)
+                    sending += len(new)
+                    for item in new:
+                        tg.start_soon(send_one, item)
+                    continue
+                if not more and sending == 0 and not finished:
+                    break  # everything launched has been recorded
+                wake.clear()
+                timeout = (
+                    max(0.0, first_finished_at + OUTCOME_MAX_AGE_S - time.monotonic())
+                    if finished
+                    else math.inf
+                )
+                with anyio.move_on_after(timeout):
+                    await wake.wait()  # a send in flight will finish
 
     async def _deliver(self, run: Run, item: _Item) -> _Outcome:
         sender = self._senders[item.channel]
@@ -533,8 +577,12 @@ class Executor:
             self._metrics.send_duration.labels(channel).observe(time.perf_counter() - started)
             return _Outcome(item, "sent", provider_id=provider_id, attempts=attempt)
 
-    async def _write_outcomes(self, run: Run, outcomes: list[_Outcome]) -> None:
-        records = []
+    async def _write_outcomes(
+        self, run: Run, outcomes: list[_Outcome], *, pending: Sequence[_Item] = ()
+    ) -> None:
+        """Record finished sends, then mark the next ones pending, in one ordered write."""
+        marks = [DeliveryRecord(i.customer, i.channel, "pending", to=i.to) for i in pending]
+        records: list[DeliveryRecord] = []
         abandoned = []
         for o in outcomes:
             if o.state == "abandoned":
@@ -563,7 +611,7 @@ class Executor:
                     "state": "pending",
                 }
             )
-        await self._write(run, records)
+        await self._write(run, records + marks)
 
     async def _write(self, run: Run, records: list[DeliveryRecord]) -> None:
         if not records:

@@ -309,7 +309,13 @@ class MongoCampaignStore:
         self, campaign: str, *, epoch: int, records: Iterable[DeliveryRecord], now: dt.datetime
     ) -> set[str]:
         """Upsert ledger rows, fenced by epoch: a row already written by a later epoch is not
-        touched. Returns the delivery ids that were fenced off (empty when we still own it)."""
+        touched. Returns the delivery ids that were not written because they were fenced off
+        (empty when we still own the run).
+
+        The bulk write is ordered: rows are applied in the order given, so a caller can put
+        outcomes before new `pending` marks and know the ledger never holds both the old and
+        the new pending rows at once. After a fenced row nothing more is applied (the run is
+        over anyway), and every row from it on is reported as not written."""
         ops = []
         ids = []
         for rec in records:
@@ -347,14 +353,12 @@ class MongoCampaignStore:
         if not ops:
             return set()
         try:
-            await self.deliveries.bulk_write(ops, ordered=False)
+            await self.deliveries.bulk_write(ops, ordered=True)
         except BulkWriteError as exc:
-            fenced = set()
-            for err in exc.details.get("writeErrors", []):
-                if err.get("code") != 11000:
-                    raise
-                fenced.add(ids[err["index"]])
-            return fenced
+            errors = exc.details.get("writeErrors", [])
+            if not errors or any(err.get("code") != 11000 for err in errors):
+                raise
+            return set(ids[min(err["index"] for err in errors) :])
         return set()
 
     async def ledger_counts(self, campaign: str) -> dict[str, dict[str, int]]:

@@ -51,7 +51,8 @@ def markdown(results: dict[str, Any]) -> str:
     if "sending" in results:
         s = results["sending"]
         out += [
-            "| Sending (pool 4, concurrency 16) | reactor | ceiling (bare pool) | "
+            f"| Sending (pool {s['pool_size']}, concurrency {s['concurrency']}, "
+            f"median of {s.get('rounds', 1)} rounds) | reactor | ceiling (bare pool) | "
             "old (a connection per message) | vs ceiling | vs old |",
             "| --- | ---: | ---: | ---: | ---: | ---: |",
         ]

@@ -50,6 +50,7 @@ def _equality_values(condition: Any) -> list[Any] | None:
 
 
 _mongomock_in = filtering._in_op
+NOTHING: Any = vars(filtering)["NOTHING"]  # mongomock's "field absent" marker
 _in_cache: list[Any] = [None, 0, None]  # the last $in list seen, its length, its value set
 
 
@@ -78,7 +79,7 @@ def _fast_in(doc_val: Any, search_val: Any) -> bool:
     values = _in_set(search_val)
     if values is None:
         return bool(_mongomock_in(doc_val, search_val))
-    if doc_val is filtering.NOTHING:
+    if doc_val is NOTHING:
         return None in values
     for x in doc_val if isinstance(doc_val, (list, tuple)) else (doc_val,):
         try:
