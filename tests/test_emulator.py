@@ -161,9 +161,7 @@ async def test_long_in_lists_match_like_short_ones(db: Any) -> None:
     for values in ([5], [8], [None], [{"a": 1}], [9], ["5", 7]):
         short = await ids({"v": {"$in": values}})
         assert await ids({"v": {"$in": [*filler, *values]}}) == short, values
-        assert await ids({"v": {"$nin": [*filler, *values]}}) == await ids(
-            {"v": {"$nin": values}}
-        )
+        assert await ids({"v": {"$nin": [*filler, *values]}}) == await ids({"v": {"$nin": values}})
     assert await ids({"v": {"$in": [*filler, 5]}}) == [1]
     assert await ids({"v": {"$in": [*filler, None]}}) == [4, 5]
     assert await ids({"v": {"$in": [*filler, 8]}}) == [3]

@@ -325,3 +325,61 @@ async def test_malformed_content_is_reported_and_nothing_is_sent(
         assert await ledger(client, mongo, cid) == []
     assert len(sink.messages) == 3  # only the good campaign's
     assert twilio.messages == []
+
+
+async def test_ledger_never_holds_more_pending_rows_than_the_bound(
+    mongo: MongoTarget, client: Client
+) -> None:
+    """Replays the ledger's change stream: at no point are more than SEND_CONCURRENCY rows
+    pending, although outcomes and new pending marks share one write."""
+    ids = await seed_customers(client, mongo, 60)
+    deliveries = client[mongo.campaigns_db].deliveries
+    pending: set[Any] = set()
+    peak = 0
+    final: dict[Any, str] = {}
+    async with (
+        SmtpSink(reply_delay_s=0.002) as slow_sink,
+        await deliveries.watch() as stream,
+        running(settings(mongo, slow_sink, send_concurrency=4)),
+    ):
+        res = await client[mongo.campaigns_db].campaigns.insert_one(
+            campaign("bound", 0.3, 60, ids, channels=["email"])
+        )
+        with anyio.fail_after(30):
+            while sum(1 for s in final.values() if s == "sent") < 60:
+                event = await stream.next()
+                key = event["documentKey"]["_id"]
+                if event["operationType"] == "insert":
+                    state = event["fullDocument"]["state"]
+                else:
+                    state = event["updateDescription"]["updatedFields"].get("state")
+                    if state is None:
+                        continue
+                final[key] = state
+                if state == "pending":
+                    pending.add(key)
+                else:
+                    pending.discard(key)
+                peak = max(peak, len(pending))
+        await eventually(sends_done(client, mongo, res.inserted_id), 10)
+    assert 1 < peak <= 4
+    assert not pending
+    assert len(slow_sink.messages) == 60
+
+
+async def test_sink_round_trip_is_simulated_once_per_reply() -> None:
+    """The benchmark's simulated network delays each SMTP reply once, not each line of a
+    multi-line reply (EHLO), or it would overstate what a new connection costs."""
+    import time
+
+    import aiosmtplib
+
+    async with SmtpSink(reply_delay_s=0.1) as slow_sink:
+        smtp = aiosmtplib.SMTP(hostname=slow_sink.host, port=slow_sink.port, start_tls=False)
+        t0 = time.perf_counter()
+        await smtp.connect()  # the greeting: one round trip
+        response = await smtp.ehlo()  # a multi-line reply: one more
+        await smtp.quit()  # and one more
+        elapsed = time.perf_counter() - t0
+    assert len(response.message.splitlines()) >= 4
+    assert 0.3 <= elapsed < 0.5  # one delay per line would take 0.6 s or more

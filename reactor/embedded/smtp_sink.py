@@ -75,10 +75,15 @@ class _SinkProtocol(SMTPProtocol):
     def __init__(self, sink: SmtpSink, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._sink = sink
+        self._reply_started = False
 
     async def push(self, status: Any) -> None:
-        if self._sink.reply_delay_s:
+        # One round trip per reply: a multi-line reply (EHLO's "250-..." lines) travels
+        # together, so only its first line waits.
+        line = status.encode() if isinstance(status, str) else bytes(status)
+        if self._sink.reply_delay_s and not self._reply_started:
             await asyncio.sleep(self._sink.reply_delay_s)
+        self._reply_started = line[3:4] == b"-"
         await super().push(status)
 
 
