@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import SecretStr
 from pymongo import AsyncMongoClient
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import OperationFailure, PyMongoError
 from rich.console import Console
 from rich.table import Table
@@ -215,6 +216,28 @@ async def _check_segmentation(
             OK,
             f"{rc.db}.{rc.collection}: about {count} order rows with the configured field names",
         )
+    await _check_orders_index(report, orders, rc.id_field)
+
+
+async def _check_orders_index(
+    report: Report, orders: AsyncCollection[dict[str, Any]], id_field: str
+) -> None:
+    """Recipients are matched by customer id in batches; without an index led by that field
+    every batch scans the whole orders collection."""
+    try:
+        indexes = [i async for i in await orders.list_indexes()]
+    except PyMongoError as exc:
+        report.add("orders index", WARN, f"cannot list indexes: {type(exc).__name__}")
+        return
+    led_by_id = [i["name"] for i in indexes if next(iter(i.get("key", {})), None) == id_field]
+    if led_by_id:
+        report.add("orders index", OK, f"{', '.join(led_by_id)} serves lookups by {id_field!r}")
+    else:
+        report.add(
+            "orders index",
+            WARN,
+            f"no index on {id_field!r}: every batch of recipients scans the collection",
+        )
 
 
 async def _check_channels(report: Report, settings: Settings, probe: bool) -> None:
@@ -381,6 +404,14 @@ def _recommend(report: Report, settings: Settings) -> None:
             f"Point SEGMENTATION_DB / ORDERS_COLLECTION (now {settings.segmentation_db!r} / "
             f"{settings.orders_collection!r}) at the customers' order rows, and "
             "CUSTOMER_*_FIELD at their field names."
+        )
+    idx = status.get("orders index")
+    if idx and idx.status == WARN and "no index" in idx.detail:
+        r.append(
+            f"Index the orders collection on the customer id: in mongosh, "
+            f"`db.getSiblingDB({settings.segmentation_db!r}).{settings.orders_collection}"
+            f".createIndex({{{settings.customer_id_field}: 1}})` (the segmentation database "
+            "belongs to its owners; the reactor only reads it)."
         )
     if any(w.get("state") == "would be missed" for w in report.waiting):
         r.append(

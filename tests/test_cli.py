@@ -111,6 +111,7 @@ async def _seed_segmentation(uri: str) -> None:
     await client.retail_db.newdatabase.insert_one(
         {"customer_id": 1, "email": "a@b.example", "phone": "+14155550100", "name": "A"}
     )
+    await client.retail_db.newdatabase.create_index([("customer_id", 1), ("date", -1)])
     await client.close()
 
 
@@ -138,6 +139,7 @@ async def test_doctor_healthy(emulator: MongoEmulator, sink: SmtpSink) -> None:
     assert checks["replica set"] == "ok"
     assert checks["change streams"] == "ok"
     assert checks["segmentation"] == "ok"
+    assert checks["orders index"] == "ok"
     assert checks["email (SMTP)"] == "ok"  # probed: the sink answered
     assert checks["sms (Twilio)"] == "fail"  # probed: nothing at api.twilio.com from here
     states = {w["name"]: w["state"] for w in report["waiting"]}
@@ -194,6 +196,14 @@ async def test_doctor_reports_broken_setups(emulator: MongoEmulator) -> None:
     assert code == 1
     assert smtp["status"] == "fail"
     assert "unreachable" in smtp["detail"]
+    # The orders collection without an index on the customer id: a warning and the fix.
+    await client.retail_db.newdatabase.drop_indexes()
+    code, out, _ = await reactor_cli("doctor", "--json", env=base)
+    report = json.loads(out)
+    index = next(c for c in report["checks"] if c["name"] == "orders index")
+    assert index["status"] == "warn"
+    assert "'customer_id'" in index["detail"]
+    assert any("createIndex({customer_id: 1})" in r for r in report["recommendations"])
     # MongoDB not there at all.
     code, out, _ = await reactor_cli(
         "doctor", "--json", env={"MONGO_URI": "mongodb://127.0.0.1:1/?replicaSet=rs0"}
