@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     smtp_username: str | None = None
     smtp_password: SecretStr | None = None
     smtp_tls: Literal["none", "starttls", "tls"] = "starttls"
-    smtp_pool_size: int = Field(4, ge=1, le=256)
+    smtp_pool_size: int = Field(16, ge=1, le=256)
     smtp_timeout_seconds: float = Field(30.0, gt=0)
     email_from: str | None = None
 
@@ -64,7 +64,7 @@ class Settings(BaseSettings):
 
     email_rate_per_second: float = Field(50.0, gt=0)
     sms_rate_per_second: float = Field(10.0, gt=0)
-    send_concurrency: int = Field(16, ge=1, le=1024)
+    send_concurrency: int = Field(32, ge=1, le=1024)
     send_max_attempts: int = Field(5, ge=1, le=50)
     retry_base_seconds: float = Field(0.5, gt=0)
     retry_max_seconds: float = Field(30.0, gt=0)
