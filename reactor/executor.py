@@ -4,7 +4,8 @@ For each batch of targeted ids the executor resolves recipients, reads what the 
 says (a resumed or taken-over run never re-sends `sent`, and treats a `pending` row left by an
 earlier epoch as `uncertain`), writes `pending` rows just before sending — never more rows than
 the concurrency bound, so a crash leaves at most that many outcomes unknown — and writes outcomes
-and counter increments in batches, fenced by the execution epoch.
+and counter increments in batches, fenced by the execution epoch. The next batch is prepared
+while the current one sends; see `_send_items` for how the ledger writes are grouped.
 
 A heartbeat extends the lease every second and notices within that second when the campaign was
 paused, cancelled or taken over; sending then stops after the in-flight messages finish.
