@@ -92,10 +92,11 @@ class _Outcome:
 
 @dataclass
 class _Prepared:
-    """One batch ready to send: per channel, the rows to record as skipped and the messages."""
+    """One batch ready to send on one channel: the rows to record as skipped, the messages."""
 
     found: int
-    channels: dict[Channel, tuple[list[DeliveryRecord], list[_Item]]] = field(default_factory=dict)
+    skipped: list[DeliveryRecord] = field(default_factory=list)
+    items: list[_Item] = field(default_factory=list)
 
 
 class _Ahead(Generic[T]):
@@ -338,39 +339,58 @@ class Executor:
             len(targets),
             extra={"campaign_id": run.key, "count": len(targets)},
         )
-        found = 0
         batches = list(_chunks(targets, self._config.batch_size))
+        found: dict[Channel, int] = {}
+        # Each channel goes through the audience at its own provider's pace: emails are not
+        # held back behind a slower SMS channel (or the reverse).
+        async with anyio.create_task_group() as tg:
+            for channel in sorted(campaign.channels):
+                tg.start_soon(self._send_channel, run, campaign, channel, batches, found)
+        found_total = max(found.values(), default=0)
+        log.info(
+            "Found %d customers in orders collection",
+            found_total,
+            extra={"campaign_id": run.key, "count": found_total},
+        )
+        await self._finish(run, campaign, started)
+
+    async def _send_channel(
+        self,
+        run: Run,
+        campaign: Campaign,
+        channel: Channel,
+        batches: Sequence[Sequence[str]],
+        found: dict[Channel, int],
+    ) -> None:
+        """One channel through every batch. Each channel resolves its own batches (a second
+        read of the orders rows), which keeps memory bounded however far apart they drift."""
+        found[channel] = 0
         async with anyio.create_task_group() as tg:
             # The next batch is resolved and checked against the ledger while this one sends,
             # so the pipeline does not drain at every batch boundary.
-            ahead = _Ahead(tg, self._prepare, run, campaign, batches[0]) if batches else None
+            ahead = (
+                _Ahead(tg, self._prepare, run, campaign, channel, batches[0]) if batches else None
+            )
             for i, batch in enumerate(batches):
                 if run.stop_reason not in (None, StopReason.WINDOW_CLOSED):
                     break
                 if run.stop_reason is None and ahead is not None:
                     prepared = await ahead.get()
                     ahead = (
-                        _Ahead(tg, self._prepare, run, campaign, batches[i + 1])
+                        _Ahead(tg, self._prepare, run, campaign, channel, batches[i + 1])
                         if i + 1 < len(batches)
                         else None
                     )
-                    found += prepared.found
-                    for channel, (skipped, items) in prepared.channels.items():
-                        if skipped:
-                            await self._write(run, skipped)
-                        if items and run.stop_reason is None:
-                            await self._send_items(run, channel, items)
+                    found[channel] += prepared.found
+                    if prepared.skipped:
+                        await self._write(run, prepared.skipped)
+                    if prepared.items and run.stop_reason is None:
+                        await self._send_items(run, channel, prepared.items)
                 if run.stop_reason == StopReason.WINDOW_CLOSED:
                     # The window closed during or before this batch: whoever was not reached is
                     # recorded as skipped, so every customer is accounted for.
-                    await self._close_window(run, campaign, batch)
+                    await self._close_window(run, channel, batch)
             tg.cancel_scope.cancel()
-        log.info(
-            "Found %d customers in orders collection",
-            found,
-            extra={"campaign_id": run.key, "count": found},
-        )
-        await self._finish(run, campaign, started)
 
     async def _settle_previous_pending(self, run: Run) -> None:
         """Rows an earlier epoch left `pending` may or may not have gone out: `uncertain`."""
@@ -395,39 +415,40 @@ class Executor:
             extra={"campaign_id": run.key, "count": len(records)},
         )
 
-    async def _prepare(self, run: Run, campaign: Campaign, batch: Sequence[str]) -> _Prepared:
-        """Resolve one batch, read what the ledger already holds for it, and build the messages
-        still to send (validated, rendered) and the rows to record as skipped."""
+    async def _prepare(
+        self, run: Run, campaign: Campaign, channel: Channel, batch: Sequence[str]
+    ) -> _Prepared:
+        """Resolve one batch, read what the ledger already holds for it on this channel, and
+        build the messages still to send (validated, rendered) and the rows to record as
+        skipped."""
         recipients = await self._recipients.resolve(batch)
+        states = await self._store.ledger_states(run.key, channel, batch)
         prepared = _Prepared(found=len(recipients))
-        for channel in sorted(campaign.channels):
-            states = await self._store.ledger_states(run.key, channel, batch)
-            skipped: list[DeliveryRecord] = []
-            items: list[_Item] = []
-            sender = self._senders[channel]
-            for customer in batch:
-                if customer in states:
-                    state, epoch = states[customer]
-                    if state in TERMINAL_STATES or epoch >= run.epoch:
-                        continue
-                recipient = recipients.get(customer)
-                if recipient is None:
-                    skipped.append(DeliveryRecord(customer, channel, "skipped", reason="not_found"))
+        sender = self._senders[channel]
+        for customer in batch:
+            if customer in states:
+                state, epoch = states[customer]
+                if state in TERMINAL_STATES or epoch >= run.epoch:
                     continue
-                if sender is None:
-                    skipped.append(
-                        DeliveryRecord(
-                            customer, channel, "skipped", reason="channel_not_configured"
-                        )
-                    )
-                    continue
-                address, problem = self._address(channel, recipient)
-                if address is None:
-                    skipped.append(DeliveryRecord(customer, channel, "skipped", reason=problem))
-                    continue
-                message = self._message(campaign, channel, recipient, address)
-                items.append(_Item(customer, channel, address, message))
-            prepared.channels[channel] = (skipped, items)
+            recipient = recipients.get(customer)
+            if recipient is None:
+                prepared.skipped.append(
+                    DeliveryRecord(customer, channel, "skipped", reason="not_found")
+                )
+                continue
+            if sender is None:
+                prepared.skipped.append(
+                    DeliveryRecord(customer, channel, "skipped", reason="channel_not_configured")
+                )
+                continue
+            address, problem = self._address(channel, recipient)
+            if address is None:
+                prepared.skipped.append(
+                    DeliveryRecord(customer, channel, "skipped", reason=problem)
+                )
+                continue
+            message = self._message(campaign, channel, recipient, address)
+            prepared.items.append(_Item(customer, channel, address, message))
         return prepared
 
     def _address(self, channel: Channel, recipient: Recipient) -> tuple[str | None, str]:
@@ -645,15 +666,14 @@ class Executor:
         if not owned:
             raise LeaseLost(f"campaign {run.key} epoch {run.epoch} was superseded")
 
-    async def _close_window(self, run: Run, campaign: Campaign, batch: Sequence[str]) -> None:
-        for channel in sorted(campaign.channels):
-            states = await self._store.ledger_states(run.key, channel, batch)
-            records = [
-                DeliveryRecord(c, channel, "skipped", reason="window_closed")
-                for c in batch
-                if c not in states
-            ]
-            await self._write(run, records)
+    async def _close_window(self, run: Run, channel: Channel, batch: Sequence[str]) -> None:
+        states = await self._store.ledger_states(run.key, channel, batch)
+        records = [
+            DeliveryRecord(c, channel, "skipped", reason="window_closed")
+            for c in batch
+            if c not in states
+        ]
+        await self._write(run, records)
 
     async def _finish(self, run: Run, campaign: Campaign, started: dt.datetime) -> None:
         await self._flush_counters(run, force=True)

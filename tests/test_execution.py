@@ -383,3 +383,30 @@ async def test_sink_round_trip_is_simulated_once_per_reply() -> None:
         elapsed = time.perf_counter() - t0
     assert len(response.message.splitlines()) >= 4
     assert 0.3 <= elapsed < 0.5  # one delay per line would take 0.6 s or more
+
+
+async def test_each_channel_goes_at_its_own_pace(
+    mongo: MongoTarget, client: Client, sink: SmtpSink, twilio: TwilioFake
+) -> None:
+    """A slow SMS channel does not hold the emails back: with batches of 10 and SMS at 5/s,
+    every email is out while most SMS are still queued behind their rate limit."""
+    ids = await seed_customers(client, mongo, 40)
+    cfg = settings(mongo, sink, twilio, sms_rate_per_second=5, recipient_batch_size=10)
+    coll = client[mongo.campaigns_db].campaigns
+    async with running(cfg):
+        res = await coll.insert_one(campaign("paces", 0.2, 60, ids))
+
+        async def all_emails_out() -> bool:
+            return len(sink.messages) == 40
+
+        await eventually(all_emails_out, 10)
+        sms_when_emails_done = len(twilio.messages)
+        await eventually(sends_done(client, mongo, res.inserted_id), 30)
+    assert sms_when_emails_done <= 20  # in order, three SMS batches (30) would come first
+    assert len(twilio.messages) == 40
+    assert_no_duplicates(sink, twilio)
+    rows = await ledger(client, mongo, res.inserted_id)
+    assert collections.Counter((r["channel"], r["state"]) for r in rows) == {
+        ("email", "sent"): 40,
+        ("sms", "sent"): 40,
+    }
