@@ -53,8 +53,9 @@ def markdown(results: dict[str, Any]) -> str:
         out += [
             f"| Sending (pool {s['pool_size']}, concurrency {s['concurrency']}, "
             f"median of {s.get('rounds', 1)} rounds) | reactor | ceiling (bare pool) | "
-            "old (a connection per message) | vs ceiling | vs old | ceiling vs old |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "old (a connection per message) | vs ceiling | vs old | ceiling vs old | "
+            "CPU per email, ceiling ÷ reactor |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for key in sorted((k for k in s if k.startswith("rtt_")), key=lambda k: int(k[4:-2])):
             rtt = int(key[4:-2])
@@ -68,7 +69,8 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {label} (emails/s) | {r['reactor_emails_per_s']} | "
                 f"{r['ceiling_emails_per_s']} | {r['old_approach_emails_per_s']} | "
                 f"{r['reactor_vs_ceiling']} | {r['reactor_vs_old']} | "
-                f"{r.get('ceiling_vs_old', '')} |"
+                f"{r.get('ceiling_vs_old', '')} | "
+                f"{r.get('ceiling_vs_reactor_cpu_per_email', '')} |"
             )
         rl = s["rate_limit"]
         a = s["audience"]
