@@ -643,7 +643,9 @@ class Executor:
             run.key, epoch=run.epoch, records=records, now=now
         )
         for rec in records:
-            if delivery_id(run.key, rec.channel, rec.customer) in fenced or rec.state == "pending":
+            if rec.state == "pending" or (
+                fenced and delivery_id(run.key, rec.channel, rec.customer) in fenced
+            ):
                 continue
             self._metrics.sends.labels(rec.channel, rec.state).inc()
             name = _COUNTER_NAMES.get((Channel(rec.channel), rec.state), "uncertain")

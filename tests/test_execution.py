@@ -5,8 +5,10 @@ received against what the ledger says."""
 from __future__ import annotations
 
 import collections
+import time
 from typing import Any
 
+import aiosmtplib
 import anyio
 from pymongo import AsyncMongoClient
 
@@ -370,10 +372,6 @@ async def test_ledger_never_holds_more_pending_rows_than_the_bound(
 async def test_sink_round_trip_is_simulated_once_per_reply() -> None:
     """The benchmark's simulated network delays each SMTP reply once, not each line of a
     multi-line reply (EHLO), or it would overstate what a new connection costs."""
-    import time
-
-    import aiosmtplib
-
     async with SmtpSink(reply_delay_s=0.1) as slow_sink:
         smtp = aiosmtplib.SMTP(hostname=slow_sink.host, port=slow_sink.port, start_tls=False)
         t0 = time.perf_counter()
