@@ -92,10 +92,11 @@ class _Outcome:
 
 @dataclass
 class _Prepared:
-    """One batch ready to send on one channel: the rows to record as skipped, the messages."""
+    """One batch ready to send on one channel: the rows to record without sending (skipped,
+    or uncertain), and the messages."""
 
     found: int
-    skipped: list[DeliveryRecord] = field(default_factory=list)
+    unsent: list[DeliveryRecord] = field(default_factory=list)
     items: list[_Item] = field(default_factory=list)
 
 
@@ -382,8 +383,8 @@ class Executor:
                         else None
                     )
                     found[channel] += prepared.found
-                    if prepared.skipped:
-                        await self._write(run, prepared.skipped)
+                    if prepared.unsent:
+                        await self._write(run, prepared.unsent)
                     if prepared.items and run.stop_reason is None:
                         await self._send_items(run, channel, prepared.items)
                 if run.stop_reason == StopReason.WINDOW_CLOSED:
@@ -419,8 +420,8 @@ class Executor:
         self, run: Run, campaign: Campaign, channel: Channel, batch: Sequence[str]
     ) -> _Prepared:
         """Resolve one batch, read what the ledger already holds for it on this channel, and
-        build the messages still to send (validated, rendered) and the rows to record as
-        skipped."""
+        build the messages still to send (validated, rendered) and the rows to record without
+        sending."""
         recipients = await self._recipients.resolve(batch)
         states = await self._store.ledger_states(run.key, channel, batch)
         prepared = _Prepared(found=len(recipients))
@@ -430,22 +431,27 @@ class Executor:
                 state, epoch = states[customer]
                 if state in TERMINAL_STATES or epoch >= run.epoch:
                     continue
+                if state == "pending":
+                    # An earlier owner marked it after this run settled its leftovers (it had
+                    # not yet noticed the takeover): it may have gone out, so never re-send.
+                    prepared.unsent.append(
+                        DeliveryRecord(customer, channel, "uncertain", reason="previous_owner_lost")
+                    )
+                    continue
             recipient = recipients.get(customer)
             if recipient is None:
-                prepared.skipped.append(
+                prepared.unsent.append(
                     DeliveryRecord(customer, channel, "skipped", reason="not_found")
                 )
                 continue
             if sender is None:
-                prepared.skipped.append(
+                prepared.unsent.append(
                     DeliveryRecord(customer, channel, "skipped", reason="channel_not_configured")
                 )
                 continue
             address, problem = self._address(channel, recipient)
             if address is None:
-                prepared.skipped.append(
-                    DeliveryRecord(customer, channel, "skipped", reason=problem)
-                )
+                prepared.unsent.append(DeliveryRecord(customer, channel, "skipped", reason=problem))
                 continue
             message = self._message(campaign, channel, recipient, address)
             prepared.items.append(_Item(customer, channel, address, message))

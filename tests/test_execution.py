@@ -5,6 +5,7 @@ received against what the ledger says."""
 from __future__ import annotations
 
 import collections
+import datetime as dt
 import time
 from typing import Any
 
@@ -22,6 +23,7 @@ from .helpers import (
     has_status,
     holds,
     ledger,
+    now,
     running,
     seed_customers,
     settings,
@@ -225,6 +227,48 @@ async def test_owner_killed_mid_run_another_takes_over_with_zero_duplicates(
     assert doc["execution"]["epoch"] >= 2
     assert takeovers is not None
     assert takeovers >= 1
+
+
+async def test_a_late_pending_mark_from_the_old_owner_is_uncertain_never_resent(
+    mongo: MongoTarget, client: Client, sink: SmtpSink
+) -> None:
+    """A fenced-off owner that has not noticed yet can still mark a row `pending` (epoch 1)
+    after the new owner settled the old epoch's leftovers: that customer may have been sent to,
+    so the new owner records `uncertain` instead of sending again."""
+    ids = await seed_customers(client, mongo, 40)
+    coll = client[mongo.campaigns_db].campaigns
+    doc = campaign("zombie", -1, 60, ids, channels=["email"], status="running")
+    doc["execution"] = {"epoch": 1, "owner": "ghost", "leaseUntil": now() - dt.timedelta(seconds=5)}
+    res = await coll.insert_one(doc)
+    key = str(res.inserted_id)
+    cfg = settings(mongo, sink, email_rate_per_second=20, recipient_batch_size=5)
+    async with running(cfg):
+        await eventually(lambda: holds(len(sink.messages) >= 5))
+        # The last batch is prepared long after this: the ghost marks customer 39 pending.
+        await client[mongo.campaigns_db].deliveries.insert_one(
+            {
+                "_id": f"{key}:email:39",
+                "campaign": key,
+                "channel": "email",
+                "customer": "39",
+                "state": "pending",
+                "epoch": 1,
+                "to": "c39@example.com",
+            }
+        )
+        await eventually(sends_done(client, mongo, res.inserted_id), 15)
+    assert "c39@example.com" not in sink.recipients()
+    assert sorted(sink.recipients()) == sorted(f"c{i}@example.com" for i in range(39))
+    rows = {r["customer"]: r for r in await ledger(client, mongo, res.inserted_id)}
+    assert len(rows) == 40
+    assert (rows["39"]["state"], rows["39"]["reason"], rows["39"]["epoch"]) == (
+        "uncertain",
+        "previous_owner_lost",
+        2,
+    )
+    final = await coll.find_one({"_id": res.inserted_id})
+    assert final is not None
+    assert final["performance"]["uncertain"] == 1
 
 
 async def test_pause_stops_within_a_second_and_resume_sends_the_rest_once(
