@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import datetime as dt
+import random
 import socket
 import struct
 import uuid
@@ -20,6 +22,7 @@ from pymongo.errors import (
 )
 
 from reactor.embedded.mongo import MongoEmulator
+from reactor.embedded.mongo.engine import Engine, simple_update
 from reactor.embedded.mongo.wire import OP_MSG, crc32c
 
 Client = AsyncMongoClient[dict[str, Any]]
@@ -171,6 +174,119 @@ async def test_long_in_lists_match_like_short_ones(db: Any) -> None:
         await db.inlist.aggregate([{"$match": {"v": {"$in": [*filler, 5, "apple"]}}}])
     ).to_list()
     assert sorted(r["_id"] for r in rows) == [1, 7]
+
+
+def _random_value(rng: random.Random, depth: int = 0) -> Any:
+    kind = rng.randrange(9 if depth < 2 else 7)
+    return [
+        lambda: rng.randint(-5, 5),
+        lambda: rng.choice([0.5, -2.25, 1e300]),
+        lambda: rng.choice(["", "a", "pending", "x\u00e9"]),
+        lambda: None,
+        lambda: rng.random() < 0.5,
+        # Stored naive (UTC) as decoded off the wire, or aware / sub-millisecond: mongomock's path.
+        lambda: (
+            dt.datetime(2026, 1, 2, 3, 4, 5, rng.choice([0, 123000, 123456]), tzinfo=dt.UTC)
+            if rng.random() < 0.3
+            else dt.datetime(2026, 1, 2, 3, 4, 5, rng.choice([0, 123000]), tzinfo=dt.UTC).replace(
+                tzinfo=None
+            )
+        ),
+        lambda: bson.ObjectId(),
+        lambda: [_random_value(rng, depth + 1) for _ in range(rng.randrange(3))],
+        lambda: {f"k{i}": _random_value(rng, depth + 1) for i in range(rng.randrange(3))},
+    ][kind]()
+
+
+def _error_of(fn: Any, *args: Any, **kwargs: Any) -> str | None:
+    try:
+        fn(*args, **kwargs)
+    except Exception as exc:  # compared by kind between the two paths
+        return type(exc).__name__
+    return None
+
+
+def test_simple_updates_store_what_mongomock_stores() -> None:
+    """`$set`/`$setOnInsert`/`$inc`/`$unset` of top-level fields skip mongomock's update path;
+    over thousands of random statements and documents (updates and upserts), the stored
+    documents — values, types and key order — and the errors must be the ones mongomock gives."""
+    rng = random.Random(20261128)
+    fields = ["a", "b", "c", "state", "epoch"]
+    fast_taken = upserts_taken = 0
+    for round_ in range(3000):
+        reference = Engine().collection("db", "ref")
+        fast = Engine().collection("db", "fast")
+        existing = rng.random() < 0.6
+        doc = {"_id": round_, **{f: _random_value(rng) for f in rng.sample(fields, 3)}}
+        if existing:
+            reference.insert_one(copy.deepcopy(doc))
+            fast.insert_one(copy.deepcopy(doc))
+        update: dict[str, Any] = {}
+        for op in rng.sample(["$set", "$setOnInsert", "$inc", "$unset"], rng.randint(1, 3)):
+            names = rng.sample(fields, rng.randint(1, 2))
+            update[op] = {
+                n: rng.choice([1, -3, 0.5, "x"]) if op == "$inc" else _random_value(rng)
+                for n in names
+            }
+        query: dict[str, Any] = {"_id": round_}
+        if rng.random() < 0.5:
+            query["epoch"] = {"$lte": 3}
+        if rng.random() < 0.2:
+            query["c"] = "pending"
+
+        if existing:
+            # What the server does: find the match, then update it by _id (or upsert).
+            matched = [d["_id"] for d in reference._iter_documents(query)]
+            assert matched == [d["_id"] for d in fast._iter_documents(query)]
+        else:
+            matched = []
+        if matched:
+            ref_error = _error_of(reference.update_one, {"_id": round_}, update)
+            took = simple_update(update) and fast.update_simple(round_, update)
+            fast_error = None if took else _error_of(fast.update_one, {"_id": round_}, update)
+            fast_taken += bool(took)
+        else:
+            ref_error = _error_of(reference.update_one, query, update, upsert=True)
+            done, fast_error = False, None
+            if simple_update(update):
+                try:
+                    done, _ = fast.upsert_simple(query, update)
+                except Exception as exc:  # a fenced upsert: the row exists, out of reach
+                    done, fast_error = True, type(exc).__name__
+            if not done:
+                fast_error = _error_of(fast.update_one, query, update, upsert=True)
+            upserts_taken += bool(done)
+        assert fast_error == ref_error, (update, query)
+        ref_docs = list(reference.find({}))
+        fast_docs = list(fast.find({}))
+        assert fast_docs == ref_docs, (update, query)
+        assert [list(d) for d in fast_docs] == [list(d) for d in ref_docs], (update, query)
+        assert [bson.encode(d) for d in fast_docs] == [bson.encode(d) for d in ref_docs]
+    # Enough statements took the direct path for the comparison to mean something.
+    assert fast_taken > 300
+    assert upserts_taken > 300
+
+
+async def test_ledger_style_upserts_keep_fencing_through_the_server(db: Any) -> None:
+    """The shape the executor writes: an upsert fenced by `epoch`, through the wire."""
+    q = {"_id": "c:email:1", "epoch": {"$lte": 2}}
+    u = {"$set": {"state": "pending", "epoch": 2}, "$setOnInsert": {"customer": "1"}}
+    res = await db.ledger.update_one(q, u, upsert=True)
+    assert res.upserted_id == "c:email:1"
+    await db.ledger.update_one(q, {"$set": {"state": "sent"}, "$inc": {"attempts": 1}})
+    assert await db.ledger.find_one() == {
+        "_id": "c:email:1",
+        "state": "sent",
+        "epoch": 2,
+        "customer": "1",
+        "attempts": 1,
+    }
+    await db.ledger.update_one({"_id": "c:email:1"}, {"$set": {"epoch": 3}})
+    with pytest.raises(DuplicateKeyError):  # a later epoch owns the row: fenced
+        await db.ledger.update_one(q, u, upsert=True)
+    doc = await db.ledger.find_one()
+    assert doc is not None
+    assert (doc["state"], doc["epoch"]) == ("sent", 3)
 
 
 async def test_indexes_and_duplicate_keys(db: Any) -> None:

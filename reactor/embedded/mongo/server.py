@@ -25,7 +25,7 @@ from bson import Binary, Int64, ObjectId
 from mongomock import filtering
 
 from .changestream import ChangeStreamCursor, CommandError, encode_token, next_batch, open_stream
-from .engine import Engine, OplogEntry, diff_documents, int_to_ts
+from .engine import Engine, OplogEntry, diff_documents, int_to_ts, simple_update
 from .wire import (
     HEADER,
     MAX_MESSAGE_SIZE,
@@ -797,6 +797,9 @@ class MongoEmulator:
         if not is_pipeline and not is_replacement:
             if any(not k.startswith("$") for k in u):
                 raise CommandError(9, "Unknown modifier mixed with update operators")
+        # Plain $set/$setOnInsert/$inc/$unset of top-level fields skip mongomock's general
+        # update path (see engine.simple_update); the results are the same.
+        simple = not is_pipeline and not is_replacement and simple_update(u)
         if sort:
             ids = [d["_id"] for d in coll.find(q, {"_id": 1}, sort=list(sort.items()))]
         else:
@@ -828,7 +831,7 @@ class MongoEmulator:
                         "was found to have been altered",
                     )
                 coll.replace_one(target, replacement)
-            else:
+            elif not (simple and coll.update_simple(_id, u)):
                 coll.update_one(target, u)
             after = _snapshot(coll, _id, touched)
             matched += 1
@@ -868,8 +871,9 @@ class MongoEmulator:
                 coll.insert_one(doc)
                 upserted_id = doc["_id"]
             else:
-                result = coll.update_one(q, u, upsert=True)
-                upserted_id = result.upserted_id
+                done, upserted_id = coll.upsert_simple(q, u) if simple else (False, None)
+                if not done:
+                    upserted_id = coll.update_one(q, u, upsert=True).upserted_id
             after = _snapshot(coll, upserted_id)
             entries.append(
                 self.engine.make_entry(
