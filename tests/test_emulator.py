@@ -9,6 +9,7 @@ import random
 import socket
 import struct
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import bson
@@ -178,7 +179,7 @@ async def test_long_in_lists_match_like_short_ones(db: Any) -> None:
 
 def _random_value(rng: random.Random, depth: int = 0) -> Any:
     kind = rng.randrange(9 if depth < 2 else 7)
-    return [
+    makers: list[Callable[[], Any]] = [
         lambda: rng.randint(-5, 5),
         lambda: rng.choice([0.5, -2.25, 1e300]),
         lambda: rng.choice(["", "a", "pending", "x\u00e9"]),
@@ -195,7 +196,8 @@ def _random_value(rng: random.Random, depth: int = 0) -> Any:
         lambda: bson.ObjectId(),
         lambda: [_random_value(rng, depth + 1) for _ in range(rng.randrange(3))],
         lambda: {f"k{i}": _random_value(rng, depth + 1) for i in range(rng.randrange(3))},
-    ][kind]()
+    ]
+    return makers[kind]()
 
 
 def _error_of(fn: Any, *args: Any, **kwargs: Any) -> str | None:
