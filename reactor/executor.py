@@ -520,19 +520,27 @@ class Executor:
         finished: list[_Outcome] = []
         first_finished_at = 0.0  # monotonic time the oldest unwritten outcome was known
         wake = asyncio.Event()
+        inbox: asyncio.Queue[_Item] = asyncio.Queue()
         sending = 0
         next_item = 0
 
-        async def send_one(item: _Item) -> None:
+        async def worker() -> None:
+            # A fixed set of workers, fed through a queue: far cheaper per message than a task
+            # per send, and the queue never holds more than the pending marks just written.
             nonlocal sending, first_finished_at
-            outcome = await self._deliver(run, item)
-            sending -= 1
-            if not finished:
-                first_finished_at = time.monotonic()
-            finished.append(outcome)
-            wake.set()
+            while True:
+                item = await inbox.get()
+                outcome = await self._deliver(run, item)
+                sending -= 1
+                if not finished:
+                    first_finished_at = time.monotonic()
+                finished.append(outcome)
+                if len(finished) == 1 or sending <= low_water:
+                    wake.set()  # the loop below has something to decide
 
         async with anyio.create_task_group() as tg:
+            for _ in range(min(concurrency, len(items))):
+                tg.start_soon(worker)
             while True:
                 more = run.stop_reason is None and next_item < len(items)
                 refill = more and sending <= low_water
@@ -547,7 +555,7 @@ class Executor:
                     await self._write_outcomes(run, done, pending=new)
                     sending += len(new)
                     for item in new:
-                        tg.start_soon(send_one, item)
+                        inbox.put_nowait(item)
                     continue
                 if not more and sending == 0 and not finished:
                     break  # everything launched has been recorded
@@ -559,6 +567,7 @@ class Executor:
                 )
                 with anyio.move_on_after(timeout):
                     await wake.wait()  # a send in flight will finish
+            tg.cancel_scope.cancel()  # the workers, idle now
 
     async def _deliver(self, run: Run, item: _Item) -> _Outcome:
         sender = self._senders[item.channel]
