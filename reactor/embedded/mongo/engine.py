@@ -99,6 +99,23 @@ def install_fast_operators() -> None:
     operators["$nin"] = lambda dv, sv: not _fast_in(dv, sv)
 
 
+# Values no write changes in place: a private copy of a document can share them.
+_IMMUTABLE = (str, int, float, bytes, type(None), dt.datetime, mongomock.ObjectId, Timestamp)
+
+
+def clone(value: Any) -> Any:
+    """A private copy of a stored value, as `copy.deepcopy` gives, several times cheaper for
+    documents made of plain dicts, lists and scalars (everything else is deep-copied)."""
+    if isinstance(value, _IMMUTABLE):
+        return value
+    kind = type(value)
+    if kind is dict or kind is collections.OrderedDict:
+        return kind((k, clone(v)) for k, v in value.items())
+    if kind is list:
+        return [clone(v) for v in value]
+    return copy.deepcopy(value)
+
+
 # ---- simple operator updates without mongomock's general update machinery --------------------
 #
 # A ledger row, a counter or a lease is written with `$set`/`$setOnInsert`/`$inc`/`$unset` on

@@ -25,7 +25,7 @@ from bson import Binary, Int64, ObjectId
 from mongomock import filtering
 
 from .changestream import ChangeStreamCursor, CommandError, encode_token, next_batch, open_stream
-from .engine import Engine, OplogEntry, diff_documents, int_to_ts, simple_update
+from .engine import Engine, OplogEntry, clone, diff_documents, int_to_ts, simple_update
 from .wire import (
     HEADER,
     MAX_MESSAGE_SIZE,
@@ -754,7 +754,7 @@ class MongoEmulator:
                 n += 1
                 entries.append(
                     self.engine.make_entry(
-                        db, name, "insert", {"_id": doc["_id"]}, full_document=copy.deepcopy(doc)
+                        db, name, "insert", {"_id": doc["_id"]}, full_document=clone(doc)
                     )
                 )
                 continue
@@ -845,7 +845,7 @@ class MongoEmulator:
                             name,
                             "replace",
                             {"_id": _id},
-                            full_document=copy.deepcopy(after),
+                            full_document=clone(after),
                             pre_image=self._pre_image(db, name, before),
                         )
                     )
@@ -877,7 +877,7 @@ class MongoEmulator:
             after = _snapshot(coll, upserted_id)
             entries.append(
                 self.engine.make_entry(
-                    db, name, "insert", {"_id": upserted_id}, full_document=copy.deepcopy(after)
+                    db, name, "insert", {"_id": upserted_id}, full_document=clone(after)
                 )
             )
             pairs.append((None, after))
@@ -1191,9 +1191,7 @@ class MongoEmulator:
             rest = pipeline
             if pipeline and "$match" in pipeline[0] and len(pipeline[0]) == 1:
                 # Narrow the input with the fast paths before mongomock copies it.
-                source = [
-                    copy.deepcopy(d) for d in source_coll._iter_documents(pipeline[0]["$match"])
-                ]
+                source = [clone(d) for d in source_coll._iter_documents(pipeline[0]["$match"])]
                 rest = pipeline[1:]
             else:
                 source = list(source_coll.find())
@@ -1283,8 +1281,8 @@ def _snapshot(coll: Any, _id: Any, fields: set[str] | None = None) -> dict[str, 
     except KeyError:
         return None
     if fields is None:
-        return copy.deepcopy(doc)
-    return {k: copy.deepcopy(v) for k, v in doc.items() if k in fields or k == "_id"}
+        return clone(doc)
+    return {k: clone(v) for k, v in doc.items() if k in fields or k == "_id"}
 
 
 def _touched_fields(update: dict[str, Any]) -> set[str] | None:
