@@ -33,6 +33,31 @@ def summary_ms(values: Sequence[float]) -> dict[str, float]:
     }
 
 
+class Steal:
+    """CPU time the hypervisor gave to others while this VM wanted it (`steal` in
+    /proc/stat), as a percentage of all CPU time over a phase. On a shared 2-vCPU VM it rises
+    when both vCPUs are busy, so a phase that also loads the database's core is slowed by the
+    host, not only by its own work. None where /proc/stat is not readable."""
+
+    def __init__(self) -> None:
+        self._start = self._read()
+
+    @staticmethod
+    def _read() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat", encoding="ascii") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        return (fields[7] if len(fields) > 7 else 0), sum(fields)
+
+    def pct(self) -> float | None:
+        end = self._read()
+        if self._start is None or end is None or end[1] <= self._start[1]:
+            return None
+        return round(100 * (end[0] - self._start[0]) / (end[1] - self._start[1]), 1)
+
+
 def machine() -> dict[str, Any]:
     cpu = "unknown"
     with contextlib.suppress(OSError):

@@ -3,6 +3,7 @@ Reliability sections show."""
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 from .faults import table as faults_table
@@ -54,8 +55,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"| Sending (pool {s['pool_size']}, concurrency {s['concurrency']}, "
             f"median of {s.get('rounds', 1)} rounds) | reactor | ceiling (bare pool) | "
             "old (a connection per message) | vs ceiling | vs old | ceiling vs old | "
-            "CPU per email, ceiling ÷ reactor |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "CPU per email, ceiling ÷ reactor | host steal %, ceiling / reactor |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for key in sorted((k for k in s if k.startswith("rtt_")), key=lambda k: int(k[4:-2])):
             rtt = int(key[4:-2])
@@ -70,7 +71,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{r['ceiling_emails_per_s']} | {r['old_approach_emails_per_s']} | "
                 f"{r['reactor_vs_ceiling']} | {r['reactor_vs_old']} | "
                 f"{r.get('ceiling_vs_old', '')} | "
-                f"{r.get('ceiling_vs_reactor_cpu_per_email', '')} |"
+                f"{r.get('ceiling_vs_reactor_cpu_per_email', '')} | {_steal(r)} |"
             )
         rl = s["rate_limit"]
         a = s["audience"]
@@ -87,3 +88,14 @@ def markdown(results: dict[str, Any]) -> str:
     if "faults" in results:
         out += [faults_table(results["faults"]), ""]
     return "\n".join(out)
+
+
+def _steal(row: dict[str, Any]) -> str:
+    """Median host steal over the ceiling's and the reactor's rounds, e.g. "2.1 / 14.0"."""
+    ceiling, reactor = (
+        row.get("ceiling_steal_pct_per_round"),
+        row.get("reactor_steal_pct_per_round"),
+    )
+    if not ceiling or not reactor:
+        return ""
+    return f"{statistics.median(ceiling):.1f} / {statistics.median(reactor):.1f}"
