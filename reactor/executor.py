@@ -513,10 +513,13 @@ class Executor:
         The pipeline is refilled when the sends in flight fall to half the bound, so a write
         carries about `concurrency` rows instead of one per finished send (a database round
         trip costs far more than a row); the other half keeps the providers busy meanwhile.
-        Outcomes are also written once nothing is in flight, and never later than
-        OUTCOME_MAX_AGE_S after they are known."""
+        A refill marks only as many rows as the channel's rate limit has tokens free right
+        now, taking them: under a rate limit each write carries the few sends now due, and no
+        row sits `pending` waiting for its turn. Outcomes are also written once nothing is in
+        flight, and never later than OUTCOME_MAX_AGE_S after they are known."""
         concurrency = self._config.concurrency
         low_water = concurrency // 2
+        limiter = self._limits[channel]
         finished: list[_Outcome] = []
         first_finished_at = 0.0  # monotonic time the oldest unwritten outcome was known
         wake = asyncio.Event()
@@ -543,14 +546,20 @@ class Executor:
                 tg.start_soon(worker)
             while True:
                 more = run.stop_reason is None and next_item < len(items)
-                refill = more and sending <= low_water
+                want = more and sending <= low_water
+                # Rate-limit tokens are taken before rows are marked, so a row is `pending`
+                # only while its message is really on its way (or retrying), never while it
+                # waits for its turn: a crash leaves only those uncertain.
+                tokens = (
+                    limiter.take(min(concurrency - sending, len(items) - next_item)) if want else 0
+                )
                 stale = bool(finished) and (
                     sending == 0 or time.monotonic() - first_finished_at >= OUTCOME_MAX_AGE_S
                 )
-                if refill or stale:
+                if tokens or stale:
                     done = finished[:]
                     finished.clear()
-                    new = items[next_item : next_item + concurrency - sending] if more else []
+                    new = items[next_item : next_item + tokens]
                     next_item += len(new)
                     await self._write_outcomes(run, done, pending=new)
                     sending += len(new)
@@ -565,11 +574,15 @@ class Executor:
                     if finished
                     else math.inf
                 )
+                if want:  # waiting for the rate limit to free a token
+                    timeout = min(timeout, limiter.wait_s())
                 with anyio.move_on_after(timeout):
-                    await wake.wait()  # a send in flight will finish
+                    await wake.wait()  # a send in flight will finish, or a token is free
             tg.cancel_scope.cancel()  # the workers, idle now
 
     async def _deliver(self, run: Run, item: _Item) -> _Outcome:
+        """Send one message, retrying transient errors. The first attempt uses the rate-limit
+        token taken when its row was marked pending; every retry waits for a token of its own."""
         sender = self._senders[item.channel]
         assert sender is not None
         limiter = self._limits[item.channel]
@@ -577,7 +590,8 @@ class Executor:
         attempt = 0
         while True:
             attempt += 1
-            await limiter.acquire()
+            if attempt > 1:
+                await limiter.acquire()
             started = time.perf_counter()
             try:
                 provider_id = await sender.send(item.message)  # type: ignore[arg-type]

@@ -31,14 +31,36 @@ class TokenBucket:
         self._next_free = monotonic()  # when the next token becomes available
         self._paused_until = 0.0
 
-    def _reserve(self) -> float:
-        now = self._monotonic()
+    def _slot(self, now: float) -> float:
+        """When the next token is free (at or before `now` if one is free already)."""
         interval = 1.0 / self._rate
         # A bucket full of `burst` tokens: the schedule may lag `now` by at most burst intervals.
         earliest = max(now - (self._burst - 1) * interval, self._paused_until)
-        slot = max(self._next_free, earliest)
-        self._next_free = slot + interval
+        return max(self._next_free, earliest)
+
+    def _reserve(self) -> float:
+        now = self._monotonic()
+        slot = self._slot(now)
+        self._next_free = slot + 1.0 / self._rate
         return slot - now
+
+    def take(self, n: int) -> int:
+        """Take up to `n` tokens that are free now, without waiting; how many were taken."""
+        if n <= 0:
+            return 0
+        now = self._monotonic()
+        slot = self._slot(now)
+        if slot > now:
+            return 0
+        interval = 1.0 / self._rate
+        taken = min(n, int((now - slot) / interval) + 1)
+        self._next_free = slot + taken * interval
+        return taken
+
+    def wait_s(self) -> float:
+        """Seconds until `take` can return a token."""
+        now = self._monotonic()
+        return max(0.0, self._slot(now) - now)
 
     async def acquire(self) -> None:
         wait = self._reserve()

@@ -413,6 +413,47 @@ async def test_ledger_never_holds_more_pending_rows_than_the_bound(
     assert len(slow_sink.messages) == 60
 
 
+async def test_rows_wait_for_their_rate_limit_turn_unmarked(
+    mongo: MongoTarget, client: Client
+) -> None:
+    """Under a rate limit a row is marked `pending` only once its token is taken, so the ledger
+    holds just the sends really under way — what a crash would leave uncertain — not every
+    slot of the concurrency bound waiting for its turn."""
+    ids = await seed_customers(client, mongo, 20)
+    deliveries = client[mongo.campaigns_db].deliveries
+    pending: set[Any] = set()
+    peak = 0
+    sent = 0
+    async with (
+        SmtpSink(reply_delay_s=0.002) as slow_sink,
+        await deliveries.watch() as stream,
+    ):
+        cfg = settings(mongo, slow_sink, send_concurrency=16, email_rate_per_second=10)
+        async with running(cfg):
+            res = await client[mongo.campaigns_db].campaigns.insert_one(
+                campaign("paced", 0.3, 60, ids, channels=["email"])
+            )
+            with anyio.fail_after(30):
+                while sent < 20:
+                    event = await stream.next()
+                    key = event["documentKey"]["_id"]
+                    if event["operationType"] == "insert":
+                        state = event["fullDocument"]["state"]
+                    else:
+                        state = event["updateDescription"]["updatedFields"].get("state")
+                        if state is None:
+                            continue
+                    if state == "pending":
+                        pending.add(key)
+                    else:
+                        pending.discard(key)
+                        sent += state == "sent"
+                    peak = max(peak, len(pending))
+            await eventually(sends_done(client, mongo, res.inserted_id), 10)
+    assert 1 <= peak <= 2  # one send every 100 ms, each taking a few ms
+    assert len(slow_sink.messages) == 20
+
+
 async def test_sink_round_trip_is_simulated_once_per_reply() -> None:
     """The benchmark's simulated network delays each SMTP reply once, not each line of a
     multi-line reply (EHLO), or it would overstate what a new connection costs."""

@@ -180,3 +180,23 @@ async def test_token_bucket_paces_callers_and_pauses_on_retry_after() -> None:
         await anyio.wait_all_tasks_blocked()
         await clock.advance(10)
     assert times[0] >= 6.0 - 1e-9  # held back by the pause that started at t=1
+
+
+async def test_token_bucket_take_hands_out_only_free_tokens() -> None:
+    clock = FakeClock(T0)
+    bucket = TokenBucket(clock, rate_per_s=4, burst=3, monotonic=clock.monotonic)
+    assert bucket.take(5) == 1  # a new bucket holds one token
+    assert bucket.take(1) == 0
+    assert bucket.wait_s() == pytest.approx(0.25)
+    clock.set(at(10))
+    assert bucket.take(5) == 3  # a full bucket: the burst, no more
+    assert bucket.take(1) == 0
+    assert bucket.take(0) == 0
+    assert bucket.wait_s() == pytest.approx(0.25)
+    clock.set(at(10.5))
+    assert bucket.take(5) == 2  # two intervals later
+    bucket.pause(2)
+    assert bucket.wait_s() == pytest.approx(2.0)
+    assert bucket.take(1) == 0
+    clock.set(at(12.5))
+    assert bucket.take(5) == 1  # the pause ended now: the schedule restarts from it
