@@ -574,15 +574,17 @@ class Executor:
                     if finished
                     else math.inf
                 )
-                if want:  # waiting for the rate limit to free a token
-                    timeout = min(timeout, limiter.wait_s())
+                if want:  # waiting for the rate limit to free a token (a Retry-After pause
+                    # can be long: look again every second, in case the run was stopped)
+                    timeout = min(timeout, limiter.wait_s(), 1.0)
                 with anyio.move_on_after(timeout):
                     await wake.wait()  # a send in flight will finish, or a token is free
             tg.cancel_scope.cancel()  # the workers, idle now
 
     async def _deliver(self, run: Run, item: _Item) -> _Outcome:
         """Send one message, retrying transient errors. The first attempt uses the rate-limit
-        token taken when its row was marked pending; every retry waits for a token of its own."""
+        token taken when its row was marked pending; every retry waits for a token of its own.
+        A retry the run stops before is `abandoned`: never sent after the stop."""
         sender = self._senders[item.channel]
         assert sender is not None
         limiter = self._limits[item.channel]
@@ -590,8 +592,6 @@ class Executor:
         attempt = 0
         while True:
             attempt += 1
-            if attempt > 1:
-                await limiter.acquire()
             started = time.perf_counter()
             try:
                 provider_id = await sender.send(item.message)  # type: ignore[arg-type]
@@ -603,11 +603,15 @@ class Executor:
                     return _Outcome(
                         item, "failed", error=f"transient, gave up: {exc}", attempts=attempt
                     )
-                if run.stop_reason is not None:
-                    # Not delivered, and we are stopping: leave it for whoever resumes.
-                    return _Outcome(item, "abandoned", error=str(exc), attempts=attempt)
                 self._metrics.send_retries.labels(channel).inc()
-                await self._clock.sleep(self._policy.delay_s(attempt, exc.retry_after_s))
+                delay = self._policy.delay_s(attempt, exc.retry_after_s)
+                # Not delivered: if the run stops during the backoff or while the channel is
+                # paused by a Retry-After, leave it for whoever resumes instead of sending late.
+                if not (
+                    await _unless_stopped(run, self._clock.sleep, delay)
+                    and await _unless_stopped(run, limiter.acquire)
+                ):
+                    return _Outcome(item, "abandoned", error=str(exc), attempts=attempt)
                 continue
             except PermanentDeliveryError as exc:
                 self._metrics.send_duration.labels(channel).observe(time.perf_counter() - started)
@@ -759,6 +763,24 @@ class Executor:
             await self._store.release(
                 run.campaign_id, epoch=run.epoch, execution=run.execution, now=self._clock.now()
             )
+
+
+async def _unless_stopped(run: Run, wait: Callable[..., Awaitable[None]], *args: Any) -> bool:
+    """Await `wait(*args)`; False, cutting it short, if the run stops first (or had stopped)."""
+    if run.stop_reason is not None:
+        return False
+    finished = False
+    async with anyio.create_task_group() as tg:
+
+        async def cut_short() -> None:
+            await run.stopped.wait()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(cut_short)
+        await wait(*args)
+        finished = True
+        tg.cancel_scope.cancel()
+    return finished and run.stop_reason is None
 
 
 def _contains(exc: BaseException, kind: type[BaseException]) -> bool:

@@ -167,6 +167,34 @@ async def test_twilio_429_with_retry_after_slows_the_channel_then_500s_retry(
     assert twilio.requests == len(twilio.messages) + 4 + _invalid(rows)
 
 
+async def test_pause_during_a_long_retry_after_stops_at_once_and_sends_nothing_late(
+    mongo: MongoTarget, client: Client, twilio: TwilioFake
+) -> None:
+    """A 429 asking for 30 s holds the channel; pausing the campaign meanwhile must end the run
+    within about a second (not after the 30 s), and the message waiting to be retried must not
+    go out after the pause: its row is left for the resumed run."""
+    ids = await seed_customers(client, mongo, 6)
+    twilio.fail_next(1, 429, retry_after_s=30)
+    coll = client[mongo.campaigns_db].campaigns
+    async with running(settings(mongo, twilio=twilio, send_concurrency=2)) as (reactor,):
+        res = await coll.insert_one(campaign("held", 0.2, 60, ids, channels=["sms"]))
+        key = str(res.inserted_id)
+        executor = reactor.executor
+        assert executor is not None
+        await eventually(lambda: holds(twilio.requests >= 1 and executor.active(key)))
+        await anyio.sleep(0.3)  # the 429'd message is now waiting out the Retry-After
+        sent_at_pause = len(twilio.messages)
+        await coll.update_one({"_id": res.inserted_id}, {"$set": {"status": "paused"}})
+        t0 = anyio.current_time()
+        await eventually(lambda: holds(not executor.active(key)), 5)
+        assert anyio.current_time() - t0 < 3.0
+        await anyio.sleep(0.5)
+        assert len(twilio.messages) == sent_at_pause
+    rows = await ledger(client, mongo, res.inserted_id)
+    assert [r for r in rows if r["state"] == "pending"] == []
+    assert sum(1 for r in rows if r["state"] == "sent") == sent_at_pause
+
+
 def _invalid(rows: list[dict[str, Any]]) -> int:
     return sum(1 for r in rows if r["state"] == "failed")
 
