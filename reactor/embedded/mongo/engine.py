@@ -118,13 +118,13 @@ def clone(value: Any) -> Any:
 
 # ---- simple operator updates without mongomock's general update machinery --------------------
 #
-# A ledger row, a counter or a lease is written with `$set`/`$setOnInsert`/`$inc`/`$unset` on
-# top-level fields of a document pinned by `_id`. mongomock handles that through its general
-# path (positional operators, dotted paths, per-field BSON validation, datetime patching of
-# the whole statement, deep copies), which makes each such write ~10x dearer than the work it
-# does. Statements of exactly that simple shape are applied directly here, with the results
-# mongomock gives (the same stored document, key order included: a test compares the two);
-# anything else goes through mongomock.
+# A ledger row is written with `$set`/`$setOnInsert`/`$inc`/`$unset` on top-level fields of a
+# document pinned by `_id`. mongomock runs that through its general path (positional
+# operators, dotted paths, per-field BSON validation, datetime patching of the whole
+# statement, deep copies), which makes each such write ~10x dearer than the work it does.
+# Statements of exactly that simple shape are applied directly here, with the results mongomock
+# gives (the same stored document, key order included: a test compares the two); anything else,
+# dotted paths such as campaign counters and leases included, goes through mongomock.
 
 _SIMPLE_UPDATE_OPS = frozenset({"$set", "$setOnInsert", "$inc", "$unset"})
 # Query operators an upsert drops when it builds the new document (mongod and mongomock alike).
