@@ -401,6 +401,32 @@ async def test_malformed_content_is_reported_and_nothing_is_sent(
     assert twilio.messages == []
 
 
+async def replay_pending(stream: Any, sent_target: int) -> tuple[int, set[Any]]:
+    """Follow the ledger's change stream until `sent_target` rows are `sent`: the most rows
+    that were `pending` at once, and those still pending at the end."""
+    pending: set[Any] = set()
+    sent: set[Any] = set()
+    peak = 0
+    with anyio.fail_after(30):
+        while len(sent) < sent_target:
+            event = await stream.next()
+            key = event["documentKey"]["_id"]
+            if event["operationType"] == "insert":
+                state = event["fullDocument"]["state"]
+            else:
+                state = event["updateDescription"]["updatedFields"].get("state")
+                if state is None:
+                    continue
+            if state == "pending":
+                pending.add(key)
+            else:
+                pending.discard(key)
+                if state == "sent":
+                    sent.add(key)
+            peak = max(peak, len(pending))
+    return peak, pending
+
+
 async def test_ledger_never_holds_more_pending_rows_than_the_bound(
     mongo: MongoTarget, client: Client
 ) -> None:
@@ -408,9 +434,6 @@ async def test_ledger_never_holds_more_pending_rows_than_the_bound(
     pending, although outcomes and new pending marks share one write."""
     ids = await seed_customers(client, mongo, 60)
     deliveries = client[mongo.campaigns_db].deliveries
-    pending: set[Any] = set()
-    peak = 0
-    final: dict[Any, str] = {}
     async with (
         SmtpSink(reply_delay_s=0.002) as slow_sink,
         await deliveries.watch() as stream,
@@ -419,22 +442,7 @@ async def test_ledger_never_holds_more_pending_rows_than_the_bound(
         res = await client[mongo.campaigns_db].campaigns.insert_one(
             campaign("bound", 0.3, 60, ids, channels=["email"])
         )
-        with anyio.fail_after(30):
-            while sum(1 for s in final.values() if s == "sent") < 60:
-                event = await stream.next()
-                key = event["documentKey"]["_id"]
-                if event["operationType"] == "insert":
-                    state = event["fullDocument"]["state"]
-                else:
-                    state = event["updateDescription"]["updatedFields"].get("state")
-                    if state is None:
-                        continue
-                final[key] = state
-                if state == "pending":
-                    pending.add(key)
-                else:
-                    pending.discard(key)
-                peak = max(peak, len(pending))
+        peak, pending = await replay_pending(stream, 60)
         await eventually(sends_done(client, mongo, res.inserted_id), 10)
     assert 1 < peak <= 4
     assert not pending
@@ -449,35 +457,16 @@ async def test_rows_wait_for_their_rate_limit_turn_unmarked(
     slot of the concurrency bound waiting for its turn."""
     ids = await seed_customers(client, mongo, 20)
     deliveries = client[mongo.campaigns_db].deliveries
-    pending: set[Any] = set()
-    peak = 0
-    sent = 0
     async with (
         SmtpSink(reply_delay_s=0.002) as slow_sink,
         await deliveries.watch() as stream,
+        running(settings(mongo, slow_sink, send_concurrency=16, email_rate_per_second=10)),
     ):
-        cfg = settings(mongo, slow_sink, send_concurrency=16, email_rate_per_second=10)
-        async with running(cfg):
-            res = await client[mongo.campaigns_db].campaigns.insert_one(
-                campaign("paced", 0.3, 60, ids, channels=["email"])
-            )
-            with anyio.fail_after(30):
-                while sent < 20:
-                    event = await stream.next()
-                    key = event["documentKey"]["_id"]
-                    if event["operationType"] == "insert":
-                        state = event["fullDocument"]["state"]
-                    else:
-                        state = event["updateDescription"]["updatedFields"].get("state")
-                        if state is None:
-                            continue
-                    if state == "pending":
-                        pending.add(key)
-                    else:
-                        pending.discard(key)
-                        sent += state == "sent"
-                    peak = max(peak, len(pending))
-            await eventually(sends_done(client, mongo, res.inserted_id), 10)
+        res = await client[mongo.campaigns_db].campaigns.insert_one(
+            campaign("paced", 0.3, 60, ids, channels=["email"])
+        )
+        peak, _ = await replay_pending(stream, 20)
+        await eventually(sends_done(client, mongo, res.inserted_id), 10)
     assert 1 <= peak <= 2  # one send every 100 ms, each taking a few ms
     assert len(slow_sink.messages) == 20
 
