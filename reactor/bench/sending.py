@@ -211,6 +211,12 @@ def rate_deviation(arrivals: list[float], rate: float) -> dict[str, Any]:
     }
 
 
+def _append_known(values: list[float], value: float | None) -> None:
+    """Keep a reading only where there is one (no /proc/stat: no steal figure, not zero)."""
+    if value is not None:
+        values.append(value)
+
+
 async def run(quick: bool = False) -> dict[str, Any]:
     n = 600 if quick else 3000
     n_old = 60 if quick else 200
@@ -253,12 +259,12 @@ async def run(quick: bool = False) -> dict[str, Any]:
                 for r in range(rounds):
                     steal = Steal()
                     ceil, ceil_cpu = await ceiling(sink, size)
-                    ceiling_steal.append(steal.pct() or 0.0)
+                    _append_known(ceiling_steal, steal.pct())
                     steal = Steal()
                     fast, _, fast_cpu = await through_reactor(
                         uri, sink, size, rate=100_000, instance=f"fast-{rtt_ms}-{r}"
                     )
-                    reactor_steal.append(steal.pct() or 0.0)
+                    _append_known(reactor_steal, steal.pct())
                     ceilings.append(ceil)
                     ceiling_cpu.append(ceil_cpu)
                     reactors.append(fast)

@@ -99,8 +99,9 @@ def install_fast_operators() -> None:
     operators["$nin"] = lambda dv, sv: not _fast_in(dv, sv)
 
 
+_SCALARS = (str, int, float, bytes, bool, type(None), mongomock.ObjectId)
 # Values no write changes in place: a private copy of a document can share them.
-_IMMUTABLE = (str, int, float, bytes, type(None), dt.datetime, mongomock.ObjectId, Timestamp)
+_IMMUTABLE = (*_SCALARS, dt.datetime, Timestamp)
 
 
 def clone(value: Any) -> Any:
@@ -129,7 +130,6 @@ def clone(value: Any) -> Any:
 _SIMPLE_UPDATE_OPS = frozenset({"$set", "$setOnInsert", "$inc", "$unset"})
 # Query operators an upsert drops when it builds the new document (mongod and mongomock alike).
 _DROPPED_QUERY_OPS = frozenset({"$lt", "$lte", "$gt", "$gte", "$ne"})
-_SCALARS = (str, int, float, bytes, bool, type(None), mongomock.ObjectId)
 
 
 def _plain_field(name: Any) -> bool:
@@ -190,7 +190,7 @@ def _apply_simple(doc: dict[str, Any], update: dict[str, Any], *, inserting: boo
             elif op == "$unset":
                 doc.pop(name, None)
             else:
-                doc[name] = copy.deepcopy(value) if isinstance(value, (dict, list)) else value
+                doc[name] = clone(value)
     return True
 
 
@@ -238,10 +238,9 @@ class FastCollection(mongomock.Collection):  # type: ignore[type-arg]
     def upsert_simple(self, query: Any, update: dict[str, Any]) -> tuple[bool, Any]:
         """Insert what an upsert of a `simple_update` that matched nothing inserts: (False,
         None) when the query is too rich for this path."""
-        seed = _upsert_seed(query)
-        if seed is None:
+        doc = _upsert_seed(query)
+        if doc is None:
             return False, None
-        doc = seed
         if not _apply_simple(doc, update, inserting=True):
             return False, None  # an $inc of a field the query pins to a non-number
         store: Any = self._store
