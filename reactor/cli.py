@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn
 
 import anyio
@@ -110,10 +111,24 @@ def load_settings() -> Any:
         raise UsageError("configuration error: " + "; ".join(problems)) from None
 
 
+EMBEDDED_MODULES = ("mongomock", "aiosmtpd")
+
+
+def require_embedded(command: str) -> None:
+    """The stand-ins live in the `embedded` extra, which a production install does not carry."""
+    missing = [m for m in EMBEDDED_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(
+            f"'reactor {command}' needs the embedded stand-ins ({', '.join(missing)} not "
+            "installed): pip install 'campaign-reactor[embedded]'"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.command == "mongo-emulator":
+            require_embedded(args.command)
             return _mongo_emulator(args)
         if args.command == "run":
             settings = load_settings()
@@ -125,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = load_settings()
             return run_doctor(settings, as_json=args.json, probe=args.probe)
         if args.command == "demo":
+            require_embedded(args.command)
             from .demo import run_demo
 
             logsetup.configure(
@@ -150,21 +166,22 @@ def _run_service(settings: Any) -> int:
     from .app import Reactor
 
     reactor = Reactor(settings)
-
-    async def serve() -> None:
-        async with anyio.create_task_group() as tg:
-
-            async def on_signals() -> None:
-                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    async for _ in signals:
-                        reactor.request_shutdown()
-
-            tg.start_soon(on_signals)
-            await reactor.run()
-            tg.cancel_scope.cancel()
-
-    asyncio.run(serve())
+    asyncio.run(_until_done(reactor.run, on_signal=reactor.request_shutdown))
     return 0
+
+
+async def _until_done(main: Callable[[], Awaitable[None]], on_signal: Callable[[], None]) -> None:
+    """Run `main` to its end, calling `on_signal` for every SIGTERM or SIGINT meanwhile."""
+    async with anyio.create_task_group() as tg:
+
+        async def on_signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    on_signal()
+
+        tg.start_soon(on_signals)
+        await main()
+        tg.cancel_scope.cancel()
 
 
 def _mongo_emulator(args: argparse.Namespace) -> int:
@@ -176,16 +193,11 @@ def _mongo_emulator(args: argparse.Namespace) -> int:
         print(f"ready {uri}", flush=True)
 
     async def serve() -> None:
-        async with anyio.create_task_group() as tg:
-
-            async def on_signals() -> None:
-                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    async for _ in signals:
-                        tg.cancel_scope.cancel()
-                        return
-
-            tg.start_soon(on_signals)
-            await serve_forever(args.host, args.port, args.replica_set, ready)
+        with anyio.CancelScope() as scope:
+            await _until_done(
+                lambda: serve_forever(args.host, args.port, args.replica_set, ready),
+                on_signal=scope.cancel,
+            )
 
     try:
         asyncio.run(serve())
