@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import bson
+import crc32c as _crc32c
 from bson.codec_options import CodecOptions
 
 OP_REPLY = 1
@@ -35,25 +36,9 @@ class ProtocolError(Exception):
     """Raised when a client sends bytes that are not a valid message; the connection is closed."""
 
 
-def _crc32c_table() -> list[int]:
-    table = []
-    for n in range(256):
-        c = n
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
 def crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    table = _CRC_TABLE
-    for byte in data:
-        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
+    """CRC-32C (Castagnoli) of an OP_MSG, from a native implementation."""
+    return int(_crc32c.crc32c(data))
 
 
 @dataclass

@@ -1,0 +1,197 @@
+"""Databases, collections and indexes."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import mongomock
+from mongomock import filtering
+
+from ..changestream import CommandError
+from ..wire import Request
+from .base import CommandsBase, Connection
+
+
+class DdlCommands(CommandsBase):
+    HANDLERS: ClassVar[dict[str, str]] = {
+        "listDatabases": "_list_databases",
+        "listCollections": "_list_collections",
+        "create": "_create",
+        "collMod": "_coll_mod",
+        "drop": "_drop",
+        "dropDatabase": "_drop_database",
+        "createIndexes": "_create_indexes",
+        "listIndexes": "_list_indexes",
+        "dropIndexes": "_drop_indexes",
+    }
+
+    async def _list_databases(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
+        names = self.engine.client.list_database_names()
+        name_only = bool(request.command.get("nameOnly"))
+        dbs = [
+            {"name": n} if name_only else {"name": n, "sizeOnDisk": 0, "empty": False}
+            for n in names
+        ]
+        flt = request.command.get("filter")
+        if flt:
+            dbs = [d for d in dbs if filtering.filter_applies(flt, d)]
+        return {"databases": dbs, "totalSize": 0}
+
+    async def _list_collections(
+        self, request: Request, conn: Connection, db: str
+    ) -> dict[str, Any]:
+        names = (
+            self.engine.client[db].list_collection_names()
+            if db in self.engine.client.list_database_names()
+            else []
+        )
+        infos = []
+        for n in sorted(names):
+            options: dict[str, Any] = {}
+            if (db, n) in self.engine.pre_images_enabled:
+                options["changeStreamPreAndPostImages"] = {"enabled": True}
+            infos.append(
+                {
+                    "name": n,
+                    "type": "collection",
+                    "options": options,
+                    "info": {"readOnly": False},
+                    "idIndex": {"v": 2, "key": {"_id": 1}, "name": "_id_"},
+                }
+            )
+        flt = request.command.get("filter")
+        if flt:
+            infos = [i for i in infos if filtering.filter_applies(flt, i)]
+        if request.command.get("nameOnly"):
+            infos = [{"name": i["name"], "type": i["type"]} for i in infos]
+        return self._cursor_reply(f"{db}.$cmd.listCollections", infos, request.command)
+
+    async def _create(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
+        name = self._coll_name(request, "create")
+        if self.engine.collection_exists(db, name):
+            raise CommandError(48, f"Collection {db}.{name} already exists.")
+        self.engine.client[db].create_collection(name)
+        self._set_pre_images(db, name, request.command)
+        return {}
+
+    async def _coll_mod(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
+        name = self._coll_name(request, "collMod")
+        if not self.engine.collection_exists(db, name):
+            raise CommandError(26, f"ns does not exist: {db}.{name}")
+        self._set_pre_images(db, name, request.command)
+        return {}
+
+    def _set_pre_images(self, db: str, name: str, command: dict[str, Any]) -> None:
+        option = command.get("changeStreamPreAndPostImages")
+        if isinstance(option, dict):
+            if option.get("enabled"):
+                self.engine.pre_images_enabled.add((db, name))
+            else:
+                self.engine.pre_images_enabled.discard((db, name))
+
+    async def _drop(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
+        name = self._coll_name(request, "drop")
+        if not self.engine.collection_exists(db, name):
+            return {"nIndexesWas": 0}
+        coll = self.engine.collection(db, name)
+        n_indexes = len(coll.index_information())
+        self.engine.touch(db, name)
+        self.engine.client[db].drop_collection(name)
+        self.engine.pre_images_enabled.discard((db, name))
+        self.engine.indexed_fields.pop((db, name), None)
+        self.engine.record([self.engine.make_entry(db, name, "drop", None)])
+        return {"nIndexesWas": n_indexes, "ns": f"{db}.{name}"}
+
+    async def _drop_database(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
+        if db not in self.engine.client.list_database_names():
+            return {}
+        entries = []
+        for name in self.engine.client[db].list_collection_names():
+            self.engine.touch(db, name)
+            entries.append(self.engine.make_entry(db, name, "drop", None))
+        self.engine.client.drop_database(db)
+        entries.append(self.engine.make_entry(db, "", "dropDatabase", None))
+        self.engine.record(entries)
+        return {"dropped": db}
+
+    async def _create_indexes(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
+        name = self._coll_name(request, "createIndexes")
+        specs = request.command.get("indexes")
+        if not isinstance(specs, list) or not specs:
+            raise CommandError(2, "Must specify at least one index to create")
+        coll = self.engine.collection(db, name)
+        before = len(coll.index_information()) if self.engine.collection_exists(db, name) else 0
+        created_collection = not self.engine.collection_exists(db, name)
+        existing = coll.index_information()
+        for spec in specs:
+            key = spec.get("key")
+            if not isinstance(key, dict) or not key:
+                raise CommandError(2, "index specification must have a non-empty 'key'")
+            index_name = spec.get("name") or "_".join(f"{k}_{v}" for k, v in key.items())
+            if index_name in existing:
+                if existing[index_name].get("key") != list(key.items()):
+                    raise CommandError(
+                        86,
+                        f"An existing index has the same name as the requested index: {index_name}",
+                        "IndexKeySpecsConflict",
+                    )
+                continue
+            kwargs = {
+                k: spec[k]
+                for k in ("unique", "sparse", "expireAfterSeconds", "partialFilterExpression")
+                if k in spec
+            }
+            try:
+                coll.create_index(list(key.items()), name=index_name, **kwargs)
+            except mongomock.DuplicateKeyError as exc:
+                raise CommandError(
+                    11000,
+                    f"Index build failed: E11000 duplicate key error "
+                    f"collection: {db}.{name} index: {index_name}",
+                ) from exc
+            except (mongomock.OperationFailure, NotImplementedError, TypeError) as exc:
+                raise CommandError(67, str(exc), "CannotCreateIndex") from exc
+        self.engine.set_indexed_fields(db, name)
+        after = len(coll.index_information())
+        return {
+            "numIndexesBefore": before or 1,
+            "numIndexesAfter": after,
+            "createdCollectionAutomatically": created_collection,
+        }
+
+    async def _list_indexes(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
+        name = self._coll_name(request, "listIndexes")
+        if not self.engine.collection_exists(db, name):
+            raise CommandError(26, f"ns does not exist: {db}.{name}")
+        infos = []
+        for index_name, info in self.engine.collection(db, name).index_information().items():
+            spec = {"v": 2, "key": dict(info["key"]), "name": index_name}
+            for option in ("unique", "sparse", "expireAfterSeconds", "partialFilterExpression"):
+                if option in info:
+                    spec[option] = info[option]
+            infos.append(spec)
+        return self._cursor_reply(f"{db}.{name}", infos, request.command)
+
+    async def _drop_indexes(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
+        name = self._coll_name(request, "dropIndexes")
+        if not self.engine.collection_exists(db, name):
+            raise CommandError(26, f"ns not found {db}.{name}")
+        coll = self.engine.collection(db, name)
+        which = request.command.get("index")
+        before = len(coll.index_information())
+        try:
+            if which == "*":
+                coll.drop_indexes()
+            elif isinstance(which, str):
+                coll.drop_index(which)
+            elif isinstance(which, dict):
+                coll.drop_index(list(which.items()))
+            elif isinstance(which, list):
+                for n in which:
+                    coll.drop_index(n)
+            else:
+                raise CommandError(2, "dropIndexes needs 'index'")
+        except mongomock.OperationFailure as exc:
+            raise CommandError(27, str(exc), "IndexNotFound") from exc
+        self.engine.set_indexed_fields(db, name)
+        return {"nIndexesWas": before}

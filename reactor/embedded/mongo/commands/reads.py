@@ -1,0 +1,201 @@
+"""Queries, aggregation (change streams included) and cursors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any, ClassVar
+
+import mongomock
+from bson import Int64
+
+from ..changestream import CommandError, encode_token, next_batch, open_stream
+from ..engine import clone
+from ..wire import Request
+from .base import DEFAULT_BATCH, CommandsBase, Connection, QueryCursor
+
+DEFAULT_AWAIT_MS = 1000
+
+
+class ReadCommands(CommandsBase):
+    HANDLERS: ClassVar[dict[str, str]] = {
+        "find": "_find",
+        "count": "_count",
+        "distinct": "_distinct",
+        "aggregate": "_aggregate",
+        "getMore": "_get_more",
+        "killCursors": "_kill_cursors",
+    }
+
+    async def _find(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
+        command = request.command
+        name = self._coll_name(request, "find")
+        coll = self.engine.collection(db, name)
+        limit = int(command.get("limit", 0) or 0)
+        single = bool(command.get("singleBatch")) or limit < 0
+        sort = command.get("sort")
+        if command.get("collation"):
+            raise CommandError(115, "collation is not supported by the emulator")
+        try:
+            cursor = coll.find(
+                command.get("filter") or {},
+                command.get("projection"),
+                skip=int(command.get("skip", 0) or 0),
+                limit=abs(limit),
+                sort=list(sort.items()) if sort else None,
+            )
+            docs = list(cursor)
+        except (mongomock.OperationFailure, ValueError, TypeError, NotImplementedError) as exc:
+            raise CommandError(
+                getattr(exc, "code", None) or 2, str(exc) or type(exc).__name__
+            ) from exc
+        return self._cursor_reply(f"{db}.{name}", docs, command, single_batch=single)
+
+    async def _count(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
+        command = request.command
+        name = self._coll_name(request, "count")
+        coll = self.engine.collection(db, name)
+        try:
+            n = sum(1 for _ in coll._iter_documents(command.get("query") or {}))
+        except (mongomock.OperationFailure, ValueError, TypeError) as exc:
+            raise CommandError(2, str(exc)) from exc
+        skip = int(command.get("skip", 0) or 0)
+        n = max(0, n - skip)
+        limit = abs(int(command.get("limit", 0) or 0))
+        if limit:
+            n = min(n, limit)
+        return {"n": n}
+
+    async def _distinct(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
+        command = request.command
+        name = self._coll_name(request, "distinct")
+        key = command.get("key")
+        if not isinstance(key, str):
+            raise CommandError(14, "distinct needs a string 'key'")
+        try:
+            values = self.engine.collection(db, name).distinct(key, command.get("query") or {})
+        except (mongomock.OperationFailure, ValueError, TypeError) as exc:
+            raise CommandError(2, str(exc)) from exc
+        return {"values": values}
+
+    async def _aggregate(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
+        command = request.command
+        target = command.get("aggregate")
+        pipeline = command.get("pipeline")
+        if not isinstance(pipeline, list):
+            raise CommandError(14, "'pipeline' option must be specified as an array")
+        if pipeline and "$changeStream" in pipeline[0]:
+            coll = target if isinstance(target, str) else None
+            stream = open_stream(
+                self.engine, db, coll, pipeline[0]["$changeStream"] or {}, pipeline[1:]
+            )
+            batch_size = (command.get("cursor") or {}).get("batchSize")
+            limit = DEFAULT_BATCH if batch_size is None else int(batch_size)
+            first = next_batch(self.engine, stream, limit) if limit else []
+            cursor_id = next(self._cursor_ids)
+            self._cursors[cursor_id] = stream
+            ns = f"{db}.{coll}" if coll else f"{db}.$cmd.aggregate"
+            return {
+                "cursor": {
+                    "id": Int64(cursor_id),
+                    "ns": ns,
+                    "firstBatch": first,
+                    "postBatchResumeToken": encode_token(stream.position),
+                }
+            }
+        if not isinstance(target, str):
+            raise CommandError(
+                115, "database-level aggregation is only supported for $changeStream"
+            )
+        for stage in pipeline:
+            name = next(iter(stage), "")
+            if any("$changeStream" in s for s in pipeline[1:]):
+                raise CommandError(
+                    40602, "$changeStream is only valid as the first stage", "Location40602"
+                )
+            if name in ("$out", "$merge"):
+                raise CommandError(115, f"{name} is not supported by the emulator")
+        source_coll = self.engine.collection(db, target)
+        try:
+            rest = pipeline
+            if pipeline and "$match" in pipeline[0] and len(pipeline[0]) == 1:
+                # Narrow the input with the fast paths before mongomock copies it.
+                source = [clone(d) for d in source_coll._iter_documents(pipeline[0]["$match"])]
+                rest = pipeline[1:]
+            else:
+                source = list(source_coll.find())
+            result = list(
+                mongomock.aggregate.process_pipeline(source, source_coll.database, rest, None)
+            )
+        except mongomock.OperationFailure as exc:
+            raise CommandError(getattr(exc, "code", None) or 2, str(exc)) from exc
+        except NotImplementedError as exc:
+            raise CommandError(
+                40324, f"Unrecognized or unsupported pipeline stage: {exc}", "Location40324"
+            ) from exc
+        except (ValueError, TypeError, KeyError) as exc:
+            raise CommandError(2, f"aggregation failed: {exc!r}") from exc
+        return self._cursor_reply(f"{db}.{target}", result, command)
+
+    async def _get_more(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
+        command = request.command
+        cursor_id = command.get("getMore")
+        if not isinstance(cursor_id, int):
+            raise CommandError(14, "getMore needs a cursor id")
+        cursor = self._cursors.get(int(cursor_id))
+        if cursor is None:
+            raise CommandError(43, f"cursor id {cursor_id} not found")
+        batch_size = command.get("batchSize")
+        if isinstance(cursor, QueryCursor):
+            size = int(batch_size) if batch_size else len(cursor.docs)
+            batch, cursor.docs = cursor.docs[:size], cursor.docs[size:]
+            next_id = int(cursor_id) if cursor.docs else 0
+            if not cursor.docs:
+                self._cursors.pop(int(cursor_id), None)
+            return {"cursor": {"id": Int64(next_id), "ns": cursor.ns, "nextBatch": batch}}
+        limit = int(batch_size) if batch_size else 10_000
+        max_time_ms = command.get("maxTimeMS")
+        wait_s = (DEFAULT_AWAIT_MS if max_time_ms is None else int(max_time_ms)) / 1000
+        deadline = asyncio.get_running_loop().time() + wait_s
+        while True:
+            batch = next_batch(self.engine, cursor, limit)
+            if batch or cursor.invalidated:
+                break
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            async with self.engine.changed:
+                # Re-check under the condition: a write may have landed since next_batch.
+                if self.engine.oplog and self.engine.oplog[-1].ts > cursor.position:
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.engine.changed.wait(), remaining)
+        ns_coll = cursor.coll or "$cmd.aggregate"
+        ns = f"{cursor.db or 'admin'}.{ns_coll}"
+        next_id = int(cursor_id)
+        if cursor.invalidated and not cursor.pending:
+            self._cursors.pop(int(cursor_id), None)
+            next_id = 0
+        return {
+            "cursor": {
+                "id": Int64(next_id),
+                "ns": ns,
+                "nextBatch": batch,
+                "postBatchResumeToken": encode_token(cursor.position),
+            }
+        }
+
+    async def _kill_cursors(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
+        ids = request.command.get("cursors") or []
+        killed, missing = [], []
+        for cursor_id in ids:
+            if self._cursors.pop(int(cursor_id), None) is not None:
+                killed.append(cursor_id)
+            else:
+                missing.append(cursor_id)
+        return {
+            "cursorsKilled": killed,
+            "cursorsNotFound": missing,
+            "cursorsAlive": [],
+            "cursorsUnknown": [],
+        }
