@@ -29,9 +29,11 @@ class CommandError(Exception):
         self.message = message
         self.code_name = code_name or CODE_NAMES.get(code, "UnknownError")
         self.labels = labels or []
+        self.extra: dict[str, Any] = {}  # more fields of the reply (keyPattern, keyValue…)
 
 
 CODE_NAMES = {
+    1: "InternalError",
     2: "BadValue",
     6: "HostUnreachable",
     7: "HostNotFound",
@@ -40,9 +42,12 @@ CODE_NAMES = {
     14: "TypeMismatch",
     20: "IllegalOperation",
     26: "NamespaceNotFound",
+    28: "PathNotViable",
     40: "ConflictingUpdateOperators",
     43: "CursorNotFound",
     48: "NamespaceExists",
+    52: "DollarPrefixedFieldName",
+    56: "EmptyFieldName",
     59: "CommandNotFound",
     66: "ImmutableField",
     72: "InvalidOptions",

@@ -18,8 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mongomock
+import mongomock.aggregate
 from bson import Timestamp
 from mongomock import filtering
+
+from .values import bson_type
 
 
 def ts_to_int(ts: Timestamp) -> int:
@@ -90,6 +93,131 @@ def _fast_in(doc_val: Any, search_val: Any) -> bool:
             if x in search_val:
                 return True
     return False
+
+
+# $$NOW and $$CLUSTER_TIME of the command being executed (mongod fixes both for a whole
+# command). mongomock knows only $$ROOT and $$CURRENT; `install_system_variables` teaches its
+# expression parser the other two.
+_SYSTEM_VARIABLES: dict[str, Any] = {}
+
+
+def install_system_variables() -> None:
+    """Make `$$NOW` and `$$CLUSTER_TIME` resolve in aggregation, `$expr` and pipeline updates
+    (idempotent)."""
+    parser: Any = mongomock.aggregate._Parser
+    if getattr(parser, "_reactor_system_variables", False):
+        return
+    original = parser._parse_basic_expression
+
+    def parse_basic_expression(self: Any, expression: Any) -> Any:
+        if isinstance(expression, str) and expression.startswith("$$"):
+            name, _, rest = expression[2:].partition(".")
+            if name in _SYSTEM_VARIABLES and name not in self._user_vars:
+                if rest:
+                    return mongomock.helpers.get_value_by_dot(_SYSTEM_VARIABLES[name], rest)
+                return _SYSTEM_VARIABLES[name]
+        return original(self, expression)
+
+    parser._parse_basic_expression = parse_basic_expression
+    parser._reactor_system_variables = True
+
+    # $type (an aggregation expression since MongoDB 3.4), which mongomock lacks.
+    if "$type" not in mongomock.aggregate.type_operators:
+        mongomock.aggregate.type_operators.append("$type")
+        handle_type = parser._handle_type_operator
+
+        def handle_type_operator(self: Any, operator: str, values: Any) -> Any:
+            if operator != "$type":
+                return handle_type(self, operator, values)
+            argument = values[0] if isinstance(values, list) and len(values) == 1 else values
+            try:
+                value = self.parse(argument)
+            except KeyError:
+                return "missing"
+            return bson_type(value)
+
+        parser._handle_type_operator = handle_type_operator
+
+    # $mergeObjects as an expression (mongomock has it only as a $group accumulator).
+    if "$mergeObjects" in mongomock.aggregate.object_operators:
+        mongomock.aggregate.object_operators.remove("$mergeObjects")
+        parse = parser.parse
+
+        def parse_with_merge(self: Any, expression: Any) -> Any:
+            if (
+                isinstance(expression, dict)
+                and len(expression) == 1
+                and "$mergeObjects" in expression
+            ):
+                arguments = expression["$mergeObjects"]
+                if not isinstance(arguments, list):
+                    arguments = [arguments]
+                merged: dict[str, Any] = {}
+                for argument in arguments:
+                    try:
+                        value = self.parse(argument)
+                    except KeyError:
+                        continue  # missing: ignored, as null is
+                    if value is None:
+                        continue
+                    if not isinstance(value, dict):
+                        raise mongomock.OperationFailure(
+                            f"$mergeObjects requires object inputs, but input {value!r} is of "
+                            f"type {bson_type(value)}",
+                            code=40400,
+                        )
+                    merged.update(value)
+                return merged
+            return parse(self, expression)
+
+        parser.parse = parse_with_merge
+
+    # Date arithmetic in $add and $subtract: date + ms -> date, date - date -> ms (a long),
+    # date - ms -> date. mongomock's arithmetic accepts numbers only.
+    if not getattr(parser, "_reactor_date_arithmetic", False):
+        arithmetic = parser._handle_arithmetic_operator
+
+        def handle_arithmetic(self: Any, operator: str, values: Any) -> Any:
+            if operator in ("$add", "$subtract") and isinstance(values, list):
+                try:
+                    parsed = [self.parse(v) for v in values]
+                except KeyError:
+                    return None
+                if any(isinstance(v, dt.datetime) for v in parsed):
+                    return _date_arithmetic(operator, parsed)
+            return arithmetic(self, operator, values)
+
+        parser._handle_arithmetic_operator = handle_arithmetic
+        parser._reactor_date_arithmetic = True
+
+
+def _date_arithmetic(operator: str, values: list[Any]) -> Any:
+    if any(v is None for v in values):
+        return None
+    if operator == "$add":
+        dates = [v for v in values if isinstance(v, dt.datetime)]
+        if len(dates) != 1:
+            raise mongomock.OperationFailure(
+                "only one date allowed in an $add expression", code=16612
+            )
+        ms = sum(v for v in values if not isinstance(v, dt.datetime))
+        return _round_ms(dates[0] + dt.timedelta(milliseconds=ms))
+    if len(values) != 2:
+        raise mongomock.OperationFailure(
+            "Expression $subtract takes exactly 2 arguments.", code=16020
+        )
+    a, b = values
+    if isinstance(a, dt.datetime) and isinstance(b, dt.datetime):
+        return int((a - b) / dt.timedelta(milliseconds=1))
+    if isinstance(a, dt.datetime) and isinstance(b, int | float):
+        return _round_ms(a - dt.timedelta(milliseconds=b))
+    raise mongomock.OperationFailure(
+        f"can't $subtract {bson_type(b)} from {bson_type(a)}", code=16556
+    )
+
+
+def _round_ms(value: dt.datetime) -> dt.datetime:
+    return value.replace(microsecond=value.microsecond // 1000 * 1000)
 
 
 def install_fast_operators() -> None:
@@ -359,6 +487,7 @@ class Engine:
 
     def __init__(self, *, oplog_limit: int = 200_000) -> None:
         install_fast_operators()
+        install_system_variables()
         self.client: Any = mongomock.MongoClient()
         self.oplog: list[OplogEntry] = []
         self._oplog_ts: list[int] = []
@@ -376,6 +505,16 @@ class Engine:
         now = int(time.time()) << 32
         self._last_ts = max(now | 1, self._last_ts + 1)
         return self._last_ts
+
+    def now(self) -> dt.datetime:
+        """The server's clock, as stored: naive UTC at millisecond precision."""
+        now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+        return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+    def begin_command(self) -> None:
+        """Fix $$NOW and $$CLUSTER_TIME for the command about to run."""
+        _SYSTEM_VARIABLES["NOW"] = self.now()
+        _SYSTEM_VARIABLES["CLUSTER_TIME"] = int_to_ts(self.cluster_time)
 
     @property
     def cluster_time(self) -> int:

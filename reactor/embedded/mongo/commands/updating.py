@@ -1,0 +1,242 @@
+"""One update statement (of `update` or `findAndModify`) applied to a collection, as mongod does.
+
+The statement is checked against MongoDB's update rules (`updates.py`) before the engine sees it,
+and again against each document it is about to change. Each document's change is atomic: if the
+engine fails halfway, the document is restored from the snapshot taken before, so a failed write
+changes nothing. A multi-document update stops at the first failing document, keeping the
+documents already updated, as mongod's multi-updates do.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Any
+
+import mongomock
+
+from ..changestream import CommandError
+from ..engine import Engine, OplogEntry, clone, diff_documents, simple_update
+from ..updates import (
+    Target,
+    UpdateKind,
+    check_against,
+    check_id_unchanged,
+    check_operators,
+    check_replacement,
+    update_kind,
+)
+
+Image = dict[str, Any] | None
+
+
+@dataclass
+class UpdateResult:
+    matched: int = 0
+    modified: int = 0
+    upserted_id: Any = None
+    entries: list[OplogEntry] = field(default_factory=list)
+    images: list[tuple[Image, Image]] = field(default_factory=list)  # (before, after) per doc
+
+
+@dataclass
+class Statement:
+    q: dict[str, Any]
+    u: Any
+    multi: bool = False
+    upsert: bool = False
+    array_filters: Any = None
+    sort: Any = None
+
+
+class StatementApplier:
+    """Applies update statements to one collection of an engine."""
+
+    def __init__(self, engine: Engine, db: str, name: str, *, full_documents: bool) -> None:
+        self.engine = engine
+        self.db = db
+        self.name = name
+        self.coll: Any = engine.collection(db, name)
+        self.pre_images = (db, name) in engine.pre_images_enabled
+        self.full_documents = full_documents or self.pre_images
+
+    def apply(self, st: Statement) -> UpdateResult:
+        if st.array_filters:
+            raise CommandError(115, "arrayFilters are not supported by the emulator")
+        if not isinstance(st.q, dict):
+            raise CommandError(14, "query must be an object", "TypeMismatch")
+        kind = update_kind(st.u)
+        if kind == UpdateKind.REPLACEMENT and st.multi:
+            raise CommandError(9, "multi update is not supported for replacement-style update")
+        pairs = check_operators(st.u) if kind == UpdateKind.OPERATORS else []
+        # Plain $set/$setOnInsert/$inc/$unset of top-level fields skip mongomock's general
+        # update path (see engine.simple_update); the results are the same.
+        simple = kind == UpdateKind.OPERATORS and simple_update(st.u)
+        if st.sort:
+            ids = [d["_id"] for d in self.coll.find(st.q, {"_id": 1}, sort=list(st.sort.items()))]
+        else:
+            ids = [d["_id"] for d in self.coll._iter_documents(st.q)]
+        if not st.multi:
+            ids = ids[:1]
+        result = UpdateResult()
+        # Only the fields an operator update can touch are copied for the change event: campaign
+        # documents carry long target lists that no counter update should have to copy.
+        touched = (
+            _touched_fields(st.u)
+            if kind == UpdateKind.OPERATORS and not self.full_documents
+            else None
+        )
+        for _id in ids:
+            self._update_one(st, kind, pairs, simple, touched, _id, result)
+        if not ids and st.upsert:
+            self._upsert(st, kind, pairs, simple, result)
+        return result
+
+    def _update_one(
+        self,
+        st: Statement,
+        kind: str,
+        pairs: list[Target],
+        simple: bool,
+        touched: set[str] | None,
+        _id: Any,
+        result: UpdateResult,
+    ) -> None:
+        key = mongomock.helpers.hashdict(_id) if isinstance(_id, dict) else _id
+        stored: dict[str, Any] = self.coll._store[key]
+        if kind == UpdateKind.OPERATORS:
+            check_against(stored, pairs, inserting=False)
+        elif kind == UpdateKind.REPLACEMENT:
+            check_replacement(st.u, _id)
+        order = list(stored)
+        before = _snapshot(stored, touched)
+        # Pin the document by _id (the engine's fast path); keep the statement's own filter
+        # for positional operators and for correctness.
+        target = {"_id": _id, "$and": [st.q]} if "_id" in st.q else {**st.q, "_id": _id}
+        try:
+            if kind == UpdateKind.REPLACEMENT:
+                self.coll.replace_one(target, dict(st.u))
+            elif not (simple and self.coll.update_simple(_id, st.u)):
+                self.coll.update_one(target, st.u)
+            after = _snapshot(self.coll._store[key], touched)
+            check_id_unchanged(before, after)
+        except BaseException:
+            self._restore(key, order, before, touched)
+            raise
+        result.matched += 1
+        result.images.append((before, after))
+        if after == before:
+            return
+        result.modified += 1
+        pre_image = clone(before) if self.pre_images else None
+        if kind == UpdateKind.REPLACEMENT:
+            entry = self.engine.make_entry(
+                self.db,
+                self.name,
+                "replace",
+                {"_id": _id},
+                full_document=clone(after),
+                pre_image=pre_image,
+            )
+        else:
+            entry = self.engine.make_entry(
+                self.db,
+                self.name,
+                "update",
+                {"_id": _id},
+                update_description=diff_documents(before, after),
+                pre_image=pre_image,
+            )
+        result.entries.append(entry)
+
+    def _restore(
+        self, key: Any, order: list[str], before: dict[str, Any], touched: set[str] | None
+    ) -> None:
+        """Put the document back as it was before a failed write (key order included)."""
+        current: dict[str, Any] = self.coll._store[key]
+        restored: dict[str, Any] = collections.OrderedDict()
+        for name in order:
+            if touched is None or name in touched or name == "_id":
+                restored[name] = before[name]
+            else:
+                restored[name] = current[name]
+        self.coll._store[key] = restored
+
+    def _upsert(
+        self,
+        st: Statement,
+        kind: str,
+        pairs: list[Target],
+        simple: bool,
+        result: UpdateResult,
+    ) -> None:
+        if kind == UpdateKind.REPLACEMENT:
+            doc = dict(st.u)
+            if "_id" not in doc:
+                q_id = st.q.get("_id")
+                doc = {"_id": q_id if _id_is_plain(q_id) else mongomock.ObjectId(), **doc}
+            check_replacement(doc, doc["_id"])
+            self.coll.insert_one(doc)
+            upserted_id = doc["_id"]
+        else:
+            if kind == UpdateKind.OPERATORS:
+                check_against(_seed(st.q), pairs, inserting=True)
+            done, upserted_id = self.coll.upsert_simple(st.q, st.u) if simple else (False, None)
+            if not done:
+                # mongomock builds the new document aside and inserts it last: a failure
+                # leaves nothing behind.
+                upserted_id = self.coll.update_one(st.q, st.u, upsert=True).upserted_id
+        after = _snapshot(self.coll._store[upserted_id], None)
+        result.upserted_id = upserted_id
+        result.entries.append(
+            self.engine.make_entry(
+                self.db, self.name, "insert", {"_id": upserted_id}, full_document=clone(after)
+            )
+        )
+        result.images.append((None, after))
+
+
+def _seed(query: dict[str, Any]) -> dict[str, Any]:
+    """The document an upsert starts from: the query's equality conditions, as nested fields."""
+    seed: dict[str, Any] = {}
+    for name, condition in query.items():
+        if name.startswith("$"):
+            continue
+        if isinstance(condition, dict) and any(str(k).startswith("$") for k in condition):
+            if "$eq" not in condition:
+                continue
+            condition = condition["$eq"]
+        node = seed
+        parts = name.split(".")
+        for part in parts[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                break
+            node = nxt
+        else:
+            node[parts[-1]] = condition
+    return seed
+
+
+def _snapshot(doc: dict[str, Any], fields: set[str] | None) -> dict[str, Any]:
+    """A private copy of a stored document (or of only its top-level `fields`, plus _id)."""
+    if fields is None:
+        return clone(doc)
+    return {k: clone(v) for k, v in doc.items() if k in fields or k == "_id"}
+
+
+def _touched_fields(update: dict[str, Any]) -> set[str] | None:
+    """Top-level fields an operator update may change; None when that cannot be told."""
+    fields: set[str] = set()
+    for op, spec in update.items():
+        if not isinstance(spec, dict):
+            return None
+        for path in spec:
+            fields.add(path.split(".", 1)[0])
+        if op == "$rename":
+            fields.update(str(v).split(".", 1)[0] for v in spec.values())
+    return fields
+
+
+def _id_is_plain(value: Any) -> bool:
+    return value is not None and not isinstance(value, dict)

@@ -1,0 +1,244 @@
+"""insert, update, delete and findAndModify.
+
+Per-statement failures are reported as mongod reports them: `ok: 1` with a `writeErrors` entry
+per failed statement (index, code, codeName, errmsg); an ordered command stops at the first
+failure, an unordered one goes on. findAndModify answers a failure as a command error. Every
+change that lands is recorded in the oplog for the change streams, in statement order.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, ClassVar
+
+import mongomock
+from bson import ObjectId
+
+from ..changestream import CommandError
+from ..engine import OplogEntry, clone
+from ..wire import Request
+from .base import CommandsBase, Connection
+from .errors import dup_key_error, engine_error, write_error
+from .updating import Statement, StatementApplier
+
+
+class WriteCommands(CommandsBase):
+    HANDLERS: ClassVar[dict[str, str]] = {
+        "insert": "_insert",
+        "update": "_update",
+        "delete": "_delete",
+        "findAndModify": "_find_and_modify",
+        "findandmodify": "_find_and_modify",
+    }
+
+    def _statements(self, request: Request, field: str) -> tuple[str, list[Any], bool]:
+        name = self._coll_name(request, next(iter(request.command)))
+        statements = request.command.get(field)
+        if not isinstance(statements, list):
+            raise CommandError(9, f"BSON field '{field}' is missing but a required field")
+        return name, statements, bool(request.command.get("ordered", True))
+
+    def _failure(self, db: str, name: str, exc: Exception, doc: Any, command: str) -> CommandError:
+        if isinstance(exc, mongomock.DuplicateKeyError):
+            coll = self.engine.collection(db, name)
+            return dup_key_error(db, name, coll, doc if isinstance(doc, dict) else {})
+        return engine_error(exc, command)
+
+    # ---- insert ------------------------------------------------------------------------------
+
+    async def _insert(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
+        name, docs, ordered = self._statements(request, "documents")
+        coll = self.engine.collection(db, name)
+        n = 0
+        errors: list[dict[str, Any]] = []
+        entries: list[OplogEntry] = []
+        with self.engine.writing(db, name):
+            for i, raw in enumerate(docs):
+                doc = dict(raw) if isinstance(raw, dict) else raw
+                try:
+                    if not isinstance(doc, dict):
+                        raise CommandError(14, "documents must be objects", "TypeMismatch")
+                    if "_id" not in doc:
+                        doc = {"_id": ObjectId(), **doc}
+                    if isinstance(doc["_id"], list):
+                        raise CommandError(53, "can't use an array for _id", "InvalidIdField")
+                    coll.insert_one(doc)
+                except Exception as exc:
+                    err = self._failure(db, name, exc, doc, "insert")
+                    errors.append(write_error(i, err, **err.extra))
+                    if ordered:
+                        break
+                    continue
+                n += 1
+                entries.append(
+                    self.engine.make_entry(
+                        db, name, "insert", {"_id": doc["_id"]}, full_document=clone(doc)
+                    )
+                )
+            self.engine.record(entries)
+        reply: dict[str, Any] = {"n": n}
+        if errors:
+            reply["writeErrors"] = errors
+        return reply
+
+    # ---- update ------------------------------------------------------------------------------
+
+    async def _update(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
+        name, statements, ordered = self._statements(request, "updates")
+        n = n_modified = 0
+        upserted: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
+        with self.engine.writing(db, name):
+            applier = StatementApplier(self.engine, db, name, full_documents=False)
+            for i, stmt in enumerate(statements):
+                q = stmt.get("q", {}) if isinstance(stmt, dict) else {}
+                try:
+                    if not isinstance(stmt, dict):
+                        raise CommandError(14, "update statements must be objects")
+                    result = applier.apply(
+                        Statement(
+                            q=q,
+                            u=stmt.get("u"),
+                            multi=bool(stmt.get("multi")),
+                            upsert=bool(stmt.get("upsert")),
+                            array_filters=stmt.get("arrayFilters"),
+                        )
+                    )
+                except Exception as exc:
+                    err = self._failure(db, name, exc, q, "update")
+                    errors.append(write_error(i, err, **err.extra))
+                    if ordered:
+                        break
+                    continue
+                self.engine.record(result.entries)
+                n += result.matched
+                n_modified += result.modified
+                if result.upserted_id is not None:
+                    n += 1
+                    upserted.append({"index": i, "_id": result.upserted_id})
+        reply: dict[str, Any] = {"n": n, "nModified": n_modified}
+        if upserted:
+            reply["upserted"] = upserted
+        if errors:
+            reply["writeErrors"] = errors
+        return reply
+
+    # ---- delete ------------------------------------------------------------------------------
+
+    async def _delete(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
+        name, statements, ordered = self._statements(request, "deletes")
+        coll = self.engine.collection(db, name)
+        n = 0
+        errors: list[dict[str, Any]] = []
+        with self.engine.writing(db, name):
+            for i, stmt in enumerate(statements):
+                try:
+                    if not isinstance(stmt, dict) or not isinstance(stmt.get("q", {}), dict):
+                        raise CommandError(14, "delete statements must be objects")
+                    docs = list(coll._iter_documents(stmt.get("q", {})))
+                except Exception as exc:
+                    err = engine_error(exc, "delete")
+                    errors.append(write_error(i, err))
+                    if ordered:
+                        break
+                    continue
+                if stmt.get("limit", 0):
+                    docs = docs[:1]
+                entries = []
+                for doc in docs:
+                    pre = self._pre_image(db, name, doc)
+                    coll.delete_one({"_id": doc["_id"]})
+                    entries.append(
+                        self.engine.make_entry(
+                            db, name, "delete", {"_id": doc["_id"]}, pre_image=pre
+                        )
+                    )
+                    n += 1
+                self.engine.record(entries)
+        reply: dict[str, Any] = {"n": n}
+        if errors:
+            reply["writeErrors"] = errors
+        return reply
+
+    def _pre_image(self, db: str, name: str, doc: dict[str, Any] | None) -> dict[str, Any] | None:
+        if doc is None or (db, name) not in self.engine.pre_images_enabled:
+            return None
+        return clone(doc)
+
+    # ---- findAndModify -----------------------------------------------------------------------
+
+    async def _find_and_modify(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
+        command = request.command
+        name = self._coll_name(request, next(iter(command)))
+        q = command.get("query") or {}
+        with self.engine.writing(db, name):
+            try:
+                if command.get("remove"):
+                    return self._find_and_remove(db, name, command, q)
+                return self._find_and_update(db, name, command, q)
+            except Exception as exc:
+                err = self._failure(db, name, exc, q, "findAndModify")
+                raise err from exc
+
+    def _find_and_remove(
+        self, db: str, name: str, command: dict[str, Any], q: dict[str, Any]
+    ) -> dict[str, Any]:
+        if command.get("update") is not None or command.get("new"):
+            raise CommandError(9, "Cannot specify both remove and update/new")
+        coll = self.engine.collection(db, name)
+        sort = command.get("sort")
+        found = list(coll.find(q, sort=list(sort.items()) if sort else None, limit=1))
+        if not found:
+            return {"lastErrorObject": {"n": 0}, "value": None}
+        doc = found[0]
+        coll.delete_one({"_id": doc["_id"]})
+        self.engine.record(
+            [
+                self.engine.make_entry(
+                    db,
+                    name,
+                    "delete",
+                    {"_id": doc["_id"]},
+                    pre_image=self._pre_image(db, name, doc),
+                )
+            ]
+        )
+        return {"lastErrorObject": {"n": 1}, "value": _project(coll, doc, command.get("fields"))}
+
+    def _find_and_update(
+        self, db: str, name: str, command: dict[str, Any], q: dict[str, Any]
+    ) -> dict[str, Any]:
+        if "update" not in command:
+            raise CommandError(9, "Either an update or remove=true must be specified")
+        applier = StatementApplier(self.engine, db, name, full_documents=True)
+        result = applier.apply(
+            Statement(
+                q=q,
+                u=command["update"],
+                upsert=bool(command.get("upsert")),
+                array_filters=command.get("arrayFilters"),
+                sort=command.get("sort"),
+            )
+        )
+        self.engine.record(result.entries)
+        last_error: dict[str, Any] = {
+            "n": result.matched or (1 if result.upserted_id is not None else 0),
+            "updatedExisting": bool(result.matched),
+        }
+        if result.upserted_id is not None:
+            last_error["upserted"] = result.upserted_id
+        if not result.images:
+            return {"lastErrorObject": last_error, "value": None}
+        before, after = result.images[0]
+        value = after if command.get("new") else before
+        coll = self.engine.collection(db, name)
+        return {
+            "lastErrorObject": last_error,
+            "value": _project(coll, value, command.get("fields")) if value is not None else None,
+        }
+
+
+def _project(coll: Any, doc: dict[str, Any], fields: dict[str, Any] | None) -> dict[str, Any]:
+    if not fields:
+        return doc
+    return coll._copy_only_fields(copy.deepcopy(doc), fields, dict)
