@@ -386,9 +386,11 @@ class MongoCampaignStore:
     async def record_execution(
         self, campaign: str, *, epoch: int, owner: str, fields: Mapping[str, Any]
     ) -> None:
+        # One path per operator: mongod refuses a path named by both $set and $setOnInsert
+        # (code 40), so the owner goes in $set with the rest (it is the same on every write).
         await self.executions.update_one(
             {"campaign": campaign, "epoch": epoch},
-            {"$set": dict(fields), "$setOnInsert": {"owner": owner}},
+            {"$set": {**fields, "owner": owner}},
             upsert=True,
         )
 
