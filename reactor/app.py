@@ -21,7 +21,7 @@ from .adapters.recipients import MongoRecipients
 from .adapters.smtp import SmtpEmailSender
 from .adapters.twilio_sms import TwilioSmsSender
 from .config import Settings
-from .executor import Executor, StopReason
+from .execution import Executor, StopReason
 from .http import OpsServer
 from .metrics import Metrics
 from .ports import Clock, EmailSender, SmsSender

@@ -129,6 +129,8 @@ class Settings(BaseSettings):
             retry_max_s=self.retry_max_seconds,
             default_phone_region=self.default_phone_region,
             batch_size=self.recipient_batch_size,
+            message_domain=(self.email_from or "localhost").rsplit("@", 1)[-1].strip("> ")
+            or "localhost",
         )
 
     def smtp_config(self) -> SmtpConfig | None:
@@ -195,6 +197,7 @@ class SendConfig:
     retry_max_s: float = 30.0
     default_phone_region: str = "US"
     batch_size: int = 1000
+    message_domain: str = "localhost"  # the sender's domain, for Message-IDs
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,10 @@ class Clock(Protocol):
         """The current aware UTC time."""
         ...
 
+    def monotonic(self) -> float:
+        """Seconds on a clock that never steps: for durations, never for instants."""
+        ...
+
     async def sleep(self, seconds: float) -> None:
         """Wait `seconds` of this clock's time."""
         ...

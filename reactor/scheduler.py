@@ -29,7 +29,7 @@ from .domain.schedule import (
     start_decision,
     wants_takeover,
 )
-from .executor import Executor, StopReason
+from .execution import Executor, StopReason
 from .metrics import Metrics
 from .ports import Clock
 from .timers import TimerHeap

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from bson import Timestamp
@@ -19,30 +18,13 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
+from ..domain.deliveries import DeliveryRecord, delivery_id
 from ..domain.models import Status
 
 log = logging.getLogger(__name__)
 
 # Fields the scheduler never needs; a targeted list can hold millions of ids.
 SCHEDULE_PROJECTION = {"targetedCustomerIds": 0}
-
-TERMINAL_STATES = ("sent", "failed", "skipped", "uncertain")
-
-
-def delivery_id(campaign: str, channel: str, customer: str) -> str:
-    return f"{campaign}:{channel}:{customer}"
-
-
-@dataclass(frozen=True)
-class DeliveryRecord:
-    customer: str
-    channel: str
-    state: str  # pending | sent | failed | skipped | uncertain
-    to: str | None = None
-    provider_id: str | None = None
-    error: str | None = None
-    reason: str | None = None
-    attempts: int = 0
 
 
 class MongoCampaignStore:
@@ -360,6 +342,13 @@ class MongoCampaignStore:
                 raise
             return set(ids[min(err["index"] for err in errors) :])
         return set()
+
+    async def forget_pending(self, ids: Sequence[str], *, epoch: int) -> None:
+        """Remove this epoch's `pending` rows of sends it gave up before sending (a retry cut
+        short by a stop): whoever resumes sends them."""
+        await self.deliveries.delete_many(
+            {"_id": {"$in": list(ids)}, "epoch": epoch, "state": "pending"}
+        )
 
     async def ledger_counts(self, campaign: str) -> dict[str, dict[str, int]]:
         """{channel: {state: n}} straight from the ledger: the authoritative counts."""

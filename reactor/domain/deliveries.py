@@ -1,0 +1,71 @@
+"""The deliveries ledger's vocabulary: one row per (campaign, channel, customer), its states, and
+the per-campaign counters those states feed.
+
+    pending ──► sent | failed | uncertain          (a send under way, then its outcome)
+    (none)  ──► skipped | uncertain                 (recorded without sending)
+
+`sent`, `failed`, `skipped` and `uncertain` are terminal: no epoch ever overwrites them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+from .models import Channel
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    UNCERTAIN = "uncertain"
+
+
+TERMINAL_STATES = frozenset(
+    {DeliveryState.SENT, DeliveryState.FAILED, DeliveryState.SKIPPED, DeliveryState.UNCERTAIN}
+)
+
+
+def delivery_id(campaign: str, channel: str, customer: str) -> str:
+    return f"{campaign}:{channel}:{customer}"
+
+
+@dataclass(frozen=True)
+class DeliveryRecord:
+    customer: str
+    channel: str
+    state: str  # a DeliveryState
+    to: str | None = None
+    provider_id: str | None = None
+    error: str | None = None
+    reason: str | None = None
+    attempts: int = 0
+
+
+# `performance.*` counter of each (channel, state); `uncertain` is one counter for both.
+_COUNTER_NAMES = {
+    (Channel.EMAIL, DeliveryState.SENT): "emailsSent",
+    (Channel.EMAIL, DeliveryState.FAILED): "emailsFailed",
+    (Channel.EMAIL, DeliveryState.SKIPPED): "emailsSkipped",
+    (Channel.SMS, DeliveryState.SENT): "smsSent",
+    (Channel.SMS, DeliveryState.FAILED): "smsFailed",
+    (Channel.SMS, DeliveryState.SKIPPED): "smsSkipped",
+}
+UNCERTAIN_COUNTER = "uncertain"
+
+
+def counter_name(channel: str, state: str) -> str:
+    """The `performance` counter a terminal row of this channel and state counts toward."""
+    return _COUNTER_NAMES.get((Channel(channel), DeliveryState(state)), UNCERTAIN_COUNTER)
+
+
+def performance(counts: Mapping[str, Mapping[str, int]]) -> dict[str, int]:
+    """`performance` counters from the ledger's {channel: {state: n}} counts."""
+    out = {
+        name: counts.get(str(ch), {}).get(str(st), 0) for (ch, st), name in _COUNTER_NAMES.items()
+    }
+    out[UNCERTAIN_COUNTER] = sum(c.get(DeliveryState.UNCERTAIN, 0) for c in counts.values())
+    return out

@@ -1,0 +1,111 @@
+"""The ledger writer: what a run records about its deliveries, in as few writes as it can.
+
+Outcomes and the next `pending` marks go out in one ordered write (outcomes first, so a freed
+slot is reused without ever exceeding the pending bound). The live `performance` counters follow
+at most every COUNTER_FLUSH_S; the ledger is the record, the counters are for people watching.
+Every write is fenced by the run's epoch: a write another epoch superseded raises LeaseLost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..adapters.mongo_store import MongoCampaignStore
+from ..domain.deliveries import DeliveryRecord, DeliveryState, counter_name, delivery_id
+from ..domain.errors import LeaseLost
+from ..domain.models import Channel
+from ..metrics import Metrics
+from ..ports import Clock, EmailMessage, SmsMessage
+from .state import Run
+
+COUNTER_FLUSH_S = 0.5
+
+
+@dataclass
+class Item:
+    """One message to send: its ledger row's key and what goes to the provider."""
+
+    customer: str
+    channel: Channel
+    to: str
+    message: EmailMessage | SmsMessage
+
+
+@dataclass
+class Outcome:
+    item: Item
+    state: str  # sent | failed | uncertain | abandoned (not sent; its pending row is removed)
+    provider_id: str | None = None
+    error: str | None = None
+    attempts: int = 0
+
+
+ABANDONED = "abandoned"
+
+
+class LedgerWriter:
+    def __init__(self, store: MongoCampaignStore, clock: Clock, metrics: Metrics) -> None:
+        self._store = store
+        self._clock = clock
+        self._metrics = metrics
+
+    async def outcomes(
+        self, run: Run, outcomes: Sequence[Outcome], *, pending: Sequence[Item] = ()
+    ) -> None:
+        """Record finished sends, then mark the next ones pending, in one ordered write."""
+        marks = [
+            DeliveryRecord(i.customer, i.channel, DeliveryState.PENDING, to=i.to) for i in pending
+        ]
+        records: list[DeliveryRecord] = []
+        abandoned: list[str] = []
+        for o in outcomes:
+            if o.state == ABANDONED:
+                abandoned.append(delivery_id(run.key, o.item.channel, o.item.customer))
+                continue
+            records.append(
+                DeliveryRecord(
+                    o.item.customer,
+                    o.item.channel,
+                    o.state,
+                    to=o.item.to,
+                    provider_id=o.provider_id,
+                    error=o.error,
+                    attempts=o.attempts,
+                )
+            )
+        if abandoned:
+            await self._store.forget_pending(abandoned, epoch=run.epoch)
+        await self.write(run, records + marks)
+
+    async def write(self, run: Run, records: list[DeliveryRecord]) -> None:
+        if not records:
+            return
+        now = self._clock.now()
+        fenced = await self._store.write_deliveries(
+            run.key, epoch=run.epoch, records=records, now=now
+        )
+        for rec in records:
+            if rec.state == DeliveryState.PENDING or (
+                fenced and delivery_id(run.key, rec.channel, rec.customer) in fenced
+            ):
+                continue
+            self._metrics.sends.labels(rec.channel, rec.state).inc()
+            name = counter_name(rec.channel, rec.state)
+            run.unflushed[name] = run.unflushed.get(name, 0) + 1
+        if fenced:
+            raise LeaseLost(f"campaign {run.key} epoch {run.epoch} was superseded")
+        await self.flush_counters(run)
+
+    async def flush_counters(self, run: Run, *, force: bool = False) -> None:
+        """Live `performance` counters, one `$inc` at most every COUNTER_FLUSH_S."""
+        now_m = self._clock.monotonic()
+        if not run.unflushed or (not force and now_m - run.flushed_at < COUNTER_FLUSH_S):
+            return
+        counts, run.unflushed = run.unflushed, {}
+        run.flushed_at = now_m
+        owned = await self._store.add_performance(
+            run.campaign_id, epoch=run.epoch, counts=counts, now=self._clock.now()
+        )
+        if not owned:
+            raise LeaseLost(f"campaign {run.key} epoch {run.epoch} was superseded")

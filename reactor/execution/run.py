@@ -1,0 +1,336 @@
+"""One campaign's run on this instance: from the claimed document to `sendsDone`.
+
+For each batch of targeted ids the run resolves recipients, reads what the ledger already says
+(a resumed or taken-over run never re-sends `sent`, and treats a `pending` row left by an earlier
+epoch as `uncertain`), and hands the messages still to send to a `SendWindow` per channel. Each
+channel goes through the audience at its own provider's pace; the next batch is prepared while
+the current one sends. When the window closes mid-run, whoever was not reached is `skipped`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import anyio
+
+from ..adapters.mongo_store import MongoCampaignStore
+from ..config import SendConfig
+from ..domain.addresses import email_address, phone_address
+from ..domain.deliveries import TERMINAL_STATES, DeliveryRecord, DeliveryState, performance
+from ..domain.errors import InvalidCampaign, LeaseLost
+from ..domain.ids import normalise_id
+from ..domain.messages import email_message, sms_message
+from ..domain.models import Campaign, Channel, parse_campaign
+from ..metrics import Metrics
+from ..ports import Clock, EmailSender, Recipient, Recipients, SmsSender
+from ..ratelimit import TokenBucket
+from .deliver import Deliverer
+from .ledger import Item, LedgerWriter
+from .state import Run, StopReason
+from .window import SendWindow
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass
+class Prepared:
+    """One batch ready to send on one channel: the rows to record without sending (skipped,
+    or uncertain), and the messages."""
+
+    found: int
+    unsent: list[DeliveryRecord] = field(default_factory=list)
+    items: list[Item] = field(default_factory=list)
+
+
+class Ahead(Generic[T]):
+    """A result computed in the background of a task group; `get()` waits for it (and raises
+    what it raised)."""
+
+    def __init__(
+        self, tg: anyio.abc.TaskGroup, fn: Callable[..., Awaitable[T]], *args: Any
+    ) -> None:
+        self._done = anyio.Event()
+        self._result: T | None = None
+        self._error: Exception | None = None
+        tg.start_soon(self._run, fn, args)
+
+    async def _run(self, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> None:
+        try:
+            self._result = await fn(*args)
+        except Exception as exc:
+            self._error = exc
+        finally:
+            self._done.set()
+
+    async def get(self) -> T:
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+
+class CampaignRun:
+    """Sends one claimed campaign once, as `run` (its epoch) says."""
+
+    def __init__(
+        self,
+        run: Run,
+        *,
+        store: MongoCampaignStore,
+        recipients: Recipients,
+        senders: dict[Channel, EmailSender | SmsSender | None],
+        limits: dict[Channel, TokenBucket],
+        deliverer: Deliverer,
+        ledger: LedgerWriter,
+        clock: Clock,
+        metrics: Metrics,
+        config: SendConfig,
+        instance_id: str,
+    ) -> None:
+        self.run = run
+        self._store = store
+        self._recipients = recipients
+        self._senders = senders
+        self._limits = limits
+        self._deliverer = deliverer
+        self._ledger = ledger
+        self._clock = clock
+        self._metrics = metrics
+        self._config = config
+        self._instance = instance_id
+
+    async def send(self) -> None:
+        run = self.run
+        doc = await self._store.get(run.campaign_id, with_targets=True)
+        if doc is None:
+            raise LeaseLost(f"campaign {run.key} was deleted")
+        try:
+            campaign = parse_campaign(doc)
+        except InvalidCampaign as exc:
+            self._metrics.campaign_errors.labels(exc.reason).inc()
+            log.error(
+                "campaign %s cannot be sent: %s",
+                run.name,
+                exc,
+                extra={"campaign_id": run.key, "reason": exc.reason},
+            )
+            await self._store.record_invalid(
+                run.campaign_id, exc.reason, exc.detail, self._clock.now()
+            )
+            await self._store.mark_sends_done(
+                run.campaign_id, epoch=run.epoch, now=self._clock.now()
+            )
+            return
+        await self._store.record_execution(
+            run.key,
+            epoch=run.epoch,
+            owner=self._instance,
+            fields={"startedAt": self._clock.now(), "owner": self._instance, "state": "running"},
+        )
+        if run.epoch > 1:  # only a takeover can find rows an earlier owner left pending
+            await self._settle_previous_pending()
+        targets = list(dict.fromkeys(normalise_id(t) for t in campaign.targets))
+        log.info(
+            "📋 Fetching %d targeted customers by IDs",
+            len(targets),
+            extra={"campaign_id": run.key, "count": len(targets)},
+        )
+        batches = list(_chunks(targets, self._config.batch_size))
+        found: dict[Channel, int] = {}
+        async with anyio.create_task_group() as tg:
+            for channel in sorted(campaign.channels):
+                tg.start_soon(self._send_channel, campaign, channel, batches, found)
+        found_total = max(found.values(), default=0)
+        log.info(
+            "Found %d customers in orders collection",
+            found_total,
+            extra={"campaign_id": run.key, "count": found_total},
+        )
+        await self._finish(campaign, len(targets))
+
+    async def _send_channel(
+        self,
+        campaign: Campaign,
+        channel: Channel,
+        batches: Sequence[Sequence[str]],
+        found: dict[Channel, int],
+    ) -> None:
+        """One channel through every batch. Each channel resolves its own batches (a second
+        read of the orders rows), which keeps memory bounded however far apart they drift."""
+        run = self.run
+        found[channel] = 0
+        async with anyio.create_task_group() as tg:
+            # The next batch is resolved and checked against the ledger while this one sends,
+            # so the pipeline does not drain at every batch boundary.
+            ahead = Ahead(tg, self._prepare, campaign, channel, batches[0]) if batches else None
+            for i, batch in enumerate(batches):
+                if run.stop_reason not in (None, StopReason.WINDOW_CLOSED):
+                    break
+                if run.stop_reason is None and ahead is not None:
+                    prepared = await ahead.get()
+                    ahead = (
+                        Ahead(tg, self._prepare, campaign, channel, batches[i + 1])
+                        if i + 1 < len(batches)
+                        else None
+                    )
+                    found[channel] += prepared.found
+                    if prepared.unsent:
+                        await self._ledger.write(run, prepared.unsent)
+                    if prepared.items and run.stop_reason is None:
+                        await self._window(channel, prepared.items).send_all()
+                if run.stop_reason == StopReason.WINDOW_CLOSED:
+                    # The window closed during or before this batch: whoever was not reached is
+                    # recorded as skipped, so every customer is accounted for.
+                    await self._close_window(channel, batch)
+            tg.cancel_scope.cancel()
+
+    def _window(self, channel: Channel, items: list[Item]) -> SendWindow:
+        return SendWindow(
+            self.run,
+            items,
+            concurrency=self._config.concurrency,
+            limiter=self._limits[channel],
+            deliverer=self._deliverer,
+            ledger=self._ledger,
+            clock=self._clock,
+        )
+
+    async def _settle_previous_pending(self) -> None:
+        """Rows an earlier epoch left `pending` may or may not have gone out: `uncertain`."""
+        run = self.run
+        rows = await self._store.pending_from_other_epochs(run.key, run.epoch)
+        if not rows:
+            return
+        records = [
+            DeliveryRecord(
+                r["customer"],
+                r["channel"],
+                DeliveryState.UNCERTAIN,
+                to=r.get("to"),
+                reason="previous_owner_lost",
+            )
+            for r in rows
+        ]
+        await self._ledger.write(run, records)
+        log.warning(
+            "%d deliveries of %s left pending by a previous owner are uncertain",
+            len(records),
+            run.name,
+            extra={"campaign_id": run.key, "count": len(records)},
+        )
+
+    async def _prepare(
+        self, campaign: Campaign, channel: Channel, batch: Sequence[str]
+    ) -> Prepared:
+        """Resolve one batch, read what the ledger already holds for it on this channel, and
+        build the messages still to send (validated, rendered) and the rows to record without
+        sending."""
+        run = self.run
+        recipients = await self._recipients.resolve(batch)
+        states = await self._store.ledger_states(run.key, channel, batch)
+        prepared = Prepared(found=len(recipients))
+        configured = self._senders[channel] is not None
+        for customer in batch:
+            if customer in states:
+                state, epoch = states[customer]
+                if state in TERMINAL_STATES or epoch >= run.epoch:
+                    continue
+                if state == DeliveryState.PENDING:
+                    # An earlier owner marked it after this run settled its leftovers (it had
+                    # not yet noticed the takeover): it may have gone out, so never re-send.
+                    prepared.unsent.append(
+                        DeliveryRecord(
+                            customer, channel, DeliveryState.UNCERTAIN, reason="previous_owner_lost"
+                        )
+                    )
+                    continue
+            recipient = recipients.get(customer)
+            address: str | None = None
+            if recipient is None:
+                problem = "not_found"
+            elif not configured:
+                problem = "channel_not_configured"
+            else:
+                address, problem = self._address(channel, recipient)
+            if recipient is None or address is None:
+                prepared.unsent.append(
+                    DeliveryRecord(customer, channel, DeliveryState.SKIPPED, reason=problem)
+                )
+                continue
+            prepared.items.append(
+                Item(
+                    customer, channel, address, self._message(campaign, channel, recipient, address)
+                )
+            )
+        return prepared
+
+    def _address(self, channel: Channel, recipient: Recipient) -> tuple[str | None, str]:
+        if channel is Channel.EMAIL:
+            return email_address(recipient.email)
+        return phone_address(recipient.phone, self._config.default_phone_region)
+
+    def _message(
+        self, campaign: Campaign, channel: Channel, recipient: Recipient, address: str
+    ) -> Any:
+        if channel is Channel.SMS:
+            return sms_message(campaign, recipient, address)
+        return email_message(
+            campaign, recipient, address, message_domain=self._config.message_domain
+        )
+
+    async def _close_window(self, channel: Channel, batch: Sequence[str]) -> None:
+        states = await self._store.ledger_states(self.run.key, channel, batch)
+        records = [
+            DeliveryRecord(c, channel, DeliveryState.SKIPPED, reason="window_closed")
+            for c in batch
+            if c not in states
+        ]
+        await self._ledger.write(self.run, records)
+
+    async def _finish(self, campaign: Campaign, targets: int) -> None:
+        run = self.run
+        await self._ledger.flush_counters(run, force=True)
+        now = self._clock.now()
+        counts = performance(await self._store.ledger_counts(run.key))
+        extra = {"campaign_id": run.key, **counts}
+        if Channel.EMAIL in campaign.channels:
+            log.info("✉️ Emails sent: %d/%d", counts["emailsSent"], targets, extra=extra)
+        if Channel.SMS in campaign.channels:
+            log.info("📱 SMS sent: %d/%d", counts["smsSent"], targets, extra=extra)
+        await self._store.record_execution(
+            run.key,
+            epoch=run.epoch,
+            owner=self._instance,
+            fields={"finishedAt": now, "state": run.stop_reason or "sent", "counts": counts},
+        )
+        if run.stop_reason in (StopReason.PAUSED, StopReason.SHUTDOWN, StopReason.LEASE_LOST):
+            log.info(
+                "⏸ Campaign %s stopped sending (%s); the ledger keeps its place",
+                run.name,
+                run.stop_reason,
+                extra=extra,
+            )
+            await release(self._store, run, self._clock.now())
+            return
+        await self._store.mark_sends_done(
+            run.campaign_id, epoch=run.epoch, now=now, performance=counts
+        )
+        log.info("✅ Campaign executed successfully: %s", run.name, extra=extra)
+
+
+async def release(store: MongoCampaignStore, run: Run, now: dt.datetime) -> None:
+    """Give the lease up at once (another replica may continue), whatever is being cancelled."""
+    with anyio.CancelScope(shield=True):
+        await store.release(run.campaign_id, epoch=run.epoch, execution=run.execution, now=now)
+
+
+def _chunks(values: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for i in range(0, len(values), size):
+        yield values[i : i + size]

@@ -1,0 +1,119 @@
+"""The send window of one channel of one run: at most `concurrency` rows pending at any time,
+recorded in few ledger writes.
+
+Each write is one ordered bulk write carrying the outcomes of the sends that finished since the
+last write, then the `pending` marks of the sends about to start; a send starts only once its
+mark is acknowledged. Because outcomes are applied first, the slots they free can be refilled in
+the same write and the ledger never holds more than `concurrency` pending rows: a crash leaves at
+most that many outcomes unknown.
+
+The window is refilled when the sends in flight fall to half the bound, so a write carries about
+`concurrency` rows instead of one per finished send (a database round trip costs far more than a
+row); the other half keeps the providers busy meanwhile. A refill marks only as many rows as the
+channel's rate limit has tokens free right now, taking them: under a rate limit each write
+carries the few sends now due, and no row sits `pending` waiting for its turn. Outcomes are also
+written once nothing is in flight, and never later than OUTCOME_MAX_AGE_S after they are known.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import anyio
+
+from ..ports import Clock
+from ..ratelimit import TokenBucket
+from .deliver import Deliverer
+from .ledger import Item, LedgerWriter, Outcome
+from .state import Run
+
+OUTCOME_MAX_AGE_S = 1.0  # a known outcome reaches the ledger within this, even mid-batch
+
+
+class SendWindow:
+    def __init__(
+        self,
+        run: Run,
+        items: list[Item],
+        *,
+        concurrency: int,
+        limiter: TokenBucket,
+        deliverer: Deliverer,
+        ledger: LedgerWriter,
+        clock: Clock,
+    ) -> None:
+        self.run = run
+        self.items = items
+        self.concurrency = concurrency
+        self.low_water = concurrency // 2
+        self.limiter = limiter
+        self.deliverer = deliverer
+        self.ledger = ledger
+        self.clock = clock
+        self.finished: list[Outcome] = []
+        self.first_finished_at = 0.0  # monotonic time the oldest unwritten outcome was known
+        self.sending = 0  # marked pending and handed to a worker, outcome not yet known
+        self.next_item = 0
+        self.wake = asyncio.Event()
+        # A fixed set of workers fed through a queue: far cheaper per message than a task per
+        # send, and the queue never holds more than the pending marks just written.
+        self.inbox: asyncio.Queue[Item] = asyncio.Queue()
+
+    async def send_all(self) -> None:
+        async with anyio.create_task_group() as tg:
+            for _ in range(min(self.concurrency, len(self.items))):
+                tg.start_soon(self._worker)
+            while await self._step():
+                pass
+            tg.cancel_scope.cancel()  # the workers, idle now
+
+    async def _worker(self) -> None:
+        while True:
+            item = await self.inbox.get()
+            outcome = await self.deliverer.deliver(self.run, item)
+            self.sending -= 1
+            if not self.finished:
+                self.first_finished_at = self.clock.monotonic()
+            self.finished.append(outcome)
+            if len(self.finished) == 1 or self.sending <= self.low_water:
+                self.wake.set()  # the loop has something to decide
+
+    async def _step(self) -> bool:
+        """Write and refill if there is something to write; otherwise wait for a reason to.
+        False once everything launched has been recorded."""
+        more = self.run.stop_reason is None and self.next_item < len(self.items)
+        want = more and self.sending <= self.low_water
+        # Rate-limit tokens are taken before rows are marked, so a row is `pending` only while
+        # its message is really on its way (or retrying), never while it waits for its turn: a
+        # crash leaves only those uncertain.
+        room = min(self.concurrency - self.sending, len(self.items) - self.next_item)
+        tokens = self.limiter.take(room) if want else 0
+        stale = bool(self.finished) and (
+            self.sending == 0
+            or self.clock.monotonic() - self.first_finished_at >= OUTCOME_MAX_AGE_S
+        )
+        if tokens or stale:
+            done = self.finished[:]
+            self.finished.clear()
+            new = self.items[self.next_item : self.next_item + tokens]
+            self.next_item += len(new)
+            await self.ledger.outcomes(self.run, done, pending=new)
+            self.sending += len(new)
+            for item in new:
+                self.inbox.put_nowait(item)
+            return True
+        if not more and self.sending == 0 and not self.finished:
+            return False
+        self.wake.clear()
+        timeout = (
+            max(0.0, self.first_finished_at + OUTCOME_MAX_AGE_S - self.clock.monotonic())
+            if self.finished
+            else math.inf
+        )
+        if want:  # waiting for the rate limit to free a token (a Retry-After pause can be
+            # long: look again every second, in case the run was stopped)
+            timeout = min(timeout, self.limiter.wait_s(), 1.0)
+        with anyio.move_on_after(timeout):
+            await self.wake.wait()  # a send in flight will finish, or a token is free
+        return True
