@@ -1,0 +1,194 @@
+"""What the emulator teaches mongomock's query and expression engine: operators and system
+variables mongod has and mongomock lacks or gets slow.
+
+- `$in`/`$nin` answered from a set (mongomock compares against every element of the list);
+- `$$NOW` and `$$CLUSTER_TIME`, fixed per command as mongod fixes them;
+- the `$type` and `$mergeObjects` expressions;
+- date arithmetic in `$add` and `$subtract`.
+
+Each `install_*` function patches mongomock's module state once (they are idempotent).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import mongomock
+import mongomock.aggregate
+from mongomock import filtering
+
+from .values import bson_type
+
+_mongomock_in = filtering._in_op
+NOTHING: Any = vars(filtering)["NOTHING"]  # mongomock's "field absent" marker
+_in_cache: list[Any] = [None, 0, None]  # the last $in list seen, its length, its value set
+
+
+def _in_set(search_val: list[Any] | tuple[Any, ...]) -> frozenset[Any] | None:
+    """The values of a long `$in` list as a set, prepared once per query (mongomock rescans
+    the whole list for every document, which makes a 1,000-id match quadratic). None when
+    the list holds something a set cannot answer for: regexes, documents or arrays."""
+    if _in_cache[0] is search_val and _in_cache[1] == len(search_val):
+        cached: frozenset[Any] | None = _in_cache[2]
+        return cached
+    values: frozenset[Any] | None = None
+    if not any(isinstance(v, filtering._RE_TYPES) for v in search_val):
+        try:
+            values = frozenset(search_val)
+        except TypeError:  # unhashable members (documents, arrays)
+            values = None
+    # Holding the list keeps its id from being reused by another one while it is cached.
+    _in_cache[:] = [search_val, len(search_val), values]
+    return values
+
+
+def _fast_in(doc_val: Any, search_val: Any) -> bool:
+    """mongomock's `$in` with the same answers, in O(1) per document for long plain lists."""
+    if not isinstance(search_val, (list, tuple)) or len(search_val) < 16:
+        return bool(_mongomock_in(doc_val, search_val))
+    values = _in_set(search_val)
+    if values is None:
+        return bool(_mongomock_in(doc_val, search_val))
+    if doc_val is NOTHING:
+        return None in values
+    for x in doc_val if isinstance(doc_val, (list, tuple)) else (doc_val,):
+        try:
+            if x in values:
+                return True
+        except TypeError:  # an unhashable document value: compare it the slow way
+            if x in search_val:
+                return True
+    return False
+
+
+# $$NOW and $$CLUSTER_TIME of the command being executed (mongod fixes both for a whole
+# command). mongomock knows only $$ROOT and $$CURRENT; `install_system_variables` teaches its
+# expression parser the other two.
+SYSTEM_VARIABLES: dict[str, Any] = {}
+
+
+def install_system_variables() -> None:
+    """Make `$$NOW` and `$$CLUSTER_TIME` resolve in aggregation, `$expr` and pipeline updates
+    (idempotent)."""
+    parser: Any = mongomock.aggregate._Parser
+    if getattr(parser, "_reactor_system_variables", False):
+        return
+    original = parser._parse_basic_expression
+
+    def parse_basic_expression(self: Any, expression: Any) -> Any:
+        if isinstance(expression, str) and expression.startswith("$$"):
+            name, _, rest = expression[2:].partition(".")
+            if name in SYSTEM_VARIABLES and name not in self._user_vars:
+                if rest:
+                    return mongomock.helpers.get_value_by_dot(SYSTEM_VARIABLES[name], rest)
+                return SYSTEM_VARIABLES[name]
+        return original(self, expression)
+
+    parser._parse_basic_expression = parse_basic_expression
+    parser._reactor_system_variables = True
+
+    # $type (an aggregation expression since MongoDB 3.4), which mongomock lacks.
+    if "$type" not in mongomock.aggregate.type_operators:
+        mongomock.aggregate.type_operators.append("$type")
+        handle_type = parser._handle_type_operator
+
+        def handle_type_operator(self: Any, operator: str, values: Any) -> Any:
+            if operator != "$type":
+                return handle_type(self, operator, values)
+            argument = values[0] if isinstance(values, list) and len(values) == 1 else values
+            try:
+                value = self.parse(argument)
+            except KeyError:
+                return "missing"
+            return bson_type(value)
+
+        parser._handle_type_operator = handle_type_operator
+
+    # $mergeObjects as an expression (mongomock has it only as a $group accumulator).
+    if "$mergeObjects" in mongomock.aggregate.object_operators:
+        mongomock.aggregate.object_operators.remove("$mergeObjects")
+        parse = parser.parse
+
+        def parse_with_merge(self: Any, expression: Any) -> Any:
+            if (
+                isinstance(expression, dict)
+                and len(expression) == 1
+                and "$mergeObjects" in expression
+            ):
+                arguments = expression["$mergeObjects"]
+                if not isinstance(arguments, list):
+                    arguments = [arguments]
+                merged: dict[str, Any] = {}
+                for argument in arguments:
+                    try:
+                        value = self.parse(argument)
+                    except KeyError:
+                        continue  # missing: ignored, as null is
+                    if value is None:
+                        continue
+                    if not isinstance(value, dict):
+                        raise mongomock.OperationFailure(
+                            f"$mergeObjects requires object inputs, but input {value!r} is of "
+                            f"type {bson_type(value)}",
+                            code=40400,
+                        )
+                    merged.update(value)
+                return merged
+            return parse(self, expression)
+
+        parser.parse = parse_with_merge
+
+    # Date arithmetic in $add and $subtract: date + ms -> date, date - date -> ms (a long),
+    # date - ms -> date. mongomock's arithmetic accepts numbers only.
+    if not getattr(parser, "_reactor_date_arithmetic", False):
+        arithmetic = parser._handle_arithmetic_operator
+
+        def handle_arithmetic(self: Any, operator: str, values: Any) -> Any:
+            if operator in ("$add", "$subtract") and isinstance(values, list):
+                try:
+                    parsed = [self.parse(v) for v in values]
+                except KeyError:
+                    return None
+                if any(isinstance(v, dt.datetime) for v in parsed):
+                    return _date_arithmetic(operator, parsed)
+            return arithmetic(self, operator, values)
+
+        parser._handle_arithmetic_operator = handle_arithmetic
+        parser._reactor_date_arithmetic = True
+
+
+def _date_arithmetic(operator: str, values: list[Any]) -> Any:
+    if any(v is None for v in values):
+        return None
+    if operator == "$add":
+        dates = [v for v in values if isinstance(v, dt.datetime)]
+        if len(dates) != 1:
+            raise mongomock.OperationFailure(
+                "only one date allowed in an $add expression", code=16612
+            )
+        ms = sum(v for v in values if not isinstance(v, dt.datetime))
+        return _round_ms(dates[0] + dt.timedelta(milliseconds=ms))
+    if len(values) != 2:
+        raise mongomock.OperationFailure(
+            "Expression $subtract takes exactly 2 arguments.", code=16020
+        )
+    a, b = values
+    if isinstance(a, dt.datetime) and isinstance(b, dt.datetime):
+        return int((a - b) / dt.timedelta(milliseconds=1))
+    if isinstance(a, dt.datetime) and isinstance(b, int | float):
+        return _round_ms(a - dt.timedelta(milliseconds=b))
+    raise mongomock.OperationFailure(
+        f"can't $subtract {bson_type(b)} from {bson_type(a)}", code=16556
+    )
+
+
+def _round_ms(value: dt.datetime) -> dt.datetime:
+    return value.replace(microsecond=value.microsecond // 1000 * 1000)
+
+
+def install_fast_operators() -> None:
+    """Swap mongomock's `$in`/`$nin` matchers for the set-based ones (idempotent)."""
+    operators = filtering._filterer_inst._operator_map
+    operators["$in"] = _fast_in
+    operators["$nin"] = lambda dv, sv: not _fast_in(dv, sv)

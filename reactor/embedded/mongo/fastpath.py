@@ -1,0 +1,273 @@
+"""The emulator's fast paths around mongomock, with mongomock's answers: `_id` and
+indexed-equality lookups from hash tables instead of full scans, cheap BSON-shaped copies, and
+plain top-level `$set`/`$setOnInsert`/`$inc`/`$unset` updates applied directly."""
+
+from __future__ import annotations
+
+import collections
+import copy
+import datetime as dt
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import mongomock
+from bson import Timestamp
+from mongomock import filtering
+
+_SCALAR_ID_TYPES = (str, int, float, bytes, dt.datetime, mongomock.ObjectId)
+
+
+def _is_plain_value(value: Any) -> bool:
+    return isinstance(value, _SCALAR_ID_TYPES) and not isinstance(value, bool)
+
+
+def _equality_values(condition: Any) -> list[Any] | None:
+    """Values a filter condition pins a field to, or None when it is not a plain equality/$in."""
+    if _is_plain_value(condition):
+        return [condition]
+    if isinstance(condition, dict) and len(condition) == 1:
+        ((op, arg),) = condition.items()
+        if op == "$eq" and _is_plain_value(arg):
+            return [arg]
+        if op == "$in" and isinstance(arg, list) and all(_is_plain_value(v) for v in arg):
+            return list(arg)
+    return None
+
+
+_SCALARS = (str, int, float, bytes, bool, type(None), mongomock.ObjectId)
+# Values no write changes in place: a private copy of a document can share them.
+_IMMUTABLE = (*_SCALARS, dt.datetime, Timestamp)
+
+
+def clone(value: Any) -> Any:
+    """A private copy of a stored value, as `copy.deepcopy` gives, several times cheaper for
+    documents made of plain dicts, lists and scalars (everything else is deep-copied)."""
+    if isinstance(value, _IMMUTABLE):
+        return value
+    kind = type(value)
+    if kind is dict or kind is collections.OrderedDict:
+        return kind((k, clone(v)) for k, v in value.items())
+    if kind is list:
+        return [clone(v) for v in value]
+    return copy.deepcopy(value)
+
+
+# ---- simple operator updates without mongomock's general update machinery --------------------
+#
+# A ledger row is written with `$set`/`$setOnInsert`/`$inc`/`$unset` on top-level fields of a
+# document pinned by `_id`. mongomock runs that through its general path (positional
+# operators, dotted paths, per-field BSON validation, datetime patching of the whole
+# statement, deep copies), which makes each such write ~10x dearer than the work it does.
+# Statements of exactly that simple shape are applied directly here, with the results mongomock
+# gives (the same stored document, key order included: a test compares the two); anything else,
+# dotted paths such as campaign counters and leases included, goes through mongomock.
+
+_SIMPLE_UPDATE_OPS = frozenset({"$set", "$setOnInsert", "$inc", "$unset"})
+# Query operators an upsert drops when it builds the new document (mongod and mongomock alike).
+_DROPPED_QUERY_OPS = frozenset({"$lt", "$lte", "$gt", "$gte", "$ne"})
+
+
+def _plain_field(name: Any) -> bool:
+    return isinstance(name, str) and bool(name) and "." not in name and not name.startswith("$")
+
+
+def _stored_as_is(value: Any) -> bool:
+    """True when mongomock would store `value` unchanged: no datetime it would convert or
+    round, no zero Timestamp it would fill in, no field name it would refuse."""
+    if isinstance(value, _SCALARS):
+        return "\0" not in value if isinstance(value, str) else True
+    if isinstance(value, dt.datetime):
+        return value.tzinfo is None and value.microsecond % 1000 == 0
+    if isinstance(value, dict):
+        return all(
+            isinstance(k, str) and "\0" not in k and _stored_as_is(v) for k, v in value.items()
+        )
+    if isinstance(value, list):
+        return all(_stored_as_is(v) for v in value)
+    return False  # Timestamps, Decimal128, regexes, codes…: mongomock's own path
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def simple_update(update: Any) -> bool:
+    """True when `update` is an operator update this module applies itself."""
+    if not isinstance(update, dict) or not update:
+        return False
+    seen: set[str] = set()
+    for op, spec in update.items():
+        if op not in _SIMPLE_UPDATE_OPS or not isinstance(spec, dict) or not spec:
+            return False
+        for name, value in spec.items():
+            if not _plain_field(name) or name == "_id" or name in seen:
+                return False  # dotted paths, _id and conflicting operators: mongomock's path
+            seen.add(name)
+            if op == "$inc" and not _number(value):
+                return False
+            if op != "$unset" and not _stored_as_is(value):
+                return False
+    return True
+
+
+def _apply_simple(doc: dict[str, Any], update: dict[str, Any], *, inserting: bool) -> bool:
+    """Apply a `simple_update` to `doc` in place; False (and `doc` untouched) when an `$inc`
+    meets a stored value that is not a number, which mongomock's path must report."""
+    for name in update.get("$inc", {}):
+        if name in doc and not _number(doc[name]):
+            return False
+    for op, spec in update.items():
+        if op == "$setOnInsert" and not inserting:
+            continue
+        for name, value in spec.items():
+            if op == "$inc":
+                doc[name] = doc.get(name, 0) + value
+            elif op == "$unset":
+                doc.pop(name, None)
+            else:
+                doc[name] = clone(value)
+    return True
+
+
+def _upsert_seed(query: Any) -> dict[str, Any] | None:
+    """The document an upsert starts from, for a query of plain equalities (one of them on
+    `_id`) and dropped range conditions; None for anything richer."""
+    if not isinstance(query, dict) or not _is_plain_value(query.get("_id")):
+        return None
+    seed: dict[str, Any] = collections.OrderedDict()
+    for name, condition in query.items():
+        if not _plain_field(name):
+            return None
+        if isinstance(condition, dict):
+            if not condition or not set(condition) <= _DROPPED_QUERY_OPS:
+                return None
+            continue
+        if not _is_plain_value(condition) or not _stored_as_is(condition):
+            return None
+        seed[name] = condition
+    return seed
+
+
+class FastCollection(mongomock.Collection):  # type: ignore[type-arg]
+    """A mongomock collection that answers `_id` and indexed-field equality filters from a hash
+    lookup instead of a full scan. Every candidate still goes through mongomock's matcher."""
+
+    def update_simple(self, _id: Any, update: dict[str, Any]) -> bool:
+        """Apply a `simple_update` to the document with this `_id` (which must exist); False
+        when mongomock's path must do it instead."""
+        if isinstance(_id, dict):
+            return False  # stored under a hashable stand-in: mongomock's path
+        store: Any = self._store
+        doc: dict[str, Any] = store[_id]
+        before = dict(doc)  # shallow: every change below replaces a top-level value
+        if not _apply_simple(doc, update, inserting=False):
+            return False
+        try:
+            self._ensure_uniques(doc)
+        except mongomock.DuplicateKeyError:
+            doc.clear()  # roll back, as mongomock does
+            doc.update(before)
+            raise
+        return True
+
+    def upsert_simple(self, query: Any, update: dict[str, Any]) -> tuple[bool, Any]:
+        """Insert what an upsert of a `simple_update` that matched nothing inserts: (False,
+        None) when the query is too rich for this path."""
+        doc = _upsert_seed(query)
+        if doc is None:
+            return False, None
+        if not _apply_simple(doc, update, inserting=True):
+            return False, None  # an $inc of a field the query pins to a non-number
+        store: Any = self._store
+        if doc["_id"] in store:
+            raise mongomock.DuplicateKeyError("E11000 Duplicate Key Error", 11000)
+        store[doc["_id"]] = doc
+        try:
+            self._ensure_uniques(doc)
+        except mongomock.DuplicateKeyError:
+            del store[doc["_id"]]
+            raise
+        return True, doc["_id"]
+
+    def _iter_documents(self, filter: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        candidates = self._candidates(filter) if isinstance(filter, dict) else None
+        if candidates is None:
+            yield from super()._iter_documents(filter)  # type: ignore[misc]
+            return
+        for doc in candidates:
+            if filtering.filter_applies(filter, doc):
+                yield doc
+
+    def _candidates(self, filter: dict[str, Any]) -> list[dict[str, Any]] | None:
+        store: Any = self._store
+        if "_id" in filter:
+            ids = _equality_values(filter["_id"])
+            if ids is not None:
+                out = []
+                seen: set[Any] = set()
+                for key in ids:
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    try:
+                        out.append(store[key])
+                    except KeyError:
+                        continue
+                return out
+        if getattr(store, "_reactor_writing", False):
+            return None  # documents change in place during a write: tables would be stale
+        fields = getattr(store, "_reactor_fields", None)
+        if not fields:
+            return None
+        version = getattr(store, "_reactor_version", 0)
+        state: _IndexState | None = getattr(store, "_reactor_index", None)
+        if state is None or state.version != version:
+            state = _IndexState(version, set(fields))
+            store._reactor_index = state
+        for field_name, condition in filter.items():
+            if field_name not in state.fields:
+                continue
+            values = _equality_values(condition)
+            if values is None:
+                continue
+            table = state.table(field_name, store)
+            if table is None:
+                continue
+            ids_in_order: list[tuple[int, Any]] = []
+            for value in dict.fromkeys(values):
+                ids_in_order.extend(table.get(value, ()))
+            ids_in_order.sort(key=lambda pair: pair[0])
+            out = []
+            for _, key in ids_in_order:
+                try:
+                    out.append(store[key])
+                except KeyError:
+                    continue
+            return out
+        return None
+
+
+@dataclass
+class _IndexState:
+    """Lazily built equality tables for one collection, valid for one write version."""
+
+    version: int
+    fields: set[str]
+    tables: dict[str, dict[Any, list[tuple[int, Any]]] | None] = field(default_factory=dict)
+
+    def table(self, name: str, store: Any) -> dict[Any, list[tuple[int, Any]]] | None:
+        if name in self.tables:
+            return self.tables[name]
+        table: dict[Any, list[tuple[int, Any]]] | None = {}
+        assert table is not None
+        for position, doc in enumerate(store.documents):
+            value = doc.get(name)
+            if value is None:
+                continue
+            if not _is_plain_value(value):
+                table = None  # arrays/sub-documents have richer equality: scan instead
+                break
+            table.setdefault(value, []).append((position, doc["_id"]))
+        self.tables[name] = table
+        return table
