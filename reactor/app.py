@@ -14,12 +14,13 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 from pymongo import AsyncMongoClient
+from pymongo.errors import PyMongoError
 
-from .adapters.clock import SystemClock
-from .adapters.mongo_store import MongoCampaignStore
-from .adapters.recipients import MongoRecipients
+from .adapters.clock import DatabaseClock, SystemClock
+from .adapters.mongo import MongoCampaignStore, MongoChangeFeed, MongoLedger, MongoRecipients
 from .adapters.smtp import SmtpEmailSender
 from .adapters.twilio_sms import TwilioSmsSender
+from .barriers import Barriers
 from .config import Settings
 from .execution import Executor, StopReason
 from .http import OpsServer
@@ -30,6 +31,8 @@ from .scheduler import Scheduler
 from .watcher import Watcher
 
 log = logging.getLogger(__name__)
+
+CLOCK_OFFSET_WARN_S = 1.0
 
 
 def mongo_client(uri: str, instance: str, **kwargs: Any) -> AsyncMongoClient[dict[str, Any]]:
@@ -70,6 +73,8 @@ class Reactor:
         self.reconciler: Reconciler | None = None
         self.http: OpsServer | None = None
         self.store: MongoCampaignStore | None = None
+        self.db_clock: DatabaseClock | None = None
+        self.mongodb_reachable = False
 
     def request_shutdown(self) -> None:
         """First call: graceful drain. Second call: cancel everything now."""
@@ -133,40 +138,53 @@ class Reactor:
     ) -> None:
         s = self.settings
         sched_cfg = s.scheduler_config()
-        store = MongoCampaignStore(client[s.campaigns_db], s.campaigns_collection)
+        db = client[s.campaigns_db]
+        store = MongoCampaignStore(db, s.campaigns_collection)
+        ledger = MongoLedger(db)
+        # The change feed is built first and handed to both the watcher and the reconciler.
+        feed = MongoChangeFeed(db, s.campaigns_collection, self.instance_id)
+        barriers = Barriers(feed)
         self.store = store
         rcfg = s.recipients_config()
         recipients = MongoRecipients(seg_client[rcfg.db][rcfg.collection], rcfg)
+        # Every decision is the database's; timers fire from the local clock corrected by the
+        # measured offset to it.
+        db_clock = DatabaseClock(self.clock)
+        self.db_clock = db_clock
         executor = Executor(
             store=store,
+            ledger=ledger,
             recipients=recipients,
             email=email,
             sms=sms,
-            clock=self.clock,
+            clock=db_clock,
             metrics=self.metrics,
             config=s.send_config(),
             instance_id=self.instance_id,
             lease_s=sched_cfg.lease_s,
+            max_failures=sched_cfg.max_failures,
+            retry_base_s=sched_cfg.retry_base_s,
         )
         scheduler = Scheduler(
-            store=store, executor=executor, clock=self.clock, metrics=self.metrics, config=sched_cfg
+            store=store, executor=executor, clock=db_clock, metrics=self.metrics, config=sched_cfg
         )
         reconciler = Reconciler(
             store=store,
+            feed=feed,
+            barriers=barriers,
             scheduler=scheduler,
-            clock=self.clock,
+            clock=db_clock,
             metrics=self.metrics,
             interval_s=sched_cfg.reconcile_interval_s,
         )
         watcher = Watcher(
-            store=store,
+            feed=feed,
+            barriers=barriers,
             scheduler=scheduler,
             reconciler=reconciler,
-            clock=self.clock,
+            clock=db_clock,
             metrics=self.metrics,
-            instance_id=self.instance_id,
         )
-        reconciler.barrier = watcher.barrier
         self.executor, self.scheduler, self.reconciler, self.watcher = (
             executor,
             scheduler,
@@ -175,13 +193,8 @@ class Reactor:
         )
 
         async def readiness() -> dict[str, bool]:
-            checks = {"mongodb": False}
-            with anyio.move_on_after(2):
-                try:
-                    await client.admin.command("ping")
-                    checks["mongodb"] = True
-                except Exception:
-                    checks["mongodb"] = False
+            # From state the service keeps, never a database round trip per request.
+            checks = {"mongodb": self.mongodb_reachable}
             if s.enable_schedulers:
                 checks["change_stream"] = watcher.up
                 checks["first_sweep"] = reconciler.first_sweep.is_set()
@@ -192,10 +205,11 @@ class Reactor:
             await self.http.start()
             log.info("metrics and health on http://%s:%s", s.metrics_host, self.http.port)
 
-        await store.ensure_indexes()
+        await self._wait_for_mongodb(store, ledger, feed, db_clock)
         self.metrics.schedulers_enabled.set(1 if s.enable_schedulers else 0)
         async with anyio.create_task_group() as sending:
             await sending.start(executor.serve)
+            sending.start_soon(self._watch_clock, feed, db_clock, sched_cfg.clock_check_s)
             async with anyio.create_task_group() as intake:
                 if s.enable_schedulers:
                     await intake.start(scheduler.run)
@@ -231,7 +245,64 @@ class Reactor:
                     log.warning("could not persist the resume token at shutdown", exc_info=True)
             sending.cancel_scope.cancel()
 
+    async def _wait_for_mongodb(
+        self,
+        store: MongoCampaignStore,
+        ledger: MongoLedger,
+        feed: MongoChangeFeed,
+        db_clock: DatabaseClock,
+    ) -> None:
+        """Until MongoDB answers (with back-off and one clear line per attempt, no traceback):
+        then measure the clock offset and make sure the indexes exist."""
+        backoff_s = 1.0
+        while True:
+            try:
+                await self._check_clock(feed, db_clock)
+                await store.ensure_indexes()
+                await ledger.ensure_indexes()
+                return
+            except PyMongoError as exc:
+                self.mongodb_reachable = False
+                log.warning(
+                    "MongoDB is not reachable yet (%s: %s); retrying in %gs",
+                    type(exc).__name__,
+                    _first_line(exc),
+                    backoff_s,
+                )
+                await self.clock.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 30.0)
+
+    async def _check_clock(self, feed: MongoChangeFeed, db_clock: DatabaseClock) -> None:
+        offset = await db_clock.measure(feed.server_time)
+        self.mongodb_reachable = True
+        self.metrics.clock_offset.set(offset)
+        if abs(offset) >= CLOCK_OFFSET_WARN_S:
+            log.warning(
+                "this instance's clock is %+.3fs off the database's; timers use the database's",
+                -offset,
+                extra={"clock_offset_s": offset},
+            )
+
+    async def _watch_clock(
+        self, feed: MongoChangeFeed, db_clock: DatabaseClock, interval_s: float
+    ) -> None:
+        """Measure the offset to the database's clock periodically; this is also what tells
+        /readyz whether MongoDB answers."""
+        while True:
+            await self.clock.sleep(interval_s)
+            try:
+                await self._check_clock(feed, db_clock)
+            except PyMongoError as exc:
+                if self.mongodb_reachable:
+                    log.warning("MongoDB stopped answering (%s)", type(exc).__name__)
+                self.mongodb_reachable = False
+
     async def _announce_ready(self, watcher: Watcher) -> None:
         await watcher.opened.wait()
         self.ready.set()
         log.info("reactor %s ready: first sweep done, change stream open", self.instance_id)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else ""

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     misfire_grace_seconds: float = Field(3600.0, ge=0)
     schedule_horizon_seconds: float = Field(86400.0, gt=0)
     lease_seconds: float = Field(30.0, gt=0)
+    execution_max_failures: int = Field(5, ge=1, le=1000)
+    execution_retry_base_seconds: float = Field(10.0, ge=0)
+    clock_check_interval_seconds: float = Field(30.0, gt=0)
     shutdown_grace_seconds: float = Field(25.0, ge=0)
     reactor_instance_id: str = Field(default_factory=default_instance_id, min_length=1)
 
@@ -106,6 +109,9 @@ class Settings(BaseSettings):
             misfire_grace_s=self.misfire_grace_seconds,
             horizon_s=self.schedule_horizon_seconds,
             lease_s=self.lease_seconds,
+            max_failures=self.execution_max_failures,
+            retry_base_s=self.execution_retry_base_seconds,
+            clock_check_s=self.clock_check_interval_seconds,
         )
 
     def recipients_config(self) -> RecipientsConfig:
@@ -174,6 +180,9 @@ class SchedulerConfig:
     horizon_s: float = 86400.0
     lease_s: float = 30.0
     max_sleep_s: float = 2.0
+    max_failures: int = 5  # executions failing in a row before the campaign is `failed`
+    retry_base_s: float = 10.0  # back-off after the first failed execution; doubles per failure
+    clock_check_s: float = 30.0  # how often the offset to the database's clock is measured
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,21 @@ class Metrics:
             "Running campaigns taken over from an expired lease.",
             registry=r,
         )
+        self.heartbeat_failures = Counter(
+            "reactor_lease_heartbeat_failures",
+            "Lease renewals that failed (the owner retries; past its margin it fences itself).",
+            registry=r,
+        )
+        self.fenced = Counter(
+            "reactor_lease_fenced",
+            "Times an owner stopped handing out sends because its lease may have lapsed.",
+            registry=r,
+        )
+        self.clock_offset = Gauge(
+            "reactor_clock_offset_seconds",
+            "The database's clock minus this instance's, as last measured.",
+            registry=r,
+        )
         self.campaign_errors = Counter(
             "reactor_campaign_errors",
             "Campaigns rejected or failed, by reason.",
@@ -127,6 +142,6 @@ class Metrics:
             self.send_retries.labels(channel)
         for kind in ("start", "end"):
             self.timers_armed.labels(kind).set(0)
-        for to in ("running", "completed", "missed", "paused", "cancelled"):
+        for to in ("running", "completed", "missed", "failed"):
             self.transitions.labels(to)
         self.change_stream_up.set(0)

@@ -7,9 +7,14 @@ tests implement them with fakes. Nothing here knows a technology.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+from bson import Timestamp
+
+if TYPE_CHECKING:
+    from .domain.deliveries import DeliveryRecord
 
 
 class Clock(Protocol):
@@ -73,3 +78,115 @@ class SmsSender(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+# ---- persistence -------------------------------------------------------------------------------
+#
+# Campaign documents travel as the mappings the backend stores (parsed by domain.models at the
+# point of use), so that a store can hand back exactly what the database holds. Every method
+# that changes state is a compare-and-set: it returns None/False when it did not apply.
+
+
+class CampaignStore(Protocol):
+    """Campaign documents: schedule reads, claims and leases (judged by the database's clock),
+    counters, and errors recorded where an operator sees them."""
+
+    async def ensure_indexes(self) -> None: ...
+    async def list_active(self) -> list[dict[str, Any]]: ...
+    async def get(
+        self, campaign_id: Any, *, with_targets: bool = False
+    ) -> dict[str, Any] | None: ...
+    async def not_due_yet(self, campaign_id: Any) -> bool: ...
+    async def record_invalid(self, campaign_id: Any, reason: str, detail: str) -> bool: ...
+    async def claim_start(
+        self, campaign_id: Any, *, owner: str, lease_s: float, grace_s: float
+    ) -> dict[str, Any] | None: ...
+    async def mark_missed(self, campaign_id: Any, *, grace_s: float, reason: str) -> bool: ...
+    async def claim_takeover(
+        self, campaign_id: Any, *, old_epoch: int, owner: str, lease_s: float
+    ) -> dict[str, Any] | None: ...
+    async def heartbeat(
+        self, campaign_id: Any, *, epoch: int, owner: str, lease_s: float
+    ) -> dict[str, Any] | None: ...
+    async def release(
+        self, campaign_id: Any, *, epoch: int, retry_after_s: float = 0.0
+    ) -> bool: ...
+    async def record_failure(
+        self, campaign_id: Any, *, epoch: int, detail: str, max_failures: int, retry_after_s: float
+    ) -> str | None: ...
+    async def mark_sends_done(
+        self, campaign_id: Any, *, epoch: int, performance: Mapping[str, int] | None = None
+    ) -> bool: ...
+    async def complete(self, campaign_id: Any, *, epoch: int | None = None) -> bool: ...
+    async def add_performance(
+        self, campaign_id: Any, *, epoch: int, counts: Mapping[str, int]
+    ) -> bool: ...
+
+
+class Ledger(Protocol):
+    """The deliveries ledger: one row per (campaign, channel, customer); its invariants are kept
+    by conditional writes (see domain.deliveries.LedgerOp)."""
+
+    async def ensure_indexes(self) -> None: ...
+    async def states(
+        self, campaign: str, channel: str, customers: Sequence[str]
+    ) -> dict[str, tuple[str, int]]: ...
+    async def write(
+        self,
+        campaign: str,
+        *,
+        epoch: int,
+        records: Iterable[DeliveryRecord],
+        now: dt.datetime,
+    ) -> set[str]:
+        """Apply in order; returns the delivery ids that were refused."""
+        ...
+
+    async def forget_pending(self, ids: Sequence[str], *, epoch: int) -> None: ...
+    async def counts(self, campaign: str) -> dict[str, dict[str, int]]: ...
+    async def pending_from_other_epochs(
+        self, campaign: str, epoch: int
+    ) -> list[dict[str, Any]]: ...
+    async def record_execution(
+        self, campaign: str, *, epoch: int, owner: str, fields: dict[str, Any]
+    ) -> None: ...
+
+
+class ChangeStream(Protocol):
+    """An open change stream (pymongo's AsyncChangeStream has this shape)."""
+
+    @property
+    def alive(self) -> bool: ...
+    @property
+    def resume_token(self) -> Mapping[str, Any] | None: ...
+    async def try_next(self) -> Mapping[str, Any] | None: ...
+    async def close(self) -> None: ...
+
+
+class ChangeFeed(Protocol):
+    """The campaigns database's change stream and what list-then-watch needs around it."""
+
+    async def cluster_time(self) -> Timestamp: ...
+    async def server_time(self) -> dt.datetime: ...
+    async def open(
+        self, *, token: Mapping[str, Any] | None, start_at: Timestamp, max_await_ms: int
+    ) -> ChangeStream: ...
+    def is_barrier(self, event: Mapping[str, Any]) -> bool: ...
+    async def write_barrier(self, nonce: str) -> None: ...
+    async def load_token(self) -> Mapping[str, Any] | None: ...
+    async def save_token(self, token: Mapping[str, Any], now: dt.datetime) -> None: ...
+
+
+__all__ = [
+    "CampaignStore",
+    "ChangeFeed",
+    "ChangeStream",
+    "Clock",
+    "EmailMessage",
+    "EmailSender",
+    "Ledger",
+    "Recipient",
+    "Recipients",
+    "SmsMessage",
+    "SmsSender",
+]

@@ -7,47 +7,53 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 
-from .adapters.mongo_store import MongoCampaignStore
+from .barriers import Barriers
 from .metrics import Metrics
-from .ports import Clock
+from .ports import CampaignStore, ChangeFeed, Clock
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
+
+# What a sweep can change that the stream should have: a timer armed or disarmed, a takeover of
+# an expired lease. A retry of an execution that failed (its lease released with a back-off) is
+# the sweep's own job, not a repair.
+REPAIRS = frozenset({"armed", "disarmed", "takeover"})
 
 
 class Reconciler:
     def __init__(
         self,
         *,
-        store: MongoCampaignStore,
+        store: CampaignStore,
+        feed: ChangeFeed,
+        barriers: Barriers,
         scheduler: Scheduler,
         clock: Clock,
         metrics: Metrics,
         interval_s: float,
     ) -> None:
         self._store = store
+        self._feed = feed
+        self._barriers = barriers
         self._scheduler = scheduler
         self._clock = clock
         self._metrics = metrics
         self._interval_s = interval_s
-        self.sweeps_done = 0
         self.first_sweep = anyio.Event()
-        self.barrier: Callable[[], Awaitable[bool]] | None = None
 
     async def sweep(self, *, initial: bool = False) -> Counter[str]:
         """One pass. `initial` sweeps (start-up, after the stream lost history) arm everything
         they find as a matter of course; later ones count what they change as repairs."""
-        seen_at = await self._store.cluster_time()
+        seen_at = await self._feed.cluster_time()
         docs = await self._store.list_active()
-        if not initial and self.barrier is not None:
+        if not initial:
             # Let the stream deliver everything written up to this read first; what the sweep
             # still has to change after that, the stream really missed.
-            await self.barrier()
+            await self._barriers.wait()
         repairs: Counter[str] = Counter()
         listed = set()
         self._count_overdue(docs)
@@ -59,11 +65,10 @@ class Reconciler:
             except Exception:  # one bad row must not end the sweep
                 log.exception("sweep could not sync campaign %s", key, extra={"campaign_id": key})
                 continue
-            repairs.update(changes)
+            repairs.update(changes & REPAIRS)
         for key in self._scheduler.known_keys() - listed:
             repairs.update(self._scheduler.forget_if_stale(key, seen_at))
         self._scheduler.prune_event_times(seen_at)
-        self.sweeps_done += 1
         self._metrics.reconcile_runs.inc()
         if not initial and repairs:
             for kind, n in repairs.items():

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import time
 from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
 from bson import Timestamp
 
-from .adapters.mongo_store import MongoCampaignStore
 from .config import SchedulerConfig
 from .domain.errors import InvalidCampaign
 from .domain.models import Campaign, Status, parse_campaign, parse_status
@@ -31,17 +29,19 @@ from .domain.schedule import (
 )
 from .execution import Executor, StopReason
 from .metrics import Metrics
-from .ports import Clock
+from .ports import CampaignStore, Clock
 from .timers import TimerHeap
 
 log = logging.getLogger(__name__)
+
+NOT_DUE_RETRY_S = 0.05
 
 
 class Scheduler:
     def __init__(
         self,
         *,
-        store: MongoCampaignStore,
+        store: CampaignStore,
         executor: Executor,
         clock: Clock,
         metrics: Metrics,
@@ -139,7 +139,8 @@ class Scheduler:
                 # arrives after our own claim must not stop us.
                 self._spawn(self._executor.stop, key, StopReason.LEASE_LOST)
         if wants_takeover(campaign, now) and not self._executor.active(key):
-            changes.add("takeover")
+            # After a failed execution the lease was released for a retry: not a repair.
+            changes.add("retry" if campaign.execution.failed else "takeover")
             self._spawn(self._take_over, campaign)
         self._update_gauges()
         return changes
@@ -177,7 +178,7 @@ class Scheduler:
     async def _reject(self, doc: dict[str, Any], exc: InvalidCampaign, now: dt.datetime) -> None:
         if "_id" not in doc:
             return
-        written = await self._store.record_invalid(doc["_id"], exc.reason, exc.detail, now)
+        written = await self._store.record_invalid(doc["_id"], exc.reason, exc.detail)
         if written:
             self._metrics.campaign_errors.labels(exc.reason).inc()
             log.error(
@@ -203,7 +204,7 @@ class Scheduler:
         long enough ago that every stream event about them has arrived."""
         for key in [k for k, ts in self._event_ts.items() if ts <= older_than]:
             del self._event_ts[key]
-        horizon = time.monotonic() - 2 * self._config.reconcile_interval_s - 60
+        horizon = self._clock.monotonic() - 2 * self._config.reconcile_interval_s - 60
         for key in [k for k, (_, at) in self._handled.items() if at < horizon]:
             del self._handled[key]
 
@@ -238,7 +239,7 @@ class Scheduler:
         try:
             await handler(key, due_at, lateness)
             if key.kind is TimerKind.START:
-                self._handled[key.campaign] = (due_at.timestamp(), time.monotonic())
+                self._handled[key.campaign] = (due_at.timestamp(), self._clock.monotonic())
         finally:
             self._inflight.discard(key)
 
@@ -254,38 +255,37 @@ class Scheduler:
             # The wall clock stepped back since the timer fired: wait for the instant again.
             self.timers.arm(key, due_at)
             return
-        t0 = time.perf_counter()
+        t0 = self._clock.monotonic()
         claimed = None
         if decision is StartDecision.RUN:
             claimed = await self._store.claim_start(
                 campaign_id,
                 owner=self._config.instance_id,
-                now=now,
                 lease_s=self._config.lease_s,
                 grace_s=self._config.misfire_grace_s,
-                lateness_ms=round((now - due_at).total_seconds() * 1000, 3),
             )
         if claimed is not None:
-            committed = lateness + (time.perf_counter() - t0)
+            committed = lateness + (self._clock.monotonic() - t0)
             self._metrics.timer_lateness.labels("start").observe(committed)
             for hook in self.on_started:
                 hook(key, committed)
             self._metrics.transitions.labels("running").inc()
             name = claimed.get("name", key.campaign)
-            # On the document (set by the claim): lateness against startDate, what the business
-            # sees, a late approval included. In the metric: lateness the reactor caused.
-            since_start = (now - due_at).total_seconds() + (time.perf_counter() - t0)
+            execution = claimed.get("execution") or {}
+            # On the document (set by the claim, by the database's clock): lateness against
+            # startDate, what the business sees, a late approval included. In the metric:
+            # lateness the reactor caused.
             log.info(
                 "▶️ Started campaign: %s (ID: %s)",
                 name,
                 key.campaign,
                 extra={
                     "campaign_id": key.campaign,
-                    "lateness_ms": round(since_start * 1000, 3),
-                    "epoch": claimed.get("execution", {}).get("epoch"),
+                    "lateness_ms": execution.get("startLatenessMs"),
+                    "epoch": execution.get("epoch"),
                 },
             )
-            self._executor.start(claimed)
+            self._executor.start(claimed, claimed_at_m=t0)
             end_at = claimed.get("endDate")
             if isinstance(end_at, dt.datetime):
                 self.timers.arm(
@@ -294,10 +294,16 @@ class Scheduler:
                 )
                 self._update_gauges()
             return
+        if decision is StartDecision.RUN and await self._store.not_due_yet(campaign_id):
+            # Our estimate of the database's clock ran a few milliseconds ahead of it: the
+            # database says not yet. Look again shortly (never start early).
+            self.timers.arm(key, self._clock.now() + dt.timedelta(seconds=NOT_DUE_RETRY_S))
+            self._update_gauges()
+            return
         # Not ours to run: either another replica won, or it is too late to send.
         reason = self._missed_reason(now)
         if await self._store.mark_missed(
-            campaign_id, now=now, grace_s=self._config.misfire_grace_s, reason=reason
+            campaign_id, grace_s=self._config.misfire_grace_s, reason=reason
         ):
             self._metrics.transitions.labels("missed").inc()
             log.warning(
@@ -324,9 +330,7 @@ class Scheduler:
         run = self._executor.runs.get(key.campaign)
         if run is not None:
             await self._executor.stop(key.campaign, StopReason.WINDOW_CLOSED)
-            completed = await self._store.complete(
-                campaign_id, now=self._clock.now(), epoch=run.epoch
-            )
+            completed = await self._store.complete(campaign_id, epoch=run.epoch)
         else:
             completed = await self._complete_orphan(campaign_id)
         if completed:
@@ -350,7 +354,7 @@ class Scheduler:
         try:
             campaign = parse_campaign(doc)
         except InvalidCampaign:
-            return await self._store.complete(campaign_id, now=now)
+            return await self._store.complete(campaign_id)
         exe = campaign.execution
         if (
             campaign.status is Status.RUNNING
@@ -360,30 +364,27 @@ class Scheduler:
         ):
             return False  # the owner is alive and will complete it
         if campaign.status is Status.RUNNING and not exe.sends_done and exe.epoch > 0:
+            t0 = self._clock.monotonic()
             claimed = await self._store.claim_takeover(
                 campaign_id,
                 old_epoch=exe.epoch,
                 owner=self._config.instance_id,
-                now=now,
                 lease_s=self._config.lease_s,
             )
             if claimed is None:
                 return False
             self._metrics.lease_takeovers.inc()
-            if self._executor.start(claimed):
+            if self._executor.start(claimed, claimed_at_m=t0):
                 await self._executor.stop(str(campaign_id), StopReason.WINDOW_CLOSED)
-            return await self._store.complete(
-                campaign_id, now=self._clock.now(), epoch=claimed["execution"]["epoch"]
-            )
-        return await self._store.complete(campaign_id, now=now)
+            return await self._store.complete(campaign_id, epoch=claimed["execution"]["epoch"])
+        return await self._store.complete(campaign_id)
 
     async def _take_over(self, campaign: Campaign) -> None:
-        now = self._clock.now()
+        t0 = self._clock.monotonic()
         claimed = await self._store.claim_takeover(
             campaign.id,
             old_epoch=campaign.execution.epoch,
             owner=self._config.instance_id,
-            now=now,
             lease_s=self._config.lease_s,
         )
         if claimed is None:
@@ -397,4 +398,4 @@ class Scheduler:
             campaign.execution.owner or "a released lease",
             extra={"campaign_id": campaign.key, "epoch": claimed.get("execution", {}).get("epoch")},
         )
-        self._executor.start(claimed)
+        self._executor.start(claimed, claimed_at_m=t0)

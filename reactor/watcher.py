@@ -11,17 +11,15 @@ back as work.
 from __future__ import annotations
 
 import logging
-import time
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
 import anyio
 from pymongo.errors import OperationFailure, PyMongoError
 
-from .adapters.mongo_store import MongoCampaignStore
+from .barriers import Barriers
 from .metrics import Metrics
-from .ports import Clock
+from .ports import ChangeFeed, Clock
 from .reconciler import Reconciler
 from .scheduler import Scheduler
 
@@ -29,84 +27,40 @@ log = logging.getLogger(__name__)
 
 HISTORY_LOST_CODES = {286, 260, 280, 136}  # history lost, invalid token, fatal, capped deleted
 
-STATE_COLLECTION = "reactor_state"
-
-
-def pipeline(campaigns: str, barrier_id: str) -> list[dict[str, Any]]:
-    """The server-side filter for a stream on the campaigns database.
-
-    Campaign changes pass only if they can alter a schedule. `execution` as a whole field appears
-    when a lease is released (so another replica takes over at once); heartbeats and counters set
-    dotted sub-fields (`execution.leaseUntil`, `performance.*`) and are dropped here, on the server.
-    This instance's barrier document passes too: see `Watcher.barrier`.
-    """
-    return [
-        {
-            "$match": {
-                "$or": [
-                    {
-                        "ns.coll": campaigns,
-                        "$or": [
-                            {
-                                "operationType": {
-                                    "$in": ["insert", "replace", "delete", "drop", "rename"]
-                                }
-                            },
-                            {"updateDescription.updatedFields.status": {"$exists": True}},
-                            {"updateDescription.updatedFields.startDate": {"$exists": True}},
-                            {"updateDescription.updatedFields.endDate": {"$exists": True}},
-                            {"updateDescription.updatedFields.execution": {"$exists": True}},
-                            {
-                                "updateDescription.removedFields": {
-                                    "$in": ["status", "startDate", "endDate"]
-                                }
-                            },
-                        ],
-                    },
-                    {"operationType": {"$in": ["dropDatabase", "invalidate"]}},
-                    {"ns.coll": STATE_COLLECTION, "documentKey._id": barrier_id},
-                ]
-            }
-        },
-        {"$project": {"fullDocument.targetedCustomerIds": 0}},
-    ]
-
 
 class Watcher:
     def __init__(
         self,
         *,
-        store: MongoCampaignStore,
+        feed: ChangeFeed,
+        barriers: Barriers,
         scheduler: Scheduler,
         reconciler: Reconciler,
         clock: Clock,
         metrics: Metrics,
-        instance_id: str,
         max_await_ms: int = 1000,
     ) -> None:
-        self._store = store
+        self._feed = feed
+        self._barriers = barriers
         self._scheduler = scheduler
         self._reconciler = reconciler
         self._clock = clock
         self._metrics = metrics
-        self._instance = instance_id
         self._max_await_ms = max_await_ms
         self.token: Mapping[str, Any] | None = None
         self.up = False
         self.opened = anyio.Event()
         self._backoff = 0.5
-        self._barrier_id = f"barrier:{instance_id}"
-        self._barriers: dict[str, anyio.Event] = {}
 
     async def run(self) -> None:
         """Watch until cancelled; `opened` is set once the first sweep is done and the stream
         is open (the service is ready)."""
-        self.token = await self._store.load_token(self._instance)
+        self.token = await self._feed.load_token()
         need_sweep = True
         initial = True
         while True:
             try:
-                start_at = await self._store.cluster_time()
+                start_at = await self._feed.cluster_time()
                 if need_sweep:
                     await self._reconciler.sweep(initial=initial)
                     need_sweep = False
@@ -153,24 +107,17 @@ class Watcher:
 
     def _set_up(self, value: bool) -> None:
         self.up = value
+        self._barriers.up = value
         self._metrics.change_stream_up.set(1 if value else 0)
 
     async def _watch(self, start_at: Any) -> None:
-        kwargs: dict[str, Any] = {
-            "full_document": "updateLookup",
-            "max_await_time_ms": self._max_await_ms,
-        }
-        if self.token:
-            kwargs["resume_after"] = self.token
-        else:
-            kwargs["start_at_operation_time"] = start_at
-        stream = await self._store.db.watch(
-            pipeline(self._store.campaigns.name, self._barrier_id), **kwargs
+        stream = await self._feed.open(
+            token=self.token, start_at=start_at, max_await_ms=self._max_await_ms
         )
-        async with stream:
+        try:
             self._set_up(True)
             self.opened.set()
-            last_save = time.monotonic()
+            last_save = self._clock.monotonic()
             unsaved = 0
             while stream.alive:
                 event = await stream.try_next()
@@ -184,36 +131,19 @@ class Watcher:
                 if (
                     token is not None
                     and unsaved
-                    and (unsaved >= 100 or time.monotonic() - last_save >= 5)
+                    and (unsaved >= 100 or self._clock.monotonic() - last_save >= 5)
                 ):
                     await self.save_token()
-                    last_save, unsaved = time.monotonic(), 0
-        raise _Reopen("invalidated")
-
-    async def barrier(self, timeout_s: float = 5.0) -> bool:
-        """Write a marker the stream will carry back, and wait for it: once it arrives, every
-        change made before it has been applied. False if the stream did not deliver it in time."""
-        if not self.up:
-            return False
-        nonce = uuid.uuid4().hex
-        arrived = self._barriers[nonce] = anyio.Event()
-        try:
-            await self._store.db[STATE_COLLECTION].update_one(
-                {"_id": self._barrier_id}, {"$set": {"nonce": nonce}}, upsert=True
-            )
-            with anyio.move_on_after(timeout_s):
-                await arrived.wait()
+                    last_save, unsaved = self._clock.monotonic(), 0
         finally:
-            self._barriers.pop(nonce, None)
-        return arrived.is_set()
+            with anyio.CancelScope(shield=True):
+                await stream.close()
+        raise _Reopen("invalidated")
 
     async def _handle(self, event: Mapping[str, Any]) -> None:
         op = str(event.get("operationType"))
-        ns = event.get("ns") or {}
-        if ns.get("coll") == STATE_COLLECTION:
-            nonce = (event.get("fullDocument") or {}).get("nonce")
-            if nonce in self._barriers:
-                self._barriers[nonce].set()
+        if self._feed.is_barrier(event):
+            self._barriers.arrived(event)
             return
         self._metrics.change_stream_events.labels(op).inc()
         if op in ("dropDatabase", "invalidate"):
@@ -241,7 +171,7 @@ class Watcher:
 
     async def save_token(self) -> None:
         if self.token:
-            await self._store.save_token(self._instance, self.token, self._clock.now())
+            await self._feed.save_token(self.token, self._clock.now())
 
 
 class _Reopen(Exception):

@@ -22,7 +22,7 @@ import aiosmtplib
 import anyio
 from pymongo import AsyncMongoClient
 
-from ..adapters.recipients import MongoRecipients
+from ..adapters.mongo import MongoRecipients
 from ..adapters.smtp import SmtpEmailSender, build_mime
 from ..app import Reactor
 from ..config import RecipientsConfig, Settings

@@ -4,7 +4,10 @@ the per-campaign counters those states feed.
     pending ──► sent | failed | uncertain          (a send under way, then its outcome)
     (none)  ──► skipped | uncertain                 (recorded without sending)
 
-`sent`, `failed`, `skipped` and `uncertain` are terminal: no epoch ever overwrites them.
+`sent`, `failed`, `skipped` and `uncertain` are terminal: no epoch ever overwrites them. The
+invariants are kept by the database's conditional writes (`LedgerOp`), not by what a writer last
+read: a `pending` mark or an unsent record is an insert that any existing row refuses, so only the
+epoch that marked a row can send it; an outcome applies only to the writer's own `pending` row.
 """
 
 from __future__ import annotations
@@ -29,6 +32,13 @@ TERMINAL_STATES = frozenset(
 )
 
 
+class LedgerOp(StrEnum):
+    MARK = "mark"  # insert a `pending` row; refused when any row exists (another epoch has it)
+    OUTCOME = "outcome"  # this epoch's `pending` row becomes terminal; refused otherwise
+    RECORD = "record"  # insert a terminal row without sending; refused when any row exists
+    SETTLE = "settle"  # an earlier epoch's `pending` row becomes `uncertain`
+
+
 def delivery_id(campaign: str, channel: str, customer: str) -> str:
     return f"{campaign}:{channel}:{customer}"
 
@@ -43,6 +53,13 @@ class DeliveryRecord:
     error: str | None = None
     reason: str | None = None
     attempts: int = 0
+    op: LedgerOp | None = None  # default: MARK for `pending`, RECORD for anything else
+
+    @property
+    def operation(self) -> LedgerOp:
+        if self.op is not None:
+            return self.op
+        return LedgerOp.MARK if self.state == DeliveryState.PENDING else LedgerOp.RECORD
 
 
 # `performance.*` counter of each (channel, state); `uncertain` is one counter for both.

@@ -29,6 +29,7 @@ class Status(StrEnum):
     PAUSED = "paused"
     CANCELLED = "cancelled"
     MISSED = "missed"
+    FAILED = "failed"  # written by the reactor: executions kept failing (execution.reason)
 
 
 class Channel(StrEnum):
@@ -53,11 +54,13 @@ class Execution:
     owner: str | None = None
     epoch: int = 0
     lease_until: dt.datetime | None = None
-    started_at: dt.datetime | None = None
     sends_done: bool = False
+    failures: int = 0  # executions that failed in a row
+    failed: bool = False  # the current epoch ended by failing (its lease released for a retry)
 
     def lease_expired(self, now: dt.datetime) -> bool:
-        return self.owner is None or self.lease_until is None or self.lease_until <= now
+        """Released leases carry `leaseUntil` = the release time (or a retry back-off)."""
+        return self.lease_until is None or self.lease_until <= now
 
 
 @dataclass(frozen=True)
@@ -101,15 +104,19 @@ def parse_execution(raw: Any) -> Execution:
     if not isinstance(raw, dict):
         return Execution()
     lease = raw.get("leaseUntil")
-    started = raw.get("startedAt")
-    epoch = raw.get("epoch", 0)
+    epoch = _whole(raw.get("epoch"))
     return Execution(
         owner=raw.get("owner") if isinstance(raw.get("owner"), str) else None,
-        epoch=epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else 0,
+        epoch=epoch,
         lease_until=as_utc(lease, "leaseUntil") if isinstance(lease, dt.datetime) else None,
-        started_at=as_utc(started, "startedAt") if isinstance(started, dt.datetime) else None,
         sends_done=bool(raw.get("sendsDone")),
+        failures=_whole(raw.get("failures")),
+        failed=epoch > 0 and _whole(raw.get("failedEpoch")) == epoch,
     )
+
+
+def _whole(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def parse_status(doc: dict[str, Any]) -> Status:

@@ -21,7 +21,7 @@ from ..metrics import Metrics
 from ..ports import Clock, EmailSender, SmsSender
 from ..ratelimit import TokenBucket
 from .ledger import ABANDONED, Item, Outcome
-from .state import Run, unless_stopped
+from .state import Run, unless_stopped, until_lease_holds
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,10 @@ class Deliverer:
         attempt = 0
         while True:
             attempt += 1
+            # The self-fence: past the instant the lease may have lapsed, nothing goes to a
+            # provider until the lease is renewed (or the run stops: then it is abandoned).
+            if not await until_lease_holds(run, self._clock):
+                return Outcome(item, ABANDONED, error="stopped while fenced", attempts=attempt - 1)
             started = time.perf_counter()
             try:
                 provider_id = await sender.send(item.message)  # type: ignore[arg-type]

@@ -3,7 +3,10 @@
 Outcomes and the next `pending` marks go out in one ordered write (outcomes first, so a freed
 slot is reused without ever exceeding the pending bound). The live `performance` counters follow
 at most every COUNTER_FLUSH_S; the ledger is the record, the counters are for people watching.
-Every write is fenced by the run's epoch: a write another epoch superseded raises LeaseLost.
+
+The database decides what applies (see `domain.deliveries.LedgerOp`): a mark that meets an
+existing row is refused and its message is not sent; an outcome refused means another epoch has
+settled this run's pending rows, so the run has lost its lease (LeaseLost).
 """
 
 from __future__ import annotations
@@ -11,12 +14,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..adapters.mongo_store import MongoCampaignStore
-from ..domain.deliveries import DeliveryRecord, DeliveryState, counter_name, delivery_id
+from ..domain.deliveries import DeliveryRecord, DeliveryState, LedgerOp, counter_name, delivery_id
 from ..domain.errors import LeaseLost
 from ..domain.models import Channel
 from ..metrics import Metrics
-from ..ports import Clock, EmailMessage, SmsMessage
+from ..ports import CampaignStore, Clock, EmailMessage, Ledger, SmsMessage
 from .state import Run
 
 COUNTER_FLUSH_S = 0.5
@@ -45,18 +47,19 @@ ABANDONED = "abandoned"
 
 
 class LedgerWriter:
-    def __init__(self, store: MongoCampaignStore, clock: Clock, metrics: Metrics) -> None:
+    def __init__(
+        self, store: CampaignStore, ledger: Ledger, clock: Clock, metrics: Metrics
+    ) -> None:
         self._store = store
+        self._ledger = ledger
         self._clock = clock
         self._metrics = metrics
 
     async def outcomes(
         self, run: Run, outcomes: Sequence[Outcome], *, pending: Sequence[Item] = ()
-    ) -> None:
-        """Record finished sends, then mark the next ones pending, in one ordered write."""
-        marks = [
-            DeliveryRecord(i.customer, i.channel, DeliveryState.PENDING, to=i.to) for i in pending
-        ]
+    ) -> list[Item]:
+        """Record finished sends, then mark the next ones pending, in one ordered write.
+        Returns the items whose marks the ledger accepted: only those may be sent."""
         records: list[DeliveryRecord] = []
         abandoned: list[str] = []
         for o in outcomes:
@@ -72,30 +75,41 @@ class LedgerWriter:
                     provider_id=o.provider_id,
                     error=o.error,
                     attempts=o.attempts,
+                    op=LedgerOp.OUTCOME,
                 )
             )
         if abandoned:
-            await self._store.forget_pending(abandoned, epoch=run.epoch)
-        await self.write(run, records + marks)
+            await self._ledger.forget_pending(abandoned, epoch=run.epoch)
+        marks = [
+            DeliveryRecord(i.customer, i.channel, DeliveryState.PENDING, to=i.to, op=LedgerOp.MARK)
+            for i in pending
+        ]
+        refused = await self.write(run, records + marks)
+        if not refused:
+            return list(pending)
+        return [i for i in pending if delivery_id(run.key, i.channel, i.customer) not in refused]
 
-    async def write(self, run: Run, records: list[DeliveryRecord]) -> None:
+    async def write(self, run: Run, records: list[DeliveryRecord]) -> set[str]:
+        """Apply `records` (in order); count what applied. Returns the refused delivery ids."""
         if not records:
-            return
-        now = self._clock.now()
-        fenced = await self._store.write_deliveries(
-            run.key, epoch=run.epoch, records=records, now=now
+            return set()
+        refused = await self._ledger.write(
+            run.key, epoch=run.epoch, records=records, now=self._clock.now()
         )
+        lost = False
         for rec in records:
-            if rec.state == DeliveryState.PENDING or (
-                fenced and delivery_id(run.key, rec.channel, rec.customer) in fenced
-            ):
+            if rec.state == DeliveryState.PENDING:
+                continue
+            if refused and delivery_id(run.key, rec.channel, rec.customer) in refused:
+                lost = lost or rec.operation is LedgerOp.OUTCOME
                 continue
             self._metrics.sends.labels(rec.channel, rec.state).inc()
             name = counter_name(rec.channel, rec.state)
             run.unflushed[name] = run.unflushed.get(name, 0) + 1
-        if fenced:
-            raise LeaseLost(f"campaign {run.key} epoch {run.epoch} was superseded")
+        if lost:
+            raise LeaseLost(f"campaign {run.key}: epoch {run.epoch}'s pending rows were settled")
         await self.flush_counters(run)
+        return refused
 
     async def flush_counters(self, run: Run, *, force: bool = False) -> None:
         """Live `performance` counters, one `$inc` at most every COUNTER_FLUSH_S."""
@@ -104,8 +118,6 @@ class LedgerWriter:
             return
         counts, run.unflushed = run.unflushed, {}
         run.flushed_at = now_m
-        owned = await self._store.add_performance(
-            run.campaign_id, epoch=run.epoch, counts=counts, now=self._clock.now()
-        )
+        owned = await self._store.add_performance(run.campaign_id, epoch=run.epoch, counts=counts)
         if not owned:
             raise LeaseLost(f"campaign {run.key} epoch {run.epoch} was superseded")

@@ -3,27 +3,35 @@ stop them all at shutdown. One campaign's failure never takes the others (or the
 
 A heartbeat extends the lease every second and notices within that second when the campaign was
 paused, cancelled or taken over; sending then stops after the in-flight messages finish.
+
+The owner fences itself by its own monotonic clock, never the wall clock: each renewal's lease is
+the database's now + LEASE_SECONDS, which is no earlier than when this instance sent it, so the
+lease surely holds until (send time + lease). From a margin before that, nothing new is handed to
+a provider until a renewal succeeds. A stalled process (a VM pause, SIGSTOP, a long collection)
+thus wakes up fenced, and learns from its next heartbeat that another replica took over.
+
+An execution that fails is recorded on the campaign (`execution.lastError`, `failures`) and its
+lease released with a back-off that doubles per failure; after EXECUTION_MAX_FAILURES in a row the
+campaign becomes `failed` instead of looping through takeovers.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from typing import Any
 
 import anyio
 
-from ..adapters.mongo_store import MongoCampaignStore
 from ..config import SendConfig
 from ..domain.errors import LeaseLost
 from ..domain.models import Channel
 from ..domain.retry import RetryPolicy
 from ..metrics import Metrics
-from ..ports import Clock, EmailSender, Recipients, SmsSender
+from ..ports import CampaignStore, Clock, EmailSender, Ledger, Recipients, SmsSender
 from ..ratelimit import TokenBucket
 from .deliver import Deliverer
 from .ledger import LedgerWriter
-from .run import CampaignRun, release
+from .run import CampaignRun
 from .state import Run, StopReason
 
 log = logging.getLogger(__name__)
@@ -33,7 +41,8 @@ class Executor:
     def __init__(
         self,
         *,
-        store: MongoCampaignStore,
+        store: CampaignStore,
+        ledger: Ledger,
         recipients: Recipients,
         email: EmailSender | None,
         sms: SmsSender | None,
@@ -42,8 +51,12 @@ class Executor:
         config: SendConfig,
         instance_id: str,
         lease_s: float,
+        max_failures: int = 5,
+        retry_base_s: float = 10.0,
+        retry_max_s: float = 600.0,
     ) -> None:
         self._store = store
+        self._ledger_rows = ledger
         self._recipients = recipients
         self._senders: dict[Channel, EmailSender | SmsSender | None] = {
             Channel.EMAIL: email,
@@ -60,10 +73,16 @@ class Executor:
         }
         policy = RetryPolicy(config.max_attempts, config.retry_base_s, config.retry_max_s)
         self._deliverer = Deliverer(self._senders, self._limits, policy, clock, metrics)
-        self._ledger = LedgerWriter(store, clock, metrics)
+        self._ledger = LedgerWriter(store, ledger, clock, metrics)
         self._runs: dict[str, Run] = {}
         self._tg: anyio.abc.TaskGroup | None = None
-        self.heartbeat_s = min(1.0, lease_s / 3)
+        self._max_failures = max_failures
+        self._retry_base_s = retry_base_s
+        self._retry_max_s = retry_max_s
+        self.heartbeat_s = min(1.0, lease_s / 5)
+        # Stop handing out sends this long before the lease could lapse: several heartbeats'
+        # worth, so one slow renewal does not fence a healthy owner.
+        self.fence_margin_s = lease_s / 4
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -83,9 +102,10 @@ class Executor:
     def runs(self) -> dict[str, Run]:
         return self._runs
 
-    def start(self, claimed: dict[str, Any]) -> bool:
+    def start(self, claimed: dict[str, Any], *, claimed_at_m: float | None = None) -> bool:
         """Start sending a campaign this instance has just claimed (its document as returned by
-        the claim, with the new epoch). False if it is already running here."""
+        the claim, with the new epoch; `claimed_at_m`, this clock's monotonic time just before
+        the claim was sent). False if it is already running here."""
         key = str(claimed["_id"])
         if key in self._runs:
             return False
@@ -97,6 +117,8 @@ class Executor:
             epoch=int(execution.get("epoch", 0)),
             execution=execution,
         )
+        sent_m = self._clock.monotonic() if claimed_at_m is None else claimed_at_m
+        run.fence_at_m = sent_m + self._lease_s - self.fence_margin_s
         self._runs[key] = run
         self._metrics.executions_active.set(len(self._runs))
         assert self._tg is not None, "Executor.serve() must be running"
@@ -125,11 +147,12 @@ class Executor:
         campaign_run = CampaignRun(
             run,
             store=self._store,
+            ledger=self._ledger_rows,
             recipients=self._recipients,
             senders=self._senders,
             limits=self._limits,
             deliverer=self._deliverer,
-            ledger=self._ledger,
+            writer=self._ledger,
             clock=self._clock,
             metrics=self._metrics,
             config=self._config,
@@ -151,36 +174,67 @@ class Executor:
                     extra={"campaign_id": run.key, "epoch": run.epoch},
                 )
                 return
-            self._metrics.campaign_errors.labels("execution_failed").inc()
-            log.exception(
-                "execution of campaign %s failed", run.name, extra={"campaign_id": run.key}
-            )
-            with anyio.move_on_after(5, shield=True):
-                await self._store.record_invalid(
-                    run.campaign_id,
-                    "execution_failed",
-                    f"{type(exc).__name__}: {exc}",
-                    self._clock.now(),
-                )
-                await release(self._store, run, self._clock.now())
+            await self._record_failure(run, exc)
         finally:
             self._runs.pop(run.key, None)
             self._metrics.executions_active.set(len(self._runs))
             run.done.set()
 
+    async def _record_failure(self, run: Run, exc: Exception) -> None:
+        self._metrics.campaign_errors.labels("execution_failed").inc()
+        log.exception("execution of campaign %s failed", run.name, extra={"campaign_id": run.key})
+        failures = int(run.execution.get("failures") or 0)
+        retry_after_s = min(self._retry_base_s * 2**failures, self._retry_max_s)
+        cause = _leaf(exc)
+        detail = f"{type(cause).__name__}: {str(cause).splitlines()[0][:300] if str(cause) else ''}"
+        with anyio.move_on_after(5, shield=True):
+            status = await self._store.record_failure(
+                run.campaign_id,
+                epoch=run.epoch,
+                detail=detail,
+                max_failures=self._max_failures,
+                retry_after_s=retry_after_s,
+            )
+            if status == "failed":
+                self._metrics.transitions.labels("failed").inc()
+                log.error(
+                    "✖ Campaign failed: %s (ID: %s) after %d failed executions; last: %s",
+                    run.name,
+                    run.key,
+                    failures + 1,
+                    detail,
+                    extra={"campaign_id": run.key, "reason": "execution_failed"},
+                )
+            elif status is not None:
+                log.warning(
+                    "campaign %s will be retried in %gs (%d failed executions)",
+                    run.name,
+                    retry_after_s,
+                    failures + 1,
+                    extra={"campaign_id": run.key},
+                )
+
     async def _heartbeat(self, run: Run) -> None:
         while True:
             await self._clock.sleep(self.heartbeat_s)
-            lease_until = self._clock.now() + dt.timedelta(seconds=self._lease_s)
+            sent_m = self._clock.monotonic()
             try:
                 alive = await self._store.heartbeat(
-                    run.campaign_id, epoch=run.epoch, owner=self._instance, lease_until=lease_until
+                    run.campaign_id, epoch=run.epoch, owner=self._instance, lease_s=self._lease_s
                 )
-            except Exception:
+            except Exception as exc:
+                self._metrics.heartbeat_failures.inc()
+                fenced = not run.may_send(self._clock.monotonic())
+                if fenced and not run.fenced_logged:
+                    run.fenced_logged = True
+                    self._metrics.fenced.inc()
                 log.warning(
-                    "lease heartbeat failed for %s; will retry",
+                    "lease heartbeat failed for %s (%s)%s",
                     run.name,
-                    exc_info=True,
+                    type(exc).__name__,
+                    "; fenced: no new sends until the lease is renewed"
+                    if fenced
+                    else "; will retry",
                     extra={"campaign_id": run.key},
                 )
                 continue
@@ -194,6 +248,19 @@ class Executor:
                 )
                 run.stop(reason)
                 return
+            run.fence_at_m = sent_m + self._lease_s - self.fence_margin_s
+            if run.fenced_logged:
+                run.fenced_logged = False
+                log.info(
+                    "lease of %s renewed; sending again", run.name, extra={"campaign_id": run.key}
+                )
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The error itself, out of the exception groups task groups wrap it in."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _holds(exc: BaseException, kind: type[BaseException]) -> bool:

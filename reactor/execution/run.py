@@ -9,7 +9,6 @@ the current one sends. When the window closes mid-run, whoever was not reached i
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -17,16 +16,21 @@ from typing import Any, Generic, TypeVar
 
 import anyio
 
-from ..adapters.mongo_store import MongoCampaignStore
 from ..config import SendConfig
 from ..domain.addresses import email_address, phone_address
-from ..domain.deliveries import TERMINAL_STATES, DeliveryRecord, DeliveryState, performance
+from ..domain.deliveries import (
+    TERMINAL_STATES,
+    DeliveryRecord,
+    DeliveryState,
+    LedgerOp,
+    performance,
+)
 from ..domain.errors import InvalidCampaign, LeaseLost
 from ..domain.ids import normalise_id
 from ..domain.messages import email_message, sms_message
 from ..domain.models import Campaign, Channel, parse_campaign
 from ..metrics import Metrics
-from ..ports import Clock, EmailSender, Recipient, Recipients, SmsSender
+from ..ports import CampaignStore, Clock, EmailSender, Ledger, Recipient, Recipients, SmsSender
 from ..ratelimit import TokenBucket
 from .deliver import Deliverer
 from .ledger import Item, LedgerWriter
@@ -83,12 +87,13 @@ class CampaignRun:
         self,
         run: Run,
         *,
-        store: MongoCampaignStore,
+        store: CampaignStore,
+        ledger: Ledger,
         recipients: Recipients,
         senders: dict[Channel, EmailSender | SmsSender | None],
         limits: dict[Channel, TokenBucket],
         deliverer: Deliverer,
-        ledger: LedgerWriter,
+        writer: LedgerWriter,
         clock: Clock,
         metrics: Metrics,
         config: SendConfig,
@@ -96,11 +101,12 @@ class CampaignRun:
     ) -> None:
         self.run = run
         self._store = store
+        self._ledger_rows = ledger
         self._recipients = recipients
         self._senders = senders
         self._limits = limits
         self._deliverer = deliverer
-        self._ledger = ledger
+        self._ledger = writer
         self._clock = clock
         self._metrics = metrics
         self._config = config
@@ -121,14 +127,10 @@ class CampaignRun:
                 exc,
                 extra={"campaign_id": run.key, "reason": exc.reason},
             )
-            await self._store.record_invalid(
-                run.campaign_id, exc.reason, exc.detail, self._clock.now()
-            )
-            await self._store.mark_sends_done(
-                run.campaign_id, epoch=run.epoch, now=self._clock.now()
-            )
+            await self._store.record_invalid(run.campaign_id, exc.reason, exc.detail)
+            await self._store.mark_sends_done(run.campaign_id, epoch=run.epoch)
             return
-        await self._store.record_execution(
+        await self._ledger_rows.record_execution(
             run.key,
             epoch=run.epoch,
             owner=self._instance,
@@ -205,7 +207,7 @@ class CampaignRun:
     async def _settle_previous_pending(self) -> None:
         """Rows an earlier epoch left `pending` may or may not have gone out: `uncertain`."""
         run = self.run
-        rows = await self._store.pending_from_other_epochs(run.key, run.epoch)
+        rows = await self._ledger_rows.pending_from_other_epochs(run.key, run.epoch)
         if not rows:
             return
         records = [
@@ -215,6 +217,7 @@ class CampaignRun:
                 DeliveryState.UNCERTAIN,
                 to=r.get("to"),
                 reason="previous_owner_lost",
+                op=LedgerOp.SETTLE,
             )
             for r in rows
         ]
@@ -234,7 +237,7 @@ class CampaignRun:
         sending."""
         run = self.run
         recipients = await self._recipients.resolve(batch)
-        states = await self._store.ledger_states(run.key, channel, batch)
+        states = await self._ledger_rows.states(run.key, channel, batch)
         prepared = Prepared(found=len(recipients))
         configured = self._senders[channel] is not None
         for customer in batch:
@@ -247,7 +250,11 @@ class CampaignRun:
                     # not yet noticed the takeover): it may have gone out, so never re-send.
                     prepared.unsent.append(
                         DeliveryRecord(
-                            customer, channel, DeliveryState.UNCERTAIN, reason="previous_owner_lost"
+                            customer,
+                            channel,
+                            DeliveryState.UNCERTAIN,
+                            reason="previous_owner_lost",
+                            op=LedgerOp.SETTLE,
                         )
                     )
                     continue
@@ -286,7 +293,7 @@ class CampaignRun:
         )
 
     async def _close_window(self, channel: Channel, batch: Sequence[str]) -> None:
-        states = await self._store.ledger_states(self.run.key, channel, batch)
+        states = await self._ledger_rows.states(self.run.key, channel, batch)
         records = [
             DeliveryRecord(c, channel, DeliveryState.SKIPPED, reason="window_closed")
             for c in batch
@@ -296,15 +303,18 @@ class CampaignRun:
 
     async def _finish(self, campaign: Campaign, targets: int) -> None:
         run = self.run
+        if run.epoch > 1:
+            # A stalled earlier owner may have marked rows after this run's first settle.
+            await self._settle_previous_pending()
         await self._ledger.flush_counters(run, force=True)
         now = self._clock.now()
-        counts = performance(await self._store.ledger_counts(run.key))
+        counts = performance(await self._ledger_rows.counts(run.key))
         extra = {"campaign_id": run.key, **counts}
         if Channel.EMAIL in campaign.channels:
             log.info("✉️ Emails sent: %d/%d", counts["emailsSent"], targets, extra=extra)
         if Channel.SMS in campaign.channels:
             log.info("📱 SMS sent: %d/%d", counts["smsSent"], targets, extra=extra)
-        await self._store.record_execution(
+        await self._ledger_rows.record_execution(
             run.key,
             epoch=run.epoch,
             owner=self._instance,
@@ -317,18 +327,25 @@ class CampaignRun:
                 run.stop_reason,
                 extra=extra,
             )
-            await release(self._store, run, self._clock.now())
+            await release(self._store, run)
             return
-        await self._store.mark_sends_done(
-            run.campaign_id, epoch=run.epoch, now=now, performance=counts
-        )
+        await self._store.mark_sends_done(run.campaign_id, epoch=run.epoch, performance=counts)
+        sent = counts["emailsSent"] + counts["smsSent"]
+        if targets and not sent:
+            log.warning(
+                "⚠️ Campaign finished with nothing sent: %s (%d targeted); see its deliveries",
+                run.name,
+                targets,
+                extra=extra,
+            )
+            return
         log.info("✅ Campaign executed successfully: %s", run.name, extra=extra)
 
 
-async def release(store: MongoCampaignStore, run: Run, now: dt.datetime) -> None:
-    """Give the lease up at once (another replica may continue), whatever is being cancelled."""
+async def release(store: CampaignStore, run: Run, retry_after_s: float = 0.0) -> None:
+    """Give the lease up (another replica may continue), whatever is being cancelled."""
     with anyio.CancelScope(shield=True):
-        await store.release(run.campaign_id, epoch=run.epoch, execution=run.execution, now=now)
+        await store.release(run.campaign_id, epoch=run.epoch, retry_after_s=retry_after_s)
 
 
 def _chunks(values: Sequence[str], size: int) -> Iterator[Sequence[str]]:

@@ -9,6 +9,8 @@ from typing import Any
 
 import anyio
 
+from ..ports import Clock
+
 
 class StopReason:
     WINDOW_CLOSED = "window_closed"
@@ -31,11 +33,32 @@ class Run:
     done: anyio.Event = field(default_factory=anyio.Event)
     unflushed: dict[str, int] = field(default_factory=dict)
     flushed_at: float = -math.inf
+    # The self-fence: by this instance's monotonic clock, the instant after which the lease may
+    # have lapsed (the last renewal's send time + lease - margin). Past it nothing new is handed
+    # to a provider until a renewal succeeds.
+    fence_at_m: float = math.inf
+    fenced_logged: bool = False
 
     def stop(self, reason: str) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
             self.stopped.set()
+
+    def may_send(self, now_m: float) -> bool:
+        return now_m < self.fence_at_m
+
+
+async def until_lease_holds(run: Run, clock: Clock, poll_s: float = 0.05) -> bool:
+    """True at once while the lease holds; while the run is fenced, wait for a renewal (True)
+    or for the run to stop (False)."""
+
+    async def wait() -> None:
+        while not run.may_send(clock.monotonic()):
+            await clock.sleep(poll_s)
+
+    if run.may_send(clock.monotonic()):
+        return True
+    return await unless_stopped(run, wait)
 
 
 async def unless_stopped(run: Run, wait: Callable[..., Awaitable[None]], *args: Any) -> bool:

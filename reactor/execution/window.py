@@ -13,6 +13,9 @@ row); the other half keeps the providers busy meanwhile. A refill marks only as 
 channel's rate limit has tokens free right now, taking them: under a rate limit each write
 carries the few sends now due, and no row sits `pending` waiting for its turn. Outcomes are also
 written once nothing is in flight, and never later than OUTCOME_MAX_AGE_S after they are known.
+
+Only the rows whose marks the ledger accepted are sent, and while the run is fenced (its lease
+may have lapsed) no row is marked at all.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from .ledger import Item, LedgerWriter, Outcome
 from .state import Run
 
 OUTCOME_MAX_AGE_S = 1.0  # a known outcome reaches the ledger within this, even mid-batch
+FENCED_POLL_S = 0.1
 
 
 class SendWindow:
@@ -83,7 +87,8 @@ class SendWindow:
         """Write and refill if there is something to write; otherwise wait for a reason to.
         False once everything launched has been recorded."""
         more = self.run.stop_reason is None and self.next_item < len(self.items)
-        want = more and self.sending <= self.low_water
+        fenced = not self.run.may_send(self.clock.monotonic())
+        want = more and self.sending <= self.low_water and not fenced
         # Rate-limit tokens are taken before rows are marked, so a row is `pending` only while
         # its message is really on its way (or retrying), never while it waits for its turn: a
         # crash leaves only those uncertain.
@@ -98,9 +103,9 @@ class SendWindow:
             self.finished.clear()
             new = self.items[self.next_item : self.next_item + tokens]
             self.next_item += len(new)
-            await self.ledger.outcomes(self.run, done, pending=new)
-            self.sending += len(new)
-            for item in new:
+            accepted = await self.ledger.outcomes(self.run, done, pending=new)
+            self.sending += len(accepted)
+            for item in accepted:
                 self.inbox.put_nowait(item)
             return True
         if not more and self.sending == 0 and not self.finished:
@@ -114,6 +119,8 @@ class SendWindow:
         if want:  # waiting for the rate limit to free a token (a Retry-After pause can be
             # long: look again every second, in case the run was stopped)
             timeout = min(timeout, self.limiter.wait_s(), 1.0)
+        elif more and fenced:
+            timeout = min(timeout, FENCED_POLL_S)  # a renewal lifts the fence
         with anyio.move_on_after(timeout):
             await self.wake.wait()  # a send in flight will finish, or a token is free
         return True

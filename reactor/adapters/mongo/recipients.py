@@ -11,9 +11,9 @@ from typing import Any
 
 from pymongo.asynchronous.collection import AsyncCollection
 
-from ..config import RecipientsConfig
-from ..domain.ids import id_variants, normalise_id
-from ..ports import Recipient
+from ...config import RecipientsConfig
+from ...domain.ids import id_variants, normalise_id
+from ...ports import Recipient
 
 
 class MongoRecipients:

@@ -1,0 +1,15 @@
+"""MongoDB adapters: the campaigns store, the deliveries ledger, the change feed and the
+recipients lookup. Nothing above the adapters touches a collection."""
+
+from .campaigns import SCHEDULE_PROJECTION, MongoCampaignStore
+from .feed import MongoChangeFeed
+from .ledger import MongoLedger
+from .recipients import MongoRecipients
+
+__all__ = [
+    "SCHEDULE_PROJECTION",
+    "MongoCampaignStore",
+    "MongoChangeFeed",
+    "MongoLedger",
+    "MongoRecipients",
+]
