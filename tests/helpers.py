@@ -57,7 +57,13 @@ def settings(
 @contextlib.asynccontextmanager
 async def running(*configs: Settings, **kwargs: Any) -> AsyncIterator[list[Reactor]]:
     """Run reactor instances for the body's duration; on exit, shut each down gracefully."""
-    reactors = [Reactor(cfg, **kwargs) for cfg in configs]
+    async with running_reactors([Reactor(cfg, **kwargs) for cfg in configs]) as reactors:
+        yield reactors
+
+
+@contextlib.asynccontextmanager
+async def running_reactors(reactors: list[Reactor]) -> AsyncIterator[list[Reactor]]:
+    """`running()` for reactors the test built itself (with a clock or sender of its own)."""
     async with anyio.create_task_group() as tg:
         for reactor in reactors:
             await tg.start(reactor.run)

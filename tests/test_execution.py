@@ -289,9 +289,12 @@ async def test_a_late_pending_mark_from_the_old_owner_is_uncertain_never_resent(
     assert sorted(sink.recipients()) == sorted(f"c{i}@example.com" for i in range(39))
     rows = {r["customer"]: r for r in await ledger(client, mongo, res.inserted_id)}
     assert len(rows) == 40
-    assert (rows["39"]["state"], rows["39"]["reason"], rows["39"]["epoch"]) == (
+    # Marked by the old epoch, settled by the new one: the row says both.
+    row = rows["39"]
+    assert (row["state"], row["reason"], row["epoch"], row["settledBy"]) == (
         "uncertain",
         "previous_owner_lost",
+        1,
         2,
     )
     final = await coll.find_one({"_id": res.inserted_id})
