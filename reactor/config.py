@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     smtp_tls: Literal["none", "starttls", "tls"] = "starttls"
     smtp_pool_size: int = Field(16, ge=1, le=256)
     smtp_timeout_seconds: float = Field(30.0, gt=0)
+    smtp_ca_file: str | None = None
+    smtp_ehlo_name: str | None = None
     email_from: str | None = None
 
     twilio_account_sid: str | None = None
@@ -151,6 +153,8 @@ class Settings(BaseSettings):
             pool_size=self.smtp_pool_size,
             timeout_s=self.smtp_timeout_seconds,
             sender=self.email_from,
+            ca_file=self.smtp_ca_file,
+            ehlo_name=self.smtp_ehlo_name,
         )
 
     def twilio_config(self) -> TwilioConfig | None:
@@ -219,6 +223,8 @@ class SmtpConfig:
     pool_size: int
     timeout_s: float
     sender: str
+    ca_file: str | None = None  # a private CA bundle to verify the server's certificate with
+    ehlo_name: str | None = None  # the name to greet with (default: this host's FQDN)
 
 
 @dataclass(frozen=True)

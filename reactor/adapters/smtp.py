@@ -3,6 +3,12 @@
 Each send walks MAIL, RCPT and DATA itself so that a failure can be placed: anything before DATA
 was not delivered (retry), a 5xx reply is permanent, and a connection lost or timed out during
 DATA may have delivered the message — that outcome is uncertain and never retried blindly.
+
+A connection goes back to the pool only between transactions: the message is encoded before
+MAIL FROM, a refused MAIL, RCPT or DATA is followed by RSET, and any other failure once MAIL
+FROM was sent discards the connection, so one bad message can never leave the next one (of any
+campaign) a `503 nested MAIL`. An address that needs SMTPUTF8 goes out only when the server
+offers it, and is skipped (`smtputf8_unsupported`) when it does not.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import asyncio
 import email.charset
 import email.message
 import logging
+from dataclasses import dataclass
 from email.header import Header
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
@@ -19,7 +26,12 @@ from email.utils import formatdate
 import aiosmtplib
 
 from ..config import SmtpConfig
-from ..domain.errors import PermanentDeliveryError, TransientDeliveryError, UncertainDeliveryError
+from ..domain.errors import (
+    PermanentDeliveryError,
+    TransientDeliveryError,
+    UncertainDeliveryError,
+    UndeliverableError,
+)
 from ..ports import EmailMessage
 
 log = logging.getLogger(__name__)
@@ -75,13 +87,20 @@ def build_mime(message: EmailMessage, sender: str) -> email.message.Message:
     return mime
 
 
+@dataclass
+class _Pooled:
+    """One pooled connection, and whether a transaction (MAIL FROM on) is open on it."""
+
+    smtp: aiosmtplib.SMTP
+    in_transaction: bool = False
+
+
 class SmtpEmailSender:
     def __init__(self, config: SmtpConfig) -> None:
         self._config = config
-        self._idle: asyncio.LifoQueue[aiosmtplib.SMTP] = asyncio.LifoQueue()
+        self._idle: asyncio.LifoQueue[_Pooled] = asyncio.LifoQueue()
         for _ in range(config.pool_size):
-            self._idle.put_nowait(self._client())
-        self._closed = False
+            self._idle.put_nowait(_Pooled(self._client()))
 
     def _client(self) -> aiosmtplib.SMTP:
         c = self._config
@@ -94,19 +113,26 @@ class SmtpEmailSender:
             username=c.username,
             password=password,
             timeout=c.timeout_s,
+            cert_bundle=c.ca_file,
+            local_hostname=c.ehlo_name,
         )
 
     async def send(self, message: EmailMessage) -> str:
-        mime = build_mime(message, self._config.sender)
-        client = await self._idle.get()
+        # Encoded before the transaction starts: an encoding failure never happens mid-way.
+        data = build_mime(message, self._config.sender).as_bytes()
+        pooled = await self._idle.get()
         try:
-            return await self._send_on(client, mime, message)
+            return await self._send_on(pooled, data, message)
         finally:
-            self._idle.put_nowait(client)
+            # Whatever went wrong (a bug, a cancellation), never pool a connection inside a
+            # transaction: the errors mapped below have already reset or closed theirs.
+            if pooled.in_transaction:
+                pooled.smtp.close()
+                pooled.in_transaction = False
+            self._idle.put_nowait(pooled)
 
-    async def _send_on(
-        self, client: aiosmtplib.SMTP, mime: email.message.Message, message: EmailMessage
-    ) -> str:
+    async def _send_on(self, pooled: _Pooled, data: bytes, message: EmailMessage) -> str:
+        client = pooled.smtp
         if not client.is_connected:
             try:
                 await client.connect()
@@ -117,30 +143,44 @@ class SmtpEmailSender:
             except (aiosmtplib.SMTPException, *_DISCONNECTS) as exc:
                 client.close()
                 raise TransientDeliveryError(f"SMTP connect failed: {exc}") from exc
+        utf8 = not (self._config.sender.isascii() and message.to.isascii())
+        if utf8 and client.is_ehlo_or_helo_needed:
+            try:
+                await client.ehlo()  # the server's extensions are known only after it
+            except (aiosmtplib.SMTPException, *_DISCONNECTS) as exc:
+                client.close()
+                raise TransientDeliveryError(f"SMTP EHLO failed: {exc}") from exc
+        if utf8 and not client.supports_extension("smtputf8"):
+            raise UndeliverableError(
+                "the address needs SMTPUTF8, which the SMTP server does not offer",
+                reason="smtputf8_unsupported",
+            )
+        options, encoding = (["SMTPUTF8"], "utf-8") if utf8 else ([], "ascii")
+        pooled.in_transaction = True
         try:
-            await client.mail(self._config.sender)
-            await client.rcpt(message.to)
+            await client.mail(self._config.sender, options=options, encoding=encoding)
+            await client.rcpt(message.to, encoding=encoding)
         except aiosmtplib.SMTPResponseException as exc:
-            await _reset(client)
+            await _reset(pooled)
             raise _response_error(exc) from exc
         except (aiosmtplib.SMTPException, *_DISCONNECTS) as exc:
             client.close()
             raise TransientDeliveryError(f"SMTP connection lost before DATA: {exc}") from exc
         try:
-            await client.data(mime.as_bytes())
+            await client.data(data)
         except aiosmtplib.SMTPResponseException as exc:
             # The server answered DATA with an error: it did not take the message.
-            await _reset(client)
+            await _reset(pooled)
             raise _response_error(exc) from exc
         except (aiosmtplib.SMTPException, *_DISCONNECTS) as exc:
             client.close()
             raise UncertainDeliveryError(f"SMTP connection lost during DATA: {exc}") from exc
+        pooled.in_transaction = False
         return message.message_id
 
     async def aclose(self) -> None:
-        self._closed = True
         while not self._idle.empty():
-            client = self._idle.get_nowait()
+            client = self._idle.get_nowait().smtp
             if client.is_connected:
                 try:
                     await asyncio.wait_for(client.quit(), 2)
@@ -164,8 +204,10 @@ def _response_error(exc: aiosmtplib.SMTPResponseException) -> Exception:
     return TransientDeliveryError(text, code=str(exc.code))
 
 
-async def _reset(client: aiosmtplib.SMTP) -> None:
+async def _reset(pooled: _Pooled) -> None:
+    """End the transaction (RSET), or the connection if that fails."""
     try:
-        await client.rset()
+        await pooled.smtp.rset()
     except (aiosmtplib.SMTPException, *_DISCONNECTS):
-        client.close()
+        pooled.smtp.close()
+    pooled.in_transaction = False

@@ -3,7 +3,9 @@
 The HTTP layer is twilio's `AsyncTwilioHttpClient`, with `request` overridden only to place
 failures: a connection never made is transient, a timeout or disconnect after the request went out
 is uncertain (Twilio may have queued the message), and 429 carries its Retry-After up to the
-rate limiter. Everything else — URLs, form encoding, errors as `TwilioRestException` — is twilio's.
+rate limiter. A 5xx answer is uncertain too: a gateway can fail after Twilio accepted the message,
+so retrying it blindly could text the customer twice. Everything else — URLs, form encoding,
+errors as `TwilioRestException` — is twilio's.
 """
 
 from __future__ import annotations
@@ -115,9 +117,12 @@ class TwilioSmsSender:
             created = await self._client.messages.create_async(**kwargs)
         except TwilioRestException as exc:
             text = f"Twilio {exc.status} error {exc.code}: {exc.msg}"
-            if exc.status >= 500 or exc.status in (408, 409):
-                raise TransientDeliveryError(text, code=str(exc.code or exc.status)) from exc
-            raise PermanentDeliveryError(text, code=str(exc.code or exc.status)) from exc
+            code = str(exc.code or exc.status)
+            if exc.status >= 500:
+                raise UncertainDeliveryError(text, code=code) from exc
+            if exc.status in (408, 409):
+                raise TransientDeliveryError(text, code=code) from exc
+            raise PermanentDeliveryError(text, code=code) from exc
         return str(created.sid)
 
     async def aclose(self) -> None:

@@ -5,6 +5,7 @@
     ├── DeliveryError              one send did not go through
     │   ├── TransientDeliveryError     worth retrying (4xx SMTP, 5xx/429 HTTP, connection refused)
     │   ├── PermanentDeliveryError     never worth retrying (5xx SMTP, invalid number)
+    │   │   └── UndeliverableError         this address cannot be sent to on this channel
     │   └── UncertainDeliveryError     may or may not have been delivered; never retried blindly
     └── LeaseLost                  another replica owns the execution now
 
@@ -48,6 +49,15 @@ class TransientDeliveryError(DeliveryError):
 
 class PermanentDeliveryError(DeliveryError):
     """Raised when a send was refused for good (bad address, rejected content)."""
+
+
+class UndeliverableError(PermanentDeliveryError):
+    """Raised when a message cannot go to this address on this channel at all (an address that
+    needs SMTPUTF8 on a server without it): the delivery is `skipped` with `reason`."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message, code=reason)
+        self.reason = reason
 
 
 class UncertainDeliveryError(DeliveryError):

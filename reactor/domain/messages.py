@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 import uuid
 
 from ..ports import EmailMessage, Recipient, SmsMessage
@@ -27,8 +28,7 @@ def email_message(
 ) -> EmailMessage:
     assert campaign.email is not None
     values = placeholder_values(recipient)
-    # Header values must not carry line breaks, whatever a customer's name contains.
-    header_values = {k: " ".join(v.split()) for k, v in values.items()}
+    header_values = {k: header_text(v) for k, v in values.items()}
     content = campaign.email
     return EmailMessage(
         to=to,
@@ -37,6 +37,13 @@ def email_message(
         html=render(content.html, values, escape_html=True) if content.html else None,
         message_id=message_id(message_domain),
     )
+
+
+def header_text(value: str) -> str:
+    """A customer's data made safe for a header: no line breaks or other control characters
+    (whatever a name contains), runs of white space folded to one space."""
+    cleaned = "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in value)
+    return " ".join(cleaned.split())
 
 
 def message_id(domain: str) -> str:

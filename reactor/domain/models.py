@@ -7,6 +7,7 @@ fails raises `InvalidCampaign` with a reason the operator sees on the document a
 from __future__ import annotations
 
 import datetime as dt
+import unicodedata
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -89,6 +90,17 @@ def as_utc(value: Any, name: str) -> dt.datetime:
     if value.tzinfo is None:
         return value.replace(tzinfo=dt.UTC)
     return value.astimezone(dt.UTC)
+
+
+def control_characters(text: str) -> list[str]:
+    """The control characters in `text` (tab allowed), as U+XXXX: a header cannot carry them, and
+    some (\x0b, \x0c, \x1c-\x1e, U+2028) are line breaks to Python's email package."""
+    found = {
+        ch
+        for ch in text
+        if ch != "\t" and (unicodedata.category(ch) == "Cc" or ch in "\u2028\u2029")
+    }
+    return [f"U+{ord(ch):04X}" for ch in sorted(found)]
 
 
 def _opt_str(doc: dict[str, Any], key: str, where: str) -> str | None:
@@ -205,6 +217,11 @@ def _parse_email(raw: Any) -> EmailContent | None:
         raise InvalidCampaign("bad_content", f"email.subject is longer than {MAX_SUBJECT_CHARS}")
     if "\r" in subject or "\n" in subject:
         raise InvalidCampaign("bad_content", "email.subject contains a line break")
+    bad = control_characters(subject)
+    if bad:
+        raise InvalidCampaign(
+            "bad_content", f"email.subject contains control characters ({', '.join(bad)})"
+        )
     if not (html and html.strip()) and not (text and text.strip()):
         raise InvalidCampaign("bad_content", "email has neither html nor text body")
     for label, body in (("html", html), ("text", text)):

@@ -116,8 +116,10 @@ class SmtpSink:
         *,
         seed: int | None = None,
         reply_delay_s: float = 0.0,
+        smtputf8: bool = False,
     ) -> None:
         self.host = host
+        self.smtputf8 = smtputf8  # offer SMTPUTF8 (RFC 6531) in EHLO
         self.port = port
         self.messages: list[CapturedEmail] = []
         self.faults = _Faults()
@@ -153,6 +155,7 @@ class SmtpSink:
                 hostname="reactor-sink",
                 ident="reactor-sink",
                 data_size_limit=10 * 1024 * 1024,
+                enable_SMTPUTF8=self.smtputf8,
             )
             self._protocols.add(proto)
             return proto

@@ -14,6 +14,7 @@ from ..domain.errors import (
     PermanentDeliveryError,
     TransientDeliveryError,
     UncertainDeliveryError,
+    UndeliverableError,
 )
 from ..domain.models import Channel
 from ..domain.retry import RetryPolicy
@@ -24,6 +25,10 @@ from .ledger import ABANDONED, Item, Outcome
 from .state import Run, unless_stopped, until_lease_holds
 
 log = logging.getLogger(__name__)
+
+# Why a `failed` row failed: refused for good, or temporary errors until the attempts ran out.
+PERMANENT = "permanent"
+TEMPORARY = "temporary"
 
 
 class Deliverer:
@@ -65,7 +70,11 @@ class Deliverer:
                     limiter.pause(exc.retry_after_s)
                 if not self._policy.should_retry(attempt):
                     return Outcome(
-                        item, "failed", error=f"transient, gave up: {exc}", attempts=attempt
+                        item,
+                        "failed",
+                        error=f"transient, gave up: {exc}",
+                        reason=TEMPORARY,
+                        attempts=attempt,
                     )
                 self._metrics.send_retries.labels(channel).inc()
                 delay = self._policy.delay_s(attempt, exc.retry_after_s)
@@ -77,9 +86,12 @@ class Deliverer:
                 ):
                     return Outcome(item, ABANDONED, error=str(exc), attempts=attempt)
                 continue
+            except UndeliverableError as exc:
+                duration.observe(time.perf_counter() - started)
+                return Outcome(item, "skipped", error=str(exc), reason=exc.reason, attempts=attempt)
             except PermanentDeliveryError as exc:
                 duration.observe(time.perf_counter() - started)
-                return Outcome(item, "failed", error=str(exc), attempts=attempt)
+                return Outcome(item, "failed", error=str(exc), reason=PERMANENT, attempts=attempt)
             except UncertainDeliveryError as exc:
                 duration.observe(time.perf_counter() - started)
                 return Outcome(item, "uncertain", error=str(exc), attempts=attempt)

@@ -40,6 +40,7 @@ class Outcome:
     state: str  # sent | failed | uncertain | abandoned (not sent; its pending row is removed)
     provider_id: str | None = None
     error: str | None = None
+    reason: str | None = None
     attempts: int = 0
 
 
@@ -74,6 +75,7 @@ class LedgerWriter:
                     to=o.item.to,
                     provider_id=o.provider_id,
                     error=o.error,
+                    reason=o.reason,
                     attempts=o.attempts,
                     op=LedgerOp.OUTCOME,
                 )
