@@ -36,13 +36,9 @@ CLOCK_OFFSET_WARN_S = 1.0
 
 
 def mongo_client(uri: str, instance: str, **kwargs: Any) -> AsyncMongoClient[dict[str, Any]]:
-    return AsyncMongoClient(
-        uri,
-        tz_aware=True,
-        appname=f"campaign-reactor/{instance}",
-        serverSelectionTimeoutMS=10_000,
-        **kwargs,
-    )
+    if "serverselectiontimeoutms" not in uri.lower():
+        kwargs.setdefault("serverSelectionTimeoutMS", 10_000)  # keyword options beat the URI's
+    return AsyncMongoClient(uri, tz_aware=True, appname=f"campaign-reactor/{instance}", **kwargs)
 
 
 class Reactor:

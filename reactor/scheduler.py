@@ -66,6 +66,8 @@ class Scheduler:
         # missed): campaign key -> (due timestamp, monotonic time handled). A sweep row read
         # before our own claim landed must not re-arm them or count a repair.
         self._handled: dict[str, tuple[float, float]] = {}
+        # Campaign key -> the start instant whose targets were checked and found readable.
+        self._targets_checked: dict[str, float] = {}
         # Benchmark/test hooks: on_fired(key, due_at, lateness_s) as a timer pops;
         # on_started(key, lateness_s) once a start claim has committed.
         self.on_fired: list[Any] = []
@@ -123,6 +125,9 @@ class Scheduler:
         self._ids[key] = campaign.id
         self._names[key] = campaign.name
         wanted = {t.key: t for t in desired_timers(campaign, now, self._config.horizon_s)}
+        start = TimerKey(key, TimerKind.START)
+        if start in wanted and not await self._targets_ok(campaign, recheck=event_ts is not None):
+            del wanted[start]  # reported on the document; not started
         for kind in TimerKind:
             timer_key = TimerKey(key, kind)
             if timer_key not in wanted and self.timers.disarm(timer_key):
@@ -145,6 +150,21 @@ class Scheduler:
         self._update_gauges()
         return changes
 
+    async def _targets_ok(self, campaign: Campaign, *, recheck: bool) -> bool:
+        """A campaign whose targets cannot be read is reported when its start is armed, not
+        started and completed with nothing sent. Checked once per start instant (again after
+        any change event, which may have fixed them), in the database."""
+        checked = self._targets_checked.get(campaign.key)
+        if checked == campaign.start_at.timestamp() and not recheck:
+            return True
+        problem = await self._store.target_problem(campaign.id)
+        if problem is None:
+            self._targets_checked[campaign.key] = campaign.start_at.timestamp()
+            return True
+        self._targets_checked.pop(campaign.key, None)
+        await self._reject_doc(campaign.id, campaign.name, InvalidCampaign("bad_targets", problem))
+        return False
+
     def _stale_row(self, campaign: Campaign) -> bool:
         """A sweep row older than a start this instance is handling or has handled."""
         if TimerKey(campaign.key, TimerKind.START) in self._inflight:
@@ -165,6 +185,7 @@ class Scheduler:
 
     def _disarm_all(self, key: str) -> set[str]:
         self._handled.pop(key, None)
+        self._targets_checked.pop(key, None)
         changes = set()
         for kind in TimerKind:
             if self.timers.disarm(TimerKey(key, kind)):
@@ -176,17 +197,19 @@ class Scheduler:
         return changes
 
     async def _reject(self, doc: dict[str, Any], exc: InvalidCampaign, now: dt.datetime) -> None:
-        if "_id" not in doc:
-            return
-        written = await self._store.record_invalid(doc["_id"], exc.reason, exc.detail)
+        if "_id" in doc:
+            await self._reject_doc(doc["_id"], doc.get("name"), exc)
+
+    async def _reject_doc(self, campaign_id: Any, name: Any, exc: InvalidCampaign) -> None:
+        written = await self._store.record_invalid(campaign_id, exc.reason, exc.detail)
         if written:
             self._metrics.campaign_errors.labels(exc.reason).inc()
             log.error(
                 "campaign %s (ID: %s) is invalid and will not be scheduled: %s",
-                doc.get("name"),
-                doc["_id"],
+                name,
+                campaign_id,
                 exc.detail,
-                extra={"campaign_id": str(doc["_id"]), "reason": exc.reason},
+                extra={"campaign_id": str(campaign_id), "reason": exc.reason},
             )
 
     def known_keys(self) -> set[str]:

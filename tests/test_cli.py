@@ -291,3 +291,70 @@ async def test_run_serves_then_drains_on_sigterm(emulator: MongoEmulator, sink: 
     )
     assert sent == len(sink.messages) < 400
     await client.close()
+
+
+async def test_run_waits_for_mongodb_with_clear_lines_and_no_traceback(sink: SmtpSink) -> None:
+    """MongoDB is down when `reactor run` starts: it says so once per attempt (JSON, as
+    configured), answers /healthz, keeps /readyz at 503, and becomes ready once MongoDB is up —
+    no traceback, no exit (which under restart: unless-stopped is a crash loop)."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        "MONGO_URI": f"mongodb://127.0.0.1:{port}/?replicaSet=rs0&serverSelectionTimeoutMS=500",
+        **{k: str(v) for k, v in sink.settings_env().items()},
+        "METRICS_PORT": "0",
+        "LOG_FORMAT": "json",
+        "REACTOR_INSTANCE_ID": "waiting",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "reactor",
+        "run",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    lines: list[str] = []
+
+    async def read_logs() -> None:
+        assert proc.stderr is not None
+        async for raw in proc.stderr:
+            lines.append(raw.decode())
+
+    reader = asyncio.create_task(read_logs())
+
+    def status(path: str) -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{ops_port}{path}", timeout=2) as r:
+                return int(r.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    async def waiting_logged() -> bool:
+        return sum("MongoDB is not reachable yet" in line for line in lines) >= 2
+
+    await eventually(waiting_logged, 20)
+    ops = next(json.loads(line) for line in lines if "metrics and health on" in line)
+    ops_port = int(ops["message"].rsplit(":", 1)[-1])
+    assert await asyncio.to_thread(status, "/healthz") == 200
+    assert await asyncio.to_thread(status, "/readyz") == 503
+    async with MongoEmulator(port=port):
+
+        async def ready() -> bool:
+            return await asyncio.to_thread(status, "/readyz") == 200
+
+        await eventually(ready, 45)
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 30) == 0
+    await reader
+    assert proc.returncode == 0
+    for line in lines:
+        assert "Traceback" not in line
+        json.loads(line)  # every line is one JSON object

@@ -10,9 +10,9 @@ from pydantic import SecretStr
 
 from reactor.adapters.smtp import SmtpEmailSender
 from reactor.config import SmtpConfig
-from reactor.domain.errors import UndeliverableError
+from reactor.domain.errors import InvalidCampaign, UndeliverableError
 from reactor.domain.messages import header_text, message_id
-from reactor.domain.models import InvalidCampaign, parse_campaign
+from reactor.domain.models import parse_campaign
 from reactor.embedded.smtp_sink import SmtpSink
 from reactor.ports import EmailMessage
 

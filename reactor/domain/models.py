@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from bson import ObjectId
+
 from .errors import InvalidCampaign
 
 MAX_EMAIL_BODY_BYTES = 512 * 1024
@@ -103,6 +105,16 @@ def control_characters(text: str) -> list[str]:
     return [f"U+{ord(ch):04X}" for ch in sorted(found)]
 
 
+def target_problem(value: Any) -> str | None:
+    """Why `value` cannot be a customer id (None when it can): ids are strings, integers,
+    integral doubles or ObjectIds, as a Node backend writes them."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float | ObjectId):
+        return f"customer ids must be strings, numbers or ObjectIds, got {value!r}"
+    if isinstance(value, float) and not value.is_integer():
+        return f"customer ids must be whole numbers, got {value!r}"
+    return None
+
+
 def _opt_str(doc: dict[str, Any], key: str, where: str) -> str | None:
     value = doc.get(key)
     if value is None:
@@ -161,7 +173,8 @@ def parse_campaign(doc: dict[str, Any]) -> Campaign:
     email = _parse_email(doc.get("email"))
     sms = _parse_sms(doc.get("sms"))
     raw_channels = doc.get("channels")
-    if raw_channels is None:
+    if raw_channels is None or raw_channels == []:
+        # Absent, or [] (how Mongoose stores an array nobody set): every channel with content.
         channels = frozenset(
             c for c, content in ((Channel.EMAIL, email), (Channel.SMS, sms)) if content
         )
@@ -185,10 +198,9 @@ def parse_campaign(doc: dict[str, Any]) -> Campaign:
     if len(targets) > MAX_TARGETS:
         raise InvalidCampaign("bad_targets", f"more than {MAX_TARGETS} targeted customers")
     for value in targets:
-        if isinstance(value, bool) or not isinstance(value, str | int):
-            raise InvalidCampaign(
-                "bad_targets", f"customer ids must be strings or integers, got {value!r}"
-            )
+        problem = target_problem(value)
+        if problem:
+            raise InvalidCampaign("bad_targets", problem)
     return Campaign(
         id=doc["_id"],
         name=name,

@@ -23,7 +23,7 @@ STATE_COLLECTION = "reactor_state"
 
 # Updated or removed fields that can change what a campaign's schedule wants: any field under
 # these top-level names...
-SCHEDULE_FIELDS = ["status", "startDate", "endDate"]
+SCHEDULE_FIELDS = ["status", "startDate", "endDate", "targetedCustomerIds"]
 # ...and these exact names (a release or takeover changes the owner and the epoch).
 EXECUTION_FIELDS = ["execution", "execution.owner", "execution.epoch", "execution.sendsDone"]
 
