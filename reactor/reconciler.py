@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 
 from .barriers import Barriers
+from .domain.models import utc
 from .metrics import Metrics
 from .ports import CampaignStore, ChangeFeed, Clock
 from .scheduler import Scheduler
@@ -85,12 +86,8 @@ class Reconciler:
         limit = self._clock.now() - dt.timedelta(seconds=2 * self._interval_s + 30)
         overdue = 0
         for doc in docs:
-            end = doc.get("endDate")
-            if (
-                doc.get("status") in ("running", "paused")
-                and isinstance(end, dt.datetime)
-                and (end if end.tzinfo else end.replace(tzinfo=dt.UTC)) < limit
-            ):
+            end = utc(doc.get("endDate"))
+            if doc.get("status") in ("running", "paused") and end is not None and end < limit:
                 overdue += 1
         self._metrics.campaigns_overdue.set(overdue)
 

@@ -17,7 +17,7 @@ from bson import Timestamp
 
 from .config import SchedulerConfig
 from .domain.errors import InvalidCampaign
-from .domain.models import Campaign, Status, parse_campaign, parse_status
+from .domain.models import Campaign, Status, parse_campaign, parse_status, utc
 from .domain.schedule import (
     ACTIVE,
     StartDecision,
@@ -309,12 +309,9 @@ class Scheduler:
                 },
             )
             self._executor.start(claimed, claimed_at_m=t0)
-            end_at = claimed.get("endDate")
-            if isinstance(end_at, dt.datetime):
-                self.timers.arm(
-                    TimerKey(key.campaign, TimerKind.END),
-                    end_at if end_at.tzinfo else end_at.replace(tzinfo=dt.UTC),
-                )
+            end_at = utc(claimed.get("endDate"))
+            if end_at is not None:
+                self.timers.arm(TimerKey(key.campaign, TimerKind.END), end_at)
                 self._update_gauges()
             return
         if decision is StartDecision.RUN and await self._store.not_due_yet(campaign_id):

@@ -131,9 +131,9 @@ def test_desired_timers(
         (-1, 3600, 60, StartDecision.NOT_DUE),
         (0, 3600, 60, StartDecision.RUN),
         (59, 3600, 60, StartDecision.RUN),
-        (61, 3600, 60, StartDecision.MISSED_GRACE),
-        (30, 20, 60, StartDecision.MISSED_WINDOW),
-        (3600, 3600, 99999, StartDecision.MISSED_WINDOW),
+        (61, 3600, 60, StartDecision.MISSED),
+        (30, 20, 60, StartDecision.MISSED),
+        (3600, 3600, 99999, StartDecision.MISSED),
     ],
 )
 def test_start_decision(

@@ -290,8 +290,13 @@ async def test_disabled_schedulers_fire_nothing(mongo: MongoTarget, client: Clie
         res = await coll.insert_one(campaign("ignored", 0.2, 30, []))
         await anyio.sleep(1.0)
         assert await status_of(client, mongo, res.inserted_id) == "approved"
-        assert reactor.scheduler is not None
-        assert len(reactor.scheduler.timers) == 0
+        sample = reactor.metrics.registry.get_sample_value
+        assert sample("reactor_schedulers_enabled") == 0
+        assert sample("reactor_reconcile_runs_total") == 0
+        assert sample("reactor_change_stream_up") == 0
+    # The campaign was startable all along: an instance with schedulers enabled starts it.
+    async with running(settings(mongo, reactor_instance_id="enabled")):
+        await eventually(has_status(client, mongo, res.inserted_id, "running", "completed"), 10)
 
 
 async def test_readiness_endpoint_reports_components(mongo: MongoTarget) -> None:

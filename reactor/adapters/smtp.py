@@ -51,9 +51,7 @@ _UTF8_QP.body_encoding = email.charset.QP
 def _header_value(name: str, value: str) -> str | Header:
     # Line breaks in a header value would let content inject headers (Bcc: ...): refuse them.
     if "\r" in value or "\n" in value:
-        raise PermanentDeliveryError(
-            f"refused {name} header: it contains a line break", code="header_injection"
-        )
+        raise PermanentDeliveryError(f"refused {name} header: it contains a line break")
     return value if value.isascii() else Header(value, "utf-8")
 
 
@@ -75,7 +73,7 @@ def build_mime(message: EmailMessage, sender: str) -> email.message.Message:
         subtype = "plain" if message.text else "html"
         mime = _text_part(message.text or message.html or "", subtype)
     else:
-        raise PermanentDeliveryError("message has no body", code="empty_body")
+        raise PermanentDeliveryError("message has no body")
     for name, value in (
         ("From", sender),
         ("To", message.to),
@@ -137,9 +135,7 @@ class SmtpEmailSender:
             try:
                 await client.connect()
             except aiosmtplib.SMTPAuthenticationError as exc:
-                raise TransientDeliveryError(
-                    f"SMTP authentication failed ({exc.code})", code=str(exc.code)
-                ) from exc
+                raise TransientDeliveryError(f"SMTP authentication failed ({exc.code})") from exc
             except (aiosmtplib.SMTPException, *_DISCONNECTS) as exc:
                 client.close()
                 raise TransientDeliveryError(f"SMTP connect failed: {exc}") from exc
@@ -200,8 +196,8 @@ class SmtpEmailSender:
 def _response_error(exc: aiosmtplib.SMTPResponseException) -> Exception:
     text = f"SMTP {exc.code}: {exc.message}"
     if 500 <= exc.code < 600:
-        return PermanentDeliveryError(text, code=str(exc.code))
-    return TransientDeliveryError(text, code=str(exc.code))
+        return PermanentDeliveryError(text)
+    return TransientDeliveryError(text)
 
 
 async def _reset(pooled: _Pooled) -> None:

@@ -84,7 +84,6 @@ class MappedTwilioHttpClient(AsyncTwilioHttpClient):  # type: ignore[misc]
         if status == 429:
             raise TransientDeliveryError(
                 "Twilio rate limit (429)",
-                code="429",
                 retry_after_s=_retry_after(resp_headers.get("Retry-After")),
             )
         return Response(status, text, resp_headers)
@@ -117,12 +116,11 @@ class TwilioSmsSender:
             created = await self._client.messages.create_async(**kwargs)
         except TwilioRestException as exc:
             text = f"Twilio {exc.status} error {exc.code}: {exc.msg}"
-            code = str(exc.code or exc.status)
             if exc.status >= 500:
-                raise UncertainDeliveryError(text, code=code) from exc
+                raise UncertainDeliveryError(text) from exc
             if exc.status in (408, 409):
-                raise TransientDeliveryError(text, code=code) from exc
-            raise PermanentDeliveryError(text, code=code) from exc
+                raise TransientDeliveryError(text) from exc
+            raise PermanentDeliveryError(text) from exc
         return str(created.sid)
 
     async def aclose(self) -> None:

@@ -32,18 +32,12 @@ class InvalidCampaign(ReactorError):
 class DeliveryError(ReactorError):
     """Raised when one message could not be handed to its provider."""
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-
 
 class TransientDeliveryError(DeliveryError):
     """Raised when a send failed in a way that a later attempt may fix."""
 
-    def __init__(
-        self, message: str, *, code: str | None = None, retry_after_s: float | None = None
-    ) -> None:
-        super().__init__(message, code=code)
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
         self.retry_after_s = retry_after_s
 
 
@@ -56,7 +50,7 @@ class UndeliverableError(PermanentDeliveryError):
     needs SMTPUTF8 on a server without it): the delivery is `skipped` with `reason`."""
 
     def __init__(self, message: str, *, reason: str) -> None:
-        super().__init__(message, code=reason)
+        super().__init__(message)
         self.reason = reason
 
 

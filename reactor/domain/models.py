@@ -84,14 +84,22 @@ class Campaign:
         return str(self.id)
 
 
+def utc(value: Any) -> dt.datetime | None:
+    """A BSON date as an aware UTC datetime (naive ones are UTC, as the driver gives them);
+    None for anything that is not a date."""
+    if not isinstance(value, dt.datetime):
+        return None
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
 def as_utc(value: Any, name: str) -> dt.datetime:
     if not isinstance(value, dt.datetime):
         raise InvalidCampaign(
             f"bad_{name}", f"{name} must be a BSON date, got {type(value).__name__}"
         )
-    if value.tzinfo is None:
-        return value.replace(tzinfo=dt.UTC)
-    return value.astimezone(dt.UTC)
+    aware = utc(value)
+    assert aware is not None
+    return aware
 
 
 def control_characters(text: str) -> list[str]:

@@ -49,8 +49,7 @@ def desired_timers(campaign: Campaign, now: dt.datetime, horizon_s: float) -> li
 
 class StartDecision(StrEnum):
     RUN = "run"
-    MISSED_GRACE = "missed_grace"
-    MISSED_WINDOW = "missed_window"
+    MISSED = "missed"  # past the misfire grace, or the window already closed
     NOT_DUE = "not_due"
 
 
@@ -60,9 +59,9 @@ def start_decision(
     if now < start_at:
         return StartDecision.NOT_DUE
     if end_at <= now:
-        return StartDecision.MISSED_WINDOW
+        return StartDecision.MISSED
     if (now - start_at).total_seconds() > grace_s:
-        return StartDecision.MISSED_GRACE
+        return StartDecision.MISSED
     return StartDecision.RUN
 
 

@@ -15,7 +15,6 @@ error message, an owner name) must never be read as a field path.
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
@@ -409,10 +408,3 @@ class MongoCampaignStore:
             {"$inc": incs, "$currentDate": {"performance.updatedAt": True}},
         )
         return result.matched_count > 0
-
-
-def aware(value: Any) -> dt.datetime | None:
-    """A BSON date as an aware UTC datetime (the driver gives naive ones without tz_aware)."""
-    if not isinstance(value, dt.datetime):
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)

@@ -19,6 +19,8 @@ from bson import Timestamp
 from pymongo.asynchronous.change_stream import AsyncChangeStream
 from pymongo.asynchronous.database import AsyncDatabase
 
+from ...domain.models import utc
+
 STATE_COLLECTION = "reactor_state"
 
 # Updated or removed fields that can change what a campaign's schedule wants: any field under
@@ -120,10 +122,10 @@ class MongoChangeFeed:
     async def server_time(self) -> dt.datetime:
         """The server's wall clock (`hello.localTime`)."""
         hello = await self.db.client.admin.command("hello")
-        local = hello["localTime"]
-        if not isinstance(local, dt.datetime):
+        local = utc(hello.get("localTime"))
+        if local is None:
             raise RuntimeError("the server's hello reply has no localTime")
-        return local if local.tzinfo else local.replace(tzinfo=dt.UTC)
+        return local
 
     async def open(
         self,
