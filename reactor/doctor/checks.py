@@ -1,84 +1,26 @@
-"""`reactor doctor`: the old `test-campaign-execution.js`, done properly.
-
-It checks the configuration (secrets redacted), MongoDB connectivity, the replica set and change
-streams, the reactor's indexes, the segmentation database and its field names, the channels (and,
-with --probe, that SMTP and Twilio answer), then lists approved campaigns waiting (and which
-would be missed), running ones (owner, lease, progress) and recent failures, and ends with
-recommendations. Exit code 0 when healthy, 1 when something is wrong.
-"""
+"""The checks `reactor doctor` runs: configuration, MongoDB and change streams, indexes, the
+segmentation database, the channels, and the campaigns waiting, running and failing."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
-import sys
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pydantic import SecretStr
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import OperationFailure, PyMongoError
-from rich.console import Console
-from rich.table import Table
 
-from .config import Settings
-from .domain.errors import InvalidCampaign
-from .domain.models import as_utc, parse_campaign
+from ..config import Settings
+from ..domain.errors import InvalidCampaign
+from ..domain.models import as_utc, parse_campaign
+from .report import FAIL, OK, WARN, Report, redacted_configuration
 
-OK, WARN, FAIL = "ok", "warn", "fail"
 EXPECTED_INDEXES = {
     "campaigns": {"status_startDate", "status_endDate"},
     "deliveries": {"campaign_channel_state"},
     "campaign_executions": {"campaign_epoch"},
 }
-
-
-@dataclass
-class Check:
-    name: str
-    status: str
-    detail: str
-
-
-@dataclass
-class Report:
-    checks: list[Check] = field(default_factory=list)
-    configuration: dict[str, Any] = field(default_factory=dict)
-    waiting: list[dict[str, Any]] = field(default_factory=list)
-    running: list[dict[str, Any]] = field(default_factory=list)
-    failures: list[dict[str, Any]] = field(default_factory=list)
-    recommendations: list[str] = field(default_factory=list)
-
-    def add(self, name: str, status: str, detail: str) -> None:
-        self.checks.append(Check(name, status, detail))
-
-    @property
-    def healthy(self) -> bool:
-        return all(c.status != FAIL for c in self.checks)
-
-
-def redacted_configuration(settings: Settings) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, value in settings.model_dump().items():
-        if isinstance(value, SecretStr):
-            out[name.upper()] = (
-                _redact_uri(value.get_secret_value()) if "uri" in name else "********"
-            )
-        else:
-            out[name.upper()] = value
-    return out
-
-
-def _redact_uri(uri: str) -> str:
-    """mongodb://user:pass@host → mongodb://user:********@host; no credentials, unchanged."""
-    scheme, sep, rest = uri.partition("://")
-    if not sep or "@" not in rest.split("/", 1)[0]:
-        return uri
-    creds, _, host = rest.partition("@")
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:********@{host}"
 
 
 async def diagnose(
@@ -251,7 +193,7 @@ async def _check_channels(report: Report, settings: Settings, probe: bool) -> No
             "will be recorded as skipped (channel_not_configured)",
         )
     elif probe:
-        from .adapters.smtp import SmtpEmailSender
+        from ..adapters.smtp import SmtpEmailSender
 
         try:
             await asyncio.wait_for(SmtpEmailSender(smtp).check(), 10)
@@ -274,7 +216,7 @@ async def _check_channels(report: Report, settings: Settings, probe: bool) -> No
             "TWILIO_AUTH_TOKEN and TWILIO_FROM_NUMBER; SMS will be recorded as skipped",
         )
     elif probe:
-        from .adapters.twilio_sms import TwilioSmsSender
+        from ..adapters.twilio_sms import TwilioSmsSender
 
         sender = TwilioSmsSender(twilio)
         try:
@@ -437,57 +379,3 @@ def _recommend(report: Report, settings: Settings) -> None:
             r.append(f"{name}: {check.detail}")
     if not r:
         r.append("Nothing to do: everything checked is healthy.")
-
-
-def render(report: Report, console: Console) -> None:
-    colours = {OK: "green", WARN: "yellow", FAIL: "red"}
-    checks = Table(title="Checks", show_lines=False)
-    for col in ("check", "status", "detail"):
-        checks.add_column(col)
-    for c in report.checks:
-        checks.add_row(c.name, f"[{colours[c.status]}]{c.status}[/]", c.detail)
-    console.print(checks)
-    config = Table(title="Configuration (secrets redacted)")
-    config.add_column("variable")
-    config.add_column("value")
-    for key, value in report.configuration.items():
-        config.add_row(key, str(value))
-    console.print(config)
-    if report.waiting:
-        waiting = Table(title="Approved campaigns waiting")
-        for col in ("name", "id", "start", "state", "note"):
-            waiting.add_column(col)
-        for w in report.waiting:
-            waiting.add_row(str(w["name"]), w["id"], str(w.get("start")), w["state"], w["note"])
-        console.print(waiting)
-    if report.running:
-        running = Table(title="Running and paused campaigns")
-        for col in ("name", "status", "owner", "lease", "progress"):
-            running.add_column(col)
-        for r in report.running:
-            progress = ", ".join(f"{k}={v}" for k, v in r["progress"].items())
-            running.add_row(str(r["name"]), r["status"], str(r["owner"]), r["lease"], progress)
-        console.print(running)
-    if report.failures:
-        failures = Table(title="Recent failures")
-        for col in ("name", "status", "problem"):
-            failures.add_column(col)
-        for f in report.failures:
-            failures.add_row(str(f["name"]), str(f["status"]), str(f["problem"]))
-        console.print(failures)
-    console.print("[bold]Recommendations[/]")
-    for rec in report.recommendations:
-        console.print(f"  • {rec}")
-    console.print("[green]healthy[/]" if report.healthy else "[red]something is wrong[/]")
-
-
-def run_doctor(settings: Settings, *, as_json: bool = False, probe: bool = False) -> int:
-    report = asyncio.run(diagnose(settings, probe=probe))
-    if as_json:
-        payload = asdict(report)
-        payload["healthy"] = report.healthy
-        json.dump(payload, sys.stdout, indent=2, default=str)
-        sys.stdout.write("\n")
-    else:
-        render(report, Console(width=140))
-    return 0 if report.healthy else 1
