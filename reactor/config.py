@@ -97,6 +97,15 @@ class Settings(BaseSettings):
         return value.upper() if isinstance(value, str) else value
 
     @model_validator(mode="after")
+    def _check_smtp_tls(self) -> Settings:
+        if self.smtp_tls == "none" and (self.smtp_username or self.smtp_password):
+            raise ValueError(
+                "SMTP_TLS=none with SMTP_USERNAME/SMTP_PASSWORD would send the credentials in "
+                "clear text; use starttls or tls"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_sms(self) -> Settings:
         if self.twilio_from_number and self.twilio_messaging_service_sid:
             raise ValueError("set only one of TWILIO_FROM_NUMBER and TWILIO_MESSAGING_SERVICE_SID")

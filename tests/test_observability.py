@@ -54,7 +54,7 @@ def run_tool(*args: str, cwd: Path | None = None, stdin: bytes | None = None) ->
 
 
 def test_alert_rules_are_valid_and_every_alert_is_unit_tested() -> None:
-    assert "SUCCESS: 8 rules found" in run_tool(
+    assert "SUCCESS: 11 rules found" in run_tool(
         "promtool", "check", "rules", "alerts.yml", cwd=DEPLOY
     )
     assert "SUCCESS" in run_tool("promtool", "test", "rules", "alerts.test.yml", cwd=DEPLOY)
@@ -85,15 +85,36 @@ def test_prometheus_and_alertmanager_configs() -> None:
     assert targets == ["reactor-1:9464", "reactor-2:9464"]
 
 
-def test_compose_file_validates_with_every_service() -> None:
+SECRETS = {
+    "MONGO_KEYFILE": "a2V5ZmlsZS1mb3ItdGhlLXRlc3Q=",
+    "MONGO_ROOT_PASSWORD": "root-secret-for-the-test",
+    "MONGO_REACTOR_PASSWORD": "reactor-secret-for-the-test",
+    "GRAFANA_ADMIN_PASSWORD": "grafana-secret-for-the-test",
+}
+
+
+def render_compose(
+    tmp: Path, secrets: dict[str, str]
+) -> tuple[subprocess.CompletedProcess[str], Any]:
+    shutil.copytree(DEPLOY, tmp / "deploy", dirs_exist_ok=True)
+    shutil.copytree(ROOT / "grafana", tmp / "grafana", dirs_exist_ok=True)
+    shutil.copy(tmp / "deploy" / ".env.example", tmp / "deploy" / ".env")
+    example = (tmp / "deploy" / "secrets.env.example").read_text()
+    for key, value in secrets.items():
+        example = re.sub(rf"^{key}=.*$", f"{key}={value}", example, flags=re.M)
+    (tmp / "deploy" / "secrets.env").write_text(example)
+    args = ["docker-compose", "-f", "deploy/docker-compose.yml", "--env-file", "deploy/secrets.env"]
+    proc = subprocess.run(
+        [*args, "config"], cwd=tmp, capture_output=True, text=True, check=False, timeout=60
+    )
+    return proc, yaml.safe_load(proc.stdout) if proc.returncode == 0 else None
+
+
+@pytest.mark.tools
+def test_compose_file_validates_and_is_safe_to_copy() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        shutil.copytree(DEPLOY, Path(tmp) / "deploy")
-        shutil.copytree(ROOT / "grafana", Path(tmp) / "grafana")
-        shutil.copy(Path(tmp) / "deploy" / ".env.example", Path(tmp) / "deploy" / ".env")
-        run_tool("docker-compose", "-f", "deploy/docker-compose.yml", "config", "-q", cwd=Path(tmp))
-        rendered = yaml.safe_load(
-            run_tool("docker-compose", "-f", "deploy/docker-compose.yml", "config", cwd=Path(tmp))
-        )
+        proc, rendered = render_compose(Path(tmp), SECRETS)
+    assert proc.returncode == 0, proc.stderr
     services = rendered["services"]
     assert {
         "mongo",
@@ -105,12 +126,67 @@ def test_compose_file_validates_with_every_service() -> None:
         "grafana",
         "mailcatcher",
     } <= set(services)
-    assert "--replSet" in services["mongo"]["command"]
+    # MongoDB: a replica set with authentication, its keyfile from the secrets file.
+    command = services["mongo"]["command"]
+    assert "--replSet" in command
+    assert "--auth" in command
+    assert "--keyFile" in command
     assert "rs.initiate" in " ".join(services["mongo-init"]["command"])
+    assert "createUser" in " ".join(services["mongo-init"]["command"])
+    # Only Grafana is published, on loopback, with its admin password set; no anonymous access.
+    published = {name: s["ports"] for name, s in services.items() if s.get("ports")}
+    assert set(published) == {"grafana"}
+    (port,) = published["grafana"]
+    # docker-compose 1.x renders the short form, 2.x the long one.
+    host_ip = port.split(":", 1)[0] if isinstance(port, str) else port["host_ip"]
+    assert host_ip == "127.0.0.1"
+    grafana_env = services["grafana"]["environment"]
+    assert grafana_env["GF_SECURITY_ADMIN_PASSWORD"] == SECRETS["GRAFANA_ADMIN_PASSWORD"]
+    assert grafana_env["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert rendered["networks"]["backend"]["internal"] is True
+    assert services["mongo"]["networks"].keys() == {"backend"}
     for name in ("reactor-1", "reactor-2"):
         env = services[name]["environment"]
         assert env["REACTOR_INSTANCE_ID"] == name
         assert "replicaSet=rs0" in env["MONGO_URI"]
+        assert SECRETS["MONGO_REACTOR_PASSWORD"] in env["MONGO_URI"]
+        # The reactors never get the root credentials or the keyfile.
+        assert SECRETS["MONGO_ROOT_PASSWORD"] not in json.dumps(env)
+        assert SECRETS["MONGO_KEYFILE"] not in json.dumps(env)
+    # Every image is pinned to a release.
+    for name, service in services.items():
+        image = service.get("image", "")
+        tag = image.rsplit(":", 1)[-1]
+        assert tag != "latest", name
+        assert re.fullmatch(r"v?\d+\.\d+\.\d+", tag), (name, image)
+
+
+@pytest.mark.tools
+def test_compose_refuses_to_start_with_a_secret_left_empty() -> None:
+    for missing in SECRETS:
+        with tempfile.TemporaryDirectory() as tmp:
+            proc, _ = render_compose(Path(tmp), {k: v for k, v in SECRETS.items() if k != missing})
+        assert proc.returncode != 0, missing
+        assert missing in proc.stderr + proc.stdout
+
+
+def test_alertmanager_receivers_are_all_defined_locally() -> None:
+    config = yaml.safe_load((DEPLOY / "alertmanager.yml").read_text())
+    names = {r["name"] for r in config["receivers"]}
+    routed = {config["route"]["receiver"]} | {r["receiver"] for r in config["route"]["routes"]}
+    assert routed <= names
+    # No receiver posts to a service the compose file does not define.
+    assert "alert-webhook" not in (DEPLOY / "alertmanager.yml").read_text()
+
+
+def test_plaintext_smtp_with_credentials_is_refused() -> None:
+    from pydantic import ValidationError
+
+    from reactor.config import Settings
+
+    with pytest.raises(ValidationError, match="clear text"):
+        Settings(mongo_uri="mongodb://x/", smtp_tls="none", smtp_username="u", smtp_password="p")
+    Settings(mongo_uri="mongodb://x/", smtp_tls="none")  # the mail catcher: no credentials
 
 
 def test_dockerfile_passes_hadolint_and_is_non_root() -> None:
@@ -303,7 +379,7 @@ async def test_prometheus_scrapes_the_reactor_and_every_query_evaluates(
                 assert ("email", "sent") in sends
                 async with http.get(f"{base}/rules") as resp:
                     rules = (await resp.json())["data"]["groups"][0]["rules"]
-                assert len(rules) == 8
+                assert len(rules) == 11
                 assert all(r["health"] == "ok" for r in rules), rules
         finally:
             prom.terminate()
