@@ -135,10 +135,14 @@ async def test_an_owner_whose_renewals_fail_fences_itself_then_resumes(
 async def test_a_failing_execution_backs_off_keeps_its_error_and_ends_failed(
     mongo: MongoTarget, client: Client, sink: SmtpSink
 ) -> None:
-    """Every execution fails (the orders lookup errors). The error stays on the campaign, each
-    retry waits longer, and after EXECUTION_MAX_FAILURES the campaign is `failed` — no loop of
-    takeovers counted as sweep repairs."""
-    mongo.require_emulator()
+    """Every execution fails (the orders database is unreachable). The error stays on the
+    campaign, each retry waits longer, and after EXECUTION_MAX_FAILURES the campaign is
+    `failed` — no loop of takeovers counted as sweep repairs."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
     ids = await seed_customers(client, mongo, 5)
     coll = client[mongo.campaigns_db].campaigns
     cfg = settings(
@@ -147,14 +151,11 @@ async def test_a_failing_execution_backs_off_keeps_its_error_and_ends_failed(
         execution_max_failures=3,
         execution_retry_base_seconds=0.2,
         reconcile_interval_seconds=0.5,
+        segmentation_mongo_uri=f"mongodb://127.0.0.1:{dead}/?serverSelectionTimeoutMS=200",
     )
     async with running(cfg) as (reactor,):
-        await fail_point(
-            client, failCommands=["aggregate"], errorCode=2, appName="campaign-reactor/test-a"
-        )
         res = await coll.insert_one(campaign("doomed", 0.5, 60, ids))
         await eventually(has_status(client, mongo, res.inserted_id, "failed"), 20)
-        await fail_point_off(client)
         doc = await doc_of(client, mongo, res.inserted_id)
         repairs = sum(
             s.value
@@ -166,7 +167,7 @@ async def test_a_failing_execution_backs_off_keeps_its_error_and_ends_failed(
     assert execution["failures"] == 3
     assert execution["epoch"] == 3
     assert execution["lastError"]["reason"] == "execution_failed"
-    assert "failCommand" in execution["lastError"]["detail"]
+    assert "ServerSelectionTimeoutError" in execution["lastError"]["detail"]
     assert "failed 3 times in a row" in execution["reason"]
     assert repairs == 0
     assert sink.messages == []

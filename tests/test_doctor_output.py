@@ -69,3 +69,19 @@ def test_names_are_shown_as_written_not_as_markup_or_escapes() -> None:
 def test_printable_keeps_text_and_tabs() -> None:
     assert printable("Sommer-Sale\tü") == "Sommer-Sale\tü"
     assert printable("a\x00b\u200bc") == "a\\x00b\\u200bc"
+
+
+def test_secret_settings_are_redacted_in_the_configuration() -> None:
+    from reactor.config import Settings
+    from reactor.doctor import redacted_configuration
+
+    settings = Settings(
+        mongo_uri="mongodb://app:mongo-pw@db/?replicaSet=rs0",
+        smtp_password="smtp-pw",
+        twilio_auth_token="twilio-token",
+        twilio_api_base_url="https://AC1:proxy-pw@proxy.example",
+    )
+    shown = str(redacted_configuration(settings))
+    for secret in ("mongo-pw", "smtp-pw", "twilio-token", "proxy-pw"):
+        assert secret not in shown
+    assert "app:********@db" in shown

@@ -205,12 +205,13 @@ def test_templates_substitute_only_known_placeholders(
 @pytest.mark.parametrize(
     ("value", "normal", "variants"),
     [
-        ("42", "42", ["42", 42]),
-        (42, "42", ["42", 42]),
-        (42.0, "42", ["42", 42]),
+        ("42", "42", ["42", 42, "42.0"]),
+        (42, "42", ["42", 42, "42.0"]),
+        (42.0, "42", ["42", "42.0", 42]),
+        ("42.0", "42", ["42", "42.0", 42]),
         ("007", "007", ["007"]),
         ("abc-1", "abc-1", ["abc-1"]),
-        (" 9 ", "9", ["9", 9]),
+        (" 9 ", "9", ["9", 9, "9.0"]),
     ],
 )
 def test_customer_ids_match_across_spellings(value: Any, normal: str, variants: list[Any]) -> None:

@@ -15,6 +15,8 @@ SPECIFIC: dict[str, dict[str, Any]] = {
     "2 three instances, approvals in bursts": {"epochs_seen": [1]},  # each start claimed once
     "3 rolling restart (SIGTERM each in turn)": {"exit_codes": "all 0"},  # clean drains
     "5 history lost while down": {"history_lost_restarts": "at least 1"},
+    # Each Twilio 500 may have been accepted: one uncertain row each, never retried.
+    "6 SMTP down, Twilio 429 then 500": {"uncertain_from_provider_5xx": 20},
     "8 bad campaigns in a healthy burst": {"deliveries_for_bad": 0},
 }
 

@@ -237,6 +237,8 @@ class ProtocolOnTheStore(RuleBasedStateMachine):
 
 
 ProtocolOnTheStore.TestCase.settings = settings(
+    # Derandomized: every run explores the same interleavings, so CI cannot flake.
+    derandomize=True,
     max_examples=100,
     stateful_step_count=25,
     deadline=None,

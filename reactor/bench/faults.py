@@ -204,8 +204,10 @@ async def world(customers: int) -> AsyncIterator[World]:
             await client.close()
 
 
-async def account(w: World, *, crashes: int = 0) -> dict[str, Any]:
-    """Count sinks against the ledger, per (campaign, channel, customer)."""
+async def account(w: World, *, crashes: int = 0, ambiguous: int = 0) -> dict[str, Any]:
+    """Count sinks against the ledger, per (campaign, channel, customer). `ambiguous`: provider
+    answers injected whose outcome cannot be known (a Twilio 5xx): each must be one uncertain
+    row, never retried."""
     names = {}
     async for doc in w.client.marketing.campaigns.find(
         {"_id": {"$in": w.campaign_ids}}, {"name": 1, "execution": 1}
@@ -221,10 +223,13 @@ async def account(w: World, *, crashes: int = 0) -> dict[str, Any]:
     duplicates = sum(n - 1 for n in received.values() if n > 1)
     states: collections.Counter[str] = collections.Counter()
     final = 0
+    provider_5xx = 0
     async for row in w.client.marketing.deliveries.find(
         {"campaign": {"$in": [str(i) for i in w.campaign_ids]}}
     ):
         states[row["state"]] += 1
+        if row["state"] == "uncertain" and str(row.get("error", "")).startswith("Twilio 5"):
+            provider_5xx += 1
         if row["state"] in ("sent", "failed", "skipped", "uncertain"):
             final += 1
     expected = 0
@@ -241,7 +246,8 @@ async def account(w: World, *, crashes: int = 0) -> dict[str, Any]:
         "uncertain": states["uncertain"],
         # Rows are written `pending` only for sends about to start, at most CONCURRENCY per
         # (campaign, channel) execution: that many per execution a crash can leave unknown.
-        "uncertain_bound": max(1, crashes) * len(w.campaign_ids) * 2 * CONCURRENCY,
+        "uncertain_bound": max(1, crashes) * len(w.campaign_ids) * 2 * CONCURRENCY + ambiguous,
+        "uncertain_from_provider_5xx": provider_5xx,
         "states": dict(states),
         "start_lateness_p99_ms": round(percentile(lateness, 0.99), 1) if lateness else None,
     }
@@ -345,7 +351,7 @@ async def providers_failing(w: World, quick: bool) -> dict[str, Any]:
     back_at = time.monotonic()
     done_at = await until(w.all_sent, 120)
     return {
-        **await account(w, crashes=1),
+        **await account(w, crashes=1, ambiguous=20),
         "smtp_outage_s": outage_s,
         "recovery_s": round(done_at - back_at, 2),
     }

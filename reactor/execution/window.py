@@ -121,6 +121,21 @@ class SendWindow:
             timeout = min(timeout, self.limiter.wait_s(), 1.0)
         elif more and fenced:
             timeout = min(timeout, FENCED_POLL_S)  # a renewal lifts the fence
-        with anyio.move_on_after(timeout):
-            await self.wake.wait()  # a send in flight will finish, or a token is free
+        await self._wait(timeout)  # a send in flight will finish, or a token is free
         return True
+
+    async def _wait(self, timeout_s: float) -> None:
+        """Until a worker wakes the loop, or `timeout_s` of the clock's time (never the event
+        loop's own: tests drive the clock, and a rate limit is measured on it)."""
+        if timeout_s == math.inf:
+            await self.wake.wait()
+            return
+        async with anyio.create_task_group() as tg:
+
+            async def woken() -> None:
+                await self.wake.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(woken)
+            await self.clock.sleep(timeout_s)
+            tg.cancel_scope.cancel()
