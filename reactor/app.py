@@ -9,6 +9,7 @@ whatever is left.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -41,22 +42,31 @@ def mongo_client(uri: str, instance: str, **kwargs: Any) -> AsyncMongoClient[dic
     return AsyncMongoClient(uri, tz_aware=True, appname=f"campaign-reactor/{instance}", **kwargs)
 
 
+@dataclass(frozen=True)
+class _Parts:
+    store: MongoCampaignStore
+    ledger: MongoLedger
+    feed: MongoChangeFeed
+    db_clock: DatabaseClock
+    executor: Executor
+    scheduler: Scheduler
+    reconciler: Reconciler
+    watcher: Watcher
+
+
 class Reactor:
     def __init__(
         self,
         settings: Settings,
         *,
         clock: Clock | None = None,
-        metrics: Metrics | None = None,
-        email_sender: EmailSender | None = None,
-        sms_sender: SmsSender | None = None,
         serve_http: bool = True,
     ) -> None:
         self.settings = settings
+        # The local clock this instance reads (a skewed one in tests); decisions are the
+        # database's regardless (DatabaseClock, $$NOW).
         self.clock = clock or SystemClock()
-        self.metrics = metrics or Metrics()
-        self._email_override = email_sender
-        self._sms_override = sms_sender
+        self.metrics = Metrics()
         self._serve_http = serve_http
         self.instance_id = settings.reactor_instance_id
         self.ready = anyio.Event()
@@ -105,11 +115,11 @@ class Reactor:
 
     def _senders(self) -> tuple[EmailSender | None, SmsSender | None]:
         s = self.settings
-        email: EmailSender | None = self._email_override
-        if email is None and (smtp := s.smtp_config()) is not None:
+        email: EmailSender | None = None
+        if (smtp := s.smtp_config()) is not None:
             email = SmtpEmailSender(smtp)
-        sms: SmsSender | None = self._sms_override
-        if sms is None and (twilio := s.twilio_config()) is not None:
+        sms: SmsSender | None = None
+        if (twilio := s.twilio_config()) is not None:
             sms = TwilioSmsSender(twilio)
         if email is None:
             log.warning(
@@ -132,6 +142,75 @@ class Reactor:
         sms: SmsSender | None,
         task_status: TaskStatus[None],
     ) -> None:
+        s = self.settings
+        sched_cfg = s.scheduler_config()
+        parts = self._build(client, seg_client, email, sms)
+        store, ledger, feed, db_clock = parts.store, parts.ledger, parts.feed, parts.db_clock
+        executor, scheduler = parts.executor, parts.scheduler
+        reconciler, watcher = parts.reconciler, parts.watcher
+
+        async def readiness() -> dict[str, bool]:
+            # From state the service keeps, never a database round trip per request.
+            checks = {"mongodb": self.mongodb_reachable}
+            if s.enable_schedulers:
+                checks["change_stream"] = watcher.up
+                checks["first_sweep"] = reconciler.first_sweep.is_set()
+            return checks
+
+        if self._serve_http:
+            self.http = OpsServer(self.metrics, readiness, s.metrics_host, s.metrics_port)
+            await self.http.start()
+            log.info("metrics and health on http://%s:%s", s.metrics_host, self.http.port)
+
+        await self._wait_for_mongodb(store, ledger, feed, db_clock)
+        self.metrics.schedulers_enabled.set(1 if s.enable_schedulers else 0)
+        async with anyio.create_task_group() as sending:
+            await sending.start(executor.serve)
+            sending.start_soon(self._watch_clock, feed, db_clock, sched_cfg.clock_check_s)
+            async with anyio.create_task_group() as intake:
+                if s.enable_schedulers:
+                    await intake.start(scheduler.run)
+                    intake.start_soon(watcher.run)
+                    intake.start_soon(reconciler.run)
+                    intake.start_soon(self._announce_ready, watcher)
+                    log.info(
+                        "📅 Campaign scheduler started (instance %s, horizon %gs, sweep "
+                        "every %gs, misfire grace %gs)",
+                        self.instance_id,
+                        sched_cfg.horizon_s,
+                        sched_cfg.reconcile_interval_s,
+                        sched_cfg.misfire_grace_s,
+                    )
+                else:
+                    log.warning(
+                        "ENABLE_SCHEDULERS=false: this instance arms and fires nothing; "
+                        "it serves metrics and health only"
+                    )
+                    self.ready.set()
+                task_status.started()
+                await self._stop.wait()
+                log.info(
+                    "shutdown requested: stopping intake, draining sends for up to %gs",
+                    s.shutdown_grace_seconds,
+                )
+                intake.cancel_scope.cancel()
+            await executor.stop_all(StopReason.SHUTDOWN, s.shutdown_grace_seconds)
+            with anyio.move_on_after(5, shield=True):
+                try:
+                    await watcher.save_token()
+                except Exception:
+                    log.warning("could not persist the resume token at shutdown", exc_info=True)
+            sending.cancel_scope.cancel()
+
+    def _build(
+        self,
+        client: AsyncMongoClient[dict[str, Any]],
+        seg_client: AsyncMongoClient[dict[str, Any]],
+        email: EmailSender | None,
+        sms: SmsSender | None,
+    ) -> _Parts:
+        """The components, wired: adapters first, then the feed (handed to both the watcher
+        and the reconciler), then the logic on top."""
         s = self.settings
         sched_cfg = s.scheduler_config()
         db = client[s.campaigns_db]
@@ -187,59 +266,7 @@ class Reactor:
             reconciler,
             watcher,
         )
-
-        async def readiness() -> dict[str, bool]:
-            # From state the service keeps, never a database round trip per request.
-            checks = {"mongodb": self.mongodb_reachable}
-            if s.enable_schedulers:
-                checks["change_stream"] = watcher.up
-                checks["first_sweep"] = reconciler.first_sweep.is_set()
-            return checks
-
-        if self._serve_http:
-            self.http = OpsServer(self.metrics, readiness, s.metrics_host, s.metrics_port)
-            await self.http.start()
-            log.info("metrics and health on http://%s:%s", s.metrics_host, self.http.port)
-
-        await self._wait_for_mongodb(store, ledger, feed, db_clock)
-        self.metrics.schedulers_enabled.set(1 if s.enable_schedulers else 0)
-        async with anyio.create_task_group() as sending:
-            await sending.start(executor.serve)
-            sending.start_soon(self._watch_clock, feed, db_clock, sched_cfg.clock_check_s)
-            async with anyio.create_task_group() as intake:
-                if s.enable_schedulers:
-                    await intake.start(scheduler.run)
-                    intake.start_soon(watcher.run)
-                    intake.start_soon(reconciler.run)
-                    intake.start_soon(self._announce_ready, watcher)
-                    log.info(
-                        "📅 Campaign scheduler started (instance %s, horizon %gs, sweep "
-                        "every %gs, misfire grace %gs)",
-                        self.instance_id,
-                        sched_cfg.horizon_s,
-                        sched_cfg.reconcile_interval_s,
-                        sched_cfg.misfire_grace_s,
-                    )
-                else:
-                    log.warning(
-                        "ENABLE_SCHEDULERS=false: this instance arms and fires nothing; "
-                        "it serves metrics and health only"
-                    )
-                    self.ready.set()
-                task_status.started()
-                await self._stop.wait()
-                log.info(
-                    "shutdown requested: stopping intake, draining sends for up to %gs",
-                    s.shutdown_grace_seconds,
-                )
-                intake.cancel_scope.cancel()
-            await executor.stop_all(StopReason.SHUTDOWN, s.shutdown_grace_seconds)
-            with anyio.move_on_after(5, shield=True):
-                try:
-                    await watcher.save_token()
-                except Exception:
-                    log.warning("could not persist the resume token at shutdown", exc_info=True)
-            sending.cancel_scope.cancel()
+        return _Parts(store, ledger, feed, db_clock, executor, scheduler, reconciler, watcher)
 
     async def _wait_for_mongodb(
         self,

@@ -288,31 +288,7 @@ class Scheduler:
                 grace_s=self._config.misfire_grace_s,
             )
         if claimed is not None:
-            committed = lateness + (self._clock.monotonic() - t0)
-            self._metrics.timer_lateness.labels("start").observe(committed)
-            for hook in self.on_started:
-                hook(key, committed)
-            self._metrics.transitions.labels("running").inc()
-            name = claimed.get("name", key.campaign)
-            execution = claimed.get("execution") or {}
-            # On the document (set by the claim, by the database's clock): lateness against
-            # startDate, what the business sees, a late approval included. In the metric:
-            # lateness the reactor caused.
-            log.info(
-                "▶️ Started campaign: %s (ID: %s)",
-                name,
-                key.campaign,
-                extra={
-                    "campaign_id": key.campaign,
-                    "lateness_ms": execution.get("startLatenessMs"),
-                    "epoch": execution.get("epoch"),
-                },
-            )
-            self._executor.start(claimed, claimed_at_m=t0)
-            end_at = utc(claimed.get("endDate"))
-            if end_at is not None:
-                self.timers.arm(TimerKey(key.campaign, TimerKind.END), end_at)
-                self._update_gauges()
+            self._started(key, claimed, lateness + (self._clock.monotonic() - t0), t0)
             return
         if decision is StartDecision.RUN and await self._store.not_due_yet(campaign_id):
             # Our estimate of the database's clock ran a few milliseconds ahead of it: the
@@ -335,6 +311,35 @@ class Scheduler:
             )
         else:
             log.debug("start of %s claimed elsewhere or no longer approved", key.campaign)
+
+    def _started(
+        self, key: TimerKey, claimed: dict[str, Any], committed: float, claimed_at_m: float
+    ) -> None:
+        """This instance won the start: count it, log it, start sending, arm the end."""
+        self._metrics.timer_lateness.labels("start").observe(committed)
+        for hook in self.on_started:
+            hook(key, committed)
+        self._metrics.transitions.labels("running").inc()
+        name = claimed.get("name", key.campaign)
+        execution = claimed.get("execution") or {}
+        # On the document (set by the claim, by the database's clock): lateness against
+        # startDate, what the business sees, a late approval included. In the metric:
+        # lateness the reactor caused.
+        log.info(
+            "▶️ Started campaign: %s (ID: %s)",
+            name,
+            key.campaign,
+            extra={
+                "campaign_id": key.campaign,
+                "lateness_ms": execution.get("startLatenessMs"),
+                "epoch": execution.get("epoch"),
+            },
+        )
+        self._executor.start(claimed, claimed_at_m=claimed_at_m)
+        end_at = utc(claimed.get("endDate"))
+        if end_at is not None:
+            self.timers.arm(TimerKey(key.campaign, TimerKind.END), end_at)
+            self._update_gauges()
 
     def _missed_reason(self, now: dt.datetime) -> str:
         return (

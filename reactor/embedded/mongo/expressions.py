@@ -69,8 +69,15 @@ SYSTEM_VARIABLES: dict[str, Any] = {}
 
 
 def install_system_variables() -> None:
-    """Make `$$NOW` and `$$CLUSTER_TIME` resolve in aggregation, `$expr` and pipeline updates
-    (idempotent)."""
+    """Teach mongomock's expressions what mongod has and it lacks (idempotent)."""
+    _install_now()
+    _install_type()
+    _install_merge_objects()
+    _install_date_arithmetic()
+
+
+def _install_now() -> None:
+    """`$$NOW` and `$$CLUSTER_TIME` in aggregation, `$expr` and pipeline updates."""
     parser: Any = mongomock.aggregate._Parser
     if getattr(parser, "_reactor_system_variables", False):
         return
@@ -88,7 +95,10 @@ def install_system_variables() -> None:
     parser._parse_basic_expression = parse_basic_expression
     parser._reactor_system_variables = True
 
-    # $type (an aggregation expression since MongoDB 3.4), which mongomock lacks.
+
+def _install_type() -> None:
+    """$type (an aggregation expression since MongoDB 3.4)."""
+    parser: Any = mongomock.aggregate._Parser
     if "$type" not in mongomock.aggregate.type_operators:
         mongomock.aggregate.type_operators.append("$type")
         handle_type = parser._handle_type_operator
@@ -105,7 +115,10 @@ def install_system_variables() -> None:
 
         parser._handle_type_operator = handle_type_operator
 
-    # $mergeObjects as an expression (mongomock has it only as a $group accumulator).
+
+def _install_merge_objects() -> None:
+    """$mergeObjects as an expression (mongomock has it only as a $group accumulator)."""
+    parser: Any = mongomock.aggregate._Parser
     if "$mergeObjects" in mongomock.aggregate.object_operators:
         mongomock.aggregate.object_operators.remove("$mergeObjects")
         parse = parser.parse
@@ -139,8 +152,11 @@ def install_system_variables() -> None:
 
         parser.parse = parse_with_merge
 
-    # Date arithmetic in $add and $subtract: date + ms -> date, date - date -> ms (a long),
-    # date - ms -> date. mongomock's arithmetic accepts numbers only.
+
+def _install_date_arithmetic() -> None:
+    """Dates in $add and $subtract: date + ms -> date, date - date -> ms (a long),
+    date - ms -> date. mongomock's arithmetic accepts numbers only."""
+    parser: Any = mongomock.aggregate._Parser
     if not getattr(parser, "_reactor_date_arithmetic", False):
         arithmetic = parser._handle_arithmetic_operator
 
