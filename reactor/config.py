@@ -73,6 +73,7 @@ class Settings(BaseSettings):
     send_max_attempts: int = Field(5, ge=1, le=50)
     retry_base_seconds: float = Field(0.5, gt=0)
     retry_max_seconds: float = Field(30.0, gt=0)
+    tempfail_retry_seconds: str = "60,300,900"
 
     metrics_host: str = "0.0.0.0"
     metrics_port: int = Field(9464, ge=0, le=65535)
@@ -95,6 +96,21 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @property
+    def tempfail_schedule(self) -> tuple[float, ...]:
+        return tuple(float(v) for v in self.tempfail_retry_seconds.split(",") if v.strip())
+
+    @field_validator("tempfail_retry_seconds")
+    @classmethod
+    def _valid_schedule(cls, value: str) -> str:
+        try:
+            delays = [float(v) for v in value.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError("must be comma-separated seconds, e.g. 60,300,900") from None
+        if any(d <= 0 for d in delays):
+            raise ValueError("every delay must be positive")
+        return value
 
     @model_validator(mode="after")
     def _check_smtp_tls(self) -> Settings:
@@ -144,6 +160,7 @@ class Settings(BaseSettings):
             max_attempts=self.send_max_attempts,
             retry_base_s=self.retry_base_seconds,
             retry_max_s=self.retry_max_seconds,
+            tempfail_retry_s=self.tempfail_schedule,
             default_phone_region=self.default_phone_region,
             batch_size=self.recipient_batch_size,
             message_domain=(self.email_from or "localhost").rsplit("@", 1)[-1].strip("> ")
@@ -217,6 +234,9 @@ class SendConfig:
     max_attempts: int = 5
     retry_base_s: float = 0.5
     retry_max_s: float = 30.0
+    # Delays before re-sending a message a provider refused for now (SMTP 4xx): the default
+    # outlasts greylisting (usually 1-5 minutes); after the last one the row is `failed`.
+    tempfail_retry_s: tuple[float, ...] = (60.0, 300.0, 900.0)
     default_phone_region: str = "US"
     batch_size: int = 1000
     message_domain: str = "localhost"  # the sender's domain, for Message-IDs

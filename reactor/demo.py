@@ -194,6 +194,8 @@ async def _demo(
             "send_max_attempts": 3,
             "retry_base_seconds": 0.05,
             "retry_max_seconds": 0.3,
+            # Temporary refusals (the fakes' injected 451s) come back within the demo's run.
+            "tempfail_retry_seconds": "0.3,0.6,1.2",
             "shutdown_grace_seconds": 5,
         }
         base.update({k.lower(): v for k, v in sink.settings_env().items()})

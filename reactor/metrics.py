@@ -48,6 +48,12 @@ class Metrics:
             ["channel"],
             registry=r,
         )
+        self.sends_deferred = Counter(
+            "reactor_sends_deferred",
+            "Sends a provider refused for now (SMTP 4xx), deferred on TEMPFAIL_RETRY_SECONDS.",
+            ["channel"],
+            registry=r,
+        )
         self.send_duration = Histogram(
             "reactor_send_duration_seconds",
             "Time one provider call took.",
@@ -140,6 +146,7 @@ class Metrics:
             for outcome in ("sent", "failed", "skipped", "uncertain"):
                 self.sends.labels(channel, outcome)
             self.send_retries.labels(channel)
+            self.sends_deferred.labels(channel)
         for kind in ("start", "end"):
             self.timers_armed.labels(kind).set(0)
         for to in ("running", "completed", "missed", "failed"):

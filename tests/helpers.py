@@ -43,6 +43,7 @@ def settings(
         "sms_rate_per_second": 2000,
         "retry_base_seconds": 0.05,
         "retry_max_seconds": 0.5,
+        "tempfail_retry_seconds": "0.2,0.4",
         "send_concurrency": 8,
         "reactor_instance_id": "test-a",
     }

@@ -197,7 +197,8 @@ def _response_error(exc: aiosmtplib.SMTPResponseException) -> Exception:
     text = f"SMTP {exc.code}: {exc.message}"
     if 500 <= exc.code < 600:
         return PermanentDeliveryError(text)
-    return TransientDeliveryError(text)
+    # 4xx: the server asked us to come back later (greylisting, a full mailbox, a rate limit).
+    return TransientDeliveryError(text, deferrable=400 <= exc.code < 500)
 
 
 async def _reset(pooled: _Pooled) -> None:

@@ -186,6 +186,8 @@ async def world(customers: int) -> AsyncIterator[World]:
             "SEND_MAX_ATTEMPTS": "50",
             "RETRY_BASE_SECONDS": "0.1",
             "RETRY_MAX_SECONDS": "1.0",
+            # Temporary refusals come back in seconds here, not the production minutes.
+            "TEMPFAIL_RETRY_SECONDS": "0.5,1,2,4,8",
             **{k: str(v) for k, v in sink.settings_env().items()},
             **{k: str(v) for k, v in twilio.settings_env().items()},
         }

@@ -34,11 +34,16 @@ class DeliveryError(ReactorError):
 
 
 class TransientDeliveryError(DeliveryError):
-    """Raised when a send failed in a way that a later attempt may fix."""
+    """Raised when a send failed in a way that a later attempt may fix. `deferrable`: the
+    provider itself said "try later" (an SMTP 4xx, greylisting among them), which a quick
+    retry would only meet again: the send is deferred on the TEMPFAIL_RETRY_SECONDS schedule."""
 
-    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after_s: float | None = None, deferrable: bool = False
+    ) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.deferrable = deferrable
 
 
 class PermanentDeliveryError(DeliveryError):

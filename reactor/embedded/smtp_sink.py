@@ -67,6 +67,9 @@ class _Faults:
     failure_rate: float = 0.0
     failure_reply: str = "451 4.3.0 temporary failure (injected)"
     drop_during_data: int = 0
+    # Greylisting: a recipient first seen less than this long ago gets 450 at RCPT.
+    greylist_s: float = 0.0
+    first_seen: dict[str, float] = field(default_factory=dict)
 
 
 class _SinkProtocol(SMTPProtocol):
@@ -90,6 +93,23 @@ class _SinkProtocol(SMTPProtocol):
 class _Handler:
     def __init__(self, sink: SmtpSink) -> None:
         self.sink = sink
+
+    async def handle_RCPT(
+        self,
+        server: SMTPProtocol,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        faults = self.sink.faults
+        if faults.greylist_s:
+            first = faults.first_seen.setdefault(address, time.monotonic())
+            if time.monotonic() - first < faults.greylist_s:
+                self.sink.greylisted += 1
+                return "450 4.2.0 Greylisted, please try again later"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server: SMTPProtocol, session: Session, envelope: Envelope) -> str:
         faults = self.sink.faults
@@ -122,6 +142,7 @@ class SmtpSink:
         self.smtputf8 = smtputf8  # offer SMTPUTF8 (RFC 6531) in EHLO
         self.port = port
         self.messages: list[CapturedEmail] = []
+        self.greylisted = 0  # RCPTs answered 450 by greylisting
         self.faults = _Faults()
         # A simulated network round trip before every reply (a real provider is not on
         # loopback); 0 answers at once.
@@ -182,6 +203,10 @@ class SmtpSink:
 
     async def come_back(self) -> None:
         await self.start()
+
+    def greylist(self, seconds: float) -> None:
+        """Answer 450 to each recipient's first attempts for `seconds` (greylisting)."""
+        self.faults.greylist_s = seconds
 
     def fail_next(self, n: int, reply: str = "451 4.3.0 temporary failure (injected)") -> None:
         self.faults.next_replies.extend([reply] * n)

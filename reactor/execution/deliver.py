@@ -21,7 +21,7 @@ from ..domain.retry import RetryPolicy
 from ..metrics import Metrics
 from ..ports import Clock, EmailSender, SmsSender
 from ..ratelimit import TokenBucket
-from .ledger import ABANDONED, Item, Outcome
+from .ledger import ABANDONED, DEFERRED, Item, Outcome
 from .state import Run, unless_stopped, until_lease_holds
 
 log = logging.getLogger(__name__)
@@ -39,10 +39,12 @@ class Deliverer:
         policy: RetryPolicy,
         clock: Clock,
         metrics: Metrics,
+        tempfail_retry_s: tuple[float, ...] = (),
     ) -> None:
         self._senders = senders
         self._limits = limits
         self._policy = policy
+        self._tempfail_retry_s = tempfail_retry_s
         self._clock = clock
         self._metrics = metrics
 
@@ -66,6 +68,18 @@ class Deliverer:
                 provider_id = await sender.send(item.message)  # type: ignore[arg-type]
             except TransientDeliveryError as exc:
                 duration.observe(time.perf_counter() - started)
+                if exc.deferrable:
+                    # "Try later" from the provider itself: a quick retry meets it again.
+                    if item.deferrals < len(self._tempfail_retry_s):
+                        self._metrics.sends_deferred.labels(channel).inc()
+                        return Outcome(item, DEFERRED, error=str(exc), attempts=attempt)
+                    return Outcome(
+                        item,
+                        "failed",
+                        error=f"temporary, still refused after {item.deferrals} deferrals: {exc}",
+                        reason=TEMPORARY,
+                        attempts=attempt,
+                    )
                 if exc.retry_after_s:
                     limiter.pause(exc.retry_after_s)
                 if not self._policy.should_retry(attempt):

@@ -32,12 +32,14 @@ class Item:
     channel: Channel
     to: str
     message: EmailMessage | SmsMessage
+    deferrals: int = 0  # times a provider said "try later" to this message
 
 
 @dataclass
 class Outcome:
     item: Item
-    state: str  # sent | failed | uncertain | abandoned (not sent; its pending row is removed)
+    state: str  # sent | failed | skipped | uncertain, or abandoned / deferred (not sent: its
+    # pending row is removed, so whoever sends it next can mark it again)
     provider_id: str | None = None
     error: str | None = None
     reason: str | None = None
@@ -45,6 +47,7 @@ class Outcome:
 
 
 ABANDONED = "abandoned"
+DEFERRED = "deferred"  # not sent: the provider said "try later"; its pending row is removed
 
 
 class LedgerWriter:
@@ -64,7 +67,7 @@ class LedgerWriter:
         records: list[DeliveryRecord] = []
         abandoned: list[str] = []
         for o in outcomes:
-            if o.state == ABANDONED:
+            if o.state in (ABANDONED, DEFERRED):
                 abandoned.append(delivery_id(run.key, o.item.channel, o.item.customer))
                 continue
             records.append(

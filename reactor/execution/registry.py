@@ -72,7 +72,9 @@ class Executor:
             Channel.SMS: TokenBucket(clock, config.sms_rate_per_s, monotonic=clock.monotonic),
         }
         policy = RetryPolicy(config.max_attempts, config.retry_base_s, config.retry_max_s)
-        self._deliverer = Deliverer(self._senders, self._limits, policy, clock, metrics)
+        self._deliverer = Deliverer(
+            self._senders, self._limits, policy, clock, metrics, config.tempfail_retry_s
+        )
         self._ledger = LedgerWriter(store, ledger, clock, metrics)
         self._runs: dict[str, Run] = {}
         self._tg: anyio.abc.TaskGroup | None = None

@@ -34,7 +34,7 @@ from ..ports import CampaignStore, Clock, EmailSender, Ledger, Recipient, Recipi
 from ..ratelimit import TokenBucket
 from .deliver import Deliverer
 from .ledger import Item, LedgerWriter
-from .state import Run, StopReason
+from .state import Run, StopReason, unless_stopped
 from .window import SendWindow
 
 log = logging.getLogger(__name__)
@@ -168,6 +168,7 @@ class CampaignRun:
         read of the orders rows), which keeps memory bounded however far apart they drift."""
         run = self.run
         found[channel] = 0
+        deferred: list[tuple[float, Item]] = []
         async with anyio.create_task_group() as tg:
             # The next batch is resolved and checked against the ledger while this one sends,
             # so the pipeline does not drain at every batch boundary.
@@ -186,14 +187,35 @@ class CampaignRun:
                     if prepared.unsent:
                         await self._ledger.write(run, prepared.unsent)
                     if prepared.items and run.stop_reason is None:
-                        await self._window(channel, prepared.items).send_all()
+                        await self._window(channel, prepared.items, deferred).send_all()
                 if run.stop_reason == StopReason.WINDOW_CLOSED:
                     # The window closed during or before this batch: whoever was not reached is
                     # recorded as skipped, so every customer is accounted for.
                     await self._close_window(channel, batch)
             tg.cancel_scope.cancel()
+        await self._send_deferred(channel, deferred)
 
-    def _window(self, channel: Channel, items: list[Item]) -> SendWindow:
+    async def _send_deferred(self, channel: Channel, deferred: list[tuple[float, Item]]) -> None:
+        """Send again what a provider refused for now, as each comes due, while the run goes
+        on. Their pending rows were removed when deferred: a run that stops (a pause, a
+        shutdown, a takeover) leaves them unmarked for whoever resumes; a closing window
+        records them skipped."""
+        run = self.run
+        while deferred and run.stop_reason is None:
+            due_m = min(d for d, _ in deferred)
+            wait_s = due_m - self._clock.monotonic()
+            if wait_s > 0 and not await unless_stopped(run, self._clock.sleep, wait_s):
+                break
+            now_m = self._clock.monotonic()
+            ready = [item for d, item in deferred if d <= now_m]
+            deferred[:] = [(d, item) for d, item in deferred if d > now_m]
+            await self._window(channel, ready, deferred).send_all()
+        if deferred and run.stop_reason == StopReason.WINDOW_CLOSED:
+            await self._close_window(channel, [item.customer for _, item in deferred])
+
+    def _window(
+        self, channel: Channel, items: list[Item], deferred: list[tuple[float, Item]]
+    ) -> SendWindow:
         return SendWindow(
             self.run,
             items,
@@ -202,6 +224,8 @@ class CampaignRun:
             deliverer=self._deliverer,
             ledger=self._ledger,
             clock=self._clock,
+            deferred=deferred,
+            tempfail_retry_s=self._config.tempfail_retry_s,
         )
 
     async def _settle_previous_pending(self) -> None:

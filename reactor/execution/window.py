@@ -28,7 +28,7 @@ import anyio
 from ..ports import Clock
 from ..ratelimit import TokenBucket
 from .deliver import Deliverer
-from .ledger import Item, LedgerWriter, Outcome
+from .ledger import DEFERRED, Item, LedgerWriter, Outcome
 from .state import Run
 
 OUTCOME_MAX_AGE_S = 1.0  # a known outcome reaches the ledger within this, even mid-batch
@@ -46,8 +46,14 @@ class SendWindow:
         deliverer: Deliverer,
         ledger: LedgerWriter,
         clock: Clock,
+        deferred: list[tuple[float, Item]] | None = None,
+        tempfail_retry_s: tuple[float, ...] = (),
     ) -> None:
         self.run = run
+        # Sends the provider said to try later: (due, by the monotonic clock; item), for the run
+        # to send again once due.
+        self.deferred = deferred if deferred is not None else []
+        self.tempfail_retry_s = tempfail_retry_s
         self.items = items
         self.concurrency = concurrency
         self.low_water = concurrency // 2
@@ -76,6 +82,10 @@ class SendWindow:
         while True:
             item = await self.inbox.get()
             outcome = await self.deliverer.deliver(self.run, item)
+            if outcome.state == DEFERRED:
+                delay = self.tempfail_retry_s[min(item.deferrals, len(self.tempfail_retry_s) - 1)]
+                item.deferrals += 1
+                self.deferred.append((self.clock.monotonic() + delay, item))
             self.sending -= 1
             if not self.finished:
                 self.first_finished_at = self.clock.monotonic()

@@ -32,6 +32,7 @@ class AdminCommands(CommandsBase):
         "replSetGetStatus": "_repl_set_get_status",
         "serverStatus": "_server_status",
         "getParameter": "_get_parameter",
+        "getCmdLineOpts": "_get_cmd_line_opts",
         "connectionStatus": "_connection_status",
         "getLog": "_get_log",
     }
@@ -115,10 +116,39 @@ class AdminCommands(CommandsBase):
             "process": "reactor-emulator",
             "connections": {"current": len(self._connections)},
             "repl": {"setName": self.replica_set, "isWritablePrimary": True},
+            # No journal, no durability: what drivers' suites check before durability tests.
+            "storageEngine": {"name": "reactor-emulator", "supportsCommittedReads": True},
         }
 
     async def _get_parameter(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
-        return {"featureCompatibilityVersion": {"version": "7.0"}}
+        """The parameters drivers' test suites read (`getParameter: "*"` for all of them)."""
+        params: dict[str, Any] = {
+            "featureCompatibilityVersion": {"version": "7.0"},
+            "enableTestCommands": True,  # configureFailPoint is available
+            "authenticationMechanisms": [],
+            "requireApiVersion": False,
+        }
+        which = request.command.get("getParameter")
+        if which == "*" or (isinstance(which, dict) and which.get("allParameters")):
+            return params
+        asked = {k: v for k, v in request.command.items() if k in params}
+        if not asked:
+            raise CommandError(72, "no option found to get", "InvalidOptions")
+        return {k: params[k] for k in asked}
+
+    async def _get_cmd_line_opts(
+        self, request: Request, conn: Connection, db: str
+    ) -> dict[str, Any]:
+        """How this server was started, as mongod reports it: a replica set, no auth, test
+        commands on."""
+        return {
+            "argv": ["mongod", "--replSet", self.replica_set, "--port", str(self.port)],
+            "parsed": {
+                "net": {"bindIp": self.host, "port": self.port},
+                "replication": {"replSet": self.replica_set},
+                "setParameter": {"enableTestCommands": "1"},
+            },
+        }
 
     async def _connection_status(
         self, request: Request, conn: Connection, db: str

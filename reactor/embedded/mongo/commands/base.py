@@ -43,6 +43,8 @@ class CommandsBase:
     HANDLERS: ClassVar[dict[str, str]] = {}
 
     engine: Engine
+    host: str
+    port: int
     replica_set: str
     fail_points: FailPoints
     _connections: dict[int, Connection]
