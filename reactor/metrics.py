@@ -54,6 +54,18 @@ class Metrics:
             ["channel"],
             registry=r,
         )
+        self.channel_paused = Gauge(
+            "reactor_channel_paused",
+            "1 while a channel's breaker holds its sends back (the provider fails for everyone).",
+            ["channel"],
+            registry=r,
+        )
+        self.channel_pauses = Counter(
+            "reactor_channel_pauses",
+            "Times a channel's breaker paused it, by the kind of failure.",
+            ["channel", "kind"],
+            registry=r,
+        )
         self.send_duration = Histogram(
             "reactor_send_duration_seconds",
             "Time one provider call took.",
@@ -147,6 +159,7 @@ class Metrics:
                 self.sends.labels(channel, outcome)
             self.send_retries.labels(channel)
             self.sends_deferred.labels(channel)
+            self.channel_paused.labels(channel).set(0)
         for kind in ("start", "end"):
             self.timers_armed.labels(kind).set(0)
         for to in ("running", "completed", "missed", "failed"):

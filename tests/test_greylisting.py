@@ -63,3 +63,37 @@ async def test_a_refusal_that_outlasts_the_schedule_is_failed_as_temporary(
     assert all("450" in r["error"] and "2 deferrals" in r["error"] for r in rows)
     assert sink.greylisted == 9  # first try and two deferred tries each
     assert sink.messages == []
+
+
+async def test_an_smtp_outage_pauses_the_channel_and_burns_no_one(
+    mongo: MongoTarget, client: Client, sink: SmtpSink
+) -> None:
+    """The SMTP server is down for 4 s — longer than all of a message's quick retries, so each
+    used to end 'failed'. The breaker pauses the channel instead; once a probe gets through,
+    everyone gets the email exactly once."""
+    import anyio
+
+    ids = await seed_customers(client, mongo, 40)
+    coll = client[mongo.campaigns_db].campaigns
+    async with running(settings(mongo, sink, email_rate_per_second=50)) as (reactor,):
+        await sink.go_down()
+        res = await coll.insert_one(campaign("outage", 0.3, 60, ids, channels=["email"]))
+        sample = reactor.metrics.registry.get_sample_value
+
+        async def paused() -> bool:
+            return sample("reactor_channel_paused", {"channel": "email"}) == 1
+
+        await eventually(paused, 10)
+        await anyio.sleep(3.0)
+        await sink.come_back()
+        await eventually(lambda: sends_done(client, mongo, res.inserted_id), 30)
+        assert sample("reactor_channel_paused", {"channel": "email"}) == 0
+        assert (
+            sample("reactor_channel_pauses_total", {"channel": "email", "kind": "connect"}) or 0
+        ) >= 1
+    rows = await ledger(client, mongo, res.inserted_id)
+    assert collections.Counter(r["state"] for r in rows) == {"sent": 40}
+    assert sorted(collections.Counter(sink.recipients()).values()) == [1] * 40
+    doc = await coll.find_one({"_id": res.inserted_id})
+    assert doc is not None
+    assert doc["execution"]["lastError"]["reason"] == "channel_paused"

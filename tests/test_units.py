@@ -14,7 +14,7 @@ import anyio
 import pytest
 
 from reactor.config import SchedulerConfig, SendConfig
-from reactor.domain.errors import UncertainDeliveryError
+from reactor.domain.errors import TransientDeliveryError, UncertainDeliveryError
 from reactor.execution import Executor
 from reactor.metrics import Metrics
 from reactor.ports import Recipient
@@ -264,3 +264,43 @@ async def test_unreadable_targets_are_reported_when_armed_and_never_started(bad:
     assert w.doc("c")["status"] == "approved"
     assert w.doc("c")["execution"]["lastError"]["reason"] == "bad_targets"
     assert "claim_start" not in w.store.calls
+
+
+async def test_a_channel_wide_outage_pauses_the_channel_instead_of_failing_everyone() -> None:
+    """The provider refuses every connection for a minute: after a few failures in a row the
+    channel pauses (nothing is marked failed), probes with one send at a time, and once the
+    provider is back everyone gets the email exactly once."""
+    outage_until: list[dt.datetime] = []
+
+    async with world(30) as w:
+
+        def provider(message: Any) -> str:
+            if w.clock.now() < outage_until[0]:
+                raise TransientDeliveryError("SMTP connect failed: refused", channel_wide="connect")
+            return "ok"
+
+        w.email.handler = provider
+        outage_until.append(START + dt.timedelta(seconds=60))
+        await w.scheduler.sync(w.store.add(campaign("c", 30)))
+        await w.clock.advance(60.0)  # starts at START, the provider down for a minute
+        await w.until(
+            lambda: (
+                w.metrics.registry.get_sample_value("reactor_channel_paused", {"channel": "email"})
+                == 1
+            )
+        )
+        assert w.doc("c")["execution"]["lastError"]["reason"] == "channel_paused"
+        attempts_when_paused = w.email.attempts
+        await w.clock.advance(30.0)
+        # While paused: only the occasional probe (5 s, then 10 s, then 20 s apart).
+        assert w.email.attempts - attempts_when_paused <= 3
+        await w.until(sends_done(w, "c"), step_s=0.5, limit_s=600)
+    states = collections.Counter(r["state"] for r in w.ledger.rows.values())
+    assert states == {"sent": 30}  # nobody burned as failed by the outage
+    assert sorted(collections.Counter(m.to for m in w.email.sent).values()) == [1] * 30
+    assert w.metrics.registry.get_sample_value("reactor_channel_paused", {"channel": "email"}) == 0
+    pauses = w.metrics.registry.get_sample_value(
+        "reactor_channel_pauses_total", {"channel": "email", "kind": "connect"}
+    )
+    assert pauses is not None
+    assert pauses >= 1

@@ -17,6 +17,7 @@ import asyncio
 import email.charset
 import email.message
 import logging
+import ssl
 from dataclasses import dataclass
 from email.header import Header
 from email.mime.multipart import MIMEMultipart
@@ -135,10 +136,15 @@ class SmtpEmailSender:
             try:
                 await client.connect()
             except aiosmtplib.SMTPAuthenticationError as exc:
-                raise TransientDeliveryError(f"SMTP authentication failed ({exc.code})") from exc
+                client.close()
+                raise TransientDeliveryError(
+                    f"SMTP authentication failed ({exc.code})", channel_wide="auth"
+                ) from exc
             except (aiosmtplib.SMTPException, *_DISCONNECTS) as exc:
                 client.close()
-                raise TransientDeliveryError(f"SMTP connect failed: {exc}") from exc
+                raise TransientDeliveryError(
+                    f"SMTP connect failed: {exc}", channel_wide=_connect_failure(exc)
+                ) from exc
         utf8 = not (self._config.sender.isascii() and message.to.isascii())
         if utf8 and client.is_ehlo_or_helo_needed:
             try:
@@ -191,6 +197,16 @@ class SmtpEmailSender:
             await client.noop()
         finally:
             client.close()
+
+
+def _connect_failure(exc: BaseException) -> str:
+    """tls when the handshake or the certificate failed, connect otherwise."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError) or "CERTIFICATE_VERIFY_FAILED" in str(seen):
+            return "tls"
+        seen = seen.__cause__ or seen.__context__
+    return "tls" if "tls" in str(exc).lower() or "ssl" in str(exc).lower() else "connect"
 
 
 def _response_error(exc: aiosmtplib.SMTPResponseException) -> Exception:

@@ -76,7 +76,9 @@ class MappedTwilioHttpClient(AsyncTwilioHttpClient):  # type: ignore[misc]
                 text = await resp.text()
                 status, resp_headers = resp.status, dict(resp.headers)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-            raise TransientDeliveryError(f"Twilio unreachable: {type(exc).__name__}") from exc
+            raise TransientDeliveryError(
+                f"Twilio unreachable: {type(exc).__name__}", channel_wide="connect"
+            ) from exc
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise UncertainDeliveryError(
                 f"Twilio request outcome unknown: {type(exc).__name__}"
@@ -117,9 +119,11 @@ class TwilioSmsSender:
         except TwilioRestException as exc:
             text = f"Twilio {exc.status} error {exc.code}: {exc.msg}"
             if exc.status >= 500:
-                raise UncertainDeliveryError(text) from exc
+                raise UncertainDeliveryError(text, channel_wide="provider_5xx") from exc
             if exc.status in (408, 409):
                 raise TransientDeliveryError(text) from exc
+            if exc.status in (401, 403):
+                raise PermanentDeliveryError(text, channel_wide="auth") from exc
             raise PermanentDeliveryError(text) from exc
         return str(created.sid)
 

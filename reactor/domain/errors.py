@@ -30,7 +30,13 @@ class InvalidCampaign(ReactorError):
 
 
 class DeliveryError(ReactorError):
-    """Raised when one message could not be handed to its provider."""
+    """Raised when one message could not be handed to its provider. `channel_wide` names a
+    failure that would meet every recipient alike (connect, tls, auth, provider_5xx): enough of
+    them in a row pause the channel instead of failing the audience one by one."""
+
+    def __init__(self, message: str, *, channel_wide: str | None = None) -> None:
+        super().__init__(message)
+        self.channel_wide = channel_wide
 
 
 class TransientDeliveryError(DeliveryError):
@@ -39,9 +45,14 @@ class TransientDeliveryError(DeliveryError):
     retry would only meet again: the send is deferred on the TEMPFAIL_RETRY_SECONDS schedule."""
 
     def __init__(
-        self, message: str, *, retry_after_s: float | None = None, deferrable: bool = False
+        self,
+        message: str,
+        *,
+        retry_after_s: float | None = None,
+        deferrable: bool = False,
+        channel_wide: str | None = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(message, channel_wide=channel_wide)
         self.retry_after_s = retry_after_s
         self.deferrable = deferrable
 

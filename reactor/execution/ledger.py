@@ -44,6 +44,7 @@ class Outcome:
     error: str | None = None
     reason: str | None = None
     attempts: int = 0
+    retry_at_m: float | None = None  # deferred by the channel's breaker: not before this
 
 
 ABANDONED = "abandoned"
@@ -93,6 +94,10 @@ class LedgerWriter:
         if not refused:
             return list(pending)
         return [i for i in pending if delivery_id(run.key, i.channel, i.customer) not in refused]
+
+    async def note(self, run: Run, reason: str, detail: str) -> None:
+        """Say on the campaign why its sending is held up (once per distinct detail)."""
+        await self._store.record_invalid(run.campaign_id, reason, detail)
 
     async def write(self, run: Run, records: list[DeliveryRecord]) -> set[str]:
         """Apply `records` (in order); count what applied. Returns the refused delivery ids."""

@@ -218,6 +218,7 @@ class CampaignRun:
     ) -> SendWindow:
         return SendWindow(
             self.run,
+            channel,
             items,
             concurrency=self._config.concurrency,
             limiter=self._limits[channel],

@@ -25,8 +25,10 @@ import math
 
 import anyio
 
+from ..domain.models import Channel
 from ..ports import Clock
 from ..ratelimit import TokenBucket
+from .breaker import ChannelBreaker
 from .deliver import Deliverer
 from .ledger import DEFERRED, Item, LedgerWriter, Outcome
 from .state import Run
@@ -39,6 +41,7 @@ class SendWindow:
     def __init__(
         self,
         run: Run,
+        channel: Channel,
         items: list[Item],
         *,
         concurrency: int,
@@ -50,6 +53,8 @@ class SendWindow:
         tempfail_retry_s: tuple[float, ...] = (),
     ) -> None:
         self.run = run
+        self.channel = channel
+        self.noted_pause = False
         # Sends the provider said to try later: (due, by the monotonic clock; item), for the run
         # to send again once due.
         self.deferred = deferred if deferred is not None else []
@@ -70,6 +75,23 @@ class SendWindow:
         # send, and the queue never holds more than the pending marks just written.
         self.inbox: asyncio.Queue[Item] = asyncio.Queue()
 
+    @property
+    def breaker(self) -> ChannelBreaker:
+        return self.deliverer.breakers[self.channel]
+
+    async def _defer(self, item: Item, outcome: Outcome) -> None:
+        if outcome.retry_at_m is not None:  # the channel is paused: after its pause
+            self.deferred.append((outcome.retry_at_m, item))
+            if not self.noted_pause:
+                self.noted_pause = True
+                await self.ledger.note(
+                    self.run, "channel_paused", f"{self.channel} paused: {self.breaker.reason}"
+                )
+            return
+        delay = self.tempfail_retry_s[min(item.deferrals, len(self.tempfail_retry_s) - 1)]
+        item.deferrals += 1
+        self.deferred.append((self.clock.monotonic() + delay, item))
+
     async def send_all(self) -> None:
         async with anyio.create_task_group() as tg:
             for _ in range(min(self.concurrency, len(self.items))):
@@ -83,9 +105,7 @@ class SendWindow:
             item = await self.inbox.get()
             outcome = await self.deliverer.deliver(self.run, item)
             if outcome.state == DEFERRED:
-                delay = self.tempfail_retry_s[min(item.deferrals, len(self.tempfail_retry_s) - 1)]
-                item.deferrals += 1
-                self.deferred.append((self.clock.monotonic() + delay, item))
+                await self._defer(item, outcome)
             self.sending -= 1
             if not self.finished:
                 self.first_finished_at = self.clock.monotonic()
@@ -98,12 +118,16 @@ class SendWindow:
         False once everything launched has been recorded."""
         more = self.run.stop_reason is None and self.next_item < len(self.items)
         fenced = not self.run.may_send(self.clock.monotonic())
-        want = more and self.sending <= self.low_water and not fenced
+        # The channel's breaker is open and no probe may go yet: nothing to mark.
+        paused = self.breaker.open and (self.breaker.probing or self.breaker.wait_s() > 0)
+        want = more and self.sending <= self.low_water and not fenced and not paused
         # Rate-limit tokens are taken before rows are marked, so a row is `pending` only while
         # its message is really on its way (or retrying), never while it waits for its turn: a
         # crash leaves only those uncertain.
         room = min(self.concurrency - self.sending, len(self.items) - self.next_item)
         tokens = self.limiter.take(room) if want else 0
+        # While the channel's breaker is open nothing is marked; once its pause is over, one.
+        tokens = self.breaker.room(tokens) if tokens else 0
         stale = bool(self.finished) and (
             self.sending == 0
             or self.clock.monotonic() - self.first_finished_at >= OUTCOME_MAX_AGE_S
@@ -114,6 +138,8 @@ class SendWindow:
             new = self.items[self.next_item : self.next_item + tokens]
             self.next_item += len(new)
             accepted = await self.ledger.outcomes(self.run, done, pending=new)
+            if self.breaker.probing and new and not accepted:
+                self.breaker.probing = False  # the probe's mark was refused: probe again
             self.sending += len(accepted)
             for item in accepted:
                 self.inbox.put_nowait(item)
@@ -129,6 +155,8 @@ class SendWindow:
         if want:  # waiting for the rate limit to free a token (a Retry-After pause can be
             # long: look again every second, in case the run was stopped)
             timeout = min(timeout, self.limiter.wait_s(), 1.0)
+        elif more and paused:
+            timeout = min(timeout, max(self.breaker.wait_s(), FENCED_POLL_S))  # the next probe
         elif more and fenced:
             timeout = min(timeout, FENCED_POLL_S)  # a renewal lifts the fence
         await self._wait(timeout)  # a send in flight will finish, or a token is free
