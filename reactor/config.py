@@ -74,6 +74,7 @@ class Settings(BaseSettings):
     retry_base_seconds: float = Field(0.5, gt=0)
     retry_max_seconds: float = Field(30.0, gt=0)
     tempfail_retry_seconds: str = "60,300,900"
+    channel_pause_max_seconds: float = Field(300.0, gt=0)
 
     metrics_host: str = "0.0.0.0"
     metrics_port: int = Field(9464, ge=0, le=65535)
@@ -161,6 +162,7 @@ class Settings(BaseSettings):
             retry_base_s=self.retry_base_seconds,
             retry_max_s=self.retry_max_seconds,
             tempfail_retry_s=self.tempfail_schedule,
+            channel_pause_max_s=self.channel_pause_max_seconds,
             default_phone_region=self.default_phone_region,
             batch_size=self.recipient_batch_size,
             message_domain=(self.email_from or "localhost").rsplit("@", 1)[-1].strip("> ")
@@ -237,6 +239,8 @@ class SendConfig:
     # Delays before re-sending a message a provider refused for now (SMTP 4xx): the default
     # outlasts greylisting (usually 1-5 minutes); after the last one the row is `failed`.
     tempfail_retry_s: tuple[float, ...] = (60.0, 300.0, 900.0)
+    # A paused channel probes after 5 s, then twice as long each time, up to this.
+    channel_pause_max_s: float = 300.0
     default_phone_region: str = "US"
     batch_size: int = 1000
     message_domain: str = "localhost"  # the sender's domain, for Message-IDs

@@ -18,6 +18,10 @@ SPECIFIC: dict[str, dict[str, Any]] = {
     # Each Twilio 500 may have been accepted: one uncertain row each, never retried.
     "6 SMTP down, Twilio 429 then 500": {"uncertain_from_provider_5xx": 20},
     "8 bad campaigns in a healthy burst": {"deliveries_for_bad": 0},
+    "9 clocks 60 s ahead and 60 s behind": {"epochs_seen": [1]},  # no lease stolen
+    "12 Twilio 502 after accepting": {"uncertain_from_provider_5xx": 10},
+    "13 SMTP greylisting": {"greylisted": "at least 1"},
+    "14 MongoDB unreachable at start": {"exited_while_waiting": 0},
 }
 
 
@@ -29,6 +33,7 @@ async def test_fault_scenario_loses_nothing_and_sends_nothing_twice(scenario: st
     print(table({scenario: result}))
     assert result["duplicates"] == 0, result
     assert result["lost"] == 0, result
+    assert result["early_starts"] == 0, result  # by the database's clock
     assert result["uncertain"] <= result["uncertain_bound"], result
     assert result["states"].get("pending", 0) == 0, result
     for key, expected in SPECIFIC.get(scenario, {}).items():

@@ -26,6 +26,7 @@ from ..embedded.twilio_fake import TwilioFake
 from .common import percentile
 
 CONCURRENCY = 4
+LEASE_S = 2.0  # the replicas' LEASE_SECONDS
 
 
 Client = AsyncMongoClient[dict[str, Any]]
@@ -43,6 +44,9 @@ class ReactorProcess:
     env: dict[str, str]
     port: int = field(default_factory=_free_port)
     proc: asyncio.subprocess.Process | None = None
+    # Run under Debian's faketime with this wall-clock offset ("+60s", "-60s"): a replica whose
+    # clock is off. Monotonic time is left alone, as NTP leaves it.
+    clock_offset: str | None = None
 
     async def start(self) -> None:
         env = {
@@ -52,11 +56,12 @@ class ReactorProcess:
             "METRICS_PORT": str(self.port),
             "METRICS_HOST": "127.0.0.1",
         }
+        command = [sys.executable, "-m", "reactor", "run"]
+        if self.clock_offset:
+            command = ["faketime", "-f", self.clock_offset, *command]
+            env["FAKETIME_DONT_FAKE_MONOTONIC"] = "1"
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "reactor",
-            "run",
+            *command,
             env=env,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
@@ -72,6 +77,15 @@ class ReactorProcess:
                             return
                 await asyncio.sleep(0.1)
         raise RuntimeError(f"{self.name} did not become ready")
+
+    def pause(self) -> None:
+        """SIGSTOP: a VM pause or a stop-the-world collection, as the process sees it."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
@@ -100,8 +114,10 @@ class World:
     campaign_ids: list[Any] = field(default_factory=list)
     bad_ids: list[Any] = field(default_factory=list)
 
-    async def spawn(self, name: str, *, wait: bool = True) -> ReactorProcess:
-        reactor = ReactorProcess(name, self.env)
+    async def spawn(
+        self, name: str, *, wait: bool = True, clock_offset: str | None = None
+    ) -> ReactorProcess:
+        reactor = ReactorProcess(name, self.env, clock_offset=clock_offset)
         self.reactors.append(reactor)
         await reactor.start()
         if wait:
@@ -143,6 +159,12 @@ class World:
         )
         return count == len(self.campaign_ids)
 
+    async def owner(self, campaign_id: Any) -> ReactorProcess:
+        """The replica that owns a running campaign now."""
+        doc = await self.client.marketing.campaigns.find_one({"_id": campaign_id})
+        name = ((doc or {}).get("execution") or {}).get("owner")
+        return next(r for r in self.reactors if r.name == name)
+
     async def stop_all(self) -> None:
         await asyncio.gather(*(r.terminate() for r in self.reactors))
 
@@ -177,7 +199,7 @@ async def world(customers: int) -> AsyncIterator[World]:
             "MONGO_URI": emulator.uri,
             "LOG_LEVEL": "WARNING",
             "LOG_FORMAT": "json",
-            "LEASE_SECONDS": "2",
+            "LEASE_SECONDS": str(LEASE_S),
             "RECONCILE_INTERVAL_SECONDS": "2",
             "SHUTDOWN_GRACE_SECONDS": "5",
             "EMAIL_RATE_PER_SECOND": "150",
@@ -188,6 +210,7 @@ async def world(customers: int) -> AsyncIterator[World]:
             "RETRY_MAX_SECONDS": "1.0",
             # Temporary refusals come back in seconds here, not the production minutes.
             "TEMPFAIL_RETRY_SECONDS": "0.5,1,2,4,8",
+            "CHANNEL_PAUSE_MAX_SECONDS": "2",
             **{k: str(v) for k, v in sink.settings_env().items()},
             **{k: str(v) for k, v in twilio.settings_env().items()},
         }
@@ -233,6 +256,12 @@ async def account(w: World, *, crashes: int = 0, ambiguous: int = 0) -> dict[str
     lateness = [
         d["execution"].get("startLatenessMs", 0.0) for d in names.values() if d.get("execution")
     ]
+    # Started before its startDate, as the database's clock tells (startedAt is its $$NOW).
+    early = 0
+    async for doc in w.client.marketing.campaigns.find({"_id": {"$in": w.campaign_ids}}):
+        started = (doc.get("execution") or {}).get("startedAt")
+        if started is not None and started < doc["startDate"]:
+            early += 1
     return {
         "campaigns": len(w.campaign_ids),
         "deliveries_expected": expected,
@@ -243,6 +272,7 @@ async def account(w: World, *, crashes: int = 0, ambiguous: int = 0) -> dict[str
         # (campaign, channel) execution: that many per execution a crash can leave unknown.
         "uncertain_bound": max(1, crashes) * len(w.campaign_ids) * 2 * CONCURRENCY + ambiguous,
         "uncertain_from_provider_5xx": provider_5xx,
+        "early_starts": early,
         "states": dict(states),
         "start_lateness_p99_ms": round(percentile(lateness, 0.99), 1) if lateness else None,
     }

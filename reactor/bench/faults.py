@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .fault_world import (
+    LEASE_S,
     World,
     account,
     at_least,
@@ -211,6 +212,112 @@ async def bad_campaigns_in_burst(w: World, quick: bool) -> dict[str, Any]:
     }
 
 
+async def skewed_clocks(w: World, quick: bool) -> dict[str, Any]:
+    """One replica's wall clock a minute ahead, another's a minute behind (faketime)."""
+    await w.spawn("a")
+    await w.spawn("fast", clock_offset="+60s")
+    await w.spawn("slow", clock_offset="-60s")
+    await w.approve(3, start_in_s=4)
+    t0 = time.monotonic()
+    done_at = await until(w.all_sent, 120)
+    epochs = [
+        (d.get("execution") or {}).get("epoch")
+        async for d in w.client.marketing.campaigns.find({"_id": {"$in": w.campaign_ids}})
+    ]
+    return {
+        **await account(w),
+        "epochs_seen": sorted(set(epochs)),
+        "recovery_s": round(done_at - t0, 2),
+    }
+
+
+async def owner_stalled(w: World, quick: bool) -> dict[str, Any]:
+    """The owner SIGSTOPped for twice its lease (a VM pause), then SIGCONTed."""
+    await w.spawn("a")
+    await w.spawn("b")
+    (campaign,) = await w.approve(1, start_in_s=1)
+    await until(lambda: at_least(w, 30), 30)
+    owner = await w.owner(campaign)
+    owner.pause()
+    await asyncio.sleep(2 * LEASE_S)
+    owner.resume()
+    resumed_at = time.monotonic()
+    done_at = await until(w.all_sent, 120)
+    return {**await account(w, crashes=1), "recovery_s": round(done_at - resumed_at, 2)}
+
+
+async def heartbeats_failing(w: World, quick: bool) -> dict[str, Any]:
+    """The owner's lease renewals fail (a failCommand on its findAndModify)."""
+    await w.spawn("a")
+    await w.spawn("b")
+    (campaign,) = await w.approve(1, start_in_s=1)
+    await until(lambda: at_least(w, 30), 30)
+    owner = await w.owner(campaign)
+    await w.client.admin.command(
+        {
+            "configureFailPoint": "failCommand",
+            "mode": "alwaysOn",
+            "data": {
+                "failCommands": ["findAndModify"],
+                "errorCode": 2,
+                "appName": f"campaign-reactor/{owner.name}",
+            },
+        }
+    )
+    await asyncio.sleep(3 * LEASE_S)
+    await w.client.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
+    back_at = time.monotonic()
+    done_at = await until(w.all_sent, 120)
+    return {**await account(w, crashes=1), "recovery_s": round(done_at - back_at, 2)}
+
+
+async def twilio_accepts_then_502(w: World, quick: bool) -> dict[str, Any]:
+    """Twilio takes ten messages, then its gateway answers 502: each must stay uncertain, never
+    be retried (a retry would text the customer twice)."""
+    await w.spawn("a")
+    await w.approve(1, start_in_s=1)
+    await until(lambda: at_least(w, 10), 30)
+    w.twilio.accept_then_fail_next(10, 502)
+    t0 = time.monotonic()
+    done_at = await until(w.all_sent, 120)
+    return {**await account(w, ambiguous=10), "recovery_s": round(done_at - t0, 2)}
+
+
+async def smtp_greylisting(w: World, quick: bool) -> dict[str, Any]:
+    """The SMTP server greylists: 450 to every recipient's attempts in its first seconds."""
+    w.sink.greylist(3 if quick else 60)
+    await w.spawn("a")
+    await w.approve(1, start_in_s=1)
+    t0 = time.monotonic()
+    done_at = await until(w.all_sent, 240)
+    return {
+        **await account(w),
+        "greylisted": w.sink.greylisted,
+        "recovery_s": round(done_at - t0, 2),
+    }
+
+
+async def mongo_unreachable_at_start(w: World, quick: bool) -> dict[str, Any]:
+    """MongoDB is down when the replicas start; they wait for it, then work normally."""
+    await w.emulator.stop()
+    a = await w.spawn("a", wait=False)
+    b = await w.spawn("b", wait=False)
+    await asyncio.sleep(3 if quick else 20)
+    # Still waiting, not crashed (under restart: unless-stopped an exit is a crash loop).
+    exited = sum(1 for r in (a, b) if r.proc is None or r.proc.returncode is not None)
+    await w.emulator.start()
+    back_at = time.monotonic()
+    await a.ready(60)
+    await b.ready(60)
+    await w.approve(2, start_in_s=1)
+    done_at = await until(w.all_sent, 120)
+    return {
+        **await account(w),
+        "exited_while_waiting": exited,
+        "recovery_s": round(done_at - back_at, 2),
+    }
+
+
 SCENARIOS: dict[str, Callable[[World, bool], Awaitable[dict[str, Any]]]] = {
     "1 owner SIGKILLed, another takes over": kill_owner,
     "2 three instances, approvals in bursts": three_instances_bursts,
@@ -220,6 +327,12 @@ SCENARIOS: dict[str, Callable[[World, bool], Awaitable[dict[str, Any]]]] = {
     "6 SMTP down, Twilio 429 then 500": providers_failing,
     "7 MongoDB commands failing": mongo_failing,
     "8 bad campaigns in a healthy burst": bad_campaigns_in_burst,
+    "9 clocks 60 s ahead and 60 s behind": skewed_clocks,
+    "10 owner SIGSTOPped for twice its lease": owner_stalled,
+    "11 owner's lease renewals failing": heartbeats_failing,
+    "12 Twilio 502 after accepting": twilio_accepts_then_502,
+    "13 SMTP greylisting": smtp_greylisting,
+    "14 MongoDB unreachable at start": mongo_unreachable_at_start,
 }
 
 
@@ -232,6 +345,7 @@ async def run_scenario(name: str, quick: bool) -> dict[str, Any]:
     result["ok"] = (
         result["duplicates"] == 0
         and result["lost"] == 0
+        and result["early_starts"] == 0
         and result["uncertain"] <= result["uncertain_bound"]
     )
     return result
@@ -248,13 +362,14 @@ async def run(quick: bool = False) -> dict[str, Any]:
 
 def table(results: dict[str, dict[str, Any]]) -> str:
     lines = [
-        "| scenario | deliveries | duplicates | lost | uncertain (bound) | start p99 ms | "
-        "recovery s | ok |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| scenario | deliveries | duplicates | lost | early starts | uncertain (bound) | "
+        "start p99 ms | recovery s | ok |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for name, r in results.items():
         lines.append(
             f"| {name} | {r['deliveries_expected']} | {r['duplicates']} | {r['lost']} | "
+            f"{r['early_starts']} | "
             f"{r['uncertain']} ({r['uncertain_bound']}) | {r['start_lateness_p99_ms']} | "
             f"{r['recovery_s']} | {'yes' if r['ok'] else 'NO'} |"
         )

@@ -36,6 +36,9 @@ class _Faults:
     failure_rate: float = 0.0
     failure_status: int = 503
     delay_s: float = 0.0
+    # Take the message (it will be delivered), then answer with this status: a gateway failing
+    # after Twilio accepted, which the client cannot tell from a refusal.
+    accept_then_fail: list[int] = field(default_factory=list)
 
 
 class TwilioFake:
@@ -61,6 +64,10 @@ class TwilioFake:
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    def accept_then_fail_next(self, n: int, status: int = 502) -> None:
+        """The next `n` valid messages are accepted and delivered, but answered with `status`."""
+        self.faults.accept_then_fail.extend([status] * n)
 
     def fail_next(self, n: int, status: int, retry_after_s: float | None = None) -> None:
         self.faults.next_statuses.extend([(status, retry_after_s)] * n)
@@ -161,6 +168,8 @@ class TwilioFake:
                 sid, to, str(from_) if from_ else None, str(service) if service else None, body
             )
         )
+        if self.faults.accept_then_fail:
+            return self._error(self.faults.accept_then_fail.pop(0), 20500, "Bad Gateway")
         return web.json_response(self._resource(sid, to, from_, service, body), status=201)
 
     def _resource(self, sid: str, to: str, from_: Any, service: Any, body: str) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from ..domain.retry import RetryPolicy
 from ..metrics import Metrics
 from ..ports import Clock, EmailSender, SmsSender
 from ..ratelimit import TokenBucket
-from .breaker import ChannelBreaker
+from .breaker import FIRST_PAUSE_S, ChannelBreaker
 from .ledger import ABANDONED, DEFERRED, Item, Outcome
 from .state import Run, unless_stopped, until_lease_holds
 
@@ -45,12 +45,21 @@ class Deliverer:
         clock: Clock,
         metrics: Metrics,
         tempfail_retry_s: tuple[float, ...] = (),
+        channel_pause_max_s: float = 300.0,
     ) -> None:
         self._senders = senders
         self._limits = limits
         self._policy = policy
         self._tempfail_retry_s = tempfail_retry_s
-        self.breakers = {ch: ChannelBreaker(str(ch), clock.monotonic) for ch in Channel}
+        self.breakers = {
+            ch: ChannelBreaker(
+                str(ch),
+                clock.monotonic,
+                first_pause_s=min(FIRST_PAUSE_S, channel_pause_max_s),
+                max_pause_s=channel_pause_max_s,
+            )
+            for ch in Channel
+        }
         self._clock = clock
         self._metrics = metrics
 

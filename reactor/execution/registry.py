@@ -73,7 +73,13 @@ class Executor:
         }
         policy = RetryPolicy(config.max_attempts, config.retry_base_s, config.retry_max_s)
         self._deliverer = Deliverer(
-            self._senders, self._limits, policy, clock, metrics, config.tempfail_retry_s
+            self._senders,
+            self._limits,
+            policy,
+            clock,
+            metrics,
+            config.tempfail_retry_s,
+            config.channel_pause_max_s,
         )
         self._ledger = LedgerWriter(store, ledger, clock, metrics)
         self._runs: dict[str, Run] = {}
