@@ -21,6 +21,7 @@ from typing import Any
 
 from .fault_world import (
     LEASE_S,
+    ReactorProcess,
     World,
     account,
     at_least,
@@ -231,13 +232,18 @@ async def skewed_clocks(w: World, quick: bool) -> dict[str, Any]:
     }
 
 
-async def owner_stalled(w: World, quick: bool) -> dict[str, Any]:
-    """The owner SIGSTOPped for twice its lease (a VM pause), then SIGCONTed."""
+async def _two_replicas_one_sending(w: World) -> ReactorProcess:
+    """Two replicas, one campaign under way: returns the replica that owns it."""
     await w.spawn("a")
     await w.spawn("b")
     (campaign,) = await w.approve(1, start_in_s=1)
     await until(lambda: at_least(w, 30), 30)
-    owner = await w.owner(campaign)
+    return await w.owner(campaign)
+
+
+async def owner_stalled(w: World, quick: bool) -> dict[str, Any]:
+    """The owner SIGSTOPped for twice its lease (a VM pause), then SIGCONTed."""
+    owner = await _two_replicas_one_sending(w)
     owner.pause()
     await asyncio.sleep(2 * LEASE_S)
     owner.resume()
@@ -248,11 +254,7 @@ async def owner_stalled(w: World, quick: bool) -> dict[str, Any]:
 
 async def heartbeats_failing(w: World, quick: bool) -> dict[str, Any]:
     """The owner's lease renewals fail (a failCommand on its findAndModify)."""
-    await w.spawn("a")
-    await w.spawn("b")
-    (campaign,) = await w.approve(1, start_in_s=1)
-    await until(lambda: at_least(w, 30), 30)
-    owner = await w.owner(campaign)
+    owner = await _two_replicas_one_sending(w)
     await w.client.admin.command(
         {
             "configureFailPoint": "failCommand",
