@@ -269,6 +269,7 @@ class MemoryCampaignStore:
         perf = doc.setdefault("performance", {})
         for name, n in counts.items():
             perf[name] = perf.get(name, 0) + n
+        self._exe(doc)["failures"] = 0
         return True
 
 

@@ -94,3 +94,39 @@ async def test_marks_and_outcomes_in_one_ordered_write(mongo: MongoTarget, clien
     )
     assert refused == {"a"}
     assert await rows(ledger) == {"a": (S, 1), "b": (F, 1), "c": (P, 1), "d": (K, 1)}
+
+
+async def test_failures_count_in_a_row_and_progress_resets_them(
+    mongo: MongoTarget, client: Client
+) -> None:
+    import datetime as dt
+
+    from reactor.adapters.mongo import MongoCampaignStore
+
+    store = MongoCampaignStore(client[mongo.campaigns_db], "campaigns")
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+    await store.campaigns.insert_one(
+        {
+            "_id": "f",
+            "name": "f",
+            "status": "approved",
+            "startDate": start,
+            "endDate": start + dt.timedelta(hours=1),
+            "execution": None,
+        }
+    )
+    claimed = await store.claim_start("f", owner="a", lease_s=30, grace_s=60)
+    assert claimed is not None
+    status = await store.record_failure(
+        "f", epoch=1, detail="boom", max_failures=3, retry_after_s=0
+    )
+    assert status == "running"
+    claimed = await store.claim_takeover("f", old_epoch=1, owner="a", lease_s=30)
+    assert claimed is not None
+    assert claimed["execution"]["failures"] == 1
+    # The new execution makes progress: the count of failures in a row starts again.
+    assert await store.add_performance("f", epoch=2, counts={"emailsSent": 1})
+    doc = await store.get("f")
+    assert doc is not None
+    assert doc["execution"]["failures"] == 0
+    assert doc["execution"]["lastError"]["detail"] == "boom"  # the last error stays visible

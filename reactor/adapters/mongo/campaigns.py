@@ -405,6 +405,11 @@ class MongoCampaignStore:
             return True
         result = await self.campaigns.update_one(
             {"_id": campaign_id, "execution.epoch": epoch},
-            {"$inc": incs, "$currentDate": {"performance.updatedAt": True}},
+            # Progress: whatever failed before, this execution sends — failures are "in a row".
+            {
+                "$inc": incs,
+                "$set": {"execution.failures": 0},
+                "$currentDate": {"performance.updatedAt": True},
+            },
         )
         return result.matched_count > 0
