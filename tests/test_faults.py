@@ -20,7 +20,7 @@ SPECIFIC: dict[str, dict[str, Any]] = {
     "8 bad campaigns in a healthy burst": {"deliveries_for_bad": 0},
     "9 clocks 60 s ahead and 60 s behind": {"epochs_seen": [1]},  # no lease stolen
     "12 Twilio 502 after accepting": {"uncertain_from_provider_5xx": 10},
-    "13 SMTP greylisting": {"greylisted": "at least 1"},
+    "13 SMTP greylisting": {"greylisted": "at least 1", "failed_rows": 0},
     "14 MongoDB unreachable at start": {"exited_while_waiting": 0},
 }
 
