@@ -75,6 +75,7 @@ class Settings(BaseSettings):
     retry_max_seconds: float = Field(30.0, gt=0)
     tempfail_retry_seconds: str = "60,300,900"
     channel_pause_max_seconds: float = Field(300.0, gt=0)
+    sms_resolve_after_seconds: float = Field(30.0, ge=0)
 
     metrics_host: str = "0.0.0.0"
     metrics_port: int = Field(9464, ge=0, le=65535)
@@ -163,6 +164,7 @@ class Settings(BaseSettings):
             retry_max_s=self.retry_max_seconds,
             tempfail_retry_s=self.tempfail_schedule,
             channel_pause_max_s=self.channel_pause_max_seconds,
+            sms_resolve_after_s=self.sms_resolve_after_seconds,
             default_phone_region=self.default_phone_region,
             batch_size=self.recipient_batch_size,
             message_domain=(self.email_from or "localhost").rsplit("@", 1)[-1].strip("> ")
@@ -241,6 +243,9 @@ class SendConfig:
     tempfail_retry_s: tuple[float, ...] = (60.0, 300.0, 900.0)
     # A paused channel probes after 5 s, then twice as long each time, up to this.
     channel_pause_max_s: float = 300.0
+    # An uncertain SMS is looked up in Twilio's Messages list this long after its attempt
+    # (Twilio's queueing window); found, it is `sent` with its SID, else it stays uncertain.
+    sms_resolve_after_s: float = 30.0
     default_phone_region: str = "US"
     batch_size: int = 1000
     message_domain: str = "localhost"  # the sender's domain, for Message-IDs

@@ -196,6 +196,7 @@ async def _demo(
             "retry_max_seconds": 0.3,
             # Temporary refusals (the fakes' injected 451s) come back within the demo's run.
             "tempfail_retry_seconds": "0.3,0.6,1.2",
+            "sms_resolve_after_seconds": 0.5,
             "shutdown_grace_seconds": 5,
         }
         base.update({k.lower(): v for k, v in sink.settings_env().items()})

@@ -54,6 +54,12 @@ class Metrics:
             ["channel"],
             registry=r,
         )
+        self.sms_resolved = Counter(
+            "reactor_sms_uncertain_resolved",
+            "Uncertain SMS looked up in Twilio's Messages list: found (sent) or still uncertain.",
+            ["result"],
+            registry=r,
+        )
         self.channel_paused = Gauge(
             "reactor_channel_paused",
             "1 while a channel's breaker holds its sends back (the provider fails for everyone).",
@@ -160,6 +166,8 @@ class Metrics:
             self.send_retries.labels(channel)
             self.sends_deferred.labels(channel)
             self.channel_paused.labels(channel).set(0)
+        for result in ("sent", "still_uncertain"):
+            self.sms_resolved.labels(result)
         for kind in ("start", "end"):
             self.timers_armed.labels(kind).set(0)
         for to in ("running", "completed", "missed", "failed"):

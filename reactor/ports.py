@@ -77,6 +77,11 @@ class SmsSender(Protocol):
         """Send one SMS; returns the provider's id (Twilio's message SID)."""
         ...
 
+    async def find_sent(self, message: SmsMessage, since: dt.datetime) -> str | None:
+        """The provider's id of `message` if the provider took it since `since` (how an
+        uncertain send is resolved), else None."""
+        ...
+
     async def aclose(self) -> None: ...
 
 

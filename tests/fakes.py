@@ -329,6 +329,11 @@ class MemoryLedger:
                     refused.add(_id)
                     continue
                 row.update(fields)
+            elif op is LedgerOp.RESOLVE:
+                if row is None or row["epoch"] != epoch or row["state"] != DeliveryState.UNCERTAIN:
+                    refused.add(_id)
+                    continue
+                row.update(fields)
             else:  # SETTLE
                 if row is None or row["epoch"] >= epoch or row["state"] != DeliveryState.PENDING:
                     refused.add(_id)

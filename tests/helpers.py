@@ -44,6 +44,7 @@ def settings(
         "retry_base_seconds": 0.05,
         "retry_max_seconds": 0.5,
         "tempfail_retry_seconds": "0.2,0.4",
+        "sms_resolve_after_seconds": 0.3,
         "send_concurrency": 8,
         "reactor_instance_id": "test-a",
     }

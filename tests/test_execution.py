@@ -532,3 +532,34 @@ async def test_each_channel_goes_at_its_own_pace(
         ("email", "sent"): 40,
         ("sms", "sent"): 40,
     }
+
+
+async def test_uncertain_sms_are_resolved_against_twilios_own_list(
+    mongo: MongoTarget, client: Client, twilio: TwilioFake
+) -> None:
+    """Twilio takes three messages and answers 502; two more get a 500 before it takes them.
+    All five are uncertain when sent; looked up in Twilio's Messages list (To, From, DateSent),
+    the three it took are recorded sent with their SIDs, the two it did not stay uncertain —
+    and nothing is sent again."""
+    ids = await seed_customers(client, mongo, 12)
+    twilio.fail_next(2, 500)  # the first two requests: refused by the gateway, never taken
+    twilio.accept_then_fail_next(3, 502)  # the next three taken, then answered 502
+    coll = client[mongo.campaigns_db].campaigns
+    async with running(settings(mongo, twilio=twilio, send_concurrency=1)) as (reactor,):
+        res = await coll.insert_one(campaign("resolve", 0.2, 30, ids, channels=["sms"]))
+        await eventually(sends_done(client, mongo, res.inserted_id), 20)
+        sample = reactor.metrics.registry.get_sample_value
+        found = sample("reactor_sms_uncertain_resolved_total", {"result": "sent"})
+        still = sample("reactor_sms_uncertain_resolved_total", {"result": "still_uncertain"})
+    rows = await ledger(client, mongo, res.inserted_id)
+    resolved = [r for r in rows if r.get("reason") == "resolved_with_provider"]
+    assert len(resolved) == 3
+    sids = {m.sid for m in twilio.messages}
+    assert all(r["state"] == "sent" and r["providerId"] in sids for r in resolved)
+    uncertain = [r for r in rows if r["state"] == "uncertain"]
+    assert len(uncertain) == 2
+    assert (found, still) == (3, 2)
+    assert len({m.to for m in twilio.messages}) == len(twilio.messages)  # none sent twice
+    doc = await coll.find_one({"_id": res.inserted_id})
+    assert doc is not None
+    assert doc["performance"]["uncertain"] == 2

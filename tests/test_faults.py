@@ -19,9 +19,12 @@ SPECIFIC: dict[str, dict[str, Any]] = {
     "6 SMTP down, Twilio 429 then 500": {"uncertain_from_provider_5xx": 20},
     "8 bad campaigns in a healthy burst": {"deliveries_for_bad": 0},
     "9 clocks 60 s ahead and 60 s behind": {"epochs_seen": [1]},  # no lease stolen
-    "12 Twilio 502 after accepting": {"uncertain_from_provider_5xx": 10},
+    # Twilio took them: found in its Messages list afterwards, each recorded sent, none twice.
+    "12 Twilio 502 after accepting": {"resolved_with_provider": 10, "uncertain": 0},
     "13 SMTP greylisting": {"greylisted": "at least 1", "failed_rows": 0},
     "14 MongoDB unreachable at start": {"exited_while_waiting": 0},
+    # Each refused DATA is deferred and sent later; none poisons the pool ('503 nested MAIL').
+    "15 SMTP errors mid-transaction, three campaigns on one pool": {"failed_rows": 0},
 }
 
 

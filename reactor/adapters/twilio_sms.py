@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
 import logging
 from typing import Any
 
@@ -22,7 +23,12 @@ from twilio.http.response import Response
 from twilio.rest import Client
 
 from ..config import TwilioConfig
-from ..domain.errors import PermanentDeliveryError, TransientDeliveryError, UncertainDeliveryError
+from ..domain.errors import (
+    DeliveryError,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+    UncertainDeliveryError,
+)
 from ..ports import SmsMessage
 
 log = logging.getLogger(__name__)
@@ -126,6 +132,25 @@ class TwilioSmsSender:
                 raise PermanentDeliveryError(text, channel_wide="auth") from exc
             raise PermanentDeliveryError(text) from exc
         return str(created.sid)
+
+    async def find_sent(self, message: SmsMessage, since: dt.datetime) -> str | None:
+        """The SID of a message Twilio took for `message` since `since` (its Messages list,
+        filtered by To, From and DateSent), or None: how an uncertain send is resolved."""
+        kwargs: dict[str, Any] = {"to": message.to, "date_sent_after": since, "limit": 50}
+        if not self._config.messaging_service_sid:
+            kwargs["from_"] = self._config.from_number
+        try:
+            found = await self._client.messages.list_async(**kwargs)
+        except (TwilioRestException, DeliveryError) as exc:
+            log.warning("could not look an uncertain SMS up in Twilio's list: %s", exc)
+            return None
+        for candidate in found:
+            service = self._config.messaging_service_sid
+            if candidate.body == message.body and (
+                not service or candidate.messaging_service_sid == service
+            ):
+                return str(candidate.sid)
+        return None
 
     async def aclose(self) -> None:
         await self._http.close()

@@ -211,6 +211,7 @@ async def world(customers: int) -> AsyncIterator[World]:
             # Temporary refusals come back in seconds here, not the production minutes.
             "TEMPFAIL_RETRY_SECONDS": "0.5,1,2,4,8",
             "CHANNEL_PAUSE_MAX_SECONDS": "2",
+            "SMS_RESOLVE_AFTER_SECONDS": "1",
             **{k: str(v) for k, v in sink.settings_env().items()},
             **{k: str(v) for k, v in twilio.settings_env().items()},
         }
@@ -242,12 +243,15 @@ async def account(w: World, *, crashes: int = 0, ambiguous: int = 0) -> dict[str
     states: collections.Counter[str] = collections.Counter()
     final = 0
     provider_5xx = 0
+    resolved = 0  # uncertain rows found in Twilio's list afterwards, recorded sent
     async for row in w.client.marketing.deliveries.find(
         {"campaign": {"$in": [str(i) for i in w.campaign_ids]}}
     ):
         states[row["state"]] += 1
         if row["state"] == "uncertain" and str(row.get("error", "")).startswith("Twilio 5"):
             provider_5xx += 1
+        if row.get("reason") == "resolved_with_provider":
+            resolved += 1
         if row["state"] in ("sent", "failed", "skipped", "uncertain"):
             final += 1
     expected = 0
@@ -272,6 +276,7 @@ async def account(w: World, *, crashes: int = 0, ambiguous: int = 0) -> dict[str
         # (campaign, channel) execution: that many per execution a crash can leave unknown.
         "uncertain_bound": max(1, crashes) * len(w.campaign_ids) * 2 * CONCURRENCY + ambiguous,
         "uncertain_from_provider_5xx": provider_5xx,
+        "resolved_with_provider": resolved,
         "early_starts": early,
         "states": dict(states),
         "start_lateness_p99_ms": round(percentile(lateness, 0.99), 1) if lateness else None,

@@ -325,6 +325,24 @@ async def mongo_unreachable_at_start(w: World, quick: bool) -> dict[str, Any]:
     }
 
 
+async def smtp_errors_mid_transaction(w: World, quick: bool) -> dict[str, Any]:
+    """Three campaigns share one instance's SMTP pool while the server answers DATA with an
+    error for thirty messages: each failed transaction must be reset (or its connection
+    dropped) before the next message on that connection, of whatever campaign."""
+    await w.spawn("a")
+    await w.approve(3, start_in_s=1, size=w.customers // 2)
+    await until(lambda: at_least(w, 30), 30)
+    w.sink.fail_next(30, "451 4.3.0 error in the middle of the transaction (injected)")
+    t0 = time.monotonic()
+    done_at = await until(w.all_sent, 120)
+    result = await account(w)
+    return {
+        **result,
+        "failed_rows": result["states"].get("failed", 0),
+        "recovery_s": round(done_at - t0, 2),
+    }
+
+
 SCENARIOS: dict[str, Callable[[World, bool], Awaitable[dict[str, Any]]]] = {
     "1 owner SIGKILLed, another takes over": kill_owner,
     "2 three instances, approvals in bursts": three_instances_bursts,
@@ -340,6 +358,7 @@ SCENARIOS: dict[str, Callable[[World, bool], Awaitable[dict[str, Any]]]] = {
     "12 Twilio 502 after accepting": twilio_accepts_then_502,
     "13 SMTP greylisting": smtp_greylisting,
     "14 MongoDB unreachable at start": mongo_unreachable_at_start,
+    "15 SMTP errors mid-transaction, three campaigns on one pool": smtp_errors_mid_transaction,
 }
 
 

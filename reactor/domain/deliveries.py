@@ -37,6 +37,9 @@ class LedgerOp(StrEnum):
     OUTCOME = "outcome"  # this epoch's `pending` row becomes terminal; refused otherwise
     RECORD = "record"  # insert a terminal row without sending; refused when any row exists
     SETTLE = "settle"  # an earlier epoch's `pending` row becomes `uncertain`
+    # This epoch's `uncertain` row becomes `sent`: the provider's own list shows the message
+    # (the one terminal change allowed: the same fact, learned later; nothing is re-sent).
+    RESOLVE = "resolve"
 
 
 def delivery_id(campaign: str, channel: str, customer: str) -> str:

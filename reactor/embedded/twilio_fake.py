@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
+import email.utils
 import random
 import re
 import secrets
@@ -28,6 +30,7 @@ class CapturedSms:
     from_: str | None
     messaging_service_sid: str | None
     body: str
+    created_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
 
 
 @dataclass
@@ -75,6 +78,7 @@ class TwilioFake:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post("/2010-04-01/Accounts/{sid}/Messages.json", self._create_message)
+        app.router.add_get("/2010-04-01/Accounts/{sid}/Messages.json", self._list_messages)
         app.router.add_get("/2010-04-01/Accounts/{sid}.json", self._fetch_account)
         self._runner, self.port = await start_site(app, self.host, self.port)
 
@@ -172,7 +176,51 @@ class TwilioFake:
             return self._error(self.faults.accept_then_fail.pop(0), 20500, "Bad Gateway")
         return web.json_response(self._resource(sid, to, from_, service, body), status=201)
 
-    def _resource(self, sid: str, to: str, from_: Any, service: Any, body: str) -> dict[str, Any]:
+    async def _list_messages(self, request: web.Request) -> web.Response:
+        """Twilio's Messages list, filtered by To, From and DateSent> / DateSent< (one page)."""
+        if not self._authorised(request) or request.match_info["sid"] != self.account_sid:
+            return self._error(401, 20003, "Authenticate")
+        q = request.query
+        after = _parse_time(q.get("DateSent>"))
+        before = _parse_time(q.get("DateSent<"))
+        found = [
+            m
+            for m in self.messages
+            if ("To" not in q or m.to == q["To"])
+            and ("From" not in q or m.from_ == q["From"])
+            and (after is None or m.created_at >= after)
+            and (before is None or m.created_at <= before)
+        ]
+        uri = f"/2010-04-01/Accounts/{self.account_sid}/Messages.json"
+        return web.json_response(
+            {
+                "messages": [
+                    self._resource(
+                        m.sid, m.to, m.from_, m.messaging_service_sid, m.body, m.created_at
+                    )
+                    for m in found
+                ],
+                "end": max(0, len(found) - 1),
+                "first_page_uri": uri,
+                "next_page_uri": None,
+                "previous_page_uri": None,
+                "page": 0,
+                "page_size": max(50, len(found)),
+                "start": 0,
+                "uri": uri,
+            }
+        )
+
+    def _resource(
+        self,
+        sid: str,
+        to: str,
+        from_: Any,
+        service: Any,
+        body: str,
+        created_at: dt.datetime | None = None,
+    ) -> dict[str, Any]:
+        stamp = email.utils.format_datetime(created_at) if created_at else None
         return {
             "sid": sid,
             "account_sid": self.account_sid,
@@ -189,9 +237,9 @@ class TwilioFake:
             "price_unit": "USD",
             "error_code": None,
             "error_message": None,
-            "date_created": None,
-            "date_updated": None,
-            "date_sent": None,
+            "date_created": stamp,
+            "date_updated": stamp,
+            "date_sent": stamp,
             "uri": f"/2010-04-01/Accounts/{self.account_sid}/Messages/{sid}.json",
             "subresource_uris": {},
         }
@@ -203,3 +251,13 @@ class TwilioFake:
             "TWILIO_FROM_NUMBER": "+15005550006",
             "TWILIO_API_BASE_URL": self.base_url,
         }
+
+
+def _parse_time(value: str | None) -> dt.datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        parsed = dt.datetime.fromisoformat(value[:10])  # a bare date, as DateSent= takes
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)

@@ -72,6 +72,8 @@ class Deliverer:
         channel = str(item.channel)
         duration = self._metrics.send_duration.labels(channel)
         attempt = 0
+        if item.attempted_at is None:
+            item.attempted_at = self._clock.now()
         while True:
             attempt += 1
             # The self-fence: past the instant the lease may have lapsed, nothing goes to a

@@ -11,6 +11,7 @@ settled this run's pending rows, so the run has lost its lease (LeaseLost).
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ class Item:
     to: str
     message: EmailMessage | SmsMessage
     deferrals: int = 0  # times a provider said "try later" to this message
+    attempted_at: dt.datetime | None = None  # wall time of the first attempt
 
 
 @dataclass

@@ -9,6 +9,7 @@ the current one sends. When the window closes mid-run, whoever was not reached i
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -169,6 +170,7 @@ class CampaignRun:
         run = self.run
         found[channel] = 0
         deferred: list[tuple[float, Item]] = []
+        uncertain: list[Item] = []
         async with anyio.create_task_group() as tg:
             # The next batch is resolved and checked against the ledger while this one sends,
             # so the pipeline does not drain at every batch boundary.
@@ -187,15 +189,58 @@ class CampaignRun:
                     if prepared.unsent:
                         await self._ledger.write(run, prepared.unsent)
                     if prepared.items and run.stop_reason is None:
-                        await self._window(channel, prepared.items, deferred).send_all()
+                        window = self._window(channel, prepared.items, deferred, uncertain)
+                        await window.send_all()
                 if run.stop_reason == StopReason.WINDOW_CLOSED:
                     # The window closed during or before this batch: whoever was not reached is
                     # recorded as skipped, so every customer is accounted for.
                     await self._close_window(channel, batch)
             tg.cancel_scope.cancel()
-        await self._send_deferred(channel, deferred)
+        await self._send_deferred(channel, deferred, uncertain)
+        if channel is Channel.SMS and uncertain:
+            await self._resolve_uncertain(uncertain)
 
-    async def _send_deferred(self, channel: Channel, deferred: list[tuple[float, Item]]) -> None:
+    async def _resolve_uncertain(self, items: list[Item]) -> None:
+        """Look each uncertain SMS up in the provider's own list once its queueing window has
+        passed: found, the row becomes `sent` with the provider's id; otherwise it stays
+        uncertain, for a person to decide. Nothing is ever re-sent."""
+        run, sender = self.run, self._senders[Channel.SMS]
+        find = getattr(sender, "find_sent", None)
+        if find is None:
+            return
+        if not await unless_stopped(run, self._clock.sleep, self._config.sms_resolve_after_s):
+            if run.stop_reason != StopReason.WINDOW_CLOSED:
+                return
+        records = []
+        for item in items:
+            since = (item.attempted_at or self._clock.now()) - dt.timedelta(seconds=5)
+            provider_id = await find(item.message, since)
+            if provider_id is not None:
+                records.append(
+                    DeliveryRecord(
+                        item.customer,
+                        item.channel,
+                        DeliveryState.SENT,
+                        to=item.to,
+                        provider_id=provider_id,
+                        reason="resolved_with_provider",
+                        op=LedgerOp.RESOLVE,
+                    )
+                )
+        refused = await self._ledger.write(run, records) if records else set()
+        resolved = len(records) - len(refused)
+        self._metrics.sms_resolved.labels("sent").inc(resolved)
+        self._metrics.sms_resolved.labels("still_uncertain").inc(len(items) - resolved)
+        log.info(
+            "📱 %d of %d uncertain SMS found in Twilio's list and recorded sent",
+            resolved,
+            len(items),
+            extra={"campaign_id": run.key, "count": resolved},
+        )
+
+    async def _send_deferred(
+        self, channel: Channel, deferred: list[tuple[float, Item]], uncertain: list[Item]
+    ) -> None:
         """Send again what a provider refused for now, as each comes due, while the run goes
         on. Their pending rows were removed when deferred: a run that stops (a pause, a
         shutdown, a takeover) leaves them unmarked for whoever resumes; a closing window
@@ -209,12 +254,16 @@ class CampaignRun:
             now_m = self._clock.monotonic()
             ready = [item for d, item in deferred if d <= now_m]
             deferred[:] = [(d, item) for d, item in deferred if d > now_m]
-            await self._window(channel, ready, deferred).send_all()
+            await self._window(channel, ready, deferred, uncertain).send_all()
         if deferred and run.stop_reason == StopReason.WINDOW_CLOSED:
             await self._close_window(channel, [item.customer for _, item in deferred])
 
     def _window(
-        self, channel: Channel, items: list[Item], deferred: list[tuple[float, Item]]
+        self,
+        channel: Channel,
+        items: list[Item],
+        deferred: list[tuple[float, Item]],
+        uncertain: list[Item],
     ) -> SendWindow:
         return SendWindow(
             self.run,
@@ -227,6 +276,7 @@ class CampaignRun:
             clock=self._clock,
             deferred=deferred,
             tempfail_retry_s=self._config.tempfail_retry_s,
+            uncertain=uncertain,
         )
 
     async def _settle_previous_pending(self) -> None:

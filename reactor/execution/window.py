@@ -51,6 +51,7 @@ class SendWindow:
         clock: Clock,
         deferred: list[tuple[float, Item]] | None = None,
         tempfail_retry_s: tuple[float, ...] = (),
+        uncertain: list[Item] | None = None,
     ) -> None:
         self.run = run
         self.channel = channel
@@ -59,6 +60,8 @@ class SendWindow:
         # to send again once due.
         self.deferred = deferred if deferred is not None else []
         self.tempfail_retry_s = tempfail_retry_s
+        # Sends whose outcome is unknown, for the run to look up with the provider later.
+        self.uncertain = uncertain if uncertain is not None else []
         self.items = items
         self.concurrency = concurrency
         self.low_water = concurrency // 2
@@ -106,6 +109,8 @@ class SendWindow:
             outcome = await self.deliverer.deliver(self.run, item)
             if outcome.state == DEFERRED:
                 await self._defer(item, outcome)
+            elif outcome.state == "uncertain":
+                self.uncertain.append(item)
             self.sending -= 1
             if not self.finished:
                 self.first_finished_at = self.clock.monotonic()

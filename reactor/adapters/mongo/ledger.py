@@ -89,7 +89,7 @@ class MongoLedger:
         missing = set()
         for _id, op, state in updates:
             row = rows.get(_id, {})
-            if op is LedgerOp.OUTCOME:
+            if op in (LedgerOp.OUTCOME, LedgerOp.RESOLVE):
                 ok = row.get("state") == state and row.get("epoch") == epoch
             else:
                 ok = row.get("settledBy") == epoch
@@ -161,6 +161,12 @@ def _operation(
     if op is LedgerOp.OUTCOME:
         return UpdateOne(
             {"_id": _id, "epoch": epoch, "state": DeliveryState.PENDING}, {"$set": fields}
+        )
+    if op is LedgerOp.RESOLVE:
+        fields["resolvedAt"] = now
+        return UpdateOne(
+            {"_id": _id, "epoch": epoch, "state": DeliveryState.UNCERTAIN, "settledBy": None},
+            {"$set": fields},
         )
     # SETTLE: an earlier epoch's pending row; the row keeps the epoch that marked it.
     fields["settledBy"] = epoch
