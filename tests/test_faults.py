@@ -25,6 +25,7 @@ SPECIFIC: dict[str, dict[str, Any]] = {
     "14 MongoDB unreachable at start": {"exited_while_waiting": 0},
     # Each refused DATA is deferred and sent later; none poisons the pool ('503 nested MAIL').
     "15 SMTP errors mid-transaction, three campaigns on one pool": {"failed_rows": 0},
+    "16 SMTP TLS handshakes failing verification": {"failed_rows": 0, "tls_pauses": "at least 1"},
 }
 
 

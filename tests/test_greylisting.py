@@ -97,3 +97,32 @@ async def test_an_smtp_outage_pauses_the_channel_and_burns_no_one(
     doc = await coll.find_one({"_id": res.inserted_id})
     assert doc is not None
     assert doc["execution"]["lastError"]["reason"] == "channel_paused"
+
+
+async def test_tls_failures_pause_the_channel_until_the_handshake_verifies(
+    mongo: MongoTarget, client: Client, tmp_path: Any
+) -> None:
+    """The SMTP server presents a certificate the reactor cannot verify (against SMTP_CA_FILE)
+    for 3 s: every handshake fails, the channel pauses on 'tls' instead of failing everyone,
+    and once the server presents its real certificate the probe goes through."""
+    import anyio
+
+    from reactor.embedded.tls import make_test_pki
+
+    pki = await anyio.to_thread.run_sync(make_test_pki, tmp_path)
+    ids = await seed_customers(client, mongo, 20)
+    coll = client[mongo.campaigns_db].campaigns
+    async with SmtpSink(tls=pki) as tls_sink:
+        tls_sink.present_impostor_certificate(3.0)
+        async with running(settings(mongo, tls_sink, email_rate_per_second=50)) as (reactor,):
+            res = await coll.insert_one(campaign("tls", 0.3, 60, ids, channels=["email"]))
+            await eventually(lambda: sends_done(client, mongo, res.inserted_id), 40)
+            pauses = reactor.metrics.registry.get_sample_value(
+                "reactor_channel_pauses_total", {"channel": "email", "kind": "tls"}
+            )
+        received = collections.Counter(tls_sink.recipients())
+    assert pauses is not None
+    assert pauses >= 1
+    rows = await ledger(client, mongo, res.inserted_id)
+    assert collections.Counter(r["state"] for r in rows) == {"sent": 20}
+    assert sorted(received.values()) == [1] * 20

@@ -22,6 +22,7 @@ from pymongo import AsyncMongoClient
 
 from ..embedded.mongo import MongoEmulator
 from ..embedded.smtp_sink import SmtpSink
+from ..embedded.tls import TestPki
 from ..embedded.twilio_fake import TwilioFake
 from .common import percentile
 
@@ -180,8 +181,14 @@ async def until(check: Callable[[], Awaitable[bool]], timeout_s: float) -> float
 
 
 @contextlib.asynccontextmanager
-async def world(customers: int) -> AsyncIterator[World]:
-    async with MongoEmulator() as emulator, SmtpSink(seed=3) as sink, TwilioFake(seed=3) as twilio:
+async def world(customers: int, *, tls: TestPki | None = None) -> AsyncIterator[World]:
+    """The stand-ins and the seeded orders; with `tls`, the SMTP sink offers STARTTLS with that
+    PKI's certificate and the replicas trust its CA."""
+    async with (
+        MongoEmulator() as emulator,
+        SmtpSink(seed=3, tls=tls) as sink,
+        TwilioFake(seed=3) as twilio,
+    ):
         client: Client = AsyncMongoClient(emulator.uri, tz_aware=True)
         await client.retail_db.newdatabase.insert_many(
             [

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+from ..embedded.tls import make_test_pki
 from .fault_world import (
     LEASE_S,
     ReactorProcess,
@@ -343,6 +346,24 @@ async def smtp_errors_mid_transaction(w: World, quick: bool) -> dict[str, Any]:
     }
 
 
+async def smtp_tls_rejected(w: World, quick: bool) -> dict[str, Any]:
+    """For 30 s every STARTTLS handshake presents a certificate the replicas cannot verify
+    (SMTP_CA_FILE names the real CA): the email channel must pause, not fail everyone."""
+    w.sink.present_impostor_certificate(3 if quick else 30)
+    a = await w.spawn("a")
+    await w.approve(1, start_in_s=1)
+    t0 = time.monotonic()
+    done_at = await until(w.all_sent, 240)
+    metrics = await metrics_of(a)
+    result = await account(w)
+    return {
+        **result,
+        "failed_rows": result["states"].get("failed", 0),
+        "tls_pauses": metrics.get('reactor_channel_pauses_total{channel="email",kind="tls"}', 0),
+        "recovery_s": round(done_at - t0, 2),
+    }
+
+
 SCENARIOS: dict[str, Callable[[World, bool], Awaitable[dict[str, Any]]]] = {
     "1 owner SIGKILLed, another takes over": kill_owner,
     "2 three instances, approvals in bursts": three_instances_bursts,
@@ -359,14 +380,18 @@ SCENARIOS: dict[str, Callable[[World, bool], Awaitable[dict[str, Any]]]] = {
     "13 SMTP greylisting": smtp_greylisting,
     "14 MongoDB unreachable at start": mongo_unreachable_at_start,
     "15 SMTP errors mid-transaction, three campaigns on one pool": smtp_errors_mid_transaction,
+    "16 SMTP TLS handshakes failing verification": smtp_tls_rejected,
 }
+TLS_SCENARIOS = {"16 SMTP TLS handshakes failing verification"}
 
 
 async def run_scenario(name: str, quick: bool) -> dict[str, Any]:
     customers = 120 if quick else 400
     t0 = time.monotonic()
-    async with world(customers) as w:
-        result = await SCENARIOS[name](w, quick)
+    with tempfile.TemporaryDirectory() as tmp:
+        pki = await asyncio.to_thread(make_test_pki, Path(tmp)) if name in TLS_SCENARIOS else None
+        async with world(customers, tls=pki) as w:
+            result = await SCENARIOS[name](w, quick)
     result["wall_s"] = round(time.monotonic() - t0, 1)
     result["ok"] = (
         result["duplicates"] == 0

@@ -8,6 +8,7 @@ import email
 import email.policy
 import functools
 import random
+import ssl
 import time
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -15,6 +16,8 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP as SMTPProtocol
 from aiosmtpd.smtp import Envelope, Session
+
+from .tls import TestPki
 
 
 @dataclass
@@ -137,8 +140,13 @@ class SmtpSink:
         seed: int | None = None,
         reply_delay_s: float = 0.0,
         smtputf8: bool = False,
+        tls: TestPki | None = None,
     ) -> None:
         self.host = host
+        # STARTTLS with the PKI's server certificate; until `impostor_until` (monotonic), with
+        # its impostor certificate instead, which a client trusting the CA rejects.
+        self.tls = tls
+        self.impostor_until = 0.0
         self.smtputf8 = smtputf8  # offer SMTPUTF8 (RFC 6531) in EHLO
         self.port = port
         self.messages: list[CapturedEmail] = []
@@ -177,6 +185,7 @@ class SmtpSink:
                 ident="reactor-sink",
                 data_size_limit=10 * 1024 * 1024,
                 enable_SMTPUTF8=self.smtputf8,
+                tls_context=self._tls_context(),
             )
             self._protocols.add(proto)
             return proto
@@ -204,6 +213,21 @@ class SmtpSink:
     async def come_back(self) -> None:
         await self.start()
 
+    def _tls_context(self) -> ssl.SSLContext | None:
+        if self.tls is None:
+            return None
+        impostor = time.monotonic() < self.impostor_until
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(
+            self.tls.impostor_cert if impostor else self.tls.cert,
+            self.tls.impostor_key if impostor else self.tls.key,
+        )
+        return context
+
+    def present_impostor_certificate(self, seconds: float) -> None:
+        """For `seconds`, every TLS handshake presents a certificate the client cannot verify."""
+        self.impostor_until = time.monotonic() + seconds
+
     def greylist(self, seconds: float) -> None:
         """Answer 450 to each recipient's first attempts for `seconds` (greylisting)."""
         self.faults.greylist_s = seconds
@@ -227,9 +251,12 @@ class SmtpSink:
         await self.stop()
 
     def settings_env(self) -> dict[str, Any]:
-        return {
+        env = {
             "SMTP_HOST": self.host,
             "SMTP_PORT": str(self.port),
             "SMTP_TLS": "none",
             "EMAIL_FROM": "campaigns@reactor.example",
         }
+        if self.tls is not None:
+            env.update({"SMTP_TLS": "starttls", "SMTP_CA_FILE": str(self.tls.ca)})
+        return env
