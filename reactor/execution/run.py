@@ -9,7 +9,6 @@ the current one sends. When the window closes mid-run, whoever was not reached i
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from ..ports import CampaignStore, Clock, EmailSender, Ledger, Recipient, Recipi
 from ..ratelimit import TokenBucket
 from .deliver import Deliverer
 from .ledger import Item, LedgerWriter
+from .resolve import resolve_uncertain_sms
 from .state import Run, StopReason, unless_stopped
 from .window import SendWindow
 
@@ -198,45 +198,15 @@ class CampaignRun:
             tg.cancel_scope.cancel()
         await self._send_deferred(channel, deferred, uncertain)
         if channel is Channel.SMS and uncertain:
-            await self._resolve_uncertain(uncertain)
-
-    async def _resolve_uncertain(self, items: list[Item]) -> None:
-        """Look each uncertain SMS up in the provider's own list once its queueing window has
-        passed: found, the row becomes `sent` with the provider's id; otherwise it stays
-        uncertain, for a person to decide. Nothing is ever re-sent."""
-        run, sender = self.run, self._senders[Channel.SMS]
-        find = getattr(sender, "find_sent", None)
-        if find is None:
-            return
-        if not await unless_stopped(run, self._clock.sleep, self._config.sms_resolve_after_s):
-            if run.stop_reason != StopReason.WINDOW_CLOSED:
-                return
-        records = []
-        for item in items:
-            since = (item.attempted_at or self._clock.now()) - dt.timedelta(seconds=5)
-            provider_id = await find(item.message, since)
-            if provider_id is not None:
-                records.append(
-                    DeliveryRecord(
-                        item.customer,
-                        item.channel,
-                        DeliveryState.SENT,
-                        to=item.to,
-                        provider_id=provider_id,
-                        reason="resolved_with_provider",
-                        op=LedgerOp.RESOLVE,
-                    )
-                )
-        refused = await self._ledger.write(run, records) if records else set()
-        resolved = len(records) - len(refused)
-        self._metrics.sms_resolved.labels("sent").inc(resolved)
-        self._metrics.sms_resolved.labels("still_uncertain").inc(len(items) - resolved)
-        log.info(
-            "📱 %d of %d uncertain SMS found in Twilio's list and recorded sent",
-            resolved,
-            len(items),
-            extra={"campaign_id": run.key, "count": resolved},
-        )
+            await resolve_uncertain_sms(
+                self.run,
+                uncertain,
+                sender=self._senders[Channel.SMS],
+                writer=self._ledger,
+                clock=self._clock,
+                metrics=self._metrics,
+                after_s=self._config.sms_resolve_after_s,
+            )
 
     async def _send_deferred(
         self, channel: Channel, deferred: list[tuple[float, Item]], uncertain: list[Item]

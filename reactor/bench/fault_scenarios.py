@@ -1,0 +1,349 @@
+"""The fault scenarios: each sets a fault loose on the world (fault_world.py) and returns its
+account. `faults.py` runs them and prints the table."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from typing import Any
+
+from .fault_world import (
+    LEASE_S,
+    ReactorProcess,
+    World,
+    account,
+    at_least,
+    metrics_of,
+    until,
+)
+
+
+async def kill_owner(w: World, quick: bool) -> dict[str, Any]:
+    a = await w.spawn("a")
+    await w.approve(2, start_in_s=1)
+    await until(lambda: at_least(w, 40), 30)
+    a.kill()
+    killed_at = time.monotonic()
+    await w.spawn("b")
+    done_at = await until(w.all_sent, 90)
+    return {**await account(w, crashes=1), "recovery_s": round(done_at - killed_at, 2)}
+
+
+async def three_instances_bursts(w: World, quick: bool) -> dict[str, Any]:
+    for name in ("a", "b", "c"):
+        await w.spawn(name)
+    t0 = time.monotonic()
+    for _ in range(3):
+        await w.approve(2 if quick else 4, start_in_s=0.5, size=w.customers // 2)
+        await asyncio.sleep(1.0)
+    done_at = await until(w.all_sent, 120)
+    claims = await w.client.marketing.campaigns.distinct(
+        "execution.epoch", {"_id": {"$in": w.campaign_ids}}
+    )
+    return {**await account(w), "epochs_seen": claims, "recovery_s": round(done_at - t0, 2)}
+
+
+async def rolling_restart(w: World, quick: bool) -> dict[str, Any]:
+    names = ["a", "b", "c"]
+    for name in names:
+        await w.spawn(name)
+    await w.approve(3, start_in_s=0.5)
+    await until(lambda: at_least(w, 30), 30)
+    codes = []
+    for reactor in list(w.reactors):
+        codes.append(await reactor.terminate())
+        await w.spawn(f"{reactor.name}2")
+    restarted_at = time.monotonic()
+    done_at = await until(w.all_sent, 120)
+    return {
+        **await account(w, crashes=0),
+        "exit_codes": codes,
+        "recovery_s": round(done_at - restarted_at, 2),
+    }
+
+
+async def stream_closed_repeatedly(w: World, quick: bool) -> dict[str, Any]:
+    await w.spawn("a")
+    await w.spawn("b")
+    admin = w.client.admin
+    for _ in range(4):
+        await admin.command(
+            {
+                "configureFailPoint": "failCommand",
+                "mode": {"times": 2},
+                "data": {"failCommands": ["getMore", "aggregate"], "closeConnection": True},
+            }
+        )
+        await w.approve(1, start_in_s=0.5, size=w.customers // 2)
+        await asyncio.sleep(0.5)
+    fault_end = time.monotonic()
+    done_at = await until(w.all_sent, 90)
+    return {**await account(w), "recovery_s": round(done_at - fault_end, 2)}
+
+
+async def history_lost_while_down(w: World, quick: bool) -> dict[str, Any]:
+    a = await w.spawn("a")
+    await asyncio.sleep(1.0)  # a resume token is persisted
+    await a.terminate()
+    await w.approve(2, start_in_s=2)
+    w.emulator.drop_change_stream_history()
+    back = await w.spawn("a")
+    back_at = time.monotonic()
+    done_at = await until(w.all_sent, 60)
+    metrics = await metrics_of(back)
+    return {
+        **await account(w),
+        "history_lost_restarts": metrics.get(
+            'reactor_change_stream_restarts_total{reason="history_lost"}', 0.0
+        ),
+        "recovery_s": round(done_at - back_at, 2),
+    }
+
+
+async def providers_failing(w: World, quick: bool) -> dict[str, Any]:
+    await w.spawn("a")
+    await w.approve(2, start_in_s=0.5)
+    await until(lambda: at_least(w, 20), 30)
+    outage_s = 3 if quick else 20
+    await w.sink.go_down()
+    w.twilio.fail_next(10, 429, retry_after_s=1)
+    w.twilio.fail_next(20, 500)
+    await asyncio.sleep(outage_s)
+    await w.sink.come_back()
+    back_at = time.monotonic()
+    done_at = await until(w.all_sent, 120)
+    return {
+        **await account(w, crashes=1, ambiguous=20),
+        "smtp_outage_s": outage_s,
+        "recovery_s": round(done_at - back_at, 2),
+    }
+
+
+async def mongo_failing(w: World, quick: bool) -> dict[str, Any]:
+    await w.spawn("a")
+    await w.spawn("b")
+    await w.approve(2, start_in_s=1)
+    await until(lambda: at_least(w, 20), 30)
+    commands = ["find", "update", "insert", "findAndModify", "aggregate", "getMore", "delete"]
+    await w.client.admin.command(
+        {
+            "configureFailPoint": "failCommand",
+            "mode": "alwaysOn",
+            "data": {"failCommands": commands, "errorCode": 91, "appName": "campaign-reactor/a"},
+        }
+    )
+    await asyncio.sleep(3 if quick else 8)
+    await w.client.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
+    back_at = time.monotonic()
+    done_at = await until(w.all_sent, 120)
+    return {**await account(w, crashes=1), "recovery_s": round(done_at - back_at, 2)}
+
+
+async def bad_campaigns_in_burst(w: World, quick: bool) -> dict[str, Any]:
+    await w.spawn("a")
+    now = dt.datetime.now(dt.UTC)
+    bad = [
+        {"name": "bad-date", "status": "approved", "startDate": "soon", "endDate": now},
+        {"name": "bad-window", "status": "approved", "startDate": now, "endDate": now},
+        {
+            "name": "bad-channel",
+            "status": "approved",
+            "startDate": now,
+            "endDate": now + dt.timedelta(hours=1),
+            "channels": ["fax"],
+        },
+        {
+            "name": "bad-content",
+            "status": "approved",
+            "startDate": now,
+            "endDate": now + dt.timedelta(hours=1),
+            "channels": ["email"],
+            "email": {"text": "x"},
+        },
+        {
+            "name": "bad-status",
+            "status": "aproved",
+            "startDate": now,
+            "endDate": now + dt.timedelta(hours=1),
+        },
+        {
+            "name": "bad-targets",
+            "status": "approved",
+            "startDate": now,
+            "endDate": now + dt.timedelta(hours=1),
+            "sms": {"body": "x"},
+            "targetedCustomerIds": "1,2,3",
+        },
+    ]
+    t0 = time.monotonic()
+    result = await w.client.marketing.campaigns.insert_many(bad)
+    w.bad_ids.extend(result.inserted_ids)
+    await w.approve(3, start_in_s=0.5, size=w.customers // 2)
+    done_at = await until(w.all_sent, 90)
+
+    async def all_rejected() -> bool:
+        n = await w.client.marketing.campaigns.count_documents(
+            {"_id": {"$in": w.bad_ids}, "execution.lastError": {"$exists": True}}
+        )
+        return n == len(w.bad_ids)
+
+    await until(all_rejected, 30)
+    sent_for_bad = await w.client.marketing.deliveries.count_documents(
+        {"campaign": {"$in": [str(i) for i in w.bad_ids]}}
+    )
+    return {
+        **await account(w),
+        "bad_campaigns": len(bad),
+        "bad_rejected": len(bad),
+        "deliveries_for_bad": sent_for_bad,
+        "recovery_s": round(done_at - t0, 2),
+    }
+
+
+async def skewed_clocks(w: World, quick: bool) -> dict[str, Any]:
+    """One replica's wall clock a minute ahead, another's a minute behind (faketime)."""
+    await w.spawn("a")
+    await w.spawn("fast", clock_offset="+60s")
+    await w.spawn("slow", clock_offset="-60s")
+    await w.approve(3, start_in_s=4)
+    t0 = time.monotonic()
+    done_at = await until(w.all_sent, 120)
+    epochs = [
+        (d.get("execution") or {}).get("epoch")
+        async for d in w.client.marketing.campaigns.find({"_id": {"$in": w.campaign_ids}})
+    ]
+    return {
+        **await account(w),
+        "epochs_seen": sorted(set(epochs)),
+        "recovery_s": round(done_at - t0, 2),
+    }
+
+
+async def _two_replicas_one_sending(w: World) -> ReactorProcess:
+    """Two replicas, one campaign under way: returns the replica that owns it."""
+    await w.spawn("a")
+    await w.spawn("b")
+    (campaign,) = await w.approve(1, start_in_s=1)
+    await until(lambda: at_least(w, 30), 30)
+    return await w.owner(campaign)
+
+
+async def owner_stalled(w: World, quick: bool) -> dict[str, Any]:
+    """The owner SIGSTOPped for twice its lease (a VM pause), then SIGCONTed."""
+    owner = await _two_replicas_one_sending(w)
+    owner.pause()
+    await asyncio.sleep(2 * LEASE_S)
+    owner.resume()
+    resumed_at = time.monotonic()
+    done_at = await until(w.all_sent, 120)
+    return {**await account(w, crashes=1), "recovery_s": round(done_at - resumed_at, 2)}
+
+
+async def heartbeats_failing(w: World, quick: bool) -> dict[str, Any]:
+    """The owner's lease renewals fail (a failCommand on its findAndModify)."""
+    owner = await _two_replicas_one_sending(w)
+    await w.client.admin.command(
+        {
+            "configureFailPoint": "failCommand",
+            "mode": "alwaysOn",
+            "data": {
+                "failCommands": ["findAndModify"],
+                "errorCode": 2,
+                "appName": f"campaign-reactor/{owner.name}",
+            },
+        }
+    )
+    await asyncio.sleep(3 * LEASE_S)
+    await w.client.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
+    back_at = time.monotonic()
+    done_at = await until(w.all_sent, 120)
+    return {**await account(w, crashes=1), "recovery_s": round(done_at - back_at, 2)}
+
+
+async def twilio_accepts_then_502(w: World, quick: bool) -> dict[str, Any]:
+    """Twilio takes ten messages, then its gateway answers 502: each must stay uncertain, never
+    be retried (a retry would text the customer twice)."""
+    await w.spawn("a")
+    await w.approve(1, start_in_s=1)
+    await until(lambda: at_least(w, 10), 30)
+    w.twilio.accept_then_fail_next(10, 502)
+    t0 = time.monotonic()
+    done_at = await until(w.all_sent, 120)
+    return {**await account(w, ambiguous=10), "recovery_s": round(done_at - t0, 2)}
+
+
+async def smtp_greylisting(w: World, quick: bool) -> dict[str, Any]:
+    """The SMTP server greylists: 450 to every recipient's attempts in its first seconds."""
+    greylist_s = 3 if quick else 60
+    w.sink.greylist(greylist_s)
+    # A deferral schedule that outlasts the greylisting, as production's 1/5/15 minutes do.
+    w.env = {**w.env, "TEMPFAIL_RETRY_SECONDS": "1,2,4" if quick else "5,20,45"}
+    await w.spawn("a")
+    await w.approve(1, start_in_s=1)
+    t0 = time.monotonic()
+    done_at = await until(w.all_sent, 240)
+    result = await account(w)
+    return {
+        **result,
+        "greylisted": w.sink.greylisted,
+        "failed_rows": result["states"].get("failed", 0),
+        "recovery_s": round(done_at - t0, 2),
+    }
+
+
+async def mongo_unreachable_at_start(w: World, quick: bool) -> dict[str, Any]:
+    """MongoDB is down when the replicas start; they wait for it, then work normally."""
+    await w.emulator.stop()
+    a = await w.spawn("a", wait=False)
+    b = await w.spawn("b", wait=False)
+    await asyncio.sleep(3 if quick else 20)
+    # Still waiting, not crashed (under restart: unless-stopped an exit is a crash loop).
+    exited = sum(1 for r in (a, b) if r.proc is None or r.proc.returncode is not None)
+    await w.emulator.start()
+    back_at = time.monotonic()
+    await a.ready(60)
+    await b.ready(60)
+    await w.approve(2, start_in_s=1)
+    done_at = await until(w.all_sent, 120)
+    return {
+        **await account(w),
+        "exited_while_waiting": exited,
+        "recovery_s": round(done_at - back_at, 2),
+    }
+
+
+async def smtp_errors_mid_transaction(w: World, quick: bool) -> dict[str, Any]:
+    """Three campaigns share one instance's SMTP pool while the server answers DATA with an
+    error for thirty messages: each failed transaction must be reset (or its connection
+    dropped) before the next message on that connection, of whatever campaign."""
+    await w.spawn("a")
+    await w.approve(3, start_in_s=1, size=w.customers // 2)
+    await until(lambda: at_least(w, 30), 30)
+    w.sink.fail_next(30, "451 4.3.0 error in the middle of the transaction (injected)")
+    t0 = time.monotonic()
+    done_at = await until(w.all_sent, 120)
+    result = await account(w)
+    return {
+        **result,
+        "failed_rows": result["states"].get("failed", 0),
+        "recovery_s": round(done_at - t0, 2),
+    }
+
+
+async def smtp_tls_rejected(w: World, quick: bool) -> dict[str, Any]:
+    """For 30 s every STARTTLS handshake presents a certificate the replicas cannot verify
+    (SMTP_CA_FILE names the real CA): the email channel must pause, not fail everyone."""
+    w.sink.present_impostor_certificate(3 if quick else 30)
+    a = await w.spawn("a")
+    await w.approve(1, start_in_s=1)
+    t0 = time.monotonic()
+    done_at = await until(w.all_sent, 240)
+    metrics = await metrics_of(a)
+    result = await account(w)
+    return {
+        **result,
+        "failed_rows": result["states"].get("failed", 0),
+        "tls_pauses": metrics.get('reactor_channel_pauses_total{channel="email",kind="tls"}', 0),
+        "recovery_s": round(done_at - t0, 2),
+    }
