@@ -189,7 +189,6 @@ async def test_an_owner_that_cannot_renew_its_lease_stops_sending_until_it_can()
         await w.clock.advance(60.0)
         await w.until(lambda: len(w.email.sent) >= 5)
         w.store.fail_heartbeats = True
-        failing_since = w.clock.monotonic()
         await w.clock.advance(8.0)  # the lease's length: fenced after 3/4 of it
         during = list(w.email.sent[5:])
         sent_when_fenced = len(w.email.sent)
@@ -199,7 +198,6 @@ async def test_an_owner_that_cannot_renew_its_lease_stops_sending_until_it_can()
         assert w.metrics.registry.get_sample_value("reactor_lease_fenced_total") == 1
         w.store.fail_heartbeats = False
         await w.until(sends_done(w, "c"))
-        assert w.clock.monotonic() > failing_since
     assert sorted(collections.Counter(m.to for m in w.email.sent).values()) == [1] * 60
     assert w.doc("c")["execution"]["epoch"] == 1
 

@@ -126,15 +126,9 @@ async def mongo_failing(w: World, quick: bool) -> dict[str, Any]:
     await w.approve(2, start_in_s=1)
     await until(lambda: at_least(w, 20), 30)
     commands = ["find", "update", "insert", "findAndModify", "aggregate", "getMore", "delete"]
-    await w.client.admin.command(
-        {
-            "configureFailPoint": "failCommand",
-            "mode": "alwaysOn",
-            "data": {"failCommands": commands, "errorCode": 91, "appName": "campaign-reactor/a"},
-        }
-    )
+    await w.fail_commands(commands, error_code=91, replica="a")
     await asyncio.sleep(3 if quick else 8)
-    await w.client.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
+    await w.heal()
     back_at = time.monotonic()
     done_at = await until(w.all_sent, 120)
     return {**await account(w, crashes=1), "recovery_s": round(done_at - back_at, 2)}
@@ -243,19 +237,9 @@ async def owner_stalled(w: World, quick: bool) -> dict[str, Any]:
 async def heartbeats_failing(w: World, quick: bool) -> dict[str, Any]:
     """The owner's lease renewals fail (a failCommand on its findAndModify)."""
     owner = await _two_replicas_one_sending(w)
-    await w.client.admin.command(
-        {
-            "configureFailPoint": "failCommand",
-            "mode": "alwaysOn",
-            "data": {
-                "failCommands": ["findAndModify"],
-                "errorCode": 2,
-                "appName": f"campaign-reactor/{owner.name}",
-            },
-        }
-    )
+    await w.fail_commands(["findAndModify"], error_code=2, replica=owner.name)
     await asyncio.sleep(3 * LEASE_S)
-    await w.client.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
+    await w.heal()
     back_at = time.monotonic()
     done_at = await until(w.all_sent, 120)
     return {**await account(w, crashes=1), "recovery_s": round(done_at - back_at, 2)}

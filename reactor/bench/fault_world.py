@@ -160,6 +160,23 @@ class World:
         )
         return count == len(self.campaign_ids)
 
+    async def fail_commands(self, commands: list[str], *, error_code: int, replica: str) -> None:
+        """Every listed command from one replica answers `error_code` until `heal()`."""
+        await self.client.admin.command(
+            {
+                "configureFailPoint": "failCommand",
+                "mode": "alwaysOn",
+                "data": {
+                    "failCommands": commands,
+                    "errorCode": error_code,
+                    "appName": f"campaign-reactor/{replica}",
+                },
+            }
+        )
+
+    async def heal(self) -> None:
+        await self.client.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
+
     async def owner(self, campaign_id: Any) -> ReactorProcess:
         """The replica that owns a running campaign now."""
         doc = await self.client.marketing.campaigns.find_one({"_id": campaign_id})

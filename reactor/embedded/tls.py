@@ -26,68 +26,25 @@ def make_test_pki(directory: Path) -> TestPki:
         subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
 
     san = "subjectAltName=IP:127.0.0.1,DNS:localhost"
+
+    def self_signed(name: str, subject: str, *extra: str) -> None:
+        openssl(
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", subject,
+            *extra, "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.pem"),
+        )  # fmt: skip
+
+    self_signed("ca", "/CN=reactor test CA")
     openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=reactor test CA",
-        "-keyout",
-        str(d / "ca.key"),
-        "-out",
-        str(d / "ca.pem"),
-    )
-    openssl(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=localhost",
-        "-keyout",
-        str(d / "server.key"),
-        "-out",
-        str(d / "server.csr"),
-    )
+        "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+        "-keyout", str(d / "server.key"), "-out", str(d / "server.csr"),
+    )  # fmt: skip
     (d / "san.ext").write_text(san + "\n")
     openssl(
-        "x509",
-        "-req",
-        "-in",
-        str(d / "server.csr"),
-        "-CA",
-        str(d / "ca.pem"),
-        "-CAkey",
-        str(d / "ca.key"),
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        str(d / "san.ext"),
-        "-out",
-        str(d / "server.pem"),
-    )
-    openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=localhost",
-        "-addext",
-        san,
-        "-keyout",
-        str(d / "impostor.key"),
-        "-out",
-        str(d / "impostor.pem"),
-    )
+        "x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.pem"),
+        "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "2",
+        "-extfile", str(d / "san.ext"), "-out", str(d / "server.pem"),
+    )  # fmt: skip
+    self_signed("impostor", "/CN=localhost", "-addext", san)
     return TestPki(
         ca=d / "ca.pem",
         cert=d / "server.pem",

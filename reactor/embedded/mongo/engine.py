@@ -20,7 +20,7 @@ import mongomock
 import mongomock.aggregate
 from bson import Timestamp
 
-from .expressions import SYSTEM_VARIABLES, install_fast_operators, install_system_variables
+from .expressions import SYSTEM_VARIABLES, install_expressions, install_fast_operators
 from .fastpath import FastCollection, clone, simple_update
 
 __all__ = ["Engine", "FastCollection", "OplogEntry", "clone", "diff_documents", "simple_update"]
@@ -56,7 +56,7 @@ class Engine:
 
     def __init__(self, *, oplog_limit: int = 200_000) -> None:
         install_fast_operators()
-        install_system_variables()
+        install_expressions()
         self.client: Any = mongomock.MongoClient()
         self.oplog: list[OplogEntry] = []
         self._oplog_ts: list[int] = []

@@ -63,12 +63,12 @@ def _fast_in(doc_val: Any, search_val: Any) -> bool:
 
 
 # $$NOW and $$CLUSTER_TIME of the command being executed (mongod fixes both for a whole
-# command). mongomock knows only $$ROOT and $$CURRENT; `install_system_variables` teaches its
-# expression parser the other two.
+# command). mongomock knows only $$ROOT and $$CURRENT; `install_expressions` teaches its
+# expression parser the other two (and the expressions it lacks).
 SYSTEM_VARIABLES: dict[str, Any] = {}
 
 
-def install_system_variables() -> None:
+def install_expressions() -> None:
     """Teach mongomock's expressions what mongod has and it lacks (idempotent)."""
     _install_now()
     _install_type()

@@ -257,9 +257,9 @@ class MongoEmulator(AdminCommands, DdlCommands, WriteCommands, ReadCommands):
                     if isinstance(cursor, ChangeStreamCursor):
                         exc.labels = ["ResumableChangeStreamError"]
             return self._error(exc)
-        except (CloseConnection, asyncio.CancelledError):
+        except CloseConnection:
             raise
-        except Exception as exc:
+        except Exception as exc:  # (never cancellation: that is a BaseException)
             # A gap in the engine: answer as mongod would with an error, never drop the client.
             return self._error(engine_error(exc, name))
         return self._finish(reply)
