@@ -18,7 +18,14 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import PyMongoError
 
 from .adapters.clock import DatabaseClock, SystemClock
-from .adapters.mongo import MongoCampaignStore, MongoChangeFeed, MongoLedger, MongoRecipients
+from .adapters.mongo import (
+    MongoCampaignStore,
+    MongoChangeFeed,
+    MongoLedger,
+    MongoRecipientActions,
+    MongoRecipients,
+    MongoSuppressions,
+)
 from .adapters.smtp import SmtpEmailSender
 from .adapters.twilio_sms import TwilioSmsSender
 from .barriers import Barriers
@@ -27,8 +34,10 @@ from .execution import Executor, StopReason
 from .http import OpsServer
 from .metrics import Metrics
 from .ports import Clock, EmailSender, SmsSender
+from .public import PublicServer
 from .reconciler import Reconciler
 from .scheduler import Scheduler
+from .suppression import SuppressionList
 from .watcher import Watcher
 
 log = logging.getLogger(__name__)
@@ -52,6 +61,9 @@ class _Parts:
     scheduler: Scheduler
     reconciler: Reconciler
     watcher: Watcher
+    suppression_store: MongoSuppressions
+    suppressions: SuppressionList
+    actions: MongoRecipientActions
 
 
 class Reactor:
@@ -78,6 +90,8 @@ class Reactor:
         self.watcher: Watcher | None = None
         self.reconciler: Reconciler | None = None
         self.http: OpsServer | None = None
+        self.public: PublicServer | None = None
+        self.suppressions: SuppressionList | None = None
         self.store: MongoCampaignStore | None = None
         self.db_clock: DatabaseClock | None = None
         self.mongodb_reachable = False
@@ -108,6 +122,8 @@ class Reactor:
                             await sender.aclose()
                     if self.http is not None:
                         await self.http.stop()
+                    if self.public is not None:
+                        await self.public.stop()
                     if seg_client is not client:
                         await seg_client.close()
                     await client.close()
@@ -151,7 +167,7 @@ class Reactor:
 
         async def readiness() -> dict[str, bool]:
             # From state the service keeps, never a database round trip per request.
-            checks = {"mongodb": self.mongodb_reachable}
+            checks = {"mongodb": self.mongodb_reachable, "suppressions": parts.suppressions.up}
             if s.enable_schedulers:
                 checks["change_stream"] = watcher.up
                 checks["first_sweep"] = reconciler.first_sweep.is_set()
@@ -161,10 +177,13 @@ class Reactor:
             self.http = OpsServer(self.metrics, readiness, s.metrics_host, s.metrics_port)
             await self.http.start()
             log.info("metrics and health on http://%s:%s", s.metrics_host, self.http.port)
+            await self._serve_public(parts)
 
         await self._wait_for_mongodb(store, ledger, feed, db_clock)
+        await parts.suppression_store.ensure_indexes()
         self.metrics.schedulers_enabled.set(1 if s.enable_schedulers else 0)
         async with anyio.create_task_group() as sending:
+            sending.start_soon(parts.suppressions.follow)
             await sending.start(executor.serve)
             sending.start_soon(self._watch_clock, feed, db_clock, sched_cfg.clock_check_s)
             async with anyio.create_task_group() as intake:
@@ -226,6 +245,9 @@ class Reactor:
         # measured offset to it.
         db_clock = DatabaseClock(self.clock)
         self.db_clock = db_clock
+        suppression_store = MongoSuppressions(db)
+        suppressions = SuppressionList(suppression_store, db_clock, self.metrics)
+        self.suppressions = suppressions
         executor = Executor(
             store=store,
             ledger=ledger,
@@ -239,6 +261,8 @@ class Reactor:
             lease_s=sched_cfg.lease_s,
             max_failures=sched_cfg.max_failures,
             retry_base_s=sched_cfg.retry_base_s,
+            suppressions=suppressions,
+            links=s.links(),
         )
         scheduler = Scheduler(
             store=store, executor=executor, clock=db_clock, metrics=self.metrics, config=sched_cfg
@@ -266,7 +290,45 @@ class Reactor:
             reconciler,
             watcher,
         )
-        return _Parts(store, ledger, feed, db_clock, executor, scheduler, reconciler, watcher)
+        return _Parts(
+            store,
+            ledger,
+            feed,
+            db_clock,
+            executor,
+            scheduler,
+            reconciler,
+            watcher,
+            suppression_store,
+            suppressions,
+            MongoRecipientActions(db, s.campaigns_collection),
+        )
+
+    async def _serve_public(self, parts: _Parts) -> None:
+        s = self.settings
+        links = s.links()
+        if links is None:
+            log.warning(
+                "PUBLIC_BASE_URL / LINK_SECRET not set: emails go out without an unsubscribe "
+                "link or List-Unsubscribe, which Gmail and Yahoo require of bulk senders"
+            )
+            return
+        self.public = PublicServer(
+            links=links,
+            suppressions=parts.suppression_store,
+            actions=parts.actions,
+            clock=parts.db_clock,
+            metrics=self.metrics,
+            host=s.public_host,
+            port=s.public_port,
+        )
+        await self.public.start()
+        log.info(
+            "public listener on http://%s:%s (links point to %s)",
+            s.public_host,
+            self.public.port,
+            links.base_url,
+        )
 
     async def _wait_for_mongodb(
         self,
@@ -322,6 +384,8 @@ class Reactor:
 
     async def _announce_ready(self, watcher: Watcher) -> None:
         await watcher.opened.wait()
+        if self.suppressions is not None:
+            await self.suppressions.opened.wait()
         self.ready.set()
         log.info("reactor %s ready: first sweep done, change stream open", self.instance_id)
 

@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep-running", action="store_true")
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--metrics-port", type=_port, default=9464)
+    from .suppress_cli import add_arguments
+
+    add_arguments(
+        sub.add_parser("suppress", help="the suppression list: add, remove, list, import, export")
+    )
     emu = sub.add_parser("mongo-emulator", help="run the embedded MongoDB-compatible server")
     emu.add_argument("--host", default="127.0.0.1")
     emu.add_argument("--port", type=_port, default=27017)
@@ -139,6 +144,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             settings = load_settings()
             return run_doctor(settings, as_json=args.json, probe=args.probe)
+        if args.command == "suppress":
+            from .suppress_cli import BadRow
+            from .suppress_cli import run as run_suppress
+
+            try:
+                return run_suppress(args, load_settings())
+            except BadRow as exc:
+                raise UsageError(str(exc)) from None
         if args.command == "demo":
             require_embedded(args.command)
             from .demo import run_demo

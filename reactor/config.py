@@ -10,10 +10,13 @@ import os
 import socket
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pymongo.uri_parser import parse_uri
+
+from .domain.consent import LinkKey, Links, LinkSigner, parse_old_keys
 
 
 def default_instance_id() -> str:
@@ -77,6 +80,17 @@ class Settings(BaseSettings):
     channel_pause_max_seconds: float = Field(300.0, gt=0)
     sms_resolve_after_seconds: float = Field(30.0, ge=0)
 
+    public_host: str = "0.0.0.0"
+    public_port: int = Field(8080, ge=0, le=65535)
+    public_base_url: str | None = None
+    link_secret: SecretStr | None = None
+    link_key_id: str = Field("k1", pattern=r"^[A-Za-z0-9_-]{1,16}$")
+    link_old_keys: SecretStr | None = None
+    link_ttl_seconds: float = Field(180 * 86400.0, gt=0)
+    link_rotation_grace_seconds: float = Field(30 * 86400.0, ge=0)
+    unsubscribe_mailto: str | None = None
+    postal_address: str | None = None
+
     metrics_host: str = "0.0.0.0"
     metrics_port: int = Field(9464, ge=0, le=65535)
     log_format: Literal["text", "json"] = "text"
@@ -121,6 +135,36 @@ class Settings(BaseSettings):
                 "SMTP_TLS=none with SMTP_USERNAME/SMTP_PASSWORD would send the credentials in "
                 "clear text; use starttls or tls"
             )
+        return self
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _valid_base_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        url = urlsplit(value.strip())
+        if url.scheme not in ("https", "http") or not url.netloc or url.query or url.fragment:
+            raise ValueError("must be an http(s) URL without query, e.g. https://mail.example.com")
+        return value.strip().rstrip("/")
+
+    @field_validator("link_secret")
+    @classmethod
+    def _strong_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().encode()) < 32:
+            raise ValueError("must be at least 32 bytes (e.g. `openssl rand -hex 32`)")
+        return value
+
+    @field_validator("link_old_keys")
+    @classmethod
+    def _valid_old_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_old_keys(value.get_secret_value())  # raises ValueError without the secrets
+        return value
+
+    @model_validator(mode="after")
+    def _check_links(self) -> Settings:
+        if self.public_base_url and self.link_secret is None:
+            raise ValueError("PUBLIC_BASE_URL needs LINK_SECRET to sign recipients' links")
         return self
 
     @model_validator(mode="after")
@@ -199,6 +243,24 @@ class Settings(BaseSettings):
             messaging_service_sid=self.twilio_messaging_service_sid,
             api_base_url=self.twilio_api_base_url,
             timeout_s=self.twilio_timeout_seconds,
+        )
+
+    def links(self) -> Links | None:
+        """How recipients' links are made, or None when the public listener is not set up."""
+        if not self.public_base_url or self.link_secret is None:
+            return None
+        current = LinkKey(self.link_key_id, self.link_secret.get_secret_value().encode())
+        old = parse_old_keys(self.link_old_keys.get_secret_value()) if self.link_old_keys else []
+        signer = LinkSigner(
+            [current, *old],
+            ttl_s=self.link_ttl_seconds,
+            rotation_grace_s=self.link_rotation_grace_seconds,
+        )
+        return Links(
+            base_url=self.public_base_url,
+            signer=signer,
+            mailto=self.unsubscribe_mailto,
+            postal_address=self.postal_address,
         )
 
     @property

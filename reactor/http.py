@@ -57,8 +57,8 @@ def edge_logger(name: str) -> logging.Logger:
     return logger
 
 
-def guarded_application(**kwargs: Any) -> web.Application:
-    return web.Application(client_max_size=MAX_BODY_BYTES, **kwargs)
+def guarded_application(*, max_body_bytes: int = MAX_BODY_BYTES, **kwargs: Any) -> web.Application:
+    return web.Application(client_max_size=max_body_bytes, **kwargs)
 
 
 async def start_site(

@@ -157,6 +157,52 @@ class Metrics:
             "1 when this instance arms and fires timers.",
             registry=r,
         )
+        self.suppressed_skips = Counter(
+            "reactor_suppressed_skips",
+            "Sends skipped because the recipient is on the suppression list, by reason.",
+            ["channel", "reason"],
+            registry=r,
+        )
+        self.unsubscribes = Counter(
+            "reactor_unsubscribes",
+            "Unsubscribes recipients made through their links (one-click POST or the page).",
+            ["channel", "via"],
+            registry=r,
+        )
+        self.suppressions_seen = Counter(
+            "reactor_suppressions_seen",
+            "Suppression entries this instance learned of through the change stream.",
+            registry=r,
+        )
+        self.suppression_stream_up = Gauge(
+            "reactor_suppression_stream_up",
+            "1 while the suppressions change stream is open.",
+            registry=r,
+        )
+        self.suppression_stream_restarts = Counter(
+            "reactor_suppression_stream_restarts",
+            "Times the suppressions stream restarted from now (sends were checked again).",
+            ["reason"],
+            registry=r,
+        )
+        self.link_rejected = Counter(
+            "reactor_link_rejected",
+            "Recipient links refused: malformed, forged, altered, expired or retired key.",
+            ["why"],
+            registry=r,
+        )
+        self.public_requests = Counter(
+            "reactor_public_requests",
+            "Requests to the public listener, by route and status code.",
+            ["route", "status"],
+            registry=r,
+        )
+        self.public_unknown = Counter(
+            "reactor_public_unknown",
+            "Valid links naming a campaign or customer this database does not know.",
+            ["what"],
+            registry=r,
+        )
         self.build_info = Info("reactor_build", "Reactor build information.", registry=r)
         self.build_info.info({"version": __version__, "python": platform.python_version()})
         # Materialise the label sets dashboards and alerts read, so queries see 0, not no data.
@@ -166,6 +212,11 @@ class Metrics:
             self.send_retries.labels(channel)
             self.sends_deferred.labels(channel)
             self.channel_paused.labels(channel).set(0)
+            for reason in ("unsubscribed", "hard_bounce", "complaint", "sms_stop", "manual"):
+                self.suppressed_skips.labels(channel, reason)
+            for via in ("one_click", "page"):
+                self.unsubscribes.labels(channel, via)
+        self.suppression_stream_up.set(0)
         for result in ("sent", "still_uncertain"):
             self.sms_resolved.labels(result)
         for kind in ("start", "end"):

@@ -56,6 +56,8 @@ class EmailMessage:
     text: str | None
     html: str | None
     message_id: str
+    # Extra headers, e.g. List-Unsubscribe and List-Unsubscribe-Post (RFC 2369, RFC 8058).
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

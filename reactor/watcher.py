@@ -18,14 +18,13 @@ import anyio
 from pymongo.errors import OperationFailure, PyMongoError
 
 from .barriers import Barriers
+from .domain.errors import HISTORY_LOST_CODES
 from .metrics import Metrics
 from .ports import ChangeFeed, Clock
 from .reconciler import Reconciler
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
-
-HISTORY_LOST_CODES = {286, 260, 280, 136}  # history lost, invalid token, fatal, capped deleted
 
 
 class Watcher:

@@ -13,7 +13,14 @@ from typing import Any
 
 import anyio
 
-from reactor.domain.deliveries import DeliveryRecord, DeliveryState, LedgerOp, delivery_id
+from reactor.domain.deliveries import (
+    SUPPRESSED,
+    SUPPRESSED_PREFIX,
+    DeliveryRecord,
+    DeliveryState,
+    LedgerOp,
+    delivery_id,
+)
 from reactor.domain.models import target_problem
 from reactor.ports import Recipient
 
@@ -353,6 +360,10 @@ class MemoryLedger:
             if row["campaign"] == campaign:
                 by_state = out.setdefault(row["channel"], {})
                 by_state[row["state"]] = by_state.get(row["state"], 0) + 1
+                if row["state"] == DeliveryState.SKIPPED and str(
+                    row.get("reason", "")
+                ).startswith(SUPPRESSED_PREFIX):
+                    by_state[SUPPRESSED] = by_state.get(SUPPRESSED, 0) + 1
         return out
 
     async def pending_from_other_epochs(self, campaign: str, epoch: int) -> list[dict[str, Any]]:

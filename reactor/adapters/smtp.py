@@ -80,6 +80,7 @@ def build_mime(message: EmailMessage, sender: str) -> email.message.Message:
         ("To", message.to),
         ("Subject", message.subject),
         ("Message-ID", message.message_id),
+        *message.headers,
     ):
         mime[name] = _header_value(name, value)  # type: ignore[assignment]  # Header is allowed
     mime["Date"] = formatdate(usegmt=True)

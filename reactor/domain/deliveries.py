@@ -75,6 +75,18 @@ _COUNTER_NAMES = {
     (Channel.SMS, DeliveryState.SKIPPED): "smsSkipped",
 }
 UNCERTAIN_COUNTER = "uncertain"
+# Skipped rows whose reason is `suppressed:<why>` also count here (a subset of *Skipped); in the
+# ledger's counts they appear as the pseudo-state SUPPRESSED.
+SUPPRESSED = "suppressed"
+SUPPRESSED_PREFIX = "suppressed:"
+_SUPPRESSED_COUNTERS = {Channel.EMAIL: "emailsSuppressed", Channel.SMS: "smsSuppressed"}
+
+
+def suppressed_counter(channel: str, state: str, reason: str | None) -> str | None:
+    """The extra counter a row counts toward when a suppression stopped its send."""
+    if state == DeliveryState.SKIPPED and reason and reason.startswith(SUPPRESSED_PREFIX):
+        return _SUPPRESSED_COUNTERS[Channel(channel)]
+    return None
 
 
 def counter_name(channel: str, state: str) -> str:
@@ -88,4 +100,6 @@ def performance(counts: Mapping[str, Mapping[str, int]]) -> dict[str, int]:
         name: counts.get(str(ch), {}).get(str(st), 0) for (ch, st), name in _COUNTER_NAMES.items()
     }
     out[UNCERTAIN_COUNTER] = sum(c.get(DeliveryState.UNCERTAIN, 0) for c in counts.values())
+    for ch, name in _SUPPRESSED_COUNTERS.items():
+        out[name] = counts.get(str(ch), {}).get(SUPPRESSED, 0)
     return out

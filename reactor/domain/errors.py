@@ -76,3 +76,8 @@ class UncertainDeliveryError(DeliveryError):
 
 class LeaseLost(ReactorError):
     """Raised when an execution's epoch is no longer the campaign's: another replica took over."""
+
+
+# Change-stream errors it cannot resume from: history lost, invalid token, fatal, capped
+# position deleted. The stream must restart from "now" (after a sweep, for campaigns).
+HISTORY_LOST_CODES = frozenset({286, 260, 280, 136})

@@ -1,42 +1,107 @@
-"""One campaign's content rendered for one recipient: the email or SMS as a provider gets it."""
+"""One campaign's content rendered for one recipient: the email or SMS as a provider gets it.
+
+With links configured, every email carries List-Unsubscribe and List-Unsubscribe-Post (RFC 2369,
+RFC 8058) and its body an unsubscribe link: where the content has no `{{unsubscribe_url}}`, a
+footer with the link and the sender's postal address is added to the text and the HTML part.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+import html
+import re
 import unicodedata
 import uuid
 
 from ..ports import EmailMessage, Recipient, SmsMessage
-from .models import Campaign
+from .consent import Links
+from .models import Campaign, Channel
 from .templates import render
 
+_BODY_END = re.compile(r"</body\s*>", re.IGNORECASE)
 
-def placeholder_values(recipient: Recipient) -> dict[str, str]:
+
+def placeholder_values(recipient: Recipient, unsubscribe_url: str = "") -> dict[str, str]:
     return {
         "name": recipient.name or "",
         "email": recipient.email or "",
         "phone": recipient.phone or "",
+        "unsubscribe_url": unsubscribe_url,
     }
 
 
-def sms_message(campaign: Campaign, recipient: Recipient, to: str) -> SmsMessage:
+def sms_message(
+    campaign: Campaign,
+    recipient: Recipient,
+    to: str,
+    *,
+    links: Links | None = None,
+    now: dt.datetime | None = None,
+) -> SmsMessage:
     assert campaign.sms is not None
-    return SmsMessage(to=to, body=render(campaign.sms.body, placeholder_values(recipient)))
+    url = ""
+    if links is not None and now is not None and "unsubscribe_url" in campaign.sms.body:
+        token = links.unsubscribe_token(campaign.key, recipient.customer_id, Channel.SMS, now)
+        url = links.unsubscribe_url(token)
+    return SmsMessage(to=to, body=render(campaign.sms.body, placeholder_values(recipient, url)))
 
 
 def email_message(
-    campaign: Campaign, recipient: Recipient, to: str, *, message_domain: str
+    campaign: Campaign,
+    recipient: Recipient,
+    to: str,
+    *,
+    message_domain: str,
+    links: Links | None = None,
+    now: dt.datetime | None = None,
 ) -> EmailMessage:
     assert campaign.email is not None
-    values = placeholder_values(recipient)
-    header_values = {k: header_text(v) for k, v in values.items()}
     content = campaign.email
+    url = ""
+    headers: tuple[tuple[str, str], ...] = ()
+    if links is not None and now is not None:
+        token = links.unsubscribe_token(campaign.key, recipient.customer_id, Channel.EMAIL, now)
+        url = links.unsubscribe_url(token)
+        headers = links.list_unsubscribe(token)
+    values = placeholder_values(recipient, url)
+    header_values = {k: header_text(v) for k, v in values.items()}
+    text = render(content.text, values) if content.text else None
+    body_html = render(content.html, values, escape_html=True) if content.html else None
+    if url:
+        postal = links.postal_address if links is not None else None
+        if text is not None and url not in text:
+            text = text_footer(text, url, postal)
+        if body_html is not None and html.escape(url) not in body_html:
+            body_html = html_footer(body_html, url, postal)
     return EmailMessage(
         to=to,
         subject=render(content.subject, header_values),
-        text=render(content.text, values) if content.text else None,
-        html=render(content.html, values, escape_html=True) if content.html else None,
+        text=text,
+        html=body_html,
         message_id=message_id(message_domain),
+        headers=headers,
     )
+
+
+def text_footer(text: str, url: str, postal_address: str | None) -> str:
+    lines = ["", "", "--", f"Unsubscribe: {url}"]
+    if postal_address:
+        lines.append(postal_address)
+    return text.rstrip("\n") + "\n".join(lines) + "\n"
+
+
+def html_footer(body: str, url: str, postal_address: str | None) -> str:
+    parts = [f'<a href="{html.escape(url)}">Unsubscribe</a>']
+    if postal_address:
+        parts.append(html.escape(postal_address))
+    footer = (
+        '<p style="font-size:12px;color:#666;margin-top:24px">' + " &middot; ".join(parts) + "</p>"
+    )
+    ends = list(_BODY_END.finditer(body))
+    if not ends:
+        return body + footer
+    at = ends[-1].start()
+    return body[:at] + footer + body[at:]
 
 
 def header_text(value: str) -> str:

@@ -1,4 +1,4 @@
-"""Personalisation: `{{name}}`, `{{email}}`, `{{phone}}` and nothing else.
+"""Personalisation: `{{name}}`, `{{email}}`, `{{phone}}`, `{{unsubscribe_url}}` and nothing else.
 
 A deliberately tiny engine: it substitutes known placeholders from a flat mapping and leaves
 anything else as written. It cannot evaluate expressions, call functions or reach attributes,
@@ -11,7 +11,7 @@ import html
 import re
 from collections.abc import Mapping
 
-PLACEHOLDER = re.compile(r"\{\{\s*(name|email|phone)\s*\}\}")
+PLACEHOLDER = re.compile(r"\{\{\s*(name|email|phone|unsubscribe_url)\s*\}\}")
 
 
 def render(template: str, values: Mapping[str, str], *, escape_html: bool = False) -> str:

@@ -45,7 +45,13 @@ class CapturedEmail:
             "message_id": str(msg.get("Message-ID", "")).strip(),
             "text": text,
             "html": html,
+            "headers": {k.lower(): str(v) for k, v in msg.items()},
         }
+
+    def header(self, name: str) -> str | None:
+        """A header's value as the recipient's mail client reads it (unfolded)."""
+        value = self._parsed["headers"].get(name.lower())
+        return None if value is None else " ".join(str(value).split())
 
     @property
     def subject(self) -> str:

@@ -15,7 +15,14 @@ import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..domain.deliveries import DeliveryRecord, DeliveryState, LedgerOp, counter_name, delivery_id
+from ..domain.deliveries import (
+    DeliveryRecord,
+    DeliveryState,
+    LedgerOp,
+    counter_name,
+    delivery_id,
+    suppressed_counter,
+)
 from ..domain.errors import LeaseLost
 from ..domain.models import Channel
 from ..metrics import Metrics
@@ -35,6 +42,7 @@ class Item:
     message: EmailMessage | SmsMessage
     deferrals: int = 0  # times a provider said "try later" to this message
     attempted_at: dt.datetime | None = None  # wall time of the first attempt
+    checked_m: float = float("-inf")  # monotonic time its suppressions were read from the db
 
 
 @dataclass
@@ -63,11 +71,17 @@ class LedgerWriter:
         self._metrics = metrics
 
     async def outcomes(
-        self, run: Run, outcomes: Sequence[Outcome], *, pending: Sequence[Item] = ()
+        self,
+        run: Run,
+        outcomes: Sequence[Outcome],
+        *,
+        pending: Sequence[Item] = (),
+        unsent: Sequence[DeliveryRecord] = (),
     ) -> list[Item]:
-        """Record finished sends, then mark the next ones pending, in one ordered write.
-        Returns the items whose marks the ledger accepted: only those may be sent."""
-        records: list[DeliveryRecord] = []
+        """Record finished sends and rows recorded without sending, then mark the next ones
+        pending, in one ordered write. Returns the items whose marks the ledger accepted: only
+        those may be sent."""
+        records: list[DeliveryRecord] = list(unsent)
         abandoned: list[str] = []
         for o in outcomes:
             if o.state in (ABANDONED, DEFERRED):
@@ -118,6 +132,10 @@ class LedgerWriter:
             self._metrics.sends.labels(rec.channel, rec.state).inc()
             name = counter_name(rec.channel, rec.state)
             run.unflushed[name] = run.unflushed.get(name, 0) + 1
+            if (extra := suppressed_counter(rec.channel, rec.state, rec.reason)) is not None:
+                run.unflushed[extra] = run.unflushed.get(extra, 0) + 1
+                why = (rec.reason or "").partition(":")[2]
+                self._metrics.suppressed_skips.labels(rec.channel, why).inc()
         if lost:
             raise LeaseLost(f"campaign {run.key}: epoch {run.epoch}'s pending rows were settled")
         await self.flush_counters(run)

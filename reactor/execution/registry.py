@@ -23,12 +23,14 @@ from typing import Any
 import anyio
 
 from ..config import SendConfig
+from ..domain.consent import Links
 from ..domain.errors import LeaseLost
 from ..domain.models import Channel
 from ..domain.retry import RetryPolicy
 from ..metrics import Metrics
 from ..ports import CampaignStore, Clock, EmailSender, Ledger, Recipients, SmsSender
 from ..ratelimit import TokenBucket
+from ..suppression import SuppressionList
 from .deliver import Deliverer
 from .ledger import LedgerWriter
 from .run import CampaignRun
@@ -54,7 +56,11 @@ class Executor:
         max_failures: int = 5,
         retry_base_s: float = 10.0,
         retry_max_s: float = 600.0,
+        suppressions: SuppressionList | None = None,
+        links: Links | None = None,
     ) -> None:
+        self._suppressions = suppressions
+        self._links = links
         self._store = store
         self._ledger_rows = ledger
         self._recipients = recipients
@@ -165,6 +171,8 @@ class Executor:
             metrics=self._metrics,
             config=self._config,
             instance_id=self._instance,
+            suppressions=self._suppressions,
+            links=self._links,
         )
         try:
             async with anyio.create_task_group() as tg:

@@ -18,6 +18,7 @@ import anyio
 
 from ..config import SendConfig
 from ..domain.addresses import email_address, phone_address
+from ..domain.consent import Links, skip_reason
 from ..domain.deliveries import (
     TERMINAL_STATES,
     DeliveryRecord,
@@ -32,6 +33,7 @@ from ..domain.models import Campaign, Channel, parse_campaign
 from ..metrics import Metrics
 from ..ports import CampaignStore, Clock, EmailSender, Ledger, Recipient, Recipients, SmsSender
 from ..ratelimit import TokenBucket
+from ..suppression import SuppressionList
 from .deliver import Deliverer
 from .ledger import Item, LedgerWriter
 from .resolve import resolve_uncertain_sms
@@ -99,8 +101,12 @@ class CampaignRun:
         metrics: Metrics,
         config: SendConfig,
         instance_id: str,
+        suppressions: SuppressionList | None = None,
+        links: Links | None = None,
     ) -> None:
         self.run = run
+        self._suppressions = suppressions
+        self._links = links
         self._store = store
         self._ledger_rows = ledger
         self._recipients = recipients
@@ -247,6 +253,7 @@ class CampaignRun:
             deferred=deferred,
             tempfail_retry_s=self._config.tempfail_retry_s,
             uncertain=uncertain,
+            suppressions=self._suppressions,
         )
 
     async def _settle_previous_pending(self) -> None:
@@ -321,7 +328,34 @@ class CampaignRun:
                     customer, channel, address, self._message(campaign, channel, recipient, address)
                 )
             )
+        if self._suppressions is not None and prepared.items:
+            await self._drop_suppressed(channel, prepared)
         return prepared
+
+    async def _drop_suppressed(self, channel: Channel, prepared: Prepared) -> None:
+        """One lookup for the batch: whoever is suppressed is recorded skipped, not sent."""
+        assert self._suppressions is not None
+        checked_m = self._clock.monotonic()
+        reasons = await self._suppressions.check(
+            channel, [(item.customer, item.to) for item in prepared.items]
+        )
+        keep: list[Item] = []
+        for item in prepared.items:
+            item.checked_m = checked_m
+            reason = reasons.get(item.customer)
+            if reason is None:
+                keep.append(item)
+                continue
+            prepared.unsent.append(
+                DeliveryRecord(
+                    item.customer,
+                    channel,
+                    DeliveryState.SKIPPED,
+                    to=item.to,
+                    reason=skip_reason(reason),
+                )
+            )
+        prepared.items = keep
 
     def _address(self, channel: Channel, recipient: Recipient) -> tuple[str | None, str]:
         if channel is Channel.EMAIL:
@@ -331,10 +365,16 @@ class CampaignRun:
     def _message(
         self, campaign: Campaign, channel: Channel, recipient: Recipient, address: str
     ) -> Any:
+        now = self._clock.now()
         if channel is Channel.SMS:
-            return sms_message(campaign, recipient, address)
+            return sms_message(campaign, recipient, address, links=self._links, now=now)
         return email_message(
-            campaign, recipient, address, message_domain=self._config.message_domain
+            campaign,
+            recipient,
+            address,
+            message_domain=self._config.message_domain,
+            links=self._links,
+            now=now,
         )
 
     async def _close_window(self, channel: Channel, batch: Sequence[str]) -> None:

@@ -25,9 +25,12 @@ import math
 
 import anyio
 
+from ..domain.consent import skip_reason
+from ..domain.deliveries import DeliveryRecord, DeliveryState
 from ..domain.models import Channel
 from ..ports import Clock
 from ..ratelimit import TokenBucket
+from ..suppression import SuppressionList
 from .breaker import ChannelBreaker
 from .deliver import Deliverer
 from .ledger import DEFERRED, Item, LedgerWriter, Outcome
@@ -52,8 +55,10 @@ class SendWindow:
         deferred: list[tuple[float, Item]] | None = None,
         tempfail_retry_s: tuple[float, ...] = (),
         uncertain: list[Item] | None = None,
+        suppressions: SuppressionList | None = None,
     ) -> None:
         self.run = run
+        self.suppressions = suppressions
         self.channel = channel
         self.noted_pause = False
         # Sends the provider said to try later: (due, by the monotonic clock; item), for the run
@@ -142,9 +147,10 @@ class SendWindow:
             self.finished.clear()
             new = self.items[self.next_item : self.next_item + tokens]
             self.next_item += len(new)
-            accepted = await self.ledger.outcomes(self.run, done, pending=new)
-            if self.breaker.probing and new and not accepted:
-                self.breaker.probing = False  # the probe's mark was refused: probe again
+            new, blocked = await self._unsuppressed(new)
+            accepted = await self.ledger.outcomes(self.run, done, pending=new, unsent=blocked)
+            if self.breaker.probing and tokens and not accepted:
+                self.breaker.probing = False  # no probe went (refused or suppressed): probe again
             self.sending += len(accepted)
             for item in accepted:
                 self.inbox.put_nowait(item)
@@ -166,6 +172,40 @@ class SendWindow:
             timeout = min(timeout, FENCED_POLL_S)  # a renewal lifts the fence
         await self._wait(timeout)  # a send in flight will finish, or a token is free
         return True
+
+    async def _unsuppressed(self, items: list[Item]) -> tuple[list[Item], list[DeliveryRecord]]:
+        """The last check before a row is marked: entries the suppressions stream brought since
+        the batch was read (in memory), and a fresh read for a batch read before the stream's
+        horizon (it restarted and may have missed some)."""
+        guard = self.suppressions
+        if guard is None or not items:
+            return items, []
+        stale = [i for i in items if i.checked_m < guard.horizon_m]
+        reasons: dict[str, str] = {}
+        if stale:
+            checked_m = self.clock.monotonic()
+            reasons = await guard.check(self.channel, [(i.customer, i.to) for i in stale])
+            for i in stale:
+                i.checked_m = checked_m
+        keep: list[Item] = []
+        blocked: list[DeliveryRecord] = []
+        for item in items:
+            reason = reasons.get(item.customer) or guard.recent(
+                self.channel, item.customer, item.to
+            )
+            if reason is None:
+                keep.append(item)
+            else:
+                blocked.append(
+                    DeliveryRecord(
+                        item.customer,
+                        item.channel,
+                        DeliveryState.SKIPPED,
+                        to=item.to,
+                        reason=skip_reason(reason),
+                    )
+                )
+        return keep, blocked
 
     async def _wait(self, timeout_s: float) -> None:
         """Until a worker wakes the loop, or `timeout_s` of the clock's time (never the event

@@ -1,15 +1,19 @@
 """MongoDB adapters: the campaigns store, the deliveries ledger, the change feed and the
 recipients lookup. Nothing above the adapters touches a collection."""
 
+from .actions import MongoRecipientActions
 from .campaigns import SCHEDULE_PROJECTION, MongoCampaignStore
 from .feed import MongoChangeFeed
 from .ledger import MongoLedger
 from .recipients import MongoRecipients
+from .suppressions import MongoSuppressions
 
 __all__ = [
     "SCHEDULE_PROJECTION",
     "MongoCampaignStore",
     "MongoChangeFeed",
     "MongoLedger",
+    "MongoRecipientActions",
     "MongoRecipients",
+    "MongoSuppressions",
 ]

@@ -22,7 +22,14 @@ from pymongo import ASCENDING, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
-from ...domain.deliveries import DeliveryRecord, DeliveryState, LedgerOp, delivery_id
+from ...domain.deliveries import (
+    SUPPRESSED,
+    SUPPRESSED_PREFIX,
+    DeliveryRecord,
+    DeliveryState,
+    LedgerOp,
+    delivery_id,
+)
 
 _INSERTS = (LedgerOp.MARK, LedgerOp.RECORD)
 
@@ -115,6 +122,20 @@ class MongoLedger:
         out: dict[str, dict[str, int]] = {}
         async for row in cursor:
             out.setdefault(row["_id"]["channel"], {})[row["_id"]["state"]] = int(row["n"])
+        suppressed = await self.deliveries.aggregate(
+            [
+                {
+                    "$match": {
+                        "campaign": campaign,
+                        "state": DeliveryState.SKIPPED,
+                        "reason": {"$regex": f"^{SUPPRESSED_PREFIX}"},
+                    }
+                },
+                {"$group": {"_id": "$channel", "n": {"$sum": 1}}},
+            ]
+        )
+        async for row in suppressed:
+            out.setdefault(row["_id"], {})[SUPPRESSED] = int(row["n"])
         return out
 
     async def pending_from_other_epochs(self, campaign: str, epoch: int) -> list[dict[str, Any]]:

@@ -1,0 +1,204 @@
+"""Unsubscribe: RFC 8058's one-click POST, and the landing page for people.
+
+    GET  /u/<token>   the page: unsubscribe from this channel, from everything (changes nothing:
+                      mail scanners and link previews fetch GETs)
+    POST /u/<token>   `List-Unsubscribe=One-Click` (a mailbox provider, for its user): 200, no
+                      cookies, no redirect; or `action=unsubscribe|unsubscribe_all|undo` from
+                      the page
+
+A link's token is checked before anything else is read; one that does not check out gets the
+same neutral page whatever is wrong with it, changes nothing, and is counted by why. A valid
+token for a campaign or customer this database does not know still unsubscribes (the person
+asked; the id came from us) and is recorded in a log line and a metric.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from ..domain.consent import (
+    ALL_CHANNELS,
+    Kind,
+    LinkScope,
+    LinkSigner,
+    Purpose,
+    Reason,
+    Suppression,
+    TokenError,
+    suppression_id,
+)
+from ..domain.models import Channel
+from ..metrics import Metrics
+from ..ports import Clock
+from . import pages
+from .forms import read_form
+from .ports import RecipientActions, SuppressionWriter
+
+log = logging.getLogger(__name__)
+
+ONE_CLICK = ("List-Unsubscribe", "One-Click")
+MAX_FORM_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class Result:
+    new: bool  # a suppression was added (or, for an undo, removed)
+    known_campaign: bool
+    known_customer: bool
+
+
+class Unsubscribes:
+    """What an unsubscribe does, apart from HTTP."""
+
+    def __init__(
+        self,
+        suppressions: SuppressionWriter,
+        actions: RecipientActions,
+        clock: Clock,
+        metrics: Metrics,
+    ) -> None:
+        self._suppressions = suppressions
+        self._actions = actions
+        self._clock = clock
+        self._metrics = metrics
+
+    async def unsubscribe(self, scope: LinkScope, *, everything: bool, via: str) -> Result:
+        channel = ALL_CHANNELS if everything else scope.channel
+        address = await self._actions.delivered_to(scope.campaign, scope.channel, scope.customer)
+        entries = [self._entry(Kind.CUSTOMER, scope.customer, channel, scope)]
+        if address is not None:
+            kind = Kind.EMAIL if scope.channel == Channel.EMAIL else Kind.PHONE
+            entries.append(self._entry(kind, address, channel, scope))
+        new = await self._suppressions.add(entries, now=self._clock.now())
+        known_campaign = True
+        if new:
+            self._metrics.unsubscribes.labels(scope.channel, via).inc()
+            known_campaign = await self._actions.add_unsubscribes(scope.campaign, 1)
+        result = Result(bool(new), known_campaign, address is not None)
+        self._record(scope, result, "unsubscribe" + ("_all" if everything else ""), via)
+        return result
+
+    async def undo(self, scope: LinkScope) -> Result:
+        """Lift what an unsubscribe through this recipient's links added (never a bounce, a
+        complaint or an operator's entry)."""
+        address = await self._actions.delivered_to(scope.campaign, scope.channel, scope.customer)
+        kind = Kind.EMAIL if scope.channel == Channel.EMAIL else Kind.PHONE
+        ids = [
+            suppression_id(k, v, ch)
+            for k, v in ((Kind.CUSTOMER, scope.customer), (kind, address))
+            if v
+            for ch in (scope.channel, ALL_CHANNELS)
+        ]
+        removed = await self._suppressions.remove(ids, reasons=[Reason.UNSUBSCRIBED])
+        known_campaign = True
+        if removed:
+            known_campaign = await self._actions.add_unsubscribes(scope.campaign, -1)
+        result = Result(removed > 0, known_campaign, address is not None)
+        self._record(scope, result, "undo", "page")
+        return result
+
+    @staticmethod
+    def _entry(kind: Kind, value: str, channel: str, scope: LinkScope) -> Suppression:
+        return Suppression(
+            kind,
+            value,
+            channel,
+            Reason.UNSUBSCRIBED,
+            source=f"link:{scope.campaign}",
+            campaign=scope.campaign,
+        )
+
+    def _record(self, scope: LinkScope, result: Result, action: str, via: str) -> None:
+        extra = {"campaign_id": scope.campaign, "customer_id": scope.customer, "via": via}
+        if not result.known_campaign:
+            self._metrics.public_unknown.labels("campaign").inc()
+            log.warning(
+                "%s through a valid link for unknown campaign %s (customer %s)",
+                action,
+                ascii(scope.campaign),
+                ascii(scope.customer),
+                extra=extra,
+            )
+        elif not result.known_customer:
+            self._metrics.public_unknown.labels("customer").inc()
+            log.warning(
+                "%s through a valid link for customer %s, who has no %s delivery in campaign %s",
+                action,
+                ascii(scope.customer),
+                scope.channel,
+                ascii(scope.campaign),
+                extra=extra,
+            )
+        log.info(
+            "🔕 %s: customer %s, campaign %s, %s (%s)",
+            action,
+            ascii(scope.customer),
+            ascii(scope.campaign),
+            scope.channel,
+            "applied" if result.new else "already so",
+            extra=extra,
+        )
+
+
+class UnsubscribeRoutes:
+    def __init__(
+        self,
+        signer: LinkSigner,
+        unsubscribes: Unsubscribes,
+        actions: RecipientActions,
+        clock: Clock,
+        metrics: Metrics,
+    ) -> None:
+        self._signer = signer
+        self._unsubscribes = unsubscribes
+        self._actions = actions
+        self._clock = clock
+        self._metrics = metrics
+
+    def add_to(self, app: web.Application) -> None:
+        app.router.add_get("/u/{token}", self.page)
+        app.router.add_post("/u/{token}", self.post)
+
+    def _scope(self, request: web.Request) -> LinkScope | None:
+        try:
+            return self._signer.verify(
+                request.match_info["token"], purpose=Purpose.UNSUBSCRIBE, now=self._clock.now()
+            )
+        except TokenError as exc:
+            self._metrics.link_rejected.labels(exc.why).inc()
+            log.warning("refused a link token (%s) from %s", exc.why, request.remote)
+            return None
+
+    async def page(self, request: web.Request) -> web.Response:
+        scope = self._scope(request)
+        if scope is None:
+            return _html(pages.invalid(), status=400)
+        name = await self._actions.campaign_name(scope.campaign)
+        return _html(pages.landing(name, scope.channel))
+
+    async def post(self, request: web.Request) -> web.Response:
+        form = await read_form(request, MAX_FORM_BYTES)
+        scope = self._scope(request)
+        if scope is None:
+            if form.get(ONE_CLICK[0]) == ONE_CLICK[1]:
+                return web.Response(text="This link is not valid.\n", status=400)
+            return _html(pages.invalid(), status=400)
+        if form.get(ONE_CLICK[0]) == ONE_CLICK[1]:
+            await self._unsubscribes.unsubscribe(scope, everything=False, via="one_click")
+            return web.Response(text="You are unsubscribed.\n")
+        action = form.get("action")
+        if action in ("unsubscribe", "unsubscribe_all"):
+            everything = action == "unsubscribe_all"
+            await self._unsubscribes.unsubscribe(scope, everything=everything, via="page")
+            return _html(pages.done(scope.channel, everything))
+        if action == "undo":
+            await self._unsubscribes.undo(scope)
+            return _html(pages.undone())
+        raise web.HTTPBadRequest(text="Unknown action.\n")
+
+
+def _html(body: str, *, status: int = 200) -> web.Response:
+    return web.Response(text=body, status=status, content_type="text/html", charset="utf-8")
