@@ -360,9 +360,9 @@ class MemoryLedger:
             if row["campaign"] == campaign:
                 by_state = out.setdefault(row["channel"], {})
                 by_state[row["state"]] = by_state.get(row["state"], 0) + 1
-                if row["state"] == DeliveryState.SKIPPED and str(
-                    row.get("reason", "")
-                ).startswith(SUPPRESSED_PREFIX):
+                if row["state"] == DeliveryState.SKIPPED and str(row.get("reason", "")).startswith(
+                    SUPPRESSED_PREFIX
+                ):
                     by_state[SUPPRESSED] = by_state.get(SUPPRESSED, 0) + 1
         return out
 
