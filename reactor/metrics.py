@@ -199,7 +199,7 @@ class Metrics:
         )
         self.public_unknown = Counter(
             "reactor_public_unknown",
-            "Valid links naming a campaign or customer this database does not know.",
+            "Valid links naming a campaign or a recipient this database does not know.",
             ["what"],
             registry=r,
         )

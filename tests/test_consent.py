@@ -347,3 +347,26 @@ async def test_operators_add_remove_list_import_and_export(
     code, _, _ = await anyio.to_thread.run_sync(lambda: run("remove", "--phone", "+1 415 555 0100"))
     assert code == 1
     assert len(await suppressions(client, mongo)) == 2
+
+
+async def test_doctor_reports_links_and_the_suppression_list_without_the_secret(
+    mongo: MongoTarget, client: Client
+) -> None:
+    from reactor.doctor.checks import diagnose
+
+    store = MongoSuppressions(client[mongo.campaigns_db])
+    await store.add([Suppression(Kind.CUSTOMER, "1", "all", Reason.COMPLAINT, "test")], now=now())
+    configured = await diagnose(
+        settings(mongo, **public(link_old_keys=f"k0={'z' * 32}@2026-01-01T00:00:00Z"))
+    )
+    checks = {c.name: c for c in configured.checks}
+    assert checks["unsubscribe links"].status == "ok"
+    assert "(+1 retired)" in checks["unsubscribe links"].detail
+    assert checks["suppressions"].detail == "1 entries (complaint 1)"
+    shown = repr(configured.configuration) + repr(configured.checks)
+    assert SECRET not in shown
+    assert "z" * 32 not in shown
+    bare = await diagnose(settings(mongo))
+    checks = {c.name: c for c in bare.checks}
+    assert checks["unsubscribe links"].status == "warn"
+    assert any("PUBLIC_BASE_URL" in r for r in bare.recommendations)

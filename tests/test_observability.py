@@ -125,6 +125,7 @@ def test_compose_file_validates_and_is_safe_to_copy() -> None:
         "alertmanager",
         "grafana",
         "mailcatcher",
+        "public-proxy",
     } <= set(services)
     # MongoDB: a replica set with authentication, its keyfile from the secrets file.
     command = services["mongo"]["command"]
@@ -133,9 +134,14 @@ def test_compose_file_validates_and_is_safe_to_copy() -> None:
     assert "--keyFile" in command
     assert "rs.initiate" in " ".join(services["mongo-init"]["command"])
     assert "createUser" in " ".join(services["mongo-init"]["command"])
-    # Only Grafana is published, on loopback, with its admin password set; no anonymous access.
+    # Only Grafana (on loopback, with its admin password set; no anonymous access) and the
+    # public TLS proxy are published; the proxy passes only the public listener's paths on.
     published = {name: s["ports"] for name, s in services.items() if s.get("ports")}
-    assert set(published) == {"grafana"}
+    assert set(published) == {"grafana", "public-proxy"}
+    caddyfile = Path("deploy/Caddyfile").read_text()
+    assert "@public path /u/* /webhooks/* /healthz" in caddyfile
+    assert "reactor-1:8080 reactor-2:8080" in caddyfile
+    assert "9464" not in caddyfile
     (port,) = published["grafana"]
     # docker-compose 1.x renders the short form, 2.x the long one.
     host_ip = port.split(":", 1)[0] if isinstance(port, str) else port["host_ip"]

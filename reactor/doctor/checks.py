@@ -14,6 +14,7 @@ from pymongo.errors import OperationFailure, PyMongoError
 from ..config import Settings
 from ..domain.errors import InvalidCampaign
 from ..domain.models import as_utc, parse_campaign
+from .consent import check_links, check_suppressions
 from .report import FAIL, OK, WARN, Report, redacted_configuration
 
 EXPECTED_INDEXES = {
@@ -47,8 +48,10 @@ async def diagnose(
             await _check_change_streams(report, client, settings)
             await _check_indexes(report, client, settings)
             await _list_campaigns(report, client, settings, now)
+            await check_suppressions(report, client, settings)
         await _check_segmentation(report, seg_client, settings)
         await _check_channels(report, settings, probe)
+        check_links(report, settings)
     finally:
         if seg_client is not client:
             await seg_client.close()
@@ -373,7 +376,7 @@ def _recommend(report: Report, settings: Settings) -> None:
             "A campaign is past its end but not completed: check that a reactor is running "
             "(`/readyz`) and its logs for errors."
         )
-    for name in ("email (SMTP)", "sms (Twilio)"):
+    for name in ("email (SMTP)", "sms (Twilio)", "unsubscribe links", "postal address"):
         check = status.get(name)
         if check and check.status != OK:
             r.append(f"{name}: {check.detail}")

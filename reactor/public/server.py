@@ -61,7 +61,11 @@ class PublicServer:
     def application(self) -> web.Application:
         app = guarded_application(max_body_bytes=MAX_BODY_BYTES, middlewares=[self._guard])
         self._routes.add_to(app)
+        app.router.add_get("/healthz", self._health)  # for the proxy in front
         return app
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
 
     async def start(self) -> None:
         self._runner, self.port = await start_site(

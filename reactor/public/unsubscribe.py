@@ -123,7 +123,7 @@ class Unsubscribes:
                 extra=extra,
             )
         elif not result.known_customer:
-            self._metrics.public_unknown.labels("customer").inc()
+            self._metrics.public_unknown.labels("recipient").inc()
             log.warning(
                 "%s through a valid link for customer %s, who has no %s delivery in campaign %s",
                 action,
