@@ -14,10 +14,13 @@ import collections
 import contextlib
 import datetime as dt
 import random
+import secrets
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import anyio
 from pymongo import AsyncMongoClient
 from rich.console import Console
@@ -42,6 +45,12 @@ class DemoCampaign:
     channels: list[str]
     targets: int
     expected: str
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _port_free(port: int) -> bool:
@@ -201,9 +210,21 @@ async def _demo(
         }
         base.update({k.lower(): v for k, v in sink.settings_env().items()})
         base.update({k.lower(): v for k, v in twilio.settings_env().items()})
+        # Recipients' links point at instance a's public listener (in production: the proxy).
+        public_port = _free_port()
+        base.update(
+            public_host="127.0.0.1",
+            public_base_url=f"http://127.0.0.1:{public_port}",
+            link_secret=secrets.token_hex(32),
+            postal_address="Demo Retail, 1 Main St, Springfield",
+        )
         reactors = [
-            Reactor(Settings(**base, reactor_instance_id="demo-a", metrics_port=port)),
-            Reactor(Settings(**base, reactor_instance_id="demo-b", metrics_port=0)),
+            Reactor(
+                Settings(
+                    **base, reactor_instance_id="demo-a", metrics_port=port, public_port=public_port
+                )
+            ),
+            Reactor(Settings(**base, reactor_instance_id="demo-b", metrics_port=0, public_port=0)),
         ]
         exit_code = 1
         async with anyio.create_task_group() as tg:
@@ -225,8 +246,11 @@ async def _demo(
                 f"{customers} customers, {len(plan)} campaigns (one approved too late), "
                 f"two reactor instances, failure rate {failure_rate:g}"
             )
+            unsubscribed: list[Unsubscribed] = []
+            tg.start_soon(_unsubscribe_some, sink, plan, unsubscribed)
             docs = await _watch_progress(console, client, plan)
-            exit_code = _summarise(console, plan, docs, sink, twilio, reactors)
+            consent_ok = await _show_unsubscribes(console, client, sink, unsubscribed)
+            exit_code = _summarise(console, plan, docs, sink, twilio, reactors, consent_ok)
             if keep_running:
                 console.print(
                     "[bold]--keep-running[/]: up until Ctrl-C. Captured: "
@@ -287,6 +311,64 @@ async def _watch_progress(
     return docs
 
 
+@dataclass
+class Unsubscribed:
+    customer: str
+    address: str
+    at_m: float  # time.monotonic() when the one-click POST was answered
+
+
+async def _unsubscribe_some(
+    sink: SmtpSink, plan: list[DemoCampaign], out: list[Unsubscribed], n: int = 5
+) -> None:
+    """Play five recipients: as soon as the first campaign's emails arrive, each presses the
+    one-click unsubscribe their mail client shows (a POST to the List-Unsubscribe URL)."""
+    first = next((c for c in plan if "email" in c.channels), None)
+    if first is None:
+        return
+    subject = f"autumn sale {plan.index(first) + 1} starts now"
+    with anyio.move_on_after(30):
+        while len([m for m in sink.messages if subject in m.subject]) < 3 * n:  # noqa: ASYNC110
+            await anyio.sleep(0.05)
+    picked = [m for m in sink.messages if subject in m.subject][:n]
+    async with aiohttp.ClientSession() as http:
+        for message in picked:
+            header = message.header("List-Unsubscribe") or ""
+            url = header.split(",")[0].strip().strip("<>")
+            async with http.post(url, data={"List-Unsubscribe": "One-Click"}) as resp:
+                if resp.status == 200:
+                    customer = message.to.split("@")[0].removeprefix("customer")
+                    out.append(Unsubscribed(customer, message.to, time.monotonic()))
+
+
+async def _show_unsubscribes(
+    console: Console,
+    client: AsyncMongoClient[dict[str, Any]],
+    sink: SmtpSink,
+    unsubscribed: list[Unsubscribed],
+) -> bool:
+    """Unsubscribes took effect mid-run: nobody who unsubscribed got another email once the
+    suppression had reached the replicas (a second), and their later sends were skipped."""
+    if not unsubscribed:
+        console.print("[red]no unsubscribe went through[/]")
+        return False
+    by_address = {u.address: u for u in unsubscribed}
+    after = [
+        m for m in sink.messages if m.to in by_address and m.received_at > by_address[m.to].at_m + 1
+    ]
+    skipped = await client.marketing.deliveries.count_documents(
+        {
+            "reason": "suppressed:unsubscribed",
+            "customer": {"$in": list({u.customer for u in unsubscribed})},
+        }
+    )
+    console.print(
+        f"🔕 {len(unsubscribed)} recipients pressed one-click unsubscribe mid-run; later sends "
+        f"to them skipped (suppressed:unsubscribed): {skipped}; emails to them after: {len(after)}"
+    )
+    return not after
+
+
 def _summarise(
     console: Console,
     plan: list[DemoCampaign],
@@ -294,6 +376,7 @@ def _summarise(
     sink: SmtpSink,
     twilio: TwilioFake,
     reactors: list[Reactor],
+    consent_ok: bool = True,
 ) -> int:
     table = Table(title="Campaigns")
     for col in (
@@ -351,5 +434,6 @@ def _summarise(
     )
     ok &= not email_dupes and not sms_dupes
     ok &= sum(starts.values()) == len(plan) - 1
+    ok &= consent_ok
     console.print("[green]demo passed[/]" if ok else "[red]demo failed[/]")
     return 0 if ok else 1

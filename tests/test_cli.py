@@ -63,6 +63,8 @@ async def test_demo_small_runs_to_a_passing_summary() -> None:
     assert out.count("completed") >= 2
     assert "duplicates: 0" in out
     assert "demo passed" in out
+    assert "recipients pressed one-click unsubscribe mid-run" in " ".join(out.split())
+    assert "emails to them after: 0" in " ".join(out.split())
     assert "Traceback" not in err
 
 
