@@ -15,12 +15,18 @@ from .common import machine
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m reactor.bench")
-    parser.add_argument("name", choices=["emulator", "scheduling", "sending", "faults", "all"])
+    parser.add_argument(
+        "name", choices=["emulator", "scheduling", "sending", "consent", "faults", "all"]
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes (CI)")
     parser.add_argument("--out", default="reports", help="where `all` writes its report")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
-    names = ["emulator", "scheduling", "sending", "faults"] if args.name == "all" else [args.name]
+    names = (
+        ["emulator", "scheduling", "sending", "consent", "faults"]
+        if args.name == "all"
+        else [args.name]
+    )
     results: dict[str, Any] = {
         "machine": machine(),
         "measured_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -85,6 +85,22 @@ def markdown(results: dict[str, Any]) -> str:
             f"client memory {a['peak_memory_mib']} MiB.",
             "",
         ]
+    if "consent" in results:
+        u = results["consent"]["unsubscribe_to_every_replica"]
+        c = results["consent"]["suppression_check"]
+        out += [
+            "| Consent | Figure | Target |",
+            "| --- | ---: | ---: |",
+            f"| one-click POST → suppression held by all {u['replicas']} replicas, "
+            f"{u['unsubscribes']} unsubscribes mid-campaign, p50 / p99 / max (ms) | "
+            f"{u['p50_ms']} / {u['p99_ms']} / {u['max_ms']} | p99 ≤ 1000 |",
+            f"| of those, skipped `suppressed:unsubscribed` / sent anyway | "
+            f"{u['skipped_suppressed']} / {u['sent_anyway']} | all / 0 |",
+            f"| recipients/s with the suppression check ÷ without "
+            f"({c['suppression_entries']:,} entries, median of {c['rounds']}) | "
+            f"{c['checked_vs_unchecked']} ({c['checked_per_s']} vs {c['unchecked_per_s']}) | ≥ 0.9 |",
+            "",
+        ]
     if "faults" in results:
         out += [faults_table(results["faults"]), ""]
     return "\n".join(out)
