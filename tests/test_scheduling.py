@@ -311,6 +311,7 @@ async def test_readiness_endpoint_reports_components(mongo: MongoTarget) -> None
                 assert resp.status == 200
                 assert body["checks"] == {
                     "mongodb": True,
+                    "suppressions": True,
                     "change_stream": True,
                     "first_sweep": True,
                 }
