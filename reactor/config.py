@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pymongo.uri_parser import parse_uri
 
 from .domain.consent import LinkKey, Links, LinkSigner, parse_old_keys
+from .domain.sms import LocalHours, parse_hours
 
 
 def default_instance_id() -> str:
@@ -79,6 +81,10 @@ class Settings(BaseSettings):
     tempfail_retry_seconds: str = "60,300,900"
     channel_pause_max_seconds: float = Field(300.0, gt=0)
     sms_resolve_after_seconds: float = Field(30.0, ge=0)
+    sms_opt_out_text: str = "Reply STOP to opt out."
+    sms_max_segments: int = Field(10, ge=1, le=50)
+    sms_send_hours: str = "08:00-21:00"
+    sms_fallback_timezone: str = "UTC"
 
     public_host: str = "0.0.0.0"
     public_port: int = Field(8080, ge=0, le=65535)
@@ -136,6 +142,21 @@ class Settings(BaseSettings):
                 "clear text; use starttls or tls"
             )
         return self
+
+    @field_validator("sms_send_hours")
+    @classmethod
+    def _valid_hours(cls, value: str) -> str:
+        parse_hours(value)
+        return value
+
+    @field_validator("sms_fallback_timezone")
+    @classmethod
+    def _valid_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value[:40]!r} (use an IANA name)") from None
+        return value
 
     @field_validator("public_base_url")
     @classmethod
@@ -209,6 +230,10 @@ class Settings(BaseSettings):
             tempfail_retry_s=self.tempfail_schedule,
             channel_pause_max_s=self.channel_pause_max_seconds,
             sms_resolve_after_s=self.sms_resolve_after_seconds,
+            sms_opt_out_text=self.sms_opt_out_text,
+            sms_max_segments=self.sms_max_segments,
+            sms_send_hours=parse_hours(self.sms_send_hours),
+            sms_fallback_timezone=self.sms_fallback_timezone,
             default_phone_region=self.default_phone_region,
             batch_size=self.recipient_batch_size,
             message_domain=(self.email_from or "localhost").rsplit("@", 1)[-1].strip("> ")
@@ -308,6 +333,10 @@ class SendConfig:
     # An uncertain SMS is looked up in Twilio's Messages list this long after its attempt
     # (Twilio's queueing window); found, it is `sent` with its SID, else it stays uncertain.
     sms_resolve_after_s: float = 30.0
+    sms_opt_out_text: str = "Reply STOP to opt out."
+    sms_max_segments: int = 10
+    sms_send_hours: LocalHours = field(default_factory=lambda: parse_hours("08:00-21:00"))
+    sms_fallback_timezone: str = "UTC"  # for numbers whose zone phonenumbers does not know
     default_phone_region: str = "US"
     batch_size: int = 1000
     message_domain: str = "localhost"  # the sender's domain, for Message-IDs

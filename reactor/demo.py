@@ -207,6 +207,8 @@ async def _demo(
             "tempfail_retry_seconds": "0.3,0.6,1.2",
             "sms_resolve_after_seconds": 0.5,
             "shutdown_grace_seconds": 5,
+            # The demo runs at any hour; a real deployment keeps the 08:00-21:00 default.
+            "sms_send_hours": "00:00-24:00",
         }
         base.update({k.lower(): v for k, v in sink.settings_env().items()})
         base.update({k.lower(): v for k, v in twilio.settings_env().items()})

@@ -64,6 +64,8 @@ class EmailMessage:
 class SmsMessage:
     to: str
     body: str
+    status_callback: str | None = None  # where Twilio posts this message's delivery status
+    segments: int = 1  # the parts carriers bill and deliver it in
 
 
 class EmailSender(Protocol):

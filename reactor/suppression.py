@@ -15,6 +15,7 @@ read before it are looked up again before they go.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -23,8 +24,9 @@ import anyio
 from bson import Timestamp
 from pymongo.errors import OperationFailure, PyMongoError
 
-from .domain.consent import candidate_ids, reasons_by_customer
+from .domain.consent import Kind, Reason, Suppression, candidate_ids, reasons_by_customer
 from .domain.errors import HISTORY_LOST_CODES
+from .domain.models import Channel
 from .metrics import Metrics
 from .ports import ChangeStream, Clock
 
@@ -35,6 +37,7 @@ LIVE_CAP = 200_000  # entries held from the stream before falling back to databa
 
 class SuppressionStore(Protocol):
     async def find(self, ids: Sequence[str]) -> dict[str, str]: ...
+    async def add(self, entries: Sequence[Suppression], *, now: dt.datetime) -> list[str]: ...
     async def cluster_time(self) -> Timestamp: ...
     async def open(
         self, *, token: Mapping[str, Any] | None, start_at: Timestamp | None, max_await_ms: int
@@ -68,6 +71,23 @@ class SuppressionList:
         wanted = {c: candidate_ids(channel, c, a) for c, a in pairs}
         found = await self._store.find([i for ids in wanted.values() for i in ids])
         return reasons_by_customer(wanted, found)
+
+    async def learn(self, channel: str, address: str, reason: str, *, source: str) -> None:
+        """A provider refused `address` for good at send time (a 5.1.x hard bounce, Twilio's
+        21610 for a number that replied STOP): suppress it on that channel. A failure here is
+        logged, never raised: the send's own outcome is already known."""
+        kind = Kind.EMAIL if channel == Channel.EMAIL else Kind.PHONE
+        entry = Suppression(kind, address, channel, Reason(reason), source=source)
+        self.live[entry.id] = entry.reason  # this replica stops at once, before the stream
+        try:
+            await self._store.add([entry], now=self._clock.now())
+        except PyMongoError as exc:
+            log.warning(
+                "could not record %s suppression for a %s address: %s",
+                reason,
+                channel,
+                type(exc).__name__,
+            )
 
     def recent(self, channel: str, customer: str, address: str | None) -> str | None:
         """The reason of an entry the stream brought that stops this send, if any."""

@@ -46,6 +46,8 @@ def settings(
         "tempfail_retry_seconds": "0.2,0.4",
         "sms_resolve_after_seconds": 0.3,
         "send_concurrency": 8,
+        # Tests run at any hour: quiet hours are tested on their own (test_sms_rules.py).
+        "sms_send_hours": "00:00-24:00",
         "reactor_instance_id": "test-a",
     }
     if sink is not None:

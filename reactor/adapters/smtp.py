@@ -17,6 +17,7 @@ import asyncio
 import email.charset
 import email.message
 import logging
+import re
 import ssl
 from dataclasses import dataclass
 from email.header import Header
@@ -210,10 +211,16 @@ def _connect_failure(exc: BaseException) -> str:
     return "tls" if "tls" in str(exc).lower() or "ssl" in str(exc).lower() else "connect"
 
 
+# RFC 3463's X.1.x: the address itself is bad (no such mailbox, no such domain, bad syntax,
+# moved without forwarding). Only these make a refusal a hard bounce; a 5.7.x (policy) does not.
+_BAD_ADDRESS = re.compile(r"(?<![\d.])5\.1\.(?:0|1|2|3|6|10)(?![\d.])")
+
+
 def _response_error(exc: aiosmtplib.SMTPResponseException) -> Exception:
     text = f"SMTP {exc.code}: {exc.message}"
     if 500 <= exc.code < 600:
-        return PermanentDeliveryError(text)
+        hard = exc.code in (550, 551, 553) and bool(_BAD_ADDRESS.search(exc.message))
+        return PermanentDeliveryError(text, suppress="hard_bounce" if hard else None)
     # 4xx: the server asked us to come back later (greylisting, a full mailbox, a rate limit).
     return TransientDeliveryError(text, deferrable=400 <= exc.code < 500)
 

@@ -102,6 +102,9 @@ class MappedTwilioHttpClient(AsyncTwilioHttpClient):  # type: ignore[misc]
             self._session = None
 
 
+STOPPED_RECIPIENT = 21610  # "Attempt to send to unsubscribed recipient": it replied STOP
+
+
 class TwilioSmsSender:
     def __init__(self, config: TwilioConfig) -> None:
         self._config = config
@@ -116,6 +119,8 @@ class TwilioSmsSender:
 
     async def send(self, message: SmsMessage) -> str:
         kwargs: dict[str, Any] = {"to": message.to, "body": message.body}
+        if message.status_callback:
+            kwargs["status_callback"] = message.status_callback
         if self._config.messaging_service_sid:
             kwargs["messaging_service_sid"] = self._config.messaging_service_sid
         else:
@@ -130,6 +135,8 @@ class TwilioSmsSender:
                 raise TransientDeliveryError(text) from exc
             if exc.status in (401, 403):
                 raise PermanentDeliveryError(text, channel_wide="auth") from exc
+            if exc.code == STOPPED_RECIPIENT:
+                raise PermanentDeliveryError(text, suppress="sms_stop") from exc
             raise PermanentDeliveryError(text) from exc
         return str(created.sid)
 

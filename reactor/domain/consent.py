@@ -268,6 +268,11 @@ class Links:
     def unsubscribe_url(self, token: str) -> str:
         return f"{self.base_url}/u/{token}"
 
+    @property
+    def twilio_status_url(self) -> str:
+        """Where Twilio posts each message's delivery status (its StatusCallback)."""
+        return f"{self.base_url}/webhooks/twilio/status"
+
     def list_unsubscribe(self, token: str) -> tuple[tuple[str, str], ...]:
         """RFC 2369's List-Unsubscribe (the HTTPS link first, then a mailto) and RFC 8058's
         List-Unsubscribe-Post; the MTA's DKIM signature must cover both."""

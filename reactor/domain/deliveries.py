@@ -57,6 +57,7 @@ class DeliveryRecord:
     reason: str | None = None
     attempts: int = 0
     op: LedgerOp | None = None  # default: MARK for `pending`, RECORD for anything else
+    segments: int | None = None  # an SMS's billed parts
 
     @property
     def operation(self) -> LedgerOp:

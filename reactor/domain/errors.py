@@ -58,7 +58,16 @@ class TransientDeliveryError(DeliveryError):
 
 
 class PermanentDeliveryError(DeliveryError):
-    """Raised when a send was refused for good (bad address, rejected content)."""
+    """Raised when a send was refused for good (bad address, rejected content). `suppress`
+    names the consent reason when the refusal says this address must never be tried again:
+    `hard_bounce` (an SMTP 5.1.x: no such mailbox) or `sms_stop` (Twilio 21610: the number
+    replied STOP)."""
+
+    def __init__(
+        self, message: str, *, channel_wide: str | None = None, suppress: str | None = None
+    ) -> None:
+        super().__init__(message, channel_wide=channel_wide)
+        self.suppress = suppress
 
 
 class UndeliverableError(PermanentDeliveryError):

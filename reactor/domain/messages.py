@@ -16,6 +16,7 @@ import uuid
 from ..ports import EmailMessage, Recipient, SmsMessage
 from .consent import Links
 from .models import Campaign, Channel
+from .sms import segments, with_opt_out
 from .templates import render
 
 _BODY_END = re.compile(r"</body\s*>", re.IGNORECASE)
@@ -37,13 +38,22 @@ def sms_message(
     *,
     links: Links | None = None,
     now: dt.datetime | None = None,
+    opt_out_text: str = "",
 ) -> SmsMessage:
+    """The text as it goes: rendered, with opt-out wording when it has none, its segments
+    counted, and (with links) the StatusCallback Twilio reports its delivery to."""
     assert campaign.sms is not None
     url = ""
     if links is not None and now is not None and "unsubscribe_url" in campaign.sms.body:
         token = links.unsubscribe_token(campaign.key, recipient.customer_id, Channel.SMS, now)
         url = links.unsubscribe_url(token)
-    return SmsMessage(to=to, body=render(campaign.sms.body, placeholder_values(recipient, url)))
+    body = with_opt_out(render(campaign.sms.body, placeholder_values(recipient, url)), opt_out_text)
+    return SmsMessage(
+        to=to,
+        body=body,
+        status_callback=links.twilio_status_url if links is not None else None,
+        segments=segments(body).count,
+    )
 
 
 def email_message(

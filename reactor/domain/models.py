@@ -15,6 +15,7 @@ from typing import Any
 from bson import ObjectId
 
 from .errors import InvalidCampaign
+from .sms import LocalHours, parse_hours
 
 MAX_EMAIL_BODY_BYTES = 512 * 1024
 MAX_SUBJECT_CHARS = 998  # RFC 5322 line limit
@@ -50,6 +51,7 @@ class EmailContent:
 @dataclass(frozen=True)
 class SmsContent:
     body: str
+    send_hours: LocalHours | None = None  # the campaign's own quiet hours (else the default)
 
 
 @dataclass(frozen=True)
@@ -262,4 +264,11 @@ def _parse_sms(raw: Any) -> SmsContent | None:
         raise InvalidCampaign("bad_content", "sms.body is missing or empty")
     if len(body) > MAX_SMS_CHARS:
         raise InvalidCampaign("bad_content", f"sms.body is longer than {MAX_SMS_CHARS} characters")
-    return SmsContent(body=body)
+    hours_text = _opt_str(raw, "sendHours", "sms")
+    hours = None
+    if hours_text:
+        try:
+            hours = parse_hours(hours_text)
+        except ValueError as exc:
+            raise InvalidCampaign("bad_content", f"sms.sendHours {exc}") from None
+    return SmsContent(body=body, send_hours=hours)

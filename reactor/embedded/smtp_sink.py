@@ -79,6 +79,8 @@ class _Faults:
     # Greylisting: a recipient first seen less than this long ago gets 450 at RCPT.
     greylist_s: float = 0.0
     first_seen: dict[str, float] = field(default_factory=dict)
+    # Mailboxes that do not exist: RCPT answers 550 5.1.1, as a receiving MTA does.
+    unknown_mailboxes: set[str] = field(default_factory=set)
 
 
 class _SinkProtocol(SMTPProtocol):
@@ -112,6 +114,8 @@ class _Handler:
         rcpt_options: list[str],
     ) -> str:
         faults = self.sink.faults
+        if address.lower() in faults.unknown_mailboxes:
+            return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
         if faults.greylist_s:
             first = faults.first_seen.setdefault(address, time.monotonic())
             if time.monotonic() - first < faults.greylist_s:

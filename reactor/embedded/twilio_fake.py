@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+import aiohttp
 from aiohttp import web
+from twilio.request_validator import RequestValidator
 
 from ..http import start_site
 
@@ -31,6 +33,7 @@ class CapturedSms:
     messaging_service_sid: str | None
     body: str
     created_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+    status_callback: str | None = None
 
 
 @dataclass
@@ -42,6 +45,10 @@ class _Faults:
     # Take the message (it will be delivered), then answer with this status: a gateway failing
     # after Twilio accepted, which the client cannot tell from a refusal.
     accept_then_fail: list[int] = field(default_factory=list)
+    # Numbers that replied STOP: Twilio refuses to message them (error 21610).
+    stopped: set[str] = field(default_factory=set)
+    # Numbers whose carrier will not deliver: the status callback says undelivered, 30003.
+    undeliverable: set[str] = field(default_factory=set)
 
 
 class TwilioFake:
@@ -63,6 +70,59 @@ class TwilioFake:
         self.faults = _Faults()
         self.rng = random.Random(seed)
         self._runner: web.AppRunner | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.callbacks_sent = 0
+        self.callback_failures = 0
+
+    def signature(self, url: str, params: dict[str, str]) -> str:
+        """X-Twilio-Signature as Twilio computes it, with this account's auth token."""
+        return str(RequestValidator(self.auth_token).compute_signature(url, params))
+
+    async def post_signed(self, url: str, params: dict[str, str]) -> int:
+        """POST a form the way Twilio calls a webhook (signed); returns the status code."""
+        headers = {"X-Twilio-Signature": self.signature(url, params)}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(url, data=params, headers=headers) as r,
+        ):
+            return r.status
+
+    async def _callbacks(
+        self, url: str, sid: str, to: str, from_: str, steps: list[tuple[str, str]]
+    ) -> None:
+        """Twilio's status callbacks for one message: `sent`, then its final status."""
+        for status, error in steps:
+            await asyncio.sleep(0.02)
+            params = {
+                "AccountSid": self.account_sid,
+                "MessageSid": sid,
+                "SmsSid": sid,
+                "MessageStatus": status,
+                "SmsStatus": status,
+                "To": to,
+                "From": from_,
+                "ApiVersion": "2010-04-01",
+            }
+            if error:
+                params["ErrorCode"] = error
+            try:
+                await self.post_signed(url, params)
+                self.callbacks_sent += 1
+            except (aiohttp.ClientError, OSError):
+                self.callback_failures += 1
+
+    async def send_inbound(self, url: str, from_: str, body: str, to: str = "+15005550006") -> int:
+        """A reply from a phone, as Twilio posts an incoming message to the number's webhook."""
+        params = {
+            "AccountSid": self.account_sid,
+            "MessageSid": "SM" + secrets.token_hex(16),
+            "From": from_,
+            "To": to,
+            "Body": body,
+            "NumMedia": "0",
+            "ApiVersion": "2010-04-01",
+        }
+        return await self.post_signed(url, params)
 
     @property
     def base_url(self) -> str:
@@ -83,6 +143,8 @@ class TwilioFake:
         self._runner, self.port = await start_site(app, self.host, self.port)
 
     async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -166,12 +228,29 @@ class TwilioFake:
             return self._error(400, 21602, "Message body is required.")
         if not from_ and not service:
             return self._error(400, 21603, "A 'From' phone number is required.")
+        if to in self.faults.stopped:
+            return self._error(400, 21610, "Attempt to send to unsubscribed recipient")
         sid = "SM" + secrets.token_hex(16)
+        callback = str(form["StatusCallback"]) if form.get("StatusCallback") else None
         self.messages.append(
             CapturedSms(
-                sid, to, str(from_) if from_ else None, str(service) if service else None, body
+                sid,
+                to,
+                str(from_) if from_ else None,
+                str(service) if service else None,
+                body,
+                status_callback=callback,
             )
         )
+        if callback:
+            final = (
+                ("undelivered", "30003") if to in self.faults.undeliverable else ("delivered", "")
+            )
+            task = asyncio.get_running_loop().create_task(
+                self._callbacks(callback, sid, to, str(from_ or ""), [("sent", ""), final])
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         if self.faults.accept_then_fail:
             return self._error(self.faults.accept_then_fail.pop(0), 20500, "Bad Gateway")
         return web.json_response(self._resource(sid, to, from_, service, body), status=201)

@@ -146,7 +146,14 @@ class Deliverer:
         if isinstance(exc, UndeliverableError):
             return Outcome(item, "skipped", error=str(exc), reason=exc.reason, attempts=attempt)
         if isinstance(exc, PermanentDeliveryError):
-            return Outcome(item, "failed", error=str(exc), reason=PERMANENT, attempts=attempt)
+            return Outcome(
+                item,
+                "failed",
+                error=str(exc),
+                reason=exc.suppress or PERMANENT,
+                attempts=attempt,
+                suppress=exc.suppress,
+            )
         if not isinstance(exc, TransientDeliveryError):  # uncertain: never retried blindly
             return Outcome(item, "uncertain", error=str(exc), attempts=attempt)
         channel = str(item.channel)

@@ -30,6 +30,9 @@ from ..ports import CampaignStore, Clock, EmailMessage, Ledger, SmsMessage
 from .state import Run
 
 COUNTER_FLUSH_S = 0.5
+# A send refused because the address is gone counts toward the campaign's feedback counters,
+# as the same news from a provider's webhook would.
+FEEDBACK_COUNTERS = {"hard_bounce": "bounces", "sms_stop": "smsStops"}
 
 
 @dataclass
@@ -55,6 +58,7 @@ class Outcome:
     reason: str | None = None
     attempts: int = 0
     retry_at_m: float | None = None  # deferred by the channel's breaker: not before this
+    suppress: str | None = None  # the refusal says: never again (hard_bounce, sms_stop)
 
 
 ABANDONED = "abandoned"
@@ -98,6 +102,7 @@ class LedgerWriter:
                     reason=o.reason,
                     attempts=o.attempts,
                     op=LedgerOp.OUTCOME,
+                    segments=getattr(o.item.message, "segments", None),
                 )
             )
         if abandoned:
@@ -132,6 +137,9 @@ class LedgerWriter:
             self._metrics.sends.labels(rec.channel, rec.state).inc()
             name = counter_name(rec.channel, rec.state)
             run.unflushed[name] = run.unflushed.get(name, 0) + 1
+            if rec.state == DeliveryState.FAILED and rec.reason in FEEDBACK_COUNTERS:
+                name = FEEDBACK_COUNTERS[rec.reason]
+                run.unflushed[name] = run.unflushed.get(name, 0) + 1
             if (extra := suppressed_counter(rec.channel, rec.state, rec.reason)) is not None:
                 run.unflushed[extra] = run.unflushed.get(extra, 0) + 1
                 why = (rec.reason or "").partition(":")[2]

@@ -37,6 +37,7 @@ from ..suppression import SuppressionList
 from .deliver import Deliverer
 from .ledger import Item, LedgerWriter
 from .resolve import resolve_uncertain_sms
+from .smsgate import gate_sms
 from .state import Run, StopReason, unless_stopped
 from .window import SendWindow
 
@@ -53,6 +54,7 @@ class Prepared:
     found: int
     unsent: list[DeliveryRecord] = field(default_factory=list)
     items: list[Item] = field(default_factory=list)
+    waiting: list[tuple[float, Item]] = field(default_factory=list)  # for the recipient's hours
 
 
 class Ahead(Generic[T]):
@@ -192,6 +194,7 @@ class CampaignRun:
                         else None
                     )
                     found[channel] += prepared.found
+                    deferred.extend(prepared.waiting)
                     if prepared.unsent:
                         await self._ledger.write(run, prepared.unsent)
                     if prepared.items and run.stop_reason is None:
@@ -330,6 +333,18 @@ class CampaignRun:
             )
         if self._suppressions is not None and prepared.items:
             await self._drop_suppressed(channel, prepared)
+        if channel is Channel.SMS and prepared.items:
+            gated = gate_sms(
+                prepared.items,
+                campaign,
+                now=self._clock.now(),
+                now_m=self._clock.monotonic(),
+                default_hours=self._config.sms_send_hours,
+                fallback_zone=self._config.sms_fallback_timezone,
+                max_segments=self._config.sms_max_segments,
+            )
+            prepared.items, prepared.waiting = gated.ready, gated.waiting
+            prepared.unsent.extend(gated.refused)
         return prepared
 
     async def _drop_suppressed(self, channel: Channel, prepared: Prepared) -> None:
@@ -367,7 +382,14 @@ class CampaignRun:
     ) -> Any:
         now = self._clock.now()
         if channel is Channel.SMS:
-            return sms_message(campaign, recipient, address, links=self._links, now=now)
+            return sms_message(
+                campaign,
+                recipient,
+                address,
+                links=self._links,
+                now=now,
+                opt_out_text=self._config.sms_opt_out_text,
+            )
         return email_message(
             campaign,
             recipient,

@@ -116,6 +116,10 @@ class SendWindow:
                 await self._defer(item, outcome)
             elif outcome.state == "uncertain":
                 self.uncertain.append(item)
+            if outcome.suppress and self.suppressions is not None:
+                await self.suppressions.learn(
+                    self.channel, item.to, outcome.suppress, source=f"send:{self.run.key}"
+                )
             self.sending -= 1
             if not self.finished:
                 self.first_finished_at = self.clock.monotonic()

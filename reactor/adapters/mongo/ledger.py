@@ -166,6 +166,7 @@ def _operation(
         ("providerId", rec.provider_id),
         ("error", rec.error),
         ("reason", rec.reason),
+        ("segments", rec.segments),
     ):
         if value is not None:
             fields[name] = value
