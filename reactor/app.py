@@ -21,6 +21,7 @@ from .adapters.clock import DatabaseClock, SystemClock
 from .adapters.mongo import (
     MongoCampaignStore,
     MongoChangeFeed,
+    MongoFeedback,
     MongoLedger,
     MongoRecipientActions,
     MongoRecipients,
@@ -64,6 +65,7 @@ class _Parts:
     suppression_store: MongoSuppressions
     suppressions: SuppressionList
     actions: MongoRecipientActions
+    feedback: MongoFeedback
 
 
 class Reactor:
@@ -181,6 +183,7 @@ class Reactor:
 
         await self._wait_for_mongodb(store, ledger, feed, db_clock)
         await parts.suppression_store.ensure_indexes()
+        await parts.feedback.ensure_indexes()
         self.metrics.schedulers_enabled.set(1 if s.enable_schedulers else 0)
         async with anyio.create_task_group() as sending:
             sending.start_soon(parts.suppressions.follow)
@@ -302,6 +305,7 @@ class Reactor:
             suppression_store,
             suppressions,
             MongoRecipientActions(db, s.campaigns_collection),
+            MongoFeedback(db, s.campaigns_collection),
         )
 
     async def _serve_public(self, parts: _Parts) -> None:
@@ -321,6 +325,9 @@ class Reactor:
             metrics=self.metrics,
             host=s.public_host,
             port=s.public_port,
+            webhooks=s.webhook_config(),
+            feedback=parts.feedback,
+            feedback_config=s.feedback_config(),
         )
         await self.public.start()
         log.info(

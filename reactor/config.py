@@ -9,13 +9,17 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pymongo.uri_parser import parse_uri
+
+if TYPE_CHECKING:
+    from .public.feedback import FeedbackConfig
+    from .public.webhooks import WebhookConfig
 
 from .domain.consent import LinkKey, Links, LinkSigner, parse_old_keys
 from .domain.sms import LocalHours, parse_hours
@@ -96,6 +100,17 @@ class Settings(BaseSettings):
     link_rotation_grace_seconds: float = Field(30 * 86400.0, ge=0)
     unsubscribe_mailto: str | None = None
     postal_address: str | None = None
+
+    ses_sns_topic_arns: str = ""
+    ses_sns_cert_host: str | None = None
+    ses_sns_ca_file: str | None = None
+    sendgrid_webhook_public_key: str | None = None
+    postmark_webhook_username: str | None = None
+    postmark_webhook_password: SecretStr | None = None
+    webhook_token: SecretStr | None = None
+    soft_bounce_limit: int = Field(3, ge=1, le=100)
+    complaint_rate_threshold: float = Field(0.001, gt=0, lt=1)
+    complaint_min_emails: int = Field(1000, ge=1)
 
     metrics_host: str = "0.0.0.0"
     metrics_port: int = Field(9464, ge=0, le=65535)
@@ -181,6 +196,22 @@ class Settings(BaseSettings):
         if value is not None:
             parse_old_keys(value.get_secret_value())  # raises ValueError without the secrets
         return value
+
+    @field_validator("webhook_token", "postmark_webhook_password")
+    @classmethod
+    def _strong_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters")
+        return value
+
+    @field_validator("sendgrid_webhook_public_key")
+    @classmethod
+    def _valid_ec_key(cls, value: str | None) -> str | None:
+        if value:
+            from .public.webhooks import load_ec_key
+
+            load_ec_key(value)
+        return value or None
 
     @model_validator(mode="after")
     def _check_links(self) -> Settings:
@@ -286,6 +317,35 @@ class Settings(BaseSettings):
             signer=signer,
             mailto=self.unsubscribe_mailto,
             postal_address=self.postal_address,
+        )
+
+    def webhook_config(self) -> WebhookConfig | None:
+        if not self.public_base_url:
+            return None
+        from .public.webhooks import WebhookConfig
+
+        twilio = self.twilio_config()
+        return WebhookConfig(
+            base_url=self.public_base_url,
+            ses_topics=frozenset(
+                t.strip() for t in self.ses_sns_topic_arns.split(",") if t.strip()
+            ),
+            ses_cert_host=self.ses_sns_cert_host,
+            ses_ca_file=self.ses_sns_ca_file,
+            sendgrid_public_key=self.sendgrid_webhook_public_key,
+            postmark_username=self.postmark_webhook_username,
+            postmark_password=self.postmark_webhook_password,
+            generic_token=self.webhook_token,
+            twilio_auth_token=twilio.auth_token if twilio is not None else None,
+        )
+
+    def feedback_config(self) -> FeedbackConfig:
+        from .public.feedback import FeedbackConfig
+
+        return FeedbackConfig(
+            soft_bounce_limit=self.soft_bounce_limit,
+            complaint_rate_threshold=self.complaint_rate_threshold,
+            complaint_min_emails=self.complaint_min_emails,
         )
 
     @property

@@ -203,6 +203,30 @@ class Metrics:
             ["what"],
             registry=r,
         )
+        self.webhook_events = Counter(
+            "reactor_webhook_events",
+            "Provider events applied (bounces, complaints, deliveries, STOP/START replies).",
+            ["provider", "kind"],
+            registry=r,
+        )
+        self.webhook_replays = Counter(
+            "reactor_webhook_replays",
+            "Provider events received again and ignored (each applies once).",
+            ["provider"],
+            registry=r,
+        )
+        self.webhook_rejected = Counter(
+            "reactor_webhook_rejected",
+            "Webhook calls refused: a bad or missing signature or credentials, or a bad body.",
+            ["provider", "why"],
+            registry=r,
+        )
+        self.sms_status = Counter(
+            "reactor_sms_status",
+            "SMS delivery receipts from Twilio's status callbacks, by status.",
+            ["status"],
+            registry=r,
+        )
         self.build_info = Info("reactor_build", "Reactor build information.", registry=r)
         self.build_info.info({"version": __version__, "python": platform.python_version()})
         # Materialise the label sets dashboards and alerts read, so queries see 0, not no data.
@@ -221,6 +245,13 @@ class Metrics:
             self.sms_resolved.labels(result)
         for kind in ("start", "end"):
             self.timers_armed.labels(kind).set(0)
-        for to in ("running", "completed", "missed", "failed"):
+        for provider in ("ses", "sendgrid", "postmark", "generic"):
+            for kind in ("hard_bounce", "soft_bounce", "complaint", "delivered"):
+                self.webhook_events.labels(provider, kind)
+            self.webhook_rejected.labels(provider, "signature")
+        self.webhook_rejected.labels("twilio", "signature")
+        for status in ("sent", "delivered", "undelivered", "failed"):
+            self.sms_status.labels(status)
+        for to in ("running", "completed", "missed", "failed", "paused"):
             self.transitions.labels(to)
         self.change_stream_up.set(0)

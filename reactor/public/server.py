@@ -17,8 +17,10 @@ from ..domain.consent import Links
 from ..http import guarded_application, start_site
 from ..metrics import Metrics
 from ..ports import Clock
+from .feedback import FeedbackConfig, FeedbackSink, FeedbackStore
 from .ports import RecipientActions, SuppressionWriter
 from .unsubscribe import UnsubscribeRoutes, Unsubscribes
+from .webhooks import WebhookConfig, WebhookRoutes
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +52,28 @@ class PublicServer:
         metrics: Metrics,
         host: str,
         port: int,
+        webhooks: WebhookConfig | None = None,
+        feedback: FeedbackStore | None = None,
+        feedback_config: FeedbackConfig | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self._metrics = metrics
         self.unsubscribes = Unsubscribes(suppressions, actions, clock, metrics)
         self._routes = UnsubscribeRoutes(links.signer, self.unsubscribes, actions, clock, metrics)
+        self.webhooks: WebhookRoutes | None = None
+        if webhooks is not None and feedback is not None:
+            sink = FeedbackSink(
+                feedback, suppressions, clock, metrics, feedback_config or FeedbackConfig()
+            )
+            self.webhooks = WebhookRoutes(webhooks, sink, metrics)
         self._runner: web.AppRunner | None = None
 
     def application(self) -> web.Application:
         app = guarded_application(max_body_bytes=MAX_BODY_BYTES, middlewares=[self._guard])
         self._routes.add_to(app)
+        if self.webhooks is not None:
+            self.webhooks.add_to(app)
         app.router.add_get("/healthz", self._health)  # for the proxy in front
         return app
 
@@ -73,6 +86,8 @@ class PublicServer:
         )
 
     async def stop(self) -> None:
+        if self.webhooks is not None:
+            await self.webhooks.aclose()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

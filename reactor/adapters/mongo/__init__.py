@@ -4,6 +4,7 @@ recipients lookup. Nothing above the adapters touches a collection."""
 from .actions import MongoRecipientActions
 from .campaigns import SCHEDULE_PROJECTION, MongoCampaignStore
 from .feed import MongoChangeFeed
+from .feedback import MongoFeedback
 from .ledger import MongoLedger
 from .recipients import MongoRecipients
 from .suppressions import MongoSuppressions
@@ -12,6 +13,7 @@ __all__ = [
     "SCHEDULE_PROJECTION",
     "MongoCampaignStore",
     "MongoChangeFeed",
+    "MongoFeedback",
     "MongoLedger",
     "MongoRecipientActions",
     "MongoRecipients",
