@@ -227,6 +227,13 @@ class Metrics:
             ["status"],
             registry=r,
         )
+        self.send_refusals = Counter(
+            "reactor_send_refusals",
+            "Sends a provider refused in a way that suppresses the address: an SMTP 5.1.x "
+            "(hard_bounce) or Twilio 21610 (sms_stop).",
+            ["channel", "reason"],
+            registry=r,
+        )
         self.build_info = Info("reactor_build", "Reactor build information.", registry=r)
         self.build_info.info({"version": __version__, "python": platform.python_version()})
         # Materialise the label sets dashboards and alerts read, so queries see 0, not no data.
@@ -250,6 +257,8 @@ class Metrics:
                 self.webhook_events.labels(provider, kind)
             self.webhook_rejected.labels(provider, "signature")
         self.webhook_rejected.labels("twilio", "signature")
+        self.send_refusals.labels("email", "hard_bounce")
+        self.send_refusals.labels("sms", "sms_stop")
         for status in ("sent", "delivered", "undelivered", "failed"):
             self.sms_status.labels(status)
         for to in ("running", "completed", "missed", "failed", "paused"):

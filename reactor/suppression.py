@@ -79,6 +79,7 @@ class SuppressionList:
         kind = Kind.EMAIL if channel == Channel.EMAIL else Kind.PHONE
         entry = Suppression(kind, address, channel, Reason(reason), source=source)
         self.live[entry.id] = entry.reason  # this replica stops at once, before the stream
+        self._metrics.send_refusals.labels(channel, reason).inc()
         try:
             await self._store.add([entry], now=self._clock.now())
         except PyMongoError as exc:

@@ -54,7 +54,7 @@ def run_tool(*args: str, cwd: Path | None = None, stdin: bytes | None = None) ->
 
 
 def test_alert_rules_are_valid_and_every_alert_is_unit_tested() -> None:
-    assert "SUCCESS: 12 rules found" in run_tool(
+    assert "SUCCESS: 16 rules found" in run_tool(
         "promtool", "check", "rules", "alerts.yml", cwd=DEPLOY
     )
     assert "SUCCESS" in run_tool("promtool", "test", "rules", "alerts.test.yml", cwd=DEPLOY)
@@ -385,7 +385,7 @@ async def test_prometheus_scrapes_the_reactor_and_every_query_evaluates(
                 assert ("email", "sent") in sends
                 async with http.get(f"{base}/rules") as resp:
                     rules = (await resp.json())["data"]["groups"][0]["rules"]
-                assert len(rules) == 12
+                assert len(rules) == 16
                 assert all(r["health"] == "ok" for r in rules), rules
         finally:
             prom.terminate()
