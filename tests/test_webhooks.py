@@ -448,3 +448,29 @@ async def test_twilio_receipts_stop_and_start_replies(
             for _ in range(int(reactor.metrics.sms_status.labels(s)._value.get()))
         )
         assert counts == {"delivered": 3, "undelivered": 1}
+
+
+async def test_doctor_names_the_webhooks_and_their_last_event_without_secrets(
+    mongo: MongoTarget, client: Client, sink: SmtpSink, pki: tls.TestPki
+) -> None:
+    from reactor.doctor.checks import diagnose
+
+    cfg = webhook_settings(mongo, sink, None, pki)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    before = {c.name: c for c in (await diagnose(cfg)).checks}
+    assert before["webhook generic"].detail.endswith("no event received yet")
+    async with running(cfg), aiohttp.ClientSession() as http:
+        body = json.dumps({"id": "d1", "type": "delivered", "email": "x@example.com"})
+        async with http.post(
+            f"{cfg.public_base_url}/webhooks/generic", data=body, headers=headers
+        ) as r:
+            assert r.status == 200
+    report = await diagnose(cfg)
+    checks = {c.name: c for c in report.checks}
+    assert "last event" in checks["webhook generic"].detail
+    assert "(1 in all)" in checks["webhook generic"].detail
+    assert checks["webhook ses"].status == "ok"
+    assert "sendgrid" in checks["webhooks off"].detail
+    shown = repr(report.configuration) + repr(report.checks)
+    assert TOKEN not in shown
+    assert "postmark-password-0123" not in shown

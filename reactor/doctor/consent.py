@@ -3,12 +3,14 @@ rotation), does the footer carry a postal address, and what the suppression list
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 from urllib.parse import urlsplit
 
 from pymongo import AsyncMongoClient
 from pymongo.errors import PyMongoError
 
+from ..adapters.mongo import MongoFeedback
 from ..config import Settings
 from ..domain.consent import parse_old_keys
 from .report import FAIL, OK, WARN, Report
@@ -68,3 +70,63 @@ async def check_suppressions(
     total = sum(int(r["n"]) for r in rows)
     by_reason = ", ".join(f"{r['_id']} {int(r['n'])}" for r in rows)
     report.add("suppressions", OK, f"{total} entries" + (f" ({by_reason})" if by_reason else ""))
+
+
+_ROUTES = {
+    "ses": "/webhooks/ses",
+    "sendgrid": "/webhooks/sendgrid",
+    "postmark": "/webhooks/postmark",
+    "generic": "/webhooks/generic",
+    "twilio": "/webhooks/twilio/inbound, /webhooks/twilio/status",
+}
+
+
+async def check_webhooks(
+    report: Report,
+    client: AsyncMongoClient[dict[str, Any]] | None,
+    settings: Settings,
+    now: dt.datetime,
+) -> None:
+    """Which providers' webhooks are on, and when each last received an event."""
+    config = settings.webhook_config()
+    if config is None:
+        report.add(
+            "webhooks",
+            WARN,
+            "none: bounces, complaints, STOP replies and SMS receipts need PUBLIC_BASE_URL",
+        )
+        return
+    last: dict[str, dict[str, Any]] = {}
+    if client is not None:
+        try:
+            last = await MongoFeedback(client[settings.campaigns_db], "unused").last_received()
+        except PyMongoError:
+            last = {}
+    on = config.configured()
+    for provider, enabled in on.items():
+        if not enabled:
+            continue
+        seen = last.get(provider, {})
+        at = seen.get("lastEventAt")
+        if isinstance(at, dt.datetime):
+            when = at if at.tzinfo else at.replace(tzinfo=dt.UTC)
+            ago = int((now - when).total_seconds())
+            detail = f"last event {_ago(ago)} ago ({int(seen.get('events', 0))} in all)"
+        else:
+            detail = "no event received yet"
+        report.add(f"webhook {provider}", OK, f"{config.base_url}{_ROUTES[provider]}; {detail}")
+    off = [p for p, enabled in on.items() if not enabled]
+    if off:
+        report.add(
+            "webhooks off", WARN, f"not configured: {', '.join(off)} (see Consent in the README)"
+        )
+
+
+def _ago(seconds: int) -> str:
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    if seconds < 172800:
+        return f"{seconds // 3600}h"
+    return f"{seconds // 86400}d"
