@@ -17,7 +17,7 @@ import random
 import secrets
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -30,8 +30,8 @@ from rich.table import Table
 from .app import Reactor
 from .config import Settings
 from .embedded.mongo import MongoEmulator
-from .embedded.smtp_sink import SmtpSink
-from .embedded.twilio_fake import TwilioFake
+from .embedded.smtp_sink import CapturedEmail, SmtpSink
+from .embedded.twilio_fake import CapturedSms, TwilioFake
 
 FINAL = ("completed", "missed", "cancelled")
 
@@ -45,6 +45,7 @@ class DemoCampaign:
     channels: list[str]
     targets: int
     expected: str
+    audience: frozenset[str] = frozenset()
 
 
 def _free_port() -> int:
@@ -128,7 +129,14 @@ async def _seed(
         )
         plan.append(
             DemoCampaign(
-                None, f"Campaign {i + 1}", start, end, channels, len(set(targets)), "completed"
+                None,
+                f"Campaign {i + 1}",
+                start,
+                end,
+                channels,
+                len(set(targets)),
+                "completed",
+                frozenset(str(c) for c in audience),
             )
         )
     late_start = now - dt.timedelta(hours=2)
@@ -218,6 +226,7 @@ async def _demo(
             public_host="127.0.0.1",
             public_base_url=f"http://127.0.0.1:{public_port}",
             link_secret=secrets.token_hex(32),
+            webhook_token=secrets.token_hex(16),
             postal_address="Demo Retail, 1 Main St, Springfield",
         )
         reactors = [
@@ -248,10 +257,10 @@ async def _demo(
                 f"{customers} customers, {len(plan)} campaigns (one approved too late), "
                 f"two reactor instances, failure rate {failure_rate:g}"
             )
-            unsubscribed: list[Unsubscribed] = []
-            tg.start_soon(_unsubscribe_some, sink, plan, unsubscribed)
+            acted = Acted()
+            tg.start_soon(_recipients_act, sink, twilio, plan, base, acted)
             docs = await _watch_progress(console, client, plan)
-            consent_ok = await _show_unsubscribes(console, client, sink, unsubscribed)
+            consent_ok = await _show_consent(console, client, sink, twilio, acted)
             exit_code = _summarise(console, plan, docs, sink, twilio, reactors, consent_ok)
             if keep_running:
                 console.print(
@@ -314,61 +323,106 @@ async def _watch_progress(
 
 
 @dataclass
-class Unsubscribed:
-    customer: str
-    address: str
-    at_m: float  # time.monotonic() when the one-click POST was answered
+class Acted:
+    """What the demo's recipients did mid-run, and when (time.monotonic / UTC)."""
+
+    unsubscribed: list[tuple[str, str, float]] = field(default_factory=list)  # customer, address
+    bounced: list[tuple[str, str, float]] = field(default_factory=list)
+    stopped: list[tuple[str, str, dt.datetime]] = field(default_factory=list)  # customer, number
 
 
-async def _unsubscribe_some(
-    sink: SmtpSink, plan: list[DemoCampaign], out: list[Unsubscribed], n: int = 5
+async def _recipients_act(
+    sink: SmtpSink, twilio: TwilioFake, plan: list[DemoCampaign], base: dict[str, Any], out: Acted
 ) -> None:
-    """Play five recipients: as soon as the first campaign's emails arrive, each presses the
-    one-click unsubscribe their mail client shows (a POST to the List-Unsubscribe URL)."""
-    first = next((c for c in plan if "email" in c.channels), None)
+    """Play recipients as soon as the first campaign's messages arrive: five press one-click
+    unsubscribe (a POST to their List-Unsubscribe URL), one mailbox turns out not to exist (the
+    provider's bounce webhook), and one phone replies STOP (Twilio's signed inbound webhook)."""
+    first = next((c for c in plan if "email" in c.channels and "sms" in c.channels), None)
     if first is None:
         return
     subject = f"autumn sale {plan.index(first) + 1} starts now"
+    sms_tag = f"sale {plan.index(first) + 1},"
+    later = plan[plan.index(first) + 1 :]
+
+    def again(customer: str, channel: str) -> bool:  # targeted again later on this channel
+        return any(channel in c.channels and customer in c.audience for c in later)
+
+    def picks() -> tuple[list[CapturedEmail], list[CapturedSms]]:
+        """Recipients targeted again later first (so their skips show), then anyone."""
+        emails = [m for m in sink.messages if subject in m.subject]
+        texts = [m for m in twilio.messages if sms_tag in m.body]
+        emails.sort(key=lambda m: not again(_customer(m.to), "email"))
+        texts.sort(key=lambda m: not again(str(int(m.to[-4:])), "sms"))
+        return emails, texts
+
     with anyio.move_on_after(30):
-        while len([m for m in sink.messages if subject in m.subject]) < 3 * n:  # noqa: ASYNC110
+        while True:
+            emails, texts = picks()
+            if len(emails) >= 6 and texts:
+                break
             await anyio.sleep(0.05)
-    picked = [m for m in sink.messages if subject in m.subject][:n]
+    emails, texts = picks()
+    if len(emails) < 6 or not texts:
+        return
     async with aiohttp.ClientSession() as http:
-        for message in picked:
+        for message in emails[:5]:
             header = message.header("List-Unsubscribe") or ""
             url = header.split(",")[0].strip().strip("<>")
             async with http.post(url, data={"List-Unsubscribe": "One-Click"}) as resp:
                 if resp.status == 200:
-                    customer = message.to.split("@")[0].removeprefix("customer")
-                    out.append(Unsubscribed(customer, message.to, time.monotonic()))
+                    out.unsubscribed.append((_customer(message.to), message.to, time.monotonic()))
+        bounced = emails[5]
+        event = {"id": f"demo-{bounced.message_id}", "type": "hard_bounce", "email": bounced.to}
+        async with http.post(
+            f"{base['public_base_url']}/webhooks/generic",
+            json={"events": [event]},
+            headers={"Authorization": f"Bearer {base['webhook_token']}"},
+        ) as resp:
+            if resp.status == 200:
+                out.bounced.append((_customer(bounced.to), bounced.to, time.monotonic()))
+    text = texts[0]
+    status = await twilio.send_inbound(
+        f"{base['public_base_url']}/webhooks/twilio/inbound", text.to, "STOP"
+    )
+    if status == 200:
+        out.stopped.append(("", text.to, dt.datetime.now(dt.UTC)))
 
 
-async def _show_unsubscribes(
+def _customer(address: str) -> str:
+    return address.split("@")[0].removeprefix("customer")
+
+
+async def _show_consent(
     console: Console,
     client: AsyncMongoClient[dict[str, Any]],
     sink: SmtpSink,
-    unsubscribed: list[Unsubscribed],
+    twilio: TwilioFake,
+    acted: Acted,
 ) -> bool:
-    """Unsubscribes took effect mid-run: nobody who unsubscribed got another email once the
-    suppression had reached the replicas (a second), and their later sends were skipped."""
-    if not unsubscribed:
-        console.print("[red]no unsubscribe went through[/]")
+    """Recipients' actions took effect mid-run: nobody who unsubscribed, bounced or replied STOP
+    got another message once the suppression had reached the replicas (a second), and their
+    later sends were skipped."""
+    if not (acted.unsubscribed and acted.bounced and acted.stopped):
+        console.print("[red]the recipients' actions did not all go through[/]")
         return False
-    by_address = {u.address: u for u in unsubscribed}
-    after = [
-        m for m in sink.messages if m.to in by_address and m.received_at > by_address[m.to].at_m + 1
-    ]
-    skipped = await client.marketing.deliveries.count_documents(
-        {
-            "reason": "suppressed:unsubscribed",
-            "customer": {"$in": list({u.customer for u in unsubscribed})},
-        }
-    )
+    cutoff = {a: t + 1 for _, a, t in acted.unsubscribed + acted.bounced}
+    emails_after = [m for m in sink.messages if m.to in cutoff and m.received_at > cutoff[m.to]]
+    stop_at = {n: t + dt.timedelta(seconds=1) for _, n, t in acted.stopped}
+    texts_after = [m for m in twilio.messages if m.to in stop_at and m.created_at > stop_at[m.to]]
+    deliveries = client.marketing.deliveries
+    skipped = {
+        reason: await deliveries.count_documents({"reason": f"suppressed:{reason}"})
+        for reason in ("unsubscribed", "hard_bounce", "sms_stop")
+    }
+    receipts = await deliveries.count_documents({"deliveryStatus": "delivered"})
     console.print(
-        f"🔕 {len(unsubscribed)} recipients pressed one-click unsubscribe mid-run; later sends "
-        f"to them skipped (suppressed:unsubscribed): {skipped}; emails to them after: {len(after)}"
+        f"🔕 mid-run: {len(acted.unsubscribed)} one-click unsubscribes, "
+        f"{len(acted.bounced)} bounce (webhook), {len(acted.stopped)} STOP reply (Twilio). "
+        f"Later sends skipped — unsubscribed: {skipped['unsubscribed']}, hard_bounce: "
+        f"{skipped['hard_bounce']}, sms_stop: {skipped['sms_stop']}; messages to them after: "
+        f"{len(emails_after) + len(texts_after)}. SMS delivery receipts: {receipts} delivered."
     )
-    return not after
+    return not emails_after and not texts_after
 
 
 def _summarise(
