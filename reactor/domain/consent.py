@@ -273,6 +273,12 @@ class Links:
         """Where Twilio posts each message's delivery status (its StatusCallback)."""
         return f"{self.base_url}/webhooks/twilio/status"
 
+    def twilio_status_url_for(self, delivery: str) -> str:
+        """The StatusCallback of one message: it names the ledger row, so a receipt is written
+        by the row's key (Twilio signs the whole URL, query included, so the name is as
+        trustworthy as the rest of the callback)."""
+        return f"{self.twilio_status_url}?d={_b64(delivery.encode('utf-8'))}"
+
     def list_unsubscribe(self, token: str) -> tuple[tuple[str, str], ...]:
         """RFC 2369's List-Unsubscribe (the HTTPS link first, then a mailto) and RFC 8058's
         List-Unsubscribe-Post; the MTA's DKIM signature must cover both."""
@@ -283,3 +289,14 @@ class Links:
             ("List-Unsubscribe", ", ".join(targets)),
             ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
         )
+
+
+def callback_delivery(value: str | None) -> str | None:
+    """The ledger row a StatusCallback's `d` names (base64url, so that no client or proxy
+    re-encodes it and breaks Twilio's signature over the URL)."""
+    if not value or len(value) > 1024 or not _B64URL.fullmatch(value):
+        return None
+    try:
+        return _unb64(value).decode("utf-8")
+    except (binascii.Error, ValueError):
+        return None

@@ -15,6 +15,7 @@ import uuid
 
 from ..ports import EmailMessage, Recipient, SmsMessage
 from .consent import Links
+from .deliveries import delivery_id
 from .models import Campaign, Channel
 from .sms import segments, with_opt_out
 from .templates import render
@@ -51,7 +52,13 @@ def sms_message(
     return SmsMessage(
         to=to,
         body=body,
-        status_callback=links.twilio_status_url if links is not None else None,
+        status_callback=(
+            links.twilio_status_url_for(
+                delivery_id(campaign.key, Channel.SMS, recipient.customer_id)
+            )
+            if links is not None
+            else None
+        ),
         segments=segments(body).count,
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -36,6 +37,14 @@ class FeedbackStore(Protocol):
         self, channel: str, *, provider_id: str | None, address: str | None
     ) -> tuple[str, str] | None: ...
     async def soft_bounce(self, address: str, now: dt.datetime) -> int: ...
+    async def first_times(self, keys: Sequence[str], now: dt.datetime) -> list[bool]: ...
+    async def attribute_many(
+        self, channel: str, wanted: Sequence[tuple[str | None, str | None]]
+    ) -> list[tuple[str, str] | None]: ...
+    async def soft_bounces(self, addresses: Sequence[str], now: dt.datetime) -> dict[str, int]: ...
+    async def sms_statuses(
+        self, updates: Sequence[Receipt], now: dt.datetime
+    ) -> list[tuple[str, str] | None]: ...
     async def count(self, campaign_key: str, counts: dict[str, int]) -> dict[str, Any] | None: ...
     async def pause(self, campaign_key: str, reason: str, detail: str) -> bool: ...
     async def sms_status(
@@ -43,6 +52,9 @@ class FeedbackStore(Protocol):
     ) -> tuple[str, str] | None: ...
     async def received(self, provider: str, now: dt.datetime, n: int = 1) -> None: ...
 
+
+# (Twilio's SID, status, error code, the ledger row its StatusCallback URL names)
+Receipt = tuple[str, str, str | None, str | None]
 
 _COUNTERS = {
     Feedback.HARD_BOUNCE: "bounces",
@@ -66,46 +78,66 @@ class FeedbackSink:
         self._clock = clock
         self._metrics = metrics
         self._config = config
+        self._unrecorded: dict[str, int] = {}
+        self._recorded_at: dict[str, float] = {}
 
     async def received(self, provider: str, n: int) -> None:
-        """When each webhook last received events (for `reactor doctor`)."""
-        await self._store.received(provider, self._clock.now(), n)
+        """When each webhook last received events (for `reactor doctor`): written at most once
+        a second per provider, however many events arrive."""
+        self._unrecorded[provider] = self._unrecorded.get(provider, 0) + n
+        now_m = self._clock.monotonic()
+        if now_m - self._recorded_at.get(provider, float("-inf")) < RECEIVED_EVERY_S:
+            return
+        self._recorded_at[provider] = now_m
+        count, self._unrecorded[provider] = self._unrecorded[provider], 0
+        await self._store.received(provider, self._clock.now(), count)
 
     async def email(self, event: FeedbackEvent) -> bool:
-        """Apply one email event; False for a replay."""
+        return (await self.emails([event]))[0]
+
+    async def emails(self, events: Sequence[FeedbackEvent]) -> list[bool]:
+        """Apply email events (a batch from any requests) in a few round trips; for each,
+        False when it was a replay."""
+        if not events:
+            return []
         now = self._clock.now()
-        if not await self._store.first_time(event.provider, event.event_id, now):
-            self._metrics.webhook_replays.labels(event.provider).inc()
-            return False
-        self._metrics.webhook_events.labels(event.provider, event.kind).inc()
-        address = event.address.strip().lower()
-        suppress: Reason | None = None
-        note = event.detail[:200] or None
-        if event.kind is Feedback.HARD_BOUNCE:
-            suppress = Reason.HARD_BOUNCE
-        elif event.kind is Feedback.COMPLAINT:
-            suppress = Reason.COMPLAINT
-        elif event.kind is Feedback.SOFT_BOUNCE:
-            n = await self._store.soft_bounce(address, now)
-            if n >= self._config.soft_bounce_limit:
-                suppress, note = Reason.HARD_BOUNCE, f"{n} soft bounces"
-        if suppress is not None and address:
-            entry = Suppression(
-                Kind.EMAIL, address, Channel.EMAIL, suppress, source=event.provider, note=note
-            )
-            await self._suppressions.add([entry], now=now)
-        where = await self._store.attribute(
-            Channel.EMAIL, provider_id=event.message_id, address=address
+        fresh = await self._store.first_times([f"{e.provider}:{e.event_id}" for e in events], now)
+        new = [e for e, f in zip(events, fresh, strict=True) if f]
+        for e, f in zip(events, fresh, strict=True):
+            if f:
+                self._metrics.webhook_events.labels(e.provider, e.kind).inc()
+            else:
+                self._metrics.webhook_replays.labels(e.provider).inc()
+        if not new:
+            return fresh
+        soft = [e.address.strip().lower() for e in new if e.kind is Feedback.SOFT_BOUNCE]
+        soft_counts = await self._store.soft_bounces(soft, now) if soft else {}
+        entries: list[Suppression] = []
+        for e in new:
+            address = e.address.strip().lower()
+            reason, note = _suppression(e, soft_counts.get(address, 0), self._config)
+            if reason is not None and address:
+                entries.append(
+                    Suppression(Kind.EMAIL, address, Channel.EMAIL, reason, e.provider, note=note)
+                )
+        if entries:
+            await self._suppressions.add(entries, now=now)
+        where = await self._store.attribute_many(
+            Channel.EMAIL, [(e.message_id, e.address.strip().lower()) for e in new]
         )
-        if where is None:
-            if event.kind is not Feedback.DELIVERED:
-                self._metrics.public_unknown.labels("message").inc()
-            return True
-        campaign, _customer = where
-        doc = await self._store.count(campaign, {_COUNTERS[event.kind]: 1})
-        if event.kind is Feedback.COMPLAINT and doc is not None:
-            await self._check_complaints(campaign, doc)
-        return True
+        counts: dict[str, dict[str, int]] = {}
+        for e, w in zip(new, where, strict=True):
+            if w is None:
+                if e.kind is not Feedback.DELIVERED:
+                    self._metrics.public_unknown.labels("message").inc()
+                continue
+            by_name = counts.setdefault(w[0], {})
+            by_name[_COUNTERS[e.kind]] = by_name.get(_COUNTERS[e.kind], 0) + 1
+        for campaign, deltas in counts.items():
+            doc = await self._store.count(campaign, deltas)
+            if "complaints" in deltas and doc is not None:
+                await self._check_complaints(campaign, doc)
+        return fresh
 
     async def _check_complaints(self, campaign: str, doc: dict[str, Any]) -> None:
         perf = doc.get("performance") or {}
@@ -149,17 +181,40 @@ class FeedbackSink:
         log.info("📵 SMS %s from a recipient: %s", "opt-out" if stop else "opt-in", word)
         return True
 
-    async def sms_status(self, sid: str, status: str, error_code: str | None) -> bool:
-        """A delivery receipt; True when it changed the ledger row."""
+    async def sms_status(
+        self, sid: str, status: str, error_code: str | None, delivery: str | None = None
+    ) -> bool:
+        return (await self.sms_statuses([(sid, status, error_code, delivery)]))[0]
+
+    async def sms_statuses(self, receipts: Sequence[Receipt]) -> list[bool]:
+        """Delivery receipts (a batch): True for each that changed its ledger row."""
         now = self._clock.now()
-        self._metrics.sms_status.labels(status if status in _KNOWN else "other").inc()
-        where = await self._store.sms_status(sid, status, error_code, now)
-        if where is None:
-            return False
-        if status in SMS_FINAL:
-            name = "smsDelivered" if status == "delivered" else "smsUndelivered"
-            await self._store.count(where[0], {name: 1})
-        return True
+        for _, status, _, _ in receipts:
+            self._metrics.sms_status.labels(status if status in _KNOWN else "other").inc()
+        where = await self._store.sms_statuses(receipts, now)
+        counts: dict[str, dict[str, int]] = {}
+        for (_, status, _, _), w in zip(receipts, where, strict=True):
+            if w is not None and status in SMS_FINAL:
+                name = "smsDelivered" if status == "delivered" else "smsUndelivered"
+                by_name = counts.setdefault(w[0], {})
+                by_name[name] = by_name.get(name, 0) + 1
+        for campaign, deltas in counts.items():
+            await self._store.count(campaign, deltas)
+        return [w is not None for w in where]
 
 
+def _suppression(
+    e: FeedbackEvent, soft_count: int, config: FeedbackConfig
+) -> tuple[Reason | None, str | None]:
+    note = e.detail[:200] or None
+    if e.kind is Feedback.HARD_BOUNCE:
+        return Reason.HARD_BOUNCE, note
+    if e.kind is Feedback.COMPLAINT:
+        return Reason.COMPLAINT, note
+    if e.kind is Feedback.SOFT_BOUNCE and soft_count >= config.soft_bounce_limit:
+        return Reason.HARD_BOUNCE, f"{soft_count} soft bounces"
+    return None, None
+
+
+RECEIVED_EVERY_S = 1.0
 _KNOWN = frozenset({"queued", "sending", "sent", "delivered", "undelivered", "failed", "read"})

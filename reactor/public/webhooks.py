@@ -33,9 +33,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import SecretStr
 from twilio.request_validator import RequestValidator
 
+from ..domain.consent import callback_delivery
 from ..domain.feedback import START_WORDS, STOP_WORDS, FeedbackEvent, keyword
 from ..metrics import Metrics
-from .feedback import FeedbackSink
+from .batching import GroupCommit
+from .feedback import FeedbackSink, Receipt
 from .forms import read_body
 from .providers import generic_events, postmark_events, sendgrid_events, ses_events
 from .sns import SnsError, SnsVerifier
@@ -115,6 +117,9 @@ class WebhookRoutes:
             if config.twilio_auth_token is not None
             else None
         )
+        # Concurrent requests' events are applied together (and each answered once stored).
+        self._emails: GroupCommit[FeedbackEvent, bool] = GroupCommit(sink.emails)
+        self._receipts: GroupCommit[Receipt, bool] = GroupCommit(sink.sms_statuses)
 
     def add_to(self, app: web.Application) -> None:
         on = self._config.configured()
@@ -132,6 +137,8 @@ class WebhookRoutes:
             app.router.add_post("/webhooks/twilio/status", self.twilio_status)
 
     async def aclose(self) -> None:
+        await self._emails.aclose()
+        await self._receipts.aclose()
         if self._sns is not None:
             await self._sns.aclose()
 
@@ -220,9 +227,7 @@ class WebhookRoutes:
         return await self._apply("generic", events)
 
     async def _apply(self, provider: str, events: list[FeedbackEvent]) -> web.Response:
-        applied = 0
-        for event in events:
-            applied += await self._sink.email(event)
+        applied = sum(await self._emails.submit_many(events))
         if events:
             await self._sink.received(provider, len(events))
         return web.json_response({"received": len(events), "applied": applied})
@@ -237,7 +242,7 @@ class WebhookRoutes:
             return self._reject("twilio", "malformed", status=400)
         assert self._twilio is not None
         # Twilio signs the URL it called: the public base URL, not the address behind a proxy.
-        url = self._config.base_url + request.path_qs
+        url = self._config.base_url + request.raw_path  # as sent: path and query undecoded
         signature = request.headers.get("X-Twilio-Signature", "")
         if not signature or not self._twilio.validate(url, params, signature):
             return self._reject("twilio", "signature")
@@ -262,7 +267,8 @@ class WebhookRoutes:
         sid = params.get("MessageSid") or params.get("SmsSid") or ""
         status = (params.get("MessageStatus") or params.get("SmsStatus") or "").lower()
         if sid and status:
-            await self._sink.sms_status(sid, status, params.get("ErrorCode") or None)
+            delivery = callback_delivery(request.query.get("d"))  # the row this callback names
+            await self._receipts.submit((sid, status, params.get("ErrorCode") or None, delivery))
         return web.Response(status=204)
 
     def _reject(self, provider: str, why: str, *, status: int = 403) -> web.Response:

@@ -8,13 +8,13 @@ statuses on their ledger rows, and when each webhook last received an event (`re
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pymongo import ASCENDING, DESCENDING, ReturnDocument
+from pymongo import ASCENDING, DESCENDING, ReturnDocument, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from ...domain.feedback import SMS_STATUS_RANK
 from .actions import campaign_id_variants
@@ -23,6 +23,11 @@ from .feed import STATE_COLLECTION
 
 def _document(field: str) -> dict[str, Any]:
     return {"$cond": [{"$eq": [{"$type": f"${field}"}, "object"]}, f"${field}", {}]}
+
+
+def _later(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    at, bt = a.get("updatedAt"), b.get("updatedAt")
+    return isinstance(at, dt.datetime) and (not isinstance(bt, dt.datetime) or at > bt)
 
 
 class MongoFeedback:
@@ -52,6 +57,157 @@ class MongoFeedback:
         except DuplicateKeyError:
             return False
         return True
+
+    async def first_times(self, keys: Sequence[str], now: dt.datetime) -> list[bool]:
+        """`first_time` for many events in one write: False for each one seen before."""
+        if not keys:
+            return []
+        try:
+            await self.events.insert_many(
+                [{"_id": k, "receivedAt": now} for k in keys], ordered=False
+            )
+        except BulkWriteError as exc:
+            seen = {
+                e["index"] for e in exc.details.get("writeErrors", []) if e.get("code") == 11000
+            }
+            others = [e for e in exc.details.get("writeErrors", []) if e.get("code") != 11000]
+            if others:
+                raise
+            return [i not in seen for i in range(len(keys))]
+        return [True] * len(keys)
+
+    async def attribute_many(
+        self, channel: str, wanted: Sequence[tuple[str | None, str | None]]
+    ) -> list[tuple[str, str] | None]:
+        """`attribute` for many (provider id, address) pairs in at most two reads."""
+        by_id: dict[str, tuple[str, str]] = {}
+        ids = [p for p, _ in wanted if p]
+        if ids:
+            async for row in self.deliveries.find(
+                {"providerId": {"$in": ids}, "channel": channel},
+                {"campaign": 1, "customer": 1, "providerId": 1},
+            ):
+                by_id[str(row["providerId"])] = (str(row["campaign"]), str(row["customer"]))
+        addresses = [a for p, a in wanted if a and not (p and p in by_id)]
+        by_address: dict[str, tuple[str, str]] = {}
+        if addresses:
+            # The latest sent row per address (the `to_updatedAt` index serves the $in).
+            latest: dict[str, Any] = {}
+            async for row in self.deliveries.find(
+                {"to": {"$in": addresses}, "channel": channel, "state": "sent"},
+                {"to": 1, "campaign": 1, "customer": 1, "updatedAt": 1},
+            ):
+                to = str(row["to"])
+                if to not in latest or _later(row, latest[to]):
+                    latest[to] = row
+            by_address = {to: (str(r["campaign"]), str(r["customer"])) for to, r in latest.items()}
+        return [
+            (by_id.get(p) if p else None) or (by_address.get(a) if a else None) for p, a in wanted
+        ]
+
+    async def soft_bounces(self, addresses: Sequence[str], now: dt.datetime) -> dict[str, int]:
+        """Count one soft bounce per listed address (repeats count each); the counts after."""
+        if not addresses:
+            return {}
+        ops = [
+            UpdateOne({"_id": a}, {"$inc": {"soft": 1}, "$set": {"lastAt": now}}, upsert=True)
+            for a in addresses
+        ]
+        await self.bounces.bulk_write(ops, ordered=True)
+        return {
+            str(d["_id"]): int(d.get("soft", 0))
+            async for d in self.bounces.find({"_id": {"$in": list(set(addresses))}})
+        }
+
+    async def sms_statuses(
+        self, updates: Sequence[tuple[str, str, str | None, str | None]], now: dt.datetime
+    ) -> list[tuple[str, str] | None]:
+        """`sms_status` for many receipts in one conditional bulk write by `_id` (the row each
+        StatusCallback names; a receipt without one is looked up by SID first), and, only when
+        another writer raced this batch, one exact write per receipt."""
+        if not updates:
+            return []
+        rows: dict[str, tuple[Any, str, str]] = {}  # sid -> (_id, campaign, customer)
+        for sid, _, _, delivery in updates:
+            if delivery and delivery.count(":") >= 2:
+                campaign, _, rest = delivery.partition(":")
+                rows[sid] = (delivery, campaign, rest.partition(":")[2])
+        unnamed = [sid for sid, _, _, _ in updates if sid not in rows]
+        if unnamed:
+            async for r in self.deliveries.find(
+                {"providerId": {"$in": unnamed}, "channel": "sms"},
+                {"campaign": 1, "customer": 1, "providerId": 1},
+            ):
+                rows[str(r["providerId"])] = (r["_id"], str(r["campaign"]), str(r["customer"]))
+        # What the rows hold now (by `_id`: cheap everywhere), so that only receipts above it
+        # are written; the write's own condition still decides.
+        held = {
+            r["_id"]: int(r.get("deliveryStatusRank", -1))
+            async for r in self.deliveries.find(
+                {"_id": {"$in": list({v[0] for v in rows.values()})}},
+                {"deliveryStatusRank": 1, "providerId": 1},
+            )
+            if r.get("providerId") in rows
+        }
+        # Per SID, the highest status of the batch that is above what its row holds.
+        best: dict[str, int] = {}
+        for i, (sid, status, _, _) in enumerate(updates):
+            if sid not in rows or rows[sid][0] not in held:
+                continue
+            rank = SMS_STATUS_RANK.get(status, 0)
+            if rank <= held[rows[sid][0]]:
+                continue
+            if sid not in best or rank > SMS_STATUS_RANK.get(updates[best[sid]][1], 0):
+                best[sid] = i
+        if not best:
+            return [None] * len(updates)
+        ops = [
+            UpdateOne(*self._status_write(rows[updates[i][0]][0], *updates[i][:3], now))
+            for i in best.values()
+        ]
+        result = await self.deliveries.bulk_write(ops, ordered=False)
+        applied = set(best.values())
+        if result.modified_count < len(ops):
+            # Some did not apply: a later status was there already, or another writer raced.
+            applied = {
+                i
+                for i in best.values()
+                if await self._status_exact(rows[updates[i][0]][0], *updates[i][:3], now)
+            }
+        out: list[tuple[str, str] | None] = [None] * len(updates)
+        for i in applied:
+            _, campaign, customer = rows[updates[i][0]]
+            out[i] = (campaign, customer)
+        return out
+
+    async def _status_exact(
+        self, row_id: Any, sid: str, status: str, error_code: str | None, now: dt.datetime
+    ) -> bool:
+        query, update = self._status_write(row_id, sid, status, error_code, now)
+        doc = await self.deliveries.find_one_and_update(query, update, projection={"_id": 1})
+        return doc is not None
+
+    @staticmethod
+    def _status_write(
+        row_id: Any, sid: str, status: str, error_code: str | None, now: dt.datetime
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        rank = SMS_STATUS_RANK.get(status, 0)
+        fields: dict[str, Any] = {
+            "deliveryStatus": status,
+            "deliveryStatusRank": rank,
+            "deliveryStatusAt": now,
+        }
+        if error_code:
+            fields["deliveryError"] = error_code
+        query = {
+            "_id": row_id,
+            "providerId": sid,
+            "$or": [
+                {"deliveryStatusRank": {"$exists": False}},
+                {"deliveryStatusRank": {"$lt": rank}},
+            ],
+        }
+        return query, {"$set": fields}
 
     async def attribute(
         self, channel: str, *, provider_id: str | None, address: str | None

@@ -18,6 +18,7 @@ from typing import Any
 
 import mongomock
 import mongomock.aggregate
+import mongomock.store
 from bson import Timestamp
 
 from .expressions import SYSTEM_VARIABLES, install_expressions, install_fast_operators
@@ -57,6 +58,7 @@ class Engine:
     def __init__(self, *, oplog_limit: int = 200_000) -> None:
         install_fast_operators()
         install_expressions()
+        install_ttl_monitor()
         self.client: Any = mongomock.MongoClient()
         self.oplog: list[OplogEntry] = []
         self._oplog_ts: list[int] = []
@@ -217,3 +219,28 @@ def diff_documents(before: dict[str, Any], after: dict[str, Any]) -> dict[str, A
 
     walk(before, after, "")
     return {"updatedFields": updated, "removedFields": removed, "truncatedArrays": []}
+
+
+TTL_MONITOR_S = 60.0  # mongod's TTLMonitor pass interval (ttlMonitorSleepSecs)
+
+
+def install_ttl_monitor() -> None:
+    """mongomock expires TTL documents by scanning the collection on every access, which makes
+    each lookup in a TTL collection cost its size. mongod removes expired documents in a pass
+    every 60 seconds; do the same (idempotent)."""
+    store_cls: Any = mongomock.store.CollectionStore
+    if getattr(store_cls, "_reactor_ttl_paced", False):
+        return
+    scan = store_cls._remove_expired_documents
+
+    def paced(self: Any) -> None:
+        if not self._ttl_indexes:
+            return
+        now = time.monotonic()
+        if now - getattr(self, "_reactor_ttl_at", float("-inf")) < TTL_MONITOR_S:
+            return
+        self._reactor_ttl_at = now
+        scan(self)
+
+    store_cls._remove_expired_documents = paced
+    store_cls._reactor_ttl_paced = True
