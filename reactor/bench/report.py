@@ -101,6 +101,18 @@ def markdown(results: dict[str, Any]) -> str:
             f"{c['checked_vs_unchecked']} ({c['checked_per_s']} vs {c['unchecked_per_s']}) | ≥ 0.9 |",
             "",
         ]
+    if "webhooks" in results:
+        w = results["webhooks"]
+        out += [
+            "| Webhooks (one reactor, a campaign sending) | Figure | Target |",
+            "| --- | ---: | ---: |",
+            f"| events absorbed per second ({w['mix']}) | {w['absorbed_per_s']} "
+            f"(offered {w['offered_per_s']}, errors {w['errors']}) | ≥ 1000 |",
+            f"| latency p50 / p99 / max (ms), from each event's scheduled arrival | "
+            f"{w['p50_ms']} / {w['p99_ms']} / {w['max_ms']} | p99 ≤ 50 |",
+            f"| p99 receipts / bounces (ms) | {w['p99_ms_receipts']} / {w['p99_ms_bounces']} | |",
+            "",
+        ]
     if "faults" in results:
         out += [faults_table(results["faults"]), ""]
     return "\n".join(out)
