@@ -19,6 +19,7 @@ from pymongo.errors import PyMongoError
 
 from .adapters.clock import DatabaseClock, SystemClock
 from .adapters.mongo import (
+    MongoBudgets,
     MongoCampaignStore,
     MongoChangeFeed,
     MongoFeedback,
@@ -266,6 +267,7 @@ class Reactor:
             retry_base_s=sched_cfg.retry_base_s,
             suppressions=suppressions,
             links=s.links(),
+            budgets=MongoBudgets(db) if s.rate_limit_scope == "cluster" else None,
         )
         scheduler = Scheduler(
             store=store, executor=executor, clock=db_clock, metrics=self.metrics, config=sched_cfg

@@ -76,6 +76,7 @@ class Settings(BaseSettings):
     twilio_api_base_url: str | None = None
     twilio_timeout_seconds: float = Field(15.0, gt=0)
 
+    rate_limit_scope: Literal["cluster", "instance"] = "cluster"
     email_rate_per_second: float = Field(50.0, gt=0)
     sms_rate_per_second: float = Field(10.0, gt=0)
     send_concurrency: int = Field(32, ge=1, le=1024)

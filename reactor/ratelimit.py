@@ -5,8 +5,30 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from .ports import Clock
+
+
+class RateLimit(Protocol):
+    """What senders need of a rate limit: this instance's `TokenBucket`, or the cluster's
+    `budgets.SharedBudget`."""
+
+    def take(self, n: int) -> int:
+        """Take up to `n` tokens free now, without waiting; how many were taken."""
+        ...
+
+    def wait_s(self) -> float:
+        """Seconds until `take` may return a token."""
+        ...
+
+    async def acquire(self) -> None:
+        """Wait for one token."""
+        ...
+
+    def pause(self, seconds: float) -> None:
+        """Hold every sender back for `seconds` (a provider's Retry-After)."""
+        ...
 
 
 class TokenBucket:

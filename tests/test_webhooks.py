@@ -429,9 +429,9 @@ async def test_twilio_receipts_stop_and_start_replies(
             f"{base}/webhooks/twilio/status", {"MessageSid": sid, "MessageStatus": "sent"}
         )
         assert status == 204
-        row = await client[mongo.campaigns_db].deliveries.find_one({"providerId": sid})
-        assert row is not None
-        assert row["deliveryStatus"] == "delivered"
+        late = await client[mongo.campaigns_db].deliveries.find_one({"providerId": sid})
+        assert late is not None
+        assert late["deliveryStatus"] == "delivered"
         # STOP, then START; a forged STOP is refused.
         inbound = f"{base}/webhooks/twilio/inbound"
         assert await twilio.send_inbound(inbound, "+14155550001", " stop ") == 200

@@ -23,7 +23,7 @@ from ..domain.models import Channel
 from ..domain.retry import RetryPolicy
 from ..metrics import Metrics
 from ..ports import Clock, EmailSender, SmsSender
-from ..ratelimit import TokenBucket
+from ..ratelimit import RateLimit
 from .breaker import FIRST_PAUSE_S, ChannelBreaker
 from .ledger import ABANDONED, DEFERRED, Item, Outcome
 from .state import Run, unless_stopped, until_lease_holds
@@ -40,7 +40,7 @@ class Deliverer:
     def __init__(
         self,
         senders: dict[Channel, EmailSender | SmsSender | None],
-        limits: dict[Channel, TokenBucket],
+        limits: dict[Channel, RateLimit],
         policy: RetryPolicy,
         clock: Clock,
         metrics: Metrics,
@@ -140,7 +140,7 @@ class Deliverer:
         )
 
     async def _failure(
-        self, run: Run, item: Item, exc: DeliveryError, attempt: int, limiter: TokenBucket
+        self, run: Run, item: Item, exc: DeliveryError, attempt: int, limiter: RateLimit
     ) -> Outcome | None:
         """What a failed attempt means: an outcome, or None to try again (after a back-off)."""
         if isinstance(exc, UndeliverableError):

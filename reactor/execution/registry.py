@@ -22,6 +22,7 @@ from typing import Any
 
 import anyio
 
+from ..budgets import BudgetStore, SharedBudget
 from ..config import SendConfig
 from ..domain.consent import Links
 from ..domain.errors import LeaseLost
@@ -29,7 +30,7 @@ from ..domain.models import Channel
 from ..domain.retry import RetryPolicy
 from ..metrics import Metrics
 from ..ports import CampaignStore, Clock, EmailSender, Ledger, Recipients, SmsSender
-from ..ratelimit import TokenBucket
+from ..ratelimit import RateLimit, TokenBucket
 from ..suppression import SuppressionList
 from .deliver import Deliverer
 from .ledger import LedgerWriter
@@ -58,6 +59,7 @@ class Executor:
         retry_max_s: float = 600.0,
         suppressions: SuppressionList | None = None,
         links: Links | None = None,
+        budgets: BudgetStore | None = None,
     ) -> None:
         self._suppressions = suppressions
         self._links = links
@@ -73,10 +75,23 @@ class Executor:
         self._config = config
         self._instance = instance_id
         self._lease_s = lease_s
-        self._limits = {
-            Channel.EMAIL: TokenBucket(clock, config.email_rate_per_s, monotonic=clock.monotonic),
-            Channel.SMS: TokenBucket(clock, config.sms_rate_per_s, monotonic=clock.monotonic),
-        }
+        # With a budget store, each channel's rate is the cluster's, shared by every replica;
+        # without one (tests on fakes), this instance's own.
+        self._limits: dict[Channel, RateLimit] = (
+            {
+                Channel.EMAIL: SharedBudget(
+                    budgets, "channel:email", config.email_rate_per_s, clock
+                ),
+                Channel.SMS: SharedBudget(budgets, "channel:sms", config.sms_rate_per_s, clock),
+            }
+            if budgets is not None
+            else {
+                Channel.EMAIL: TokenBucket(
+                    clock, config.email_rate_per_s, monotonic=clock.monotonic
+                ),
+                Channel.SMS: TokenBucket(clock, config.sms_rate_per_s, monotonic=clock.monotonic),
+            }
+        )
         policy = RetryPolicy(config.max_attempts, config.retry_base_s, config.retry_max_s)
         self._deliverer = Deliverer(
             self._senders,

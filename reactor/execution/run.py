@@ -32,7 +32,7 @@ from ..domain.messages import email_message, sms_message
 from ..domain.models import Campaign, Channel, parse_campaign
 from ..metrics import Metrics
 from ..ports import CampaignStore, Clock, EmailSender, Ledger, Recipient, Recipients, SmsSender
-from ..ratelimit import TokenBucket
+from ..ratelimit import RateLimit
 from ..suppression import SuppressionList
 from .deliver import Deliverer
 from .ledger import Item, LedgerWriter
@@ -96,7 +96,7 @@ class CampaignRun:
         ledger: Ledger,
         recipients: Recipients,
         senders: dict[Channel, EmailSender | SmsSender | None],
-        limits: dict[Channel, TokenBucket],
+        limits: dict[Channel, RateLimit],
         deliverer: Deliverer,
         writer: LedgerWriter,
         clock: Clock,

@@ -29,7 +29,7 @@ from ..domain.consent import skip_reason
 from ..domain.deliveries import DeliveryRecord, DeliveryState
 from ..domain.models import Channel
 from ..ports import Clock
-from ..ratelimit import TokenBucket
+from ..ratelimit import RateLimit
 from ..suppression import SuppressionList
 from .breaker import ChannelBreaker
 from .deliver import Deliverer
@@ -48,7 +48,7 @@ class SendWindow:
         items: list[Item],
         *,
         concurrency: int,
-        limiter: TokenBucket,
+        limiter: RateLimit,
         deliverer: Deliverer,
         ledger: LedgerWriter,
         clock: Clock,

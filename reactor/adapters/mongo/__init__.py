@@ -2,6 +2,7 @@
 recipients lookup. Nothing above the adapters touches a collection."""
 
 from .actions import MongoRecipientActions
+from .budgets import MongoBudgets
 from .campaigns import SCHEDULE_PROJECTION, MongoCampaignStore
 from .feed import MongoChangeFeed
 from .feedback import MongoFeedback
@@ -11,6 +12,7 @@ from .suppressions import MongoSuppressions
 
 __all__ = [
     "SCHEDULE_PROJECTION",
+    "MongoBudgets",
     "MongoCampaignStore",
     "MongoChangeFeed",
     "MongoFeedback",
