@@ -116,8 +116,8 @@ class SharedBudget:
                     self.key, rate=self._rate, burst=self._burst, want=want
                 )
             except PyMongoError as exc:
+                # The next take asks again (after this back-off): no loop outlives demand.
                 log.warning("could not lease %s rate tokens: %s", self.key, type(exc).__name__)
-                self._wanted = True
                 await self._clock.sleep(ERROR_BACKOFF_S)
                 continue
             if paused_s > 0:
@@ -132,6 +132,15 @@ class SharedBudget:
                 self._wanted = True
                 refill_s = (want - granted) / 2 / self._rate
                 await self._clock.sleep(max(EMPTY_POLL_S, min(max(refill_s, paused_s), 1.0)))
+
+    async def aclose(self) -> None:
+        """Stop leasing (the owner is shutting down); unused tokens are simply dropped."""
+        self._wanted = False
+        self._tokens = 0
+        if self._refill is not None:
+            self._refill.cancel()
+            await asyncio.wait([self._refill])
+            self._refill = None
 
     async def _pause_everywhere(self, seconds: float) -> None:
         try:

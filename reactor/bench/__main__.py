@@ -17,7 +17,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m reactor.bench")
     parser.add_argument(
         "name",
-        choices=["emulator", "scheduling", "sending", "consent", "webhooks", "faults", "all"],
+        choices=[
+            "emulator",
+            "scheduling",
+            "sending",
+            "consent",
+            "webhooks",
+            "scale",
+            "faults",
+            "all",
+        ],
     )
     parser.add_argument("--quick", action="store_true", help="small sizes (CI)")
     parser.add_argument("--out", default="reports", help="where `all` writes its report")

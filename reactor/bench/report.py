@@ -113,6 +113,21 @@ def markdown(results: dict[str, Any]) -> str:
             f"| p99 receipts / bounces (ms) | {w['p99_ms_receipts']} / {w['p99_ms_bounces']} | |",
             "",
         ]
+    if "scale" in results:
+        out += [
+            "| Cluster-wide budget (50/s) | emails/s | overall deviation | worst second |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for key, label in (
+            ("budget_50_per_s_three_replicas", "three replicas sharing it"),
+            ("budget_50_per_s_one_replica", "one replica alone"),
+        ):
+            b = results["scale"][key]
+            out.append(
+                f"| {label} ({b['seconds']} s) | {b['overall_per_s']} | "
+                f"{b['overall_deviation_pct']} % | {b['worst_second_deviation_pct']} % |"
+            )
+        out.append("")
     if "faults" in results:
         out += [faults_table(results["faults"]), ""]
     return "\n".join(out)

@@ -119,10 +119,16 @@ class Executor:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Own the task group every execution runs in, until cancelled."""
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            task_status.started()
-            await anyio.sleep_forever()
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                task_status.started()
+                await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True):
+                for limit in self._limits.values():
+                    if isinstance(limit, SharedBudget):
+                        await limit.aclose()
 
     def active(self, key: str) -> bool:
         return key in self._runs
