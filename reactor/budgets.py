@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 SLICE_S = 0.2  # a lease is about this much of the rate
 TOKEN_TTL_S = 2 * SLICE_S  # leased tokens unused this long are dropped
 EMPTY_POLL_S = 0.02  # how soon to ask again when the bucket had nothing
+LEASE_POLL_S = 0.005  # how soon a sender looks again while a lease is on its way
 ERROR_BACKOFF_S = 0.5
 
 
@@ -80,7 +81,10 @@ class SharedBudget:
         now = self._clock.monotonic()
         if now < self._paused_until_m:
             return self._paused_until_m - now
-        return 0.0 if self._tokens else EMPTY_POLL_S
+        if self._tokens:
+            return 0.0
+        leasing = self._refill is not None and not self._refill.done()
+        return LEASE_POLL_S if leasing else EMPTY_POLL_S
 
     async def acquire(self) -> None:
         while not self.take(1):

@@ -14,7 +14,7 @@ from reactor.embedded.smtp_sink import SmtpSink
 from reactor.embedded.twilio_fake import TwilioFake
 
 from .conftest import MongoTarget
-from .helpers import campaign, eventually, has_status, ledger, running, settings
+from .helpers import campaign, eventually, has_status, holds, ledger, running, settings
 
 Client = AsyncMongoClient[dict[str, Any]]
 
@@ -113,6 +113,8 @@ async def test_targets_that_cannot_be_read_are_reported_when_armed_not_started(
             },
         )
         await eventually(has_status(client, mongo, res.inserted_id, "running"), 10)
+        # Sent once its rate tokens are leased (the cluster's budget): wait for it, then count.
+        await eventually(lambda: holds(bool(sink.messages)), 10)
     assert sink.recipients() == ["n1@example.com"]
 
 
