@@ -15,7 +15,7 @@ from ..config import Settings
 from ..domain.errors import InvalidCampaign
 from ..domain.models import as_utc, parse_campaign
 from .consent import check_links, check_suppressions, check_webhooks
-from .report import FAIL, OK, WARN, Report, redacted_configuration
+from .report import FAIL, OK, WARN, Report, ago, redacted_configuration
 
 EXPECTED_INDEXES = {
     "campaigns": {"status_startDate", "status_endDate"},
@@ -319,14 +319,7 @@ async def _list_campaigns(
 
 
 def _ago(delta: dt.timedelta) -> str:
-    seconds = int(delta.total_seconds())
-    if seconds < 120:
-        return f"{seconds}s"
-    if seconds < 7200:
-        return f"{seconds // 60}m"
-    if seconds < 172800:
-        return f"{seconds // 3600}h"
-    return f"{seconds // 86400}d"
+    return ago(delta.total_seconds())
 
 
 def _recommend(report: Report, settings: Settings) -> None:

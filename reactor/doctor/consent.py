@@ -13,7 +13,7 @@ from pymongo.errors import PyMongoError
 from ..adapters.mongo import MongoFeedback
 from ..config import Settings
 from ..domain.consent import parse_old_keys
-from .report import FAIL, OK, WARN, Report
+from .report import FAIL, OK, WARN, Report, ago
 
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
 
@@ -110,8 +110,8 @@ async def check_webhooks(
         at = seen.get("lastEventAt")
         if isinstance(at, dt.datetime):
             when = at if at.tzinfo else at.replace(tzinfo=dt.UTC)
-            ago = int((now - when).total_seconds())
-            detail = f"last event {_ago(ago)} ago ({int(seen.get('events', 0))} in all)"
+            age_s = (now - when).total_seconds()
+            detail = f"last event {ago(age_s)} ago ({int(seen.get('events', 0))} in all)"
         else:
             detail = "no event received yet"
         report.add(f"webhook {provider}", OK, f"{config.base_url}{_ROUTES[provider]}; {detail}")
@@ -120,13 +120,3 @@ async def check_webhooks(
         report.add(
             "webhooks off", WARN, f"not configured: {', '.join(off)} (see Consent in the README)"
         )
-
-
-def _ago(seconds: int) -> str:
-    if seconds < 120:
-        return f"{seconds}s"
-    if seconds < 7200:
-        return f"{seconds // 60}m"
-    if seconds < 172800:
-        return f"{seconds // 3600}h"
-    return f"{seconds // 86400}d"

@@ -155,3 +155,15 @@ def render(report: Report, console: Console) -> None:
         if report.healthy
         else Text("something is wrong", style="red")
     )
+
+
+def ago(seconds: float) -> str:
+    """A duration as people read it: 45s, 12m, 5h, 3d."""
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    if seconds < 172800:
+        return f"{seconds // 3600}h"
+    return f"{seconds // 86400}d"

@@ -228,15 +228,6 @@ class MongoFeedback:
             return None
         return str(row["campaign"]), str(row["customer"])
 
-    async def soft_bounce(self, address: str, now: dt.datetime) -> int:
-        doc = await self.bounces.find_one_and_update(
-            {"_id": address},
-            {"$inc": {"soft": 1}, "$set": {"lastAt": now}},
-            upsert=True,
-            return_document=ReturnDocument.AFTER,
-        )
-        return int((doc or {}).get("soft", 1))
-
     async def count(self, campaign_key: str, counts: Mapping[str, int]) -> dict[str, Any] | None:
         """Add to `performance.<name>` whatever shape `performance` has; the campaign's
         performance and status after, or None when there is no such campaign."""
@@ -275,35 +266,6 @@ class MongoFeedback:
             ],
         )
         return result.modified_count > 0
-
-    async def sms_status(
-        self, sid: str, status: str, error_code: str | None, now: dt.datetime
-    ) -> tuple[str, str] | None:
-        """Record a status on the SMS row Twilio's SID names, unless a later status is there
-        already; (campaign, customer) when it applied."""
-        rank = SMS_STATUS_RANK.get(status, 0)
-        fields: dict[str, Any] = {
-            "deliveryStatus": status,
-            "deliveryStatusRank": rank,
-            "deliveryStatusAt": now,
-        }
-        if error_code:
-            fields["deliveryError"] = error_code
-        doc = await self.deliveries.find_one_and_update(
-            {
-                "providerId": sid,
-                "channel": "sms",
-                "$or": [
-                    {"deliveryStatusRank": {"$exists": False}},
-                    {"deliveryStatusRank": {"$lt": rank}},
-                ],
-            },
-            {"$set": fields},
-            projection={"campaign": 1, "customer": 1},
-        )
-        if doc is None:
-            return None
-        return str(doc["campaign"]), str(doc["customer"])
 
     async def received(self, provider: str, now: dt.datetime, n: int = 1) -> None:
         await self.state.update_one(
