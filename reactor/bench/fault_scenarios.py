@@ -331,3 +331,46 @@ async def smtp_tls_rejected(w: World, quick: bool) -> dict[str, Any]:
         "tls_pauses": metrics.get('reactor_channel_pauses_total{channel="email",kind="tls"}', 0),
         "recovery_s": round(done_at - t0, 2),
     }
+
+
+EMAIL_BUDGET_PER_S = 40.0
+
+
+def _rate(arrivals: list[float], start: float, end: float) -> float:
+    n = sum(1 for t in arrivals if start <= t < end)
+    return n / (end - start) if end > start else 0.0
+
+
+async def budget_holder_killed(w: World, quick: bool) -> dict[str, Any]:
+    """Three replicas send six campaigns on one cluster-wide email budget; a replica holding
+    leased tokens (an owner, mid-send) is SIGKILLed. Its campaigns are taken over; the others
+    keep the budget busy meanwhile, so the rate the provider sees holds."""
+    w.env["EMAIL_RATE_PER_SECOND"] = str(EMAIL_BUDGET_PER_S)
+    for name in ("a", "b", "c"):
+        await w.spawn(name)
+    await w.approve(6, start_in_s=1)
+
+    async def emails_for(seconds: float) -> bool:  # a few seconds of the budget already sent
+        return len(w.sink.messages) >= EMAIL_BUDGET_PER_S * seconds
+
+    await until(lambda: emails_for(5), 60)
+    owners = await w.client.marketing.campaigns.distinct(
+        "execution.owner", {"_id": {"$in": w.campaign_ids}, "status": "running"}
+    )
+    victim = next(r for r in w.reactors if r.name in owners)
+    victim.kill()
+    killed_at = time.monotonic()
+    done_at = await until(w.all_sent, 180)
+    arrivals = sorted(m.received_at for m in w.sink.messages)
+    first, last = arrivals[0], arrivals[-1]
+    before = _rate(arrivals, first + 1, killed_at)
+    after = _rate(arrivals, killed_at + LEASE_S + 3, last - 1)
+    worst = max(abs(before - EMAIL_BUDGET_PER_S), abs(after - EMAIL_BUDGET_PER_S))
+    return {
+        **await account(w, crashes=1),
+        "owners_before_kill": len(owners),
+        "rate_before_per_s": round(before, 1),
+        "rate_after_per_s": round(after, 1),
+        "rate_within_5pct": worst <= 0.05 * EMAIL_BUDGET_PER_S,
+        "recovery_s": round(done_at - killed_at, 2),
+    }

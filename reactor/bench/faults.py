@@ -23,6 +23,7 @@ from typing import Any
 from ..embedded.tls import make_test_pki
 from .fault_scenarios import (
     bad_campaigns_in_burst,
+    budget_holder_killed,
     heartbeats_failing,
     history_lost_while_down,
     kill_owner,
@@ -61,6 +62,7 @@ SCENARIOS: dict[str, Callable[[World, bool], Awaitable[dict[str, Any]]]] = {
     "14 MongoDB unreachable at start": mongo_unreachable_at_start,
     "15 SMTP errors mid-transaction, three campaigns on one pool": smtp_errors_mid_transaction,
     "16 SMTP TLS handshakes failing verification": smtp_tls_rejected,
+    "17 a budget holder SIGKILLed, three replicas on one budget": budget_holder_killed,
 }
 TLS_SCENARIOS = {"16 SMTP TLS handshakes failing verification"}
 
