@@ -88,9 +88,6 @@ class FeedbackSink:
         count, self._unrecorded[provider] = self._unrecorded[provider], 0
         await self._store.received(provider, self._clock.now(), count)
 
-    async def email(self, event: FeedbackEvent) -> bool:
-        return (await self.emails([event]))[0]
-
     async def emails(self, events: Sequence[FeedbackEvent]) -> list[bool]:
         """Apply email events (a batch from any requests) in a few round trips; for each,
         False when it was a replay."""
@@ -176,11 +173,6 @@ class FeedbackSink:
             await self._suppressions.remove(ids, reasons=[Reason.SMS_STOP])
         log.info("📵 SMS %s from a recipient: %s", "opt-out" if stop else "opt-in", word)
         return True
-
-    async def sms_status(
-        self, sid: str, status: str, error_code: str | None, delivery: str | None = None
-    ) -> bool:
-        return (await self.sms_statuses([(sid, status, error_code, delivery)]))[0]
 
     async def sms_statuses(self, receipts: Sequence[Receipt]) -> list[bool]:
         """Delivery receipts (a batch): True for each that changed its ledger row."""
