@@ -48,6 +48,9 @@ class OplogEntry:
     pre_image: dict[str, Any] | None = None
 
 
+_INVALIDATE = object()  # a change no document key describes: the tables are rebuilt
+
+
 class HistoryLost(Exception):
     """Raised when a change stream asks to resume from a point that is no longer in the log."""
 
@@ -69,6 +72,8 @@ class Engine:
         self.changed = asyncio.Condition()
         self.pre_images_enabled: set[tuple[str, str]] = set()
         self.indexed_fields: dict[tuple[str, str], set[str]] = {}
+        # The document keys each write in progress changed, by collection (from its entries).
+        self._write_keys: dict[tuple[str, str], list[Any]] = {}
 
     # ---- clock -------------------------------------------------------------------------------
 
@@ -125,15 +130,30 @@ class Engine:
 
     @contextlib.contextmanager
     def writing(self, db: str, name: str) -> Iterator[None]:
-        """Bracket a write: equality tables are neither used nor trusted while it runs."""
+        """Bracket a write: equality tables are not used while it runs. Afterwards the documents
+        it changed (the keys of the change entries it recorded) are patched into the tables;
+        anything else (no entries to go by, a drop) invalidates them."""
         store = self.client[db]._store[name]
         store._reactor_writing = True
-        self.touch(db, name)
+        keys: list[Any] = []
+        self._write_keys[(db, name)] = keys
         try:
             yield
         finally:
+            self._write_keys.pop((db, name), None)
             store._reactor_writing = False
-            self.touch(db, name)
+            state = getattr(store, "_reactor_index", None)
+            version = getattr(store, "_reactor_version", 0)
+            if (
+                state is not None
+                and state.version == version
+                and _INVALIDATE not in keys
+                and state.patch(store, keys)
+            ):
+                store._reactor_version = version + 1
+                state.version = version + 1
+            else:
+                self.touch(db, name)
 
     def set_indexed_fields(self, db: str, name: str) -> None:
         coll = self.collection(db, name)
@@ -150,6 +170,12 @@ class Engine:
     def record(self, entries: Iterable[OplogEntry]) -> None:
         added = False
         for entry in entries:
+            keys = self._write_keys.get((entry.db, entry.coll))
+            if keys is not None:
+                key = (entry.document_key or {}).get("_id", _INVALIDATE)
+                keys.append(
+                    key if entry.op in ("insert", "update", "replace", "delete") else _INVALIDATE
+                )
             self.oplog.append(entry)
             self._oplog_ts.append(entry.ts)
             added = True

@@ -250,18 +250,27 @@ class FastCollection(mongomock.Collection):  # type: ignore[type-arg]
 
 @dataclass
 class _IndexState:
-    """Lazily built equality tables for one collection, valid for one write version."""
+    """Lazily built equality tables for one collection, valid for one write version, and
+    patched by the writes that follow (the keys they changed) instead of rebuilt."""
 
     version: int
     fields: set[str]
     tables: dict[str, dict[Any, list[tuple[int, Any]]] | None] = field(default_factory=dict)
+    # Per built table: each document's value and position (natural order), and the next one.
+    values: dict[str, dict[Any, Any]] = field(default_factory=dict)
+    positions: dict[str, dict[Any, int]] = field(default_factory=dict)
+    next_position: dict[str, int] = field(default_factory=dict)
 
     def table(self, name: str, store: Any) -> dict[Any, list[tuple[int, Any]]] | None:
         if name in self.tables:
             return self.tables[name]
         table: dict[Any, list[tuple[int, Any]]] | None = {}
         assert table is not None
+        values: dict[Any, Any] = {}
+        positions: dict[Any, int] = {}
+        position = -1
         for position, doc in enumerate(store.documents):
+            positions[doc["_id"]] = position
             value = doc.get(name)
             if value is None:
                 continue
@@ -269,5 +278,42 @@ class _IndexState:
                 table = None  # arrays/sub-documents have richer equality: scan instead
                 break
             table.setdefault(value, []).append((position, doc["_id"]))
+            values[doc["_id"]] = value
         self.tables[name] = table
+        if table is not None:
+            self.values[name], self.positions[name] = values, positions
+            self.next_position[name] = position + 1
         return table
+
+    def patch(self, store: Any, keys: list[Any]) -> bool:
+        """Bring the built tables up to date for the documents `keys` names (changed, added or
+        removed); False when one no longer fits a table (the caller rebuilds)."""
+        documents = store._documents  # not `store[...]`: no TTL pass, no lock per key
+        for name, table in list(self.tables.items()):
+            if table is None:
+                continue
+            values, positions = self.values[name], self.positions[name]
+            for key in dict.fromkeys(keys):
+                old = values.pop(key, None)
+                if old is not None:
+                    bucket = table.get(old, [])
+                    bucket[:] = [pair for pair in bucket if pair[1] != key]
+                    if not bucket:
+                        table.pop(old, None)
+                doc = documents.get(key)
+                if doc is None:
+                    positions.pop(key, None)
+                    continue
+                if key not in positions:
+                    positions[key] = self.next_position[name]
+                    self.next_position[name] += 1
+                value = doc.get(name)
+                if value is None:
+                    continue
+                if not _is_plain_value(value):
+                    return False
+                bucket = table.setdefault(value, [])
+                bucket.append((positions[key], key))
+                bucket.sort(key=lambda pair: pair[0])
+                values[key] = value
+        return True
