@@ -6,10 +6,18 @@ import asyncio
 import contextlib
 import os
 import platform
+import socket
 import statistics
 import sys
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
+
+
+def free_port() -> int:
+    """A port nothing listens on now (for a listener whose URL must be known before it starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def percentile(values: Sequence[float], q: float) -> float:

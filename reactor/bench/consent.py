@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
-import socket
 import statistics
 import time
 from typing import Any
@@ -29,15 +28,9 @@ from ..app import Reactor
 from ..config import Settings
 from ..domain.consent import Kind, Reason, Suppression, suppression_id
 from ..embedded.smtp_sink import SmtpSink
-from .common import emulator_process, percentile
+from .common import emulator_process, free_port, percentile
 
 Client = AsyncMongoClient[dict[str, Any]]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _settings(uri: str, sink: SmtpSink, instance: str, **extra: Any) -> Settings:
@@ -92,7 +85,7 @@ async def _sends_done(client: Client, campaign_id: Any) -> dict[str, Any]:
 
 async def unsubscribe_latency(uri: str, sink: SmtpSink, n: int, k: int) -> dict[str, Any]:
     client: Client = AsyncMongoClient(uri, tz_aware=True)
-    port = _free_port()
+    port = free_port()
     public = {
         "public_host": "127.0.0.1",
         "public_base_url": f"http://127.0.0.1:{port}",

@@ -16,7 +16,6 @@ import asyncio
 import datetime as dt
 import json
 import secrets
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -29,15 +28,9 @@ from ..app import Reactor
 from ..config import Settings
 from ..embedded.smtp_sink import SmtpSink
 from ..embedded.twilio_fake import TwilioFake
-from .common import emulator_process, percentile
+from .common import emulator_process, free_port, percentile
 
 Client = AsyncMongoClient[dict[str, Any]]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _campaign(client: Client, name: str, channels: list[str], n: int, first: int = 0) -> Any:
@@ -89,7 +82,7 @@ async def run(quick: bool = False) -> dict[str, Any]:
             ]
         )
         await client.retail_db.newdatabase.create_index("customer_id")
-        port = _free_port()
+        port = free_port()
         env = {k.lower(): v for k, v in {**sink.settings_env(), **twilio.settings_env()}.items()}
         settings = Settings(
             **{

@@ -79,7 +79,12 @@ class GroupCommit(Generic[T, R]):
                     f.set_result(result)
 
     async def aclose(self) -> None:
+        """Stop applying; requests still waiting get an error, not silence."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait([self._task])  # never raises the task's cancellation here
             self._task = None
+        pending, self._pending = self._pending, []
+        for _, future in pending:
+            if not future.done():
+                future.set_exception(RuntimeError("shutting down"))

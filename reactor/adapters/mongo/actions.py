@@ -15,6 +15,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
 from ...domain.deliveries import delivery_id
+from .pipeline import document_or_empty
 
 
 def campaign_id_variants(key: str) -> list[Any]:
@@ -25,10 +26,6 @@ def campaign_id_variants(key: str) -> list[Any]:
     if key.lstrip("-").isdigit() and len(key) < 19:
         out.append(int(key))
     return out
-
-
-def _document(field: str) -> dict[str, Any]:
-    return {"$cond": [{"$eq": [{"$type": f"${field}"}, "object"]}, f"${field}", {}]}
 
 
 class MongoRecipientActions:
@@ -65,7 +62,7 @@ class MongoRecipientActions:
                     "$set": {
                         "performance": {
                             "$mergeObjects": [
-                                _document("performance"),
+                                document_or_empty("performance"),
                                 {"unsubscribes": {"$max": [0, {"$add": [count, delta]}]}},
                             ]
                         }

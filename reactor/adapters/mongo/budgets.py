@@ -12,12 +12,10 @@ from pymongo import ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
+from .pipeline import NOW, literal
+
 COLLECTION = "rate_budgets"
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-
-
-def _lit(value: Any) -> dict[str, Any]:
-    return {"$literal": value}
 
 
 class MongoBudgets:
@@ -25,22 +23,22 @@ class MongoBudgets:
         self.collection: AsyncCollection[dict[str, Any]] = db[COLLECTION]
 
     async def lease(self, key: str, *, rate: float, burst: float, want: int) -> tuple[int, float]:
-        elapsed_s = {
-            "$divide": [{"$subtract": ["$$NOW", {"$ifNull": ["$refilledAt", "$$NOW"]}]}, 1000]
-        }
+        elapsed_s = {"$divide": [{"$subtract": [NOW, {"$ifNull": ["$refilledAt", NOW]}]}, 1000]}
         available = {
             "$min": [
-                _lit(burst),
+                literal(burst),
                 {
                     "$add": [
-                        {"$ifNull": ["$tokens", _lit(burst)]},
-                        {"$multiply": [_lit(rate), elapsed_s]},
+                        {"$ifNull": ["$tokens", literal(burst)]},
+                        {"$multiply": [literal(rate), elapsed_s]},
                     ]
                 },
             ]
         }
-        paused = {"$gt": [{"$ifNull": ["$pausedUntil", _lit(_EPOCH)]}, "$$NOW"]}
-        grant = {"$cond": [paused, 0, {"$max": [0, {"$min": [_lit(want), {"$floor": available}]}]}]}
+        paused = {"$gt": [{"$ifNull": ["$pausedUntil", literal(_EPOCH)]}, NOW]}
+        grant = {
+            "$cond": [paused, 0, {"$max": [0, {"$min": [literal(want), {"$floor": available}]}]}]
+        }
         doc = await self.collection.find_one_and_update(
             {"_id": key},
             [
@@ -48,13 +46,13 @@ class MongoBudgets:
                     "$set": {
                         "lastGrant": grant,
                         "tokens": {"$subtract": [available, grant]},
-                        "refilledAt": "$$NOW",
-                        "rate": _lit(rate),
-                        "burst": _lit(burst),
+                        "refilledAt": NOW,
+                        "rate": literal(rate),
+                        "burst": literal(burst),
                         "pausedForMs": {
                             "$cond": [
                                 paused,
-                                {"$subtract": ["$pausedUntil", "$$NOW"]},
+                                {"$subtract": ["$pausedUntil", NOW]},
                                 0,
                             ]
                         },
@@ -68,14 +66,14 @@ class MongoBudgets:
         return int(doc.get("lastGrant", 0)), max(0.0, float(doc.get("pausedForMs", 0)) / 1000)
 
     async def pause(self, key: str, seconds: float) -> None:
-        until = {"$add": ["$$NOW", _lit(round(seconds * 1000))]}
+        until = {"$add": [NOW, literal(round(seconds * 1000))]}
         await self.collection.update_one(
             {"_id": key},
             [
                 {
                     "$set": {
                         "pausedUntil": {
-                            "$max": [{"$ifNull": ["$pausedUntil", _lit(_EPOCH)]}, until]
+                            "$max": [{"$ifNull": ["$pausedUntil", literal(_EPOCH)]}, until]
                         }
                     }
                 }

@@ -23,20 +23,13 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
 from ...domain.models import Status
+from .pipeline import NOW, document_or_empty, literal
 
 # Fields the scheduler never needs; a targeted list can hold millions of ids.
 SCHEDULE_PROJECTION = {"targetedCustomerIds": 0}
 
-NOW = "$$NOW"
-
-
-def _lit(value: Any) -> dict[str, Any]:
-    return {"$literal": value}
-
-
-def _document(field: str) -> dict[str, Any]:
-    """`$field` if it holds a document, else {} (null, a string, missing)."""
-    return {"$cond": [{"$eq": [{"$type": f"${field}"}, "object"]}, f"${field}", {}]}
+_lit = literal
+_document = document_or_empty
 
 
 def _set_execution(fields: Mapping[str, Any]) -> dict[str, Any]:

@@ -19,10 +19,7 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError
 from ...domain.feedback import SMS_STATUS_RANK
 from .actions import campaign_id_variants
 from .feed import STATE_COLLECTION
-
-
-def _document(field: str) -> dict[str, Any]:
-    return {"$cond": [{"$eq": [{"$type": f"${field}"}, "object"]}, f"${field}", {}]}
+from .pipeline import NOW, document_or_empty, literal
 
 
 def _later(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
@@ -237,7 +234,13 @@ class MongoFeedback:
         }
         doc = await self.campaigns.find_one_and_update(
             {"_id": {"$in": campaign_id_variants(campaign_key)}},
-            [{"$set": {"performance": {"$mergeObjects": [_document("performance"), added]}}}],
+            [
+                {
+                    "$set": {
+                        "performance": {"$mergeObjects": [document_or_empty("performance"), added]}
+                    }
+                }
+            ],
             projection={"performance": 1, "status": 1},
             return_document=ReturnDocument.AFTER,
         )
@@ -253,11 +256,16 @@ class MongoFeedback:
                         "status": "paused",
                         "execution": {
                             "$mergeObjects": [
-                                _document("execution"),
+                                document_or_empty("execution"),
                                 {
-                                    "pausedReason": {"$literal": reason},
-                                    "lastError": {"$literal": detail},
-                                    "pausedAt": "$$NOW",
+                                    "pausedReason": literal(reason),
+                                    # The shape every other writer and reader of lastError uses.
+                                    "lastError": {
+                                        "reason": literal(reason),
+                                        "detail": literal(detail),
+                                        "at": NOW,
+                                    },
+                                    "pausedAt": NOW,
                                 },
                             ]
                         },
