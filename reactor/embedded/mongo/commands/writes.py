@@ -8,7 +8,6 @@ change that lands is recorded in the oplog for the change streams, in statement 
 
 from __future__ import annotations
 
-import copy
 from typing import Any, ClassVar
 
 import mongomock
@@ -239,6 +238,8 @@ class WriteCommands(CommandsBase):
 
 
 def _project(coll: Any, doc: dict[str, Any], fields: dict[str, Any] | None) -> dict[str, Any]:
+    """The reply's projection of `doc`, a private image of the write (never the stored document):
+    projected first, so a large document's other fields are never copied."""
     if not fields:
         return doc
-    return coll._copy_only_fields(copy.deepcopy(doc), fields, dict)
+    return coll._copy_only_fields(doc, dict(fields), dict)
