@@ -2,9 +2,12 @@
 database round trips per batch instead of several per event, and each request is answered
 only once its batch is applied (nothing is acknowledged that is not stored).
 
-A batch closes when it holds MAX_BATCH events or WINDOW_S after its first event arrived, and
-the next batch collects while one is being applied, so under load the window costs nothing
-and a lone event waits at most WINDOW_S.
+A batch closes when it holds MAX_BATCH events or WINDOW_S after its oldest event arrived. Up
+to MAX_INFLIGHT batches are applied at once (each apply is several sequential round trips, so
+one batch at a time would make an event that just missed a batch wait for two applies); the
+next batch collects meanwhile, so under load the window costs nothing and a lone event waits
+at most WINDOW_S. Applies must therefore commute: each event's effect is an idempotent
+insert or an atomic increment, never a read-then-write across events.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ R = TypeVar("R")
 
 WINDOW_S = 0.010
 MAX_BATCH = 500
+MAX_INFLIGHT = 3
 
 
 class GroupCommit(Generic[T, R]):
@@ -30,6 +34,7 @@ class GroupCommit(Generic[T, R]):
         *,
         window_s: float = WINDOW_S,
         max_batch: int = MAX_BATCH,
+        max_inflight: int = MAX_INFLIGHT,
     ) -> None:
         self._apply = apply
         self._window_s = window_s
@@ -38,6 +43,8 @@ class GroupCommit(Generic[T, R]):
         self._oldest_at = 0.0  # loop time the oldest pending event arrived
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._slots = asyncio.Semaphore(max_inflight)
+        self._applying: set[asyncio.Task[None]] = set()
 
     async def submit(self, item: T) -> R:
         if self._task is None or self._task.done():
@@ -54,29 +61,54 @@ class GroupCommit(Generic[T, R]):
         return list(await asyncio.gather(*(self.submit(i) for i in items)))
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
-            if len(self._pending) < self._max_batch:
-                await asyncio.sleep(self._window_s)
-            batch, self._pending = (
-                self._pending[: self._max_batch],
-                self._pending[self._max_batch :],
-            )
-            if not self._pending:
-                self._wake.clear()
-            live = [(item, f) for item, f in batch if not f.done()]
-            if not live:
-                continue
+            await self._slots.acquire()
             try:
-                results = await self._apply([item for item, _ in live])
-            except Exception as exc:  # one batch's failure is each of its requests' failure
-                for _, f in live:
-                    if not f.done():
-                        f.set_exception(exc)
+                if len(self._pending) < self._max_batch:
+                    # Only what is left of the oldest event's window: events that collected
+                    # while the slots were busy have waited already.
+                    remaining = self._oldest_at + self._window_s - loop.time()
+                    if remaining > 0:
+                        await asyncio.sleep(remaining)
+                batch, self._pending = (
+                    self._pending[: self._max_batch],
+                    self._pending[self._max_batch :],
+                )
+                if self._pending:
+                    self._oldest_at = loop.time()
+                else:
+                    self._wake.clear()
+                live = [(item, f) for item, f in batch if not f.done()]
+            except BaseException:
+                self._slots.release()
+                raise
+            if not live:
+                self._slots.release()
                 continue
-            for (_, f), result in zip(live, results, strict=True):
+            task = loop.create_task(self._apply_batch(live))
+            self._applying.add(task)
+            task.add_done_callback(self._applying.discard)
+
+    async def _apply_batch(self, live: list[tuple[T, asyncio.Future[R]]]) -> None:
+        try:
+            results = await self._apply([item for item, _ in live])
+        except Exception as exc:  # one batch's failure is each of its requests' failure
+            for _, f in live:
                 if not f.done():
-                    f.set_result(result)
+                    f.set_exception(exc)
+            return
+        except asyncio.CancelledError:
+            for _, f in live:
+                if not f.done():
+                    f.set_exception(RuntimeError("shutting down"))
+            raise
+        finally:
+            self._slots.release()
+        for (_, f), result in zip(live, results, strict=True):
+            if not f.done():
+                f.set_result(result)
 
     async def aclose(self) -> None:
         """Stop applying; requests still waiting get an error, not silence."""
@@ -84,6 +116,10 @@ class GroupCommit(Generic[T, R]):
             self._task.cancel()
             await asyncio.wait([self._task])  # never raises the task's cancellation here
             self._task = None
+        for task in list(self._applying):
+            task.cancel()
+        if self._applying:
+            await asyncio.wait(list(self._applying))
         pending, self._pending = self._pending, []
         for _, future in pending:
             if not future.done():

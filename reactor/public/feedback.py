@@ -8,6 +8,7 @@ COMPLAINT_MIN_EMAILS have gone out, pauses the campaign with that reason.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 from collections.abc import Sequence
@@ -103,21 +104,14 @@ class FeedbackSink:
                 self._metrics.webhook_replays.labels(e.provider).inc()
         if not new:
             return fresh
-        soft = [e.address.strip().lower() for e in new if e.kind is Feedback.SOFT_BOUNCE]
-        soft_counts = await self._store.soft_bounces(soft, now) if soft else {}
-        entries: list[Suppression] = []
-        for e in new:
-            address = e.address.strip().lower()
-            reason, note = _suppression(e, soft_counts.get(address, 0), self._config)
-            if reason is not None and address:
-                entries.append(
-                    Suppression(Kind.EMAIL, address, Channel.EMAIL, reason, e.provider, note=note)
-                )
-        if entries:
-            await self._suppressions.add(entries, now=now)
-        where = await self._store.attribute_many(
-            Channel.EMAIL, [(e.message_id, e.address.strip().lower()) for e in new]
-        )
+        # Suppressing and attributing are independent: one round trip's wait, not two.
+        suppressing = asyncio.ensure_future(self._suppress(new, now))
+        try:
+            where = await self._store.attribute_many(
+                Channel.EMAIL, [(e.message_id, e.address.strip().lower()) for e in new]
+            )
+        finally:
+            await suppressing
         counts: dict[str, dict[str, int]] = {}
         for e, w in zip(new, where, strict=True):
             if w is None:
@@ -131,6 +125,20 @@ class FeedbackSink:
             if "complaints" in deltas and doc is not None:
                 await self._check_complaints(campaign, doc)
         return fresh
+
+    async def _suppress(self, events: Sequence[FeedbackEvent], now: dt.datetime) -> None:
+        soft = [e.address.strip().lower() for e in events if e.kind is Feedback.SOFT_BOUNCE]
+        soft_counts = await self._store.soft_bounces(soft, now) if soft else {}
+        entries: list[Suppression] = []
+        for e in events:
+            address = e.address.strip().lower()
+            reason, note = _suppression(e, soft_counts.get(address, 0), self._config)
+            if reason is not None and address:
+                entries.append(
+                    Suppression(Kind.EMAIL, address, Channel.EMAIL, reason, e.provider, note=note)
+                )
+        if entries:
+            await self._suppressions.add(entries, now=now)
 
     async def _check_complaints(self, campaign: str, doc: dict[str, Any]) -> None:
         perf = doc.get("performance") or {}
