@@ -23,6 +23,7 @@ import anyio
 from pydantic import ValidationError
 
 from . import __version__, logsetup
+from .gctune import tune_for_service
 
 EXIT_USAGE = 2
 
@@ -179,6 +180,7 @@ def _run_service(settings: Any) -> int:
     from .app import Reactor
 
     reactor = Reactor(settings)
+    tune_for_service()
     asyncio.run(_until_done(reactor.run, on_signal=reactor.request_shutdown))
     return 0
 
@@ -204,6 +206,8 @@ def _mongo_emulator(args: argparse.Namespace) -> int:
 
     def ready(uri: str) -> None:
         print(f"ready {uri}", flush=True)
+
+    tune_for_service()
 
     async def serve() -> None:
         with anyio.CancelScope() as scope:

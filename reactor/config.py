@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     customer_email_field: str = "email"
     customer_phone_field: str = "phone"
     customer_name_field: str = "name"
-    recipient_batch_size: int = Field(1000, ge=1, le=100_000)
+    recipient_batch_size: int = Field(250, ge=1, le=100_000)
     default_phone_region: str = "US"
 
     reconcile_interval_seconds: float = Field(60.0, gt=0)

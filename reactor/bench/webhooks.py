@@ -28,6 +28,7 @@ from ..app import Reactor
 from ..config import Settings
 from ..embedded.smtp_sink import SmtpSink
 from ..embedded.twilio_fake import TwilioFake
+from ..gctune import tune_for_service
 from .common import emulator_process, free_port, percentile
 
 Client = AsyncMongoClient[dict[str, Any]]
@@ -102,6 +103,7 @@ async def run(quick: bool = False) -> dict[str, Any]:
             }
         )
         reactor = Reactor(settings)
+        tune_for_service()  # as `reactor run` does
         async with anyio.create_task_group() as tg:
             await tg.start(reactor.run)
             await reactor.ready.wait()

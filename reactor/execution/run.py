@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+YIELD_EVERY = 50  # recipients prepared between two turns of the event loop
+
 
 @dataclass
 class Prepared:
@@ -295,7 +297,11 @@ class CampaignRun:
         states = await self._ledger_rows.states(run.key, channel, batch)
         prepared = Prepared(found=len(recipients))
         configured = self._senders[channel] is not None
-        for customer in batch:
+        for n, customer in enumerate(batch):
+            if n % YIELD_EVERY == YIELD_EVERY - 1:
+                # Validating and rendering a batch is ~0.1 ms a recipient: let the heartbeats,
+                # timers and webhooks this loop also serves run in between.
+                await anyio.lowlevel.checkpoint()
             if customer in states:
                 state, epoch = states[customer]
                 if state in TERMINAL_STATES or epoch >= run.epoch:
