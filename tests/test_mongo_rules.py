@@ -223,3 +223,21 @@ async def test_object_ids_and_strings_do_not_collide(client: Client, mongo: Mong
     oid = ObjectId()
     await coll.insert_many([{"_id": oid}, {"_id": str(oid)}])
     assert await coll.count_documents({"_id": {"$in": [oid, str(oid)]}}) == 2
+
+
+async def test_a_slice_only_projection_keeps_every_other_field(
+    client: Client, mongo: MongoTarget
+) -> None:
+    """A shard reads its part of the target list with `$slice` and still needs the rest of the
+    campaign; mongod returns every other field with such a projection."""
+    coll = client[mongo.campaigns_db].slices
+    await coll.drop()
+    await coll.insert_one({"_id": 1, "name": "Spring", "targets": list(range(10)), "n": 2})
+    doc = await coll.find_one({"_id": 1}, {"targets": {"$slice": [3, 4]}})
+    assert doc == {"_id": 1, "name": "Spring", "targets": [3, 4, 5, 6], "n": 2}
+    assert list(doc) == ["_id", "name", "targets", "n"]
+    doc = await coll.find_one({"_id": 1}, {"targets": {"$slice": [8, 5]}, "_id": 0})
+    assert doc == {"name": "Spring", "targets": [8, 9], "n": 2}
+    # With an inclusion next to it, only the included fields come back.
+    doc = await coll.find_one({"_id": 1}, {"targets": {"$slice": 2}, "name": 1})
+    assert doc == {"_id": 1, "name": "Spring", "targets": [0, 1]}

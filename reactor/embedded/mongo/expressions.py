@@ -74,6 +74,41 @@ def install_expressions() -> None:
     _install_type()
     _install_merge_objects()
     _install_date_arithmetic()
+    _install_operator_only_projection()
+
+
+def _install_operator_only_projection() -> None:
+    """A projection of only `$slice` (or `$elemMatch`) fields keeps every other field, as mongod
+    does (`{list: {$slice: [5, 10]}}` returns the whole document with a part of `list`);
+    mongomock returned the `_id` alone."""
+    collection: Any = mongomock.collection.Collection
+    if getattr(collection, "_reactor_operator_projection", False):
+        return
+    original = collection._copy_only_fields
+
+    def copy_only_fields(self: Any, doc: Any, fields: Any, container: Any) -> Any:
+        if (
+            isinstance(fields, dict)
+            and fields
+            and all(
+                isinstance(v, dict) and len(v) == 1 and next(iter(v)) in ("$slice", "$elemMatch")
+                for k, v in fields.items()
+                if k != "_id"
+            )
+            and any(k != "_id" for k in fields)
+        ):
+            sliced = original(self, doc, dict(fields), container)
+            out = container()
+            for key, value in doc.items():  # the stored order, as mongod returns it
+                if key in sliced:
+                    out[key] = sliced[key]
+                elif key not in fields:
+                    out[key] = mongomock.collection._copy_field(value, container)
+            return out
+        return original(self, doc, fields, container)
+
+    collection._copy_only_fields = copy_only_fields
+    collection._reactor_operator_projection = True
 
 
 def _install_now() -> None:
