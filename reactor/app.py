@@ -26,6 +26,7 @@ from .adapters.mongo import (
     MongoLedger,
     MongoRecipientActions,
     MongoRecipients,
+    MongoShards,
     MongoSuppressions,
 )
 from .adapters.smtp import SmtpEmailSender
@@ -67,6 +68,7 @@ class _Parts:
     suppressions: SuppressionList
     actions: MongoRecipientActions
     feedback: MongoFeedback
+    shards: MongoShards
 
 
 class Reactor:
@@ -185,6 +187,7 @@ class Reactor:
         await self._wait_for_mongodb(store, ledger, feed, db_clock)
         await parts.suppression_store.ensure_indexes()
         await parts.feedback.ensure_indexes()
+        await parts.shards.ensure_indexes()
         self.metrics.schedulers_enabled.set(1 if s.enable_schedulers else 0)
         async with anyio.create_task_group() as sending:
             sending.start_soon(parts.suppressions.follow)
@@ -252,6 +255,7 @@ class Reactor:
         suppression_store = MongoSuppressions(db)
         suppressions = SuppressionList(suppression_store, db_clock, self.metrics)
         self.suppressions = suppressions
+        shards = MongoShards(db)
         executor = Executor(
             store=store,
             ledger=ledger,
@@ -268,6 +272,7 @@ class Reactor:
             suppressions=suppressions,
             links=s.links(),
             budgets=MongoBudgets(db) if s.rate_limit_scope == "cluster" else None,
+            shards=shards,
         )
         scheduler = Scheduler(
             store=store, executor=executor, clock=db_clock, metrics=self.metrics, config=sched_cfg
@@ -308,6 +313,7 @@ class Reactor:
             suppressions,
             MongoRecipientActions(db, s.campaigns_collection),
             MongoFeedback(db, s.campaigns_collection),
+            shards,
         )
 
     async def _serve_public(self, parts: _Parts) -> None:

@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     customer_phone_field: str = "phone"
     customer_name_field: str = "name"
     recipient_batch_size: int = Field(250, ge=1, le=100_000)
+    shard_size: int = Field(500, ge=1, le=10_000_000)
+    shard_concurrency: int = Field(2, ge=0, le=64)
     default_phone_region: str = "US"
 
     reconcile_interval_seconds: float = Field(60.0, gt=0)
@@ -268,6 +270,8 @@ class Settings(BaseSettings):
             sms_fallback_timezone=self.sms_fallback_timezone,
             default_phone_region=self.default_phone_region,
             batch_size=self.recipient_batch_size,
+            shard_size=self.shard_size,
+            shard_concurrency=self.shard_concurrency,
             message_domain=(self.email_from or "localhost").rsplit("@", 1)[-1].strip("> ")
             or "localhost",
         )
@@ -401,6 +405,10 @@ class SendConfig:
     default_phone_region: str = "US"
     batch_size: int = 1000
     message_domain: str = "localhost"  # the sender's domain, for Message-IDs
+    # A started campaign with more targets than this is cut into shards of this many, each
+    # sent by whichever replica claims it; None: never sharded (tests on fakes).
+    shard_size: int | None = None
+    shard_concurrency: int = 2  # shards one replica sends at once
 
 
 @dataclass(frozen=True)

@@ -121,6 +121,13 @@ class Metrics:
             "Running campaigns taken over from an expired lease.",
             registry=r,
         )
+        self.shard_events = Counter(
+            "reactor_shard_events",
+            "Shards of campaigns this instance claimed, took over (an expired lease), finished, "
+            "released or failed.",
+            ["event"],
+            registry=r,
+        )
         self.heartbeat_failures = Counter(
             "reactor_lease_heartbeat_failures",
             "Lease renewals that failed (the owner retries; past its margin it fences itself).",

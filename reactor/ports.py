@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from bson import Timestamp
 
 if TYPE_CHECKING:
-    from .domain.deliveries import DeliveryRecord
+    from .domain.deliveries import DeliveryRecord, RowState
 
 
 class Clock(Protocol):
@@ -105,6 +105,15 @@ class CampaignStore(Protocol):
     async def get(
         self, campaign_id: Any, *, with_targets: bool = False
     ) -> dict[str, Any] | None: ...
+    async def get_slice(self, campaign_id: Any, start: int, count: int) -> dict[str, Any] | None:
+        """The campaign with only `targetedCustomerIds[start:start + count]`."""
+        ...
+
+    async def sending_state(self, campaign_id: Any) -> str:
+        """By the database's clock: `running` (status running, window open), `window_closed`
+        (running, end passed), `stopped` (any other status) or `gone`."""
+        ...
+
     async def not_due_yet(self, campaign_id: Any) -> bool: ...
     async def target_problem(self, campaign_id: Any) -> str | None: ...
     async def record_invalid(self, campaign_id: Any, reason: str, detail: str) -> bool: ...
@@ -129,7 +138,7 @@ class CampaignStore(Protocol):
     ) -> bool: ...
     async def complete(self, campaign_id: Any, *, epoch: int | None = None) -> bool: ...
     async def add_performance(
-        self, campaign_id: Any, *, epoch: int, counts: Mapping[str, int]
+        self, campaign_id: Any, *, epoch: int | None, counts: Mapping[str, int]
     ) -> bool: ...
 
 
@@ -140,7 +149,7 @@ class Ledger(Protocol):
     async def ensure_indexes(self) -> None: ...
     async def states(
         self, campaign: str, channel: str, customers: Sequence[str]
-    ) -> dict[str, tuple[str, int]]: ...
+    ) -> dict[str, RowState]: ...
     async def write(
         self,
         campaign: str,
@@ -148,14 +157,16 @@ class Ledger(Protocol):
         epoch: int,
         records: Iterable[DeliveryRecord],
         now: dt.datetime,
+        shard: int | None = None,
     ) -> set[str]:
-        """Apply in order; returns the delivery ids that were refused."""
+        """Apply in order; returns the delivery ids that were refused. With `shard`, rows are
+        that shard's: inserted with it, and settled only within it."""
         ...
 
     async def forget_pending(self, ids: Sequence[str], *, epoch: int) -> None: ...
     async def counts(self, campaign: str) -> dict[str, dict[str, int]]: ...
     async def pending_from_other_epochs(
-        self, campaign: str, epoch: int
+        self, campaign: str, epoch: int, shard: int | None = None
     ) -> list[dict[str, Any]]: ...
     async def record_execution(
         self, campaign: str, *, epoch: int, owner: str, fields: dict[str, Any]

@@ -19,6 +19,7 @@ from reactor.domain.deliveries import (
     DeliveryRecord,
     DeliveryState,
     LedgerOp,
+    RowState,
     delivery_id,
 )
 from reactor.domain.models import target_problem
@@ -131,6 +132,24 @@ class MemoryCampaignStore:
     async def get(self, campaign_id: Any, *, with_targets: bool = False) -> dict[str, Any] | None:
         doc = self.docs.get(campaign_id)
         return None if doc is None else self._view(doc, with_targets)
+
+    async def get_slice(self, campaign_id: Any, start: int, count: int) -> dict[str, Any] | None:
+        doc = self.docs.get(campaign_id)
+        if doc is None:
+            return None
+        out = self._view(doc, with_targets=True)
+        out["targetedCustomerIds"] = list(out.get("targetedCustomerIds") or [])[
+            start : start + count
+        ]
+        return out
+
+    async def sending_state(self, campaign_id: Any) -> str:
+        doc = self.docs.get(campaign_id)
+        if doc is None:
+            return "gone"
+        if doc.get("status") != "running":
+            return "stopped"
+        return "running" if doc["endDate"] > self._now() else "window_closed"
 
     async def not_due_yet(self, campaign_id: Any) -> bool:
         doc = self.docs.get(campaign_id)
@@ -268,10 +287,14 @@ class MemoryCampaignStore:
         return True
 
     async def add_performance(
-        self, campaign_id: Any, *, epoch: int, counts: Mapping[str, int]
+        self, campaign_id: Any, *, epoch: int | None, counts: Mapping[str, int]
     ) -> bool:
         doc = self.docs.get(campaign_id)
-        if doc is None or self._exe(doc).get("epoch") != epoch:
+        if doc is None:
+            return False
+        if epoch is None and self._exe(doc).get("sendsDone"):
+            return False
+        if epoch is not None and self._exe(doc).get("epoch") != epoch:
             return False
         perf = doc.setdefault("performance", {})
         for name, n in counts.items():
@@ -292,12 +315,12 @@ class MemoryLedger:
 
     async def states(
         self, campaign: str, channel: str, customers: Sequence[str]
-    ) -> dict[str, tuple[str, int]]:
+    ) -> dict[str, RowState]:
         out = {}
         for c in customers:
             row = self.rows.get(delivery_id(campaign, channel, c))
             if row is not None:
-                out[c] = (row["state"], row["epoch"])
+                out[c] = RowState(row["state"], row["epoch"], row.get("shard"))
         return out
 
     async def write(
@@ -307,12 +330,17 @@ class MemoryLedger:
         epoch: int,
         records: Iterable[DeliveryRecord],
         now: dt.datetime,
+        shard: int | None = None,
     ) -> set[str]:
         refused = set()
         for rec in records:
             _id = delivery_id(campaign, rec.channel, rec.customer)
             row = self.rows.get(_id)
             op = rec.operation
+            if row is not None and op not in (LedgerOp.MARK, LedgerOp.RECORD):
+                if row.get("shard") != shard:  # epochs compare within one shard only
+                    refused.add(_id)
+                    continue
             fields = {
                 "state": rec.state,
                 "reason": rec.reason,
@@ -329,6 +357,7 @@ class MemoryLedger:
                     "channel": rec.channel,
                     "customer": rec.customer,
                     "epoch": epoch,
+                    "shard": shard,
                     **fields,
                 }
             elif op is LedgerOp.OUTCOME:
@@ -366,13 +395,16 @@ class MemoryLedger:
                     by_state[SUPPRESSED] = by_state.get(SUPPRESSED, 0) + 1
         return out
 
-    async def pending_from_other_epochs(self, campaign: str, epoch: int) -> list[dict[str, Any]]:
+    async def pending_from_other_epochs(
+        self, campaign: str, epoch: int, shard: int | None = None
+    ) -> list[dict[str, Any]]:
         return [
             dict(r)
             for r in self.rows.values()
             if r["campaign"] == campaign
             and r["state"] == DeliveryState.PENDING
             and r["epoch"] < epoch
+            and r.get("shard") == shard
         ]
 
     async def record_execution(

@@ -28,6 +28,10 @@ SPECIFIC: dict[str, dict[str, Any]] = {
     "16 SMTP TLS handshakes failing verification": {"failed_rows": 0, "tls_pauses": "at least 1"},
     # The cluster's email budget holds while a replica holding leased tokens dies.
     "17 a budget holder SIGKILLed, three replicas on one budget": {"rate_within_5pct": True},
+    # The dead replica's shards are resumed by the others, each from the ledger.
+    "18 a shard owner SIGKILLed, two replicas sending other shards": {
+        "shards_taken_over": "at least 1"
+    },
 }
 
 

@@ -34,7 +34,9 @@ async def write(ledger: MongoLedger, epoch: int, *records: DeliveryRecord) -> se
 
 
 async def rows(ledger: MongoLedger) -> dict[str, tuple[str, int]]:
-    return await ledger.states(CAMPAIGN, "email", ["a", "b", "c", "d"])
+    found = await ledger.states(CAMPAIGN, "email", ["a", "b", "c", "d"])
+    assert all(row.shard is None for row in found.values())
+    return {c: (row.state, row.epoch) for c, row in found.items()}
 
 
 async def test_two_owners_write_by_write(mongo: MongoTarget, client: Client) -> None:

@@ -232,7 +232,7 @@ class ProtocolOnTheStore(RuleBasedStateMachine):
                     self.record_one(me, c)
         final = self.run(self.ledger.states(self.key, CHANNEL, CUSTOMERS))
         assert sorted(final) == CUSTOMERS
-        assert all(state in TERMINAL_STATES for state, _ in final.values()), final
+        assert all(row.state in TERMINAL_STATES for row in final.values()), final
         self.nobody_gets_it_twice()
 
 

@@ -374,3 +374,37 @@ async def budget_holder_killed(w: World, quick: bool) -> dict[str, Any]:
         "rate_within_5pct": worst <= 0.05 * EMAIL_BUDGET_PER_S,
         "recovery_s": round(done_at - killed_at, 2),
     }
+
+
+async def shard_owner_killed(w: World, quick: bool) -> dict[str, Any]:
+    """One campaign cut into shards and sent by three replicas; a replica sending shards (not
+    the campaign's owner) is SIGKILLed mid-shard. Its shards are taken over, each from the
+    ledger, while the other two go on sending theirs."""
+    shard_size = max(10, w.customers // 6)
+    w.env.update(
+        {"SHARD_SIZE": str(shard_size), "EMAIL_RATE_PER_SECOND": "30", "SMS_RATE_PER_SECOND": "30"}
+    )
+    for name in ("a", "b", "c"):
+        await w.spawn(name)
+    (campaign_id,) = await w.approve(1, start_in_s=1)
+    shards = w.client.marketing.campaign_shards
+
+    async def spread() -> bool:  # shards claimed by all three, and some sent already
+        owners = await shards.distinct("owner", {"campaign": str(campaign_id), "state": "claimed"})
+        return len(owners) >= 2 and await at_least(w, 30)
+
+    await until(spread, 60)
+    coordinator = await w.owner(campaign_id)
+    owners = await shards.distinct("owner", {"campaign": str(campaign_id), "state": "claimed"})
+    victim = next(r for r in w.reactors if r.name in owners and r is not coordinator)
+    victim.kill()
+    killed_at = time.monotonic()
+    done_at = await until(w.all_sent, 180)
+    rows = await shards.find({"campaign": str(campaign_id)}).to_list()
+    return {
+        **await account(w, crashes=1),
+        "shards": len(rows),
+        "shards_taken_over": sum(1 for r in rows if int(r.get("epoch", 0)) > 1),
+        "senders": len({r.get("owner") for r in rows}),
+        "recovery_s": round(done_at - killed_at, 2),
+    }

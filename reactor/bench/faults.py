@@ -32,6 +32,7 @@ from .fault_scenarios import (
     owner_stalled,
     providers_failing,
     rolling_restart,
+    shard_owner_killed,
     skewed_clocks,
     smtp_errors_mid_transaction,
     smtp_greylisting,
@@ -63,6 +64,7 @@ SCENARIOS: dict[str, Callable[[World, bool], Awaitable[dict[str, Any]]]] = {
     "15 SMTP errors mid-transaction, three campaigns on one pool": smtp_errors_mid_transaction,
     "16 SMTP TLS handshakes failing verification": smtp_tls_rejected,
     "17 a budget holder SIGKILLed, three replicas on one budget": budget_holder_killed,
+    "18 a shard owner SIGKILLed, two replicas sending other shards": shard_owner_killed,
 }
 TLS_SCENARIOS = {"16 SMTP TLS handshakes failing verification"}
 

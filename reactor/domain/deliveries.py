@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 from .models import Channel
 
@@ -44,6 +45,15 @@ class LedgerOp(StrEnum):
 
 def delivery_id(campaign: str, channel: str, customer: str) -> str:
     return f"{campaign}:{channel}:{customer}"
+
+
+class RowState(NamedTuple):
+    """What the ledger holds for one customer on one channel: its state, the epoch that wrote
+    it, and the shard of the campaign it belongs to (None: the campaign was not sharded)."""
+
+    state: str
+    epoch: int
+    shard: int | None = None
 
 
 @dataclass(frozen=True)

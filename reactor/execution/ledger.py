@@ -125,7 +125,7 @@ class LedgerWriter:
         if not records:
             return set()
         refused = await self._ledger.write(
-            run.key, epoch=run.epoch, records=records, now=self._clock.now()
+            run.key, epoch=run.epoch, records=records, now=self._clock.now(), shard=run.shard_index
         )
         lost = False
         for rec in records:
@@ -156,6 +156,10 @@ class LedgerWriter:
             return
         counts, run.unflushed = run.unflushed, {}
         run.flushed_at = now_m
+        if run.shard is not None:
+            # A shard's counters: fenced by its own lease, not the campaign's epoch.
+            await self._store.add_performance(run.campaign_id, epoch=None, counts=counts)
+            return
         owned = await self._store.add_performance(run.campaign_id, epoch=run.epoch, counts=counts)
         if not owned:
             raise LeaseLost(f"campaign {run.key} epoch {run.epoch} was superseded")

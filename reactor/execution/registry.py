@@ -13,6 +13,9 @@ thus wakes up fenced, and learns from its next heartbeat that another replica to
 An execution that fails is recorded on the campaign (`execution.lastError`, `failures`) and its
 lease released with a back-off that doubles per failure; after EXECUTION_MAX_FAILURES in a row the
 campaign becomes `failed` instead of looping through takeovers.
+
+With a shard store, the instance also claims shards of running campaigns (any campaign's, up to
+SHARD_CONCURRENCY at once) and sends them under each shard's own lease: see `shards`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from ..domain.consent import Links
 from ..domain.errors import LeaseLost
 from ..domain.models import Channel
 from ..domain.retry import RetryPolicy
+from ..domain.shards import parse_shard
 from ..metrics import Metrics
 from ..ports import CampaignStore, Clock, EmailSender, Ledger, Recipients, SmsSender
 from ..ratelimit import RateLimit, TokenBucket
@@ -35,9 +39,12 @@ from ..suppression import SuppressionList
 from .deliver import Deliverer
 from .ledger import LedgerWriter
 from .run import CampaignRun
+from .shards import ShardStore, shard_run
 from .state import Run, StopReason
 
 log = logging.getLogger(__name__)
+
+SHARD_POLL_S = 0.5  # how often an instance with room looks for shards to claim
 
 
 class Executor:
@@ -60,7 +67,9 @@ class Executor:
         suppressions: SuppressionList | None = None,
         links: Links | None = None,
         budgets: BudgetStore | None = None,
+        shards: ShardStore | None = None,
     ) -> None:
+        self._shards = shards
         self._suppressions = suppressions
         self._links = links
         self._store = store
@@ -122,6 +131,12 @@ class Executor:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                if (
+                    self._shards is not None
+                    and self._config.shard_size is not None
+                    and self._config.shard_concurrency > 0
+                ):
+                    tg.start_soon(self._claim_shards, name="claim shards")
                 task_status.started()
                 await anyio.sleep_forever()
         finally:
@@ -131,11 +146,18 @@ class Executor:
                         await limit.aclose()
 
     def active(self, key: str) -> bool:
-        return key in self._runs
+        run = self._runs.get(key)
+        return run is not None and run.shard is None
 
     @property
     def runs(self) -> dict[str, Run]:
-        return self._runs
+        """Campaign runs by campaign key (what the scheduler acts on); shard runs are the
+        shards' own business (their heartbeats stop them)."""
+        return {k: r for k, r in self._runs.items() if r.shard is None}
+
+    @property
+    def shard_runs(self) -> list[Run]:
+        return [r for r in self._runs.values() if r.shard is not None]
 
     def start(self, claimed: dict[str, Any], *, claimed_at_m: float | None = None) -> bool:
         """Start sending a campaign this instance has just claimed (its document as returned by
@@ -160,9 +182,65 @@ class Executor:
         self._tg.start_soon(self._execute, run, name=f"execute {key}")
         return True
 
+    def start_shard(self, claimed: dict[str, Any], *, claimed_at_m: float) -> bool:
+        """Start sending a shard this instance has just claimed (its document, with the new
+        epoch). False if it is already running here."""
+        shard = parse_shard(claimed)
+        campaign_key = str(claimed["campaign"])
+        run = shard_run(
+            Run(
+                key=campaign_key,
+                campaign_id=claimed["campaignId"],
+                name=campaign_key,
+                epoch=0,
+                execution={},
+            ),
+            shard,
+        )
+        if run.slot in self._runs:
+            return False
+        run.fence_at_m = claimed_at_m + self._lease_s - self.fence_margin_s
+        self._runs[run.slot] = run
+        self._metrics.executions_active.set(len(self._runs))
+        assert self._tg is not None, "Executor.serve() must be running"
+        self._tg.start_soon(self._execute, run, name=f"execute {run.slot}")
+        return True
+
+    async def _claim_shards(self) -> None:
+        """While this instance has room, claim shards of running campaigns (open ones, or ones
+        whose owner's lease expired)."""
+        failing = False
+        while True:
+            await self._clock.sleep(SHARD_POLL_S)
+            while len(self.shard_runs) < self._config.shard_concurrency:
+                assert self._shards is not None
+                t0 = self._clock.monotonic()
+                try:
+                    claimed = await self._shards.claim_next(
+                        owner=self._instance, lease_s=self._lease_s
+                    )
+                except Exception as exc:
+                    if not failing:
+                        log.warning("claiming shards failed (%s); will retry", type(exc).__name__)
+                    failing = True
+                    break
+                failing = False
+                if claimed is None:
+                    break
+                takeover = int(claimed.get("epoch", 1)) > 1
+                self._metrics.shard_events.labels("taken_over" if takeover else "claimed").inc()
+                if takeover:
+                    log.warning(
+                        "♻️ Took over shard %s from %s; resuming from the ledger",
+                        claimed["_id"],
+                        "an expired lease",
+                        extra={"campaign_id": claimed.get("campaign"), "epoch": claimed["epoch"]},
+                    )
+                self.start_shard(claimed, claimed_at_m=t0)
+
     async def stop(self, key: str, reason: str) -> None:
         """Stop sending (in-flight messages finish) and wait until the run has wound down."""
-        run = self._runs.get(key)
+        run = self.runs.get(key)
         if run is None:
             return
         run.stop(reason)
@@ -194,10 +272,12 @@ class Executor:
             instance_id=self._instance,
             suppressions=self._suppressions,
             links=self._links,
+            shards=self._shards,
+            lease_s=self._lease_s,
         )
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._heartbeat, run)
+                tg.start_soon(self._heartbeat if run.shard is None else self._shard_heartbeat, run)
                 try:
                     await campaign_run.send()
                 finally:
@@ -206,14 +286,18 @@ class Executor:
             if _holds(exc, LeaseLost):
                 run.stop(StopReason.LEASE_LOST)
                 log.warning(
-                    "lease lost for campaign %s; another replica continues",
-                    run.name,
+                    "lease lost for %s %s; another replica continues",
+                    "campaign" if run.shard is None else "shard of",
+                    run.slot,
                     extra={"campaign_id": run.key, "epoch": run.epoch},
                 )
                 return
+            if run.shard is not None:
+                await self._record_shard_failure(run, exc)
+                return
             await self._record_failure(run, exc)
         finally:
-            self._runs.pop(run.key, None)
+            self._runs.pop(run.slot, None)
             self._metrics.executions_active.set(len(self._runs))
             run.done.set()
 
@@ -250,6 +334,54 @@ class Executor:
                     failures + 1,
                     extra={"campaign_id": run.key},
                 )
+
+    async def _record_shard_failure(self, run: Run, exc: Exception) -> None:
+        """A shard's run failed: say so on the campaign and give the shard back, to be claimed
+        again after a pause (by any replica; a lasting fault keeps failing visibly)."""
+        assert run.shard is not None
+        assert self._shards is not None
+        self._metrics.shard_events.labels("failed").inc()
+        self._metrics.campaign_errors.labels("shard_failed").inc()
+        log.exception("sending %s failed", run.slot, extra={"campaign_id": run.key})
+        cause = _leaf(exc)
+        detail = f"shard {run.shard.index}: {type(cause).__name__}: {str(cause)[:300]}"
+        with anyio.move_on_after(5, shield=True):
+            await self._store.record_invalid(run.campaign_id, "shard_failed", detail)
+            await self._shards.release(
+                run.shard.id, epoch=run.epoch, retry_after_s=self._retry_base_s
+            )
+
+    async def _shard_heartbeat(self, run: Run) -> None:
+        """A shard's lease renewal, and the campaign's state: a pause (or cancel) stops the
+        shard, a closed window makes it record its rest as skipped (renewals go on meanwhile)."""
+        assert run.shard is not None
+        assert self._shards is not None
+        while True:
+            await self._clock.sleep(self.heartbeat_s)
+            sent_m = self._clock.monotonic()
+            try:
+                alive = await self._shards.heartbeat(
+                    run.shard.id, epoch=run.epoch, owner=self._instance, lease_s=self._lease_s
+                )
+                state = await self._store.sending_state(run.campaign_id) if alive else None
+            except Exception as exc:
+                self._metrics.heartbeat_failures.inc()
+                log.warning(
+                    "shard lease heartbeat failed for %s (%s)",
+                    run.slot,
+                    type(exc).__name__,
+                    extra={"campaign_id": run.key},
+                )
+                continue
+            if not alive:
+                run.stop(StopReason.LEASE_LOST)
+                return
+            run.fence_at_m = sent_m + self._lease_s - self.fence_margin_s
+            if state == "window_closed":
+                run.stop(StopReason.WINDOW_CLOSED)
+            elif state != "running":
+                run.stop(StopReason.PAUSED)
+                return
 
     async def _heartbeat(self, run: Run) -> None:
         while True:

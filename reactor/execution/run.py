@@ -9,6 +9,7 @@ the current one sends. When the window closes mid-run, whoever was not reached i
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from ..domain.errors import InvalidCampaign, LeaseLost
 from ..domain.ids import normalise_id
 from ..domain.messages import email_message, sms_message
 from ..domain.models import Campaign, Channel, parse_campaign
+from ..domain.shards import Shard
 from ..metrics import Metrics
 from ..ports import CampaignStore, Clock, EmailSender, Ledger, Recipient, Recipients, SmsSender
 from ..ratelimit import RateLimit
@@ -37,6 +39,7 @@ from ..suppression import SuppressionList
 from .deliver import Deliverer
 from .ledger import Item, LedgerWriter
 from .resolve import resolve_uncertain_sms
+from .shards import ShardStore, coordinate
 from .smsgate import gate_sms
 from .state import Run, StopReason, unless_stopped
 from .window import SendWindow
@@ -107,8 +110,12 @@ class CampaignRun:
         instance_id: str,
         suppressions: SuppressionList | None = None,
         links: Links | None = None,
+        shards: ShardStore | None = None,
+        lease_s: float = 30.0,
     ) -> None:
         self.run = run
+        self._shards = shards
+        self._lease_s = lease_s
         self._suppressions = suppressions
         self._links = links
         self._store = store
@@ -125,6 +132,9 @@ class CampaignRun:
 
     async def send(self) -> None:
         run = self.run
+        if run.shard is not None:
+            await self._send_shard(run.shard)
+            return
         doc = await self._store.get(run.campaign_id, with_targets=True)
         if doc is None:
             raise LeaseLost(f"campaign {run.key} was deleted")
@@ -149,7 +159,65 @@ class CampaignRun:
         )
         if run.epoch > 1:  # only a takeover can find rows an earlier owner left pending
             await self._settle_previous_pending()
+        size = self._config.shard_size
+        if self._shards is not None and size is not None and len(campaign.targets) > size:
+            await coordinate(
+                run,
+                len(campaign.targets),
+                size=size,
+                shards=self._shards,
+                clock=self._clock,
+                owner=self._instance,
+                lease_s=self._lease_s,
+                close=self._close_shard,
+            )
+            await self._finish(campaign, len(campaign.targets))
+            return
         targets = list(dict.fromkeys(normalise_id(t) for t in campaign.targets))
+        await self._send_targets(campaign, targets)
+        await self._finish(campaign, len(targets))
+
+    async def _send_shard(self, shard: Shard) -> None:
+        """Send one shard's slice of the audience, then mark the shard done (or give it back
+        when stopped before the end)."""
+        run = self.run
+        assert self._shards is not None
+        doc = await self._store.get_slice(run.campaign_id, shard.start, shard.count)
+        if doc is None:
+            raise LeaseLost(f"campaign {run.key} was deleted")
+        campaign = parse_campaign(doc)
+        if run.epoch > 1:
+            await self._settle_previous_pending()
+        targets = list(dict.fromkeys(normalise_id(t) for t in campaign.targets))
+        await self._send_targets(campaign, targets)
+        if run.epoch > 1:
+            await self._settle_previous_pending()
+        await self._ledger.flush_counters(run, force=True)
+        if run.stop_reason in (StopReason.PAUSED, StopReason.SHUTDOWN, StopReason.LEASE_LOST):
+            with anyio.CancelScope(shield=True):
+                await self._shards.release(
+                    shard.id, epoch=run.epoch, hold=run.stop_reason == StopReason.PAUSED
+                )
+            self._metrics.shard_events.labels("released").inc()
+            return
+        if await self._shards.finish(shard.id, epoch=run.epoch):
+            self._metrics.shard_events.labels("done").inc()
+            log.info(
+                "🧩 Shard %d of %s done (%d targets)",
+                shard.index,
+                run.name,
+                len(targets),
+                extra={"campaign_id": run.key, "shard": shard.index, "epoch": run.epoch},
+            )
+
+    async def _close_shard(self, closing: Run) -> None:
+        """Close a shard nobody else will (the window closed): its rest is recorded skipped."""
+        sibling = copy.copy(self)
+        sibling.run = closing
+        await sibling.send()
+
+    async def _send_targets(self, campaign: Campaign, targets: list[str]) -> None:
+        run = self.run
         log.info(
             "📋 Fetching %d targeted customers by IDs",
             len(targets),
@@ -166,7 +234,6 @@ class CampaignRun:
             found_total,
             extra={"campaign_id": run.key, "count": found_total},
         )
-        await self._finish(campaign, len(targets))
 
     async def _send_channel(
         self,
@@ -264,7 +331,9 @@ class CampaignRun:
     async def _settle_previous_pending(self) -> None:
         """Rows an earlier epoch left `pending` may or may not have gone out: `uncertain`."""
         run = self.run
-        rows = await self._ledger_rows.pending_from_other_epochs(run.key, run.epoch)
+        rows = await self._ledger_rows.pending_from_other_epochs(
+            run.key, run.epoch, run.shard_index
+        )
         if not rows:
             return
         records = [
@@ -303,7 +372,9 @@ class CampaignRun:
                 # timers and webhooks this loop also serves run in between.
                 await anyio.lowlevel.checkpoint()
             if customer in states:
-                state, epoch = states[customer]
+                state, epoch, shard = states[customer]
+                if shard != run.shard_index:
+                    continue  # listed twice, in another shard too: that shard's row decides
                 if state in TERMINAL_STATES or epoch >= run.epoch:
                     continue
                 if state == DeliveryState.PENDING:

@@ -9,6 +9,7 @@ from typing import Any
 
 import anyio
 
+from ..domain.shards import Shard
 from ..ports import Clock
 
 
@@ -38,6 +39,18 @@ class Run:
     # to a provider until a renewal succeeds.
     fence_at_m: float = math.inf
     fenced_logged: bool = False
+    # A shard's run: sends only the shard's slice, fenced by the shard's own lease and epoch
+    # (`epoch` is then the shard's). None: the campaign's own run.
+    shard: Shard | None = None
+
+    @property
+    def slot(self) -> str:
+        """This run's name in the registry: the campaign's key, or key/shard."""
+        return self.key if self.shard is None else f"{self.key}/{self.shard.index}"
+
+    @property
+    def shard_index(self) -> int | None:
+        return None if self.shard is None else self.shard.index
 
     def stop(self, reason: str) -> None:
         if self.stop_reason is None:

@@ -8,6 +8,7 @@ from .feed import MongoChangeFeed
 from .feedback import MongoFeedback
 from .ledger import MongoLedger
 from .recipients import MongoRecipients
+from .shards import MongoShards
 from .suppressions import MongoSuppressions
 
 __all__ = [
@@ -19,5 +20,6 @@ __all__ = [
     "MongoLedger",
     "MongoRecipientActions",
     "MongoRecipients",
+    "MongoShards",
     "MongoSuppressions",
 ]

@@ -83,6 +83,28 @@ class MongoCampaignStore:
         projection = None if with_targets else SCHEDULE_PROJECTION
         return await self.campaigns.find_one({"_id": campaign_id}, projection)
 
+    async def get_slice(self, campaign_id: Any, start: int, count: int) -> dict[str, Any] | None:
+        """The campaign with only `targetedCustomerIds[start:start + count]` (a shard's part:
+        no shard reads the whole list)."""
+        return await self.campaigns.find_one(
+            {"_id": campaign_id}, {"targetedCustomerIds": {"$slice": [start, count]}}
+        )
+
+    async def sending_state(self, campaign_id: Any) -> str:
+        cursor = await self.campaigns.aggregate(
+            [
+                {"$match": {"_id": campaign_id}},
+                {"$project": {"status": 1, "open": {"$gt": ["$endDate", NOW]}}},
+            ]
+        )
+        found = await cursor.to_list()
+        doc = found[0] if found else None
+        if doc is None:
+            return "gone"
+        if doc.get("status") != Status.RUNNING:
+            return "stopped"
+        return "running" if doc.get("open") else "window_closed"
+
     async def not_due_yet(self, campaign_id: Any) -> bool:
         """Still approved, with a start the database's clock has not reached: a timer fired a
         little early (this replica's estimate of the database's clock is off by milliseconds)."""
@@ -389,15 +411,22 @@ class MongoCampaignStore:
     # ---- counters ------------------------------------------------------------------------
 
     async def add_performance(
-        self, campaign_id: Any, *, epoch: int, counts: Mapping[str, int]
+        self, campaign_id: Any, *, epoch: int | None, counts: Mapping[str, int]
     ) -> bool:
         """Add to the live counters while `epoch` is the campaign's (its claim made
-        `performance` a document); False when another epoch owns it now."""
+        `performance` a document); False when another epoch owns it now. With `epoch` None (a
+        shard's counters), only until sending is done: the exact counts from the ledger written
+        then must not be added to afterwards."""
         incs = {f"performance.{k}": v for k, v in counts.items() if v}
         if not incs:
             return True
+        owner: dict[str, Any] = (
+            {"execution.epoch": epoch}
+            if epoch is not None
+            else {"execution.sendsDone": {"$ne": True}}
+        )
         result = await self.campaigns.update_one(
-            {"_id": campaign_id, "execution.epoch": epoch},
+            {"_id": campaign_id, **owner},
             # Progress: whatever failed before, this execution sends — failures are "in a row".
             {
                 "$inc": incs,

@@ -8,6 +8,9 @@ The ledger's invariants hold by the database's conditional writes, whatever a wr
   terminal row is never overwritten.
 - OUTCOME updates the row only while it is this epoch's and `pending`; SETTLE turns an earlier
   epoch's `pending` row `uncertain`. Neither touches anything else.
+- A sharded campaign's rows carry their shard, and every epoch comparison is within one shard:
+  shards are claimed (and their epochs counted) separately, so a takeover of one shard never
+  settles another's rows.
 
 A write reports the ids it could not apply, so the caller sends only what it marked.
 """
@@ -28,6 +31,7 @@ from ...domain.deliveries import (
     DeliveryRecord,
     DeliveryState,
     LedgerOp,
+    RowState,
     delivery_id,
 )
 
@@ -50,19 +54,28 @@ class MongoLedger:
 
     async def states(
         self, campaign: str, channel: str, customers: Sequence[str]
-    ) -> dict[str, tuple[str, int]]:
-        """{customer: (state, epoch)} for the rows that exist."""
+    ) -> dict[str, RowState]:
+        """{customer: (state, epoch, shard)} for the rows that exist."""
         ids = [delivery_id(campaign, channel, c) for c in customers]
-        found: dict[str, tuple[str, int]] = {}
+        found: dict[str, RowState] = {}
         cursor = self.deliveries.find(
-            {"_id": {"$in": ids}}, {"customer": 1, "state": 1, "epoch": 1}
+            {"_id": {"$in": ids}}, {"customer": 1, "state": 1, "epoch": 1, "shard": 1}
         )
         async for doc in cursor:
-            found[doc["customer"]] = (doc["state"], int(doc.get("epoch", 0)))
+            shard = doc.get("shard")
+            found[doc["customer"]] = RowState(
+                doc["state"], int(doc.get("epoch", 0)), None if shard is None else int(shard)
+            )
         return found
 
     async def write(
-        self, campaign: str, *, epoch: int, records: Iterable[DeliveryRecord], now: dt.datetime
+        self,
+        campaign: str,
+        *,
+        epoch: int,
+        records: Iterable[DeliveryRecord],
+        now: dt.datetime,
+        shard: int | None = None,
     ) -> set[str]:
         """Apply `records` in order, in one ordered bulk write (so outcomes placed before new
         marks free their slots first). Returns the delivery ids that were refused."""
@@ -72,7 +85,7 @@ class MongoLedger:
             _id = delivery_id(campaign, rec.channel, rec.customer)
             op = rec.operation
             kinds.append((_id, op, rec.state))
-            ops.append(_operation(_id, campaign, epoch, rec, op, now))
+            ops.append(_operation(_id, campaign, epoch, rec, op, now, shard))
         if not ops:
             return set()
         result = await self.deliveries.bulk_write(ops, ordered=True)
@@ -138,9 +151,18 @@ class MongoLedger:
             out.setdefault(row["_id"], {})[SUPPRESSED] = int(row["n"])
         return out
 
-    async def pending_from_other_epochs(self, campaign: str, epoch: int) -> list[dict[str, Any]]:
+    async def pending_from_other_epochs(
+        self, campaign: str, epoch: int, shard: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Rows an earlier epoch of the same shard (or of the unsharded run) left pending; a
+        shard's epochs say nothing about another shard's rows."""
         cursor = self.deliveries.find(
-            {"campaign": campaign, "state": DeliveryState.PENDING, "epoch": {"$lt": epoch}},
+            {
+                "campaign": campaign,
+                "state": DeliveryState.PENDING,
+                "epoch": {"$lt": epoch},
+                "shard": shard,  # None also matches rows without the field
+            },
             {"customer": 1, "channel": 1, "to": 1},
         )
         return await cursor.to_list()
@@ -158,7 +180,13 @@ class MongoLedger:
 
 
 def _operation(
-    _id: str, campaign: str, epoch: int, rec: DeliveryRecord, op: LedgerOp, now: dt.datetime
+    _id: str,
+    campaign: str,
+    epoch: int,
+    rec: DeliveryRecord,
+    op: LedgerOp,
+    now: dt.datetime,
+    shard: int | None,
 ) -> UpdateOne:
     fields: dict[str, Any] = {"state": rec.state, "updatedAt": now, "attempts": rec.attempts}
     for name, value in (
@@ -179,19 +207,29 @@ def _operation(
             "createdAt": now,
             **fields,
         }
+        if shard is not None:
+            row["shard"] = shard
         return UpdateOne({"_id": _id}, {"$setOnInsert": row}, upsert=True)
     if op is LedgerOp.OUTCOME:
         return UpdateOne(
-            {"_id": _id, "epoch": epoch, "state": DeliveryState.PENDING}, {"$set": fields}
+            {"_id": _id, "epoch": epoch, "state": DeliveryState.PENDING, "shard": shard},
+            {"$set": fields},
         )
     if op is LedgerOp.RESOLVE:
         fields["resolvedAt"] = now
         return UpdateOne(
-            {"_id": _id, "epoch": epoch, "state": DeliveryState.UNCERTAIN, "settledBy": None},
+            {
+                "_id": _id,
+                "epoch": epoch,
+                "state": DeliveryState.UNCERTAIN,
+                "settledBy": None,
+                "shard": shard,
+            },
             {"$set": fields},
         )
     # SETTLE: an earlier epoch's pending row; the row keeps the epoch that marked it.
     fields["settledBy"] = epoch
     return UpdateOne(
-        {"_id": _id, "epoch": {"$lt": epoch}, "state": DeliveryState.PENDING}, {"$set": fields}
+        {"_id": _id, "epoch": {"$lt": epoch}, "state": DeliveryState.PENDING, "shard": shard},
+        {"$set": fields},
     )

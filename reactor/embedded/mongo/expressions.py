@@ -16,6 +16,7 @@ from typing import Any
 
 import mongomock
 import mongomock.aggregate
+import mongomock.collection
 from mongomock import filtering
 
 from .values import bson_type

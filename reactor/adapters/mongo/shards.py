@@ -1,0 +1,203 @@
+"""Shards of a started campaign (`campaign_shards`): one document per slice of its audience, each
+claimed with its own fenced lease, exactly as a campaign is (a compare-and-set on `state` and
+`epoch`, leases written as `$$NOW + lease`, expiry judged by `$$NOW`).
+
+States: `open` (anyone may claim it), `claimed` (an owner sends it while its lease holds; an
+expired lease is claimable again, with the next epoch), `held` (the campaign is paused or its
+window closed: only the campaign's owner may claim it, to close it), `done`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pymongo import ASCENDING, ReturnDocument
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from ...domain.shards import ShardState, shard_id
+from .pipeline import NOW, literal
+
+COLLECTION = "campaign_shards"
+
+
+def _now_plus(seconds: float) -> dict[str, Any]:
+    return {"$add": [NOW, round(seconds * 1000)]}
+
+
+def _lease_expired() -> dict[str, Any]:
+    return {"$lte": [{"$ifNull": ["$leaseUntil", None]}, NOW]}
+
+
+def _claim(owner: str, lease_s: float) -> list[dict[str, Any]]:
+    return [
+        {
+            "$set": {
+                "state": literal(ShardState.CLAIMED.value),
+                "owner": literal(owner),
+                "epoch": {"$add": [{"$ifNull": ["$epoch", 0]}, 1]},
+                "leaseUntil": _now_plus(lease_s),
+                "claimedAt": NOW,
+            }
+        }
+    ]
+
+
+class MongoShards:
+    def __init__(self, db: AsyncDatabase[dict[str, Any]]) -> None:
+        self.collection: AsyncCollection[dict[str, Any]] = db[COLLECTION]
+
+    async def ensure_indexes(self) -> None:
+        await self.collection.create_index(
+            [("state", ASCENDING), ("leaseUntil", ASCENDING)], name="state_leaseUntil"
+        )
+        await self.collection.create_index(
+            [("campaign", ASCENDING), ("index", ASCENDING)], name="campaign_index"
+        )
+
+    async def create(self, campaign: str, campaign_id: Any, ranges: list[tuple[int, int]]) -> None:
+        """One `open` shard per (start, count) of the audience; shards that exist (a resumed or
+        taken-over campaign) are left as they are."""
+        for index, (start, count) in enumerate(ranges):
+            try:
+                await self.collection.update_one(
+                    {"_id": shard_id(campaign, index)},
+                    {
+                        "$setOnInsert": {
+                            "campaign": campaign,
+                            "campaignId": campaign_id,
+                            "index": index,
+                            "start": start,
+                            "count": count,
+                            "state": ShardState.OPEN.value,
+                            "epoch": 0,
+                            "owner": None,
+                            "leaseUntil": None,
+                        }
+                    },
+                    upsert=True,
+                )
+            except DuplicateKeyError:  # two owners of successive epochs creating at once
+                pass
+
+    async def claim_next(self, *, owner: str, lease_s: float) -> dict[str, Any] | None:
+        """Any `open` shard, or a `claimed` one whose lease expired: now this owner's, with the
+        next epoch. None when there is none."""
+        return await self.collection.find_one_and_update(
+            {
+                "state": {"$in": [ShardState.OPEN.value, ShardState.CLAIMED.value]},
+                "$expr": _lease_expired(),
+            },
+            _claim(owner, lease_s),
+            sort=[("campaign", ASCENDING), ("index", ASCENDING)],
+            return_document=ReturnDocument.AFTER,
+        )
+
+    async def claim_to_close(
+        self, shard: str, *, owner: str, lease_s: float
+    ) -> dict[str, Any] | None:
+        """A `held` shard, or any unfinished one whose lease expired, for the campaign's owner
+        to close (its window closed): its rest is recorded skipped."""
+        return await self.collection.find_one_and_update(
+            {
+                "_id": shard,
+                "$or": [
+                    {"state": ShardState.HELD.value},
+                    {
+                        "state": {"$in": [ShardState.OPEN.value, ShardState.CLAIMED.value]},
+                        "$expr": _lease_expired(),
+                    },
+                ],
+            },
+            _claim(owner, lease_s),
+            return_document=ReturnDocument.AFTER,
+        )
+
+    async def heartbeat(self, shard: str, *, epoch: int, owner: str, lease_s: float) -> bool:
+        result = await self.collection.update_one(
+            {"_id": shard, "epoch": epoch, "owner": owner, "state": ShardState.CLAIMED.value},
+            [{"$set": {"leaseUntil": _now_plus(lease_s)}}],
+        )
+        return result.matched_count > 0
+
+    async def release(
+        self, shard: str, *, epoch: int, hold: bool = False, retry_after_s: float = 0.0
+    ) -> bool:
+        """Give the shard up: `open` for anyone (after `retry_after_s`), or `held` while its
+        campaign is paused."""
+        state = ShardState.HELD if hold else ShardState.OPEN
+        result = await self.collection.update_one(
+            {"_id": shard, "epoch": epoch, "state": ShardState.CLAIMED.value},
+            [
+                {
+                    "$set": {
+                        "state": literal(state.value),
+                        "owner": None,
+                        "leaseUntil": _now_plus(retry_after_s),
+                        "releasedAt": NOW,
+                    }
+                }
+            ],
+        )
+        return result.modified_count > 0
+
+    async def finish(self, shard: str, *, epoch: int) -> bool:
+        result = await self.collection.update_one(
+            {"_id": shard, "epoch": epoch, "state": ShardState.CLAIMED.value},
+            [
+                {
+                    "$set": {  # the owner stays: who sent it
+                        "state": literal(ShardState.DONE.value),
+                        "leaseUntil": None,
+                        "doneAt": NOW,
+                    }
+                }
+            ],
+        )
+        return result.modified_count > 0
+
+    async def hold(self, campaign: str) -> int:
+        """No new claims of the campaign's open shards (it is paused, or its window closed)."""
+        result = await self.collection.update_many(
+            {"campaign": campaign, "state": ShardState.OPEN.value},
+            {"$set": {"state": ShardState.HELD.value}},
+        )
+        return result.modified_count
+
+    async def reopen(self, campaign: str) -> int:
+        """The campaign runs again: its held shards may be claimed."""
+        result = await self.collection.update_many(
+            {"campaign": campaign, "state": ShardState.HELD.value},
+            {"$set": {"state": ShardState.OPEN.value, "leaseUntil": None}},
+        )
+        return result.modified_count
+
+    async def unfinished(self, campaign: str) -> list[dict[str, Any]]:
+        """The campaign's shards that are not done, with whether each lease has expired."""
+        cursor = await self.collection.aggregate(
+            [
+                {"$match": {"campaign": campaign, "state": {"$ne": ShardState.DONE.value}}},
+                {
+                    "$project": {
+                        "index": 1,
+                        "state": 1,
+                        "owner": 1,
+                        "epoch": 1,
+                        "expired": _lease_expired(),
+                    }
+                },
+                {"$sort": {"index": 1}},
+            ]
+        )
+        return await cursor.to_list()
+
+    async def summary(self, campaign: str) -> dict[str, int]:
+        """{state: number of shards} for `reactor doctor`."""
+        cursor = await self.collection.aggregate(
+            [
+                {"$match": {"campaign": campaign}},
+                {"$group": {"_id": "$state", "n": {"$sum": 1}}},
+            ]
+        )
+        return {str(row["_id"]): int(row["n"]) async for row in cursor}

@@ -1,0 +1,51 @@
+"""Shards of one campaign's audience: how the list is cut, and what a shard is.
+
+A shard is a range of positions in the campaign's `targetedCustomerIds` as stored (before ids
+are normalised and de-duplicated), so each owner reads only its slice (`$slice`). An id listed
+twice may fall in two shards: the ledger's insert-only `pending` mark lets exactly one of them
+send it, and the other sees a row of another shard and leaves it alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class ShardState(StrEnum):
+    OPEN = "open"
+    CLAIMED = "claimed"
+    HELD = "held"
+    DONE = "done"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One claimed shard: which slice, under which fencing epoch."""
+
+    id: str
+    index: int
+    start: int
+    count: int
+    epoch: int
+
+
+def shard_id(campaign: str, index: int) -> str:
+    return f"{campaign}:{index}"
+
+
+def shard_ranges(total: int, size: int) -> list[tuple[int, int]]:
+    """(start, count) of each shard of a list of `total` ids, `size` at most each."""
+    if size < 1:
+        raise ValueError("shard size must be at least 1")
+    return [(start, min(size, total - start)) for start in range(0, total, size)]
+
+
+def parse_shard(doc: dict[str, object]) -> Shard:
+    return Shard(
+        id=str(doc["_id"]),
+        index=int(doc["index"]),  # type: ignore[call-overload]
+        start=int(doc["start"]),  # type: ignore[call-overload]
+        count=int(doc["count"]),  # type: ignore[call-overload]
+        epoch=int(doc["epoch"]),  # type: ignore[call-overload]
+    )
