@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from reactor.public.batching import GroupCommit
+from reactor.batching import GroupCommit
 
 
 class Recorder:
@@ -93,3 +93,14 @@ async def test_close_fails_waiting_requests_instead_of_leaving_them_hanging() ->
     for request in (applying, waiting):  # the one being applied and the one waiting
         with pytest.raises(RuntimeError, match="shutting down"):
             await request
+
+
+async def test_nothing_lingers_between_bursts() -> None:
+    recorder = Recorder()
+    commit: GroupCommit[int, int] = GroupCommit(recorder.apply, window_s=0.001)
+    assert await commit.submit(1) == 10
+    await asyncio.sleep(0.01)
+    assert commit._task is not None
+    assert commit._task.done()  # no task left waiting for the next item
+    assert await asyncio.gather(commit.submit(2), commit.submit(3)) == [20, 30]
+    assert recorder.batches == [[1], [2, 3]]

@@ -33,10 +33,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import SecretStr
 from twilio.request_validator import RequestValidator
 
+from ..batching import GroupCommit
 from ..domain.consent import callback_delivery
 from ..domain.feedback import START_WORDS, STOP_WORDS, FeedbackEvent, keyword
 from ..metrics import Metrics
-from .batching import GroupCommit
 from .feedback import FeedbackSink, Receipt
 from .forms import read_body
 from .providers import generic_events, postmark_events, sendgrid_events, ses_events

@@ -15,18 +15,28 @@ error message, an owner name) must never be read as a field path.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+import uuid
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pymongo import ASCENDING, ReturnDocument
+from pymongo import ASCENDING, ReturnDocument, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError
 
+from ...batching import GroupCommit
 from ...domain.models import Status
 from .pipeline import NOW, document_or_empty, literal
 
+log = logging.getLogger(__name__)
+
 # Fields the scheduler never needs; a targeted list can hold millions of ids.
 SCHEDULE_PROJECTION = {"targetedCustomerIds": 0}
+# Start claims arriving within this of each other share one bulk write; under a burst the next
+# batch collects while one is applied, so a lone claim waits at most this.
+CLAIM_WINDOW_S = 0.002
+CLAIM_MAX_BATCH = 1000
 
 _lit = literal
 _document = document_or_empty
@@ -56,10 +66,17 @@ class MongoCampaignStore:
     def __init__(self, db: AsyncDatabase[dict[str, Any]], collection: str = "campaigns") -> None:
         self.db = db
         self.campaigns: AsyncCollection[dict[str, Any]] = db[collection]
+        self._claims: dict[tuple[str, float, float], GroupCommit[Any, dict[str, Any] | None]] = {}
 
     @property
     def name(self) -> str:
         return self.campaigns.name
+
+    async def aclose(self) -> None:
+        """Stop the claim batching (claims still waiting get an error)."""
+        for batcher in self._claims.values():
+            await batcher.aclose()
+        self._claims.clear()
 
     async def ensure_indexes(self) -> None:
         await self.campaigns.create_index(
@@ -194,41 +211,84 @@ class MongoCampaignStore:
     ) -> dict[str, Any] | None:
         """approved → running if due, inside the grace and before the end, by the database's
         clock. Returns the claimed document (with its new epoch; `execution.startedAt` is the
-        database's time of the claim) to the single winner, None to everyone else."""
-        return await self.campaigns.find_one_and_update(
-            {
-                "_id": campaign_id,
-                "status": Status.APPROVED,
-                "$expr": {
-                    "$and": [
-                        {"$lte": ["$startDate", NOW]},
-                        {"$gte": ["$startDate", {"$subtract": [NOW, _ms(grace_s)]}]},
-                        {"$gt": ["$endDate", NOW]},
-                    ]
-                },
-            },
-            [
+        database's time of the claim) to the single winner, None to everyone else.
+
+        Claims that fire together go out together: one unordered bulk of these conditional
+        updates (each still its own compare-and-set) and one read of what this batch won, so a
+        burst of a thousand starts costs a few round trips, not a thousand."""
+        key = (owner, lease_s, grace_s)
+        batcher = self._claims.get(key)
+        if batcher is None:
+            batcher = self._claims[key] = GroupCommit(
+                lambda ids: self._claim_starts(ids, owner=owner, lease_s=lease_s, grace_s=grace_s),
+                window_s=CLAIM_WINDOW_S,
+                max_batch=CLAIM_MAX_BATCH,
+            )
+        return await batcher.submit(campaign_id)
+
+    async def _claim_starts(
+        self, campaign_ids: Sequence[Any], *, owner: str, lease_s: float, grace_s: float
+    ) -> list[dict[str, Any] | None]:
+        # Every claim of this batch writes its token; the read finds what this batch won.
+        token = f"{owner}:{uuid.uuid4().hex}"
+        unique = list(dict.fromkeys(campaign_ids))
+        ops = [
+            UpdateOne(
                 {
-                    "$set": {
-                        "status": _lit(Status.RUNNING.value),
-                        "performance": _document("performance"),
-                    }
+                    "_id": campaign_id,
+                    "status": Status.APPROVED,
+                    "$expr": {
+                        "$and": [
+                            {"$lte": ["$startDate", NOW]},
+                            {"$gte": ["$startDate", {"$subtract": [NOW, _ms(grace_s)]}]},
+                            {"$gt": ["$endDate", NOW]},
+                        ]
+                    },
                 },
-                _set_execution(
+                [
                     {
-                        "owner": _lit(owner),
-                        "epoch": {"$add": [{"$ifNull": ["$execution.epoch", 0]}, 1]},
-                        "leaseUntil": _now_plus(lease_s),
-                        "startedAt": NOW,
-                        "sendsDone": False,
-                        "reason": None,
-                        "startLatenessMs": {"$subtract": [NOW, "$startDate"]},
-                    }
-                ),
-            ],
-            projection=SCHEDULE_PROJECTION,
-            return_document=ReturnDocument.AFTER,
-        )
+                        "$set": {
+                            "status": _lit(Status.RUNNING.value),
+                            "performance": _document("performance"),
+                        }
+                    },
+                    _set_execution(
+                        {
+                            "owner": _lit(owner),
+                            "epoch": {"$add": [{"$ifNull": ["$execution.epoch", 0]}, 1]},
+                            "leaseUntil": _now_plus(lease_s),
+                            "startedAt": NOW,
+                            "sendsDone": False,
+                            "reason": None,
+                            "startLatenessMs": {"$subtract": [NOW, "$startDate"]},
+                            "claimToken": _lit(token),
+                        }
+                    ),
+                ],
+            )
+            for campaign_id in unique
+        ]
+        try:
+            await self.campaigns.bulk_write(ops, ordered=False)
+        except BulkWriteError as exc:
+            # Each claim is its own: one document the update cannot apply to (an odd shape)
+            # is not claimed, and says why; the others stand.
+            for error in exc.details.get("writeErrors", [])[:5]:
+                log.warning(
+                    "start claim of %s refused: %s",
+                    unique[error.get("index", 0)],
+                    error.get("errmsg"),
+                )
+        won = {
+            doc["_id"]: doc
+            async for doc in self.campaigns.find(
+                {"_id": {"$in": unique}, "execution.claimToken": token}, SCHEDULE_PROJECTION
+            )
+        }
+        out: list[dict[str, Any] | None] = []
+        for campaign_id in campaign_ids:
+            out.append(won.pop(campaign_id, None))  # a repeated id wins once
+        return out
 
     async def mark_missed(self, campaign_id: Any, *, grace_s: float, reason: str) -> bool:
         """approved → missed when the start is past the grace or the window already closed."""

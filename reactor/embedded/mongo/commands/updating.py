@@ -110,9 +110,15 @@ class StatementApplier:
             check_replacement(st.u, _id)
         order = list(stored)
         before = _snapshot(stored, touched)
-        # Pin the document by _id (the engine's fast path); keep the statement's own filter
-        # for positional operators and for correctness.
-        target = {"_id": _id, "$and": [st.q]} if "_id" in st.q else {**st.q, "_id": _id}
+        # Pin the document by _id (the engine's fast path). An operator update keeps the
+        # statement's own filter, for its positional operators; a replacement or a pipeline has
+        # none, and the filter was just evaluated on this document within this command.
+        if kind != UpdateKind.OPERATORS:
+            target: dict[str, Any] = {"_id": _id}
+        elif "_id" in st.q:
+            target = {"_id": _id, "$and": [st.q]}
+        else:
+            target = {**st.q, "_id": _id}
         try:
             if kind == UpdateKind.REPLACEMENT:
                 self.coll.replace_one(target, dict(st.u))

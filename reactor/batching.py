@@ -1,8 +1,9 @@
-"""Group commit for webhook events: concurrent requests' events are applied together, in a few
-database round trips per batch instead of several per event, and each request is answered
-only once its batch is applied (nothing is acknowledged that is not stored).
+"""Group commit: concurrent callers' items are applied together, in a few database round trips
+per batch instead of several per item, and each caller gets its own result only once its batch
+is applied (a webhook acknowledges nothing that is not stored; a start claim is known won or
+lost). Used for webhook events and for start claims that fire together.
 
-A batch closes when it holds MAX_BATCH events or WINDOW_S after its oldest event arrived. Up
+A batch closes when it holds MAX_BATCH items or WINDOW_S after its oldest item arrived. Up
 to MAX_INFLIGHT batches are applied at once (each apply is several sequential round trips, so
 one batch at a time would make an event that just missed a batch wait for two applies); the
 next batch collects meanwhile, so under load the window costs nothing and a lone event waits
@@ -41,33 +42,32 @@ class GroupCommit(Generic[T, R]):
         self._max_batch = max_batch
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._oldest_at = 0.0  # loop time the oldest pending event arrived
-        self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._slots = asyncio.Semaphore(max_inflight)
         self._applying: set[asyncio.Task[None]] = set()
 
     async def submit(self, item: T) -> R:
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
         if not self._pending:
             self._oldest_at = loop.time()
         self._pending.append((item, future))
-        self._wake.set()
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._run())
         return await future
 
     async def submit_many(self, items: Sequence[T]) -> list[R]:
         return list(await asyncio.gather(*(self.submit(i) for i in items)))
 
     async def _run(self) -> None:
+        """Form and start batches while items wait; then end (the next submit starts it again),
+        so nothing lingers between bursts."""
         loop = asyncio.get_running_loop()
-        while True:
-            await self._wake.wait()
+        while self._pending:
             await self._slots.acquire()
             try:
                 if len(self._pending) < self._max_batch:
-                    # Only what is left of the oldest event's window: events that collected
+                    # Only what is left of the oldest item's window: items that collected
                     # while the slots were busy have waited already.
                     remaining = self._oldest_at + self._window_s - loop.time()
                     if remaining > 0:
@@ -78,8 +78,6 @@ class GroupCommit(Generic[T, R]):
                 )
                 if self._pending:
                     self._oldest_at = loop.time()
-                else:
-                    self._wake.clear()
                 live = [(item, f) for item, f in batch if not f.done()]
             except BaseException:
                 self._slots.release()
