@@ -19,6 +19,7 @@ from pymongo.errors import PyMongoError
 
 from .adapters.clock import DatabaseClock, SystemClock
 from .adapters.mongo import (
+    MongoAudiences,
     MongoBudgets,
     MongoCampaignStore,
     MongoChangeFeed,
@@ -129,6 +130,8 @@ class Reactor:
                         await self.http.stop()
                     if self.public is not None:
                         await self.public.stop()
+                    if self.store is not None:
+                        await self.store.aclose()
                     if seg_client is not client:
                         await seg_client.close()
                     await client.close()
@@ -256,6 +259,13 @@ class Reactor:
         suppressions = SuppressionList(suppression_store, db_clock, self.metrics)
         self.suppressions = suppressions
         shards = MongoShards(db)
+        audiences = MongoAudiences(
+            db,
+            seg_client[rcfg.db],
+            rcfg.collection,
+            s.customer_id_field,
+            batch_size=s.recipient_batch_size,
+        )
         executor = Executor(
             store=store,
             ledger=ledger,
@@ -273,6 +283,7 @@ class Reactor:
             links=s.links(),
             budgets=MongoBudgets(db) if s.rate_limit_scope == "cluster" else None,
             shards=shards,
+            audiences=audiences,
         )
         scheduler = Scheduler(
             store=store, executor=executor, clock=db_clock, metrics=self.metrics, config=sched_cfg

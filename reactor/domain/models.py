@@ -15,6 +15,7 @@ from typing import Any
 from bson import ObjectId
 
 from .errors import InvalidCampaign
+from .segments import Segment, parse_segment
 from .sms import LocalHours, parse_hours
 
 MAX_EMAIL_BODY_BYTES = 512 * 1024
@@ -80,6 +81,7 @@ class Campaign:
     sms: SmsContent | None
     targets: tuple[Any, ...]
     execution: Execution = field(default_factory=Execution)
+    segment: Segment | None = None  # the audience, when it is not `targets`
 
     @property
     def key(self) -> str:
@@ -211,6 +213,11 @@ def parse_campaign(doc: dict[str, Any]) -> Campaign:
         problem = target_problem(value)
         if problem:
             raise InvalidCampaign("bad_targets", problem)
+    segment = parse_segment(doc.get("segment"))
+    if segment is not None and targets:
+        raise InvalidCampaign(
+            "bad_segment", "a campaign names its audience by targetedCustomerIds or by segment"
+        )
     return Campaign(
         id=doc["_id"],
         name=name,
@@ -222,6 +229,7 @@ def parse_campaign(doc: dict[str, Any]) -> Campaign:
         sms=sms,
         targets=tuple(targets),
         execution=parse_execution(doc.get("execution")),
+        segment=segment,
     )
 
 

@@ -1,7 +1,8 @@
 """Shards of one campaign's audience: how the list is cut, and what a shard is.
 
 A shard is a range of positions in the campaign's `targetedCustomerIds` as stored (before ids
-are normalised and de-duplicated), so each owner reads only its slice (`$slice`). An id listed
+are normalised and de-duplicated), so each owner reads only its slice (`$slice`); or, for a
+segment's audience, one chunk of the audience frozen at the start (`source` "audience"). An id listed
 twice may fall in two shards: the ledger's insert-only `pending` mark lets exactly one of them
 send it, and the other sees a row of another shard and leaves it alone.
 """
@@ -28,6 +29,7 @@ class Shard:
     start: int
     count: int
     epoch: int
+    source: str = "list"  # "list": a slice of targetedCustomerIds; "audience": chunk `start`
 
 
 def shard_id(campaign: str, index: int) -> str:
@@ -48,4 +50,5 @@ def parse_shard(doc: dict[str, object]) -> Shard:
         start=int(doc["start"]),  # type: ignore[call-overload]
         count=int(doc["count"]),  # type: ignore[call-overload]
         epoch=int(doc["epoch"]),  # type: ignore[call-overload]
+        source=str(doc.get("source") or "list"),
     )

@@ -39,7 +39,7 @@ from ..suppression import SuppressionList
 from .deliver import Deliverer
 from .ledger import LedgerWriter
 from .run import CampaignRun
-from .shards import ShardStore, shard_run
+from .shards import AudienceStore, ShardStore, shard_run
 from .state import Run, StopReason
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,10 @@ class Executor:
         links: Links | None = None,
         budgets: BudgetStore | None = None,
         shards: ShardStore | None = None,
+        audiences: AudienceStore | None = None,
     ) -> None:
         self._shards = shards
+        self._audiences = audiences
         self._suppressions = suppressions
         self._links = links
         self._store = store
@@ -273,6 +275,7 @@ class Executor:
             suppressions=self._suppressions,
             links=self._links,
             shards=self._shards,
+            audiences=self._audiences,
             lease_s=self._lease_s,
         )
         try:

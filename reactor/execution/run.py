@@ -30,8 +30,8 @@ from ..domain.deliveries import (
 from ..domain.errors import InvalidCampaign, LeaseLost
 from ..domain.ids import normalise_id
 from ..domain.messages import email_message, sms_message
-from ..domain.models import Campaign, Channel, parse_campaign
-from ..domain.shards import Shard
+from ..domain.models import Campaign, Channel, parse_campaign, target_problem
+from ..domain.shards import Shard, shard_ranges
 from ..metrics import Metrics
 from ..ports import CampaignStore, Clock, EmailSender, Ledger, Recipient, Recipients, SmsSender
 from ..ratelimit import RateLimit
@@ -39,7 +39,7 @@ from ..suppression import SuppressionList
 from .deliver import Deliverer
 from .ledger import Item, LedgerWriter
 from .resolve import resolve_uncertain_sms
-from .shards import ShardStore, coordinate
+from .shards import AudienceStore, ShardStore, coordinate
 from .smsgate import gate_sms
 from .state import Run, StopReason, unless_stopped
 from .window import SendWindow
@@ -111,9 +111,11 @@ class CampaignRun:
         suppressions: SuppressionList | None = None,
         links: Links | None = None,
         shards: ShardStore | None = None,
+        audiences: AudienceStore | None = None,
         lease_s: float = 30.0,
     ) -> None:
         self.run = run
+        self._audiences = audiences
         self._shards = shards
         self._lease_s = lease_s
         self._suppressions = suppressions
@@ -160,10 +162,28 @@ class CampaignRun:
         if run.epoch > 1:  # only a takeover can find rows an earlier owner left pending
             await self._settle_previous_pending()
         size = self._config.shard_size
+        if campaign.segment is not None:
+            # An audience outside the document: frozen in chunks at the start, one shard each.
+            if self._audiences is None or self._shards is None or size is None:
+                raise InvalidCampaign("bad_segment", "segments need the shard and audience stores")
+            chunks = await self._audiences.materialize(run.key, campaign.segment, size)
+            await coordinate(
+                run,
+                [(i, 1) for i in range(chunks)],
+                size=size,
+                source="audience",
+                shards=self._shards,
+                clock=self._clock,
+                owner=self._instance,
+                lease_s=self._lease_s,
+                close=self._close_shard,
+            )
+            await self._finish(campaign, await self._audiences.total(run.key))
+            return
         if self._shards is not None and size is not None and len(campaign.targets) > size:
             await coordinate(
                 run,
-                len(campaign.targets),
+                shard_ranges(len(campaign.targets), size),
                 size=size,
                 shards=self._shards,
                 clock=self._clock,
@@ -182,13 +202,24 @@ class CampaignRun:
         when stopped before the end)."""
         run = self.run
         assert self._shards is not None
-        doc = await self._store.get_slice(run.campaign_id, shard.start, shard.count)
+        if shard.source == "audience":
+            assert self._audiences is not None
+            doc = await self._store.get(run.campaign_id)
+            ids = await self._audiences.chunk(run.key, shard.start)
+        else:
+            doc = await self._store.get_slice(run.campaign_id, shard.start, shard.count)
+            ids = list((doc or {}).get("targetedCustomerIds") or [])
         if doc is None:
             raise LeaseLost(f"campaign {run.key} was deleted")
         campaign = parse_campaign(doc)
         if run.epoch > 1:
             await self._settle_previous_pending()
-        targets = list(dict.fromkeys(normalise_id(t) for t in campaign.targets))
+        usable = [v for v in ids if target_problem(v) is None]
+        if len(usable) < len(ids):
+            detail = f"{len(ids) - len(usable)} audience values are not customer ids"
+            log.warning("shard %d of %s: %s", shard.index, run.name, detail)
+            await self._store.record_invalid(run.campaign_id, "bad_targets", detail)
+        targets = list(dict.fromkeys(normalise_id(t) for t in usable))
         await self._send_targets(campaign, targets)
         if run.epoch > 1:
             await self._settle_previous_pending()

@@ -20,7 +20,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from ..domain.shards import Shard, ShardState, parse_shard, shard_ranges
+from ..domain.segments import Segment
+from ..domain.shards import Shard, ShardState, parse_shard
 from ..ports import Clock
 from .state import Run, StopReason, unless_stopped
 
@@ -32,7 +33,11 @@ WATCH_S = 0.25  # how often the campaign's owner looks at its shards
 class ShardStore(Protocol):
     async def ensure_indexes(self) -> None: ...
     async def create(
-        self, campaign: str, campaign_id: Any, ranges: list[tuple[int, int]]
+        self,
+        campaign: str,
+        campaign_id: Any,
+        ranges: list[tuple[int, int]],
+        source: str = "list",
     ) -> None: ...
     async def claim_next(self, *, owner: str, lease_s: float) -> dict[str, Any] | None: ...
     async def claim_to_close(
@@ -49,23 +54,29 @@ class ShardStore(Protocol):
     async def summary(self, campaign: str) -> dict[str, int]: ...
 
 
+class AudienceStore(Protocol):
+    async def materialize(self, campaign: str, segment: Segment, chunk_size: int) -> int: ...
+    async def total(self, campaign: str) -> int: ...
+    async def chunk(self, campaign: str, index: int) -> list[Any]: ...
+
+
 async def coordinate(
     run: Run,
-    total: int,
+    ranges: list[tuple[int, int]],
     *,
     size: int,
+    source: str = "list",
     shards: ShardStore,
     clock: Clock,
     owner: str,
     lease_s: float,
     close: Callable[[Run], Awaitable[None]],
 ) -> None:
-    """Cut the audience (`total` ids as stored) into shards and watch them until all are done,
-    or until this run stops for a pause, a shutdown or a lost lease. When the window closes,
+    """Create the shards (`ranges` of the audience) and watch them until all are done, or
+    until this run stops for a pause, a shutdown or a lost lease. When the window closes,
     close the shards nobody is closing (`close` runs a shard's run that records its rest as
     skipped)."""
-    ranges = shard_ranges(total, size)
-    await shards.create(run.key, run.campaign_id, ranges)
+    await shards.create(run.key, run.campaign_id, ranges, source)
     reopened = await shards.reopen(run.key)
     log.info(
         "🧩 Campaign %s sent in %d shards of up to %d%s",

@@ -2,6 +2,7 @@
 recipients lookup. Nothing above the adapters touches a collection."""
 
 from .actions import MongoRecipientActions
+from .audiences import MongoAudiences
 from .budgets import MongoBudgets
 from .campaigns import SCHEDULE_PROJECTION, MongoCampaignStore
 from .feed import MongoChangeFeed
@@ -13,6 +14,7 @@ from .suppressions import MongoSuppressions
 
 __all__ = [
     "SCHEDULE_PROJECTION",
+    "MongoAudiences",
     "MongoBudgets",
     "MongoCampaignStore",
     "MongoChangeFeed",

@@ -56,7 +56,13 @@ class MongoShards:
             [("campaign", ASCENDING), ("index", ASCENDING)], name="campaign_index"
         )
 
-    async def create(self, campaign: str, campaign_id: Any, ranges: list[tuple[int, int]]) -> None:
+    async def create(
+        self,
+        campaign: str,
+        campaign_id: Any,
+        ranges: list[tuple[int, int]],
+        source: str = "list",
+    ) -> None:
         """One `open` shard per (start, count) of the audience; shards that exist (a resumed or
         taken-over campaign) are left as they are."""
         for index, (start, count) in enumerate(ranges):
@@ -70,6 +76,7 @@ class MongoShards:
                             "index": index,
                             "start": start,
                             "count": count,
+                            "source": source,
                             "state": ShardState.OPEN.value,
                             "epoch": 0,
                             "owner": None,
