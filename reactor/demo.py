@@ -208,6 +208,8 @@ async def _demo(
             "email_rate_per_second": 400,
             "sms_rate_per_second": 200,
             "send_concurrency": 16,
+            # Campaigns of a few hundred: cut into shards of 100, sent by both replicas.
+            "shard_size": 100,
             "send_max_attempts": 3,
             "retry_base_seconds": 0.05,
             "retry_max_seconds": 0.3,
@@ -261,7 +263,12 @@ async def _demo(
             tg.start_soon(_recipients_act, sink, twilio, plan, base, acted)
             docs = await _watch_progress(console, client, plan)
             consent_ok = await _show_consent(console, client, sink, twilio, acted)
-            exit_code = _summarise(console, plan, docs, sink, twilio, reactors, consent_ok)
+            shards: collections.Counter[str] = collections.Counter()
+            async for shard in client.marketing.campaign_shards.find({"state": "done"}):
+                shards[str(shard.get("owner"))] += 1
+            exit_code = _summarise(
+                console, plan, docs, sink, twilio, reactors, consent_ok, dict(shards)
+            )
             if keep_running:
                 console.print(
                     "[bold]--keep-running[/]: up until Ctrl-C. Captured: "
@@ -433,6 +440,7 @@ def _summarise(
     twilio: TwilioFake,
     reactors: list[Reactor],
     consent_ok: bool = True,
+    shards: dict[str, int] | None = None,
 ) -> int:
     table = Table(title="Campaigns")
     for col in (
@@ -486,7 +494,7 @@ def _summarise(
     console.print(
         f"messages captured: {len(sink.messages)} emails, {len(twilio.messages)} SMS; "
         f"duplicates: {len(email_dupes) + len(sms_dupes)}; starts claimed per "
-        f"instance: {starts}"
+        f"instance: {starts}; shards of 100 sent per instance: {shards or {}}"
     )
     ok &= not email_dupes and not sms_dupes
     ok &= sum(starts.values()) == len(plan) - 1

@@ -109,6 +109,10 @@ async def emulator_process() -> AsyncIterator[str]:
     try:
         yield line.split(" ", 1)[1]
     finally:
-        proc.terminate()
         with contextlib.suppress(ProcessLookupError):
-            await asyncio.wait_for(proc.wait(), 10)
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:  # a figure measured is not lost to a slow exit
+                proc.kill()
+                await proc.wait()
