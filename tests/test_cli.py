@@ -124,6 +124,13 @@ async def test_doctor_healthy(emulator: MongoEmulator, sink: SmtpSink) -> None:
     coll = client.marketing.campaigns
     await coll.insert_one(campaign("soon", 600, 1200, ["1"]))
     await coll.insert_one(campaign("too-late", -7200, 600, ["1"]))
+    sharded = await coll.insert_one(campaign("sharded", -60, 600, ["1"], status="running"))
+    await client.marketing.campaign_shards.insert_many(
+        [
+            {"campaign": str(sharded.inserted_id), "index": i, "state": state}
+            for i, state in enumerate(["done", "done", "claimed"])
+        ]
+    )
     env = {
         "MONGO_URI": emulator.uri,
         "SMTP_HOST": sink.host,
@@ -146,6 +153,8 @@ async def test_doctor_healthy(emulator: MongoEmulator, sink: SmtpSink) -> None:
     assert checks["sms (Twilio)"] == "fail"  # probed: nothing at api.twilio.com from here
     states = {w["name"]: w["state"] for w in report["waiting"]}
     assert states == {"soon": "waiting", "too-late": "would be missed"}
+    running = {r["name"]: r for r in report["running"]}
+    assert running["sharded"]["shards"] == {"done": 2, "claimed": 1}
     assert report["configuration"]["TWILIO_AUTH_TOKEN"] == "********"
     assert "tok-secret" not in out + err
     assert any("misfire grace" in r for r in report["recommendations"])

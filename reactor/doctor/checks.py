@@ -267,6 +267,14 @@ async def _list_campaigns(
             lease_at = as_utc(lease, "leaseUntil")
             lease_state = "valid" if lease_at > now else f"expired {_ago(now - lease_at)} ago"
         perf = doc.get("performance") or {}
+        shards: dict[str, int] = {}
+        async for row in await client[settings.campaigns_db].campaign_shards.aggregate(
+            [
+                {"$match": {"campaign": str(doc["_id"])}},
+                {"$group": {"_id": "$state", "n": {"$sum": 1}}},
+            ]
+        ):
+            shards[str(row["_id"])] = int(row["n"])
         end = doc.get("endDate")
         overdue = isinstance(end, dt.datetime) and as_utc(end, "endDate") < now - dt.timedelta(
             seconds=2 * settings.reconcile_interval_seconds + 60
@@ -284,6 +292,7 @@ async def _list_campaigns(
                     for k in ("emailsSent", "emailsFailed", "smsSent", "smsFailed", "uncertain")
                 },
                 "stuck": overdue,
+                "shards": shards,  # {state: count}; empty when the campaign is not sharded
             }
         )
     since = now - dt.timedelta(days=7)

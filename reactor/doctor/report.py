@@ -132,12 +132,15 @@ def render(report: Report, console: Console) -> None:
         console.print(waiting)
     if report.running:
         running = Table(title="Running and paused campaigns")
-        for col in ("name", "status", "owner", "lease", "progress"):
+        for col in ("name", "status", "owner", "lease", "progress", "shards"):
             running.add_column(col)
         for r in report.running:
             progress = ", ".join(f"{k}={v}" for k, v in r["progress"].items())
+            shards = ", ".join(f"{k} {v}" for k, v in sorted(r.get("shards", {}).items()))
             running.add_row(
-                *(_cell(r.get(k)) for k in ("name", "status", "owner", "lease")), _cell(progress)
+                *(_cell(r.get(k)) for k in ("name", "status", "owner", "lease")),
+                _cell(progress),
+                _cell(shards or "—"),
             )
         console.print(running)
     if report.failures:
