@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
+import time
+import tracemalloc
 from typing import Any
 
 import anyio
@@ -192,6 +194,7 @@ async def shards(quick: bool = False) -> dict[str, Any]:
 
 
 async def run(quick: bool = False) -> dict[str, Any]:
+    audience = await segments(quick)
     sharded = await shards(quick)
     seconds = 10.0 if quick else 30.0
     async with emulator_process() as uri:
@@ -208,7 +211,68 @@ async def run(quick: bool = False) -> dict[str, Any]:
         alone = await _phase(uri, 1, seconds, "alone")
     return {
         "one_campaign_many_replicas": sharded,
+        "segment_audiences": audience,
         "budget_50_per_s_three_replicas": shared,
         "budget_50_per_s_one_replica": alone,
         "targets": {"overall_deviation_pct": 5, "worst_second_deviation_pct": 10},
+    }
+
+
+async def _segment(uri: str, n: int) -> dict[str, Any]:
+    """A segment of `n` customers (one order row each, half of them matching), frozen in chunks
+    and every chunk's recipients resolved, as the shards of a replica would: the time per
+    recipient, and the peak memory this process allocated meanwhile (tracemalloc)."""
+    from ..adapters.mongo import MongoAudiences, MongoRecipients
+    from ..config import RecipientsConfig
+    from ..domain.segments import Segment
+
+    client: Client = AsyncMongoClient(uri, tz_aware=True)
+    db = client[f"seg{n}"]
+    rows = [
+        {"customer_id": i, "email": f"c{i}@x.example", "name": f"C{i}", "tier": i % 2}
+        for i in range(2 * n)
+    ]
+    for start in range(0, len(rows), 10_000):
+        await db.orders.insert_many(rows[start : start + 10_000])
+    del rows
+    await db.orders.create_index("customer_id")
+    audiences = MongoAudiences(client[f"state{n}"], db, "orders", "customer_id", batch_size=1000)
+    recipients = MongoRecipients(db.orders, RecipientsConfig(db=f"seg{n}", collection="orders"))
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    chunks = await audiences.materialize("c", Segment(query={"tier": 0}), 500)
+    frozen_s = time.perf_counter() - t0
+    found = 0
+    for index in range(chunks):
+        ids = await audiences.chunk("c", index)
+        for start in range(0, len(ids), 250):
+            found += len(await recipients.resolve(ids[start : start + 250]))
+    elapsed = time.perf_counter() - t0
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    await client.drop_database(f"seg{n}")
+    await client.close()
+    return {
+        "recipients": n,
+        "resolved": found,
+        "chunks": chunks,
+        "freeze_s": round(frozen_s, 2),
+        "seconds": round(elapsed, 2),
+        "us_per_recipient": round(1e6 * elapsed / n, 1),
+        "peak_memory_mib": round(peak / 2**20, 2),
+    }
+
+
+async def segments(quick: bool = False) -> dict[str, Any]:
+    sizes = [5_000, 20_000] if quick else [25_000, 50_000, 100_000, 200_000]
+    async with emulator_process() as uri:
+        curve = [await _segment(uri, n) for n in sizes]
+    base = curve[-2] if len(curve) > 2 else curve[0]
+    last = curve[-1]
+    return {
+        "curve": curve,
+        "largest_vs_previous_time_per_recipient": round(
+            last["us_per_recipient"] / base["us_per_recipient"], 3
+        ),
+        "targets": {"peak_memory_mib": 100, "time_per_recipient_ratio": 1.1},
     }

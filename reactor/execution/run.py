@@ -1,8 +1,8 @@
-"""One campaign's run on this instance: from the claimed document to `sendsDone`.
+"""One campaign's run on this instance: from the claimed document to `sendsDone`, or one shard's.
 
-For each batch of targeted ids the run resolves recipients, reads what the ledger already says
-(a resumed or taken-over run never re-sends `sent`, and treats a `pending` row left by an earlier
-epoch as `uncertain`), and hands the messages still to send to a `SendWindow` per channel. Each
+For each batch of targeted ids the run has it prepared (`prepare`: recipients, what the ledger
+already holds, suppressions, rendered messages) and hands the messages still to send to a
+`SendWindow` per channel. Each
 channel goes through the audience at its own provider's pace; the next batch is prepared while
 the current one sends. When the window closes mid-run, whoever was not reached is `skipped`.
 """
@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from collections.abc import Sequence
 
 import anyio
 
 from ..config import SendConfig
-from ..domain.addresses import email_address, phone_address
-from ..domain.consent import Links, skip_reason
+from ..domain.consent import Links
 from ..domain.deliveries import (
-    TERMINAL_STATES,
     DeliveryRecord,
     DeliveryState,
     LedgerOp,
@@ -29,65 +25,21 @@ from ..domain.deliveries import (
 )
 from ..domain.errors import InvalidCampaign, LeaseLost
 from ..domain.ids import normalise_id
-from ..domain.messages import email_message, sms_message
 from ..domain.models import Campaign, Channel, parse_campaign, target_problem
 from ..domain.shards import Shard, shard_ranges
 from ..metrics import Metrics
-from ..ports import CampaignStore, Clock, EmailSender, Ledger, Recipient, Recipients, SmsSender
+from ..ports import CampaignStore, Clock, EmailSender, Ledger, Recipients, SmsSender
 from ..ratelimit import RateLimit
 from ..suppression import SuppressionList
 from .deliver import Deliverer
 from .ledger import Item, LedgerWriter
+from .prepare import Ahead, BatchPreparer, chunks
 from .resolve import resolve_uncertain_sms
 from .shards import AudienceStore, ShardStore, coordinate
-from .smsgate import gate_sms
 from .state import Run, StopReason, unless_stopped
 from .window import SendWindow
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-YIELD_EVERY = 50  # recipients prepared between two turns of the event loop
-
-
-@dataclass
-class Prepared:
-    """One batch ready to send on one channel: the rows to record without sending (skipped,
-    or uncertain), and the messages."""
-
-    found: int
-    unsent: list[DeliveryRecord] = field(default_factory=list)
-    items: list[Item] = field(default_factory=list)
-    waiting: list[tuple[float, Item]] = field(default_factory=list)  # for the recipient's hours
-
-
-class Ahead(Generic[T]):
-    """A result computed in the background of a task group; `get()` waits for it (and raises
-    what it raised)."""
-
-    def __init__(
-        self, tg: anyio.abc.TaskGroup, fn: Callable[..., Awaitable[T]], *args: Any
-    ) -> None:
-        self._done = anyio.Event()
-        self._result: T | None = None
-        self._error: Exception | None = None
-        tg.start_soon(self._run, fn, args)
-
-    async def _run(self, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> None:
-        try:
-            self._result = await fn(*args)
-        except Exception as exc:
-            self._error = exc
-        finally:
-            self._done.set()
-
-    async def get(self) -> T:
-        await self._done.wait()
-        if self._error is not None:
-            raise self._error
-        assert self._result is not None
-        return self._result
 
 
 class CampaignRun:
@@ -131,6 +83,15 @@ class CampaignRun:
         self._metrics = metrics
         self._config = config
         self._instance = instance_id
+        self._preparer = BatchPreparer(
+            recipients=recipients,
+            ledger=ledger,
+            senders=senders,
+            clock=clock,
+            config=config,
+            suppressions=suppressions,
+            links=links,
+        )
 
     async def send(self) -> None:
         run = self.run
@@ -254,7 +215,7 @@ class CampaignRun:
             len(targets),
             extra={"campaign_id": run.key, "count": len(targets)},
         )
-        batches = list(_chunks(targets, self._config.batch_size))
+        batches = list(chunks(targets, self._config.batch_size))
         found: dict[Channel, int] = {}
         async with anyio.create_task_group() as tg:
             for channel in sorted(campaign.channels):
@@ -282,14 +243,18 @@ class CampaignRun:
         async with anyio.create_task_group() as tg:
             # The next batch is resolved and checked against the ledger while this one sends,
             # so the pipeline does not drain at every batch boundary.
-            ahead = Ahead(tg, self._prepare, campaign, channel, batches[0]) if batches else None
+            ahead = (
+                Ahead(tg, self._preparer.prepare, run, campaign, channel, batches[0])
+                if batches
+                else None
+            )
             for i, batch in enumerate(batches):
                 if run.stop_reason not in (None, StopReason.WINDOW_CLOSED):
                     break
                 if run.stop_reason is None and ahead is not None:
                     prepared = await ahead.get()
                     ahead = (
-                        Ahead(tg, self._prepare, campaign, channel, batches[i + 1])
+                        Ahead(tg, self._preparer.prepare, run, campaign, channel, batches[i + 1])
                         if i + 1 < len(batches)
                         else None
                     )
@@ -386,127 +351,6 @@ class CampaignRun:
             extra={"campaign_id": run.key, "count": len(records)},
         )
 
-    async def _prepare(
-        self, campaign: Campaign, channel: Channel, batch: Sequence[str]
-    ) -> Prepared:
-        """Resolve one batch, read what the ledger already holds for it on this channel, and
-        build the messages still to send (validated, rendered) and the rows to record without
-        sending."""
-        run = self.run
-        recipients = await self._recipients.resolve(batch)
-        states = await self._ledger_rows.states(run.key, channel, batch)
-        prepared = Prepared(found=len(recipients))
-        configured = self._senders[channel] is not None
-        for n, customer in enumerate(batch):
-            if n % YIELD_EVERY == YIELD_EVERY - 1:
-                # Validating and rendering a batch is ~0.1 ms a recipient: let the heartbeats,
-                # timers and webhooks this loop also serves run in between.
-                await anyio.lowlevel.checkpoint()
-            if customer in states:
-                state, epoch, shard = states[customer]
-                if shard != run.shard_index:
-                    continue  # listed twice, in another shard too: that shard's row decides
-                if state in TERMINAL_STATES or epoch >= run.epoch:
-                    continue
-                if state == DeliveryState.PENDING:
-                    # An earlier owner marked it after this run settled its leftovers (it had
-                    # not yet noticed the takeover): it may have gone out, so never re-send.
-                    prepared.unsent.append(
-                        DeliveryRecord(
-                            customer,
-                            channel,
-                            DeliveryState.UNCERTAIN,
-                            reason="previous_owner_lost",
-                            op=LedgerOp.SETTLE,
-                        )
-                    )
-                    continue
-            recipient = recipients.get(customer)
-            address: str | None = None
-            if recipient is None:
-                problem = "not_found"
-            elif not configured:
-                problem = "channel_not_configured"
-            else:
-                address, problem = self._address(channel, recipient)
-            if recipient is None or address is None:
-                prepared.unsent.append(
-                    DeliveryRecord(customer, channel, DeliveryState.SKIPPED, reason=problem)
-                )
-                continue
-            prepared.items.append(
-                Item(
-                    customer, channel, address, self._message(campaign, channel, recipient, address)
-                )
-            )
-        if self._suppressions is not None and prepared.items:
-            await self._drop_suppressed(channel, prepared)
-        if channel is Channel.SMS and prepared.items:
-            gated = gate_sms(
-                prepared.items,
-                campaign,
-                now=self._clock.now(),
-                now_m=self._clock.monotonic(),
-                default_hours=self._config.sms_send_hours,
-                fallback_zone=self._config.sms_fallback_timezone,
-                max_segments=self._config.sms_max_segments,
-            )
-            prepared.items, prepared.waiting = gated.ready, gated.waiting
-            prepared.unsent.extend(gated.refused)
-        return prepared
-
-    async def _drop_suppressed(self, channel: Channel, prepared: Prepared) -> None:
-        """One lookup for the batch: whoever is suppressed is recorded skipped, not sent."""
-        assert self._suppressions is not None
-        checked_m = self._clock.monotonic()
-        reasons = await self._suppressions.check(
-            channel, [(item.customer, item.to) for item in prepared.items]
-        )
-        keep: list[Item] = []
-        for item in prepared.items:
-            item.checked_m = checked_m
-            reason = reasons.get(item.customer)
-            if reason is None:
-                keep.append(item)
-                continue
-            prepared.unsent.append(
-                DeliveryRecord(
-                    item.customer,
-                    channel,
-                    DeliveryState.SKIPPED,
-                    to=item.to,
-                    reason=skip_reason(reason),
-                )
-            )
-        prepared.items = keep
-
-    def _address(self, channel: Channel, recipient: Recipient) -> tuple[str | None, str]:
-        if channel is Channel.EMAIL:
-            return email_address(recipient.email)
-        return phone_address(recipient.phone, self._config.default_phone_region)
-
-    def _message(
-        self, campaign: Campaign, channel: Channel, recipient: Recipient, address: str
-    ) -> Any:
-        now = self._clock.now()
-        if channel is Channel.SMS:
-            return sms_message(
-                campaign,
-                recipient,
-                address,
-                links=self._links,
-                now=now,
-                opt_out_text=self._config.sms_opt_out_text,
-            )
-        return email_message(
-            campaign,
-            recipient,
-            address,
-            message_domain=self._config.message_domain,
-            links=self._links,
-            now=now,
-        )
-
     async def _close_window(self, channel: Channel, batch: Sequence[str]) -> None:
         states = await self._ledger_rows.states(self.run.key, channel, batch)
         records = [
@@ -561,8 +405,3 @@ async def release(store: CampaignStore, run: Run, retry_after_s: float = 0.0) ->
     """Give the lease up (another replica may continue), whatever is being cancelled."""
     with anyio.CancelScope(shield=True):
         await store.release(run.campaign_id, epoch=run.epoch, retry_after_s=retry_after_s)
-
-
-def _chunks(values: Sequence[str], size: int) -> Iterator[Sequence[str]]:
-    for i in range(0, len(values), size):
-        yield values[i : i + size]

@@ -16,43 +16,30 @@ error message, an owner name) must never be read as a field path.
 from __future__ import annotations
 
 import logging
-import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-from pymongo import ASCENDING, ReturnDocument, UpdateOne
+from pymongo import ASCENDING, ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError
 
-from ...batching import GroupCommit
 from ...domain.models import Status
-from .pipeline import NOW, document_or_empty, literal
+from .claims import StartClaims
+from .pipeline import NOW, document_or_empty, literal, ms, now_plus, set_execution
+from .targets import target_problem
 
 log = logging.getLogger(__name__)
 
 # Fields the scheduler never needs; a targeted list can hold millions of ids.
 SCHEDULE_PROJECTION = {"targetedCustomerIds": 0}
-# Start claims arriving within this of each other share one bulk write; under a burst the next
-# batch collects while one is applied, so a lone claim waits at most this.
-CLAIM_WINDOW_S = 0.002
-CLAIM_MAX_BATCH = 1000
 
 _lit = literal
 _document = document_or_empty
 
 
-def _set_execution(fields: Mapping[str, Any]) -> dict[str, Any]:
-    """A pipeline stage that merges `fields` into `execution`, whatever shape it had."""
-    return {"$set": {"execution": {"$mergeObjects": [_document("execution"), dict(fields)]}}}
-
-
-def _ms(seconds: float) -> int:
-    return round(seconds * 1000)
-
-
-def _now_plus(seconds: float) -> dict[str, Any]:
-    return {"$add": [NOW, _ms(seconds)]}
+_set_execution = set_execution
+_ms = ms
+_now_plus = now_plus
 
 
 def _expired_lease() -> dict[str, Any]:
@@ -66,7 +53,7 @@ class MongoCampaignStore:
     def __init__(self, db: AsyncDatabase[dict[str, Any]], collection: str = "campaigns") -> None:
         self.db = db
         self.campaigns: AsyncCollection[dict[str, Any]] = db[collection]
-        self._claims: dict[tuple[str, float, float], GroupCommit[Any, dict[str, Any] | None]] = {}
+        self._claims = StartClaims(self.campaigns)
 
     @property
     def name(self) -> str:
@@ -74,9 +61,7 @@ class MongoCampaignStore:
 
     async def aclose(self) -> None:
         """Stop the claim batching (claims still waiting get an error)."""
-        for batcher in self._claims.values():
-            await batcher.aclose()
-        self._claims.clear()
+        await self._claims.aclose()
 
     async def ensure_indexes(self) -> None:
         await self.campaigns.create_index(
@@ -136,59 +121,8 @@ class MongoCampaignStore:
         return found is not None
 
     async def target_problem(self, campaign_id: Any) -> str | None:
-        """Why the campaign's `targetedCustomerIds` cannot be sent to, without reading the list
-        out of the database: not an array, or elements that are not customer ids (strings,
-        numbers, ObjectIds; doubles must be whole). None when they can."""
-        allowed = ["string", "int", "long", "double", "objectId"]
-        # $cond, not $and: mongod's $and short-circuits, mongomock's does not.
-        bad = {
-            "$cond": [
-                {"$in": [{"$type": "$$this"}, allowed]},
-                {
-                    "$cond": [
-                        {"$eq": [{"$type": "$$this"}, "double"]},
-                        {"$ne": ["$$this", {"$floor": "$$this"}]},
-                        False,
-                    ]
-                },
-                True,
-            ]
-        }
-        targets = "$targetedCustomerIds"
-        cursor = await self.campaigns.aggregate(
-            [
-                {"$match": {"_id": campaign_id}},
-                {
-                    "$project": {
-                        "kind": {"$type": targets},
-                        "bad": {
-                            "$cond": [
-                                {"$isArray": targets},
-                                {"$size": {"$filter": {"input": targets, "cond": bad}}},
-                                0,
-                            ]
-                        },
-                        "first": {
-                            "$cond": [
-                                {"$isArray": targets},
-                                {"$arrayElemAt": [{"$filter": {"input": targets, "cond": bad}}, 0]},
-                                None,
-                            ]
-                        },
-                    }
-                },
-            ]
-        )
-        row = await cursor.next() if cursor.alive else None
-        await cursor.close()
-        if row is None or (row["kind"] in ("missing", "array") and not row["bad"]):
-            return None
-        if row["kind"] != "array":
-            return f"targetedCustomerIds must be a list, got {row['kind']}"
-        return (
-            f"{row['bad']} targeted customer ids are not strings, whole numbers or ObjectIds "
-            f"(first: {row.get('first')!r})"
-        )
+        """Why the campaign's `targetedCustomerIds` cannot be sent to (see `targets`)."""
+        return await target_problem(self.campaigns, campaign_id)
 
     # ---- errors on documents -------------------------------------------------------------
 
@@ -211,84 +145,9 @@ class MongoCampaignStore:
     ) -> dict[str, Any] | None:
         """approved → running if due, inside the grace and before the end, by the database's
         clock. Returns the claimed document (with its new epoch; `execution.startedAt` is the
-        database's time of the claim) to the single winner, None to everyone else.
-
-        Claims that fire together go out together: one unordered bulk of these conditional
-        updates (each still its own compare-and-set) and one read of what this batch won, so a
-        burst of a thousand starts costs a few round trips, not a thousand."""
-        key = (owner, lease_s, grace_s)
-        batcher = self._claims.get(key)
-        if batcher is None:
-            batcher = self._claims[key] = GroupCommit(
-                lambda ids: self._claim_starts(ids, owner=owner, lease_s=lease_s, grace_s=grace_s),
-                window_s=CLAIM_WINDOW_S,
-                max_batch=CLAIM_MAX_BATCH,
-            )
-        return await batcher.submit(campaign_id)
-
-    async def _claim_starts(
-        self, campaign_ids: Sequence[Any], *, owner: str, lease_s: float, grace_s: float
-    ) -> list[dict[str, Any] | None]:
-        # Every claim of this batch writes its token; the read finds what this batch won.
-        token = f"{owner}:{uuid.uuid4().hex}"
-        unique = list(dict.fromkeys(campaign_ids))
-        ops = [
-            UpdateOne(
-                {
-                    "_id": campaign_id,
-                    "status": Status.APPROVED,
-                    "$expr": {
-                        "$and": [
-                            {"$lte": ["$startDate", NOW]},
-                            {"$gte": ["$startDate", {"$subtract": [NOW, _ms(grace_s)]}]},
-                            {"$gt": ["$endDate", NOW]},
-                        ]
-                    },
-                },
-                [
-                    {
-                        "$set": {
-                            "status": _lit(Status.RUNNING.value),
-                            "performance": _document("performance"),
-                        }
-                    },
-                    _set_execution(
-                        {
-                            "owner": _lit(owner),
-                            "epoch": {"$add": [{"$ifNull": ["$execution.epoch", 0]}, 1]},
-                            "leaseUntil": _now_plus(lease_s),
-                            "startedAt": NOW,
-                            "sendsDone": False,
-                            "reason": None,
-                            "startLatenessMs": {"$subtract": [NOW, "$startDate"]},
-                            "claimToken": _lit(token),
-                        }
-                    ),
-                ],
-            )
-            for campaign_id in unique
-        ]
-        try:
-            await self.campaigns.bulk_write(ops, ordered=False)
-        except BulkWriteError as exc:
-            # Each claim is its own: one document the update cannot apply to (an odd shape)
-            # is not claimed, and says why; the others stand.
-            for error in exc.details.get("writeErrors", [])[:5]:
-                log.warning(
-                    "start claim of %s refused: %s",
-                    unique[error.get("index", 0)],
-                    error.get("errmsg"),
-                )
-        won = {
-            doc["_id"]: doc
-            async for doc in self.campaigns.find(
-                {"_id": {"$in": unique}, "execution.claimToken": token}, SCHEDULE_PROJECTION
-            )
-        }
-        out: list[dict[str, Any] | None] = []
-        for campaign_id in campaign_ids:
-            out.append(won.pop(campaign_id, None))  # a repeated id wins once
-        return out
+        database's time of the claim) to the single winner, None to everyone else. Claims that
+        fire together go out in one bulk (`claims`)."""
+        return await self._claims.claim(campaign_id, owner=owner, lease_s=lease_s, grace_s=grace_s)
 
     async def mark_missed(self, campaign_id: Any, *, grace_s: float, reason: str) -> bool:
         """approved → missed when the start is past the grace or the window already closed."""

@@ -17,13 +17,9 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from ...domain.shards import ShardState, shard_id
-from .pipeline import NOW, literal
+from .pipeline import NOW, literal, now_plus
 
 COLLECTION = "campaign_shards"
-
-
-def _now_plus(seconds: float) -> dict[str, Any]:
-    return {"$add": [NOW, round(seconds * 1000)]}
 
 
 def _lease_expired() -> dict[str, Any]:
@@ -37,7 +33,7 @@ def _claim(owner: str, lease_s: float) -> list[dict[str, Any]]:
                 "state": literal(ShardState.CLAIMED.value),
                 "owner": literal(owner),
                 "epoch": {"$add": [{"$ifNull": ["$epoch", 0]}, 1]},
-                "leaseUntil": _now_plus(lease_s),
+                "leaseUntil": now_plus(lease_s),
                 "claimedAt": NOW,
             }
         }
@@ -124,7 +120,7 @@ class MongoShards:
     async def heartbeat(self, shard: str, *, epoch: int, owner: str, lease_s: float) -> bool:
         result = await self.collection.update_one(
             {"_id": shard, "epoch": epoch, "owner": owner, "state": ShardState.CLAIMED.value},
-            [{"$set": {"leaseUntil": _now_plus(lease_s)}}],
+            [{"$set": {"leaseUntil": now_plus(lease_s)}}],
         )
         return result.matched_count > 0
 
@@ -141,7 +137,7 @@ class MongoShards:
                     "$set": {
                         "state": literal(state.value),
                         "owner": None,
-                        "leaseUntil": _now_plus(retry_after_s),
+                        "leaseUntil": now_plus(retry_after_s),
                         "releasedAt": NOW,
                     }
                 }
