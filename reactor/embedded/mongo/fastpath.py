@@ -4,6 +4,7 @@ plain top-level `$set`/`$setOnInsert`/`$inc`/`$unset` updates applied directly."
 
 from __future__ import annotations
 
+import bisect
 import collections
 import copy
 import datetime as dt
@@ -297,7 +298,14 @@ class _IndexState:
                 old = values.pop(key, None)
                 if old is not None:
                     bucket = table.get(old, [])
-                    bucket[:] = [pair for pair in bucket if pair[1] != key]
+                    # Buckets are sorted by position and positions are unique: find the pair
+                    # by bisection (a status shared by thousands of documents must not cost a
+                    # scan of them all per write).
+                    i = bisect.bisect_left(bucket, (positions.get(key, -1),))
+                    if i < len(bucket) and bucket[i][1] == key:
+                        del bucket[i]
+                    else:
+                        bucket[:] = [pair for pair in bucket if pair[1] != key]
                     if not bucket:
                         table.pop(old, None)
                 doc = documents.get(key)
@@ -313,7 +321,7 @@ class _IndexState:
                 if not _is_plain_value(value):
                     return False
                 bucket = table.setdefault(value, [])
-                bucket.append((positions[key], key))
-                bucket.sort(key=lambda pair: pair[0])
+                position = positions[key]
+                bucket.insert(bisect.bisect_left(bucket, (position,)), (position, key))
                 values[key] = value
         return True
