@@ -70,6 +70,7 @@ async def test_three_replicas_share_one_campaign_and_each_customer_gets_one_emai
     shards = await _shards(client, mongo, res.inserted_id)
     assert [(s["start"], s["count"]) for s in shards] == shard_ranges(600, 100)
     assert all(s["state"] == "done" for s in shards)
+    assert {s["name"] for s in shards} == {"big"}  # for their owners' logs
     # Sent by more than one replica.
     assert len({s["owner"] for s in shards}) >= 2, [s["owner"] for s in shards]
     rows = await ledger(client, mongo, res.inserted_id)

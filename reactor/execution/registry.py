@@ -193,7 +193,7 @@ class Executor:
             Run(
                 key=campaign_key,
                 campaign_id=claimed["campaignId"],
-                name=campaign_key,
+                name=str(claimed.get("name") or campaign_key),
                 epoch=0,
                 execution={},
             ),

@@ -38,6 +38,7 @@ class ShardStore(Protocol):
         campaign_id: Any,
         ranges: list[tuple[int, int]],
         source: str = "list",
+        name: str | None = None,
     ) -> None: ...
     async def claim_next(self, *, owner: str, lease_s: float) -> dict[str, Any] | None: ...
     async def claim_to_close(
@@ -76,7 +77,7 @@ async def coordinate(
     until this run stops for a pause, a shutdown or a lost lease. When the window closes,
     close the shards nobody is closing (`close` runs a shard's run that records its rest as
     skipped)."""
-    await shards.create(run.key, run.campaign_id, ranges, source)
+    await shards.create(run.key, run.campaign_id, ranges, source, run.name)
     reopened = await shards.reopen(run.key)
     log.info(
         "🧩 Campaign %s sent in %d shards of up to %d%s",

@@ -58,6 +58,7 @@ class MongoShards:
         campaign_id: Any,
         ranges: list[tuple[int, int]],
         source: str = "list",
+        name: str | None = None,
     ) -> None:
         """One `open` shard per (start, count) of the audience; shards that exist (a resumed or
         taken-over campaign) are left as they are."""
@@ -73,6 +74,7 @@ class MongoShards:
                             "start": start,
                             "count": count,
                             "source": source,
+                            "name": name,  # the campaign's, for its owners' logs
                             "state": ShardState.OPEN.value,
                             "epoch": 0,
                             "owner": None,
