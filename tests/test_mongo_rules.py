@@ -241,3 +241,31 @@ async def test_a_slice_only_projection_keeps_every_other_field(
     # With an inclusion next to it, only the included fields come back.
     doc = await coll.find_one({"_id": 1}, {"targets": {"$slice": 2}, "name": 1})
     assert doc == {"_id": 1, "name": "Spring", "targets": [0, 1]}
+
+
+async def test_a_document_over_16_mib_fails_alone(client: Client, mongo: MongoTarget) -> None:
+    """The message may carry it (48 MB); the write of that one document fails, as mongod's
+    does, and an ordered bulk stops there."""
+    coll = client[mongo.campaigns_db].big
+    await coll.drop()
+    big = "x" * (16 * 1024 * 1024)
+    with pytest.raises(BulkWriteError) as info:
+        await coll.insert_many([{"_id": 1}, {"_id": 2, "big": big}, {"_id": 3}])
+    errors = info.value.details["writeErrors"]
+    assert [(e["index"], e["code"]) for e in errors] == [(1, 10334)]  # BSONObjectTooLarge
+    assert "too large" in errors[0]["errmsg"]
+    assert info.value.details["nInserted"] == 1
+    assert await coll.distinct("_id") == [1]
+    with pytest.raises(BulkWriteError) as info:
+        await coll.insert_many([{"_id": 4, "big": big}, {"_id": 5}], ordered=False)
+    assert info.value.details["nInserted"] == 1
+    assert sorted(await coll.distinct("_id")) == [1, 5]
+
+
+async def test_an_upsert_by_a_subdocument_id_inserts_it(client: Client, mongo: MongoTarget) -> None:
+    coll = client[mongo.campaigns_db].subdoc_ids
+    await coll.drop()
+    key = {"f": "a", "n": 2}
+    result = await coll.update_one({"_id": key}, {"$set": {"a": 0}}, upsert=True)
+    assert result.upserted_id == key
+    assert await coll.find_one({"_id": key}) == {"_id": key, "a": 0}

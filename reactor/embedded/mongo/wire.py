@@ -20,6 +20,7 @@ OP_COMPRESSED = 2012
 OP_MSG = 2013
 
 MAX_MESSAGE_SIZE = 48_000_000
+MAX_DOCUMENT_SIZE = 16 * 1024 * 1024  # maxBsonObjectSize, as hello reports it
 HEADER = struct.Struct("<iiii")
 
 FLAG_CHECKSUM_PRESENT = 1 << 0
@@ -50,6 +51,9 @@ class Request:
     # OP_QUERY only: the full collection name the legacy query addressed.
     legacy_namespace: str | None = None
     sequences: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # Documents of a sequence over mongod's 16 MiB document limit: {sequence: {index: bytes}}.
+    # The message may carry them (its own limit is 48 MB); a write of one must fail alone.
+    oversized: dict[str, dict[int, int]] = field(default_factory=dict)
 
 
 def _decode_one(data: bytes, offset: int) -> tuple[dict[str, Any], int]:
@@ -94,6 +98,7 @@ def _parse_op_msg(request_id: int, body: bytes, whole: bytes) -> Request:
     offset = 4
     command: dict[str, Any] | None = None
     sequences: dict[str, list[dict[str, Any]]] = {}
+    oversized: dict[str, dict[int, int]] = {}
     while offset < end:
         kind = body[offset]
         offset += 1
@@ -112,10 +117,13 @@ def _parse_op_msg(request_id: int, body: bytes, whole: bytes) -> Request:
             if name_end < 0:
                 raise ProtocolError("document sequence identifier not terminated")
             name = body[offset + 4 : name_end].decode("utf-8", "replace")
-            docs = []
+            docs: list[dict[str, Any]] = []
             pos = name_end + 1
             while pos < seq_end:
+                start = pos
                 doc, pos = _decode_one(body[:seq_end], pos)
+                if pos - start > MAX_DOCUMENT_SIZE:
+                    oversized.setdefault(name, {})[len(docs)] = pos - start
                 docs.append(doc)
             sequences[name] = docs
             offset = seq_end
@@ -131,6 +139,7 @@ def _parse_op_msg(request_id: int, body: bytes, whole: bytes) -> Request:
         command,
         more_to_come=bool(flags & FLAG_MORE_TO_COME),
         sequences=sequences,
+        oversized=oversized,
     )
 
 

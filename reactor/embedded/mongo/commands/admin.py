@@ -9,7 +9,7 @@ from bson import Int64
 
 from ..changestream import CommandError
 from ..engine import int_to_ts
-from ..wire import MAX_MESSAGE_SIZE, Request
+from ..wire import MAX_DOCUMENT_SIZE, MAX_MESSAGE_SIZE, Request
 from .base import CommandsBase, Connection
 
 MAX_WIRE_VERSION = 21  # MongoDB 7.0
@@ -58,7 +58,7 @@ class AdminCommands(CommandsBase):
                 "majorityOpTime": op_time,
                 "majorityWriteDate": now,
             },
-            "maxBsonObjectSize": 16 * 1024 * 1024,
+            "maxBsonObjectSize": MAX_DOCUMENT_SIZE,
             "maxMessageSizeBytes": MAX_MESSAGE_SIZE,
             "maxWriteBatchSize": 100_000,
             "localTime": now,
@@ -84,7 +84,7 @@ class AdminCommands(CommandsBase):
             "version": SERVER_VERSION,
             "versionArray": [7, 0, 0, 0],
             "bits": 64,
-            "maxBsonObjectSize": 16 * 1024 * 1024,
+            "maxBsonObjectSize": MAX_DOCUMENT_SIZE,
             "storageEngines": ["mongomock"],
             "gitVersion": "emulator",
         }

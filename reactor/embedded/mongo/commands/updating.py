@@ -192,7 +192,13 @@ class StatementApplier:
                 # mongomock builds the new document aside and inserts it last: a failure
                 # leaves nothing behind.
                 upserted_id = self.coll.update_one(st.q, st.u, upsert=True).upserted_id
-        after = _snapshot(self.coll._store[upserted_id], None)
+        # The store keys a document _id by its hashable form, as mongomock does.
+        key = (
+            mongomock.helpers.hashdict(upserted_id)
+            if isinstance(upserted_id, dict)
+            else upserted_id
+        )
+        after = _snapshot(self.coll._store[key], None)
         result.upserted_id = upserted_id
         result.entries.append(
             self.engine.make_entry(

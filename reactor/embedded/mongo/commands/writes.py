@@ -15,7 +15,7 @@ from bson import ObjectId
 
 from ..changestream import CommandError
 from ..engine import OplogEntry, clone
-from ..wire import Request
+from ..wire import MAX_DOCUMENT_SIZE, Request
 from .base import CommandsBase, Connection
 from .errors import dup_key_error, engine_error, write_error
 from .updating import Statement, StatementApplier
@@ -48,6 +48,7 @@ class WriteCommands(CommandsBase):
     async def _insert(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
         name, docs, ordered = self._statements(request, "documents")
         coll = self.engine.collection(db, name)
+        too_large = request.oversized.get("documents", {})
         n = 0
         errors: list[dict[str, Any]] = []
         entries: list[OplogEntry] = []
@@ -57,6 +58,13 @@ class WriteCommands(CommandsBase):
                 try:
                     if not isinstance(doc, dict):
                         raise CommandError(14, "documents must be objects", "TypeMismatch")
+                    if i in too_large:
+                        raise CommandError(
+                            10334,
+                            f"object to insert too large. size in bytes: {too_large[i]}, "
+                            f"max size: {MAX_DOCUMENT_SIZE}",
+                            "BSONObjectTooLarge",
+                        )
                     if "_id" not in doc:
                         doc = {"_id": ObjectId(), **doc}
                     if isinstance(doc["_id"], list):
