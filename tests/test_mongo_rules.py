@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from bson import ObjectId
 from pymongo import AsyncMongoClient, ReturnDocument, UpdateOne
-from pymongo.errors import BulkWriteError, OperationFailure, WriteError
+from pymongo.errors import BulkWriteError, OperationFailure, WriteConcernError, WriteError
+from pymongo.write_concern import WriteConcern
 
 from tests.conftest import MongoTarget
 
@@ -269,3 +270,43 @@ async def test_an_upsert_by_a_subdocument_id_inserts_it(client: Client, mongo: M
     result = await coll.update_one({"_id": key}, {"$set": {"a": 0}}, upsert=True)
     assert result.upserted_id == key
     assert await coll.find_one({"_id": key}) == {"_id": key, "a": 0}
+
+
+async def test_an_update_may_not_leave_a_document_over_16_mib(
+    client: Client, mongo: MongoTarget
+) -> None:
+    coll = client[mongo.campaigns_db].big_updates
+    await coll.drop()
+    await coll.insert_one({"_id": 1, "bar": "x"})
+    big = "x" * (16 * 1024 * 1024)
+    with pytest.raises(WriteError) as info:
+        await coll.replace_one({"_id": 1}, {"bar": big})
+    assert info.value.code == 10334
+    with pytest.raises(WriteError) as info:
+        await coll.replace_one({"_id": 2}, {"foo": big}, upsert=True)
+    assert info.value.code == 10334
+    with pytest.raises(WriteError) as info:
+        await coll.update_one({"_id": 1}, {"$set": {"bar": big}})
+    assert info.value.code == 10334
+    assert await coll.find({}, {"_id": 1, "bar": 1}).to_list() == [{"_id": 1, "bar": "x"}]
+    # Just under the limit is fine.
+    await coll.replace_one({"_id": 1}, {"bar": "x" * (16 * 1024 * 1024 - 32)})
+    doc = await coll.find_one({"_id": 1})
+    assert doc is not None
+    assert len(doc["bar"]) == 16 * 1024 * 1024 - 32
+
+
+async def test_a_write_concern_no_member_count_can_meet_is_reported(
+    client: Client, mongo: MongoTarget
+) -> None:
+    """w greater than the data-bearing members: the write applies, and the reply carries
+    UnsatisfiableWriteConcern (100), as a replica set of that size answers."""
+    hello = await client.admin.command("hello")
+    w = len(hello.get("hosts", [])) + 1
+    coll = client[mongo.campaigns_db].get_collection(
+        "concerns", write_concern=WriteConcern(w=w, wtimeout=1000)
+    )
+    with pytest.raises(WriteConcernError) as info:
+        await coll.insert_one({"_id": 1})
+    assert info.value.code == 100
+    assert await client[mongo.campaigns_db].concerns.find_one({"_id": 1}) == {"_id": 1}

@@ -262,6 +262,9 @@ class MongoEmulator(AdminCommands, DdlCommands, WriteCommands, ReadCommands):
         except Exception as exc:  # (never cancellation: that is a BaseException)
             # A gap in the engine: answer as mongod would with an error, never drop the client.
             return self._error(engine_error(exc, name))
+        unsatisfiable = _unsatisfiable_write_concern(name, command)
+        if unsatisfiable is not None:
+            reply["writeConcernError"] = unsatisfiable
         return self._finish(reply)
 
     def _retry_key(self, command: dict[str, Any], name: str) -> tuple[bytes, int] | None:
@@ -294,6 +297,42 @@ class MongoEmulator(AdminCommands, DdlCommands, WriteCommands, ReadCommands):
             reply["errorLabels"] = exc.labels
         reply.update(exc.extra)
         return self._finish(reply)
+
+
+# Commands that take a write concern. The emulator is a replica set of one data-bearing member,
+# so a `w` of more than one can never be satisfied: the write is applied and the reply says so
+# in `writeConcernError`, as a one-member replica set answers.
+WRITE_CONCERN_COMMANDS = frozenset(
+    {
+        "insert",
+        "update",
+        "delete",
+        "findAndModify",
+        "findandmodify",
+        "create",
+        "createIndexes",
+        "drop",
+        "dropIndexes",
+        "dropDatabase",
+        "collMod",
+        "renameCollection",
+    }
+)
+
+
+def _unsatisfiable_write_concern(name: str, command: dict[str, Any]) -> dict[str, Any] | None:
+    concern = command.get("writeConcern")
+    if name not in WRITE_CONCERN_COMMANDS or not isinstance(concern, dict):
+        return None
+    w = concern.get("w")
+    if isinstance(w, bool) or not isinstance(w, int) or w <= 1:
+        return None
+    return {
+        "code": 100,
+        "codeName": "UnsatisfiableWriteConcern",
+        "errmsg": "Not enough data-bearing nodes",
+        "errInfo": {"writeConcern": dict(concern)},
+    }
 
 
 async def serve_forever(

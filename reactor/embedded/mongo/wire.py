@@ -21,6 +21,7 @@ OP_MSG = 2013
 
 MAX_MESSAGE_SIZE = 48_000_000
 MAX_DOCUMENT_SIZE = 16 * 1024 * 1024  # maxBsonObjectSize, as hello reports it
+LARGE_DOCUMENT = 1024 * 1024  # statements this large have their results' size checked
 HEADER = struct.Struct("<iiii")
 
 FLAG_CHECKSUM_PRESENT = 1 << 0
@@ -51,9 +52,10 @@ class Request:
     # OP_QUERY only: the full collection name the legacy query addressed.
     legacy_namespace: str | None = None
     sequences: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    # Documents of a sequence over mongod's 16 MiB document limit: {sequence: {index: bytes}}.
-    # The message may carry them (its own limit is 48 MB); a write of one must fail alone.
-    oversized: dict[str, dict[int, int]] = field(default_factory=dict)
+    # Documents of a sequence over LARGE_DOCUMENT: {sequence: {index: bytes}}. The message may
+    # carry one over mongod's 16 MiB document limit (its own limit is 48 MB): the write of that
+    # one must fail alone; a large update statement has its resulting document measured.
+    large: dict[str, dict[int, int]] = field(default_factory=dict)
 
 
 def _decode_one(data: bytes, offset: int) -> tuple[dict[str, Any], int]:
@@ -98,7 +100,7 @@ def _parse_op_msg(request_id: int, body: bytes, whole: bytes) -> Request:
     offset = 4
     command: dict[str, Any] | None = None
     sequences: dict[str, list[dict[str, Any]]] = {}
-    oversized: dict[str, dict[int, int]] = {}
+    large: dict[str, dict[int, int]] = {}
     while offset < end:
         kind = body[offset]
         offset += 1
@@ -122,8 +124,8 @@ def _parse_op_msg(request_id: int, body: bytes, whole: bytes) -> Request:
             while pos < seq_end:
                 start = pos
                 doc, pos = _decode_one(body[:seq_end], pos)
-                if pos - start > MAX_DOCUMENT_SIZE:
-                    oversized.setdefault(name, {})[len(docs)] = pos - start
+                if pos - start > LARGE_DOCUMENT:
+                    large.setdefault(name, {})[len(docs)] = pos - start
                 docs.append(doc)
             sequences[name] = docs
             offset = seq_end
@@ -139,7 +141,7 @@ def _parse_op_msg(request_id: int, body: bytes, whole: bytes) -> Request:
         command,
         more_to_come=bool(flags & FLAG_MORE_TO_COME),
         sequences=sequences,
-        oversized=oversized,
+        large=large,
     )
 
 

@@ -13,6 +13,7 @@ import collections
 from dataclasses import dataclass, field
 from typing import Any
 
+import bson
 import mongomock
 
 from ..changestream import CommandError
@@ -26,6 +27,7 @@ from ..updates import (
     check_replacement,
     update_kind,
 )
+from ..wire import MAX_DOCUMENT_SIZE
 
 Image = dict[str, Any] | None
 
@@ -47,6 +49,7 @@ class Statement:
     upsert: bool = False
     array_filters: Any = None
     sort: Any = None
+    check_size: bool = False  # a large statement: its resulting document must fit 16 MiB
 
 
 class StatementApplier:
@@ -126,6 +129,8 @@ class StatementApplier:
                 self.coll.update_one(target, st.u)
             after = _snapshot(self.coll._store[key], touched)
             check_id_unchanged(before, after)
+            if st.check_size:
+                _check_size(self.coll._store[key], "Resulting document after update is larger than")
         except BaseException:
             self._restore(key, order, before, touched)
             raise
@@ -198,6 +203,12 @@ class StatementApplier:
             if isinstance(upserted_id, dict)
             else upserted_id
         )
+        if st.check_size:
+            try:
+                _check_size(self.coll._store[key], "object to insert too large. max size:")
+            except CommandError:
+                self.coll.delete_one({"_id": upserted_id})  # nothing left behind
+                raise
         after = _snapshot(self.coll._store[key], None)
         result.upserted_id = upserted_id
         result.entries.append(
@@ -206,6 +217,15 @@ class StatementApplier:
             )
         )
         result.images.append((None, after))
+
+
+def _check_size(doc: dict[str, Any], message: str) -> None:
+    """mongod's 16 MiB document limit on what a write leaves."""
+    size = len(bson.encode(doc))
+    if size > MAX_DOCUMENT_SIZE:
+        raise CommandError(
+            10334, f"{message} {MAX_DOCUMENT_SIZE} (size: {size})", "BSONObjectTooLarge"
+        )
 
 
 def _seed(query: dict[str, Any]) -> dict[str, Any]:

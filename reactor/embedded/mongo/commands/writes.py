@@ -48,7 +48,9 @@ class WriteCommands(CommandsBase):
     async def _insert(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
         name, docs, ordered = self._statements(request, "documents")
         coll = self.engine.collection(db, name)
-        too_large = request.oversized.get("documents", {})
+        too_large = {
+            i: n for i, n in request.large.get("documents", {}).items() if n > MAX_DOCUMENT_SIZE
+        }
         n = 0
         errors: list[dict[str, Any]] = []
         entries: list[OplogEntry] = []
@@ -97,6 +99,7 @@ class WriteCommands(CommandsBase):
         errors: list[dict[str, Any]] = []
         with self.engine.writing(db, name):
             applier = StatementApplier(self.engine, db, name, full_documents=False)
+            large = request.large.get("updates", {})
             for i, stmt in enumerate(statements):
                 q = stmt.get("q", {}) if isinstance(stmt, dict) else {}
                 try:
@@ -109,6 +112,7 @@ class WriteCommands(CommandsBase):
                             multi=bool(stmt.get("multi")),
                             upsert=bool(stmt.get("upsert")),
                             array_filters=stmt.get("arrayFilters"),
+                            check_size=i in large,
                         )
                     )
                 except Exception as exc:
