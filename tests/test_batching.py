@@ -18,15 +18,21 @@ class Recorder:
         self.most_inflight = 0
         self._delay_s = delay_s
         self._fail_on = fail_on
-        self.release = asyncio.Event()
+        self.gate: asyncio.Event | None = None  # when set up, each apply waits for it
+        self.started_at: list[float] = []
+        self.entered = asyncio.Event()  # an apply has begun
 
     async def apply(self, items: Sequence[int]) -> list[int]:
         self.batches.append(list(items))
+        self.started_at.append(asyncio.get_running_loop().time())
+        self.entered.set()
         self.inflight += 1
         self.most_inflight = max(self.most_inflight, self.inflight)
         try:
             if self._delay_s:
                 await asyncio.sleep(self._delay_s)
+            if self.gate is not None:
+                await self.gate.wait()
             if self._fail_on is not None and self._fail_on in items:
                 raise RuntimeError("database unavailable")
             return [i * 10 for i in items]
@@ -56,19 +62,23 @@ async def test_batches_apply_concurrently_up_to_the_bound() -> None:
     await commit.aclose()
 
 
-async def test_a_lone_event_waits_about_one_window_not_two() -> None:
-    recorder = Recorder(delay_s=0.1)
-    commit: GroupCommit[int, int] = GroupCommit(recorder.apply, window_s=0.05, max_inflight=1)
+async def test_an_event_whose_window_passed_while_the_slot_was_busy_goes_at_once() -> None:
+    recorder = Recorder()
+    recorder.gate = asyncio.Event()
+    window_s = 0.4
+    commit: GroupCommit[int, int] = GroupCommit(recorder.apply, window_s=window_s, max_inflight=1)
     loop = asyncio.get_running_loop()
     first = asyncio.ensure_future(commit.submit(1))
-    await asyncio.sleep(0.06)  # the first batch is now being applied (0.1 s)
-    t0 = loop.time()
+    await recorder.entered.wait()  # the first batch is being applied, and holds the only slot
     second = asyncio.ensure_future(commit.submit(2))
-    await first
+    await asyncio.sleep(window_s + 0.1)  # the second's window passes while it waits
+    released_at = loop.time()
+    recorder.gate.set()
+    assert await first == 10
     assert await second == 20
-    # The second waited for the slot (about 0.09 s left of the first apply), then applied at
-    # once, since its window had passed meanwhile: no fresh window on top.
-    assert loop.time() - t0 < 0.09 + 0.1 + 0.04
+    assert recorder.batches == [[1], [2]]
+    # Applied as soon as the slot was free: no fresh window on top of the wait.
+    assert recorder.started_at[1] - released_at < window_s / 2
     await commit.aclose()
 
 

@@ -23,10 +23,12 @@ from typing import Any
 import anyio
 from pymongo import AsyncMongoClient
 
+from ..adapters.mongo import MongoAudiences, MongoRecipients
 from ..app import Reactor
-from ..config import Settings
+from ..config import RecipientsConfig, Settings
+from ..domain.segments import Segment
 from ..embedded.smtp_sink import SmtpSink
-from .common import emulator_process
+from .common import emulator_process, percentile
 from .fault_world import ReactorProcess
 
 Client = AsyncMongoClient[dict[str, Any]]
@@ -227,10 +229,6 @@ async def _segment(uri: str, n: int) -> dict[str, Any]:
     """A segment of `n` customers (one order row each, half of them matching), frozen in chunks
     and every chunk's recipients resolved, as the shards of a replica would: the time per
     recipient, and the peak memory this process allocated meanwhile (tracemalloc)."""
-    from ..adapters.mongo import MongoAudiences, MongoRecipients
-    from ..config import RecipientsConfig
-    from ..domain.segments import Segment
-
     client: Client = AsyncMongoClient(uri, tz_aware=True)
     db = client[f"seg{n}"]
     rows = [
@@ -289,8 +287,6 @@ async def segments(quick: bool = False, sizes: list[int] | None = None) -> dict[
 async def burst(quick: bool = False) -> dict[str, Any]:
     """`n` campaigns due at the same instant, approved together well ahead (so every one is
     armed first), one replica: how long until all are `running`, and the start lateness."""
-    from ..bench.common import percentile
-
     n = 200 if quick else 1000
     async with emulator_process() as uri:
         client: Client = AsyncMongoClient(uri, tz_aware=True)

@@ -39,7 +39,7 @@ from ..suppression import SuppressionList
 from .deliver import Deliverer
 from .ledger import LedgerWriter
 from .run import CampaignRun
-from .shards import AudienceStore, ShardStore, shard_run
+from .shards import AudienceStore, ShardStore
 from .state import Run, StopReason
 
 log = logging.getLogger(__name__)
@@ -189,15 +189,13 @@ class Executor:
         epoch). False if it is already running here."""
         shard = parse_shard(claimed)
         campaign_key = str(claimed["campaign"])
-        run = shard_run(
-            Run(
-                key=campaign_key,
-                campaign_id=claimed["campaignId"],
-                name=str(claimed.get("name") or campaign_key),
-                epoch=0,
-                execution={},
-            ),
-            shard,
+        run = Run(
+            key=campaign_key,
+            campaign_id=claimed["campaignId"],
+            name=str(claimed.get("name") or campaign_key),
+            epoch=shard.epoch,
+            execution={},
+            shard=shard,
         )
         if run.slot in self._runs:
             return False

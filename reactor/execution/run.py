@@ -123,36 +123,38 @@ class CampaignRun:
         if run.epoch > 1:  # only a takeover can find rows an earlier owner left pending
             await self._settle_previous_pending()
         size = self._config.shard_size
-        if campaign.segment is not None:
-            # An audience outside the document: frozen in chunks at the start, one shard each.
-            if self._audiences is None or self._shards is None or size is None:
-                raise InvalidCampaign("bad_segment", "segments need the shard and audience stores")
-            chunks = await self._audiences.materialize(run.key, campaign.segment, size)
+        segment = campaign.segment
+        if segment is not None or (
+            self._shards is not None and size is not None and len(campaign.targets) > size
+        ):
+            if self._shards is None or size is None:
+                raise InvalidCampaign("bad_segment", "segments need the shard store")
+            if segment is not None:
+                # An audience outside the document: frozen in chunks at the start, one shard
+                # per chunk.
+                if self._audiences is None:
+                    raise InvalidCampaign("bad_segment", "segments need the audience store")
+                n_chunks = await self._audiences.materialize(run.key, segment, size)
+                ranges, source = [(i, 1) for i in range(n_chunks)], "audience"
+            else:
+                ranges, source = shard_ranges(len(campaign.targets), size), "list"
             await coordinate(
                 run,
-                [(i, 1) for i in range(chunks)],
+                ranges,
                 size=size,
-                source="audience",
+                source=source,
                 shards=self._shards,
                 clock=self._clock,
                 owner=self._instance,
                 lease_s=self._lease_s,
                 close=self._close_shard,
             )
-            await self._finish(campaign, await self._audiences.total(run.key))
-            return
-        if self._shards is not None and size is not None and len(campaign.targets) > size:
-            await coordinate(
-                run,
-                shard_ranges(len(campaign.targets), size),
-                size=size,
-                shards=self._shards,
-                clock=self._clock,
-                owner=self._instance,
-                lease_s=self._lease_s,
-                close=self._close_shard,
+            total = (
+                await self._audiences.total(run.key)
+                if segment is not None and self._audiences is not None
+                else len(campaign.targets)
             )
-            await self._finish(campaign, len(campaign.targets))
+            await self._finish(campaign, total)
             return
         targets = list(dict.fromkeys(normalise_id(t) for t in campaign.targets))
         await self._send_targets(campaign, targets)

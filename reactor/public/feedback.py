@@ -105,13 +105,12 @@ class FeedbackSink:
         if not new:
             return fresh
         # Suppressing and attributing are independent: one round trip's wait, not two.
-        suppressing = asyncio.ensure_future(self._suppress(new, now))
-        try:
-            where = await self._store.attribute_many(
+        _, where = await asyncio.gather(
+            self._suppress(new, now),
+            self._store.attribute_many(
                 Channel.EMAIL, [(e.message_id, e.address.strip().lower()) for e in new]
-            )
-        finally:
-            await suppressing
+            ),
+        )
         counts: dict[str, dict[str, int]] = {}
         for e, w in zip(new, where, strict=True):
             if w is None:

@@ -4,7 +4,8 @@ recipients lookup. Nothing above the adapters touches a collection."""
 from .actions import MongoRecipientActions
 from .audiences import MongoAudiences
 from .budgets import MongoBudgets
-from .campaigns import SCHEDULE_PROJECTION, MongoCampaignStore
+from .campaigns import MongoCampaignStore
+from .claims import SCHEDULE_PROJECTION
 from .feed import MongoChangeFeed
 from .feedback import MongoFeedback
 from .ledger import MongoLedger

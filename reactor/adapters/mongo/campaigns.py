@@ -24,14 +24,12 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
 from ...domain.models import Status
-from .claims import StartClaims
+from .claims import SCHEDULE_PROJECTION, StartClaims
 from .pipeline import NOW, document_or_empty, literal, ms, now_plus, set_execution
 from .targets import target_problem
 
 log = logging.getLogger(__name__)
 
-# Fields the scheduler never needs; a targeted list can hold millions of ids.
-SCHEDULE_PROJECTION = {"targetedCustomerIds": 0}
 
 _lit = literal
 _document = document_or_empty

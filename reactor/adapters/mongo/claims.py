@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 CLAIM_WINDOW_S = 0.002
 CLAIM_MAX_BATCH = 1000
 # Fields the scheduler never needs; a targeted list can hold millions of ids.
-_PROJECTION = {"targetedCustomerIds": 0}
+SCHEDULE_PROJECTION = {"targetedCustomerIds": 0}
 
 
 class StartClaims:
@@ -41,13 +41,7 @@ class StartClaims:
     async def claim(
         self, campaign_id: Any, *, owner: str, lease_s: float, grace_s: float
     ) -> dict[str, Any] | None:
-        """approved → running if due, inside the grace and before the end, by the database's
-        clock. Returns the claimed document (with its new epoch; `execution.startedAt` is the
-        database's time of the claim) to the single winner, None to everyone else.
-
-        Claims that fire together go out together: one unordered bulk of these conditional
-        updates (each still its own compare-and-set) and one read of what this batch won, so a
-        burst of a thousand starts costs a few round trips, not a thousand."""
+        """`MongoCampaignStore.claim_start`, through this batcher (see the module)."""
         key = (owner, lease_s, grace_s)
         batcher = self._batchers.get(key)
         if batcher is None:
@@ -114,7 +108,7 @@ class StartClaims:
         won = {
             doc["_id"]: doc
             async for doc in self._campaigns.find(
-                {"_id": {"$in": unique}, "execution.claimToken": token}, _PROJECTION
+                {"_id": {"$in": unique}, "execution.claimToken": token}, SCHEDULE_PROJECTION
             )
         }
         out: list[dict[str, Any] | None] = []
