@@ -112,5 +112,5 @@ async def test_nothing_lingers_between_bursts() -> None:
     await asyncio.sleep(0.01)
     assert commit._task is not None
     assert commit._task.done()  # no task left waiting for the next item
-    assert await asyncio.gather(commit.submit(2), commit.submit(3)) == [20, 30]
+    assert list(await asyncio.gather(commit.submit(2), commit.submit(3))) == [20, 30]
     assert recorder.batches == [[1], [2, 3]]
