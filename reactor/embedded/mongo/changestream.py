@@ -7,15 +7,19 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
+import bson
 from mongomock import aggregate as mm_aggregate
 from mongomock import filtering
 
-from .engine import Engine, OplogEntry, int_to_ts
+from .engine import EXPANDED_OPS, Engine, OplogEntry, int_to_ts
 
 # A token is the cluster time of the event it follows (8 bytes) plus one flag byte:
 # 0 = an event or a high-water mark, 1 = the invalidate event that followed a drop at that time.
 _FLAG_EVENT = 0
 _FLAG_INVALIDATE = 1
+# Fragment n of an event split by $changeStreamSplitLargeEvent: flag _FLAG_FRAGMENT + n.
+_FLAG_FRAGMENT = 0x10
+MAX_EVENT_BYTES = 16 * 1024 * 1024
 
 
 class CommandError(Exception):
@@ -30,6 +34,7 @@ class CommandError(Exception):
         self.code_name = code_name or CODE_NAMES.get(code, "UnknownError")
         self.labels = labels or []
         self.extra: dict[str, Any] = {}  # more fields of the reply (keyPattern, keyValue…)
+        self.before_command = False  # raised by failCommand, before the command ran
 
 
 CODE_NAMES = {
@@ -102,15 +107,29 @@ class ChangeStreamCursor:
     full_document: str
     before_change: str
     position: int  # events strictly after this cluster time are next
+    show_expanded: bool = False  # showExpandedEvents: DDL events, collectionUUID, and more
     batch_size: int | None = None
     invalidated: bool = False
     finished: bool = False
     pending: list[dict[str, Any]] = field(default_factory=list)
+    split: bool = False  # the pipeline ends in $changeStreamSplitLargeEvent
+    skip_fragments: tuple[int, int] | None = None  # resuming inside a split event: (ts, done)
     # The pipeline's leading $match when it does not look at fullDocument: applied before the
     # (costly) document lookup and copies.
     prefilter: dict[str, Any] | None = None
 
+    last_token: dict[str, Any] | None = None  # of the last event handed out
+
+    def batch_token(self) -> dict[str, Any]:
+        """postBatchResumeToken: the position, unless fragments of a split event are still to
+        come, when resuming must start after the last fragment handed out."""
+        if self.pending and self.last_token is not None:
+            return self.last_token
+        return encode_token(self.position)
+
     def matches(self, entry: OplogEntry) -> bool:
+        if entry.op in EXPANDED_OPS and not self.show_expanded:
+            return False
         if self.db is None:
             return entry.db not in ("admin", "config", "local")
         if entry.db != self.db:
@@ -144,15 +163,27 @@ def open_stream(
     before = stage.get("fullDocumentBeforeChange", "off")
     if before not in ("off", "whenAvailable", "required"):
         raise CommandError(2, f"unknown fullDocumentBeforeChange mode {before!r}")
-    for stage_doc in pipeline:
+    for index, stage_doc in enumerate(pipeline):
         name = next(iter(stage_doc), "")
+        if name not in _KNOWN_STAGES:
+            raise CommandError(
+                40324, f"Unrecognized pipeline stage name: '{name}'", "Location40324"
+            )
+        if name == _SPLIT_STAGE and index != len(pipeline) - 1:
+            raise CommandError(
+                7182802,
+                "$changeStreamSplitLargeEvent must be the last stage in the pipeline.",
+                "Location7182802",
+            )
         if name not in _ALLOWED_STAGES:
             raise CommandError(
                 280,
                 f"{name} is not permitted in a $changeStream pipeline",
                 "ChangeStreamFatalError",
+                labels=["NonResumableChangeStreamError"],
             )
     options = [k for k in ("resumeAfter", "startAfter", "startAtOperationTime") if k in stage]
+    skip_fragments: tuple[int, int] | None = None
     if len(options) > 1:
         raise CommandError(
             40674,
@@ -168,10 +199,14 @@ def open_stream(
                 "not allowed from an invalidate notification.",
             )
         position = ts
+        if flag > _FLAG_FRAGMENT:  # inside a split event: its later fragments come next
+            position, skip_fragments = ts - 1, (ts, flag - _FLAG_FRAGMENT)
     elif options == ["startAtOperationTime"]:
         position = max(0, _ts_arg(stage["startAtOperationTime"]) - 1)
     else:
         position = engine.cluster_time
+    if options != ["resumeAfter"] and options != ["startAfter"]:
+        skip_fragments = None
     if position < engine.history_floor:
         raise CommandError(
             286,
@@ -184,15 +219,31 @@ def open_stream(
     return ChangeStreamCursor(
         db=None if all_cluster else db,
         coll=coll,
-        pipeline=pipeline,
+        pipeline=[_nest_dotted(stage) for stage in pipeline if _SPLIT_STAGE not in stage],
         full_document=full_document,
         before_change=before,
         position=position,
+        show_expanded=bool(stage.get("showExpandedEvents")),
         prefilter=prefilter,
+        skip_fragments=skip_fragments,
+        split=bool(pipeline) and _SPLIT_STAGE in pipeline[-1],
     )
 
 
+_SPLIT_STAGE = "$changeStreamSplitLargeEvent"
+# Every stage name mongod 7.0 knows: an unknown one is refused as such (40324), a known one a
+# change stream may not use as not permitted (280).
+_KNOWN_STAGES = {
+    "$addFields", "$bucket", "$bucketAuto", "$changeStream", "$changeStreamSplitLargeEvent",
+    "$collStats", "$count", "$currentOp", "$densify", "$documents", "$facet", "$fill",
+    "$geoNear", "$graphLookup", "$group", "$indexStats", "$limit", "$listLocalSessions",
+    "$listSampledQueries", "$listSearchIndexes", "$listSessions", "$lookup", "$match",
+    "$merge", "$out", "$planCacheStats", "$project", "$redact", "$replaceRoot", "$replaceWith",
+    "$sample", "$search", "$searchMeta", "$set", "$setWindowFields", "$shardedDataDistribution",
+    "$skip", "$sort", "$sortByCount", "$unionWith", "$unset", "$unwind", "$vectorSearch",
+}  # fmt: skip
 _ALLOWED_STAGES = {
+    _SPLIT_STAGE,
     "$match",
     "$project",
     "$addFields",
@@ -214,9 +265,18 @@ def _ts_arg(value: Any) -> int:
 
 def next_batch(engine: Engine, cursor: ChangeStreamCursor, limit: int) -> list[dict[str, Any]]:
     """Events for the cursor from its position on, at most `limit`; advances the position."""
+    out = _next_batch(engine, cursor, limit)
+    if out:
+        cursor.last_token = out[-1].get("_id")
+    return out
+
+
+def _next_batch(engine: Engine, cursor: ChangeStreamCursor, limit: int) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     while cursor.pending and len(out) < limit:
         out.append(cursor.pending.pop(0))
+        if "splitEvent" in out[-1]:
+            return out  # one fragment (up to 16 MiB) per batch
     if cursor.invalidated or len(out) >= limit:
         return out
     try:
@@ -234,13 +294,20 @@ def next_batch(engine: Engine, cursor: ChangeStreamCursor, limit: int) -> list[d
         cursor.position = entry.ts
         if not cursor.matches(entry):
             continue
-        if cursor.prefilter is not None and not filtering.filter_applies(
+        if cursor.prefilter is None or filtering.filter_applies(
             cursor.prefilter, _event(engine, cursor, entry, lookup=False)
-        ):
-            continue  # like mongod, a $match that does not read fullDocument runs first
-        event = _event(engine, cursor, entry)
-        for produced in _apply_pipeline(engine, cursor, event):
-            out.append(produced)
+        ):  # like mongod, a $match that does not read fullDocument runs first
+            event = _event(engine, cursor, entry)
+            for produced in _apply_pipeline(engine, cursor, event):
+                fragments = _split(cursor, produced, entry.ts)
+                if len(fragments) > 1 or (fragments and "splitEvent" in fragments[0]):
+                    cursor.pending.extend(fragments)
+                else:
+                    out.extend(fragments)
+            if cursor.pending and not cursor.invalidated:
+                if not out:
+                    out.append(cursor.pending.pop(0))
+                return out  # fragments go out one per batch
         if _invalidates(cursor, entry):
             cursor.invalidated = True
             invalidate = {
@@ -281,6 +348,13 @@ def _event(
         event["ns"] = {"db": entry.db}
     else:
         event["ns"] = {"db": entry.db, "coll": entry.coll}
+    if entry.to is not None:
+        event["to"] = dict(entry.to)
+    if cursor.show_expanded:
+        if entry.collection_uuid is not None and entry.op != "dropDatabase":
+            event["collectionUUID"] = entry.collection_uuid
+        if entry.description is not None:
+            event["operationDescription"] = copy.deepcopy(entry.description)
     if entry.document_key is not None:
         event["documentKey"] = copy.deepcopy(entry.document_key)
     if not lookup:
@@ -291,18 +365,27 @@ def _event(
         event["fullDocument"] = copy.deepcopy(entry.full_document)
     if entry.op == "update":
         event["updateDescription"] = copy.deepcopy(entry.update_description)
+        if cursor.show_expanded:
+            event["updateDescription"]["disambiguatedPaths"] = copy.deepcopy(
+                entry.disambiguated or {}
+            )
         if cursor.full_document == "updateLookup":
             assert entry.document_key is not None
             coll = engine.collection(entry.db, entry.coll)
             event["fullDocument"] = coll.find_one({"_id": entry.document_key["_id"]})
+        elif cursor.full_document in ("whenAvailable", "required"):
+            if entry.post_image is None and cursor.full_document == "required":
+                raise _fatal(
+                    "Change stream was configured to require a post-image for all update events, "
+                    "but no post-image was available for this event."
+                )
+            event["fullDocument"] = copy.deepcopy(entry.post_image)
     if cursor.before_change != "off" and entry.op in ("update", "replace", "delete"):
         if entry.pre_image is None:
             if cursor.before_change == "required":
-                raise CommandError(
-                    280,
+                raise _fatal(
                     "Change stream was configured to require a pre-image for all update, delete and "
-                    "replace events, but no pre-image was available for this event.",
-                    "ChangeStreamFatalError",
+                    "replace events, but no pre-image was available for this event."
                 )
             event["fullDocumentBeforeChange"] = None
         else:
@@ -322,10 +405,69 @@ def _apply_pipeline(
         raise CommandError(115, f"change stream pipeline not supported: {exc}") from exc
     for doc in produced:
         if doc.get("_id") != event["_id"]:
-            raise CommandError(
-                280,
+            raise _fatal(
                 "Encountered an event whose _id field, which contains the resume "
-                "token, was modified by the pipeline.",
-                "ChangeStreamFatalError",
+                "token, was modified by the pipeline."
             )
     return produced
+
+
+def _fatal(message: str) -> CommandError:
+    """ChangeStreamFatalError: the stream cannot go on, and a driver must not resume it."""
+    return CommandError(280, message, "ChangeStreamFatalError", ["NonResumableChangeStreamError"])
+
+
+def _split(cursor: ChangeStreamCursor, event: dict[str, Any], ts: int) -> list[dict[str, Any]]:
+    """$changeStreamSplitLargeEvent: an event over 16 MiB as fragments of its top-level fields,
+    each under 16 MiB with `_id` (a token of its own) and `splitEvent: {fragment, of}`."""
+    if not cursor.split:
+        return [event]
+    sizes = {k: len(bson.encode({k: v})) - 5 for k, v in event.items() if k != "_id"}
+    overhead = len(bson.encode({"_id": event["_id"], "splitEvent": {"fragment": 1, "of": 1}}))
+    if overhead + sum(sizes.values()) <= MAX_EVENT_BYTES:
+        return [event]
+    groups: list[list[str]] = [[]]
+    used = overhead
+    for key, size in sizes.items():
+        if overhead + size > MAX_EVENT_BYTES:
+            raise CommandError(
+                10334, f"BSONObj size: {overhead + size} is invalid.", "BSONObjectTooLarge"
+            )
+        if used + size > MAX_EVENT_BYTES and groups[-1]:
+            groups.append([])
+            used = overhead
+        groups[-1].append(key)
+        used += size
+    fragments = []
+    for number, keys in enumerate(groups, start=1):
+        fragment: dict[str, Any] = {
+            "_id": encode_token(ts, _FLAG_FRAGMENT + number),
+            "splitEvent": {"fragment": number, "of": len(groups)},
+        }
+        fragment.update((k, event[k]) for k in keys)
+        fragments.append(fragment)
+    if cursor.skip_fragments is not None and cursor.skip_fragments[0] == ts:
+        fragments = fragments[cursor.skip_fragments[1] :]
+        cursor.skip_fragments = None
+    return fragments
+
+
+def _nest_dotted(stage: dict[str, Any]) -> dict[str, Any]:
+    """A `$project` computing a dotted path (`"ns.viewOn": "db.coll"`) as the nested spec it
+    means, which mongomock would otherwise take for one field named with a dot."""
+    spec = stage.get("$project")
+    if not isinstance(spec, dict) or not any("." in key for key in spec):
+        return stage
+    nested: dict[str, Any] = {}
+    for key, value in spec.items():
+        if "." not in key or value in (0, 1, True, False):
+            nested[key] = value
+            continue
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise CommandError(31250, f"Path collision at {key}", "Location31250")
+        node[leaf] = value
+    return {"$project": nested}

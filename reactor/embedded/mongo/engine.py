@@ -12,6 +12,7 @@ import contextlib
 import copy
 import datetime as dt
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,12 +20,21 @@ from typing import Any
 import mongomock
 import mongomock.aggregate
 import mongomock.store
-from bson import Timestamp
+from bson import Binary, Timestamp
 
 from .expressions import SYSTEM_VARIABLES, install_expressions, install_fast_operators
 from .fastpath import FastCollection, clone, simple_update
 
-__all__ = ["Engine", "FastCollection", "OplogEntry", "clone", "diff_documents", "simple_update"]
+__all__ = [
+    "EXPANDED_OPS",
+    "Engine",
+    "FastCollection",
+    "OplogEntry",
+    "clone",
+    "describe_update",
+    "diff_documents",
+    "simple_update",
+]
 
 
 def ts_to_int(ts: Timestamp) -> int:
@@ -40,12 +50,24 @@ class OplogEntry:
     ts: int
     db: str
     coll: str
-    op: str  # insert | update | replace | delete | drop | dropDatabase | rename
+    # insert | update | replace | delete | drop | dropDatabase | rename, and the events only
+    # streams with showExpandedEvents see: create | createIndexes | dropIndexes | modify
+    op: str
     document_key: dict[str, Any] | None
     wall_time: dt.datetime
     full_document: dict[str, Any] | None = None
     update_description: dict[str, Any] | None = None
     pre_image: dict[str, Any] | None = None
+    post_image: dict[str, Any] | None = None  # kept where changeStreamPreAndPostImages is on
+    collection_uuid: Binary | None = None
+    description: dict[str, Any] | None = None  # operationDescription of a DDL event
+    to: dict[str, Any] | None = None  # a rename's target namespace
+    # updateDescription.disambiguatedPaths (shown with showExpandedEvents): each reported path
+    # whose dotted form is ambiguous (a numeric field name, a dot in a name), as its components
+    disambiguated: dict[str, list[Any]] | None = None
+
+
+EXPANDED_OPS = frozenset({"create", "createIndexes", "dropIndexes", "modify"})
 
 
 _INVALIDATE = object()  # a change no document key describes: the tables are rebuilt
@@ -71,6 +93,7 @@ class Engine:
         self._last_ts = 0
         self.changed = asyncio.Condition()
         self.pre_images_enabled: set[tuple[str, str]] = set()
+        self._uuids: dict[tuple[str, str], Binary] = {}
         self.indexed_fields: dict[tuple[str, str], set[str]] = {}
         # The document keys each write in progress changed, by collection (from its entries).
         self._write_keys: dict[tuple[str, str], list[Any]] = {}
@@ -121,6 +144,18 @@ class Engine:
             return False
         return name in self.client[db].list_collection_names()
 
+    def collection_uuid(self, db: str, name: str) -> Binary:
+        """The collection's UUID (a new one once it is dropped and made again)."""
+        found = self._uuids.get((db, name))
+        if found is None:
+            found = self._uuids[(db, name)] = Binary.from_uuid(uuid.uuid4())
+        return found
+
+    def forget_collection(self, db: str, name: str) -> None:
+        self._uuids.pop((db, name), None)
+        self.pre_images_enabled.discard((db, name))
+        self.indexed_fields.pop((db, name), None)
+
     def touch(self, db: str, name: str) -> None:
         """Invalidate the equality tables of a collection."""
         store = self.client[db]._store[name]
@@ -142,6 +177,10 @@ class Engine:
         finally:
             self._write_keys.pop((db, name), None)
             store._reactor_writing = False
+            if store._documents:
+                # A collection a write filled goes on existing once emptied, as in mongod
+                # (mongomock forgets a collection with no documents and no indexes).
+                store._is_force_created = True
             state = getattr(store, "_reactor_index", None)
             version = getattr(store, "_reactor_version", 0)
             if (
@@ -220,31 +259,130 @@ class Engine:
             op=op,
             document_key=document_key,
             wall_time=dt.datetime.now(dt.UTC).replace(tzinfo=None),
+            collection_uuid=self.collection_uuid(db, coll) if coll else None,
             **extra,
         )
 
 
-def diff_documents(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+def diff_documents(
+    before: dict[str, Any], after: dict[str, Any], *, arrays: bool = False
+) -> tuple[dict[str, Any], dict[str, list[Any]]]:
     """updateDescription for a change from `before` to `after`, with dotted paths into
-    sub-documents the way MongoDB reports `$set` / `$inc` on nested fields."""
+    sub-documents the way MongoDB reports `$set` / `$inc` on nested fields; with `arrays` (a
+    pipeline update, which mongod diffs whole documents for), into arrays too, element by
+    element, a shortened array reported in truncatedArrays. Also the ambiguous paths."""
     updated: dict[str, Any] = {}
     removed: list[str] = []
+    truncated: list[dict[str, Any]] = []
+    ambiguous: dict[str, list[Any]] = {}
 
-    def walk(old: dict[str, Any], new: dict[str, Any], prefix: str) -> None:
+    def path_of(parts: list[Any]) -> str:
+        path = ".".join(str(p) for p in parts)
+        if any(isinstance(p, str) and (p.isdigit() or "." in p) for p in parts):
+            ambiguous[path] = list(parts)
+        return path
+
+    def walk_doc(old: dict[str, Any], new: dict[str, Any], parts: list[Any]) -> None:
         for key, value in new.items():
-            path = prefix + key
+            here = [*parts, key]
             if key not in old:
-                updated[path] = copy.deepcopy(value)
-            elif isinstance(value, dict) and isinstance(old[key], dict):
-                walk(old[key], value, path + ".")
-            elif old[key] != value or type(old[key]) is not type(value):
-                updated[path] = copy.deepcopy(value)
+                updated[path_of(here)] = copy.deepcopy(value)
+            else:
+                compare(old[key], value, here)
         for key in old:
             if key not in new:
-                removed.append(prefix + key)
+                removed.append(path_of([*parts, key]))
 
-    walk(before, after, "")
-    return {"updatedFields": updated, "removedFields": removed, "truncatedArrays": []}
+    def walk_array(old: list[Any], new: list[Any], parts: list[Any]) -> None:
+        if len(new) < len(old):
+            truncated.append({"field": path_of(parts), "newSize": len(new)})
+        for index, value in enumerate(new):
+            here = [*parts, index]
+            if index >= len(old):
+                updated[path_of(here)] = copy.deepcopy(value)
+            else:
+                compare(old[index], value, here)
+
+    def compare(old: Any, new: Any, parts: list[Any]) -> None:
+        if isinstance(new, dict) and isinstance(old, dict):
+            walk_doc(old, new, parts)
+        elif arrays and isinstance(new, list) and isinstance(old, list):
+            walk_array(old, new, parts)
+        elif old != new or type(old) is not type(new):
+            updated[path_of(parts)] = copy.deepcopy(new)
+
+    walk_doc(before, after, [])
+    description = {"updatedFields": updated, "removedFields": removed, "truncatedArrays": truncated}
+    return description, ambiguous
+
+
+def describe_update(
+    update: dict[str, Any], before: dict[str, Any], after: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """updateDescription of an update by modifiers, as mongod logs it: the paths the modifiers
+    name (array modifiers: the whole array), cut at the first part that did not exist before."""
+    paths: set[str] = set()
+    for modifier, args in update.items():
+        if not isinstance(args, dict):
+            continue
+        for path in args:
+            if "$" in path:  # positional: which elements changed is known only by comparing
+                return diff_documents(before, after)
+            paths.add(path)
+            if modifier == "$rename" and isinstance(args[path], str):
+                paths.add(args[path])
+    updated: dict[str, Any] = {}
+    removed: list[str] = []
+    ambiguous: dict[str, list[Any]] = {}
+    for path in sorted(paths):
+        parts = _resolve(before, path.split("."), after)
+        if parts is None:
+            continue
+        dotted = ".".join(str(p) for p in parts)
+        if any(isinstance(p, str) and (p.isdigit() or "." in p) for p in parts):
+            ambiguous[dotted] = parts
+        old, new = _get(before, parts), _get(after, parts)
+        if new is _ABSENT:
+            if old is not _ABSENT:
+                removed.append(dotted)
+        elif old is _ABSENT or old != new or type(old) is not type(new):
+            updated[dotted] = copy.deepcopy(new)
+    return {"updatedFields": updated, "removedFields": removed, "truncatedArrays": []}, ambiguous
+
+
+_ABSENT = object()
+
+
+def _resolve(before: Any, names: list[str], after: Any) -> list[Any] | None:
+    """The path's parts (array indices as ints), cut after the first one `before` lacks."""
+    parts: list[Any] = []
+    node: Any = before
+    for name in names:
+        if isinstance(node, list) and name.isdigit():
+            parts.append(int(name))
+            node = node[int(name)] if int(name) < len(node) else _ABSENT
+        elif isinstance(node, dict):
+            parts.append(name)
+            node = node.get(name, _ABSENT)
+        else:
+            return None if not parts else parts
+        if node is _ABSENT:
+            return parts
+    return parts
+
+
+def _get(doc: Any, parts: list[Any]) -> Any:
+    node = doc
+    for part in parts:
+        if isinstance(part, int) and isinstance(node, list):
+            node = node[part] if part < len(node) else _ABSENT
+        elif isinstance(node, dict):
+            node = node.get(part, _ABSENT)
+        else:
+            return _ABSENT
+        if node is _ABSENT:
+            return _ABSENT
+    return node
 
 
 TTL_MONITOR_S = 60.0  # mongod's TTLMonitor pass interval (ttlMonitorSleepSecs)

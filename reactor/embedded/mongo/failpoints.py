@@ -2,7 +2,11 @@
 
 `failCommand` is the one drivers' tests and the reactor's fault tests use: fail the next N
 matching commands with an error code (and labels), close the connection, or block it first,
-optionally only for one client's `appName`.
+optionally only for one client's `appName`. It fires before the command runs, so the server adds
+no label that depends on what the command would have touched (no ResumableChangeStreamError).
+
+`failGetMoreAfterCursorCheckout` fails a `getMore` once its cursor is checked out, inside the
+command, so a change stream's cursor gets the labels a real error there would get.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ class FailPoint:
 class FailPoints:
     """The fail points in force, by name."""
 
-    SUPPORTED = ("failCommand",)
+    SUPPORTED = ("failCommand", "failGetMoreAfterCursorCheckout")
 
     def __init__(self) -> None:
         self._points: dict[str, FailPoint] = {}
@@ -53,12 +57,16 @@ class FailPoints:
         """Apply one `configureFailPoint` command; returns its reply."""
         name = command["configureFailPoint"]
         if name not in self.SUPPORTED:
-            raise CommandError(2, f"unknown fail point {name!r}; the emulator supports failCommand")
+            raise CommandError(
+                2, f"unknown fail point {name!r}; the emulator supports {', '.join(self.SUPPORTED)}"
+            )
         mode = command.get("mode")
         if mode == "off":
             self._points.pop(name, None)
             return {"count": 0}
         data = dict(command.get("data") or {})
+        if name == "failGetMoreAfterCursorCheckout":
+            data["failCommands"] = ["getMore"]
         if not isinstance(data.get("failCommands"), list):
             raise CommandError(2, "failCommand requires data.failCommands")
         if mode == "alwaysOn":
@@ -72,16 +80,25 @@ class FailPoints:
         self._points[name] = point
         return {"count": 0}
 
-    def matching(self, command: str, app_name: str | None) -> FailPoint | None:
-        """The fail point that applies to this command from this client, if any (counting it)."""
+    def matching(
+        self, command: str, app_name: str | None, name: str = "failCommand"
+    ) -> FailPoint | None:
+        """The fail point `name` if it applies to this command from this client (counting it)."""
         if command == "configureFailPoint":
             return None
-        point = self._points.get("failCommand")
+        point = self._points.get(name)
         if point is None or not point.applies(command, app_name):
             return None
         if point.times_left == 0:
-            self._points.pop("failCommand", None)
+            self._points.pop(name, None)
         return point
+
+    def check_get_more(self, app_name: str | None) -> None:
+        """Inside `getMore`, its cursor checked out: raise what failGetMoreAfterCursorCheckout says."""
+        point = self.matching("getMore", app_name, "failGetMoreAfterCursorCheckout")
+        if point is not None and "errorCode" in point.data:
+            code = int(point.data["errorCode"])
+            raise CommandError(code, "Failing getMore via 'failGetMoreAfterCursorCheckout'")
 
     @staticmethod
     async def trigger(point: FailPoint, command: str) -> None:
@@ -92,8 +109,10 @@ class FailPoints:
         if data.get("closeConnection"):
             raise CloseConnection
         if "errorCode" in data:
-            raise CommandError(
+            error = CommandError(
                 int(data["errorCode"]),
                 f"Failing command {command} via 'failCommand' failpoint",
                 labels=list(data.get("errorLabels", [])),
             )
+            error.before_command = True
+            raise error

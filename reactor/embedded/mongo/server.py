@@ -252,7 +252,7 @@ class MongoEmulator(AdminCommands, DdlCommands, WriteCommands, ReadCommands):
             if not exc.labels:
                 if "txnNumber" in command and exc.code in RETRYABLE_CODES:
                     exc.labels = ["RetryableWriteError"]
-                if name == "getMore" and exc.code in RESUMABLE_CODES:
+                if name == "getMore" and exc.code in RESUMABLE_CODES and not exc.before_command:
                     cursor = self._cursors.get(command.get("getMore"))  # type: ignore[arg-type]
                     if isinstance(cursor, ChangeStreamCursor):
                         exc.labels = ["ResumableChangeStreamError"]

@@ -23,6 +23,7 @@ class DdlCommands(CommandsBase):
         "createIndexes": "_create_indexes",
         "listIndexes": "_list_indexes",
         "dropIndexes": "_drop_indexes",
+        "renameCollection": "_rename_collection",
     }
 
     async def _list_databases(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
@@ -72,13 +73,28 @@ class DdlCommands(CommandsBase):
             raise CommandError(48, f"Collection {db}.{name} already exists.")
         self.engine.client[db].create_collection(name)
         self._set_pre_images(db, name, request.command)
+        command = request.command
+        description: dict[str, Any]
+        if isinstance(command.get("viewOn"), str):
+            description = {"viewOn": command["viewOn"], "pipeline": command.get("pipeline") or []}
+        else:
+            description = {"idIndex": {"v": 2, "key": {"_id": 1}, "name": "_id_"}}
+        self._ddl_event(db, name, "create", description)
         return {}
+
+    def _ddl_event(self, db: str, name: str, op: str, description: dict[str, Any]) -> None:
+        """Record a DDL change, which only change streams with showExpandedEvents report."""
+        self.engine.record([self.engine.make_entry(db, name, op, None, description=description)])
 
     async def _coll_mod(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
         name = self._coll_name(request, "collMod")
         if not self.engine.collection_exists(db, name):
             raise CommandError(26, f"ns does not exist: {db}.{name}")
         self._set_pre_images(db, name, request.command)
+        changed = {k: v for k, v in request.command.items() if k != "collMod" and k[0] != "$"}
+        for session_field in ("lsid", "txnNumber", "writeConcern", "comment"):
+            changed.pop(session_field, None)
+        self._ddl_event(db, name, "modify", changed)
         return {}
 
     def _set_pre_images(self, db: str, name: str, command: dict[str, Any]) -> None:
@@ -95,12 +111,66 @@ class DdlCommands(CommandsBase):
             return {"nIndexesWas": 0}
         coll = self.engine.collection(db, name)
         n_indexes = len(coll.index_information())
+        self._drop_collection(db, name)
+        return {"nIndexesWas": n_indexes, "ns": f"{db}.{name}"}
+
+    def _drop_collection(self, db: str, name: str) -> None:
         self.engine.touch(db, name)
         self.engine.client[db].drop_collection(name)
-        self.engine.pre_images_enabled.discard((db, name))
-        self.engine.indexed_fields.pop((db, name), None)
-        self.engine.record([self.engine.make_entry(db, name, "drop", None)])
-        return {"nIndexesWas": n_indexes, "ns": f"{db}.{name}"}
+        entry = self.engine.make_entry(db, name, "drop", None)
+        self.engine.forget_collection(db, name)
+        self.engine.record([entry])
+
+    async def _rename_collection(
+        self, request: Request, conn: Connection, db: str
+    ) -> dict[str, Any]:
+        if db != "admin":
+            raise CommandError(13, "renameCollection may only be run against the admin database.")
+        command = request.command
+        source, target = command.get("renameCollection"), command.get("to")
+        if not isinstance(source, str) or not isinstance(target, str):
+            raise CommandError(2, "renameCollection and to must be namespace strings")
+        (src_db, _, src), (dst_db, _, dst) = source.partition("."), target.partition(".")
+        if not src or not dst:
+            raise CommandError(73, f"Invalid target namespace: {target}", "InvalidNamespace")
+        if not self.engine.collection_exists(src_db, src):
+            raise CommandError(26, f"Source collection {source} does not exist")
+        if source == target:
+            raise CommandError(20, "Can't rename a collection to itself")
+        description: dict[str, Any] = {"to": {"db": dst_db, "coll": dst}}
+        if self.engine.collection_exists(dst_db, dst):
+            if not command.get("dropTarget"):
+                raise CommandError(48, "target namespace exists", "NamespaceExists")
+            description["dropTarget"] = self.engine.collection_uuid(dst_db, dst)
+            self._drop_collection(dst_db, dst)
+        source_coll = self.engine.collection(src_db, src)
+        indexes = [
+            (info["key"], name, {k: info[k] for k in ("unique", "sparse", "expireAfterSeconds",
+                                                      "partialFilterExpression") if k in info})
+            for name, info in source_coll.index_information().items()
+            if name != "_id_"
+        ]  # fmt: skip
+        documents: list[tuple[Any, Any]] = list(source_coll._store._documents.items())
+        pre_images = (src_db, src) in self.engine.pre_images_enabled
+        uuid = self.engine.collection_uuid(src_db, src)
+        self.engine.touch(src_db, src)
+        self.engine.client[src_db].drop_collection(src)
+        entry = self.engine.make_entry(
+            src_db, src, "rename", None, to=dict(description["to"]), description=description
+        )
+        self.engine.forget_collection(src_db, src)
+        self.engine.client[dst_db].create_collection(dst)
+        moved = self.engine.collection(dst_db, dst)
+        for key, name, options in indexes:
+            moved.create_index(key, name=name, **options)
+        if documents:
+            moved._store._documents.update(documents)
+        self.engine._uuids[(dst_db, dst)] = uuid  # a rename keeps the collection's UUID
+        if pre_images:
+            self.engine.pre_images_enabled.add((dst_db, dst))
+        self.engine.set_indexed_fields(dst_db, dst)
+        self.engine.record([entry])
+        return {}
 
     async def _drop_database(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
         if db not in self.engine.client.list_database_names():
@@ -109,6 +179,7 @@ class DdlCommands(CommandsBase):
         for name in self.engine.client[db].list_collection_names():
             self.engine.touch(db, name)
             entries.append(self.engine.make_entry(db, name, "drop", None))
+            self.engine.forget_collection(db, name)
         self.engine.client.drop_database(db)
         entries.append(self.engine.make_entry(db, "", "dropDatabase", None))
         self.engine.record(entries)
@@ -123,6 +194,7 @@ class DdlCommands(CommandsBase):
         before = len(coll.index_information()) if self.engine.collection_exists(db, name) else 0
         created_collection = not self.engine.collection_exists(db, name)
         existing = coll.index_information()
+        built: list[dict[str, Any]] = []
         for spec in specs:
             key = spec.get("key")
             if not isinstance(key, dict) or not key:
@@ -151,7 +223,14 @@ class DdlCommands(CommandsBase):
                 ) from exc
             except (mongomock.OperationFailure, NotImplementedError, TypeError) as exc:
                 raise CommandError(67, str(exc), "CannotCreateIndex") from exc
+            built.append({"v": 2, "key": dict(key), "name": index_name, **kwargs})
         self.engine.set_indexed_fields(db, name)
+        if created_collection:
+            self._ddl_event(
+                db, name, "create", {"idIndex": {"v": 2, "key": {"_id": 1}, "name": "_id_"}}
+            )
+        if built:
+            self._ddl_event(db, name, "createIndexes", {"indexes": built})
         after = len(coll.index_information())
         return {
             "numIndexesBefore": before or 1,
@@ -178,7 +257,8 @@ class DdlCommands(CommandsBase):
             raise CommandError(26, f"ns not found {db}.{name}")
         coll = self.engine.collection(db, name)
         which = request.command.get("index")
-        before = len(coll.index_information())
+        existing = coll.index_information()
+        before = len(existing)
         try:
             if which == "*":
                 coll.drop_indexes()
@@ -194,4 +274,12 @@ class DdlCommands(CommandsBase):
         except mongomock.OperationFailure as exc:
             raise CommandError(27, str(exc), "IndexNotFound") from exc
         self.engine.set_indexed_fields(db, name)
+        remaining = coll.index_information()
+        dropped = [
+            {"v": 2, "key": dict(info["key"]), "name": index_name}
+            for index_name, info in existing.items()
+            if index_name not in remaining
+        ]
+        if dropped:
+            self._ddl_event(db, name, "dropIndexes", {"indexes": dropped})
         return {"nIndexesWas": before}

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import mongomock
 from bson import Int64
 
-from ..changestream import CommandError, encode_token, next_batch, open_stream
+from ..changestream import CommandError, next_batch, open_stream
 from ..engine import clone
 from ..wire import Request
 from .base import DEFAULT_BATCH, CommandsBase, Connection, QueryCursor
@@ -85,6 +85,9 @@ class ReadCommands(CommandsBase):
         if not isinstance(pipeline, list):
             raise CommandError(14, "'pipeline' option must be specified as an array")
         if pipeline and "$changeStream" in pipeline[0]:
+            level = (command.get("readConcern") or {}).get("level")
+            if level not in (None, "majority"):
+                raise CommandError(72, "Change stream must use majority read concern.")
             coll = target if isinstance(target, str) else None
             stream = open_stream(
                 self.engine, db, coll, pipeline[0]["$changeStream"] or {}, pipeline[1:]
@@ -100,7 +103,7 @@ class ReadCommands(CommandsBase):
                     "id": Int64(cursor_id),
                     "ns": ns,
                     "firstBatch": first,
-                    "postBatchResumeToken": encode_token(stream.position),
+                    "postBatchResumeToken": stream.batch_token(),
                 }
             }
         if not isinstance(target, str):
@@ -145,6 +148,7 @@ class ReadCommands(CommandsBase):
         cursor = self._cursors.get(int(cursor_id))
         if cursor is None:
             raise CommandError(43, f"cursor id {cursor_id} not found")
+        self.fail_points.check_get_more(conn.app_name)
         batch_size = command.get("batchSize")
         if isinstance(cursor, QueryCursor):
             size = int(batch_size) if batch_size else len(cursor.docs)
@@ -181,7 +185,7 @@ class ReadCommands(CommandsBase):
                 "id": Int64(next_id),
                 "ns": ns,
                 "nextBatch": batch,
-                "postBatchResumeToken": encode_token(cursor.position),
+                "postBatchResumeToken": cursor.batch_token(),
             }
         }
 

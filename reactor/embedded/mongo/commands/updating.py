@@ -17,7 +17,7 @@ import bson
 import mongomock
 
 from ..changestream import CommandError
-from ..engine import Engine, OplogEntry, clone, diff_documents, simple_update
+from ..engine import Engine, OplogEntry, clone, describe_update, diff_documents, simple_update
 from ..updates import (
     Target,
     UpdateKind,
@@ -148,15 +148,22 @@ class StatementApplier:
                 {"_id": _id},
                 full_document=clone(after),
                 pre_image=pre_image,
+                post_image=clone(after) if self.pre_images else None,
             )
         else:
+            if kind == UpdateKind.PIPELINE:
+                description, ambiguous = diff_documents(before, after, arrays=True)
+            else:
+                description, ambiguous = describe_update(st.u, before, after)
             entry = self.engine.make_entry(
                 self.db,
                 self.name,
                 "update",
                 {"_id": _id},
-                update_description=diff_documents(before, after),
+                update_description=description,
+                disambiguated=ambiguous,
                 pre_image=pre_image,
+                post_image=clone(after) if self.pre_images else None,
             )
         result.entries.append(entry)
 
