@@ -35,6 +35,7 @@ class CommandError(Exception):
         self.labels = labels or []
         self.extra: dict[str, Any] = {}  # more fields of the reply (keyPattern, keyValue…)
         self.before_command = False  # raised by failCommand, before the command ran
+        self.labels_given = False  # the fail point named the labels ([] included): add none
 
 
 CODE_NAMES = {

@@ -7,6 +7,11 @@ no label that depends on what the command would have touched (no ResumableChange
 
 `failGetMoreAfterCursorCheckout` fails a `getMore` once its cursor is checked out, inside the
 command, so a change stream's cursor gets the labels a real error there would get.
+
+`onPrimaryTransactionalWrite` fires per statement of a retryable write, just before it commits:
+with `failBeforeCommitExceptionCode` the statement is not applied, otherwise it is; then the
+connection is closed (unless `closeConnection: false`), or the code raised. The statements that
+did commit are remembered by the statement log, so the driver's retry applies only the rest.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .changestream import CommandError
+
+TRANSACTIONAL_WRITE = "<a statement of a retryable write>"
 
 
 class CloseConnection(Exception):
@@ -48,7 +55,7 @@ class FailPoint:
 class FailPoints:
     """The fail points in force, by name."""
 
-    SUPPORTED = ("failCommand", "failGetMoreAfterCursorCheckout")
+    SUPPORTED = ("failCommand", "failGetMoreAfterCursorCheckout", "onPrimaryTransactionalWrite")
 
     def __init__(self) -> None:
         self._points: dict[str, FailPoint] = {}
@@ -67,6 +74,8 @@ class FailPoints:
         data = dict(command.get("data") or {})
         if name == "failGetMoreAfterCursorCheckout":
             data["failCommands"] = ["getMore"]
+        elif name == "onPrimaryTransactionalWrite":
+            data["failCommands"] = [TRANSACTIONAL_WRITE]
         if not isinstance(data.get("failCommands"), list):
             raise CommandError(2, "failCommand requires data.failCommands")
         if mode == "alwaysOn":
@@ -100,6 +109,10 @@ class FailPoints:
             code = int(point.data["errorCode"])
             raise CommandError(code, "Failing getMore via 'failGetMoreAfterCursorCheckout'")
 
+    def transactional_write(self) -> FailPoint | None:
+        """onPrimaryTransactionalWrite, if it fires for the statement about to commit."""
+        return self.matching(TRANSACTIONAL_WRITE, None, "onPrimaryTransactionalWrite")
+
     @staticmethod
     async def trigger(point: FailPoint, command: str) -> None:
         """Do what the fail point says: block, close the connection, or raise its error."""
@@ -115,4 +128,5 @@ class FailPoints:
                 labels=list(data.get("errorLabels", [])),
             )
             error.before_command = True
+            error.labels_given = "errorLabels" in data
             raise error

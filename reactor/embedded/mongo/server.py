@@ -73,6 +73,7 @@ class MongoEmulator(AdminCommands, DdlCommands, WriteCommands, ReadCommands):
         self._cursor_ids = itertools.count(1_000_001)
         self._cursors: dict[int, QueryCursor | ChangeStreamCursor] = {}
         self._retry_cache: OrderedDict[tuple[bytes, int], dict[str, Any]] = OrderedDict()
+        self._executed: OrderedDict[tuple[bytes, int], dict[int, Any]] = OrderedDict()
         self._election_id = ObjectId()
         self.refused_connections = 0
         self._handlers: dict[str, Handler] = {}
@@ -245,11 +246,13 @@ class MongoEmulator(AdminCommands, DdlCommands, WriteCommands, ReadCommands):
                 self.engine.begin_command()
                 reply = await handler(request, conn, db)
                 if retry_key is not None:
+                    # The whole reply answers a retry now; its statements need no log.
+                    self._executed.pop(retry_key, None)
                     self._retry_cache[retry_key] = copy.deepcopy(reply)
                     while len(self._retry_cache) > 10_000:
                         self._retry_cache.popitem(last=False)
         except CommandError as exc:
-            if not exc.labels:
+            if not exc.labels and not exc.labels_given:
                 if "txnNumber" in command and exc.code in RETRYABLE_CODES:
                     exc.labels = ["RetryableWriteError"]
                 if name == "getMore" and exc.code in RESUMABLE_CODES and not exc.before_command:
@@ -265,6 +268,20 @@ class MongoEmulator(AdminCommands, DdlCommands, WriteCommands, ReadCommands):
         unsatisfiable = _unsatisfiable_write_concern(name, command)
         if unsatisfiable is not None:
             reply["writeConcernError"] = unsatisfiable
+        if fail is not None and isinstance(fail.data.get("writeConcernError"), dict):
+            # failCommand's writeConcernError: the command ran, its write concern "failed".
+            reply = dict(reply)
+            reply["writeConcernError"] = dict(fail.data["writeConcernError"])
+            if "errorLabels" in fail.data:
+                labels = list(fail.data["errorLabels"])
+            elif (
+                "txnNumber" in command and reply["writeConcernError"].get("code") in RETRYABLE_CODES
+            ):
+                labels = ["RetryableWriteError"]
+            else:
+                labels = []
+            if labels:
+                reply["errorLabels"] = labels
         return self._finish(reply)
 
     def _retry_key(self, command: dict[str, Any], name: str) -> tuple[bytes, int] | None:

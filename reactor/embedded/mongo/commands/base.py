@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -12,7 +13,7 @@ from bson import Int64, ObjectId
 
 from ..changestream import ChangeStreamCursor, CommandError
 from ..engine import Engine
-from ..failpoints import FailPoints
+from ..failpoints import CloseConnection, FailPoints
 from ..wire import Request
 
 DEFAULT_BATCH = 101
@@ -36,6 +37,45 @@ class Connection:
 
 Handler = Callable[[Request, Connection, str], Awaitable[dict[str, Any]]]
 
+EXECUTED_LIMIT = 10_000  # retryable writes whose committed statements are remembered
+
+
+class StatementLog:
+    """The statements of one retryable write (lsid + txnNumber) that committed, by index, with
+    what each did: a retry of the same write returns those and applies only the others, as
+    mongod does by statement id. Also where onPrimaryTransactionalWrite fires."""
+
+    def __init__(self, fail_points: FailPoints, done: dict[int, Any] | None) -> None:
+        self._fail_points = fail_points
+        self._done = done  # None: not a retryable write
+
+    def previous(self, index: int) -> Any:
+        """What statement `index` did when it committed before, or None."""
+        return None if self._done is None else self._done.get(index)
+
+    def before_commit(self) -> Any:
+        """Called just before a statement commits; returns a token for `committed`. Raises
+        what the fail point says when it skips the commit."""
+        if self._done is None:
+            return None
+        point = self._fail_points.transactional_write()
+        if point is None:
+            return None
+        code = point.data.get("failBeforeCommitExceptionCode")
+        if code is not None:
+            if point.data.get("closeConnection", True):
+                raise CloseConnection
+            raise CommandError(int(code), "Failing write via 'onPrimaryTransactionalWrite'")
+        return point
+
+    def committed(self, index: int, outcome: Any, token: Any) -> None:
+        """Statement `index` committed with `outcome`; the fail point may now drop the client."""
+        if self._done is None:
+            return
+        self._done[index] = outcome
+        if token is not None and token.data.get("closeConnection", True):
+            raise CloseConnection
+
 
 class CommandsBase:
     """What the command mixins may use of the server they are mixed into."""
@@ -51,10 +91,24 @@ class CommandsBase:
     _cursor_ids: itertools.count[int]
     _cursors: dict[int, QueryCursor | ChangeStreamCursor]
     _election_id: ObjectId
+    _executed: OrderedDict[tuple[bytes, int], dict[int, Any]]
 
     @property
     def address(self) -> str:
         raise NotImplementedError
+
+    def _statement_log(self, request: Request) -> StatementLog:
+        command = request.command
+        txn, lsid = command.get("txnNumber"), command.get("lsid")
+        if txn is None or not isinstance(lsid, dict) or not isinstance(lsid.get("id"), bytes):
+            return StatementLog(self.fail_points, None)
+        key = (bytes(lsid["id"]), int(txn))
+        done = self._executed.get(key)
+        if done is None:
+            done = self._executed[key] = {}
+            while len(self._executed) > EXECUTED_LIMIT:
+                self._executed.popitem(last=False)
+        return StatementLog(self.fail_points, done)
 
     def _coll_name(self, request: Request, name: str) -> str:
         value = request.command.get(name)

@@ -13,6 +13,7 @@ from ..changestream import CommandError, next_batch, open_stream
 from ..engine import clone
 from ..wire import Request
 from .base import DEFAULT_BATCH, CommandsBase, Connection, QueryCursor
+from .outputs import WRITE_STAGES, write_results
 
 DEFAULT_AWAIT_MS = 1000
 
@@ -116,8 +117,13 @@ class ReadCommands(CommandsBase):
                 raise CommandError(
                     40602, "$changeStream is only valid as the first stage", "Location40602"
                 )
-            if name in ("$out", "$merge"):
-                raise CommandError(115, f"{name} is not supported by the emulator")
+            if name in ("$out", "$merge") and stage is not pipeline[-1]:
+                raise CommandError(
+                    40601, f"{name} can only be the final stage in the pipeline", "Location40601"
+                )
+        writing = pipeline[-1] if pipeline and next(iter(pipeline[-1])) in WRITE_STAGES else None
+        if writing is not None:
+            pipeline = pipeline[:-1]
         source_coll = self.engine.collection(db, target)
         try:
             rest = pipeline
@@ -138,6 +144,9 @@ class ReadCommands(CommandsBase):
             ) from exc
         except (ValueError, TypeError, KeyError) as exc:
             raise CommandError(2, f"aggregation failed: {exc!r}") from exc
+        if writing is not None:
+            write_results(self.engine, db, writing, result)
+            return {"cursor": {"id": Int64(0), "ns": f"{db}.{target}", "firstBatch": []}}
         return self._cursor_reply(f"{db}.{target}", result, command)
 
     async def _get_more(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:

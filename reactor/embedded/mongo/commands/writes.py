@@ -8,6 +8,8 @@ change that lands is recorded in the oplog for the change streams, in statement 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import mongomock
@@ -15,6 +17,7 @@ from bson import ObjectId
 
 from ..changestream import CommandError
 from ..engine import OplogEntry, clone
+from ..failpoints import CloseConnection
 from ..wire import MAX_DOCUMENT_SIZE, Request
 from .base import CommandsBase, Connection
 from .errors import dup_key_error, engine_error, write_error
@@ -29,6 +32,14 @@ class WriteCommands(CommandsBase):
         "findAndModify": "_find_and_modify",
         "findandmodify": "_find_and_modify",
     }
+
+    @contextlib.contextmanager
+    def _recording(self, entries: list[OplogEntry]) -> Iterator[None]:
+        """Record the entries collected, also when the client is dropped part way through."""
+        try:
+            yield
+        finally:
+            self.engine.record(entries)
 
     def _statements(self, request: Request, field: str) -> tuple[str, list[Any], bool]:
         name = self._coll_name(request, next(iter(request.command)))
@@ -54,8 +65,12 @@ class WriteCommands(CommandsBase):
         n = 0
         errors: list[dict[str, Any]] = []
         entries: list[OplogEntry] = []
-        with self.engine.writing(db, name):
+        log = self._statement_log(request)
+        with self.engine.writing(db, name), self._recording(entries):
             for i, raw in enumerate(docs):
+                if log.previous(i) is not None:  # committed by an earlier attempt
+                    n += 1
+                    continue
                 doc = dict(raw) if isinstance(raw, dict) else raw
                 try:
                     if not isinstance(doc, dict):
@@ -71,7 +86,10 @@ class WriteCommands(CommandsBase):
                         doc = {"_id": ObjectId(), **doc}
                     if isinstance(doc["_id"], list):
                         raise CommandError(53, "can't use an array for _id", "InvalidIdField")
+                    token = log.before_commit()
                     coll.insert_one(doc)
+                except CloseConnection:
+                    raise
                 except Exception as exc:
                     err = self._failure(db, name, exc, doc, "insert")
                     errors.append(write_error(i, err, **err.extra))
@@ -84,7 +102,7 @@ class WriteCommands(CommandsBase):
                         db, name, "insert", {"_id": doc["_id"]}, full_document=clone(doc)
                     )
                 )
-            self.engine.record(entries)
+                log.committed(i, True, token)
         reply: dict[str, Any] = {"n": n}
         if errors:
             reply["writeErrors"] = errors
@@ -97,31 +115,41 @@ class WriteCommands(CommandsBase):
         n = n_modified = 0
         upserted: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []
+        log = self._statement_log(request)
         with self.engine.writing(db, name):
             applier = StatementApplier(self.engine, db, name, full_documents=False)
             large = request.large.get("updates", {})
             for i, stmt in enumerate(statements):
                 q = stmt.get("q", {}) if isinstance(stmt, dict) else {}
+                result = log.previous(i)  # committed by an earlier attempt
                 try:
-                    if not isinstance(stmt, dict):
+                    if result is not None:
+                        pass
+                    elif not isinstance(stmt, dict):
                         raise CommandError(14, "update statements must be objects")
-                    result = applier.apply(
-                        Statement(
-                            q=q,
-                            u=stmt.get("u"),
-                            multi=bool(stmt.get("multi")),
-                            upsert=bool(stmt.get("upsert")),
-                            array_filters=stmt.get("arrayFilters"),
-                            check_size=i in large,
+                    else:
+                        token = log.before_commit()
+                        result = applier.apply(
+                            Statement(
+                                q=q,
+                                u=stmt.get("u"),
+                                multi=bool(stmt.get("multi")),
+                                upsert=bool(stmt.get("upsert")),
+                                array_filters=stmt.get("arrayFilters"),
+                                check_size=i in large,
+                            )
                         )
-                    )
+                        self.engine.record(result.entries)
+                        result.entries, result.images = [], []  # only the counts are kept
+                        log.committed(i, result, token)
+                except CloseConnection:
+                    raise
                 except Exception as exc:
                     err = self._failure(db, name, exc, q, "update")
                     errors.append(write_error(i, err, **err.extra))
                     if ordered:
                         break
                     continue
-                self.engine.record(result.entries)
                 n += result.matched
                 n_modified += result.modified
                 if result.upserted_id is not None:
@@ -141,12 +169,20 @@ class WriteCommands(CommandsBase):
         coll = self.engine.collection(db, name)
         n = 0
         errors: list[dict[str, Any]] = []
+        log = self._statement_log(request)
         with self.engine.writing(db, name):
             for i, stmt in enumerate(statements):
+                previous = log.previous(i)
+                if previous is not None:  # committed by an earlier attempt
+                    n += previous
+                    continue
                 try:
                     if not isinstance(stmt, dict) or not isinstance(stmt.get("q", {}), dict):
                         raise CommandError(14, "delete statements must be objects")
                     docs = list(coll._iter_documents(stmt.get("q", {})))
+                    token = log.before_commit()
+                except CloseConnection:
+                    raise
                 except Exception as exc:
                     err = engine_error(exc, "delete")
                     errors.append(write_error(i, err))
@@ -166,6 +202,7 @@ class WriteCommands(CommandsBase):
                     )
                     n += 1
                 self.engine.record(entries)
+                log.committed(i, len(entries), token)
         reply: dict[str, Any] = {"n": n}
         if errors:
             reply["writeErrors"] = errors
@@ -182,14 +219,24 @@ class WriteCommands(CommandsBase):
         command = request.command
         name = self._coll_name(request, next(iter(command)))
         q = command.get("query") or {}
+        log = self._statement_log(request)
+        previous = log.previous(0)
+        if previous is not None:  # committed by an earlier attempt
+            return dict(previous)
         with self.engine.writing(db, name):
             try:
+                token = log.before_commit()
                 if command.get("remove"):
-                    return self._find_and_remove(db, name, command, q)
-                return self._find_and_update(db, name, command, q)
+                    reply = self._find_and_remove(db, name, command, q)
+                else:
+                    reply = self._find_and_update(db, name, command, q)
+            except CloseConnection:
+                raise
             except Exception as exc:
                 err = self._failure(db, name, exc, q, "findAndModify")
                 raise err from exc
+        log.committed(0, reply, token)
+        return reply
 
     def _find_and_remove(
         self, db: str, name: str, command: dict[str, Any], q: dict[str, Any]

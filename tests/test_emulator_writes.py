@@ -1,0 +1,117 @@
+"""Retryable writes and aggregation output on the embedded server, through the real driver:
+what PyMongo's retryable-writes and CRUD conformance tests expect of mongod."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pymongo import AsyncMongoClient, InsertOne, UpdateOne
+from pymongo.errors import AutoReconnect, OperationFailure, WriteConcernError
+
+from reactor.embedded.mongo import MongoEmulator
+
+Client = AsyncMongoClient[dict[str, Any]]
+
+
+@pytest.fixture
+async def client(emulator: MongoEmulator) -> Any:
+    c: Client = AsyncMongoClient(emulator.uri)
+    yield c
+    await c.close()
+
+
+async def _fail_point(client: Any, name: str, mode: Any, data: dict[str, Any]) -> None:
+    await client.admin.command({"configureFailPoint": name, "mode": mode, "data": data})
+
+
+async def test_a_write_committed_before_the_connection_dropped_is_not_applied_twice(
+    client: Any,
+) -> None:
+    coll = client.writes.committed
+    await coll.insert_one({"_id": 1, "n": 0})
+    await _fail_point(client, "onPrimaryTransactionalWrite", {"times": 1}, {})
+    await coll.update_one({"_id": 1}, {"$inc": {"n": 1}})  # committed, dropped, retried
+    assert (await coll.find_one({"_id": 1}))["n"] == 1
+
+
+async def test_the_retry_applies_only_the_statements_that_did_not_commit(client: Any) -> None:
+    coll = client.writes.statements
+    await _fail_point(client, "onPrimaryTransactionalWrite", {"times": 1}, {})
+    # The first statement commits, then the connection drops; the retry sends all three again
+    # and must not insert _id 1 a second time (that would be a duplicate key error).
+    await coll.insert_many([{"_id": 1}, {"_id": 2}, {"_id": 3}])
+    assert [d["_id"] async for d in coll.find().sort("_id")] == [1, 2, 3]
+
+
+async def test_a_write_that_never_commits_fails_and_changes_nothing(client: Any) -> None:
+    coll = client.writes.never
+    await _fail_point(
+        client, "onPrimaryTransactionalWrite", {"times": 2}, {"failBeforeCommitExceptionCode": 1}
+    )
+    with pytest.raises(AutoReconnect):
+        await coll.insert_one({"_id": 1})
+    assert await coll.count_documents({}) == 0
+
+
+async def test_errorlabels_given_empty_means_no_label_added(client: Any) -> None:
+    coll = client.writes.labels
+    await _fail_point(
+        client,
+        "failCommand",
+        {"times": 1},
+        {"failCommands": ["insert"], "errorCode": 6, "errorLabels": []},
+    )
+    with pytest.raises(OperationFailure) as raised:
+        await coll.insert_one({"_id": 1})
+    assert raised.value.code == 6
+    assert not raised.value.has_error_label("RetryableWriteError")
+
+
+async def test_a_write_concern_error_from_failcommand_after_the_write(client: Any) -> None:
+    coll = client.writes.wce
+    await _fail_point(
+        client,
+        "failCommand",
+        {"times": 1},
+        {"failCommands": ["insert"], "writeConcernError": {"code": 91, "errmsg": "shutting"}},
+    )
+    await coll.insert_one({"_id": 1})  # labelled retryable, retried, answered from the log
+    assert await coll.count_documents({}) == 1
+    await _fail_point(
+        client,
+        "failCommand",
+        {"times": 1},
+        {"failCommands": ["insert"], "writeConcernError": {"code": 64, "errmsg": "timeout"}},
+    )
+    with pytest.raises(WriteConcernError):
+        await coll.insert_one({"_id": 2})
+    assert await coll.count_documents({}) == 2  # the write itself landed
+
+
+async def test_out_replaces_and_merge_combines(client: Any) -> None:
+    db = client.writes_out
+    await db.src.insert_many([{"_id": i, "v": i * 10} for i in range(3)])
+    await db.dst.insert_one({"_id": 99})
+    await db.dst.create_index("v")
+    await (await db.src.aggregate([{"$match": {"v": {"$gte": 10}}}, {"$out": "dst"}])).to_list()
+    assert await db.dst.find().sort("_id").to_list() == [{"_id": 1, "v": 10}, {"_id": 2, "v": 20}]
+    assert "v_1" in await db.dst.index_information()
+    await db.src.bulk_write([UpdateOne({"_id": 1}, {"$set": {"w": 1}}), InsertOne({"_id": 5})])
+    await (await db.src.aggregate([{"$merge": {"into": "dst"}}])).to_list()
+    assert await db.dst.find().sort("_id").to_list() == [
+        {"_id": 0, "v": 0},
+        {"_id": 1, "v": 10, "w": 1},
+        {"_id": 2, "v": 20},
+        {"_id": 5},
+    ]
+    with pytest.raises(OperationFailure) as raised:
+        await (
+            await db.src.aggregate(
+                [{"$merge": {"into": "dst", "whenMatched": "fail", "whenNotMatched": "insert"}}]
+            )
+        ).to_list()
+    assert raised.value.code == 11000
+    with pytest.raises(OperationFailure) as not_last:
+        await (await db.src.aggregate([{"$out": "x"}, {"$match": {}}])).to_list()
+    assert not_last.value.code == 40601
