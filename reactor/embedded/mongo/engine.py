@@ -11,6 +11,7 @@ import bisect
 import contextlib
 import copy
 import datetime as dt
+import logging
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -21,9 +22,18 @@ import mongomock
 import mongomock.aggregate
 import mongomock.store
 from bson import Binary, Timestamp
+from mongomock import filtering
 
-from .expressions import SYSTEM_VARIABLES, install_expressions, install_fast_operators
+from .codes import CommandError
+from .expressions import (
+    LET_VARIABLES,
+    SYSTEM_VARIABLES,
+    install_expressions,
+    install_fast_operators,
+)
 from .fastpath import FastCollection, clone, simple_update
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "EXPANDED_OPS",
@@ -94,6 +104,10 @@ class Engine:
         self.changed = asyncio.Condition()
         self.pre_images_enabled: set[tuple[str, str]] = set()
         self._uuids: dict[tuple[str, str], Binary] = {}
+        # create / collMod options kept as given: capped, size, max, validator…
+        self.collection_options: dict[tuple[str, str], dict[str, Any]] = {}
+        # createIndexes options mongomock does not keep (background, weights, hidden…)
+        self.index_options: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.indexed_fields: dict[tuple[str, str], set[str]] = {}
         # The document keys each write in progress changed, by collection (from its entries).
         self._write_keys: dict[tuple[str, str], list[Any]] = {}
@@ -110,10 +124,27 @@ class Engine:
         now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
         return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
-    def begin_command(self) -> None:
-        """Fix $$NOW and $$CLUSTER_TIME for the command about to run."""
+    def begin_command(self, let: Any = None) -> None:
+        """Fix $$NOW and $$CLUSTER_TIME for the command about to run, and its `let` variables
+        (each evaluated once, as mongod does: constants and expressions of other variables)."""
         SYSTEM_VARIABLES["NOW"] = self.now()
         SYSTEM_VARIABLES["CLUSTER_TIME"] = int_to_ts(self.cluster_time)
+        LET_VARIABLES.clear()
+        if let is None:
+            return
+        if not isinstance(let, dict):
+            raise CommandError(14, "BSON field 'let' is the wrong type, expected type 'object'")
+        for name, value in let.items():
+            if not isinstance(name, str) or not name[:1].islower() or not name.isidentifier():
+                raise CommandError(
+                    16866,
+                    f"'{name}' starts with an invalid character for a user variable name",
+                    "Location16866",
+                )
+            try:
+                LET_VARIABLES[name] = mongomock.aggregate._Parser({}).parse(value)
+            except (KeyError, ValueError, TypeError, NotImplementedError) as exc:
+                raise CommandError(17276, f"Use of undefined variable: {exc}") from exc
 
     @property
     def cluster_time(self) -> int:
@@ -151,7 +182,46 @@ class Engine:
             found = self._uuids[(db, name)] = Binary.from_uuid(uuid.uuid4())
         return found
 
+    def validate(
+        self, db: str, name: str, doc: dict[str, Any], *, before: Any = None, bypass: bool = False
+    ) -> None:
+        """Document validation, as mongod applies a collection's validator: a write leaving a
+        document that does not match it fails with DocumentValidationFailure (121), unless the
+        write bypasses validation, the level is off, or (moderate) the document was already
+        invalid before an update; with validationAction warn it is only logged."""
+        options = self.collection_options.get((db, name))
+        if not options or bypass or "validator" not in options:
+            return
+        level = options.get("validationLevel", "strict")
+        validator = options["validator"]
+        if level == "off" or filtering.filter_applies(validator, doc):
+            return
+        if (
+            level == "moderate"
+            and before is not None
+            and not filtering.filter_applies(validator, before)
+        ):
+            return
+        if options.get("validationAction", "error") == "warn":
+            log.warning("document %r in %s.%s failed validation", doc.get("_id"), db, name)
+            return
+        error = CommandError(121, "Document failed validation", "DocumentValidationFailure")
+        error.extra = {
+            "errInfo": {
+                "failingDocumentId": doc.get("_id"),
+                "details": {
+                    "operatorName": "$and",
+                    "specifiedAs": validator,
+                    "clausesNotSatisfied": [],
+                },
+            }
+        }
+        raise error
+
     def forget_collection(self, db: str, name: str) -> None:
+        self.collection_options.pop((db, name), None)
+        for key in [k for k in self.index_options if k[:2] == (db, name)]:
+            del self.index_options[key]
         self._uuids.pop((db, name), None)
         self.pre_images_enabled.discard((db, name))
         self.indexed_fields.pop((db, name), None)

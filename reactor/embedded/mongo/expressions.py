@@ -12,11 +12,14 @@ Each `install_*` function patches mongomock's module state once (they are idempo
 from __future__ import annotations
 
 import datetime as dt
+import random
+import re
 from typing import Any
 
 import mongomock
 import mongomock.aggregate
 import mongomock.collection
+from bson import MaxKey, MinKey, Regex
 from mongomock import filtering
 
 from .values import bson_type
@@ -67,6 +70,8 @@ def _fast_in(doc_val: Any, search_val: Any) -> bool:
 # command). mongomock knows only $$ROOT and $$CURRENT; `install_expressions` teaches its
 # expression parser the other two (and the expressions it lacks).
 SYSTEM_VARIABLES: dict[str, Any] = {}
+# The command's `let` variables ($$name), fixed for the whole command like the system ones.
+LET_VARIABLES: dict[str, Any] = {}
 
 
 def install_expressions() -> None:
@@ -76,6 +81,192 @@ def install_expressions() -> None:
     _install_merge_objects()
     _install_date_arithmetic()
     _install_operator_only_projection()
+    _install_query_types()
+    _install_field_expressions()
+    _install_update_pipeline()
+    _install_storage_rules()
+    _install_missing_comparisons()
+    _install_rand()
+
+
+def _install_rand() -> None:
+    """$rand: a double in [0, 1), new for each evaluation."""
+    parser: Any = mongomock.aggregate._Parser
+    if getattr(parser, "_reactor_rand", False):
+        return
+    parse = parser.parse
+
+    def parse_rand(self: Any, expression: Any) -> Any:
+        if isinstance(expression, dict) and len(expression) == 1 and "$rand" in expression:
+            if expression["$rand"] != {}:
+                raise mongomock.OperationFailure("$rand does not take any arguments", code=3040501)
+            return random.random()
+        return parse(self, expression)
+
+    parser.parse = parse_rand
+    parser._reactor_rand = True
+
+
+_COMPARISONS = {
+    "$eq": lambda c: c == 0,
+    "$ne": lambda c: c != 0,
+    "$lt": lambda c: c < 0,
+    "$lte": lambda c: c <= 0,
+    "$gt": lambda c: c > 0,
+    "$gte": lambda c: c >= 0,
+}
+
+
+def _install_missing_comparisons() -> None:
+    """Comparison expressions with a missing field, as mongod evaluates them: missing sorts
+    before every value, null included, and equals only missing (mongomock raised KeyError)."""
+    parser: Any = mongomock.aggregate._Parser
+    if getattr(parser, "_reactor_missing_comparisons", False):
+        return
+    compare = parser._handle_comparison_operator
+
+    def handle_comparison(self: Any, operator: str, values: Any) -> Any:
+        if operator not in _COMPARISONS or not isinstance(values, list) or len(values) != 2:
+            return compare(self, operator, values)
+        sides = []
+        for value in values:
+            try:
+                sides.append((1, self.parse(value)))
+            except KeyError:
+                sides.append((0, None))  # missing
+        (a_present, a), (b_present, b) = sides
+        if a_present and b_present:
+            return compare(self, operator, [{"$literal": a}, {"$literal": b}])
+        return _COMPARISONS[operator](a_present - b_present)
+
+    parser._handle_comparison_operator = handle_comparison
+    parser._reactor_missing_comparisons = True
+
+
+def _install_storage_rules() -> None:
+    """Field names as mongod 5.0+ stores them: `$`-prefixed and dotted names are allowed in
+    inserted and replacing documents (mongomock refused a top-level `$` name); the null
+    character still is not."""
+    collection_module: Any = mongomock.collection
+    if getattr(collection_module, "_reactor_storage_rules", False):
+        return
+    collection_module._validate_data_fields = collection_module._recursive_key_check_null_character
+    collection_module._reactor_storage_rules = True
+
+
+def _install_update_pipeline() -> None:
+    """Pipeline updates as mongod applies them: `$replaceWith` (mongomock knows only
+    `$replaceRoot`), and the document keeps its `_id` when the new root has none."""
+    collection: Any = mongomock.collection.Collection
+    if getattr(collection, "_reactor_update_pipeline", False):
+        return
+
+    def apply_update_pipeline(self: Any, existing: Any, pipeline: Any, session: Any) -> None:
+        stages = [
+            {"$replaceRoot": {"newRoot": stage["$replaceWith"]}}
+            if isinstance(stage, dict) and "$replaceWith" in stage
+            else stage
+            for stage in pipeline
+        ]
+        [new_document] = mongomock.aggregate.process_pipeline(
+            [existing], self.database, stages, session
+        )
+        if "_id" in existing and "_id" not in new_document:
+            new_document = {"_id": existing["_id"], **new_document}
+        existing.clear()
+        existing.update(new_document)
+
+    collection._apply_update_pipeline = apply_update_pipeline
+    collection._reactor_update_pipeline = True
+
+
+_FIELD_OPERATORS = ("$getField", "$setField", "$unsetField")
+
+
+def _install_field_expressions() -> None:
+    """$getField, $setField and $unsetField (MongoDB 5.0): fields whose names hold dots or
+    start with `$`, which field paths cannot name."""
+    parser: Any = mongomock.aggregate._Parser
+    if getattr(parser, "_reactor_field_expressions", False):
+        return
+    parse = parser.parse
+
+    def parse_field_expressions(self: Any, expression: Any) -> Any:
+        if isinstance(expression, dict) and len(expression) == 1:
+            operator = next(iter(expression))
+            if operator in _FIELD_OPERATORS:
+                return _field_expression(self, operator, expression[operator])
+        return parse(self, expression)
+
+    parser.parse = parse_field_expressions
+    parser._reactor_field_expressions = True
+
+
+def _field_expression(parser: Any, operator: str, args: Any) -> Any:
+    if operator == "$getField" and not isinstance(args, dict):
+        args = {"field": args, "input": "$$CURRENT"}
+    if not isinstance(args, dict) or "field" not in args:
+        raise mongomock.OperationFailure(
+            f"{operator} requires 'field' to be specified", code=4161102
+        )
+    field = parser.parse(args["field"])
+    if not isinstance(field, str):
+        raise mongomock.OperationFailure(
+            f"{operator} requires 'field' to evaluate to type String", code=4161106
+        )
+    source = args.get("input", "$$CURRENT")
+    try:
+        value = parser.parse(source)
+    except KeyError:
+        value = None
+    if operator == "$getField":
+        if not isinstance(value, dict):
+            return None
+        if field not in value:
+            raise KeyError(field)  # missing, as a missing field path is
+        return value[field]
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise mongomock.OperationFailure(
+            f"{operator} requires 'input' to evaluate to type Object", code=4161105
+        )
+    out = dict(value)
+    if operator == "$unsetField":
+        out.pop(field, None)
+        return out
+    if "value" not in args:
+        raise mongomock.OperationFailure("$setField requires 'value' to be specified", code=4161103)
+    new_value = args["value"]
+    if new_value == "$$REMOVE":
+        out.pop(field, None)
+        return out
+    try:
+        out[field] = parser.parse(new_value)
+    except KeyError:
+        out.pop(field, None)  # a missing value removes the field
+    return out
+
+
+def _install_query_types() -> None:
+    """The query operator `$type` for the types mongomock leaves unimplemented (null, regex,
+    timestamp, minKey, maxKey…), and `int`/`long` told apart as mongod stores them."""
+    type_map: Any = filtering.TYPE_MAP
+    if type_map.get("_reactor_types"):
+        return
+    for name in ("null", "regex", "timestamp", "minKey", "maxKey", "int", "long"):
+        type_map[name] = (lambda wanted: lambda value: _query_type(value) == wanted)(name)
+    type_map["_reactor_types"] = None  # a marker; never a valid $type alias
+
+
+def _query_type(value: Any) -> str:
+    if isinstance(value, re.Pattern | Regex):
+        return "regex"
+    if isinstance(value, MinKey):
+        return "minKey"
+    if isinstance(value, MaxKey):
+        return "maxKey"
+    return bson_type(value)
 
 
 def _install_operator_only_projection() -> None:
@@ -122,10 +313,12 @@ def _install_now() -> None:
     def parse_basic_expression(self: Any, expression: Any) -> Any:
         if isinstance(expression, str) and expression.startswith("$$"):
             name, _, rest = expression[2:].partition(".")
-            if name in SYSTEM_VARIABLES and name not in self._user_vars:
-                if rest:
-                    return mongomock.helpers.get_value_by_dot(SYSTEM_VARIABLES[name], rest)
-                return SYSTEM_VARIABLES[name]
+            if name not in self._user_vars:
+                for scope in (SYSTEM_VARIABLES, LET_VARIABLES):
+                    if name in scope:
+                        if rest:
+                            return mongomock.helpers.get_value_by_dot(scope[name], rest)
+                        return scope[name]
         return original(self, expression)
 
     parser._parse_basic_expression = parse_basic_expression

@@ -8,6 +8,8 @@ no label that depends on what the command would have touched (no ResumableChange
 `failGetMoreAfterCursorCheckout` fails a `getMore` once its cursor is checked out, inside the
 command, so a change stream's cursor gets the labels a real error there would get.
 
+`maxTimeAlwaysTimeOut` makes every command given `maxTimeMS` fail with MaxTimeMSExpired (50).
+
 `onPrimaryTransactionalWrite` fires per statement of a retryable write, just before it commits:
 with `failBeforeCommitExceptionCode` the statement is not applied, otherwise it is; then the
 connection is closed (unless `closeConnection: false`), or the code raised. The statements that
@@ -23,6 +25,7 @@ from typing import Any
 from .changestream import CommandError
 
 TRANSACTIONAL_WRITE = "<a statement of a retryable write>"
+MAX_TIME = "<a command with maxTimeMS>"
 
 
 class CloseConnection(Exception):
@@ -55,7 +58,12 @@ class FailPoint:
 class FailPoints:
     """The fail points in force, by name."""
 
-    SUPPORTED = ("failCommand", "failGetMoreAfterCursorCheckout", "onPrimaryTransactionalWrite")
+    SUPPORTED = (
+        "failCommand",
+        "failGetMoreAfterCursorCheckout",
+        "onPrimaryTransactionalWrite",
+        "maxTimeAlwaysTimeOut",
+    )
 
     def __init__(self) -> None:
         self._points: dict[str, FailPoint] = {}
@@ -76,6 +84,8 @@ class FailPoints:
             data["failCommands"] = ["getMore"]
         elif name == "onPrimaryTransactionalWrite":
             data["failCommands"] = [TRANSACTIONAL_WRITE]
+        elif name == "maxTimeAlwaysTimeOut":
+            data["failCommands"] = [MAX_TIME]
         if not isinstance(data.get("failCommands"), list):
             raise CommandError(2, "failCommand requires data.failCommands")
         if mode == "alwaysOn":
@@ -108,6 +118,11 @@ class FailPoints:
         if point is not None and "errorCode" in point.data:
             code = int(point.data["errorCode"])
             raise CommandError(code, "Failing getMore via 'failGetMoreAfterCursorCheckout'")
+
+    def check_max_time(self, command: dict[str, Any]) -> None:
+        """maxTimeAlwaysTimeOut: a command given maxTimeMS times out at once."""
+        if command.get("maxTimeMS") and self.matching(MAX_TIME, None, "maxTimeAlwaysTimeOut"):
+            raise CommandError(50, "operation exceeded time limit", "MaxTimeMSExpired")
 
     def transactional_write(self) -> FailPoint | None:
         """onPrimaryTransactionalWrite, if it fires for the statement about to commit."""

@@ -34,6 +34,7 @@ from .wire import (
     ProtocolError,
     Request,
     encode_op_msg,
+    encode_op_msg_with_id,
     encode_op_reply,
     parse_message,
 )
@@ -44,6 +45,7 @@ RETRYABLE_CODES = {6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 134
 RESUMABLE_CODES = RETRYABLE_CODES | {63, 150, 13388, 234, 133, 43}
 
 MAX_CONNECTIONS = 1000
+MAX_SESSIONS = 10_000  # the sessions remembered for $listLocalSessions
 IDLE_TIMEOUT_S = 600.0  # no message for this long: the connection is closed (drivers reconnect)
 MESSAGE_TIMEOUT_S = 30.0  # a message whose header arrived must be complete within this
 
@@ -74,6 +76,7 @@ class MongoEmulator(AdminCommands, DdlCommands, WriteCommands, ReadCommands):
         self._cursors: dict[int, QueryCursor | ChangeStreamCursor] = {}
         self._retry_cache: OrderedDict[tuple[bytes, int], dict[str, Any]] = OrderedDict()
         self._executed: OrderedDict[tuple[bytes, int], dict[int, Any]] = OrderedDict()
+        self._sessions: OrderedDict[Any, Any] = OrderedDict()
         self._election_id = ObjectId()
         self.refused_connections = 0
         self._handlers: dict[str, Handler] = {}
@@ -201,6 +204,8 @@ class MongoEmulator(AdminCommands, DdlCommands, WriteCommands, ReadCommands):
             return True
         if request.op_code == OP_QUERY:
             writer.write(encode_op_reply(request_id, reply))
+        elif request.exhaust_allowed and _exhaustible(request, reply):
+            return await self._exhaust(request, conn, writer, reply)
         else:
             writer.write(encode_op_msg(request_id, reply))
         try:
@@ -208,6 +213,31 @@ class MongoEmulator(AdminCommands, DdlCommands, WriteCommands, ReadCommands):
         except ConnectionError:
             return False
         return True
+
+    async def _exhaust(
+        self,
+        request: Request,
+        conn: Connection,
+        writer: asyncio.StreamWriter,
+        reply: dict[str, Any],
+    ) -> bool:
+        """An exhaust getMore: every batch sent without being asked for, each flagged
+        moreToCome and answering the one before, until the cursor is exhausted or fails."""
+        response_to = request.request_id
+        while True:
+            more = _exhaustible(request, reply)
+            message, response_to = encode_op_msg_with_id(response_to, reply, more_to_come=more)
+            writer.write(message)
+            try:
+                await writer.drain()
+            except ConnectionError:
+                return False
+            if not more:
+                return True
+            try:
+                reply = await self._dispatch(request, conn)
+            except CloseConnection:
+                return False
 
     async def _dispatch(self, request: Request, conn: Connection) -> dict[str, Any]:
         command = request.command
@@ -229,12 +259,22 @@ class MongoEmulator(AdminCommands, DdlCommands, WriteCommands, ReadCommands):
             return self._error(
                 CommandError(352, "Unsupported OP_QUERY command", "UnsupportedOpQueryCommand")
             )
+        lsid = command.get("lsid")
+        if isinstance(lsid, dict) and "id" in lsid:
+            self._sessions[lsid["id"]] = self.engine.now()
+            self._sessions.move_to_end(lsid["id"])
+            if len(self._sessions) > MAX_SESSIONS:
+                self._sessions.popitem(last=False)
         fail = self.fail_points.matching(name, conn.app_name)
         try:
             if fail is not None:
                 await self.fail_points.trigger(fail, name)
+            self.fail_points.check_max_time(command)
             if command.get("startTransaction") or "autocommit" in command:
                 raise CommandError(20, "Transactions are not supported by the reactor's emulator")
+            if _uses_collation(command):
+                # Refused rather than ignored: string comparisons would silently differ.
+                raise CommandError(115, "collation is not supported by the embedded server")
             handler = self._handlers.get(name)
             if handler is None:
                 raise CommandError(59, f"no such command: '{name}'")
@@ -243,7 +283,7 @@ class MongoEmulator(AdminCommands, DdlCommands, WriteCommands, ReadCommands):
                 reply = copy.deepcopy(self._retry_cache[retry_key])
             else:
                 # One value of $$NOW for the whole command, as mongod evaluates it.
-                self.engine.begin_command()
+                self.engine.begin_command(command.get("let"))
                 reply = await handler(request, conn, db)
                 if retry_key is not None:
                     # The whole reply answers a retry now; its statements need no log.
@@ -339,7 +379,14 @@ WRITE_CONCERN_COMMANDS = frozenset(
 
 def _unsatisfiable_write_concern(name: str, command: dict[str, Any]) -> dict[str, Any] | None:
     concern = command.get("writeConcern")
-    if name not in WRITE_CONCERN_COMMANDS or not isinstance(concern, dict):
+    writes = name in WRITE_CONCERN_COMMANDS or (
+        name == "aggregate"
+        and isinstance(command.get("pipeline"), list)
+        and any(
+            isinstance(st, dict) and ("$out" in st or "$merge" in st) for st in command["pipeline"]
+        )
+    )
+    if not writes or not isinstance(concern, dict):
         return None
     w = concern.get("w")
     if isinstance(w, bool) or not isinstance(w, int) or w <= 1:
@@ -359,3 +406,31 @@ async def serve_forever(
     async with MongoEmulator(host, port, replica_set) as emulator:
         on_ready(emulator.uri)
         await asyncio.Event().wait()
+
+
+def _uses_collation(command: dict[str, Any]) -> bool:
+    """Whether the command asks for a collation other than the simple (binary) one."""
+    if _non_simple(command.get("collation")):
+        return True
+    for field in ("updates", "deletes"):
+        statements = command.get(field)
+        if isinstance(statements, list) and any(
+            isinstance(st, dict) and _non_simple(st.get("collation")) for st in statements
+        ):
+            return True
+    return False
+
+
+def _non_simple(collation: Any) -> bool:
+    return bool(collation) and not (
+        isinstance(collation, dict) and collation.get("locale") == "simple"
+    )
+
+
+def _exhaustible(request: Request, reply: dict[str, Any]) -> bool:
+    """Whether an exhaust getMore's reply is followed by more: it succeeded and its cursor
+    is still open."""
+    if next(iter(request.command), "") != "getMore" or reply.get("ok") != 1.0:
+        return False
+    cursor = reply.get("cursor")
+    return isinstance(cursor, dict) and bool(cursor.get("id"))

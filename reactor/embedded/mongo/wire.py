@@ -49,6 +49,7 @@ class Request:
     op_code: int
     command: dict[str, Any]
     more_to_come: bool = False
+    exhaust_allowed: bool = False  # the client takes a stream of getMore replies
     # OP_QUERY only: the full collection name the legacy query addressed.
     legacy_namespace: str | None = None
     sequences: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
@@ -140,6 +141,7 @@ def _parse_op_msg(request_id: int, body: bytes, whole: bytes) -> Request:
         OP_MSG,
         command,
         more_to_come=bool(flags & FLAG_MORE_TO_COME),
+        exhaust_allowed=bool(flags & FLAG_EXHAUST_ALLOWED),
         sequences=sequences,
         large=large,
     )
@@ -169,10 +171,19 @@ def _response_id() -> int:
     return _next_response_id
 
 
-def encode_op_msg(response_to: int, doc: dict[str, Any]) -> bytes:
+def encode_op_msg(response_to: int, doc: dict[str, Any], more_to_come: bool = False) -> bytes:
+    return encode_op_msg_with_id(response_to, doc, more_to_come)[0]
+
+
+def encode_op_msg_with_id(
+    response_to: int, doc: dict[str, Any], more_to_come: bool = False
+) -> tuple[bytes, int]:
+    """The OP_MSG and its request id (what the next reply of an exhaust stream answers to)."""
     payload = bson.encode(doc)
-    body = struct.pack("<I", 0) + b"\x00" + payload
-    return HEADER.pack(16 + len(body), _response_id(), response_to, OP_MSG) + body
+    flags = FLAG_MORE_TO_COME if more_to_come else 0
+    body = struct.pack("<I", flags) + b"\x00" + payload
+    message_id = _response_id()
+    return HEADER.pack(16 + len(body), message_id, response_to, OP_MSG) + body, message_id
 
 
 def encode_op_reply(response_to: int, doc: dict[str, Any]) -> bytes:

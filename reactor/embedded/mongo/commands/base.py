@@ -92,6 +92,7 @@ class CommandsBase:
     _cursors: dict[int, QueryCursor | ChangeStreamCursor]
     _election_id: ObjectId
     _executed: OrderedDict[tuple[bytes, int], dict[int, Any]]
+    _sessions: OrderedDict[Any, Any]  # lsid.id -> last use, for $listLocalSessions
 
     @property
     def address(self) -> str:

@@ -11,6 +11,39 @@ from ..changestream import CommandError
 from ..wire import Request
 from .base import CommandsBase, Connection
 
+# Index options mongod keeps and lists that mongomock does not.
+KEPT_INDEX_OPTIONS = frozenset(
+    {"background", "hidden", "weights", "default_language", "language_override", "collation",
+     "storageEngine", "2dsphereIndexVersion", "textIndexVersion", "bits", "min", "max"}
+)  # fmt: skip
+# create options listed back by listCollections (and, for collMod, changed by it).
+_CREATE_OPTIONS = ("capped", "size", "max", "validator", "validationLevel", "validationAction")
+
+
+def _collection_options(command: dict[str, Any], modifying: bool = False) -> dict[str, Any]:
+    options = {k: command[k] for k in _CREATE_OPTIONS if k in command}
+    if modifying:
+        options.pop("capped", None)
+    if options.get("capped") and not isinstance(options.get("size"), int | float):
+        raise CommandError(72, "the 'size' field is required when 'capped' is true")
+    validator = options.get("validator")
+    if validator is not None:
+        if not isinstance(validator, dict):
+            raise CommandError(14, "'validator' must be an object", "TypeMismatch")
+        if "$jsonSchema" in repr(validator):
+            raise CommandError(
+                115, "$jsonSchema validators are not supported by the embedded server"
+            )
+        try:
+            filtering.filter_applies(validator, {})
+        except (mongomock.OperationFailure, NotImplementedError, TypeError, ValueError) as exc:
+            raise CommandError(2, f"invalid validator: {exc}") from exc
+    if options.get("validationLevel", "strict") not in ("off", "strict", "moderate"):
+        raise CommandError(2, "validationLevel must be off, strict or moderate")
+    if options.get("validationAction", "error") not in ("error", "warn"):
+        raise CommandError(2, "validationAction must be error or warn")
+    return options
+
 
 class DdlCommands(CommandsBase):
     HANDLERS: ClassVar[dict[str, str]] = {
@@ -48,7 +81,7 @@ class DdlCommands(CommandsBase):
         )
         infos = []
         for n in sorted(names):
-            options: dict[str, Any] = {}
+            options: dict[str, Any] = dict(self.engine.collection_options.get((db, n), {}))
             if (db, n) in self.engine.pre_images_enabled:
                 options["changeStreamPreAndPostImages"] = {"enabled": True}
             infos.append(
@@ -71,14 +104,16 @@ class DdlCommands(CommandsBase):
         name = self._coll_name(request, "create")
         if self.engine.collection_exists(db, name):
             raise CommandError(48, f"Collection {db}.{name} already exists.")
+        command = request.command
+        if "viewOn" in command:
+            # Refused rather than made a plain collection that would answer queries wrongly.
+            raise CommandError(115, "views are not supported by the embedded server")
+        options = _collection_options(command)
         self.engine.client[db].create_collection(name)
         self._set_pre_images(db, name, request.command)
-        command = request.command
-        description: dict[str, Any]
-        if isinstance(command.get("viewOn"), str):
-            description = {"viewOn": command["viewOn"], "pipeline": command.get("pipeline") or []}
-        else:
-            description = {"idIndex": {"v": 2, "key": {"_id": 1}, "name": "_id_"}}
+        if options:
+            self.engine.collection_options[(db, name)] = options
+        description = {"idIndex": {"v": 2, "key": {"_id": 1}, "name": "_id_"}}
         self._ddl_event(db, name, "create", description)
         return {}
 
@@ -91,6 +126,9 @@ class DdlCommands(CommandsBase):
         if not self.engine.collection_exists(db, name):
             raise CommandError(26, f"ns does not exist: {db}.{name}")
         self._set_pre_images(db, name, request.command)
+        updates = _collection_options(request.command, modifying=True)
+        if updates:
+            self.engine.collection_options.setdefault((db, name), {}).update(updates)
         changed = {k: v for k, v in request.command.items() if k != "collMod" and k[0] != "$"}
         for session_field in ("lsid", "txnNumber", "writeConcern", "comment"):
             changed.pop(session_field, None)
@@ -158,8 +196,16 @@ class DdlCommands(CommandsBase):
         entry = self.engine.make_entry(
             src_db, src, "rename", None, to=dict(description["to"]), description=description
         )
+        kept_options = self.engine.collection_options.get((src_db, src))
+        kept_index_options = {
+            k[2]: v for k, v in self.engine.index_options.items() if k[:2] == (src_db, src)
+        }
         self.engine.forget_collection(src_db, src)
         self.engine.client[dst_db].create_collection(dst)
+        if kept_options:
+            self.engine.collection_options[(dst_db, dst)] = kept_options
+        for index_name, extra in kept_index_options.items():
+            self.engine.index_options[(dst_db, dst, index_name)] = extra
         moved = self.engine.collection(dst_db, dst)
         for key, name, options in indexes:
             moved.create_index(key, name=name, **options)
@@ -223,7 +269,10 @@ class DdlCommands(CommandsBase):
                 ) from exc
             except (mongomock.OperationFailure, NotImplementedError, TypeError) as exc:
                 raise CommandError(67, str(exc), "CannotCreateIndex") from exc
-            built.append({"v": 2, "key": dict(key), "name": index_name, **kwargs})
+            extra = {k: v for k, v in spec.items() if k in KEPT_INDEX_OPTIONS}
+            if extra:
+                self.engine.index_options[(db, name, index_name)] = extra
+            built.append({"v": 2, "key": dict(key), "name": index_name, **kwargs, **extra})
         self.engine.set_indexed_fields(db, name)
         if created_collection:
             self._ddl_event(
@@ -248,6 +297,7 @@ class DdlCommands(CommandsBase):
             for option in ("unique", "sparse", "expireAfterSeconds", "partialFilterExpression"):
                 if option in info:
                     spec[option] = info[option]
+            spec.update(self.engine.index_options.get((db, name, index_name), {}))
             infos.append(spec)
         return self._cursor_reply(f"{db}.{name}", infos, request.command)
 
@@ -280,6 +330,8 @@ class DdlCommands(CommandsBase):
             for index_name, info in existing.items()
             if index_name not in remaining
         ]
+        for index in dropped:
+            self.engine.index_options.pop((db, name, str(index["name"])), None)
         if dropped:
             self._ddl_event(db, name, "dropIndexes", {"indexes": dropped})
         return {"nIndexesWas": before}

@@ -99,9 +99,14 @@ def _merge(engine: Engine, db: str, name: str, spec: dict[str, Any], results: li
                 if matched == "keepExisting":
                     continue
                 if matched == "fail":
-                    raise CommandError(
-                        11000, f"E11000 duplicate key error collection: {db}.{name}", "DuplicateKey"
+                    error = CommandError(
+                        11000,
+                        f"E11000 duplicate key error collection: {db}.{name} index: "
+                        f"{'_id_' if fields == ['_id'] else '_'.join(f + '_1' for f in fields)}",
+                        "DuplicateKey",
                     )
+                    error.extra = {"keyPattern": dict.fromkeys(fields, 1), "keyValue": key}
+                    raise error
                 if isinstance(matched, list):
                     coll.update_one({"_id": found["_id"]}, matched)
                 elif matched == "replace":

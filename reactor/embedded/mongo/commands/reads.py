@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 import mongomock
 from bson import Int64
+from mongomock import filtering
 
 from ..changestream import CommandError, next_batch, open_stream
 from ..engine import clone
@@ -16,6 +17,8 @@ from .base import DEFAULT_BATCH, CommandsBase, Connection, QueryCursor
 from .outputs import WRITE_STAGES, write_results
 
 DEFAULT_AWAIT_MS = 1000
+# Stages that start a database aggregation ({aggregate: 1}) without a collection.
+DATABASE_SOURCES = frozenset({"$documents", "$listLocalSessions"})
 
 
 class ReadCommands(CommandsBase):
@@ -35,17 +38,32 @@ class ReadCommands(CommandsBase):
         limit = int(command.get("limit", 0) or 0)
         single = bool(command.get("singleBatch")) or limit < 0
         sort = command.get("sort")
-        if command.get("collation"):
-            raise CommandError(115, "collation is not supported by the emulator")
-        try:
-            cursor = coll.find(
-                command.get("filter") or {},
-                command.get("projection"),
-                skip=int(command.get("skip", 0) or 0),
-                limit=abs(limit),
-                sort=list(sort.items()) if sort else None,
+        bounds: dict[str, Any] = {k: command[k] for k in ("min", "max") if k in command}
+        if bounds and not command.get("hint"):
+            raise CommandError(
+                51173, "When using min()/max() a hint of which index to use must be provided"
             )
-            docs = list(cursor)
+        skip = int(command.get("skip", 0) or 0)
+        try:
+            filter_ = command.get("filter") or {}
+            if bounds:
+                # min (inclusive) / max (exclusive) bounds on the hinted index's keys
+                ordered = coll.find(filter_, sort=list(sort.items()) if sort else None)
+                matching = [d for d in ordered if _within(d, bounds)]
+                ids = [d["_id"] for d in matching][skip:]
+                ids = ids[: abs(limit)] if limit else ids
+                projection = command.get("projection")
+                by_id = {repr(d["_id"]): d for d in coll.find({"_id": {"$in": ids}}, projection)}
+                docs = [by_id[repr(i)] for i in ids if repr(i) in by_id]
+            else:
+                cursor = coll.find(
+                    filter_,
+                    command.get("projection"),
+                    skip=skip,
+                    limit=abs(limit),
+                    sort=list(sort.items()) if sort else None,
+                )
+                docs = list(cursor)
         except (mongomock.OperationFailure, ValueError, TypeError, NotImplementedError) as exc:
             raise CommandError(
                 getattr(exc, "code", None) or 2, str(exc) or type(exc).__name__
@@ -77,7 +95,8 @@ class ReadCommands(CommandsBase):
             values = self.engine.collection(db, name).distinct(key, command.get("query") or {})
         except (mongomock.OperationFailure, ValueError, TypeError) as exc:
             raise CommandError(2, str(exc)) from exc
-        return {"values": values}
+        # mongod collects distinct values in BSON order
+        return {"values": sorted(values, key=filtering.BsonComparable)}
 
     async def _aggregate(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
         command = request.command
@@ -107,9 +126,22 @@ class ReadCommands(CommandsBase):
                     "postBatchResumeToken": stream.batch_token(),
                 }
             }
-        if not isinstance(target, str):
+        if not isinstance(target, str) and target != 1:
             raise CommandError(
-                115, "database-level aggregation is only supported for $changeStream"
+                73, "aggregate needs a collection name or 1 (the database)", "InvalidNamespace"
+            )
+        first_stage = next(iter(pipeline[0]), "") if pipeline and pipeline[0] else ""
+        if target == 1 and first_stage not in DATABASE_SOURCES:
+            raise CommandError(
+                73,
+                f"{{aggregate: 1}} is not valid for '{first_stage or 'an empty pipeline'}'; a "
+                "collection name is required",
+                "InvalidNamespace",
+            )
+        level = (command.get("readConcern") or {}).get("level")
+        if level == "linearizable" and any(next(iter(st), "") in WRITE_STAGES for st in pipeline):
+            raise CommandError(
+                72, "$out and $merge cannot be used with a 'linearizable' read concern level"
             )
         for stage in pipeline:
             name = next(iter(stage), "")
@@ -124,18 +156,19 @@ class ReadCommands(CommandsBase):
         writing = pipeline[-1] if pipeline and next(iter(pipeline[-1])) in WRITE_STAGES else None
         if writing is not None:
             pipeline = pipeline[:-1]
-        source_coll = self.engine.collection(db, target)
+        database = self.engine.client[db]
         try:
             rest = pipeline
-            if pipeline and "$match" in pipeline[0] and len(pipeline[0]) == 1:
+            if first_stage in DATABASE_SOURCES or not isinstance(target, str):
+                source, rest = self._database_source(pipeline[0], first_stage), pipeline[1:]
+            elif pipeline and "$match" in pipeline[0] and len(pipeline[0]) == 1:
+                source_coll = self.engine.collection(db, target)
                 # Narrow the input with the fast paths before mongomock copies it.
                 source = [clone(d) for d in source_coll._iter_documents(pipeline[0]["$match"])]
                 rest = pipeline[1:]
             else:
-                source = list(source_coll.find())
-            result = list(
-                mongomock.aggregate.process_pipeline(source, source_coll.database, rest, None)
-            )
+                source = list(self.engine.collection(db, target).find())
+            result = list(mongomock.aggregate.process_pipeline(source, database, rest, None))
         except mongomock.OperationFailure as exc:
             raise CommandError(getattr(exc, "code", None) or 2, str(exc)) from exc
         except NotImplementedError as exc:
@@ -144,10 +177,25 @@ class ReadCommands(CommandsBase):
             ) from exc
         except (ValueError, TypeError, KeyError) as exc:
             raise CommandError(2, f"aggregation failed: {exc!r}") from exc
+        ns = f"{db}.{target}" if isinstance(target, str) else f"{db}.$cmd.aggregate"
         if writing is not None:
             write_results(self.engine, db, writing, result)
-            return {"cursor": {"id": Int64(0), "ns": f"{db}.{target}", "firstBatch": []}}
-        return self._cursor_reply(f"{db}.{target}", result, command)
+            return {"cursor": {"id": Int64(0), "ns": ns, "firstBatch": []}}
+        return self._cursor_reply(ns, result, command)
+
+    def _database_source(self, stage: dict[str, Any], name: str) -> list[dict[str, Any]]:
+        """The documents a source stage of a database aggregation ({aggregate: 1}) produces."""
+        argument = stage[name]
+        if name == "$documents":
+            docs = mongomock.aggregate._Parser({}).parse(argument)
+            if not isinstance(docs, list) or not all(isinstance(d, dict) for d in docs):
+                raise CommandError(5858203, "$documents stage must evaluate to an array of objects")
+            return [dict(d) for d in docs]
+        # $listLocalSessions: the sessions this server has seen commands from
+        return [
+            {"_id": {"id": lsid, "uid": b"\0" * 32}, "lastUse": last_use}
+            for lsid, last_use in self._sessions.items()
+        ]
 
     async def _get_more(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
         command = request.command
@@ -212,3 +260,28 @@ class ReadCommands(CommandsBase):
             "cursorsAlive": [],
             "cursorsUnknown": [],
         }
+
+
+def _within(doc: dict[str, Any], bounds: dict[str, Any]) -> bool:
+    def key(spec: dict[str, Any]) -> list[Any]:
+        return [
+            filtering.BsonComparable(mongomock.helpers.get_value_by_dot(doc, f))
+            if _has(doc, f)
+            else filtering.BsonComparable(None)
+            for f in spec
+        ]
+
+    low, high = bounds.get("min"), bounds.get("max")
+    if isinstance(low, dict) and key(low) < [filtering.BsonComparable(v) for v in low.values()]:
+        return False
+    return not isinstance(high, dict) or key(high) < [
+        filtering.BsonComparable(v) for v in high.values()
+    ]
+
+
+def _has(doc: dict[str, Any], path: str) -> bool:
+    try:
+        mongomock.helpers.get_value_by_dot(doc, path)
+    except KeyError:
+        return False
+    return True

@@ -10,12 +10,14 @@ documents already updated, as mongod's multi-updates do.
 from __future__ import annotations
 
 import collections
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 import bson
 import mongomock
 
+from ..arrayfilters import filters_by_identifier, has_filtered_paths, resolve
 from ..changestream import CommandError
 from ..engine import Engine, OplogEntry, clone, describe_update, diff_documents, simple_update
 from ..updates import (
@@ -37,6 +39,7 @@ class UpdateResult:
     matched: int = 0
     modified: int = 0
     upserted_id: Any = None
+    upserted: bool = False  # (an upserted _id may be null)
     entries: list[OplogEntry] = field(default_factory=list)
     images: list[tuple[Image, Image]] = field(default_factory=list)  # (before, after) per doc
 
@@ -55,20 +58,29 @@ class Statement:
 class StatementApplier:
     """Applies update statements to one collection of an engine."""
 
-    def __init__(self, engine: Engine, db: str, name: str, *, full_documents: bool) -> None:
+    def __init__(
+        self, engine: Engine, db: str, name: str, *, full_documents: bool, bypass: bool = False
+    ) -> None:
         self.engine = engine
         self.db = db
         self.name = name
         self.coll: Any = engine.collection(db, name)
         self.pre_images = (db, name) in engine.pre_images_enabled
-        self.full_documents = full_documents or self.pre_images
+        # document validation: the whole document before and after is needed
+        self.validating = "validator" in engine.collection_options.get((db, name), {})
+        self.bypass = bypass
+        self.full_documents = full_documents or self.pre_images or self.validating
 
     def apply(self, st: Statement) -> UpdateResult:
-        if st.array_filters:
-            raise CommandError(115, "arrayFilters are not supported by the emulator")
         if not isinstance(st.q, dict):
             raise CommandError(14, "query must be an object", "TypeMismatch")
         kind = update_kind(st.u)
+        if st.array_filters is not None or has_filtered_paths(st.u):
+            if kind != UpdateKind.OPERATORS:
+                raise CommandError(
+                    2, "arrayFilters may not be specified for pipeline-style or replacement updates"
+                )
+            return self._apply_filtered(st)
         if kind == UpdateKind.REPLACEMENT and st.multi:
             raise CommandError(9, "multi update is not supported for replacement-style update")
         pairs = check_operators(st.u) if kind == UpdateKind.OPERATORS else []
@@ -93,6 +105,33 @@ class StatementApplier:
             self._update_one(st, kind, pairs, simple, touched, _id, result)
         if not ids and st.upsert:
             self._upsert(st, kind, pairs, simple, result)
+        return result
+
+    def _apply_filtered(self, st: Statement) -> UpdateResult:
+        """An update with `$[]` / `$[<id>]` paths: resolved per document, then applied."""
+        check_operators(st.u)
+        filters = filters_by_identifier(st.array_filters, st.u)
+        ids = [d["_id"] for d in self.coll._iter_documents(st.q)]
+        if st.sort:
+            ids = [d["_id"] for d in self.coll.find(st.q, {"_id": 1}, sort=list(st.sort.items()))]
+        if not st.multi:
+            ids = ids[:1]
+        result = UpdateResult()
+        for _id in ids:
+            key = mongomock.helpers.hashdict(_id) if isinstance(_id, dict) else _id
+            concrete = resolve(st.u, filters, self.coll._store[key])
+            if not concrete:  # matched, nothing to change
+                result.matched += 1
+                unchanged = clone(self.coll._store[key])
+                result.images.append((unchanged, unchanged))
+                continue
+            one = dataclasses.replace(st, u=concrete, array_filters=None)
+            self._update_one(one, UpdateKind.OPERATORS, check_operators(concrete), False, None,
+                             _id, result)  # fmt: skip
+        if not ids and st.upsert:
+            concrete = resolve(st.u, filters, _seed(st.q))
+            one = dataclasses.replace(st, u=concrete, array_filters=None)
+            self._upsert(one, UpdateKind.OPERATORS, check_operators(concrete), False, result)
         return result
 
     def _update_one(
@@ -129,6 +168,10 @@ class StatementApplier:
                 self.coll.update_one(target, st.u)
             after = _snapshot(self.coll._store[key], touched)
             check_id_unchanged(before, after)
+            if self.validating:
+                self.engine.validate(
+                    self.db, self.name, self.coll._store[key], before=before, bypass=self.bypass
+                )
             if st.check_size:
                 _check_size(self.coll._store[key], "Resulting document after update is larger than")
         except BaseException:
@@ -204,26 +247,43 @@ class StatementApplier:
                 # mongomock builds the new document aside and inserts it last: a failure
                 # leaves nothing behind.
                 upserted_id = self.coll.update_one(st.q, st.u, upsert=True).upserted_id
+                if "_id" in st.q and st.q["_id"] is None:
+                    self._null_id(upserted_id)
+                    upserted_id = None
         # The store keys a document _id by its hashable form, as mongomock does.
         key = (
             mongomock.helpers.hashdict(upserted_id)
             if isinstance(upserted_id, dict)
             else upserted_id
         )
-        if st.check_size:
-            try:
+        try:
+            if st.check_size:
                 _check_size(self.coll._store[key], "object to insert too large. max size:")
-            except CommandError:
-                self.coll.delete_one({"_id": upserted_id})  # nothing left behind
-                raise
+            if self.validating:
+                self.engine.validate(self.db, self.name, self.coll._store[key], bypass=self.bypass)
+        except CommandError:
+            self.coll.delete_one({"_id": upserted_id})  # nothing left behind
+            raise
         after = _snapshot(self.coll._store[key], None)
         result.upserted_id = upserted_id
+        result.upserted = True
         result.entries.append(
             self.engine.make_entry(
                 self.db, self.name, "insert", {"_id": upserted_id}, full_document=clone(after)
             )
         )
         result.images.append((None, after))
+
+    def _null_id(self, generated: Any) -> None:
+        """An upsert whose query pins `_id: null` inserts `_id: null`, as mongod does
+        (mongomock made an ObjectId up)."""
+        store: Any = self.coll._store
+        doc = store[generated]
+        del store[generated]
+        if None in store:
+            raise mongomock.DuplicateKeyError("E11000 duplicate key error dup key: { _id: null }")
+        doc["_id"] = None
+        store[None] = doc
 
 
 def _check_size(doc: dict[str, Any], message: str) -> None:

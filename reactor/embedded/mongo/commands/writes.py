@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
+import bson
 import mongomock
 from bson import ObjectId
 
@@ -22,6 +23,11 @@ from ..wire import MAX_DOCUMENT_SIZE, Request
 from .base import CommandsBase, Connection
 from .errors import dup_key_error, engine_error, write_error
 from .updating import Statement, StatementApplier
+
+# What an update statement may carry in mongod 7.0 (`sort` arrived in 8.0).
+UPDATE_STATEMENT_FIELDS = frozenset(
+    {"q", "u", "multi", "upsert", "arrayFilters", "hint", "collation", "c", "upsertSupplied"}
+)
 
 
 class WriteCommands(CommandsBase):
@@ -66,6 +72,8 @@ class WriteCommands(CommandsBase):
         errors: list[dict[str, Any]] = []
         entries: list[OplogEntry] = []
         log = self._statement_log(request)
+        bypass = bool(request.command.get("bypassDocumentValidation"))
+        options = self.engine.collection_options.get((db, name)) or {}
         with self.engine.writing(db, name), self._recording(entries):
             for i, raw in enumerate(docs):
                 if log.previous(i) is not None:  # committed by an earlier attempt
@@ -86,8 +94,21 @@ class WriteCommands(CommandsBase):
                         doc = {"_id": ObjectId(), **doc}
                     if isinstance(doc["_id"], list):
                         raise CommandError(53, "can't use an array for _id", "InvalidIdField")
+                    if isinstance(doc["_id"], dict):
+                        dollar = next((k for k in doc["_id"] if k.startswith("$")), None)
+                        if dollar is not None:
+                            raise CommandError(
+                                52,
+                                f"_id fields may not contain '$'-prefixed fields: {dollar} is "
+                                "not valid for storage.",
+                                "DollarPrefixedFieldName",
+                            )
+                    if options:
+                        self.engine.validate(db, name, doc, bypass=bypass)
                     token = log.before_commit()
                     coll.insert_one(doc)
+                    if options.get("capped") and _trim_capped(coll, options):
+                        self.engine.touch(db, name)  # documents left outside the tables' view
                 except CloseConnection:
                     raise
                 except Exception as exc:
@@ -115,9 +136,23 @@ class WriteCommands(CommandsBase):
         n = n_modified = 0
         upserted: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []
+        for stmt in statements:  # parsing the command, as mongod's IDL does: before any write
+            unknown = sorted(set(stmt) - UPDATE_STATEMENT_FIELDS) if isinstance(stmt, dict) else []
+            if unknown:
+                raise CommandError(
+                    40415,
+                    f"BSON field 'update.updates.{unknown[0]}' is an unknown field.",
+                    "Location40415",
+                )
         log = self._statement_log(request)
         with self.engine.writing(db, name):
-            applier = StatementApplier(self.engine, db, name, full_documents=False)
+            applier = StatementApplier(
+                self.engine,
+                db,
+                name,
+                full_documents=False,
+                bypass=bool(request.command.get("bypassDocumentValidation")),
+            )
             large = request.large.get("updates", {})
             for i, stmt in enumerate(statements):
                 q = stmt.get("q", {}) if isinstance(stmt, dict) else {}
@@ -145,14 +180,14 @@ class WriteCommands(CommandsBase):
                 except CloseConnection:
                     raise
                 except Exception as exc:
-                    err = self._failure(db, name, exc, q, "update")
+                    err = self._failure(db, name, exc, _written(q, stmt), "update")
                     errors.append(write_error(i, err, **err.extra))
                     if ordered:
                         break
                     continue
                 n += result.matched
                 n_modified += result.modified
-                if result.upserted_id is not None:
+                if result.upserted:
                     n += 1
                     upserted.append({"index": i, "_id": result.upserted_id})
         reply: dict[str, Any] = {"n": n, "nModified": n_modified}
@@ -233,7 +268,9 @@ class WriteCommands(CommandsBase):
             except CloseConnection:
                 raise
             except Exception as exc:
-                err = self._failure(db, name, exc, q, "findAndModify")
+                err = self._failure(
+                    db, name, exc, _written(q, {"u": command.get("update")}), "findAndModify"
+                )
                 raise err from exc
         log.committed(0, reply, token)
         return reply
@@ -268,7 +305,13 @@ class WriteCommands(CommandsBase):
     ) -> dict[str, Any]:
         if "update" not in command:
             raise CommandError(9, "Either an update or remove=true must be specified")
-        applier = StatementApplier(self.engine, db, name, full_documents=True)
+        applier = StatementApplier(
+            self.engine,
+            db,
+            name,
+            full_documents=True,
+            bypass=bool(command.get("bypassDocumentValidation")),
+        )
         result = applier.apply(
             Statement(
                 q=q,
@@ -280,10 +323,10 @@ class WriteCommands(CommandsBase):
         )
         self.engine.record(result.entries)
         last_error: dict[str, Any] = {
-            "n": result.matched or (1 if result.upserted_id is not None else 0),
+            "n": result.matched or (1 if result.upserted else 0),
             "updatedExisting": bool(result.matched),
         }
-        if result.upserted_id is not None:
+        if result.upserted:
             last_error["upserted"] = result.upserted_id
         if not result.images:
             return {"lastErrorObject": last_error, "value": None}
@@ -302,3 +345,41 @@ def _project(coll: Any, doc: dict[str, Any], fields: dict[str, Any] | None) -> d
     if not fields:
         return doc
     return coll._copy_only_fields(doc, dict(fields), dict)
+
+
+def _written(query: Any, statement: Any) -> dict[str, Any]:
+    """What an update statement would have written, as far as the query's equalities and the
+    fields it sets tell: the document a duplicate-key error is reported about."""
+    doc: dict[str, Any] = {}
+    if isinstance(query, dict):
+        for key, value in query.items():
+            if not key.startswith("$") and not (
+                isinstance(value, dict) and any(str(k).startswith("$") for k in value)
+            ):
+                doc[key] = value
+    update = statement.get("u") if isinstance(statement, dict) else None
+    if isinstance(update, dict):
+        if update and all(str(k).startswith("$") for k in update):
+            for modifier in ("$set", "$setOnInsert"):
+                if isinstance(update.get(modifier), dict):
+                    doc.update(update[modifier])
+        else:
+            doc.update(update)
+    return doc
+
+
+def _trim_capped(coll: Any, options: dict[str, Any]) -> bool:
+    """A capped collection drops its oldest documents once over `max` documents or `size`
+    bytes, as mongod does (in insertion order)."""
+    store = coll._store._documents
+    before = len(store)
+    limit = options.get("max")
+    size = options.get("size")
+    while isinstance(limit, int) and limit > 0 and len(store) > limit:
+        store.popitem(last=False)
+    if isinstance(size, int | float) and size > 0:
+        total = sum(len(bson.encode(d)) for d in store.values())
+        while total > size and len(store) > 1:
+            _, oldest = store.popitem(last=False)
+            total -= len(bson.encode(oldest))
+    return len(store) < before
