@@ -61,12 +61,20 @@ class ReactorProcess:
         if self.clock_offset:
             command = ["faketime", "-f", self.clock_offset, *command]
             env["FAKETIME_DONT_FAKE_MONOTONIC"] = "1"
+        # A process group of its own: faketime runs the replica as its child, and a signal
+        # meant for the replica must reach it (not only faketime, leaving an orphan behind).
         self.proc = await asyncio.create_subprocess_exec(
             *command,
             env=env,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
+            start_new_session=True,
         )
+
+    def _signal(self, sig: int) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
 
     async def ready(self, timeout_s: float = 30) -> None:
         deadline = time.monotonic() + timeout_s
@@ -81,25 +89,23 @@ class ReactorProcess:
 
     def pause(self) -> None:
         """SIGSTOP: a VM pause or a stop-the-world collection, as the process sees it."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
+        self._signal(signal.SIGSTOP)
 
     def resume(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGCONT)
+        self._signal(signal.SIGCONT)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGKILL)
+            self._signal(signal.SIGKILL)
 
     async def terminate(self, timeout_s: float = 30) -> int | None:
         if self.proc is None or self.proc.returncode is not None:
             return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
+        self._signal(signal.SIGTERM)
         try:
             return await asyncio.wait_for(self.proc.wait(), timeout_s)
         except TimeoutError:
-            self.proc.kill()
+            self._signal(signal.SIGKILL)
             return await self.proc.wait()
 
 
