@@ -95,8 +95,16 @@ class FeedbackSink:
         if not events:
             return []
         now = self._clock.now()
-        fresh = await self._store.first_times([f"{e.provider}:{e.event_id}" for e in events], now)
+        # Deduplicating and attributing are independent (attribution only reads): one round
+        # trip's wait, not two. A replay's attribution is read and dropped.
+        fresh, attributed = await asyncio.gather(
+            self._store.first_times([f"{e.provider}:{e.event_id}" for e in events], now),
+            self._store.attribute_many(
+                Channel.EMAIL, [(e.message_id, e.address.strip().lower()) for e in events]
+            ),
+        )
         new = [e for e, f in zip(events, fresh, strict=True) if f]
+        where = [w for w, f in zip(attributed, fresh, strict=True) if f]
         for e, f in zip(events, fresh, strict=True):
             if f:
                 self._metrics.webhook_events.labels(e.provider, e.kind).inc()
@@ -104,13 +112,6 @@ class FeedbackSink:
                 self._metrics.webhook_replays.labels(e.provider).inc()
         if not new:
             return fresh
-        # Suppressing and attributing are independent: one round trip's wait, not two.
-        _, where = await asyncio.gather(
-            self._suppress(new, now),
-            self._store.attribute_many(
-                Channel.EMAIL, [(e.message_id, e.address.strip().lower()) for e in new]
-            ),
-        )
         counts: dict[str, dict[str, int]] = {}
         for e, w in zip(new, where, strict=True):
             if w is None:
@@ -119,11 +120,17 @@ class FeedbackSink:
                 continue
             by_name = counts.setdefault(w[0], {})
             by_name[_COUNTERS[e.kind]] = by_name.get(_COUNTERS[e.kind], 0) + 1
-        for campaign, deltas in counts.items():
-            doc = await self._store.count(campaign, deltas)
-            if "complaints" in deltas and doc is not None:
-                await self._check_complaints(campaign, doc)
+        # Suppressing and counting are independent too.
+        await asyncio.gather(
+            self._suppress(new, now),
+            *(self._count(campaign, deltas) for campaign, deltas in counts.items()),
+        )
         return fresh
+
+    async def _count(self, campaign: str, deltas: dict[str, int]) -> None:
+        doc = await self._store.count(campaign, deltas)
+        if "complaints" in deltas and doc is not None:
+            await self._check_complaints(campaign, doc)
 
     async def _suppress(self, events: Sequence[FeedbackEvent], now: dt.datetime) -> None:
         soft = [e.address.strip().lower() for e in events if e.kind is Feedback.SOFT_BOUNCE]
