@@ -78,33 +78,20 @@ def install_expressions() -> None:
     """Teach mongomock's expressions what mongod has and it lacks (idempotent)."""
     _install_now()
     _install_type()
-    _install_merge_objects()
+    _install_extra_expressions()
     _install_date_arithmetic()
     _install_operator_only_projection()
     _install_query_types()
-    _install_field_expressions()
     _install_update_pipeline()
     _install_storage_rules()
     _install_missing_comparisons()
-    _install_rand()
 
 
-def _install_rand() -> None:
+def _rand(parser: Any, args: Any) -> Any:
     """$rand: a double in [0, 1), new for each evaluation."""
-    parser: Any = mongomock.aggregate._Parser
-    if getattr(parser, "_reactor_rand", False):
-        return
-    parse = parser.parse
-
-    def parse_rand(self: Any, expression: Any) -> Any:
-        if isinstance(expression, dict) and len(expression) == 1 and "$rand" in expression:
-            if expression["$rand"] != {}:
-                raise mongomock.OperationFailure("$rand does not take any arguments", code=3040501)
-            return random.random()
-        return parse(self, expression)
-
-    parser.parse = parse_rand
-    parser._reactor_rand = True
+    if args != {}:
+        raise mongomock.OperationFailure("$rand does not take any arguments", code=3040501)
+    return random.random()
 
 
 _COMPARISONS = {
@@ -180,26 +167,38 @@ def _install_update_pipeline() -> None:
     collection._reactor_update_pipeline = True
 
 
-_FIELD_OPERATORS = ("$getField", "$setField", "$unsetField")
+_EXTRA: dict[str, Any] = {}  # operator -> handler(parser, arguments), filled below
 
 
-def _install_field_expressions() -> None:
-    """$getField, $setField and $unsetField (MongoDB 5.0): fields whose names hold dots or
-    start with `$`, which field paths cannot name."""
+def _install_extra_expressions() -> None:
+    """Expressions mongomock lacks ($rand, $getField, $setField, $unsetField, $mergeObjects),
+    dispatched from one wrapper around its parser, so each parse pays one dictionary lookup."""
     parser: Any = mongomock.aggregate._Parser
-    if getattr(parser, "_reactor_field_expressions", False):
+    if getattr(parser, "_reactor_extra_expressions", False):
         return
+    if "$mergeObjects" in mongomock.aggregate.object_operators:
+        mongomock.aggregate.object_operators.remove("$mergeObjects")
+    _EXTRA.update(
+        {
+            "$rand": _rand,
+            "$getField": lambda p, a: _field_expression(p, "$getField", a),
+            "$setField": lambda p, a: _field_expression(p, "$setField", a),
+            "$unsetField": lambda p, a: _field_expression(p, "$unsetField", a),
+            "$mergeObjects": _merge_objects,
+        }
+    )
     parse = parser.parse
 
-    def parse_field_expressions(self: Any, expression: Any) -> Any:
-        if isinstance(expression, dict) and len(expression) == 1:
+    def parse_extra(self: Any, expression: Any) -> Any:
+        if type(expression) is dict and len(expression) == 1:
             operator = next(iter(expression))
-            if operator in _FIELD_OPERATORS:
-                return _field_expression(self, operator, expression[operator])
+            handler = _EXTRA.get(operator)
+            if handler is not None:
+                return handler(self, expression[operator])
         return parse(self, expression)
 
-    parser.parse = parse_field_expressions
-    parser._reactor_field_expressions = True
+    parser.parse = parse_extra
+    parser._reactor_extra_expressions = True
 
 
 def _field_expression(parser: Any, operator: str, args: Any) -> Any:
@@ -345,41 +344,26 @@ def _install_type() -> None:
         parser._handle_type_operator = handle_type_operator
 
 
-def _install_merge_objects() -> None:
+def _merge_objects(parser: Any, arguments: Any) -> Any:
     """$mergeObjects as an expression (mongomock has it only as a $group accumulator)."""
-    parser: Any = mongomock.aggregate._Parser
-    if "$mergeObjects" in mongomock.aggregate.object_operators:
-        mongomock.aggregate.object_operators.remove("$mergeObjects")
-        parse = parser.parse
-
-        def parse_with_merge(self: Any, expression: Any) -> Any:
-            if (
-                isinstance(expression, dict)
-                and len(expression) == 1
-                and "$mergeObjects" in expression
-            ):
-                arguments = expression["$mergeObjects"]
-                if not isinstance(arguments, list):
-                    arguments = [arguments]
-                merged: dict[str, Any] = {}
-                for argument in arguments:
-                    try:
-                        value = self.parse(argument)
-                    except KeyError:
-                        continue  # missing: ignored, as null is
-                    if value is None:
-                        continue
-                    if not isinstance(value, dict):
-                        raise mongomock.OperationFailure(
-                            f"$mergeObjects requires object inputs, but input {value!r} is of "
-                            f"type {bson_type(value)}",
-                            code=40400,
-                        )
-                    merged.update(value)
-                return merged
-            return parse(self, expression)
-
-        parser.parse = parse_with_merge
+    if not isinstance(arguments, list):
+        arguments = [arguments]
+    merged: dict[str, Any] = {}
+    for argument in arguments:
+        try:
+            value = parser.parse(argument)
+        except KeyError:
+            continue  # missing: ignored, as null is
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise mongomock.OperationFailure(
+                f"$mergeObjects requires object inputs, but input {value!r} is of "
+                f"type {bson_type(value)}",
+                code=40400,
+            )
+        merged.update(value)
+    return merged
 
 
 def _install_date_arithmetic() -> None:
