@@ -1,7 +1,8 @@
 """CRUD semantics of the embedded server that PyMongo's CRUD and collection conformance tests
 check, through the real driver: array filters, `let`, field-name expressions, `$type`, null ids,
 document validation, capped collections, index options, min/max, exhaust cursors, and the
-features it refuses instead of answering wrongly (collation, views)."""
+features it refuses instead of answering wrongly (collation, views; that test alone is
+emulator-only). With REACTOR_TEST_MONGO_URI set the rest run against a real replica set."""
 
 from __future__ import annotations
 
@@ -9,20 +10,16 @@ import asyncio
 from typing import Any
 
 import pytest
-from pymongo import AsyncMongoClient, CursorType, MongoClient
+from pymongo import CursorType, MongoClient
 from pymongo.collation import Collation
 from pymongo.errors import OperationFailure, WriteError
 
-from reactor.embedded.mongo import MongoEmulator
-
-Client = AsyncMongoClient[dict[str, Any]]
+from tests.conftest import MongoTarget
 
 
 @pytest.fixture
-async def db(emulator: MongoEmulator) -> Any:
-    c: Client = AsyncMongoClient(emulator.uri)
-    yield c.crud_rules
-    await c.close()
+def db(client: Any, mongo: MongoTarget) -> Any:
+    return client[mongo.campaigns_db]
 
 
 async def test_array_filters_update_only_the_matching_elements(db: Any) -> None:
@@ -119,7 +116,8 @@ async def test_index_options_are_listed_and_min_bounds_a_hinted_find(db: Any) ->
     assert [d["x"] for d in found] == [2]
 
 
-async def test_collation_and_views_are_refused_not_ignored(db: Any) -> None:
+async def test_collation_and_views_are_refused_not_ignored(db: Any, mongo: MongoTarget) -> None:
+    mongo.require_emulator()  # mongod has both
     await db.coll8.insert_one({"s": "PING"})
     with pytest.raises(OperationFailure) as collation:
         await db.coll8.delete_many({"s": "ping"}, collation=Collation("en_US", strength=2))
@@ -131,10 +129,10 @@ async def test_collation_and_views_are_refused_not_ignored(db: Any) -> None:
     assert view.value.code == 115
 
 
-async def test_exhaust_cursors_stream_every_batch(emulator: MongoEmulator) -> None:
+async def test_exhaust_cursors_stream_every_batch(mongo: MongoTarget) -> None:
     def run() -> tuple[list[int], int]:
-        client: MongoClient[dict[str, Any]] = MongoClient(emulator.uri, maxPoolSize=1)
-        coll = client.crud_rules.exhaust
+        client: MongoClient[dict[str, Any]] = MongoClient(mongo.uri, maxPoolSize=1)
+        coll = client[mongo.campaigns_db].exhaust
         coll.insert_many([{"i": i} for i in range(350)])
         seen = [d["i"] for d in coll.find(cursor_type=CursorType.EXHAUST, batch_size=50)]
         count = coll.count_documents({})  # the connection came back usable

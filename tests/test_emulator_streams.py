@@ -1,31 +1,28 @@
 """Change-stream behaviour of the embedded server that PyMongo's change-stream conformance tests
-rely on, checked here through the real driver so a regression shows in the project's own suite."""
+rely on, checked here through the real driver so a regression shows in the project's own suite;
+with REACTOR_TEST_MONGO_URI set they run unchanged against a real replica set (started with
+enableTestCommands, for the fail points)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
-from pymongo import AsyncMongoClient
 from pymongo.errors import OperationFailure
 from pymongo.read_concern import ReadConcern
 
-from reactor.embedded.mongo import MongoEmulator
-
-Client = AsyncMongoClient[dict[str, Any]]
+from tests.conftest import MongoTarget
 
 
 @pytest.fixture
-async def client(emulator: MongoEmulator) -> Any:
-    c: Client = AsyncMongoClient(emulator.uri)
-    yield c
-    await c.close()
+def db(client: Any, mongo: MongoTarget) -> Any:
+    return client[mongo.campaigns_db]
 
 
 async def test_fail_getmore_after_checkout_is_labelled_resumable_and_the_stream_resumes(
-    client: Any,
+    client: Any, db: Any
 ) -> None:
-    coll = client.streams.resume
+    coll = db.resume
     await coll.insert_one({"_id": 0})
     stream = await coll.watch(max_await_time_ms=100)
     await client.admin.command(
@@ -41,8 +38,8 @@ async def test_fail_getmore_after_checkout_is_labelled_resumable_and_the_stream_
     await stream.close()
 
 
-async def test_fail_command_on_getmore_carries_no_resumable_label(client: Any) -> None:
-    coll = client.streams.noresume
+async def test_fail_command_on_getmore_carries_no_resumable_label(client: Any, db: Any) -> None:
+    coll = db.noresume
     await coll.insert_one({"_id": 0})
     stream = await coll.watch(max_await_time_ms=100)
     await client.admin.command(
@@ -59,8 +56,8 @@ async def test_fail_command_on_getmore_carries_no_resumable_label(client: Any) -
     assert not raised.value.has_error_label("ResumableChangeStreamError")
 
 
-async def test_modifying_the_resume_token_is_fatal_and_not_resumable(client: Any) -> None:
-    coll = client.streams.fatal
+async def test_modifying_the_resume_token_is_fatal_and_not_resumable(db: Any) -> None:
+    coll = db.fatal
     stream = await coll.watch([{"$project": {"_id": 0}}], max_await_time_ms=100)
     await coll.insert_one({"_id": 1})
     with pytest.raises(OperationFailure) as raised:
@@ -69,8 +66,8 @@ async def test_modifying_the_resume_token_is_fatal_and_not_resumable(client: Any
     assert raised.value.has_error_label("NonResumableChangeStreamError")
 
 
-async def test_unknown_and_unpermitted_stages_and_read_concern(client: Any) -> None:
-    coll = client.streams.stages
+async def test_unknown_and_unpermitted_stages_and_read_concern(db: Any) -> None:
+    coll = db.stages
     with pytest.raises(OperationFailure) as unknown:
         await coll.watch([{"$frobnicate": {}}])
     assert unknown.value.code == 40324
@@ -84,10 +81,8 @@ async def test_unknown_and_unpermitted_stages_and_read_concern(client: Any) -> N
         pass
 
 
-async def test_a_leading_match_that_filters_out_the_drop_still_sees_the_invalidate(
-    client: Any,
-) -> None:
-    coll = client.streams.invalidated
+async def test_a_leading_match_that_filters_out_the_drop_still_sees_the_invalidate(db: Any) -> None:
+    coll = db.invalidated
     await coll.insert_one({"_id": 1})
     stream = await coll.watch([{"$match": {"operationType": "invalidate"}}], max_await_time_ms=100)
     await coll.drop()
@@ -95,20 +90,20 @@ async def test_a_leading_match_that_filters_out_the_drop_still_sees_the_invalida
 
 
 async def test_an_emptied_collection_still_exists_and_is_dropped_with_its_database(
-    client: Any,
+    client: Any, mongo: MongoTarget
 ) -> None:
-    db = client.streams_emptied
-    await db.kept.insert_one({"_id": 1})
-    await db.kept.delete_one({"_id": 1})
-    assert "kept" in await db.list_collection_names()
-    stream = await db.watch(max_await_time_ms=100)
-    await client.drop_database("streams_emptied")
+    other = client[mongo.segmentation_db]
+    await other.kept.insert_one({"_id": 1})
+    await other.kept.delete_one({"_id": 1})
+    assert "kept" in await other.list_collection_names()
+    stream = await other.watch(max_await_time_ms=100)
+    await client.drop_database(other.name)
     kinds = [(await stream.next())["operationType"] for _ in range(3)]
     assert kinds == ["drop", "dropDatabase", "invalidate"]
 
 
-async def test_update_descriptions_as_mongod_logs_them(client: Any) -> None:
-    coll = client.streams.describe
+async def test_update_descriptions_as_mongod_logs_them(db: Any) -> None:
+    coll = db.describe
     await coll.insert_one({"_id": 1, "a": {"1": 1}, "list": [{"1": 1}], "arr": [1, 2, 3]})
     stream = await coll.watch(show_expanded_events=True, max_await_time_ms=100)
     await coll.update_one({"_id": 1}, {"$set": {"a.1": 2, "list.0.1": 5, "new.deep": 1}})
@@ -129,8 +124,7 @@ async def test_update_descriptions_as_mongod_logs_them(client: Any) -> None:
     assert "disambiguatedPaths" not in (await plain.next())["updateDescription"]
 
 
-async def test_post_images_where_enabled(client: Any) -> None:
-    db = client.streams_images
+async def test_post_images_where_enabled(db: Any) -> None:
     await db.create_collection("on", changeStreamPreAndPostImages={"enabled": True})
     await db.create_collection("off")
     for name in ("on", "off"):
@@ -149,8 +143,7 @@ async def test_post_images_where_enabled(client: Any) -> None:
     assert raised.value.code == 280
 
 
-async def test_expanded_events_and_rename(client: Any) -> None:
-    db = client.streams_ddl
+async def test_expanded_events_and_rename(db: Any) -> None:
     await db.create_collection("source")
     await db.create_collection("target")
     whole = await db.watch(show_expanded_events=True, max_await_time_ms=100)
@@ -169,7 +162,7 @@ async def test_expanded_events_and_rename(client: Any) -> None:
     uuid_before = events[0]["collectionUUID"]
     assert events[1]["operationDescription"]["indexes"][0]["name"] == "x_1"
     rename = events[5]
-    assert rename["to"] == {"db": "streams_ddl", "coll": "target"}
+    assert rename["to"] == {"db": db.name, "coll": "target"}
     assert rename["operationDescription"]["to"] == rename["to"]
     assert "dropTarget" in rename["operationDescription"]
     assert rename["collectionUUID"] == uuid_before

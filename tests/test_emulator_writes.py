@@ -1,24 +1,21 @@
 """Retryable writes and aggregation output on the embedded server, through the real driver:
-what PyMongo's retryable-writes and CRUD conformance tests expect of mongod."""
+what PyMongo's retryable-writes and CRUD conformance tests expect of mongod. With
+REACTOR_TEST_MONGO_URI set they run unchanged against a real replica set."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
-from pymongo import AsyncMongoClient, InsertOne, UpdateOne
+from pymongo import InsertOne, UpdateOne
 from pymongo.errors import AutoReconnect, OperationFailure, WriteConcernError
 
-from reactor.embedded.mongo import MongoEmulator
-
-Client = AsyncMongoClient[dict[str, Any]]
+from tests.conftest import MongoTarget
 
 
 @pytest.fixture
-async def client(emulator: MongoEmulator) -> Any:
-    c: Client = AsyncMongoClient(emulator.uri)
-    yield c
-    await c.close()
+def db(client: Any, mongo: MongoTarget) -> Any:
+    return client[mongo.campaigns_db]
 
 
 async def _fail_point(client: Any, name: str, mode: Any, data: dict[str, Any]) -> None:
@@ -26,17 +23,19 @@ async def _fail_point(client: Any, name: str, mode: Any, data: dict[str, Any]) -
 
 
 async def test_a_write_committed_before_the_connection_dropped_is_not_applied_twice(
-    client: Any,
+    client: Any, db: Any
 ) -> None:
-    coll = client.writes.committed
+    coll = db.committed
     await coll.insert_one({"_id": 1, "n": 0})
     await _fail_point(client, "onPrimaryTransactionalWrite", {"times": 1}, {})
     await coll.update_one({"_id": 1}, {"$inc": {"n": 1}})  # committed, dropped, retried
     assert (await coll.find_one({"_id": 1}))["n"] == 1
 
 
-async def test_the_retry_applies_only_the_statements_that_did_not_commit(client: Any) -> None:
-    coll = client.writes.statements
+async def test_the_retry_applies_only_the_statements_that_did_not_commit(
+    client: Any, db: Any
+) -> None:
+    coll = db.statements
     await _fail_point(client, "onPrimaryTransactionalWrite", {"times": 1}, {})
     # The first statement commits, then the connection drops; the retry sends all three again
     # and must not insert _id 1 a second time (that would be a duplicate key error).
@@ -44,8 +43,8 @@ async def test_the_retry_applies_only_the_statements_that_did_not_commit(client:
     assert [d["_id"] async for d in coll.find().sort("_id")] == [1, 2, 3]
 
 
-async def test_a_write_that_never_commits_fails_and_changes_nothing(client: Any) -> None:
-    coll = client.writes.never
+async def test_a_write_that_never_commits_fails_and_changes_nothing(client: Any, db: Any) -> None:
+    coll = db.never
     await _fail_point(
         client, "onPrimaryTransactionalWrite", {"times": 2}, {"failBeforeCommitExceptionCode": 1}
     )
@@ -54,8 +53,8 @@ async def test_a_write_that_never_commits_fails_and_changes_nothing(client: Any)
     assert await coll.count_documents({}) == 0
 
 
-async def test_errorlabels_given_empty_means_no_label_added(client: Any) -> None:
-    coll = client.writes.labels
+async def test_errorlabels_given_empty_means_no_label_added(client: Any, db: Any) -> None:
+    coll = db.labels
     await _fail_point(
         client,
         "failCommand",
@@ -68,8 +67,8 @@ async def test_errorlabels_given_empty_means_no_label_added(client: Any) -> None
     assert not raised.value.has_error_label("RetryableWriteError")
 
 
-async def test_a_write_concern_error_from_failcommand_after_the_write(client: Any) -> None:
-    coll = client.writes.wce
+async def test_a_write_concern_error_from_failcommand_after_the_write(client: Any, db: Any) -> None:
+    coll = db.wce
     await _fail_point(
         client,
         "failCommand",
@@ -89,8 +88,7 @@ async def test_a_write_concern_error_from_failcommand_after_the_write(client: An
     assert await coll.count_documents({}) == 2  # the write itself landed
 
 
-async def test_out_replaces_and_merge_combines(client: Any) -> None:
-    db = client.writes_out
+async def test_out_replaces_and_merge_combines(db: Any) -> None:
     await db.src.insert_many([{"_id": i, "v": i * 10} for i in range(3)])
     await db.dst.insert_one({"_id": 99})
     await db.dst.create_index("v")

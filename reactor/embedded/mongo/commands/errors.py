@@ -44,6 +44,11 @@ def dup_key_error(db: str, name: str, coll: Any, doc: dict[str, Any]) -> Command
         ):
             index_name, key_value = iname, values
             break
+    return duplicate_key(db, name, index_name, key_value)
+
+
+def duplicate_key(db: str, name: str, index_name: str, key_value: dict[str, Any]) -> CommandError:
+    """mongod's E11000: the index, the key, and keyPattern / keyValue for drivers to read."""
     rendered = ", ".join(f"{k}: {render(v)}" for k, v in key_value.items())
     exc = CommandError(
         11000,

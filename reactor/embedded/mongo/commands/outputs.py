@@ -15,6 +15,7 @@ from bson import ObjectId
 
 from ..changestream import CommandError
 from ..engine import Engine, OplogEntry, clone, diff_documents
+from .errors import duplicate_key
 
 WRITE_STAGES = frozenset({"$out", "$merge"})
 _MATCHED = ("replace", "keepExisting", "merge", "fail")
@@ -99,14 +100,8 @@ def _merge(engine: Engine, db: str, name: str, spec: dict[str, Any], results: li
                 if matched == "keepExisting":
                     continue
                 if matched == "fail":
-                    error = CommandError(
-                        11000,
-                        f"E11000 duplicate key error collection: {db}.{name} index: "
-                        f"{'_id_' if fields == ['_id'] else '_'.join(f + '_1' for f in fields)}",
-                        "DuplicateKey",
-                    )
-                    error.extra = {"keyPattern": dict.fromkeys(fields, 1), "keyValue": key}
-                    raise error
+                    index = "_id_" if fields == ["_id"] else "_".join(f"{f}_1" for f in fields)
+                    raise duplicate_key(db, name, index, key)
                 if isinstance(matched, list):
                     coll.update_one({"_id": found["_id"]}, matched)
                 elif matched == "replace":
