@@ -7,7 +7,9 @@ statuses on their ledger rows, and when each webhook last received an event (`re
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -103,17 +105,26 @@ class MongoFeedback:
         ]
 
     async def soft_bounces(self, addresses: Sequence[str], now: dt.datetime) -> dict[str, int]:
-        """Count one soft bounce per listed address (repeats count each); the counts after."""
+        """Count one soft bounce per listed address (repeats count each); the counts after, in
+        one round trip's wait (one findAndModify per address, concurrently)."""
         if not addresses:
             return {}
-        ops = [
-            UpdateOne({"_id": a}, {"$inc": {"soft": 1}, "$set": {"lastAt": now}}, upsert=True)
-            for a in addresses
-        ]
-        await self.bounces.bulk_write(ops, ordered=True)
+        repeats = Counter(addresses)
+        docs = await asyncio.gather(
+            *(
+                self.bounces.find_one_and_update(
+                    {"_id": address},
+                    {"$inc": {"soft": n}, "$set": {"lastAt": now}},
+                    projection={"soft": 1},
+                    upsert=True,
+                    return_document=ReturnDocument.AFTER,
+                )
+                for address, n in repeats.items()
+            )
+        )
         return {
-            str(d["_id"]): int(d.get("soft", 0))
-            async for d in self.bounces.find({"_id": {"$in": list(set(addresses))}})
+            address: int((doc or {}).get("soft", 0))
+            for address, doc in zip(repeats, docs, strict=True)
         }
 
     async def sms_statuses(
