@@ -75,6 +75,29 @@ async def test_type_null_and_null_ids_and_distinct_order(db: Any) -> None:
     assert await db.nulls.distinct("x") == [11, 22, 33]
 
 
+async def test_database_aggregations_start_from_their_own_source(db: Any) -> None:
+    docs = await (await db.aggregate([{"$documents": [{"a": 1}, {"a": 2}]}])).to_list()
+    assert [d["a"] for d in docs] == [1, 2]
+    with pytest.raises(OperationFailure):  # $documents needs {aggregate: 1}
+        await (await db.some.aggregate([{"$documents": [{"a": 1}]}])).to_list()
+    with pytest.raises(OperationFailure):  # and {aggregate: 1} needs a source stage
+        await (await db.aggregate([{"$match": {}}])).to_list()
+
+
+async def test_compound_min_and_max_compare_key_tuples(db: Any) -> None:
+    await db.pairs.insert_many([{"a": a, "b": b} for a in (1, 2) for b in (1, 2)])
+    await db.pairs.create_index([("a", 1), ("b", 1)])
+    found = (
+        await db.pairs.find({}, {"_id": 0})
+        .min([("a", 1), ("b", 2)])
+        .max([("a", 2), ("b", 2)])
+        .hint([("a", 1), ("b", 1)])
+        .sort([("a", 1), ("b", 1)])
+        .to_list()
+    )
+    assert found == [{"a": 1, "b": 2}, {"a": 2, "b": 1}]
+
+
 async def test_update_statements_with_fields_mongod_7_does_not_know_are_refused(db: Any) -> None:
     await db.sorted.insert_many([{"_id": 1}, {"_id": 2}])
     with pytest.raises(OperationFailure) as raised:

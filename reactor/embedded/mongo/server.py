@@ -293,8 +293,7 @@ class MongoEmulator(AdminCommands, DdlCommands, WriteCommands, ReadCommands):
                         self._retry_cache.popitem(last=False)
         except CommandError as exc:
             if not exc.labels and not exc.labels_given:
-                if "txnNumber" in command and exc.code in RETRYABLE_CODES:
-                    exc.labels = ["RetryableWriteError"]
+                exc.labels = _retryable_write_labels(command, exc.code)
                 if name == "getMore" and exc.code in RESUMABLE_CODES and not exc.before_command:
                     cursor = self._cursors.get(command.get("getMore"))  # type: ignore[arg-type]
                     if isinstance(cursor, ChangeStreamCursor):
@@ -314,12 +313,8 @@ class MongoEmulator(AdminCommands, DdlCommands, WriteCommands, ReadCommands):
             reply["writeConcernError"] = dict(fail.data["writeConcernError"])
             if "errorLabels" in fail.data:
                 labels = list(fail.data["errorLabels"])
-            elif (
-                "txnNumber" in command and reply["writeConcernError"].get("code") in RETRYABLE_CODES
-            ):
-                labels = ["RetryableWriteError"]
             else:
-                labels = []
+                labels = _retryable_write_labels(command, reply["writeConcernError"].get("code"))
             if labels:
                 reply["errorLabels"] = labels
         return self._finish(reply)
@@ -375,6 +370,12 @@ WRITE_CONCERN_COMMANDS = frozenset(
         "renameCollection",
     }
 )
+
+
+def _retryable_write_labels(command: dict[str, Any], code: Any) -> list[str]:
+    """The label mongod adds to a retryable write's error (or write concern error) that a
+    driver may retry."""
+    return ["RetryableWriteError"] if "txnNumber" in command and code in RETRYABLE_CODES else []
 
 
 def _unsatisfiable_write_concern(name: str, command: dict[str, Any]) -> dict[str, Any] | None:

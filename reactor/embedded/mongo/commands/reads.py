@@ -46,24 +46,16 @@ class ReadCommands(CommandsBase):
         skip = int(command.get("skip", 0) or 0)
         try:
             filter_ = command.get("filter") or {}
-            if bounds:
-                # min (inclusive) / max (exclusive) bounds on the hinted index's keys
-                ordered = coll.find(filter_, sort=list(sort.items()) if sort else None)
-                matching = [d for d in ordered if _within(d, bounds)]
-                ids = [d["_id"] for d in matching][skip:]
-                ids = ids[: abs(limit)] if limit else ids
-                projection = command.get("projection")
-                by_id = {repr(d["_id"]): d for d in coll.find({"_id": {"$in": ids}}, projection)}
-                docs = [by_id[repr(i)] for i in ids if repr(i) in by_id]
-            else:
-                cursor = coll.find(
-                    filter_,
-                    command.get("projection"),
-                    skip=skip,
-                    limit=abs(limit),
-                    sort=list(sort.items()) if sort else None,
-                )
-                docs = list(cursor)
+            if bounds:  # min (inclusive) / max (exclusive) on the hinted index's keys
+                filter_ = {"$and": [filter_, *(_bound(k, v) for k, v in bounds.items())]}
+            cursor = coll.find(
+                filter_,
+                command.get("projection"),
+                skip=skip,
+                limit=abs(limit),
+                sort=list(sort.items()) if sort else None,
+            )
+            docs = list(cursor)
         except (mongomock.OperationFailure, ValueError, TypeError, NotImplementedError) as exc:
             raise CommandError(
                 getattr(exc, "code", None) or 2, str(exc) or type(exc).__name__
@@ -131,11 +123,13 @@ class ReadCommands(CommandsBase):
                 73, "aggregate needs a collection name or 1 (the database)", "InvalidNamespace"
             )
         first_stage = next(iter(pipeline[0]), "") if pipeline and pipeline[0] else ""
-        if target == 1 and first_stage not in DATABASE_SOURCES:
+        if (target == 1) != (first_stage in DATABASE_SOURCES):
             raise CommandError(
                 73,
-                f"{{aggregate: 1}} is not valid for '{first_stage or 'an empty pipeline'}'; a "
-                "collection name is required",
+                f"'{first_stage}' must be run with {{aggregate: 1}}"
+                if target != 1
+                else f"{{aggregate: 1}} is not valid for '{first_stage or 'an empty pipeline'}'; "
+                "a collection name is required",
                 "InvalidNamespace",
             )
         level = (command.get("readConcern") or {}).get("level")
@@ -159,7 +153,7 @@ class ReadCommands(CommandsBase):
         database = self.engine.client[db]
         try:
             rest = pipeline
-            if first_stage in DATABASE_SOURCES or not isinstance(target, str):
+            if not isinstance(target, str):  # {aggregate: 1}: its first stage is the source
                 source, rest = self._database_source(pipeline[0], first_stage), pipeline[1:]
             elif pipeline and "$match" in pipeline[0] and len(pipeline[0]) == 1:
                 source_coll = self.engine.collection(db, target)
@@ -262,26 +256,17 @@ class ReadCommands(CommandsBase):
         }
 
 
-def _within(doc: dict[str, Any], bounds: dict[str, Any]) -> bool:
-    def key(spec: dict[str, Any]) -> list[Any]:
-        return [
-            filtering.BsonComparable(mongomock.helpers.get_value_by_dot(doc, f))
-            if _has(doc, f)
-            else filtering.BsonComparable(None)
-            for f in spec
-        ]
-
-    low, high = bounds.get("min"), bounds.get("max")
-    if isinstance(low, dict) and key(low) < [filtering.BsonComparable(v) for v in low.values()]:
-        return False
-    return not isinstance(high, dict) or key(high) < [
-        filtering.BsonComparable(v) for v in high.values()
-    ]
-
-
-def _has(doc: dict[str, Any], path: str) -> bool:
-    try:
-        mongomock.helpers.get_value_by_dot(doc, path)
-    except KeyError:
-        return False
-    return True
+def _bound(which: str, key: Any) -> dict[str, Any]:
+    """`min` / `max` of a find as a condition: the index key tuple compared lexicographically,
+    `min` inclusive and `max` exclusive."""
+    if not isinstance(key, dict) or not key:
+        raise CommandError(2, f"'{which}' must be a non-empty document of index key values")
+    last = "$gte" if which == "min" else "$lt"
+    beyond = "$gt" if which == "min" else "$lt"
+    fields = list(key.items())
+    alternatives = []
+    for i, (field, value) in enumerate(fields):
+        equal_before = dict(fields[:i])
+        op = last if i == len(fields) - 1 else beyond
+        alternatives.append({**equal_before, field: {op: value}})
+    return alternatives[0] if len(alternatives) == 1 else {"$or": alternatives}

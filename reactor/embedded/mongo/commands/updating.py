@@ -87,12 +87,7 @@ class StatementApplier:
         # Plain $set/$setOnInsert/$inc/$unset of top-level fields skip mongomock's general
         # update path (see engine.simple_update); the results are the same.
         simple = kind == UpdateKind.OPERATORS and simple_update(st.u)
-        if st.sort:
-            ids = [d["_id"] for d in self.coll.find(st.q, {"_id": 1}, sort=list(st.sort.items()))]
-        else:
-            ids = [d["_id"] for d in self.coll._iter_documents(st.q)]
-        if not st.multi:
-            ids = ids[:1]
+        ids = self._matching_ids(st)
         result = UpdateResult()
         # Only the fields an operator update can touch are copied for the change event: campaign
         # documents carry long target lists that no counter update should have to copy.
@@ -107,18 +102,22 @@ class StatementApplier:
             self._upsert(st, kind, pairs, simple, result)
         return result
 
+    def _matching_ids(self, st: Statement) -> list[Any]:
+        """The `_id`s the statement updates: in `sort` order if given, one unless `multi`."""
+        if st.sort:
+            ids = [d["_id"] for d in self.coll.find(st.q, {"_id": 1}, sort=list(st.sort.items()))]
+        else:
+            ids = [d["_id"] for d in self.coll._iter_documents(st.q)]
+        return ids if st.multi else ids[:1]
+
     def _apply_filtered(self, st: Statement) -> UpdateResult:
         """An update with `$[]` / `$[<id>]` paths: resolved per document, then applied."""
         check_operators(st.u)
         filters = filters_by_identifier(st.array_filters, st.u)
-        ids = [d["_id"] for d in self.coll._iter_documents(st.q)]
-        if st.sort:
-            ids = [d["_id"] for d in self.coll.find(st.q, {"_id": 1}, sort=list(st.sort.items()))]
-        if not st.multi:
-            ids = ids[:1]
         result = UpdateResult()
+        ids = self._matching_ids(st)
         for _id in ids:
-            key = mongomock.helpers.hashdict(_id) if isinstance(_id, dict) else _id
+            key = _store_key(_id)
             concrete = resolve(st.u, filters, self.coll._store[key])
             if not concrete:  # matched, nothing to change
                 result.matched += 1
@@ -144,7 +143,7 @@ class StatementApplier:
         _id: Any,
         result: UpdateResult,
     ) -> None:
-        key = mongomock.helpers.hashdict(_id) if isinstance(_id, dict) else _id
+        key = _store_key(_id)
         stored: dict[str, Any] = self.coll._store[key]
         if kind == UpdateKind.OPERATORS:
             check_against(stored, pairs, inserting=False)
@@ -251,11 +250,7 @@ class StatementApplier:
                     self._null_id(upserted_id)
                     upserted_id = None
         # The store keys a document _id by its hashable form, as mongomock does.
-        key = (
-            mongomock.helpers.hashdict(upserted_id)
-            if isinstance(upserted_id, dict)
-            else upserted_id
-        )
+        key = _store_key(upserted_id)
         try:
             if st.check_size:
                 _check_size(self.coll._store[key], "object to insert too large. max size:")
@@ -284,6 +279,11 @@ class StatementApplier:
             raise mongomock.DuplicateKeyError("E11000 duplicate key error dup key: { _id: null }")
         doc["_id"] = None
         store[None] = doc
+
+
+def _store_key(_id: Any) -> Any:
+    """The key mongomock's store files a document under (a sub-document `_id` hashed)."""
+    return mongomock.helpers.hashdict(_id) if isinstance(_id, dict) else _id
 
 
 def _check_size(doc: dict[str, Any], message: str) -> None:

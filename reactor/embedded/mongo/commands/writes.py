@@ -20,9 +20,9 @@ from ..changestream import CommandError
 from ..engine import OplogEntry, clone
 from ..failpoints import CloseConnection
 from ..wire import MAX_DOCUMENT_SIZE, Request
-from .base import CommandsBase, Connection
+from .base import CommandsBase, Connection, StatementLog
 from .errors import dup_key_error, engine_error, write_error
-from .updating import Statement, StatementApplier
+from .updating import Statement, StatementApplier, UpdateResult
 
 # What an update statement may carry in mongod 7.0 (`sort` arrived in 8.0).
 UPDATE_STATEMENT_FIELDS = frozenset(
@@ -157,34 +157,17 @@ class WriteCommands(CommandsBase):
             for i, stmt in enumerate(statements):
                 q = stmt.get("q", {}) if isinstance(stmt, dict) else {}
                 result = log.previous(i)  # committed by an earlier attempt
-                try:
-                    if result is not None:
-                        pass
-                    elif not isinstance(stmt, dict):
-                        raise CommandError(14, "update statements must be objects")
-                    else:
-                        token = log.before_commit()
-                        result = applier.apply(
-                            Statement(
-                                q=q,
-                                u=stmt.get("u"),
-                                multi=bool(stmt.get("multi")),
-                                upsert=bool(stmt.get("upsert")),
-                                array_filters=stmt.get("arrayFilters"),
-                                check_size=i in large,
-                            )
-                        )
-                        self.engine.record(result.entries)
-                        result.entries, result.images = [], []  # only the counts are kept
-                        log.committed(i, result, token)
-                except CloseConnection:
-                    raise
-                except Exception as exc:
-                    err = self._failure(db, name, exc, _written(q, stmt), "update")
-                    errors.append(write_error(i, err, **err.extra))
-                    if ordered:
-                        break
-                    continue
+                if result is None:
+                    try:
+                        result = self._update_statement(applier, log, i, stmt, i in large)
+                    except CloseConnection:
+                        raise
+                    except Exception as exc:
+                        err = self._failure(db, name, exc, _written(q, stmt), "update")
+                        errors.append(write_error(i, err, **err.extra))
+                        if ordered:
+                            break
+                        continue
                 n += result.matched
                 n_modified += result.modified
                 if result.upserted:
@@ -196,6 +179,28 @@ class WriteCommands(CommandsBase):
         if errors:
             reply["writeErrors"] = errors
         return reply
+
+    def _update_statement(
+        self, applier: StatementApplier, log: StatementLog, i: int, stmt: Any, large: bool
+    ) -> UpdateResult:
+        """Apply update statement `i`, record its changes, and log it as committed."""
+        if not isinstance(stmt, dict):
+            raise CommandError(14, "update statements must be objects")
+        token = log.before_commit()
+        result = applier.apply(
+            Statement(
+                q=stmt.get("q", {}),
+                u=stmt.get("u"),
+                multi=bool(stmt.get("multi")),
+                upsert=bool(stmt.get("upsert")),
+                array_filters=stmt.get("arrayFilters"),
+                check_size=large,
+            )
+        )
+        self.engine.record(result.entries)
+        result.entries, result.images = [], []  # only the counts are kept
+        log.committed(i, result, token)
+        return result
 
     # ---- delete ------------------------------------------------------------------------------
 
