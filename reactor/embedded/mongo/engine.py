@@ -210,9 +210,11 @@ class Engine:
             "errInfo": {
                 "failingDocumentId": doc.get("_id"),
                 "details": {
+                    # mongod names the clauses that failed; the embedded server knows only that
+                    # the document as a whole did not match
                     "operatorName": "$and",
                     "specifiedAs": validator,
-                    "clausesNotSatisfied": [],
+                    "reason": "the document did not match the collection's validator",
                 },
             }
         }
