@@ -32,17 +32,17 @@ from .adapters.mongo import (
 )
 from .adapters.smtp import SmtpEmailSender
 from .adapters.twilio_sms import TwilioSmsSender
-from .barriers import Barriers
 from .config import Settings
 from .execution import Executor, StopReason
 from .http import OpsServer
 from .metrics import Metrics
 from .ports import Clock, EmailSender, SmsSender
 from .public import PublicServer
-from .reconciler import Reconciler
-from .scheduler import Scheduler
+from .scheduling.barriers import Barriers
+from .scheduling.reconciler import Reconciler
+from .scheduling.scheduler import Scheduler
+from .scheduling.watcher import Watcher
 from .suppression import SuppressionList
-from .watcher import Watcher
 
 log = logging.getLogger(__name__)
 

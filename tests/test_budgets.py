@@ -14,8 +14,8 @@ from pymongo import AsyncMongoClient
 
 from reactor.adapters.clock import SystemClock
 from reactor.adapters.mongo import MongoBudgets
-from reactor.budgets import SharedBudget
 from reactor.embedded.smtp_sink import SmtpSink
+from reactor.limits.budgets import SharedBudget
 
 from .conftest import MongoTarget
 from .helpers import campaign, eventually, ledger, running, seed_customers, settings

@@ -7,8 +7,8 @@ import datetime as dt
 import anyio
 import pytest
 
-from reactor.ratelimit import TokenBucket
-from reactor.timers import TimerHeap
+from reactor.limits.ratelimit import TokenBucket
+from reactor.scheduling.timers import TimerHeap
 
 from .fakes import FakeClock
 

@@ -18,7 +18,7 @@ from reactor.domain.errors import TransientDeliveryError, UncertainDeliveryError
 from reactor.execution import Executor
 from reactor.metrics import Metrics
 from reactor.ports import Recipient
-from reactor.scheduler import Scheduler
+from reactor.scheduling.scheduler import Scheduler
 
 from .fakes import FakeClock, MemoryCampaignStore, MemoryLedger, MemoryRecipients, RecordingSender
 

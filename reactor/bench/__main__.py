@@ -11,32 +11,31 @@ from pathlib import Path
 from typing import Any
 
 from .common import machine
+from .figures import entry_for, write
+
+# Every bench `python -m reactor.bench NAME` runs; `all` runs those in ALL. A bench module has
+# `async run(quick) -> dict` and, to publish, `figures(result) -> list[Figure]` (figures.py).
+BENCHES = ["emulator", "scheduling", "sending", "consent", "webhooks", "scale", "faults"]
+ALL = ["emulator", "scheduling", "sending", "consent", "faults"]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m reactor.bench")
     parser.add_argument(
         "name",
-        choices=[
-            "emulator",
-            "scheduling",
-            "sending",
-            "consent",
-            "webhooks",
-            "scale",
-            "faults",
-            "all",
-        ],
+        choices=[*BENCHES, "all"],
     )
     parser.add_argument("--quick", action="store_true", help="small sizes (CI)")
     parser.add_argument("--out", default="reports", help="where `all` writes its report")
+    parser.add_argument(
+        "--write",
+        type=Path,
+        help="merge the figures of each bench that publishes into this file (docs/figures.md)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
-    names = (
-        ["emulator", "scheduling", "sending", "consent", "faults"]
-        if args.name == "all"
-        else [args.name]
-    )
+    names = ALL if args.name == "all" else [args.name]
+    entries = []
     results: dict[str, Any] = {
         "machine": machine(),
         "measured_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -47,6 +46,20 @@ def main() -> int:
         result = asyncio.run(module.run(quick=args.quick))
         results[name] = result
         print(json.dumps(result, indent=2, default=str), flush=True)
+        if args.write is not None and hasattr(module, "figures"):
+            quick = " --quick" if args.quick else ""
+            entries.append(
+                entry_for(
+                    name,
+                    module.figures(result),
+                    command=f"python -m reactor.bench {name}{quick}",
+                    machine=results["machine"],
+                    sources=list(getattr(module, "SOURCES", [f"reactor/bench/{name}.py"])),
+                )
+            )
+    if args.write is not None:
+        write(args.write, entries)
+        print(f"wrote {len(entries)} bench section(s) to {args.write}")
     if args.name == "all":
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

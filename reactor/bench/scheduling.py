@@ -23,7 +23,7 @@ from ..app import Reactor
 from ..config import SchedulerConfig, Settings
 from ..domain.schedule import TimerKey, TimerKind
 from ..metrics import Metrics
-from ..scheduler import Scheduler
+from ..scheduling.scheduler import Scheduler
 from .common import emulator_process, summary_ms
 
 

@@ -21,9 +21,9 @@ from ..domain.errors import (
 )
 from ..domain.models import Channel
 from ..domain.retry import RetryPolicy
+from ..limits.ratelimit import RateLimit
 from ..metrics import Metrics
 from ..ports import Clock, EmailSender, SmsSender
-from ..ratelimit import RateLimit
 from .breaker import FIRST_PAUSE_S, ChannelBreaker
 from .ledger import ABANDONED, DEFERRED, Item, Outcome
 from .state import Run, unless_stopped, until_lease_holds

@@ -25,16 +25,16 @@ from typing import Any
 
 import anyio
 
-from ..budgets import BudgetStore, SharedBudget
 from ..config import SendConfig
 from ..domain.consent import Links
 from ..domain.errors import LeaseLost
 from ..domain.models import Channel
 from ..domain.retry import RetryPolicy
 from ..domain.shards import parse_shard
+from ..limits.budgets import BudgetStore, SharedBudget
+from ..limits.ratelimit import RateLimit, TokenBucket
 from ..metrics import Metrics
 from ..ports import CampaignStore, Clock, EmailSender, Ledger, Recipients, SmsSender
-from ..ratelimit import RateLimit, TokenBucket
 from ..suppression import SuppressionList
 from .deliver import Deliverer
 from .ledger import LedgerWriter

@@ -27,9 +27,9 @@ from ..domain.errors import InvalidCampaign, LeaseLost
 from ..domain.ids import normalise_id
 from ..domain.models import Campaign, Channel, parse_campaign, target_problem
 from ..domain.shards import Shard, shard_ranges
+from ..limits.ratelimit import RateLimit
 from ..metrics import Metrics
 from ..ports import CampaignStore, Clock, EmailSender, Ledger, Recipients, SmsSender
-from ..ratelimit import RateLimit
 from ..suppression import SuppressionList
 from .deliver import Deliverer
 from .ledger import Item, LedgerWriter

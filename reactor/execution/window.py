@@ -28,8 +28,8 @@ import anyio
 from ..domain.consent import skip_reason
 from ..domain.deliveries import DeliveryRecord, DeliveryState
 from ..domain.models import Channel
+from ..limits.ratelimit import RateLimit
 from ..ports import Clock
-from ..ratelimit import RateLimit
 from ..suppression import SuppressionList
 from .breaker import ChannelBreaker
 from .deliver import Deliverer

@@ -1,6 +1,6 @@
 """Cluster-wide rate budgets (`rate_budgets`): one document per channel's bucket, refilled by the
 database's clock (`$$NOW`), leased from in slices by one atomic update each (see
-`reactor.budgets`). The bucket's state is decided inside the update, never from what a replica
+`reactor.limits.budgets`). The bucket's state is decided inside the update, never from what a replica
 read, so replicas leasing at once cannot take more than it held."""
 
 from __future__ import annotations

@@ -17,10 +17,10 @@ from typing import Any
 import anyio
 from pymongo.errors import OperationFailure, PyMongoError
 
+from ..domain.errors import HISTORY_LOST_CODES
+from ..metrics import Metrics
+from ..ports import ChangeFeed, Clock
 from .barriers import Barriers
-from .domain.errors import HISTORY_LOST_CODES
-from .metrics import Metrics
-from .ports import ChangeFeed, Clock
 from .reconciler import Reconciler
 from .scheduler import Scheduler
 

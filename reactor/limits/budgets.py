@@ -21,7 +21,7 @@ from typing import Protocol
 
 from pymongo.errors import PyMongoError
 
-from .ports import Clock
+from ..ports import Clock
 
 log = logging.getLogger(__name__)
 

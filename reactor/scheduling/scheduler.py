@@ -15,10 +15,10 @@ import anyio
 from anyio.abc import TaskGroup
 from bson import Timestamp
 
-from .config import SchedulerConfig
-from .domain.errors import InvalidCampaign
-from .domain.models import Campaign, Status, parse_campaign, parse_status, utc
-from .domain.schedule import (
+from ..config import SchedulerConfig
+from ..domain.errors import InvalidCampaign
+from ..domain.models import Campaign, Status, parse_campaign, parse_status, utc
+from ..domain.schedule import (
     ACTIVE,
     StartDecision,
     TimerKey,
@@ -27,9 +27,9 @@ from .domain.schedule import (
     start_decision,
     wants_takeover,
 )
-from .execution import Executor, StopReason
-from .metrics import Metrics
-from .ports import CampaignStore, Clock
+from ..execution import Executor, StopReason
+from ..metrics import Metrics
+from ..ports import CampaignStore, Clock
 from .timers import TimerHeap
 
 log = logging.getLogger(__name__)

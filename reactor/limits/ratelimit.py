@@ -7,12 +7,12 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from .ports import Clock
+from ..ports import Clock
 
 
 class RateLimit(Protocol):
     """What senders need of a rate limit: this instance's `TokenBucket`, or the cluster's
-    `budgets.SharedBudget`."""
+    `limits.budgets.SharedBudget`."""
 
     def take(self, n: int) -> int:
         """Take up to `n` tokens free now, without waiting; how many were taken."""

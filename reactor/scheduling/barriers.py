@@ -9,7 +9,7 @@ from typing import Any
 
 import anyio
 
-from .ports import ChangeFeed
+from ..ports import ChangeFeed
 
 
 class Barriers:

@@ -20,7 +20,7 @@ import anyio
 from anyio import TASK_STATUS_IGNORED
 from anyio.abc import TaskStatus
 
-from .ports import Clock
+from ..ports import Clock
 
 log = logging.getLogger(__name__)
 

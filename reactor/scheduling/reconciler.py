@@ -11,10 +11,10 @@ from typing import Any
 
 import anyio
 
+from ..domain.models import utc
+from ..metrics import Metrics
+from ..ports import CampaignStore, ChangeFeed, Clock
 from .barriers import Barriers
-from .domain.models import utc
-from .metrics import Metrics
-from .ports import CampaignStore, ChangeFeed, Clock
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
