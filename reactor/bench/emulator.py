@@ -10,6 +10,7 @@ from typing import Any
 from pymongo import AsyncMongoClient
 
 from .common import emulator_process, summary_ms
+from .figures import Figure
 
 
 async def run(quick: bool = False) -> dict[str, Any]:
@@ -60,3 +61,22 @@ async def run(quick: bool = False) -> dict[str, Any]:
         "insert_ack_to_event": summary_ms(delays),
         "target_p99_ms": 10,
     }
+
+
+SOURCES = ["reactor/embedded/mongo", "reactor/bench/emulator.py"]
+
+
+def figures(result: dict[str, Any]) -> list[Figure]:
+    event = result["insert_ack_to_event"]
+    return [
+        Figure("inserts/s, one at a time", result["inserts_per_s_sequential"], "/s"),
+        Figure("inserts/s, batches of 1,000", result["inserts_per_s_bulk_1000"], "/s"),
+        Figure("insert ack → change event, p50", event["p50_ms"], "ms"),
+        Figure(
+            "insert ack → change event, p99",
+            event["p99_ms"],
+            "ms",
+            goal=result["target_p99_ms"],
+            op="<=",
+        ),
+    ]

@@ -3,9 +3,12 @@
 documentation includes. Nobody types a number into the docs; a figure that misses its goal is
 published as missed, not dropped.
 
-The file is Markdown for readers with one fenced JSON block per bench for machines:
-`.ci/figures-check` parses it and marks a figure stale when the code it measures changed after
-it was taken (its `commit` is older than the last commit touching the bench's `sources`).
+The file is Markdown for readers with one JSON block per bench for machines. Each section keeps
+a digest of the code it measured (the bench's `sources`, as git hashes their contents), so
+`python -m reactor.bench.figures check docs/figures.md` (run by CI) can tell a figure taken on
+the code as it is from one older than the code: it fails when a section is older and not marked
+stale. `python -m reactor.bench.figures mark-stale docs/figures.md` marks those sections, which
+the page then shows as stale until their bench is run again.
 
 A bench module opts in by defining `figures(result) -> list[Figure]` (and may define
 `SOURCES`, the paths whose changes make its figures stale; default: the bench module itself).
@@ -14,6 +17,7 @@ A bench module opts in by defining `figures(result) -> list[Figure]` (and may de
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import operator
 import re
@@ -63,6 +67,8 @@ class BenchFigures:
     measured_at: str
     machine: dict[str, Any]
     sources: list[str]
+    digest: str = ""
+    stale: bool = False
     figures: list[Figure] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -76,6 +82,33 @@ class BenchFigures:
             Figure(**{k: v for k, v in f.items() if k != "met"}) for f in data.pop("figures")
         ]
         return cls(**data, figures=figures)
+
+
+def source_digest(sources: Iterable[str], root: Path | None = None) -> str:
+    """A digest of the files under `sources` as they are in the working tree (tracked or not):
+    git's blob hash of each, so it is the same on any clone of the same content."""
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "--", *sources],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        paths = sorted(p for p in set(listed) if (Path(root or ".") / p).is_file())
+        hashes = subprocess.run(
+            ["git", "hash-object", "--", *paths],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    digest = hashlib.sha256()
+    for path, blob in zip(paths, hashes, strict=True):
+        digest.update(f"{path} {blob}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def commit_of_head(root: Path | None = None) -> str:
@@ -116,6 +149,16 @@ def render(entry: BenchFigures) -> str:
         f"`{entry.command}` — {entry.measured_at}, commit `{entry.commit[:10]}`, "
         f"{m.get('cpu', '?')} ({m.get('cores', '?')} cores), Python {m.get('python', '?')}.",
         "",
+        *(
+            [
+                '!!! warning "Stale"',
+                "    The code these figures measure has changed since they were taken; run the",
+                "    command above again to refresh them.",
+                "",
+            ]
+            if entry.stale
+            else []
+        ),
         "| Figure | Value | Goal |",
         "| --- | ---: | --- |",
     ]
@@ -185,5 +228,52 @@ def entry_for(
         measured_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         machine=machine,
         sources=sources,
+        digest=source_digest(sources),
         figures=figures,
     )
+
+
+def outdated(entries: dict[str, BenchFigures], root: Path | None = None) -> list[str]:
+    """Benches whose figures were taken on other code than the working tree's."""
+    return [
+        name for name, e in sorted(entries.items()) if source_digest(e.sources, root) != e.digest
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`check FILE`: parse, and fail on a section older than its code not marked stale;
+    `mark-stale FILE`: mark those sections stale."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m reactor.bench.figures")
+    parser.add_argument("action", choices=["check", "mark-stale"])
+    parser.add_argument("file", type=Path)
+    args = parser.parse_args(argv)
+    entries = parse(args.file.read_text())
+    if not entries:
+        print(f"{args.file}: no figures")
+        return 1
+    old = outdated(entries)
+    if args.action == "mark-stale":
+        for name in old:
+            entries[name].stale = True
+        write(args.file, entries.values())
+        print(f"{args.file}: marked stale: {', '.join(old) or 'none'}")
+        return 0
+    unmarked = [name for name in old if not entries[name].stale]
+    count = sum(len(e.figures) for e in entries.values())
+    print(
+        f"{args.file}: {len(entries)} benches, {count} figures; stale (marked): "
+        f"{', '.join(n for n in old if entries[n].stale) or 'none'}"
+    )
+    if unmarked:
+        print(
+            f"{args.file}: older than the code they measure and not marked stale: "
+            f"{', '.join(unmarked)} (run their bench with --write, or mark-stale)"
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,5 +1,5 @@
-"""Markdown for `python -m reactor.bench all`: the tables the README's Performance and
-Reliability sections show."""
+"""Markdown for `python -m reactor.bench all`: the tables of its `reports/report.md` (the
+published figures are `figures.py`'s, in docs/figures.md)."""
 
 from __future__ import annotations
 

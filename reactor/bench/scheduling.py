@@ -25,6 +25,7 @@ from ..domain.schedule import TimerKey, TimerKind
 from ..metrics import Metrics
 from ..scheduling.scheduler import Scheduler
 from .common import emulator_process, summary_ms
+from .figures import Figure
 
 
 async def run(quick: bool = False) -> dict[str, Any]:
@@ -228,3 +229,64 @@ def _run_in_thread(fn: Any) -> float:
 
 
 __all__ = ["TimerKind", "run"]
+
+
+SOURCES = [
+    "reactor/scheduling",
+    "reactor/adapters/mongo/claims.py",
+    "reactor/adapters/mongo/feed.py",
+    "reactor/batching.py",
+    "reactor/bench/scheduling.py",
+]
+
+
+def figures(result: dict[str, Any]) -> list[Figure]:
+    t = result["targets"]
+    burst = result["burst"]
+    among = (
+        f"{result['measured_starts']} starts among {result['timers_armed_in_background']:,} armed"
+    )
+    return [
+        Figure(
+            f"timer-fire lateness p99, {among}",
+            result["timer_fire_lateness"]["p99_ms"],
+            "ms",
+            goal=t["timer_fire_p99_ms"],
+            op="<=",
+        ),
+        Figure(
+            "start lateness to committed `running`, p99",
+            result["start_lateness_to_running"]["p99_ms"],
+            "ms",
+            goal=t["start_p99_ms"],
+            op="<=",
+        ),
+        Figure(
+            "approval → armed, p99",
+            result["approval_to_armed"]["p99_ms"],
+            "ms",
+            goal=t["approval_p99_ms"],
+            op="<=",
+        ),
+        Figure(
+            f"burst: {burst['campaigns_due_at_once']:,} due at once, all running after",
+            burst["all_running_after_s"],
+            "s",
+            goal=t["burst_all_running_s"],
+            op="<=",
+        ),
+        Figure(
+            "burst start lateness p99",
+            burst["start_lateness"]["p99_ms"],
+            "ms",
+            goal=t["burst_start_p99_ms"],
+            op="<=",
+        ),
+        Figure(
+            "memory per armed timer",
+            result["memory_per_armed_timer_bytes"],
+            "bytes",
+            goal=t["bytes_per_timer"],
+            op="<=",
+        ),
+    ]

@@ -118,5 +118,5 @@ async def check_webhooks(
     off = [p for p, enabled in on.items() if not enabled]
     if off:
         report.add(
-            "webhooks off", WARN, f"not configured: {', '.join(off)} (see Consent in the README)"
+            "webhooks off", WARN, f"not configured: {', '.join(off)} (see docs/consent.md)"
         )
