@@ -44,7 +44,8 @@ def test_goal_met_and_missed_are_published_as_such(repo: Path) -> None:
     assert sorted(parsed) == ["alpha", "beta"]  # a second write keeps the first bench
     assert parsed["alpha"].figures[0].met is True
     assert parsed["beta"].figures[0].met is False
-    assert "**missed**" in text and "(met)" in text
+    assert "**missed**" in text
+    assert "(met)" in text
     assert parsed["beta"].figures[1].met is None  # no goal: information only
 
 
