@@ -63,9 +63,9 @@ def _port_free(port: int) -> bool:
     return True
 
 
-async def _seed(
-    client: AsyncMongoClient[dict[str, Any]], rng: random.Random, customers: int, campaigns: int
-) -> list[DemoCampaign]:
+def _customer_rows(rng: random.Random, customers: int) -> list[dict[str, Any]]:
+    """Order rows as the segmentation database holds them: ids stored as strings and numbers,
+    a few invalid addresses and numbers, repeat buyers with several rows."""
     first = ["Ana", "Ben", "Chloé", "Dev", "Eli", "Fatima", "Goran", "Hana", "Ivo", "Jun"]
     rows = []
     for i in range(customers):
@@ -77,92 +77,81 @@ async def _seed(
         if i % 41 == 7:
             phone = "555"
         name = f"{rng.choice(first)} {i}"
-        rows.append(
-            {
-                "customer_id": cid,
-                "email": email,
-                "phone": phone,
-                "name": name,
-                "total": rng.randint(5, 500),
-            }
-        )
+        row = {"customer_id": cid, "email": email, "phone": phone, "name": name}
+        rows.append(row | {"total": rng.randint(5, 500)})
         if i % 3 == 0:  # repeat buyers have several order rows
-            rows.append(
-                {
-                    "customer_id": cid,
-                    "email": "",
-                    "phone": None,
-                    "name": name,
-                    "total": rng.randint(5, 500),
-                }
-            )
-    await client.retail_db.newdatabase.insert_many(rows)
+            rows.append(row | {"email": "", "phone": None, "total": rng.randint(5, 500)})
+    return rows
 
-    now = dt.datetime.now(dt.UTC)
-    docs: list[dict[str, Any]] = []
-    plan: list[DemoCampaign] = []
+
+def _sale(
+    i: int, now: dt.datetime, rng: random.Random, customers: int
+) -> tuple[dict[str, Any], DemoCampaign]:
+    """The i-th sale campaign: its document, and what the demo expects of it."""
     channel_sets = [["email", "sms"], ["email"], ["sms"], ["email", "sms"]]
-    for i in range(campaigns):
-        start = now + dt.timedelta(seconds=4 + 1.5 * i)
-        end = start + dt.timedelta(seconds=8)
-        audience = rng.sample(range(customers), k=max(1, int(customers * rng.uniform(0.5, 0.9))))
-        targets: list[Any] = [str(c) for c in audience]
-        targets += [f"ghost-{j}" for j in range(3)]  # ids with no order rows
-        channels = channel_sets[i % len(channel_sets)]
-        docs.append(
-            {
-                "name": f"Campaign {i + 1}",
-                "status": "approved",
-                "startDate": start,
-                "endDate": end,
-                "channels": channels,
-                "email": {
-                    "subject": f"{{{{name}}}}, autumn sale {i + 1} starts now",
-                    "text": "Hello {{name}},\n20% off everything today.",
-                    "html": "<p>Hello <b>{{name}}</b>,</p><p>20% off everything today.</p>",
-                },
-                "sms": {
-                    "body": f"Hi {{{{name}}}}: sale {i + 1}, 20% off today only. Reply STOP to opt out."
-                },
-                "targetedCustomerIds": targets,
-            }
-        )
-        plan.append(
-            DemoCampaign(
-                None,
-                f"Campaign {i + 1}",
-                start,
-                end,
-                channels,
-                len(set(targets)),
-                "completed",
-                frozenset(str(c) for c in audience),
-            )
-        )
+    start = now + dt.timedelta(seconds=4 + 1.5 * i)
+    end = start + dt.timedelta(seconds=8)
+    audience = rng.sample(range(customers), k=max(1, int(customers * rng.uniform(0.5, 0.9))))
+    targets: list[Any] = [str(c) for c in audience]
+    targets += [f"ghost-{j}" for j in range(3)]  # ids with no order rows
+    channels = channel_sets[i % len(channel_sets)]
+    doc = {
+        "name": f"Campaign {i + 1}",
+        "status": "approved",
+        "startDate": start,
+        "endDate": end,
+        "channels": channels,
+        "email": {
+            "subject": f"{{{{name}}}}, autumn sale {i + 1} starts now",
+            "text": "Hello {{name}},\n20% off everything today.",
+            "html": "<p>Hello <b>{{name}}</b>,</p><p>20% off everything today.</p>",
+        },
+        "sms": {
+            "body": f"Hi {{{{name}}}}: sale {i + 1}, 20% off today only. Reply STOP to opt out."
+        },
+        "targetedCustomerIds": targets,
+    }
+    expected = DemoCampaign(
+        None,
+        f"Campaign {i + 1}",
+        start,
+        end,
+        channels,
+        len(set(targets)),
+        "completed",
+        frozenset(str(c) for c in audience),
+    )
+    return doc, expected
+
+
+def _approved_too_late(now: dt.datetime, customers: int) -> tuple[dict[str, Any], DemoCampaign]:
+    """A campaign approved two hours after its start: the misfire rule makes it `missed`."""
     late_start = now - dt.timedelta(hours=2)
-    docs.append(
-        {
-            "name": "Approved too late",
-            "status": "approved",
-            "startDate": late_start,
-            "endDate": now + dt.timedelta(hours=1),
-            "channels": ["email"],
-            "email": {"subject": "Yesterday's news", "text": "This must not be sent late."},
-            "targetedCustomerIds": [str(c) for c in range(min(customers, 20))],
-        }
+    end = now + dt.timedelta(hours=1)
+    doc = {
+        "name": "Approved too late",
+        "status": "approved",
+        "startDate": late_start,
+        "endDate": end,
+        "channels": ["email"],
+        "email": {"subject": "Yesterday's news", "text": "This must not be sent late."},
+        "targetedCustomerIds": [str(c) for c in range(min(customers, 20))],
+    }
+    expected = DemoCampaign(
+        None, "Approved too late", late_start, end, ["email"], min(customers, 20), "missed"
     )
-    plan.append(
-        DemoCampaign(
-            None,
-            "Approved too late",
-            late_start,
-            now + dt.timedelta(hours=1),
-            ["email"],
-            min(customers, 20),
-            "missed",
-        )
-    )
-    result = await client.marketing.campaigns.insert_many(docs)
+    return doc, expected
+
+
+async def _seed(
+    client: AsyncMongoClient[dict[str, Any]], rng: random.Random, customers: int, campaigns: int
+) -> list[DemoCampaign]:
+    await client.retail_db.newdatabase.insert_many(_customer_rows(rng, customers))
+    now = dt.datetime.now(dt.UTC)
+    seeded = [_sale(i, now, rng, customers) for i in range(campaigns)]
+    seeded.append(_approved_too_late(now, customers))
+    result = await client.marketing.campaigns.insert_many([doc for doc, _ in seeded])
+    plan = [expected for _, expected in seeded]
     for item, cid in zip(plan, result.inserted_ids, strict=True):
         item.id = cid
     return plan
@@ -178,6 +167,75 @@ def run_demo(
     metrics_port: int = 9464,
 ) -> int:
     return asyncio.run(_demo(customers, campaigns, failure_rate, keep_running, seed, metrics_port))
+
+
+def _settings_base(mongo_uri: str, sink: SmtpSink, twilio: TwilioFake) -> dict[str, Any]:
+    """Settings both demo instances share: quick leases, sweeps and retries so that faults and
+    takeovers show within the demo's seconds, the fakes' credentials, and one public listener."""
+    base: dict[str, Any] = {
+        "mongo_uri": mongo_uri,
+        "metrics_host": "127.0.0.1",
+        "reconcile_interval_seconds": 5,
+        "lease_seconds": 5,
+        "email_rate_per_second": 400,
+        "sms_rate_per_second": 200,
+        "send_concurrency": 16,
+        # Campaigns of a few hundred: cut into shards of 100, sent by both replicas.
+        "shard_size": 100,
+        "send_max_attempts": 3,
+        "retry_base_seconds": 0.05,
+        "retry_max_seconds": 0.3,
+        # Temporary refusals (the fakes' injected 451s) come back within the demo's run.
+        "tempfail_retry_seconds": "0.3,0.6,1.2",
+        "sms_resolve_after_seconds": 0.5,
+        "shutdown_grace_seconds": 5,
+        # The demo runs at any hour; a real deployment keeps the 08:00-21:00 default.
+        "sms_send_hours": "00:00-24:00",
+    }
+    base.update({k.lower(): v for k, v in sink.settings_env().items()})
+    base.update({k.lower(): v for k, v in twilio.settings_env().items()})
+    # Recipients' links point at instance a's public listener (in production: the proxy).
+    public_port = _free_port()
+    base.update(
+        public_host="127.0.0.1",
+        public_port=public_port,
+        public_base_url=f"http://127.0.0.1:{public_port}",
+        link_secret=secrets.token_hex(32),
+        webhook_token=secrets.token_hex(16),
+        postal_address="Demo Retail, 1 Main St, Springfield",
+    )
+    return base
+
+
+def _introduce(
+    console: Console,
+    mongo_uri: str,
+    sink: SmtpSink,
+    twilio: TwilioFake,
+    first: Reactor,
+    campaigns: int,
+    customers: int,
+) -> None:
+    console.print(
+        f"[bold]Campaign Reactor demo[/]: MongoDB emulator at {mongo_uri}, "
+        f"SMTP sink on :{sink.port}, Twilio fake on :{twilio.port}"
+    )
+    if first.http is not None:
+        console.print(
+            f"metrics: http://127.0.0.1:{first.http.port}/metrics   "
+            f"health: http://127.0.0.1:{first.http.port}/readyz"
+        )
+    console.print(
+        f"{customers} customers, {campaigns} campaigns (one approved too late), "
+        "two reactor instances"
+    )
+
+
+async def _shards_by_owner(client: AsyncMongoClient[dict[str, Any]]) -> dict[str, int]:
+    shards: collections.Counter[str] = collections.Counter()
+    async for shard in client.marketing.campaign_shards.find({"state": "done"}):
+        shards[str(shard.get("owner"))] += 1
+    return dict(shards)
 
 
 async def _demo(
@@ -199,45 +257,15 @@ async def _demo(
         twilio.faults.failure_rate = failure_rate
         client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo.uri, tz_aware=True)
         plan = await _seed(client, rng, customers, campaigns)
+        base = _settings_base(mongo.uri, sink, twilio)
         port = metrics_port if metrics_port and _port_free(metrics_port) else 0
-        base: dict[str, Any] = {
-            "mongo_uri": mongo.uri,
-            "metrics_host": "127.0.0.1",
-            "reconcile_interval_seconds": 5,
-            "lease_seconds": 5,
-            "email_rate_per_second": 400,
-            "sms_rate_per_second": 200,
-            "send_concurrency": 16,
-            # Campaigns of a few hundred: cut into shards of 100, sent by both replicas.
-            "shard_size": 100,
-            "send_max_attempts": 3,
-            "retry_base_seconds": 0.05,
-            "retry_max_seconds": 0.3,
-            # Temporary refusals (the fakes' injected 451s) come back within the demo's run.
-            "tempfail_retry_seconds": "0.3,0.6,1.2",
-            "sms_resolve_after_seconds": 0.5,
-            "shutdown_grace_seconds": 5,
-            # The demo runs at any hour; a real deployment keeps the 08:00-21:00 default.
-            "sms_send_hours": "00:00-24:00",
-        }
-        base.update({k.lower(): v for k, v in sink.settings_env().items()})
-        base.update({k.lower(): v for k, v in twilio.settings_env().items()})
-        # Recipients' links point at instance a's public listener (in production: the proxy).
-        public_port = _free_port()
-        base.update(
-            public_host="127.0.0.1",
-            public_base_url=f"http://127.0.0.1:{public_port}",
-            link_secret=secrets.token_hex(32),
-            webhook_token=secrets.token_hex(16),
-            postal_address="Demo Retail, 1 Main St, Springfield",
-        )
         reactors = [
+            Reactor(Settings(**base, reactor_instance_id="demo-a", metrics_port=port)),
             Reactor(
                 Settings(
-                    **base, reactor_instance_id="demo-a", metrics_port=port, public_port=public_port
+                    **(base | {"public_port": 0}), reactor_instance_id="demo-b", metrics_port=0
                 )
             ),
-            Reactor(Settings(**base, reactor_instance_id="demo-b", metrics_port=0, public_port=0)),
         ]
         exit_code = 1
         async with anyio.create_task_group() as tg:
@@ -245,30 +273,14 @@ async def _demo(
                 await tg.start(reactor.run)
             for reactor in reactors:
                 await reactor.ready.wait()
-            http = reactors[0].http
-            console.print(
-                f"[bold]Campaign Reactor demo[/]: MongoDB emulator at {mongo.uri}, "
-                f"SMTP sink on :{sink.port}, Twilio fake on :{twilio.port}"
-            )
-            if http is not None:
-                console.print(
-                    f"metrics: http://127.0.0.1:{http.port}/metrics   "
-                    f"health: http://127.0.0.1:{http.port}/readyz"
-                )
-            console.print(
-                f"{customers} customers, {len(plan)} campaigns (one approved too late), "
-                f"two reactor instances, failure rate {failure_rate:g}"
-            )
+            _introduce(console, mongo.uri, sink, twilio, reactors[0], len(plan), customers)
+            console.print(f"failure rate {failure_rate:g}")
             acted = Acted()
             tg.start_soon(_recipients_act, sink, twilio, plan, base, acted)
             docs = await _watch_progress(console, client, plan)
             consent_ok = await _show_consent(console, client, sink, twilio, acted)
-            shards: collections.Counter[str] = collections.Counter()
-            async for shard in client.marketing.campaign_shards.find({"state": "done"}):
-                shards[str(shard.get("owner"))] += 1
-            exit_code = _summarise(
-                console, plan, docs, sink, twilio, reactors, consent_ok, dict(shards)
-            )
+            shards = await _shards_by_owner(client)
+            exit_code = _summarise(console, plan, docs, sink, twilio, reactors, consent_ok, shards)
             if keep_running:
                 console.print(
                     "[bold]--keep-running[/]: up until Ctrl-C. Captured: "
