@@ -28,6 +28,101 @@ from .common import emulator_process, summary_ms
 from .figures import Figure
 
 
+def _doc(name: str, start: dt.datetime) -> dict[str, Any]:
+    return {
+        "name": name,
+        "status": "approved",
+        "channels": ["email"],
+        "startDate": start,
+        "endDate": start + dt.timedelta(hours=1),
+        "email": {"subject": "s", "text": "t"},
+        "targetedCustomerIds": [],
+    }
+
+
+class _Observed:
+    """One reactor's scheduler, watched: when each campaign was armed (by the local monotonic
+    clock), how late each timer fired and each start reached `running`."""
+
+    def __init__(self, sched: Scheduler, coll: Any) -> None:
+        self.sched = sched
+        self.coll = coll
+        self.fire_lateness: dict[str, float] = {}
+        self.start_lateness: dict[str, float] = {}
+        self.armed_at: dict[str, float] = {}
+        sched.on_fired.append(
+            lambda key, due, late: self.fire_lateness.__setitem__(key.campaign, late)
+        )
+        sched.on_started.append(
+            lambda key, late: self.start_lateness.__setitem__(key.campaign, late)
+        )
+        original_arm = sched.timers.arm
+
+        def arm(key: TimerKey, due_at: dt.datetime) -> bool:
+            self.armed_at.setdefault(key.campaign, time.perf_counter())
+            return original_arm(key, due_at)
+
+        sched.timers.arm = arm  # type: ignore[method-assign]
+
+    async def background(self, n_armed: int) -> None:
+        """n_armed timers held, due in an hour or two."""
+        now = dt.datetime.now(dt.UTC)
+        docs = [
+            _doc(f"armed {i}", now + dt.timedelta(hours=1, seconds=3600 * i / n_armed))
+            for i in range(n_armed)
+        ]
+        for start in range(0, n_armed, 1000):
+            await self.coll.insert_many(docs[start : start + 1000])
+        with anyio.fail_after(120):
+            while len(self.sched.timers) < n_armed:
+                await anyio.sleep(0.05)
+
+    async def approvals(self, n: int) -> list[float]:
+        """Single approvals while the background is held: approval -> armed, each."""
+        later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=3)
+        delays = []
+        for i in range(n):
+            res = await self.coll.insert_one(_doc(f"single {i}", later))
+            acked = time.perf_counter()
+            key = str(res.inserted_id)
+            with anyio.fail_after(10):
+                while key not in self.armed_at:
+                    await anyio.sleep(0.0005)
+            delays.append(max(0.0, self.armed_at[key] - acked))
+            await anyio.sleep(0.01)
+        return delays
+
+    async def measured(self, n: int, spacing_s: float) -> list[str]:
+        """Starts one every `spacing_s`, among everything armed; their campaign ids."""
+        first = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3)
+        res = await self.coll.insert_many(
+            [_doc(f"measured {i}", first + dt.timedelta(seconds=spacing_s * i)) for i in range(n)]
+        )
+        keys = [str(i) for i in res.inserted_ids]
+        with anyio.fail_after(60 + n * spacing_s):
+            while not all(k in self.start_lateness for k in keys):
+                await anyio.sleep(0.2)
+        return keys
+
+    async def burst(self, n: int, lead_s: float) -> tuple[list[str], float]:
+        """n campaigns due at the same instant, approved together far enough ahead that every
+        one is armed first (arming is measured on its own: each approval's targets are checked
+        in the database as it arrives); their ids and how long arming them all took."""
+        burst_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=lead_s)
+        inserted_at = time.perf_counter()
+        res = await self.coll.insert_many([_doc(f"burst {i}", burst_at) for i in range(n)])
+        keys = [str(i) for i in res.inserted_ids]
+        with anyio.fail_after(60):
+            while not all(k in self.armed_at for k in keys):
+                await anyio.sleep(0.05)
+        armed_s = max(self.armed_at[k] for k in keys) - inserted_at
+        assert dt.datetime.now(dt.UTC) < burst_at, "the burst was armed after it was due"
+        with anyio.fail_after(300):
+            while not all(k in self.start_lateness for k in keys):
+                await anyio.sleep(0.2)
+        return keys, armed_s
+
+
 async def run(quick: bool = False) -> dict[str, Any]:
     n_armed = 2000 if quick else 10_000
     n_measured = 100 if quick else 300
@@ -45,93 +140,19 @@ async def run(quick: bool = False) -> dict[str, Any]:
             reconcile_interval_seconds=3600,
         )
         reactor = Reactor(settings, serve_http=False)
-        fire_lateness: dict[str, float] = {}
-        start_lateness: dict[str, float] = {}
-        armed_at: dict[str, float] = {}
         async with anyio.create_task_group() as tg:
             await tg.start(reactor.run)
             await reactor.ready.wait()
-            sched = reactor.scheduler
-            assert sched is not None
-            sched.on_fired.append(
-                lambda key, due, late: fire_lateness.__setitem__(key.campaign, late)
-            )
-            sched.on_started.append(
-                lambda key, late: start_lateness.__setitem__(key.campaign, late)
-            )
-            original_arm = sched.timers.arm
-
-            def arm(key: TimerKey, due_at: dt.datetime) -> bool:
-                armed_at.setdefault(key.campaign, time.perf_counter())
-                return original_arm(key, due_at)
-
-            sched.timers.arm = arm  # type: ignore[method-assign]
-            coll = client.marketing.campaigns
-            now = dt.datetime.now(dt.UTC)
-
-            def doc(name: str, start: dt.datetime) -> dict[str, Any]:
-                return {
-                    "name": name,
-                    "status": "approved",
-                    "channels": ["email"],
-                    "startDate": start,
-                    "endDate": start + dt.timedelta(hours=1),
-                    "email": {"subject": "s", "text": "t"},
-                    "targetedCustomerIds": [],
-                }
-
-            # 1. The background: n_armed timers held, due in an hour or two.
-            background = [
-                doc(f"armed {i}", now + dt.timedelta(hours=1, seconds=3600 * i / n_armed))
-                for i in range(n_armed)
-            ]
-            for start in range(0, n_armed, 1000):
-                await coll.insert_many(background[start : start + 1000])
-            with anyio.fail_after(120):
-                while len(sched.timers) < n_armed:
-                    await anyio.sleep(0.05)
-            # 2. Single approvals while those timers are held: approval -> armed.
-            approval_delays = []
-            for i in range(n_approvals):
-                res = await coll.insert_one(doc(f"single {i}", now + dt.timedelta(hours=3)))
-                acked = time.perf_counter()
-                key = str(res.inserted_id)
-                with anyio.fail_after(10):
-                    while key not in armed_at:
-                        await anyio.sleep(0.0005)
-                approval_delays.append(max(0.0, armed_at[key] - acked))
-                await anyio.sleep(0.01)
-            # 3. Measured starts, one every 50 ms, among everything armed.
-            first = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3)
-            measured = await coll.insert_many(
-                [
-                    doc(f"measured {i}", first + dt.timedelta(seconds=spacing_s * i))
-                    for i in range(n_measured)
-                ]
-            )
-            measured_keys = [str(i) for i in measured.inserted_ids]
-            with anyio.fail_after(60 + n_measured * spacing_s):
-                while not all(k in start_lateness for k in measured_keys):
-                    await anyio.sleep(0.2)
-            # 4. A burst: n_burst campaigns due at the same instant, approved together far
-            # enough ahead that every one is armed first (arming is measured on its own: each
-            # approval's targets are checked in the database as it arrives).
-            lead_s = 8.0 if not quick else 4.0
-            burst_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=lead_s)
-            inserted_at = time.perf_counter()
-            burst = await coll.insert_many([doc(f"burst {i}", burst_at) for i in range(n_burst)])
-            burst_keys = [str(i) for i in burst.inserted_ids]
-            with anyio.fail_after(60):
-                while not all(k in armed_at for k in burst_keys):
-                    await anyio.sleep(0.05)
-            burst_armed_s = max(armed_at[k] for k in burst_keys) - inserted_at
-            assert dt.datetime.now(dt.UTC) < burst_at, "the burst was armed after it was due"
-            with anyio.fail_after(300):
-                while not all(k in start_lateness for k in burst_keys):
-                    await anyio.sleep(0.2)
-            burst_all_running_s = max(start_lateness[k] for k in burst_keys)
+            assert reactor.scheduler is not None
+            seen = _Observed(reactor.scheduler, client.marketing.campaigns)
+            await seen.background(n_armed)
+            approval_delays = await seen.approvals(n_approvals)
+            measured_keys = await seen.measured(n_measured, spacing_s)
+            burst_keys, burst_armed_s = await seen.burst(n_burst, 4.0 if quick else 8.0)
             reactor.request_shutdown()
         await client.close()
+    fire_lateness, start_lateness = seen.fire_lateness, seen.start_lateness
+    burst_all_running_s = max(start_lateness[k] for k in burst_keys)
     memory = per_timer_memory(20_000 if quick else 100_000)
     return {
         "timers_armed_in_background": n_armed,
