@@ -241,60 +241,10 @@ async def _list_campaigns(
     grace = dt.timedelta(seconds=settings.misfire_grace_seconds)
     projection = {"targetedCustomerIds": 0}
     async for doc in coll.find({"status": "approved"}, projection).sort("startDate", 1).limit(50):
-        row: dict[str, Any] = {"id": str(doc["_id"]), "name": doc.get("name")}
-        try:
-            c = parse_campaign(doc)
-        except InvalidCampaign as exc:
-            row.update(start=str(doc.get("startDate")), state="invalid", note=exc.detail)
-            report.waiting.append(row)
-            continue
-        row["start"] = c.start_at.isoformat()
-        if c.end_at <= now or c.start_at < now - grace:
-            row.update(
-                state="would be missed",
-                note="start is past the misfire grace or the window already closed",
-            )
-        elif c.start_at <= now:
-            row.update(state="due now", note="should start within a second if a reactor runs")
-        else:
-            row.update(state="waiting", note=f"starts in {_ago(c.start_at - now)}")
-        report.waiting.append(row)
+        report.waiting.append(_waiting(doc, now, grace))
     async for doc in coll.find({"status": {"$in": ["running", "paused"]}}, projection).limit(50):
-        exe = doc.get("execution") or {}
-        lease = exe.get("leaseUntil")
-        lease_state = "none"
-        if isinstance(lease, dt.datetime):
-            lease_at = as_utc(lease, "leaseUntil")
-            lease_state = "valid" if lease_at > now else f"expired {_ago(now - lease_at)} ago"
-        perf = doc.get("performance") or {}
-        shards: dict[str, int] = {}
-        async for row in await client[settings.campaigns_db].campaign_shards.aggregate(
-            [
-                {"$match": {"campaign": str(doc["_id"])}},
-                {"$group": {"_id": "$state", "n": {"$sum": 1}}},
-            ]
-        ):
-            shards[str(row["_id"])] = int(row["n"])
-        end = doc.get("endDate")
-        overdue = isinstance(end, dt.datetime) and as_utc(end, "endDate") < now - dt.timedelta(
-            seconds=2 * settings.reconcile_interval_seconds + 60
-        )
-        report.running.append(
-            {
-                "id": str(doc["_id"]),
-                "name": doc.get("name"),
-                "status": doc.get("status"),
-                "owner": exe.get("owner"),
-                "lease": lease_state,
-                "sends_done": bool(exe.get("sendsDone")),
-                "progress": {
-                    k: perf.get(k, 0)
-                    for k in ("emailsSent", "emailsFailed", "smsSent", "smsFailed", "uncertain")
-                },
-                "stuck": overdue,
-                "shards": shards,  # {state: count}; empty when the campaign is not sharded
-            }
-        )
+        shards = await _shard_states(client[settings.campaigns_db], str(doc["_id"]))
+        report.running.append(_running(doc, now, settings, shards))
     since = now - dt.timedelta(days=7)
     failed = coll.find(
         {
@@ -308,23 +258,86 @@ async def _list_campaigns(
         projection,
     ).limit(20)
     async for doc in failed:
-        exe = doc.get("execution") or {}
-        err = exe.get("lastError") or {}
-        perf = doc.get("performance") or {}
-        report.failures.append(
-            {
-                "id": str(doc["_id"]),
-                "name": doc.get("name"),
-                "status": doc.get("status"),
-                "problem": err.get("detail")
-                or exe.get("reason")
-                or f"{perf.get('emailsFailed', 0)} emails and {perf.get('smsFailed', 0)} SMS failed",
-            }
-        )
+        report.failures.append(_failure(doc))
     if any(r["stuck"] for r in report.running):
         report.add("executions", FAIL, "a campaign is still running well past its end date")
     else:
         report.add("executions", OK, f"{len(report.running)} running or paused")
+
+
+def _waiting(doc: dict[str, Any], now: dt.datetime, grace: dt.timedelta) -> dict[str, Any]:
+    """An approved campaign: when it starts, or why it will not."""
+    row: dict[str, Any] = {"id": str(doc["_id"]), "name": doc.get("name")}
+    try:
+        c = parse_campaign(doc)
+    except InvalidCampaign as exc:
+        return row | {"start": str(doc.get("startDate")), "state": "invalid", "note": exc.detail}
+    row["start"] = c.start_at.isoformat()
+    if c.end_at <= now or c.start_at < now - grace:
+        row.update(
+            state="would be missed",
+            note="start is past the misfire grace or the window already closed",
+        )
+    elif c.start_at <= now:
+        row.update(state="due now", note="should start within a second if a reactor runs")
+    else:
+        row.update(state="waiting", note=f"starts in {_ago(c.start_at - now)}")
+    return row
+
+
+async def _shard_states(db: Any, campaign: str) -> dict[str, int]:
+    """{state: count} of a campaign's shards; empty when it is not sharded."""
+    shards: dict[str, int] = {}
+    async for row in await db.campaign_shards.aggregate(
+        [{"$match": {"campaign": campaign}}, {"$group": {"_id": "$state", "n": {"$sum": 1}}}]
+    ):
+        shards[str(row["_id"])] = int(row["n"])
+    return shards
+
+
+def _running(
+    doc: dict[str, Any], now: dt.datetime, settings: Settings, shards: dict[str, int]
+) -> dict[str, Any]:
+    """A running or paused campaign: its owner, lease, progress, and whether it is stuck."""
+    exe = doc.get("execution") or {}
+    lease = exe.get("leaseUntil")
+    lease_state = "none"
+    if isinstance(lease, dt.datetime):
+        lease_at = as_utc(lease, "leaseUntil")
+        lease_state = "valid" if lease_at > now else f"expired {_ago(now - lease_at)} ago"
+    perf = doc.get("performance") or {}
+    end = doc.get("endDate")
+    overdue = isinstance(end, dt.datetime) and as_utc(end, "endDate") < now - dt.timedelta(
+        seconds=2 * settings.reconcile_interval_seconds + 60
+    )
+    return {
+        "id": str(doc["_id"]),
+        "name": doc.get("name"),
+        "status": doc.get("status"),
+        "owner": exe.get("owner"),
+        "lease": lease_state,
+        "sends_done": bool(exe.get("sendsDone")),
+        "progress": {
+            k: perf.get(k, 0)
+            for k in ("emailsSent", "emailsFailed", "smsSent", "smsFailed", "uncertain")
+        },
+        "stuck": overdue,
+        "shards": shards,
+    }
+
+
+def _failure(doc: dict[str, Any]) -> dict[str, Any]:
+    exe = doc.get("execution") or {}
+    err = exe.get("lastError") or {}
+    perf = doc.get("performance") or {}
+    return {
+        "id": str(doc["_id"]),
+        "name": doc.get("name"),
+        "status": doc.get("status"),
+        "problem": err.get("detail")
+        or exe.get("reason")
+        or f"{perf.get('emailsFailed', 0)} emails and {perf.get('smsFailed', 0)} SMS failed",
+    }
 
 
 def _ago(delta: dt.timedelta) -> str:
