@@ -105,6 +105,28 @@ def open_stream(
     before = stage.get("fullDocumentBeforeChange", "off")
     if before not in ("off", "whenAvailable", "required"):
         raise CommandError(2, f"unknown fullDocumentBeforeChange mode {before!r}")
+    _check_stages(pipeline)
+    position, skip_fragments = _start_position(engine, stage)
+    prefilter = None
+    if pipeline and set(pipeline[0]) == {"$match"} and "fullDocument" not in repr(pipeline[0]):
+        prefilter = pipeline[0]["$match"]
+    return ChangeStreamCursor(
+        db=None if all_cluster else db,
+        coll=coll,
+        pipeline=[_nest_dotted(stage) for stage in pipeline if _SPLIT_STAGE not in stage],
+        full_document=full_document,
+        before_change=before,
+        position=position,
+        show_expanded=bool(stage.get("showExpandedEvents")),
+        prefilter=prefilter,
+        skip_fragments=skip_fragments,
+        split=bool(pipeline) and _SPLIT_STAGE in pipeline[-1],
+    )
+
+
+def _check_stages(pipeline: list[dict[str, Any]]) -> None:
+    """An unknown stage is refused as such (40324), a known one a change stream may not use
+    as not permitted (280); the split stage only last."""
     for index, stage_doc in enumerate(pipeline):
         name = next(iter(stage_doc), "")
         if name not in _KNOWN_STAGES:
@@ -124,14 +146,19 @@ def open_stream(
                 "ChangeStreamFatalError",
                 labels=["NonResumableChangeStreamError"],
             )
+
+
+def _start_position(engine: Engine, stage: dict[str, Any]) -> tuple[int, tuple[int, int] | None]:
+    """Where the stream starts in the oplog (the last entry it has seen), and, when resuming
+    inside a split event, which of its fragments were already delivered."""
     options = [k for k in ("resumeAfter", "startAfter", "startAtOperationTime") if k in stage]
-    skip_fragments: tuple[int, int] | None = None
     if len(options) > 1:
         raise CommandError(
             40674,
             "Only one type of resume option is allowed, but multiple were found.",
             "Location40674",
         )
+    skip_fragments: tuple[int, int] | None = None
     if options == ["resumeAfter"] or options == ["startAfter"]:
         ts, flag = decode_token(stage[options[0]])
         if flag == _FLAG_INVALIDATE and options[0] == "resumeAfter":
@@ -147,29 +174,13 @@ def open_stream(
         position = max(0, _ts_arg(stage["startAtOperationTime"]) - 1)
     else:
         position = engine.cluster_time
-    if options != ["resumeAfter"] and options != ["startAfter"]:
-        skip_fragments = None
     if position < engine.history_floor:
         raise CommandError(
             286,
             "Resume of change stream was not possible, as the resume point may "
             "no longer be in the oplog.",
         )
-    prefilter = None
-    if pipeline and set(pipeline[0]) == {"$match"} and "fullDocument" not in repr(pipeline[0]):
-        prefilter = pipeline[0]["$match"]
-    return ChangeStreamCursor(
-        db=None if all_cluster else db,
-        coll=coll,
-        pipeline=[_nest_dotted(stage) for stage in pipeline if _SPLIT_STAGE not in stage],
-        full_document=full_document,
-        before_change=before,
-        position=position,
-        show_expanded=bool(stage.get("showExpandedEvents")),
-        prefilter=prefilter,
-        skip_fragments=skip_fragments,
-        split=bool(pipeline) and _SPLIT_STAGE in pipeline[-1],
-    )
+    return position, skip_fragments
 
 
 _SPLIT_STAGE = "$changeStreamSplitLargeEvent"

@@ -250,21 +250,12 @@ class MongoEmulator(AdminCommands, DdlCommands, WriteCommands, ReadCommands):
         if not isinstance(db, str) or not db:
             return self._error(CommandError(73, "command has no valid $db", "InvalidNamespace"))
         if name in ("hello", "isMaster", "ismaster"):
-            client = command.get("client")
-            if isinstance(client, dict):
-                app = client.get("application")
-                if isinstance(app, dict) and isinstance(app.get("name"), str):
-                    conn.app_name = app["name"]
+            _remember_app_name(command, conn)
         elif request.op_code == OP_QUERY:
             return self._error(
                 CommandError(352, "Unsupported OP_QUERY command", "UnsupportedOpQueryCommand")
             )
-        lsid = command.get("lsid")
-        if isinstance(lsid, dict) and "id" in lsid:
-            self._sessions[lsid["id"]] = self.engine.now()
-            self._sessions.move_to_end(lsid["id"])
-            if len(self._sessions) > MAX_SESSIONS:
-                self._sessions.popitem(last=False)
+        self._touch_session(command.get("lsid"))
         fail = self.fail_points.matching(name, conn.app_name)
         try:
             if fail is not None:
@@ -278,19 +269,7 @@ class MongoEmulator(AdminCommands, DdlCommands, WriteCommands, ReadCommands):
             handler = self._handlers.get(name)
             if handler is None:
                 raise CommandError(59, f"no such command: '{name}'")
-            retry_key = self._retry_key(command, name)
-            if retry_key is not None and retry_key in self._retry_cache:
-                reply = copy.deepcopy(self._retry_cache[retry_key])
-            else:
-                # One value of $$NOW for the whole command, as mongod evaluates it.
-                self.engine.begin_command(command.get("let"))
-                reply = await handler(request, conn, db)
-                if retry_key is not None:
-                    # The whole reply answers a retry now; its statements need no log.
-                    self._executed.pop(retry_key, None)
-                    self._retry_cache[retry_key] = copy.deepcopy(reply)
-                    while len(self._retry_cache) > 10_000:
-                        self._retry_cache.popitem(last=False)
+            reply = await self._run_once(handler, request, conn, db, name)
         except CommandError as exc:
             if not exc.labels and not exc.labels_given:
                 exc.labels = _retryable_write_labels(command, exc.code)
@@ -308,16 +287,36 @@ class MongoEmulator(AdminCommands, DdlCommands, WriteCommands, ReadCommands):
         if unsatisfiable is not None:
             reply["writeConcernError"] = unsatisfiable
         if fail is not None and isinstance(fail.data.get("writeConcernError"), dict):
-            # failCommand's writeConcernError: the command ran, its write concern "failed".
-            reply = dict(reply)
-            reply["writeConcernError"] = dict(fail.data["writeConcernError"])
-            if "errorLabels" in fail.data:
-                labels = list(fail.data["errorLabels"])
-            else:
-                labels = _retryable_write_labels(command, reply["writeConcernError"].get("code"))
-            if labels:
-                reply["errorLabels"] = labels
+            reply = _failed_write_concern(reply, command, fail.data)
         return self._finish(reply)
+
+    async def _run_once(
+        self, handler: Handler, request: Request, conn: Connection, db: str, name: str
+    ) -> dict[str, Any]:
+        """The handler's reply; for a retryable write already applied, the reply it gave then
+        (mongod answers a retry from its transaction table, never by applying it again)."""
+        command = request.command
+        retry_key = self._retry_key(command, name)
+        if retry_key is not None and retry_key in self._retry_cache:
+            return copy.deepcopy(self._retry_cache[retry_key])
+        # One value of $$NOW for the whole command, as mongod evaluates it.
+        self.engine.begin_command(command.get("let"))
+        reply = await handler(request, conn, db)
+        if retry_key is not None:
+            # The whole reply answers a retry now; its statements need no log.
+            self._executed.pop(retry_key, None)
+            self._retry_cache[retry_key] = copy.deepcopy(reply)
+            while len(self._retry_cache) > 10_000:
+                self._retry_cache.popitem(last=False)
+        return reply
+
+    def _touch_session(self, lsid: Any) -> None:
+        """Logical sessions, newest last, the oldest forgotten past MAX_SESSIONS."""
+        if isinstance(lsid, dict) and "id" in lsid:
+            self._sessions[lsid["id"]] = self.engine.now()
+            self._sessions.move_to_end(lsid["id"])
+            if len(self._sessions) > MAX_SESSIONS:
+                self._sessions.popitem(last=False)
 
     def _retry_key(self, command: dict[str, Any], name: str) -> tuple[bytes, int] | None:
         if name not in ("insert", "update", "delete", "findAndModify", "findandmodify"):
@@ -435,3 +434,27 @@ def _exhaustible(request: Request, reply: dict[str, Any]) -> bool:
         return False
     cursor = reply.get("cursor")
     return isinstance(cursor, dict) and bool(cursor.get("id"))
+
+
+def _remember_app_name(command: dict[str, Any], conn: Connection) -> None:
+    """The driver's appName from its handshake, which fail points may match."""
+    client = command.get("client")
+    if isinstance(client, dict):
+        app = client.get("application")
+        if isinstance(app, dict) and isinstance(app.get("name"), str):
+            conn.app_name = app["name"]
+
+
+def _failed_write_concern(
+    reply: dict[str, Any], command: dict[str, Any], data: dict[str, Any]
+) -> dict[str, Any]:
+    """failCommand's writeConcernError: the command ran, its write concern "failed"."""
+    reply = dict(reply)
+    reply["writeConcernError"] = dict(data["writeConcernError"])
+    if "errorLabels" in data:
+        labels = list(data["errorLabels"])
+    else:
+        labels = _retryable_write_labels(command, reply["writeConcernError"].get("code"))
+    if labels:
+        reply["errorLabels"] = labels
+    return reply

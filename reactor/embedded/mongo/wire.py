@@ -110,26 +110,10 @@ def _parse_op_msg(request_id: int, body: bytes, whole: bytes) -> Request:
                 raise ProtocolError("OP_MSG has more than one body section")
             command, offset = _decode_one(body[:end], offset)
         elif kind == 1:
-            if offset + 4 > end:
-                raise ProtocolError("truncated document sequence")
-            (size,) = struct.unpack_from("<i", body, offset)
-            seq_end = offset + size
-            if size < 5 or seq_end > end:
-                raise ProtocolError("document sequence length out of bounds")
-            name_end = body.find(b"\x00", offset + 4, seq_end)
-            if name_end < 0:
-                raise ProtocolError("document sequence identifier not terminated")
-            name = body[offset + 4 : name_end].decode("utf-8", "replace")
-            docs: list[dict[str, Any]] = []
-            pos = name_end + 1
-            while pos < seq_end:
-                start = pos
-                doc, pos = _decode_one(body[:seq_end], pos)
-                if pos - start > LARGE_DOCUMENT:
-                    large.setdefault(name, {})[len(docs)] = pos - start
-                docs.append(doc)
+            name, docs, sizes, offset = _document_sequence(body[:end], offset)
             sequences[name] = docs
-            offset = seq_end
+            if sizes:
+                large[name] = sizes
         else:
             raise ProtocolError(f"unknown OP_MSG section kind {kind}")
     if command is None:
@@ -145,6 +129,33 @@ def _parse_op_msg(request_id: int, body: bytes, whole: bytes) -> Request:
         sequences=sequences,
         large=large,
     )
+
+
+def _document_sequence(
+    body: bytes, offset: int
+) -> tuple[str, list[dict[str, Any]], dict[int, int], int]:
+    """A kind-1 section at `offset`: its identifier, documents, the sizes of those over
+    LARGE_DOCUMENT (by position), and where the next section starts."""
+    if offset + 4 > len(body):
+        raise ProtocolError("truncated document sequence")
+    (size,) = struct.unpack_from("<i", body, offset)
+    seq_end = offset + size
+    if size < 5 or seq_end > len(body):
+        raise ProtocolError("document sequence length out of bounds")
+    name_end = body.find(b"\x00", offset + 4, seq_end)
+    if name_end < 0:
+        raise ProtocolError("document sequence identifier not terminated")
+    name = body[offset + 4 : name_end].decode("utf-8", "replace")
+    docs: list[dict[str, Any]] = []
+    sizes: dict[int, int] = {}
+    pos = name_end + 1
+    while pos < seq_end:
+        start = pos
+        doc, pos = _decode_one(body[:seq_end], pos)
+        if pos - start > LARGE_DOCUMENT:
+            sizes[len(docs)] = pos - start
+        docs.append(doc)
+    return name, docs, sizes, seq_end
 
 
 def _parse_op_query(request_id: int, body: bytes) -> Request:

@@ -97,42 +97,56 @@ def _merge(engine: Engine, db: str, name: str, spec: dict[str, Any], results: li
                             )
                         )
                     continue
-                if matched == "keepExisting":
-                    continue
                 if matched == "fail":
                     index = "_id_" if fields == ["_id"] else "_".join(f"{f}_1" for f in fields)
                     raise duplicate_key(db, name, index, key)
-                if isinstance(matched, list):
-                    coll.update_one({"_id": found["_id"]}, matched)
-                elif matched == "replace":
-                    doc["_id"] = found["_id"]
-                    coll.replace_one({"_id": found["_id"]}, doc)
-                else:  # merge: the result's top-level fields set on the match
-                    fields_set = {k: v for k, v in doc.items() if k != "_id"}
-                    if fields_set:
-                        coll.update_one({"_id": found["_id"]}, {"$set": fields_set})
-                after = coll.find_one({"_id": found["_id"]})
-                if after == found:
-                    continue
-                if matched == "replace":
-                    entry = engine.make_entry(
-                        db, name, "replace", {"_id": found["_id"]}, full_document=clone(after)
-                    )
-                else:
-                    description, ambiguous = diff_documents(found, after, arrays=True)
-                    entry = engine.make_entry(
-                        db,
-                        name,
-                        "update",
-                        {"_id": found["_id"]},
-                        update_description=description,
-                        disambiguated=ambiguous,
-                    )
-                entries.append(entry)
+                entry = _merge_matched(engine, db, name, coll, matched, doc, found)
+                if entry is not None:
+                    entries.append(entry)
         except mongomock.DuplicateKeyError as exc:
             raise CommandError(11000, f"E11000 duplicate key error: {exc}", "DuplicateKey") from exc
         finally:
             engine.record(entries)
+
+
+def _merge_matched(
+    engine: Engine,
+    db: str,
+    name: str,
+    coll: Any,
+    matched: Any,
+    doc: dict[str, Any],
+    found: dict[str, Any],
+) -> OplogEntry | None:
+    """A result that matched `found`, applied as `whenMatched` says; the change it made, if
+    any (keepExisting, or an update that changes nothing, makes none)."""
+    if matched == "keepExisting":
+        return None
+    if isinstance(matched, list):
+        coll.update_one({"_id": found["_id"]}, matched)
+    elif matched == "replace":
+        doc["_id"] = found["_id"]
+        coll.replace_one({"_id": found["_id"]}, doc)
+    else:  # merge: the result's top-level fields set on the match
+        fields_set = {k: v for k, v in doc.items() if k != "_id"}
+        if fields_set:
+            coll.update_one({"_id": found["_id"]}, {"$set": fields_set})
+    after = coll.find_one({"_id": found["_id"]})
+    if after == found:
+        return None
+    if matched == "replace":
+        return engine.make_entry(
+            db, name, "replace", {"_id": found["_id"]}, full_document=clone(after)
+        )
+    description, ambiguous = diff_documents(found, after, arrays=True)
+    return engine.make_entry(
+        db,
+        name,
+        "update",
+        {"_id": found["_id"]},
+        update_description=description,
+        disambiguated=ambiguous,
+    )
 
 
 _MISSING = object()

@@ -97,59 +97,46 @@ class ReadCommands(CommandsBase):
         if not isinstance(pipeline, list):
             raise CommandError(14, "'pipeline' option must be specified as an array")
         if pipeline and "$changeStream" in pipeline[0]:
-            level = (command.get("readConcern") or {}).get("level")
-            if level not in (None, "majority"):
-                raise CommandError(72, "Change stream must use majority read concern.")
-            coll = target if isinstance(target, str) else None
-            stream = open_stream(
-                self.engine, db, coll, pipeline[0]["$changeStream"] or {}, pipeline[1:]
-            )
-            batch_size = (command.get("cursor") or {}).get("batchSize")
-            limit = DEFAULT_BATCH if batch_size is None else int(batch_size)
-            first = next_batch(self.engine, stream, limit) if limit else []
-            cursor_id = next(self._cursor_ids)
-            self._cursors[cursor_id] = stream
-            ns = f"{db}.{coll}" if coll else f"{db}.$cmd.aggregate"
-            return {
-                "cursor": {
-                    "id": Int64(cursor_id),
-                    "ns": ns,
-                    "firstBatch": first,
-                    "postBatchResumeToken": stream.batch_token(),
-                }
-            }
-        if not isinstance(target, str) and target != 1:
-            raise CommandError(
-                73, "aggregate needs a collection name or 1 (the database)", "InvalidNamespace"
-            )
-        first_stage = next(iter(pipeline[0]), "") if pipeline and pipeline[0] else ""
-        if (target == 1) != (first_stage in DATABASE_SOURCES):
-            raise CommandError(
-                73,
-                f"'{first_stage}' must be run with {{aggregate: 1}}"
-                if target != 1
-                else f"{{aggregate: 1}} is not valid for '{first_stage or 'an empty pipeline'}'; "
-                "a collection name is required",
-                "InvalidNamespace",
-            )
-        level = (command.get("readConcern") or {}).get("level")
-        if level == "linearizable" and any(next(iter(st), "") in WRITE_STAGES for st in pipeline):
-            raise CommandError(
-                72, "$out and $merge cannot be used with a 'linearizable' read concern level"
-            )
-        for stage in pipeline:
-            name = next(iter(stage), "")
-            if any("$changeStream" in s for s in pipeline[1:]):
-                raise CommandError(
-                    40602, "$changeStream is only valid as the first stage", "Location40602"
-                )
-            if name in ("$out", "$merge") and stage is not pipeline[-1]:
-                raise CommandError(
-                    40601, f"{name} can only be the final stage in the pipeline", "Location40601"
-                )
+            return self._open_change_stream(command, db, target, pipeline)
+        first_stage = _check_pipeline(command, target, pipeline)
         writing = pipeline[-1] if pipeline and next(iter(pipeline[-1])) in WRITE_STAGES else None
         if writing is not None:
             pipeline = pipeline[:-1]
+        result = self._run_pipeline(db, target, pipeline, first_stage)
+        ns = f"{db}.{target}" if isinstance(target, str) else f"{db}.$cmd.aggregate"
+        if writing is not None:
+            write_results(self.engine, db, writing, result)
+            return {"cursor": {"id": Int64(0), "ns": ns, "firstBatch": []}}
+        return self._cursor_reply(ns, result, command)
+
+    def _open_change_stream(
+        self, command: dict[str, Any], db: str, target: Any, pipeline: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        level = (command.get("readConcern") or {}).get("level")
+        if level not in (None, "majority"):
+            raise CommandError(72, "Change stream must use majority read concern.")
+        coll = target if isinstance(target, str) else None
+        stream = open_stream(
+            self.engine, db, coll, pipeline[0]["$changeStream"] or {}, pipeline[1:]
+        )
+        batch_size = (command.get("cursor") or {}).get("batchSize")
+        limit = DEFAULT_BATCH if batch_size is None else int(batch_size)
+        first = next_batch(self.engine, stream, limit) if limit else []
+        cursor_id = next(self._cursor_ids)
+        self._cursors[cursor_id] = stream
+        ns = f"{db}.{coll}" if coll else f"{db}.$cmd.aggregate"
+        return {
+            "cursor": {
+                "id": Int64(cursor_id),
+                "ns": ns,
+                "firstBatch": first,
+                "postBatchResumeToken": stream.batch_token(),
+            }
+        }
+
+    def _run_pipeline(
+        self, db: str, target: Any, pipeline: list[dict[str, Any]], first_stage: str
+    ) -> list[dict[str, Any]]:
         database = self.engine.client[db]
         try:
             rest = pipeline
@@ -162,7 +149,7 @@ class ReadCommands(CommandsBase):
                 rest = pipeline[1:]
             else:
                 source = list(self.engine.collection(db, target).find())
-            result = list(mongomock.aggregate.process_pipeline(source, database, rest, None))
+            return list(mongomock.aggregate.process_pipeline(source, database, rest, None))
         except mongomock.OperationFailure as exc:
             raise CommandError(getattr(exc, "code", None) or 2, str(exc)) from exc
         except NotImplementedError as exc:
@@ -171,11 +158,6 @@ class ReadCommands(CommandsBase):
             ) from exc
         except (ValueError, TypeError, KeyError) as exc:
             raise CommandError(2, f"aggregation failed: {exc!r}") from exc
-        ns = f"{db}.{target}" if isinstance(target, str) else f"{db}.$cmd.aggregate"
-        if writing is not None:
-            write_results(self.engine, db, writing, result)
-            return {"cursor": {"id": Int64(0), "ns": ns, "firstBatch": []}}
-        return self._cursor_reply(ns, result, command)
 
     def _database_source(self, stage: dict[str, Any], name: str) -> list[dict[str, Any]]:
         """The documents a source stage of a database aggregation ({aggregate: 1}) produces."""
@@ -270,3 +252,36 @@ def _bound(which: str, key: Any) -> dict[str, Any]:
         op = last if i == len(fields) - 1 else beyond
         alternatives.append({**equal_before, field: {op: value}})
     return alternatives[0] if len(alternatives) == 1 else {"$or": alternatives}
+
+
+def _check_pipeline(command: dict[str, Any], target: Any, pipeline: list[dict[str, Any]]) -> str:
+    """mongod's rules for where stages may stand and what a pipeline may run on; the first
+    stage's name."""
+    if not isinstance(target, str) and target != 1:
+        raise CommandError(
+            73, "aggregate needs a collection name or 1 (the database)", "InvalidNamespace"
+        )
+    first_stage = next(iter(pipeline[0]), "") if pipeline and pipeline[0] else ""
+    if (target == 1) != (first_stage in DATABASE_SOURCES):
+        raise CommandError(
+            73,
+            f"'{first_stage}' must be run with {{aggregate: 1}}"
+            if target != 1
+            else f"{{aggregate: 1}} is not valid for '{first_stage or 'an empty pipeline'}'; "
+            "a collection name is required",
+            "InvalidNamespace",
+        )
+    level = (command.get("readConcern") or {}).get("level")
+    if level == "linearizable" and any(next(iter(st), "") in WRITE_STAGES for st in pipeline):
+        raise CommandError(
+            72, "$out and $merge cannot be used with a 'linearizable' read concern level"
+        )
+    if any("$changeStream" in s for s in pipeline[1:]):
+        raise CommandError(40602, "$changeStream is only valid as the first stage", "Location40602")
+    for stage in pipeline[:-1]:
+        name = next(iter(stage), "")
+        if name in ("$out", "$merge"):
+            raise CommandError(
+                40601, f"{name} can only be the final stage in the pipeline", "Location40601"
+            )
+    return first_stage

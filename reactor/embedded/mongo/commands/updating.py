@@ -151,15 +151,7 @@ class StatementApplier:
             check_replacement(st.u, _id)
         order = list(stored)
         before = _snapshot(stored, touched)
-        # Pin the document by _id (the engine's fast path). An operator update keeps the
-        # statement's own filter, for its positional operators; a replacement or a pipeline has
-        # none, and the filter was just evaluated on this document within this command.
-        if kind != UpdateKind.OPERATORS:
-            target: dict[str, Any] = {"_id": _id}
-        elif "_id" in st.q:
-            target = {"_id": _id, "$and": [st.q]}
-        else:
-            target = {**st.q, "_id": _id}
+        target = _pinned(st, kind, _id)
         try:
             if kind == UpdateKind.REPLACEMENT:
                 self.coll.replace_one(target, dict(st.u))
@@ -181,33 +173,40 @@ class StatementApplier:
         if after == before:
             return
         result.modified += 1
+        entry = self._oplog_entry(st, kind, _id, before, after)
+        result.entries.append(entry)
+
+    def _oplog_entry(
+        self, st: Statement, kind: str, _id: Any, before: dict[str, Any], after: dict[str, Any]
+    ) -> OplogEntry:
+        """The change a modifying update records: a replace with the whole document, or an
+        update with its description (a pipeline's diffed, since it names no fields)."""
         pre_image = clone(before) if self.pre_images else None
+        post_image = clone(after) if self.pre_images else None
         if kind == UpdateKind.REPLACEMENT:
-            entry = self.engine.make_entry(
+            return self.engine.make_entry(
                 self.db,
                 self.name,
                 "replace",
                 {"_id": _id},
                 full_document=clone(after),
                 pre_image=pre_image,
-                post_image=clone(after) if self.pre_images else None,
+                post_image=post_image,
             )
+        if kind == UpdateKind.PIPELINE:
+            description, ambiguous = diff_documents(before, after, arrays=True)
         else:
-            if kind == UpdateKind.PIPELINE:
-                description, ambiguous = diff_documents(before, after, arrays=True)
-            else:
-                description, ambiguous = describe_update(st.u, before, after)
-            entry = self.engine.make_entry(
-                self.db,
-                self.name,
-                "update",
-                {"_id": _id},
-                update_description=description,
-                disambiguated=ambiguous,
-                pre_image=pre_image,
-                post_image=clone(after) if self.pre_images else None,
-            )
-        result.entries.append(entry)
+            description, ambiguous = describe_update(st.u, before, after)
+        return self.engine.make_entry(
+            self.db,
+            self.name,
+            "update",
+            {"_id": _id},
+            update_description=description,
+            disambiguated=ambiguous,
+            pre_image=pre_image,
+            post_image=post_image,
+        )
 
     def _restore(
         self, key: Any, order: list[str], before: dict[str, Any], touched: set[str] | None
@@ -339,3 +338,14 @@ def _touched_fields(update: dict[str, Any]) -> set[str] | None:
 
 def _id_is_plain(value: Any) -> bool:
     return value is not None and not isinstance(value, dict)
+
+
+def _pinned(st: Statement, kind: str, _id: Any) -> dict[str, Any]:
+    """The filter that pins the document by _id (the engine's fast path). An operator update
+    keeps the statement's own filter, for its positional operators; a replacement or a pipeline
+    has none, and the filter was just evaluated on this document within this command."""
+    if kind != UpdateKind.OPERATORS:
+        return {"_id": _id}
+    if "_id" in st.q:
+        return {"_id": _id, "$and": [st.q]}
+    return {**st.q, "_id": _id}

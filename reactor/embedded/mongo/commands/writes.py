@@ -81,28 +81,7 @@ class WriteCommands(CommandsBase):
                     continue
                 doc = dict(raw) if isinstance(raw, dict) else raw
                 try:
-                    if not isinstance(doc, dict):
-                        raise CommandError(14, "documents must be objects", "TypeMismatch")
-                    if i in too_large:
-                        raise CommandError(
-                            10334,
-                            f"object to insert too large. size in bytes: {too_large[i]}, "
-                            f"max size: {MAX_DOCUMENT_SIZE}",
-                            "BSONObjectTooLarge",
-                        )
-                    if "_id" not in doc:
-                        doc = {"_id": ObjectId(), **doc}
-                    if isinstance(doc["_id"], list):
-                        raise CommandError(53, "can't use an array for _id", "InvalidIdField")
-                    if isinstance(doc["_id"], dict):
-                        dollar = next((k for k in doc["_id"] if k.startswith("$")), None)
-                        if dollar is not None:
-                            raise CommandError(
-                                52,
-                                f"_id fields may not contain '$'-prefixed fields: {dollar} is "
-                                "not valid for storage.",
-                                "DollarPrefixedFieldName",
-                            )
+                    doc = _insertable(doc, too_large.get(i))
                     if options:
                         self.engine.validate(db, name, doc, bypass=bypass)
                     token = log.before_commit()
@@ -388,3 +367,31 @@ def _trim_capped(coll: Any, options: dict[str, Any]) -> bool:
             _, oldest = store.popitem(last=False)
             total -= len(bson.encode(oldest))
     return len(store) < before
+
+
+def _insertable(doc: Any, size: int | None) -> dict[str, Any]:
+    """The document as mongod stores it (an `_id` first, generated when missing), or the error
+    mongod gives for it: not an object, over 16 MiB (`size`, when the wire saw it so), an array
+    `_id`, or an `_id` with `$`-prefixed fields."""
+    if not isinstance(doc, dict):
+        raise CommandError(14, "documents must be objects", "TypeMismatch")
+    if size is not None:
+        raise CommandError(
+            10334,
+            f"object to insert too large. size in bytes: {size}, max size: {MAX_DOCUMENT_SIZE}",
+            "BSONObjectTooLarge",
+        )
+    if "_id" not in doc:
+        doc = {"_id": ObjectId(), **doc}
+    if isinstance(doc["_id"], list):
+        raise CommandError(53, "can't use an array for _id", "InvalidIdField")
+    if isinstance(doc["_id"], dict):
+        dollar = next((k for k in doc["_id"] if k.startswith("$")), None)
+        if dollar is not None:
+            raise CommandError(
+                52,
+                f"_id fields may not contain '$'-prefixed fields: {dollar} is "
+                "not valid for storage.",
+                "DollarPrefixedFieldName",
+            )
+    return doc
