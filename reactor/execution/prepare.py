@@ -1,7 +1,9 @@
 """Preparing one batch of a run on one channel: resolve the recipients, read what the ledger
 already holds (a resumed or taken-over run never re-sends `sent`, and treats a `pending` row an
 earlier epoch left as `uncertain`; a row of another shard is that shard's), drop the suppressed,
-validate addresses, render the messages, and hold texts for the recipient's hours."""
+validate addresses, render the messages, and hold texts for the recipient's hours. A recipient
+whose message cannot be rendered (a template error with their data) is `skipped` with reason
+`template_error` and the error; the others go on."""
 
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ from ..config import SendConfig
 from ..domain.addresses import email_address, phone_address
 from ..domain.consent import Links, skip_reason
 from ..domain.deliveries import TERMINAL_STATES, DeliveryRecord, DeliveryState, LedgerOp
-from ..domain.messages import email_message, sms_message
+from ..domain.messages import email_message, sms_message, templates_of
 from ..domain.models import Campaign, Channel
+from ..domain.templates import CampaignTemplates, TemplateRenderError
 from ..ports import Clock, EmailSender, Ledger, Recipient, Recipients, SmsSender
 from ..suppression import SuppressionList
 from .ledger import Item
@@ -99,6 +102,7 @@ class BatchPreparer:
         states = await self._ledger_rows.states(run.key, channel, batch)
         prepared = Prepared(found=len(recipients))
         configured = self._senders[channel] is not None
+        templates = templates_of(campaign)  # compiled when the campaign was armed: cached
         for n, customer in enumerate(batch):
             if n % YIELD_EVERY == YIELD_EVERY - 1:
                 # Validating and rendering a batch is ~0.1 ms a recipient: let the heartbeats,
@@ -136,11 +140,21 @@ class BatchPreparer:
                     DeliveryRecord(customer, channel, DeliveryState.SKIPPED, reason=problem)
                 )
                 continue
-            prepared.items.append(
-                Item(
-                    customer, channel, address, self._message(campaign, channel, recipient, address)
+            try:
+                message = self._message(campaign, channel, recipient, address, templates)
+            except TemplateRenderError as exc:
+                prepared.unsent.append(
+                    DeliveryRecord(
+                        customer,
+                        channel,
+                        DeliveryState.SKIPPED,
+                        to=address,
+                        reason="template_error",
+                        error=str(exc),
+                    )
                 )
-            )
+                continue
+            prepared.items.append(Item(customer, channel, address, message))
         if self._suppressions is not None and prepared.items:
             await self._drop_suppressed(channel, prepared)
         if channel is Channel.SMS and prepared.items:
@@ -188,7 +202,12 @@ class BatchPreparer:
         return phone_address(recipient.phone, self._config.default_phone_region)
 
     def _message(
-        self, campaign: Campaign, channel: Channel, recipient: Recipient, address: str
+        self,
+        campaign: Campaign,
+        channel: Channel,
+        recipient: Recipient,
+        address: str,
+        templates: CampaignTemplates,
     ) -> Any:
         now = self._clock.now()
         if channel is Channel.SMS:
@@ -199,6 +218,7 @@ class BatchPreparer:
                 links=self._links,
                 now=now,
                 opt_out_text=self._config.sms_opt_out_text,
+                templates=templates,
             )
         return email_message(
             campaign,
@@ -207,6 +227,7 @@ class BatchPreparer:
             message_domain=self._config.message_domain,
             links=self._links,
             now=now,
+            templates=templates,
         )
 
 
