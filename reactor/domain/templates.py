@@ -42,10 +42,10 @@ from jinja2 import (
     pass_eval_context,
 )
 from jinja2.environment import Template
+from jinja2.exceptions import SecurityError
 from jinja2.filters import FILTERS
 from jinja2.nodes import EvalContext
 from jinja2.runtime import markup_join, str_join
-from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from markupsafe import Markup
 
