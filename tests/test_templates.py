@@ -78,6 +78,8 @@ def _context(**row: Any) -> dict[str, Any]:
         ("text", "{{ customer.blank | default('there') }}", "there"),
         ("text", "[{{ customer.none_field }}]", "[]"),
         ("text", "{% if customer.tier == 'gold' %}Gold{% else %}Std{% endif %}", "Gold"),
+        ("text", "{% if customer.nickname %}{{ customer.nickname }}{% else %}-{% endif %}", "-"),
+        ("text", "{{ 'y' if customer.nickname is defined else 'n' }}", "n"),
         ("text", "{{ customer.total | round(1) }}", "12.5"),
         ("text", "{{ '%.2f' | format(customer.total) }}", "12.46"),
         ("text", "{{ customer.last_order | date('%d %b %Y') }}", "01 Feb 2026"),

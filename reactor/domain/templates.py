@@ -86,6 +86,14 @@ class TemplateRenderError(Exception):
 # ---- the sandbox -----------------------------------------------------------------------------
 
 
+class Missing(StrictUndefined):
+    """Strict about everything (printing, comparing, iterating a missing value is an error)
+    except truth: `{% if customer.city %}` is false when the row has no city."""
+
+    def __bool__(self) -> bool:  # type: ignore[override]  # strict raises; a test is false
+        return False
+
+
 class _Budget(threading.local):
     steps = 0
 
@@ -121,7 +129,7 @@ class SandboxEnvironment(ImmutableSandboxedEnvironment):
     def __init__(self, *, autoescape: bool) -> None:
         super().__init__(
             autoescape=autoescape,
-            undefined=StrictUndefined,
+            undefined=Missing,
             finalize=_finalize,
             keep_trailing_newline=True,
             auto_reload=False,
