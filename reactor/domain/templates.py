@@ -214,6 +214,8 @@ _WIDENING = frozenset({"center", "ljust", "rjust", "zfill"})
 
 def _check_str_method(owner: str, method: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
     """Check a string method that widens text; returns the arguments to call it with."""
+    if method in ("translate", "maketrans"):
+        raise SecurityError(f"str.{method} is not available in templates")
     if method in _WIDENING and args and isinstance(args[0], int):
         _check_size(args[0])
     elif method == "expandtabs":
@@ -258,8 +260,8 @@ def _replace(tree: nodes.Node, old: nodes.Node, new: nodes.Node) -> None:
 
 def _bounded_filters() -> dict[str, Callable[..., Any]]:
     """The builtin filters that widen text, each checking what it would build first."""
-    center, indent, replace, join, fmt = (
-        FILTERS[n] for n in ("center", "indent", "replace", "join", "format")
+    center, indent, replace, join, fmt, tojson = (
+        FILTERS[n] for n in ("center", "indent", "replace", "join", "format", "tojson")
     )
 
     def bounded_center(value: Any, width: int = 80) -> str:
@@ -290,7 +292,14 @@ def _bounded_filters() -> dict[str, Callable[..., Any]]:
         _check_printf(str(value))
         return str(fmt(value, *args, **kwargs))
 
+    @pass_eval_context
+    def bounded_tojson(eval_ctx: EvalContext, value: Any, indent: int | None = None) -> Markup:
+        if indent is not None and not 0 <= indent <= 16:
+            raise TemplateLimitError("tojson indents of more than 16 are refused")
+        return Markup(tojson(eval_ctx, value, indent))
+
     return {
+        "tojson": bounded_tojson,
         "center": bounded_center,
         "indent": bounded_indent,
         "replace": bounded_replace,
@@ -450,6 +459,8 @@ def compile_part(part: str, source: str) -> PartTemplate:
 
 
 def _check_names(part: str, env: SandboxEnvironment, tree: nodes.Template) -> None:
+    for node in tree.find_all((nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)):
+        raise _invalid(part, node.lineno, "extends, include and import are not available")
     for node in tree.find_all((nodes.Filter, nodes.Test)):
         table = env.filters if isinstance(node, nodes.Filter) else env.tests
         if node.name not in table:
