@@ -459,8 +459,8 @@ def compile_part(part: str, source: str) -> PartTemplate:
 
 
 def _check_names(part: str, env: SandboxEnvironment, tree: nodes.Template) -> None:
-    for node in tree.find_all((nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)):
-        raise _invalid(part, node.lineno, "extends, include and import are not available")
+    for loader in tree.find_all((nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)):
+        raise _invalid(part, loader.lineno, "extends, include and import are not available")
     for node in tree.find_all((nodes.Filter, nodes.Test)):
         table = env.filters if isinstance(node, nodes.Filter) else env.tests
         if node.name not in table:
