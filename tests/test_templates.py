@@ -340,7 +340,7 @@ async def test_one_recipient_that_cannot_render_is_skipped_and_the_others_are_se
     doc = campaign("cities", 0.3, 60, targets, channels=["email"])
     doc["email"] = {"subject": "News for {{ customer.city }}", "html": "<p>{{ customer.city }}</p>"}
     coll = client[mongo.campaigns_db].campaigns
-    async with running(settings(mongo, sink)):
+    async with running(settings(mongo, sink)) as (reactor,):
         cid = (await coll.insert_one(doc)).inserted_id
 
         async def settled() -> bool:
@@ -348,6 +348,8 @@ async def test_one_recipient_that_cannot_render_is_skipped_and_the_others_are_se
             return len(rows) == 6 and all(r["state"] in ("sent", "skipped") for r in rows)
 
         await eventually(settled)
+        sample = reactor.metrics.registry.get_sample_value
+        assert sample("reactor_template_errors_total", {"channel": "email", "part": "subject"}) == 2
     rows = {r["customer"]: r for r in await ledger(client, mongo, cid)}
     for customer in ("1", "4"):
         assert rows[customer]["state"] == "skipped"

@@ -7,6 +7,7 @@ whose message cannot be rendered (a template error with their data) is `skipped`
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -20,6 +21,7 @@ from ..domain.deliveries import TERMINAL_STATES, DeliveryRecord, DeliveryState, 
 from ..domain.messages import email_message, sms_message, templates_of
 from ..domain.models import Campaign, Channel
 from ..domain.templates import CampaignTemplates, TemplateRenderError
+from ..metrics import Metrics
 from ..ports import Clock, EmailSender, Ledger, Recipient, Recipients, SmsSender
 from ..suppression import SuppressionList
 from .ledger import Item
@@ -27,6 +29,7 @@ from .smsgate import gate_sms
 from .state import Run
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 YIELD_EVERY = 50  # recipients prepared between two turns of the event loop
 
@@ -83,6 +86,7 @@ class BatchPreparer:
         config: SendConfig,
         suppressions: SuppressionList | None,
         links: Links | None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._recipients = recipients
         self._ledger_rows = ledger
@@ -91,6 +95,7 @@ class BatchPreparer:
         self._config = config
         self._suppressions = suppressions
         self._links = links
+        self._metrics = metrics
 
     async def prepare(
         self, run: Run, campaign: Campaign, channel: Channel, batch: Sequence[str]
@@ -103,6 +108,7 @@ class BatchPreparer:
         prepared = Prepared(found=len(recipients))
         configured = self._senders[channel] is not None
         templates = templates_of(campaign)  # compiled when the campaign was armed: cached
+        failed: list[TemplateRenderError] = []
         for n, customer in enumerate(batch):
             if n % YIELD_EVERY == YIELD_EVERY - 1:
                 # Validating and rendering a batch is ~0.1 ms a recipient: let the heartbeats,
@@ -143,6 +149,7 @@ class BatchPreparer:
             try:
                 message = self._message(campaign, channel, recipient, address, templates)
             except TemplateRenderError as exc:
+                failed.append(exc)
                 prepared.unsent.append(
                     DeliveryRecord(
                         customer,
@@ -155,6 +162,8 @@ class BatchPreparer:
                 )
                 continue
             prepared.items.append(Item(customer, channel, address, message))
+        if failed:
+            self._report_template_errors(campaign, channel, failed)
         if self._suppressions is not None and prepared.items:
             await self._drop_suppressed(channel, prepared)
         if channel is Channel.SMS and prepared.items:
@@ -170,6 +179,23 @@ class BatchPreparer:
             prepared.items, prepared.waiting = gated.ready, gated.waiting
             prepared.unsent.extend(gated.refused)
         return prepared
+
+    def _report_template_errors(
+        self, campaign: Campaign, channel: Channel, failed: list[TemplateRenderError]
+    ) -> None:
+        """One log line per batch (not per recipient: a million could fail alike), counted by
+        part."""
+        if self._metrics is not None:
+            for exc in failed:
+                self._metrics.template_errors.labels(channel, exc.part).inc()
+        log.warning(
+            "%d recipients of %s skipped on %s (template_error), e.g. %s",
+            len(failed),
+            campaign.name,
+            channel,
+            failed[0],
+            extra={"campaign_id": campaign.key, "channel": str(channel), "count": len(failed)},
+        )
 
     async def _drop_suppressed(self, channel: Channel, prepared: Prepared) -> None:
         """One lookup for the batch: whoever is suppressed is recorded skipped, not sent."""

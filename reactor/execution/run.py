@@ -92,6 +92,7 @@ class CampaignRun:
             config=config,
             suppressions=suppressions,
             links=links,
+            metrics=metrics,
         )
 
     async def send(self) -> None:
