@@ -14,7 +14,7 @@ from reactor.bench.templates import newsletter_campaign, recipients
 from reactor.cli import build_parser
 from reactor.domain.errors import InvalidCampaign
 from reactor.domain.html_text import html_to_text
-from reactor.domain.messages import email_message, sms_message
+from reactor.domain.messages import email_message, sms_message, templates_of
 from reactor.domain.models import parse_campaign
 from reactor.domain.templates import (
     LIMITS,
@@ -285,6 +285,37 @@ def test_newsletter_html_becomes_readable_text() -> None:
     assert "  " not in text.replace("  * ", "")
     for leftover in ("<", "{{", "&amp;"):
         assert leftover not in text
+
+
+@pytest.mark.parametrize("merge_tags_only", [True, False])
+def test_a_text_part_derived_once_reads_as_converting_each_message(merge_tags_only: bool) -> None:
+    """HTML made of merge tags only gets its text template derived from the source once; the
+    text it renders is what converting each rendered message gives. HTML with blocks (loops,
+    conditions, which the HTML parser would move out of tables) is converted per message."""
+    doc = newsletter_campaign(with_text=False, merge_tags_only=merge_tags_only)
+    campaign = parse_campaign(doc)
+    templates = templates_of(campaign)
+    assert (templates.derived_text is not None) is merge_tags_only
+    for r in recipients(8):
+        msg = email_message(campaign, r, "c@example.com", message_domain="example.com")
+        assert msg.html is not None
+        assert msg.text == html_to_text(msg.html)
+        assert (r.row["city"] or "Hello") in msg.text
+
+
+@pytest.mark.parametrize(
+    "html",
+    [
+        "<p>{% if name %}Hi{% endif %}</p>",
+        "<p>{{ customer.bio | safe }}</p>",
+        "<p>{# note #}Hi {{ name }}</p>",
+        "<p>Hi {{ name }}</p><p>Set {x}</p>",
+        "<p>{{ customer.items[0].sku }}</p>",  # cannot be checked on the probe row
+    ],
+)
+def test_html_that_cannot_be_derived_safely_is_converted_per_message(html: str) -> None:
+    templates = compile_campaign(f"derive-{html}", {"subject": "s", "html": html})
+    assert templates.derived_text is None
 
 
 # ---- through the scheduler, on the embedded MongoDB ---------------------------------------

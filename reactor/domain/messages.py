@@ -22,7 +22,7 @@ import uuid
 from ..ports import EmailMessage, Recipient, SmsMessage
 from .consent import Links
 from .deliveries import delivery_id
-from .html_text import html_to_text
+from .html_text import html_to_text, tidy
 from .models import Campaign, Channel
 from .sms import segments, with_opt_out
 from .templates import CampaignTemplates, campaign_parts, compile_campaign, render_context
@@ -110,6 +110,8 @@ def email_message(
     body_html = compiled.html.render(context) if compiled.html is not None else None
     if compiled.text is not None:
         text: str | None = compiled.text.render(context)
+    elif compiled.derived_text is not None:
+        text = tidy(compiled.derived_text.render(context))
     else:
         text = html_to_text(body_html) if body_html is not None else None
     if url:
