@@ -9,8 +9,9 @@ only if its HTML and text carry that customer's own name and first product: the 
 CPU time of this process is the clock (the machine is shared; wall time would measure the
 neighbours), so the figure is messages per CPU-second on one core.
 
-A second, informational figure: the same campaign with HTML only, where the text part is
-generated from each rendered HTML (`html_to_text`).
+Informational figures: the same campaign with HTML only, where the text part is converted from
+each rendered HTML (`html_to_text`); and the same layout with merge tags only (no blocks), whose
+text template is derived from the HTML source once (`templates.derive_text_part`).
 
 Goal: >= 5,000 messages/s per core (issue 24).
 """
