@@ -25,7 +25,13 @@ from .deliveries import delivery_id
 from .html_text import html_to_text, tidy
 from .models import Campaign, Channel
 from .sms import segments, with_opt_out
-from .templates import CampaignTemplates, campaign_parts, compile_campaign, render_context
+from .templates import (
+    CampaignTemplates,
+    TemplateRenderError,
+    campaign_parts,
+    compile_campaign,
+    render_context,
+)
 
 _BODY_END = re.compile(r"</body\s*>", re.IGNORECASE)
 
@@ -113,7 +119,7 @@ def email_message(
     elif compiled.derived_text is not None:
         text = tidy(compiled.derived_text.render(context))
     else:
-        text = html_to_text(body_html) if body_html is not None else None
+        text = _text_from(body_html) if body_html is not None else None
     if url:
         postal = links.postal_address if links is not None else None
         if text is not None and url not in text:
@@ -128,6 +134,15 @@ def email_message(
         message_id=message_id(message_domain),
         headers=headers,
     )
+
+
+def _text_from(body_html: str) -> str:
+    try:
+        return html_to_text(body_html)
+    except Exception as exc:  # one recipient's message: skipped as template_error, not the batch
+        raise TemplateRenderError(
+            "text", None, f"cannot generate text from the HTML: {exc}"
+        ) from exc
 
 
 def text_footer(text: str, url: str, postal_address: str | None) -> str:

@@ -35,7 +35,6 @@ from typing import Any
 from bson import Decimal128, ObjectId
 from jinja2 import (
     StrictUndefined,
-    TemplateError,
     TemplateSyntaxError,
     meta,
     nodes,
@@ -362,10 +361,10 @@ class PartTemplate:
                 out.append(chunk)
         except TemplateSyntaxError as exc:
             raise TemplateRenderError(self.part, exc.lineno, exc.message or str(exc)) from None
-        except (TemplateError, ArithmeticError, LookupError, TypeError, ValueError) as exc:
-            raise _render_error(self.part, exc) from None
         except RecursionError:
             raise TemplateRenderError(self.part, None, "recursion too deep", refused=True) from None
+        except Exception as exc:  # one part for one recipient; whatever the data made it raise
+            raise _render_error(self.part, exc) from None
         return "".join(out)
 
 
@@ -473,7 +472,10 @@ def derive_text_part(html_source: str, html: PartTemplate) -> PartTemplate | Non
         return None
     numbered = iter(range(len(expressions)))
     protected = _EXPRESSION.sub(lambda m: f"JXPR{next(numbered):05d}QZ", html_source)
-    text = html_to_text(protected, placeholders=True)
+    try:
+        text = html_to_text(protected, placeholders=True)
+    except Exception:  # the per-message conversion will report it, per recipient
+        return None
     if "{" in text:
         return None  # literal braces in the HTML's text would read as template syntax
 
@@ -617,7 +619,6 @@ __all__ = [
     "MAX_RANGE",
     "MAX_STEPS",
     "CampaignTemplates",
-    "Markup",
     "PartTemplate",
     "TemplateLimitError",
     "TemplateRenderError",
