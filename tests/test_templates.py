@@ -415,6 +415,29 @@ async def _seed(
     return [str(i) for i in range(n)]
 
 
+async def test_doctor_lists_an_approved_campaign_with_a_bad_template_as_invalid(
+    mongo: MongoTarget, client: Client
+) -> None:
+    from reactor.doctor.checks import _list_campaigns
+    from reactor.doctor.report import Report
+
+    coll = client[mongo.campaigns_db].campaigns
+    bad = campaign("bad", 3600, 7200, ["1"])
+    bad["sms"] = {"body": "Hi\n{{ voucher }}"}
+    await coll.insert_one(bad)
+    await coll.insert_one(campaign("fine", 3600, 7200, ["1"]))
+    report = Report()
+    await _list_campaigns(report, client, settings(mongo), dt.datetime.now(dt.UTC))
+    states = {row["name"]: (row["state"], row.get("note")) for row in report.waiting}
+    assert states["bad"] == (
+        "invalid",
+        "sms line 2: unknown variable 'voucher' (known: "
+        "campaign, channel, customer, email, first_name, name, phone, "
+        "unsubscribe_url)",
+    )
+    assert states["fine"][0] == "waiting"
+
+
 # ---- reactor preview ----------------------------------------------------------------------
 
 
