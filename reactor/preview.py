@@ -54,7 +54,7 @@ async def run_preview(
         )
         recipient = await _recipient(seg_client, settings, campaign, customer)
         messages = build_messages(settings, campaign, recipient)
-        print_preview(campaign, recipient, messages, out)
+        print_preview(campaign, recipient, messages, out, sender=settings.email_from)
         if send_to is not None:
             test = build_messages(settings, campaign, _stand_in(recipient), send_to=send_to)
             await send_test(settings, test, out)
@@ -156,6 +156,8 @@ def print_preview(
     recipient: Recipient,
     messages: dict[Channel, EmailMessage | SmsMessage | str],
     out: IO[str],
+    *,
+    sender: str | None = None,
 ) -> None:
     print(f"Campaign: {campaign.name} (ID: {campaign.key})", file=out)
     print(f"Customer: {recipient.customer_id}", file=out)
@@ -164,19 +166,26 @@ def print_preview(
         if isinstance(message, str):
             print(message, file=out)
         elif isinstance(message, EmailMessage):
-            _print_email(campaign, message, out)
+            _print_email(campaign, message, out, sender)
         else:
             print(f"To: {message.to}", file=out)
             print(f"Segments: {message.segments}", file=out)
             print(f"\n{message.body}", file=out)
 
 
-def _print_email(campaign: Campaign, message: EmailMessage, out: IO[str]) -> None:
+def _print_email(
+    campaign: Campaign, message: EmailMessage, out: IO[str], sender: str | None
+) -> None:
+    kind = "text/plain" if message.html is None else "text/html"
+    if message.text is not None and message.html is not None:
+        kind = "multipart/alternative"
     for name, value in (
+        ("From", sender or "(EMAIL_FROM is not set)"),
         ("To", message.to),
         ("Subject", message.subject),
         ("Message-ID", message.message_id),
         *message.headers,
+        ("Content-Type", kind),
     ):
         print(f"{name}: {value}", file=out)
     assert campaign.email is not None

@@ -469,7 +469,8 @@ async def test_preview_prints_and_sends_one_test_message_touching_nothing(
     assert await run_preview(cfg, str(cid), customer="2", send_to=None, out=out) == 0
     text = out.getvalue()
     assert f"Campaign: preview me (ID: {cid})" in text
-    assert "To: c2@example.com\nSubject: Hi Cust\n" in text
+    assert f"From: {cfg.email_from}\nTo: c2@example.com\nSubject: Hi Cust\n" in text
+    assert "Content-Type: multipart/alternative\n" in text
     assert "List-Unsubscribe: <https://m.example.com/u/v1." in text
     assert "--- text/plain (generated from the HTML) ---\nCity2\n" in text
     assert "--- text/html ---\n<p>City2</p>" in text
