@@ -129,6 +129,12 @@ def test_rendering(part: str, source: str, expected: str) -> None:
         ("{{ '%0999999999d' % 1 }}", "%-format widths over 999 are refused"),
         ("{{ '%*d' | format(999999999, 1) }}", "%-format widths"),
         ("{{ '{:>999999999}'.format(1) }}", "str.format is not available"),
+        ("{{ ('{0.__class__}' | attr('format'))(name) }}", "str.format is not available"),
+        (
+            "{% set f = '{0.__class__.__mro__}'.format %}{{ f(name) }}",
+            "str.format is not available",
+        ),
+        ("{{ '{x.__class__}'.format_map({'x': name}) }}", "str.format is not available"),
         ("{{ 99999999 ** 99999999 }}", "a power that large is refused"),
         ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "text: recursion too deep"),
         (
