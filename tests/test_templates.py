@@ -98,6 +98,7 @@ def _context(**row: Any) -> dict[str, Any]:
         ("text", "{{ customer.note }}", "<script>x</script>"),
         ("sms", "{{ name }} & co", "Ana Lima & co"),
         ("subject", "{{ name | upper }}", "ANA LIMA"),
+        ("text", "Use code {% raw %}{#SALE} {{x}}{% endraw %}", "Use code {#SALE} {{x}}"),
     ],
 )
 def test_rendering(part: str, source: str, expected: str) -> None:
@@ -170,6 +171,8 @@ def test_known_escape_and_exhaustion_payloads_are_refused_when_compiled(
             "html line 2: unknown filter 'shout'",
         ),
         ("text", "Hi\n{{ name }", "text line 2: unexpected '}'"),
+        ("text", "Use code {#SALE} now", "text line 1: Missing end of comment tag"),
+        ("html", "<p>{{firstName}}</p>", "html line 1: unknown variable 'firstName'"),
         ("subject", "{% if name %}Hi", "subject line 1: Unexpected end of template"),
         ("sms", "a\nb\nc\n{{ voucher }}", "sms line 4: unknown variable 'voucher'"),
         ("text", "{% if name is shiny %}x{% endif %}", "text line 1: unknown test 'shiny'"),
