@@ -4,6 +4,7 @@
     reactor doctor [--json] [--probe]
     reactor demo [--customers N] [--campaigns N] [--failure-rate R] [--keep-running] [--seed S]
     reactor mongo-emulator [--host H] [--port P] [--replica-set NAME]
+    reactor preview CAMPAIGN_ID [--customer ID] [--send-to ADDRESS_OR_PHONE]
 
 Bad usage or configuration prints one line and exits 2; never a traceback.
 """
@@ -94,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(
         sub.add_parser("suppress", help="the suppression list: add, remove, list, import, export")
     )
+    preview = sub.add_parser(
+        "preview", help="print a campaign's message for one customer; optionally send a test"
+    )
+    preview.add_argument("campaign_id")
+    preview.add_argument("--customer", help="customer id (default: the first targeted)")
+    preview.add_argument("--send-to", help="send one test message to this address or number")
     emu = sub.add_parser("mongo-emulator", help="run the embedded MongoDB-compatible server")
     emu.add_argument("--host", default="127.0.0.1")
     emu.add_argument("--port", type=_port, default=27017)
@@ -153,6 +160,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return run_suppress(args, load_settings())
             except BadRow as exc:
                 raise UsageError(str(exc)) from None
+        if args.command == "preview":
+            from .preview import run_preview
+
+            settings = load_settings()
+            return asyncio.run(
+                run_preview(
+                    settings,
+                    args.campaign_id,
+                    customer=args.customer,
+                    send_to=args.send_to,
+                    out=sys.stdout,
+                )
+            )
         if args.command == "demo":
             require_embedded(args.command)
             from .demo import run_demo

@@ -241,6 +241,14 @@ class Metrics:
             ["channel", "reason"],
             registry=r,
         )
+        # Templates (issue 24).
+        self.template_errors = Counter(
+            "reactor_template_errors",
+            "Recipients skipped because their message could not be rendered (template_error), "
+            "by channel and part.",
+            ["channel", "part"],
+            registry=r,
+        )
         self.build_info = Info("reactor_build", "Reactor build information.", registry=r)
         self.build_info.info({"version": __version__, "python": platform.python_version()})
         # Materialise the label sets dashboards and alerts read, so queries see 0, not no data.

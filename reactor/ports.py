@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from bson import Timestamp
@@ -39,6 +39,8 @@ class Recipient:
     name: str | None
     email: str | None
     phone: str | None
+    # The customer's newest order row, every field (templates see it as `customer`).
+    row: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
 
 class Recipients(Protocol):

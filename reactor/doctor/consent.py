@@ -117,6 +117,4 @@ async def check_webhooks(
         report.add(f"webhook {provider}", OK, f"{config.base_url}{_ROUTES[provider]}; {detail}")
     off = [p for p, enabled in on.items() if not enabled]
     if off:
-        report.add(
-            "webhooks off", WARN, f"not configured: {', '.join(off)} (see docs/consent.md)"
-        )
+        report.add("webhooks off", WARN, f"not configured: {', '.join(off)} (see docs/consent.md)")

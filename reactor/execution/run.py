@@ -25,6 +25,7 @@ from ..domain.deliveries import (
 )
 from ..domain.errors import InvalidCampaign, LeaseLost
 from ..domain.ids import normalise_id
+from ..domain.messages import templates_of
 from ..domain.models import Campaign, Channel, parse_campaign, target_problem
 from ..domain.shards import Shard, shard_ranges
 from ..limits.ratelimit import RateLimit
@@ -91,6 +92,7 @@ class CampaignRun:
             config=config,
             suppressions=suppressions,
             links=links,
+            metrics=metrics,
         )
 
     async def send(self) -> None:
@@ -103,6 +105,7 @@ class CampaignRun:
             raise LeaseLost(f"campaign {run.key} was deleted")
         try:
             campaign = parse_campaign(doc)
+            templates_of(campaign)  # the content may have changed since it was armed
         except InvalidCampaign as exc:
             self._metrics.campaign_errors.labels(exc.reason).inc()
             log.error(

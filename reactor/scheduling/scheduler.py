@@ -17,6 +17,7 @@ from bson import Timestamp
 
 from ..config import SchedulerConfig
 from ..domain.errors import InvalidCampaign
+from ..domain.messages import templates_of
 from ..domain.models import Campaign, Status, parse_campaign, parse_status, utc
 from ..domain.schedule import (
     ACTIVE,
@@ -114,6 +115,9 @@ class Scheduler:
             if status not in ACTIVE:
                 return self._disarm_all(key)
             campaign = parse_campaign(doc)
+            # Compiled (and probed) when armed, before any claim: content that cannot render
+            # leaves the campaign unarmed with lastError naming the part, line and problem.
+            templates_of(campaign)
         except InvalidCampaign as exc:
             changes |= self._disarm_all(key)
             await self._reject(doc, exc, now)

@@ -25,7 +25,8 @@ STATE_COLLECTION = "reactor_state"
 
 # Updated or removed fields that can change what a campaign's schedule wants: any field under
 # these top-level names...
-SCHEDULE_FIELDS = ["status", "startDate", "endDate", "targetedCustomerIds"]
+# Content too: its templates are compiled when armed, so an edit may arm or disarm a campaign.
+SCHEDULE_FIELDS = ["status", "startDate", "endDate", "targetedCustomerIds", "email", "sms"]
 # ...and these exact names (a release or takeover changes the owner and the epoch).
 EXECUTION_FIELDS = ["execution", "execution.owner", "execution.epoch", "execution.sendsDone"]
 

@@ -2,7 +2,8 @@
 
 Each batch of ids is one aggregation: match the order rows of those customers (in both string
 and numeric spellings), group them per customer, and keep the first non-empty email, phone and
-name in insertion order. Memory is bounded by the batch, never by the audience."""
+name in insertion order, and the newest row whole (what templates see as `customer`). Memory is
+bounded by the batch, never by the audience."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 
 from ...config import RecipientsConfig
 from ...domain.ids import id_variants, normalise_id
+from ...domain.templates import plain_row
 from ...ports import Recipient
 
 
@@ -35,6 +37,7 @@ class MongoRecipients:
                     "emails": {"$push": f"${c.email_field}"},
                     "phones": {"$push": f"${c.phone_field}"},
                     "names": {"$push": f"${c.name_field}"},
+                    "row": {"$last": "$$ROOT"},
                 }
             },
         ]
@@ -46,9 +49,11 @@ class MongoRecipients:
             email = _first(row.get("emails"))
             phone = _first(row.get("phones"))
             name = _first(row.get("names"))
+            fields = plain_row(row.get("row") or {})
             if prev is not None:  # the same customer stored under both spellings
                 email, phone, name = prev.email or email, prev.phone or phone, prev.name or name
-            out[key] = Recipient(customer_id=key, name=name, email=email, phone=phone)
+                fields = {**prev.row, **fields}
+            out[key] = Recipient(customer_id=key, name=name, email=email, phone=phone, row=fields)
         return out
 
 
