@@ -669,3 +669,44 @@ async def test_payloads_the_notifier_builds_conform_to_the_schema(
     assert "4155550100" not in text
     bad = {"type": "campaign.started", "timestamp": "t", "data": {"schemaVersion": 1}}
     assert _conforms(bad, schema)  # the checker can fail
+
+
+# ---- operators ---------------------------------------------------------------------------------
+
+
+async def test_doctor_lists_destinations_with_backlog_dead_and_last_success(
+    client: Client, mongo: MongoTarget, rec: Receiver
+) -> None:
+    from reactor.doctor.report import FAIL, OK, WARN, Report, redacted_configuration
+    from reactor.notify.report import check_notifications
+
+    from .helpers import settings
+
+    clock = FakeClock(dt.datetime.now(dt.UTC))
+    await add_webhook(client, mongo, rec.url)
+    db = client[mongo.campaigns_db]
+    await db.notification_destinations.insert_one({"_id": "broken", "kind": "sms"})
+    n = notifier(client, mongo, clock)
+    await n.outbox.ensure_indexes()
+    await n.destinations.reload()
+    await n.emit(ev.CAMPAIGN_MISSED, "c1", 1, ev.base_data("c1", "Sale"))
+    await rounds(clock, n)
+    rec.status = 500
+    await n.emit(ev.CAMPAIGN_MISSED, "c2", 1, ev.base_data("c2", "Sale"))
+    await rounds(clock, n)
+    slack = "https://hooks.slack.com/services/T000/B000/sekrit"
+    cfg = settings(mongo, notify_slack_url=slack)
+    report = Report()
+    await check_notifications(report, db, cfg, dt.datetime.now(dt.UTC))
+    rows = {c.name: c for c in report.checks}
+    assert rows["notify hook1"].status == OK
+    assert "last success" in rows["notify hook1"].detail
+    assert "backlog 1" in rows["notify hook1"].detail
+    assert rows["notify broken"].status == WARN
+    assert "kind must be" in rows["notify broken"].detail
+    assert "sekrit" not in rows["notify env:slack:0"].detail
+    assert "no success yet" in rows["notify env:slack:0"].detail
+    report = Report()
+    await check_notifications(report, db, cfg, dt.datetime.now(dt.UTC) + dt.timedelta(minutes=16))
+    assert {c.name: c for c in report.checks}["notify hook1"].status == FAIL
+    assert "sekrit" not in str(redacted_configuration(cfg))
