@@ -710,3 +710,181 @@ async def test_doctor_lists_destinations_with_backlog_dead_and_last_success(
     await check_notifications(report, db, cfg, dt.datetime.now(dt.UTC) + dt.timedelta(minutes=16))
     assert {c.name: c for c in report.checks}["notify hook1"].status == FAIL
     assert "sekrit" not in str(redacted_configuration(cfg))
+
+
+async def test_repair_writes_the_events_a_dead_replica_did_not_and_only_those(
+    client: Client, mongo: MongoTarget
+) -> None:
+    db = client[mongo.campaigns_db]
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    clock = FakeClock(now)
+
+    def ago(s: float) -> dt.datetime:
+        return now - dt.timedelta(seconds=s)
+
+    await db.campaigns.insert_many(
+        [
+            {
+                "_id": "done",
+                "name": "Done",
+                "status": "completed",
+                "startDate": ago(120),
+                "endDate": ago(30),
+                "performance": {"emailsSent": 1},
+                "execution": {
+                    "epoch": 2,
+                    "startedAt": ago(120),
+                    "finishedAt": ago(30),
+                    "sendsDone": True,
+                },
+            },
+            {
+                "_id": "miss",
+                "name": "Miss",
+                "status": "missed",
+                "startDate": ago(7200),
+                "endDate": ago(-60),
+                "execution": {"reason": "too late", "finishedAt": ago(40)},
+            },
+            {
+                "_id": "fail",
+                "name": "Fail",
+                "status": "failed",
+                "startDate": ago(300),
+                "endDate": ago(-60),
+                "execution": {
+                    "epoch": 5,
+                    "startedAt": ago(290),
+                    "finishedAt": ago(20),
+                    "failures": 5,
+                    "lastError": {"detail": "boom"},
+                },
+            },
+            {
+                "_id": "fresh",
+                "name": "Fresh",
+                "status": "running",
+                "startDate": ago(2),
+                "endDate": ago(-60),
+                "execution": {"epoch": 1, "startedAt": ago(2)},
+            },
+            {
+                "_id": "old",
+                "name": "Old",
+                "status": "completed",
+                "startDate": ago(7200),
+                "endDate": ago(3600),
+                "execution": {"epoch": 1, "startedAt": ago(7200), "finishedAt": ago(3600)},
+            },
+        ]
+    )
+    n = notifier(client, mongo, clock)
+    await n.outbox.ensure_indexes()
+    # The normal path wrote the completed campaign's start: the repair derives the same key.
+    done = await db.campaigns.find_one({"_id": "done"})
+    assert done is not None
+    await n.started(done)
+    assert await n.repair() == 4
+    keys = sorted([e["_id"] async for e in db.notification_outbox.find({})])
+
+    def ms(s: float) -> int:
+        return int(ago(s).timestamp() * 1000)
+
+    # "fresh" started 2 s ago: its writer still has time; "old" is outside the window.
+    assert keys == sorted(
+        [
+            f"campaign.started:done:{ms(120)}",
+            "campaign.completed:done:2",
+            f"campaign.missed:miss:{ms(7200)}",
+            f"campaign.started:fail:{ms(290)}",
+            "campaign.failed:fail:5",
+        ]
+    )
+    assert await n.repair() == 0
+    await clock.advance(20)
+    assert await n.repair() == 1  # now "fresh" is due, and missing
+
+
+async def test_complaint_pause_carries_its_rate_and_follows_the_start(
+    client: Client, mongo: MongoTarget, rec: Receiver
+) -> None:
+    from bson import Timestamp
+
+    from reactor.adapters.mongo import MongoFeedback
+
+    db = client[mongo.campaigns_db]
+    now = dt.datetime.now(dt.UTC)
+    clock = FakeClock(now)
+    await add_webhook(client, mongo, rec.url)
+    await db.campaigns.insert_one(
+        {
+            "_id": "c1",
+            "name": "Sale",
+            "status": "running",
+            "startDate": now,
+            "endDate": now + dt.timedelta(hours=1),
+            "targetedCustomerIds": ["1"],
+            "execution": {"epoch": 1, "startedAt": now, "owner": "a"},
+        }
+    )
+    detail = "complaint rate 0.40% (4 of 1000 emails) is over 0.1%"
+    assert await MongoFeedback(db, "campaigns").pause("c1", "complaint_rate", detail, rate=0.004)
+    doc = await db.campaigns.find_one({"_id": "c1"})
+    n = notifier(client, mongo, clock)
+    await n.outbox.ensure_indexes()
+    await n.destinations.reload()
+
+    def change(fields: dict[str, Any], inc: int) -> dict[str, Any]:
+        return {
+            "operationType": "update",
+            "documentKey": {"_id": "c1"},
+            "updateDescription": {"updatedFields": fields},
+            "fullDocument": doc,
+            "clusterTime": Timestamp(1_700_000_000, inc),
+        }
+
+    n.observe_change(change({"status": "paused", "execution": {}}, 1))
+    n.observe_change(change({"status": "running", "execution": {}}, 2))  # a claim: not a resume
+    n.observe_change(change({"status": "running"}, 3))
+    n.observe_change(change({"status": "paused", "execution": {}}, 1))  # the same event again
+    async with anyio.create_task_group() as tg:
+        for i in range(len(n._queues)):
+            tg.start_soon(n._emitter, i)
+        await eventually(lambda: holds(not any(n._queues)))
+        await n.drain(5)
+    await rounds(clock, n, n=4)
+    assert rec.types() == ["campaign.started", "campaign.paused", "campaign.resumed"]
+    paused = rec.unique()[1].payload["data"]
+    assert paused["by"] == "complaint_rate"
+    assert paused["rate"] == 0.004
+    assert "0.40%" in paused["reason"]
+    assert rec.unique()[2].payload["data"]["by"] == "operator"
+
+
+async def test_a_slow_destination_times_out_and_never_holds_up_the_others(
+    client: Client, mongo: MongoTarget, rec: Receiver
+) -> None:
+    clock = FakeClock(dt.datetime.now(dt.UTC))
+    db = client[mongo.campaigns_db]
+    async with receiver("/slow") as slow:
+        slow.hold = asyncio.Event()  # never answers
+        await db.notification_destinations.insert_many(
+            [
+                {"_id": "slow", "kind": "json", "url": slow.url},
+                {"_id": "fast", "kind": "json", "url": rec.url},
+            ]
+        )
+        n = notifier(client, mongo, clock, timeout_s=0.3)
+        await n.outbox.ensure_indexes()
+        await n.destinations.reload()
+        for i in range(3):
+            await n.emit(ev.CAMPAIGN_MISSED, f"c{i}", 1, ev.base_data(f"c{i}", "Sale"))
+        async with anyio.create_task_group() as tg:
+            assert await n.courier.round(tg) == 6  # both destinations' lanes at once
+            await eventually(lambda: holds(len(rec.received) == 3))
+            await eventually(lambda: holds(slow.holding == 3))  # still in flight meanwhile
+            assert len(rec.received) == 3
+            await eventually(lambda: holds(not n.courier._inflight))
+        rows = await db.notification_queue.find({"dest": "slow"}).to_list()
+        assert [r["state"] for r in rows] == [PENDING] * 3
+        assert all("timed out" in r["lastError"] for r in rows)

@@ -40,6 +40,10 @@ from .outbox import MongoOutbox
 log = logging.getLogger(__name__)
 
 EMITTERS = 4
+# The repair looks this far back for state changes whose events are missing, once the writer
+# had this long to write them.
+REPAIR_WINDOW_S = 15 * 60.0
+REPAIR_AFTER_S = 15.0
 QUEUE_MAX = 10_000
 STATE = "reactor_state"
 
@@ -158,7 +162,9 @@ class Notifier:
             owner=exe.get("owner"),
             epoch=epoch,
         )
-        await self.emit(ev.CAMPAIGN_STARTED, cid, epoch, data, at=started_at)
+        # Keyed by the claim's own time (the database's): unique per start, and derivable from
+        # the document later (a takeover changes the epoch, never `startedAt`).
+        await self.emit(ev.CAMPAIGN_STARTED, cid, _ms(started_at), data, at=started_at)
 
     async def completed(self, campaign_id: Any) -> None:
         doc = await self._campaigns.find_one({"_id": campaign_id}, {"targetedCustomerIds": 0})
@@ -201,7 +207,7 @@ class Notifier:
         start = utc(doc.get("startDate")) or self._clock.now()
         data = base_data(cid, doc.get("name"))
         data.update(startDate=iso(start), reason=scrub(reason))
-        await self.emit(ev.CAMPAIGN_MISSED, cid, int(start.timestamp() * 1000), data)
+        await self.emit(ev.CAMPAIGN_MISSED, cid, _ms(start), data)
 
     async def failed(self, campaign_id: Any, name: str, epoch: int, detail: str, n: int) -> None:
         cid = str(campaign_id)
@@ -211,6 +217,13 @@ class Notifier:
 
     async def _paused_or_resumed(self, campaign: str, kind: str, key: str, doc: Any) -> None:
         exe = doc.get("execution") if isinstance(doc.get("execution"), dict) else {}
+        started_at = utc(exe.get("startedAt"))
+        if started_at is not None and "_id" in doc:
+            # The start's event is written by the claim's winner, perhaps a moment after the
+            # pause: written here first if missing, it is the older of the two in their lane.
+            key_started = event_key(ev.CAMPAIGN_STARTED, campaign, _ms(started_at))
+            if not await self.outbox.has([key_started]):
+                await self.started(doc)
         data = base_data(campaign, doc.get("name"))
         if kind == ev.CAMPAIGN_RESUMED:
             data["by"] = "operator"
@@ -388,9 +401,65 @@ class Notifier:
         self._metrics.notification_oldest_age.set(max(0.0, age))
 
     async def scan(self) -> None:
-        """The checks no single write reports: late starts and failure spikes."""
+        """The checks no single write reports: late starts and failure spikes; and the events
+        a replica that died right after a state change did not write."""
         await self._scan_late()
         await self._check_spike()
+        await self.repair()
+
+    async def repair(self) -> int:
+        """Write the events of recent state changes (the last REPAIR_WINDOW_S) that are not in
+        the outbox REPAIR_AFTER_S after the change: their writer died in between. Each key is
+        derived from the document exactly as the writer would have; returns how many."""
+        now = self._clock.now()
+        since = now - dt.timedelta(seconds=REPAIR_WINDOW_S)
+        settled = now - dt.timedelta(seconds=REPAIR_AFTER_S)
+        wanted: dict[str, tuple[Callable[..., Awaitable[Any]], tuple[Any, ...]]] = {}
+        async for doc in self._campaigns.find(
+            {
+                "$or": [
+                    {"execution.startedAt": {"$gte": since}},
+                    {"execution.finishedAt": {"$gte": since}},
+                ]
+            },
+            {"targetedCustomerIds": 0},
+        ):
+            wanted.update(self._expected(doc, settled))
+        if not wanted:
+            return 0
+        missing = set(wanted) - await self.outbox.has(list(wanted))
+        for key in sorted(missing):
+            fn, args = wanted[key]
+            log.warning("notification %s was not written by its replica; writing it now", key)
+            await fn(*args)
+        return len(missing)
+
+    def _expected(
+        self, doc: dict[str, Any], settled: dt.datetime
+    ) -> dict[str, tuple[Callable[..., Awaitable[Any]], tuple[Any, ...]]]:
+        """The events a campaign's document says were due, by key."""
+        cid, status = str(doc["_id"]), doc.get("status")
+        exe: dict[str, Any] = doc["execution"] if isinstance(doc.get("execution"), dict) else {}
+        started_at, finished_at = utc(exe.get("startedAt")), utc(exe.get("finishedAt"))
+        epoch = int(exe.get("epoch") or 0)
+        out: dict[str, tuple[Callable[..., Awaitable[Any]], tuple[Any, ...]]] = {}
+        if started_at is not None and started_at <= settled and epoch:
+            out[event_key(ev.CAMPAIGN_STARTED, cid, _ms(started_at))] = (self.started, (doc,))
+        if finished_at is None or finished_at > settled:
+            return out
+        if status == "completed":
+            out[event_key(ev.CAMPAIGN_COMPLETED, cid, epoch)] = (self.completed, (doc["_id"],))
+        elif status == "missed" and (start := utc(doc.get("startDate"))) is not None:
+            reason = str(exe.get("reason") or "the start passed the misfire grace")
+            out[event_key(ev.CAMPAIGN_MISSED, cid, _ms(start))] = (
+                self.missed,
+                (doc["_id"], reason),
+            )
+        elif status == "failed":
+            detail = str((exe.get("lastError") or {}).get("detail") or exe.get("reason") or "")
+            args = (doc["_id"], doc.get("name"), epoch, detail, int(exe.get("failures") or 0))
+            out[event_key(ev.CAMPAIGN_FAILED, cid, epoch)] = (self.failed, args)
+        return out
 
     async def _scan_late(self) -> None:
         """Approved campaigns due more than NOTIFY_START_LATE_SECONDS ago by the database's clock
@@ -432,7 +501,7 @@ class Notifier:
                 lateBySeconds=round(late_s, 1),
                 reason=f"approved and due, but not running {late_s:.0f}s after its start date",
             )
-            await self.emit(ev.CAMPAIGN_START_LATE, cid, int(start.timestamp() * 1000), data)
+            await self.emit(ev.CAMPAIGN_START_LATE, cid, _ms(start), data)
         self._late_seen = seen
 
     async def _check_spike(self) -> None:
@@ -487,3 +556,7 @@ class Notifier:
     async def aclose(self) -> None:
         for transport in self._transports.values():
             await transport.aclose()
+
+
+def _ms(at: dt.datetime) -> int:
+    return int(at.timestamp() * 1000)

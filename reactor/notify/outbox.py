@@ -32,6 +32,9 @@ from .events import Event
 OUTBOX = "notification_outbox"
 QUEUE = "notification_queue"
 PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
+# Within one lane and one millisecond, a start comes before what happens to the run, and that
+# before the end.
+RANK = {"campaign.started": 0, "campaign.completed": 2, "campaign.completed_short": 2}
 DELIVERED_KEEP_S = 7 * 86400  # delivered rows are kept this long (the doctor's last success)
 DEAD_KEEP_S = 30 * 86400
 
@@ -86,6 +89,7 @@ class MongoOutbox:
                 "campaign": event["campaign"],
                 "lane": f"{dest}|{event['campaign']}",
                 "at": event["at"],
+                "rank": RANK.get(str(event["type"]), 1),
                 "webhookId": event["webhookId"],
                 "payload": event["payload"],
                 "state": PENDING,
@@ -129,7 +133,7 @@ class MongoOutbox:
         cursor = await self.queue.aggregate(
             [
                 {"$match": match},
-                {"$sort": {"lane": 1, "at": 1, "_id": 1}},
+                {"$sort": {"lane": 1, "at": 1, "rank": 1, "_id": 1}},
                 {"$group": {"_id": "$lane", "row": {"$first": "$$ROOT"}}},
                 {"$replaceRoot": {"newRoot": "$row"}},
                 {
