@@ -888,3 +888,27 @@ async def test_a_slow_destination_times_out_and_never_holds_up_the_others(
         rows = await db.notification_queue.find({"dest": "slow"}).to_list()
         assert [r["state"] for r in rows] == [PENDING] * 3
         assert all("timed out" in r["lastError"] for r in rows)
+
+
+async def test_shutdown_gives_back_what_is_in_flight(
+    client: Client, mongo: MongoTarget, rec: Receiver
+) -> None:
+    clock = FakeClock(dt.datetime.now(dt.UTC))
+    await add_webhook(client, mongo, rec.url)
+    a, b = notifier(client, mongo, clock, "a"), notifier(client, mongo, clock, "b")
+    for r in (a, b):
+        await r.outbox.ensure_indexes()
+        await r.destinations.reload()
+    await a.emit(ev.CAMPAIGN_MISSED, "c1", 1, ev.base_data("c1", "Sale"))
+    rec.hold = asyncio.Event()
+    async with anyio.create_task_group() as tg:
+        assert await a.courier.round(tg) == 1
+        await eventually(lambda: holds(rec.holding == 1))
+        await a.drain(5)  # what `reactor run` does on SIGTERM, before cancelling
+        tg.cancel_scope.cancel()
+    rec.hold.set()
+    rec.hold = None
+    await rounds(clock, b)  # at once, not after the 60 s lease
+    assert [r.id for r in rec.received][-1] == ev.webhook_id("campaign.missed:c1:1")
+    row = await client[mongo.campaigns_db].notification_queue.find_one({})
+    assert row is not None and row["state"] == DELIVERED and row["owner"] == "b"

@@ -95,3 +95,33 @@ async def test_three_reactors_each_event_once_in_order(
     assert completed["data"]["outcomes"]["email"]["sent"] == 2
     # No customer data anywhere: the seeded addresses are c<i>@example.com.
     assert not any(b"@example.com" in r.body for r in rec.received)
+
+
+async def test_an_smtp_outage_is_one_channel_paused_and_one_resumed(
+    mongo: MongoTarget, client: Client, sink: SmtpSink
+) -> None:
+    ids = await seed_customers(client, mongo, 30)
+    coll = client[mongo.campaigns_db].campaigns
+    async with receiver("/events") as rec:
+        configs = [
+            settings(
+                mongo,
+                sink,
+                reactor_instance_id=f"r{i}",
+                notify_json_url=rec.url,
+                notify_events="channel.paused,channel.resumed",
+                email_rate_per_second=50,
+            )
+            for i in range(2)
+        ]
+        async with running(*configs):
+            await sink.go_down()
+            await coll.insert_one(campaign("outage", 0.3, 60, ids, channels=["email"]))
+            await eventually(lambda: holds("channel.paused" in rec.types()), 15)
+            await sink.come_back()
+            await eventually(lambda: holds("channel.resumed" in rec.types()), 30)
+    assert rec.types() == ["channel.paused", "channel.resumed"]
+    paused = rec.unique()[0].payload["data"]
+    assert paused["channel"] == "email"
+    assert paused["kind"] == "connect"
+    assert paused["instance"] in {"r0", "r1"}

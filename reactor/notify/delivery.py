@@ -228,6 +228,11 @@ class Courier:
     def wake(self) -> None:
         self._wake.set()
 
+    @property
+    def inflight(self) -> frozenset[str]:
+        """The rows this instance is delivering now."""
+        return frozenset(self._inflight)
+
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
             while True:

@@ -352,6 +352,10 @@ class Notifier:
         with anyio.move_on_after(grace_s, shield=True):
             if self._emitters_live:
                 await self._emitters_done.wait()
+            try:
+                await self.outbox.release(self.instance_id, sorted(self.courier.inflight))
+            except PyMongoError:
+                log.warning("could not give back the notifications in flight at shutdown")
 
     async def _emitter(self, i: int) -> None:
         """Write queue `i`'s events in order, until drained at shutdown."""

@@ -199,6 +199,17 @@ class MongoOutbox:
             },
         )
 
+    async def release(self, owner: str, row_ids: Sequence[str]) -> int:
+        """Give back rows `owner` is delivering (at shutdown): another instance may claim them
+        at once instead of after the lease. The attempt may still land: same webhook-id."""
+        if not row_ids:
+            return 0
+        result = await self.queue.update_many(
+            {"_id": {"$in": list(row_ids)}, "state": PENDING, "owner": owner},
+            {"$set": {"leaseUntil": None, "owner": None}},
+        )
+        return result.modified_count
+
     async def _settle(self, row: dict[str, Any], fields: dict[str, Any]) -> bool:
         """Write the outcome of the attempt `row` was claimed for: only while that claim is
         the row's (same owner and attempt), so a stale deliverer never overwrites a newer one."""
