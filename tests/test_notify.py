@@ -911,4 +911,6 @@ async def test_shutdown_gives_back_what_is_in_flight(
     await rounds(clock, b)  # at once, not after the 60 s lease
     assert [r.id for r in rec.received][-1] == ev.webhook_id("campaign.missed:c1:1")
     row = await client[mongo.campaigns_db].notification_queue.find_one({})
-    assert row is not None and row["state"] == DELIVERED and row["owner"] == "b"
+    assert row is not None
+    assert row["state"] == DELIVERED
+    assert row["owner"] == "b"
