@@ -134,6 +134,7 @@ class Settings(BaseSettings):
     notify_scan_seconds: float = Field(10.0, gt=0)
     notify_failure_spike_share: float = Field(0.2, gt=0, lt=1)
     notify_failure_spike_min_sends: int = Field(20, ge=1)
+    notify_progress_percent: int = Field(0, ge=0, le=50)  # campaign.progress every N %; 0: off
     notify_smtp_host: str | None = None
     notify_smtp_port: int = Field(587, ge=1, le=65535)
     notify_smtp_username: str | None = None
@@ -445,6 +446,7 @@ class Settings(BaseSettings):
             scan_s=self.notify_scan_seconds,
             failure_spike_share=self.notify_failure_spike_share,
             failure_spike_min=self.notify_failure_spike_min_sends,
+            progress_every_percent=self.notify_progress_percent,
             smtp=smtp,
         )
 

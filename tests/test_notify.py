@@ -914,3 +914,34 @@ async def test_shutdown_gives_back_what_is_in_flight(
     assert row is not None
     assert row["state"] == DELIVERED
     assert row["owner"] == "b"
+
+
+async def test_progress_every_n_percent_when_asked(client: Client, mongo: MongoTarget) -> None:
+    db = client[mongo.campaigns_db]
+    now = dt.datetime.now(dt.UTC)
+    clock = FakeClock(now)
+    await db.campaigns.insert_one(
+        {
+            "_id": "c1",
+            "name": "Sale",
+            "status": "running",
+            "channels": ["email", "sms"],
+            "targetedCustomerIds": [str(i) for i in range(10)],
+            "execution": {"epoch": 1, "startedAt": now},
+            "performance": {"emailsSent": 6, "emailsFailed": 1, "smsSent": 2},
+        }
+    )
+    off = notifier(client, mongo, clock)
+    await off.outbox.ensure_indexes()
+    await off._scan_progress()
+    assert await db.notification_outbox.count_documents({}) == 0  # off by default
+    n = notifier(client, mongo, clock, progress_every_percent=25)
+    await n._scan_progress()
+    assert await db.notification_outbox.count_documents({}) == 0  # sms at 20%: the slowest
+    await db.campaigns.update_one({"_id": "c1"}, {"$set": {"performance.smsSkipped": 4}})
+    await n._scan_progress()
+    await n._scan_progress()
+    events = await db.notification_outbox.find({}).to_list()
+    assert [e["payload"]["data"]["percent"] for e in events] == [50]
+    assert events[0]["type"] == "campaign.progress"
+    assert events[0]["payload"]["data"]["processed"] == 6

@@ -91,6 +91,7 @@ class Notifier:
         self._emitters_live = 0
         self._emitters_done = anyio.Event()
         self._late_seen: set[str] = set()
+        self._progress_sent: dict[str, int] = {}
         self._spike_samples: collections.deque[tuple[float, dict[str, tuple[float, float]]]] = (
             collections.deque()
         )
@@ -410,6 +411,58 @@ class Notifier:
         await self._scan_late()
         await self._check_spike()
         await self.repair()
+        await self._scan_progress()
+
+    async def _scan_progress(self) -> None:
+        """`campaign.progress` each time a running campaign crosses another
+        NOTIFY_PROGRESS_PERCENT of its audience (every channel's sent, failed and skipped);
+        off when 0. A jump over several steps reports the last one."""
+        step = self.config.progress_every_percent
+        if step <= 0:
+            return
+        cursor = await self._campaigns.aggregate(
+            [
+                {"$match": {"status": "running"}},
+                {
+                    "$project": {
+                        "name": 1,
+                        "channels": 1,
+                        "performance": 1,
+                        "startedAt": "$execution.startedAt",
+                        "email": {"$ne": [{"$type": "$email"}, "missing"]},
+                        "sms": {"$ne": [{"$type": "$sms"}, "missing"]},
+                        "audience": {
+                            "$cond": [
+                                {"$isArray": "$targetedCustomerIds"},
+                                {"$size": "$targetedCustomerIds"},
+                                None,
+                            ]
+                        },
+                    }
+                },
+            ]
+        )
+        async for doc in cursor:
+            await self._progress(doc, step)
+
+    async def _progress(self, doc: dict[str, Any], step: int) -> None:
+        audience, started_at = doc.get("audience"), utc(doc.get("startedAt"))
+        if not isinstance(audience, int) or audience <= 0 or started_at is None:
+            return
+        counts = outcomes(doc.get("performance") or {})
+        listed = doc.get("channels") if isinstance(doc.get("channels"), list) else None
+        channels = [c for c in ("email", "sms") if (c in listed if listed else doc.get(c))]
+        if not channels:
+            return
+        processed = min(sum(counts[c].values()) for c in channels)
+        percent = min(100, processed * 100 // audience) // step * step
+        cid = str(doc["_id"])
+        if percent <= 0 or percent >= 100 or self._progress_sent.get(cid, 0) >= percent:
+            return
+        self._progress_sent[cid] = percent
+        data = base_data(cid, doc.get("name"))
+        data.update(percent=percent, processed=processed, audienceSize=audience)
+        await self.emit(ev.CAMPAIGN_PROGRESS, cid, f"{_ms(started_at)}:{percent}", data)
 
     async def repair(self) -> int:
         """Write the events of recent state changes (the last REPAIR_WINDOW_S) that are not in
