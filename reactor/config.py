@@ -118,10 +118,10 @@ class Settings(BaseSettings):
 
     # ---- notifications (reactor/notify; docs/notifications.md) ----
     notify_enabled: bool = True
-    notify_webhook_url: str | None = None
+    notify_webhook_url: SecretStr | None = None  # URLs may carry tokens: never shown
     notify_webhook_secret: SecretStr | None = None
     notify_slack_url: SecretStr | None = None  # an incoming-webhook URL is itself a secret
-    notify_json_url: str | None = None
+    notify_json_url: SecretStr | None = None
     notify_email_to: str = ""  # comma-separated admin addresses
     notify_events: str = ""  # comma-separated event types the defaults above get; empty: all
     notify_allow_private: bool = False
@@ -380,6 +380,17 @@ class Settings(BaseSettings):
             complaint_min_emails=self.complaint_min_emails,
         )
 
+    @field_validator("notify_webhook_url", "notify_json_url", "notify_slack_url")
+    @classmethod
+    def _valid_notify_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value():
+            from .notify.destinations import url_problem
+
+            problem = url_problem(value.get_secret_value())
+            if problem is not None:
+                raise ValueError(problem)
+        return value if value is not None and value.get_secret_value() else None
+
     @field_validator("notify_webhook_secret")
     @classmethod
     def _valid_whsec(cls, value: SecretStr | None) -> SecretStr | None:
@@ -400,11 +411,12 @@ class Settings(BaseSettings):
         defaults: list[dict[str, object]] = []
         if self.notify_webhook_url and self.notify_webhook_secret is not None:
             secret = self.notify_webhook_secret.get_secret_value()
-            defaults.append({"kind": "webhook", "url": self.notify_webhook_url, "secret": secret})
+            url = self.notify_webhook_url.get_secret_value()
+            defaults.append({"kind": "webhook", "url": url, "secret": secret})
         if self.notify_slack_url is not None:
             defaults.append({"kind": "slack", "url": self.notify_slack_url.get_secret_value()})
         if self.notify_json_url:
-            defaults.append({"kind": "json", "url": self.notify_json_url})
+            defaults.append({"kind": "json", "url": self.notify_json_url.get_secret_value()})
         admins = [a.strip() for a in self.notify_email_to.split(",") if a.strip()]
         if admins:
             defaults.append({"kind": "email", "to": admins})

@@ -397,8 +397,9 @@ class Notifier:
             await self.outbox.fan_out(event, targets)
 
     async def _stats(self) -> None:
-        skip = [d for d, dest in self.destinations.current.items() if dest.disabled]
-        stats = await self.outbox.stats(skip)
+        # Removed or disabled destinations' rows wait, but are not what the alert is about.
+        enabled = [d for d, dest in self.destinations.current.items() if not dest.disabled]
+        stats = await self.outbox.stats(enabled)
         self._metrics.notification_backlog.set(stats["backlog"])
         self._metrics.notification_dead.set(stats["dead"])
         oldest = utc(stats["oldest"])

@@ -226,11 +226,10 @@ class MongoOutbox:
 
     # ---- what operators see -----------------------------------------------------------------
 
-    async def stats(self, skip_dests: Sequence[str] = ()) -> dict[str, Any]:
-        """Backlog (pending rows), the oldest pending `at`, and dead rows, cluster-wide."""
-        match: dict[str, Any] = {"state": {"$in": [PENDING, DEAD]}}
-        if skip_dests:
-            match["dest"] = {"$nin": list(skip_dests)}
+    async def stats(self, dests: Sequence[str]) -> dict[str, Any]:
+        """Backlog (pending rows), the oldest pending `at`, and dead rows of `dests` (the
+        destinations in force), cluster-wide."""
+        match: dict[str, Any] = {"state": {"$in": [PENDING, DEAD]}, "dest": {"$in": list(dests)}}
         cursor = await self.queue.aggregate(
             [
                 {"$match": match},
