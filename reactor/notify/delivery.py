@@ -236,13 +236,14 @@ class Courier:
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
             while True:
+                # Cleared before looking, so that a wake-up during the round is not lost.
+                self._wake = anyio.Event()
                 try:
                     await self.round(tg)
                 except Exception:  # a failed look must not end delivery
                     log.exception("looking for notifications to deliver failed")
                 with anyio.move_on_after(self._config.poll_s):
                     await self._wake.wait()
-                self._wake = anyio.Event()
 
     async def round(self, tg: anyio.abc.TaskGroup) -> int:
         """Claim what is due, up to the free slots, and start delivering it. Returns the
