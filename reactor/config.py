@@ -128,7 +128,7 @@ class Settings(BaseSettings):
     notify_timeout_seconds: float = Field(10.0, gt=0, le=120)
     notify_concurrency: int = Field(8, ge=1, le=256)
     notify_retry_base_seconds: float = Field(2.0, gt=0)
-    notify_retry_max_seconds: float = Field(900.0, gt=0)
+    notify_retry_max_seconds: float = Field(300.0, gt=0)
     notify_retry_for_seconds: float = Field(86400.0, gt=0)
     notify_start_late_seconds: float = Field(30.0, gt=0)
     notify_scan_seconds: float = Field(10.0, gt=0)

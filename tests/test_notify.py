@@ -945,3 +945,58 @@ async def test_progress_every_n_percent_when_asked(client: Client, mongo: MongoT
     assert [e["payload"]["data"]["percent"] for e in events] == [50]
     assert events[0]["type"] == "campaign.progress"
     assert events[0]["payload"]["data"]["processed"] == 6
+
+
+async def test_a_destination_down_for_ten_minutes_gets_everything_in_order_after(
+    client: Client, mongo: MongoTarget, rec: Receiver
+) -> None:
+    clock = FakeClock(dt.datetime.now(dt.UTC))
+    await add_webhook(client, mongo, rec.url)
+    a, b = notifier(client, mongo, clock, "a"), notifier(client, mongo, clock, "b")
+    for r in (a, b):
+        await r.outbox.ensure_indexes()
+        await r.destinations.reload()
+    rec.status = 503
+    emitted: dict[str, list[str]] = {"c1": [], "c2": []}
+    for minute in range(10):
+        for cid in ("c1", "c2"):
+            writer = a if minute % 2 else b
+            await writer.emit(ev.CAMPAIGN_PROGRESS, cid, minute, ev.base_data(cid, "Sale"))
+            emitted[cid].append(ev.webhook_id(f"campaign.progress:{cid}:{minute}"))
+        await rounds(clock, a, b, n=6, step_s=10)
+    # While it was down only each lane's first event was tried: nothing jumped the queue.
+    assert {r.id for r in rec.received} == {emitted["c1"][0], emitted["c2"][0]}
+    failed_attempts = len(rec.received)
+    assert failed_attempts > 10  # it was tried, and failed, all along
+    rec.status = 200
+    await clock.advance(300)  # at most one back-off (NOTIFY_RETRY_MAX_SECONDS) later
+    await rounds(clock, a, b, n=25, step_s=1)
+    delivered = rec.received[failed_attempts:]
+    for cid, ids in emitted.items():
+        got = [r.id for r in delivered if r.payload["data"]["campaign"]["id"] == cid]
+        assert list(dict.fromkeys(got)) == ids  # every one, in order
+
+
+def test_settings_make_the_environments_destinations_and_admin_smtp() -> None:
+    from reactor.config import Settings
+
+    s = Settings(
+        mongo_uri="mongodb://db",
+        smtp_host="relay.example.com",
+        email_from="campaigns@example.com",
+        notify_webhook_url="https://hooks.example.com/r",
+        notify_webhook_secret=SECRET,
+        notify_email_to="ops@example.com, lead@example.com",
+        notify_events="campaign.missed,campaign.start_late",
+    )
+    cfg = s.notify_config()
+    assert [d["kind"] for d in cfg.defaults] == ["webhook", "email"]
+    assert cfg.defaults[1]["to"] == ["ops@example.com", "lead@example.com"]
+    assert all(d["events"] == ["campaign.missed", "campaign.start_late"] for d in cfg.defaults)
+    assert cfg.smtp is not None
+    assert (cfg.smtp.host, cfg.smtp.sender) == ("relay.example.com", "campaigns@example.com")
+    assert SECRET not in repr(cfg)
+    with pytest.raises(ValueError, match="NOTIFY_WEBHOOK_SECRET"):
+        Settings(mongo_uri="mongodb://db", notify_webhook_url="https://hooks.example.com/r")
+    with pytest.raises(ValueError, match="must be https"):
+        Settings(mongo_uri="mongodb://db", notify_json_url="http://hooks.example.com/r")

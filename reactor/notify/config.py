@@ -29,7 +29,7 @@ class NotifyConfig:
     concurrency: int = 8  # deliveries in flight per instance
     lease_s: float = 60.0  # a claimed delivery is another instance's after this
     retry_base_s: float = 2.0
-    retry_max_s: float = 900.0
+    retry_max_s: float = 300.0
     retry_for_s: float = 86400.0  # then `dead`
     poll_s: float = 0.5  # how often an instance looks for deliveries others emitted
     reload_s: float = 5.0  # how often destinations are re-read
