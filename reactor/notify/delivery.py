@@ -249,8 +249,8 @@ class Courier:
         """Claim what is due, up to the free slots, and start delivering it. Returns the
         number started."""
         free = self._config.concurrency - len(self._inflight)
-        if free <= 0:
-            return 0
+        if free <= 0 or not self._destinations.current:
+            return 0  # full, or nowhere to deliver to (no query every poll then)
         now = self._clock.now()
         skip = [d for d, dest in self._destinations.current.items() if dest.disabled]
         started = 0

@@ -44,6 +44,7 @@ EMITTERS = 4
 # had this long to write them.
 REPAIR_WINDOW_S = 15 * 60.0
 REPAIR_AFTER_S = 15.0
+REPAIR_EVERY = 3  # scans
 QUEUE_MAX = 10_000
 STATE = "reactor_state"
 
@@ -92,6 +93,7 @@ class Notifier:
         self._emitters_done = anyio.Event()
         self._late_seen: set[str] = set()
         self._progress_sent: dict[str, int] = {}
+        self._scans = 0
         self._spike_samples: collections.deque[tuple[float, dict[str, tuple[float, float]]]] = (
             collections.deque()
         )
@@ -399,7 +401,11 @@ class Notifier:
     async def _stats(self) -> None:
         # Removed or disabled destinations' rows wait, but are not what the alert is about.
         enabled = [d for d, dest in self.destinations.current.items() if not dest.disabled]
-        stats = await self.outbox.stats(enabled)
+        stats = (
+            await self.outbox.stats(enabled)
+            if enabled
+            else {"backlog": 0, "dead": 0, "oldest": None}
+        )
         self._metrics.notification_backlog.set(stats["backlog"])
         self._metrics.notification_dead.set(stats["dead"])
         oldest = utc(stats["oldest"])
@@ -411,7 +417,9 @@ class Notifier:
         a replica that died right after a state change did not write."""
         await self._scan_late()
         await self._check_spike()
-        await self.repair()
+        self._scans += 1
+        if self._scans % REPAIR_EVERY == 1:
+            await self.repair()  # a scan of recent campaigns: not every time
         await self._scan_progress()
 
     async def _scan_progress(self) -> None:
