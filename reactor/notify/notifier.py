@@ -401,11 +401,9 @@ class Notifier:
     async def _stats(self) -> None:
         # Removed or disabled destinations' rows wait, but are not what the alert is about.
         enabled = [d for d, dest in self.destinations.current.items() if not dest.disabled]
-        stats = (
-            await self.outbox.stats(enabled)
-            if enabled
-            else {"backlog": 0, "dead": 0, "oldest": None}
-        )
+        stats: dict[str, Any] = {"backlog": 0, "dead": 0, "oldest": None}
+        if enabled:
+            stats = await self.outbox.stats(enabled)
         self._metrics.notification_backlog.set(stats["backlog"])
         self._metrics.notification_dead.set(stats["dead"])
         oldest = utc(stats["oldest"])
