@@ -326,13 +326,14 @@ async def test_slack_and_json_destinations(client: Client, mongo: MongoTarget) -
             outcomes={"email": {"sent": 990, "failed": 10, "skipped": 0}, "sms": {}},
         )
         await n.emit(ev.CAMPAIGN_COMPLETED, "c1", 1, data)
-        await n.emit(ev.CAMPAIGN_MISSED, "c2", 1, ev.base_data("c2", "Other"))
+        await n.emit(ev.CAMPAIGN_MISSED, "c2", 1, ev.base_data("c2", "<!channel> & co"))
         await rounds(clock, n, n=2)
         texts = [r.payload["text"] for r in slack.received]
         assert len(texts) == 2
         assert "Spring sale" in texts[0]
         assert "990 sent" in texts[0]
         assert "10 failed" in texts[0]
+        assert "&lt;!channel&gt; &amp; co" in texts[1]
         assert [r.payload["type"] for r in plain.received] == ["campaign.completed"]
         assert plain.received[0].id == ev.webhook_id("campaign.completed:c1:1")
 

@@ -138,7 +138,9 @@ class HttpTransport:
     def _request(self, dest: Destination, row: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
         headers = {"Content-Type": "application/json"}
         if dest.kind == "slack":
+            # Slack's three control characters: a campaign named "<!channel>" pings no one.
             text = slack_text(row["payload"])
+            text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
             return json.dumps({"text": text}, ensure_ascii=False).encode(), headers
         body = body_of(row)
         if dest.secret is not None:
@@ -167,7 +169,7 @@ class SmtpTransport:
         message = EmailMessage()
         message["From"] = self._smtp.sender
         message["To"] = ", ".join(dest.to)
-        message["Subject"] = f"[campaign-reactor] {slack_text(payload)[:120]}"
+        message["Subject"] = f"[campaign-reactor] {slack_text(payload).replace('*', '')[:120]}"
         message["Message-ID"] = f"<{row['webhookId']}@campaign-reactor>"
         message.set_content(
             slack_text(payload).replace("*", "")
