@@ -36,6 +36,7 @@ from .config import Settings
 from .execution import Executor, StopReason
 from .http import OpsServer
 from .metrics import Metrics
+from .notify.notifier import Notifier
 from .ports import Clock, EmailSender, SmsSender
 from .public import PublicServer
 from .scheduling.barriers import Barriers
@@ -101,6 +102,7 @@ class Reactor:
         self.store: MongoCampaignStore | None = None
         self.db_clock: DatabaseClock | None = None
         self.mongodb_reachable = False
+        self.notifier: Notifier | None = None
 
     def request_shutdown(self) -> None:
         """First call: graceful drain. Second call: cancel everything now."""
@@ -132,6 +134,8 @@ class Reactor:
                         await self.public.stop()
                     if self.store is not None:
                         await self.store.aclose()
+                    if self.notifier is not None:
+                        await self.notifier.aclose()
                     if seg_client is not client:
                         await seg_client.close()
                     await client.close()
@@ -196,6 +200,8 @@ class Reactor:
             sending.start_soon(parts.suppressions.follow)
             await sending.start(executor.serve)
             sending.start_soon(self._watch_clock, feed, db_clock, sched_cfg.clock_check_s)
+            if self.notifier is not None:
+                sending.start_soon(self._run_notifier, self.notifier)
             async with anyio.create_task_group() as intake:
                 if s.enable_schedulers:
                     await intake.start(scheduler.run)
@@ -229,6 +235,8 @@ class Reactor:
                     await watcher.save_token()
                 except Exception:
                     log.warning("could not persist the resume token at shutdown", exc_info=True)
+            if self.notifier is not None:
+                await self.notifier.drain(5)
             sending.cancel_scope.cancel()
 
     def _build(
@@ -305,6 +313,7 @@ class Reactor:
             clock=db_clock,
             metrics=self.metrics,
         )
+        self._wire_notifier(db, db_clock, scheduler, executor, watcher)
         self.executor, self.scheduler, self.reconciler, self.watcher = (
             executor,
             scheduler,
@@ -326,6 +335,43 @@ class Reactor:
             MongoFeedback(db, s.campaigns_collection),
             shards,
         )
+
+    # ---- notifications (reactor/notify) ----
+
+    def _wire_notifier(
+        self,
+        db: Any,
+        db_clock: DatabaseClock,
+        scheduler: Scheduler,
+        executor: Executor,
+        watcher: Watcher,
+    ) -> None:
+        s = self.settings
+        if not s.notify_enabled:
+            return
+        notifier = Notifier(
+            db,
+            campaigns_collection=s.campaigns_collection,
+            clock=db_clock,
+            metrics=self.metrics,
+            config=s.notify_config(),
+            instance_id=self.instance_id,
+        )
+        scheduler.notifier = notifier
+        executor.notifier = notifier
+        executor.on_channel.append(notifier.channel_changed)
+        watcher.on_event.append(notifier.observe_change)
+        self.notifier = notifier
+
+    async def _run_notifier(self, notifier: Notifier) -> None:
+        """Notifications on tasks of their own: a failure here restarts them, after a pause,
+        and never touches sending or scheduling."""
+        while True:
+            try:
+                await notifier.run()
+            except Exception:
+                log.exception("notifications stopped; restarting in 5s")
+            await self.clock.sleep(5)
 
     async def _serve_public(self, parts: _Parts) -> None:
         s = self.settings

@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from pymongo.uri_parser import parse_uri
 
 if TYPE_CHECKING:
+    from .notify.config import NotifyConfig
     from .public.feedback import FeedbackConfig
     from .public.webhooks import WebhookConfig
 
@@ -114,6 +115,32 @@ class Settings(BaseSettings):
     soft_bounce_limit: int = Field(3, ge=1, le=100)
     complaint_rate_threshold: float = Field(0.001, gt=0, lt=1)
     complaint_min_emails: int = Field(1000, ge=1)
+
+    # ---- notifications (reactor/notify; docs/notifications.md) ----
+    notify_enabled: bool = True
+    notify_webhook_url: SecretStr | None = None  # URLs may carry tokens: never shown
+    notify_webhook_secret: SecretStr | None = None
+    notify_slack_url: SecretStr | None = None  # an incoming-webhook URL is itself a secret
+    notify_json_url: SecretStr | None = None
+    notify_email_to: str = ""  # comma-separated admin addresses
+    notify_events: str = ""  # comma-separated event types the defaults above get; empty: all
+    notify_allow_private: bool = False
+    notify_timeout_seconds: float = Field(10.0, gt=0, le=120)
+    notify_concurrency: int = Field(8, ge=1, le=256)
+    notify_retry_base_seconds: float = Field(2.0, gt=0)
+    notify_retry_max_seconds: float = Field(300.0, gt=0)
+    notify_retry_for_seconds: float = Field(86400.0, gt=0)
+    notify_start_late_seconds: float = Field(30.0, gt=0)
+    notify_scan_seconds: float = Field(10.0, gt=0)
+    notify_failure_spike_share: float = Field(0.2, gt=0, lt=1)
+    notify_failure_spike_min_sends: int = Field(20, ge=1)
+    notify_progress_percent: int = Field(0, ge=0, le=50)  # campaign.progress every N %; 0: off
+    notify_smtp_host: str | None = None
+    notify_smtp_port: int = Field(587, ge=1, le=65535)
+    notify_smtp_username: str | None = None
+    notify_smtp_password: SecretStr | None = None
+    notify_smtp_tls: Literal["none", "starttls", "tls"] = "starttls"
+    notify_email_from: str | None = None
 
     metrics_host: str = "0.0.0.0"
     metrics_port: int = Field(9464, ge=0, le=65535)
@@ -351,6 +378,88 @@ class Settings(BaseSettings):
             soft_bounce_limit=self.soft_bounce_limit,
             complaint_rate_threshold=self.complaint_rate_threshold,
             complaint_min_emails=self.complaint_min_emails,
+        )
+
+    @field_validator("notify_webhook_url", "notify_json_url", "notify_slack_url")
+    @classmethod
+    def _valid_notify_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value():
+            from .notify.destinations import url_problem
+
+            problem = url_problem(value.get_secret_value())
+            if problem is not None:
+                raise ValueError(problem)
+        return value if value is not None and value.get_secret_value() else None
+
+    @field_validator("notify_webhook_secret")
+    @classmethod
+    def _valid_whsec(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith("whsec_"):
+            raise ValueError("must be a Standard Webhooks secret (whsec_ followed by base64)")
+        return value
+
+    @model_validator(mode="after")
+    def _check_notify(self) -> Settings:
+        if self.notify_webhook_url and self.notify_webhook_secret is None:
+            raise ValueError("NOTIFY_WEBHOOK_URL needs NOTIFY_WEBHOOK_SECRET (whsec_…) to sign")
+        return self
+
+    def notify_config(self) -> NotifyConfig:
+        from .notify.config import NotifyConfig, NotifySmtp
+
+        events = [e.strip() for e in self.notify_events.split(",") if e.strip()] or None
+        defaults: list[dict[str, object]] = []
+        if self.notify_webhook_url and self.notify_webhook_secret is not None:
+            secret = self.notify_webhook_secret.get_secret_value()
+            url = self.notify_webhook_url.get_secret_value()
+            defaults.append({"kind": "webhook", "url": url, "secret": secret})
+        if self.notify_slack_url is not None:
+            defaults.append({"kind": "slack", "url": self.notify_slack_url.get_secret_value()})
+        if self.notify_json_url:
+            defaults.append({"kind": "json", "url": self.notify_json_url.get_secret_value()})
+        admins = [a.strip() for a in self.notify_email_to.split(",") if a.strip()]
+        if admins:
+            defaults.append({"kind": "email", "to": admins})
+        for d in defaults:
+            if events is not None:
+                d["events"] = events
+        smtp = None
+        relay = self.smtp_config()
+        if self.notify_smtp_host and (self.notify_email_from or self.email_from):
+            password = self.notify_smtp_password
+            smtp = NotifySmtp(
+                host=self.notify_smtp_host,
+                port=self.notify_smtp_port,
+                sender=str(self.notify_email_from or self.email_from),
+                username=self.notify_smtp_username,
+                password=password.get_secret_value() if password else None,
+                tls=self.notify_smtp_tls,
+            )
+        elif relay is not None:
+            smtp = NotifySmtp(
+                host=relay.host,
+                port=relay.port,
+                sender=self.notify_email_from or relay.sender,
+                username=relay.username,
+                password=relay.password.get_secret_value() if relay.password else None,
+                tls=relay.tls,
+                timeout_s=relay.timeout_s,
+            )
+        return NotifyConfig(
+            enabled=self.notify_enabled,
+            defaults=tuple(defaults),
+            allow_private=self.notify_allow_private,
+            timeout_s=self.notify_timeout_seconds,
+            concurrency=self.notify_concurrency,
+            retry_base_s=self.notify_retry_base_seconds,
+            retry_max_s=self.notify_retry_max_seconds,
+            retry_for_s=self.notify_retry_for_seconds,
+            start_late_s=self.notify_start_late_seconds,
+            scan_s=self.notify_scan_seconds,
+            failure_spike_share=self.notify_failure_spike_share,
+            failure_spike_min=self.notify_failure_spike_min_sends,
+            progress_every_percent=self.notify_progress_percent,
+            smtp=smtp,
         )
 
     @property

@@ -249,6 +249,39 @@ class Metrics:
             ["channel", "part"],
             registry=r,
         )
+        # ---- notifications (reactor/notify) ----
+        self.notifications = Counter(
+            "reactor_notifications",
+            "Notification delivery attempts by destination kind, event type and outcome "
+            "(delivered, retried, refused, gone, dead).",
+            ["destination_kind", "event", "outcome"],
+            registry=r,
+        )
+        self.notification_events = Counter(
+            "reactor_notification_events",
+            "Notification events this instance wrote to the outbox, by type (dropped, error: "
+            "events that could not be written).",
+            ["event"],
+            registry=r,
+        )
+        self.notification_backlog = Gauge(
+            "reactor_notifications_backlog",
+            "Notification deliveries not yet delivered, cluster-wide (enabled destinations).",
+            registry=r,
+        )
+        self.notification_oldest_age = Gauge(
+            "reactor_notifications_oldest_undelivered_seconds",
+            "Age of the oldest notification not yet delivered, cluster-wide (0: none).",
+            registry=r,
+        )
+        self.notification_dead = Gauge(
+            "reactor_notifications_dead",
+            "Notification deliveries given up after the retry period, cluster-wide (kept 30 days).",
+            registry=r,
+        )
+        for kind in ("webhook", "slack", "json", "email"):
+            for outcome in ("delivered", "dead"):
+                self.notifications.labels(kind, "campaign.started", outcome)
         self.build_info = Info("reactor_build", "Reactor build information.", registry=r)
         self.build_info.info({"version": __version__, "python": platform.python_version()})
         # Materialise the label sets dashboards and alerts read, so queries see 0, not no data.

@@ -15,6 +15,7 @@ from ..config import Settings
 from ..domain.errors import InvalidCampaign
 from ..domain.messages import templates_of
 from ..domain.models import as_utc, parse_campaign
+from ..notify.report import check_notifications
 from .consent import check_links, check_suppressions, check_webhooks
 from .report import FAIL, OK, WARN, Report, ago, redacted_configuration
 
@@ -51,6 +52,7 @@ async def diagnose(
             await _list_campaigns(report, client, settings, now)
             await check_suppressions(report, client, settings)
             await check_webhooks(report, client, settings, now)
+            await check_notifications(report, client[settings.campaigns_db], settings, now)
         await _check_segmentation(report, seg_client, settings)
         await _check_channels(report, settings, probe)
         check_links(report, settings)

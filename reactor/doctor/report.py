@@ -61,7 +61,9 @@ def redacted_configuration(settings: Settings) -> dict[str, Any]:
     for name, value in settings.model_dump().items():
         if isinstance(value, SecretStr):
             secret = value.get_secret_value()
-            out[name.upper()] = redact_url(secret) if "://" in secret else REDACTED
+            # A notification URL held as a secret (a Slack hook) is secret in its path too.
+            url = "://" in secret and not name.startswith("notify_")
+            out[name.upper()] = redact_url(secret) if url else REDACTED
         elif isinstance(value, str) and "://" in value:
             out[name.upper()] = redact_url(value)
         else:

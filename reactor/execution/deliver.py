@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from ..domain.errors import (
     DeliveryError,
@@ -62,6 +63,8 @@ class Deliverer:
         }
         self._clock = clock
         self._metrics = metrics
+        # Told when a channel's breaker opens or closes: (channel, paused, kind, error).
+        self.on_channel: list[Callable[[str, bool, str, str], None]] = []
 
     async def deliver(self, run: Run, item: Item) -> Outcome:
         """Send one message, retrying transient errors. The first attempt uses the rate-limit
@@ -117,6 +120,8 @@ class Deliverer:
             duration.observe(time.perf_counter() - started)
             if self.breakers[item.channel].succeeded():
                 self._metrics.channel_paused.labels(channel).set(0)
+                for hook in self.on_channel:
+                    hook(channel, False, "", "")
             return Outcome(item, "sent", provider_id=provider_id, attempts=attempt)
 
     def _channel_failure(self, item: Item, exc: DeliveryError, attempt: int) -> Outcome | None:
@@ -128,6 +133,8 @@ class Deliverer:
         if breaker.failed(exc.channel_wide, str(exc)):
             self._metrics.channel_pauses.labels(str(item.channel), exc.channel_wide).inc()
             self._metrics.channel_paused.labels(str(item.channel)).set(1)
+            for hook in self.on_channel:
+                hook(str(item.channel), True, exc.channel_wide, str(exc))
         if not breaker.open or isinstance(exc, UncertainDeliveryError):
             return None
         return Outcome(

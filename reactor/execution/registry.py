@@ -21,7 +21,7 @@ SHARD_CONCURRENCY at once) and sends them under each shard's own lease: see `sha
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -41,6 +41,9 @@ from .ledger import LedgerWriter
 from .run import CampaignRun
 from .shards import AudienceStore, ShardStore
 from .state import Run, StopReason
+
+if TYPE_CHECKING:
+    from ..notify.notifier import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +126,9 @@ class Executor:
         # Stop handing out sends this long before the lease could lapse: several heartbeats'
         # worth, so one slow renewal does not fence a healthy owner.
         self.fence_margin_s = lease_s / 4
+        # Notifications (reactor/notify): told of failed campaigns and channel pauses.
+        self.notifier: Notifier | None = None
+        self.on_channel = self._deliverer.on_channel
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -319,6 +325,15 @@ class Executor:
             )
             if status == "failed":
                 self._metrics.transitions.labels("failed").inc()
+                if self.notifier is not None:
+                    self.notifier.post(
+                        self.notifier.failed,
+                        run.campaign_id,
+                        run.name,
+                        run.epoch,
+                        detail,
+                        failures + 1,
+                    )
                 log.error(
                     "✖ Campaign failed: %s (ID: %s) after %d failed executions; last: %s",
                     run.name,

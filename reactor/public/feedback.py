@@ -46,7 +46,9 @@ class FeedbackStore(Protocol):
         self, updates: Sequence[Receipt], now: dt.datetime
     ) -> list[tuple[str, str] | None]: ...
     async def count(self, campaign_key: str, counts: dict[str, int]) -> dict[str, Any] | None: ...
-    async def pause(self, campaign_key: str, reason: str, detail: str) -> bool: ...
+    async def pause(
+        self, campaign_key: str, reason: str, detail: str, *, rate: float | None = None
+    ) -> bool: ...
     async def received(self, provider: str, now: dt.datetime, n: int = 1) -> None: ...
 
 
@@ -160,7 +162,7 @@ class FeedbackSink:
             f"complaint rate {100 * rate:.2f}% ({complaints} of {sent} emails) is over "
             f"{100 * cfg.complaint_rate_threshold:g}%"
         )
-        if await self._store.pause(campaign, "complaint_rate", detail):
+        if await self._store.pause(campaign, "complaint_rate", detail, rate=rate):
             self._metrics.transitions.labels("paused").inc()
             self._metrics.campaign_errors.labels("complaint_rate").inc()
             log.error(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskGroup
@@ -32,6 +32,9 @@ from ..execution import Executor, StopReason
 from ..metrics import Metrics
 from ..ports import CampaignStore, Clock
 from .timers import TimerHeap
+
+if TYPE_CHECKING:
+    from ..notify.notifier import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,8 @@ class Scheduler:
         # on_started(key, lateness_s) once a start claim has committed.
         self.on_fired: list[Any] = []
         self.on_started: list[Any] = []
+        # Notifications (reactor/notify): told of the state changes this instance won.
+        self.notifier: Notifier | None = None
 
     # ---- running ---------------------------------------------------------------------------
 
@@ -306,6 +311,8 @@ class Scheduler:
             campaign_id, grace_s=self._config.misfire_grace_s, reason=reason
         ):
             self._metrics.transitions.labels("missed").inc()
+            if self.notifier is not None:
+                self.notifier.post(self.notifier.missed, campaign_id, reason)
             log.warning(
                 "⏭ Missed campaign: %s (ID: %s): %s; it will not be sent late",
                 self._names.get(key.campaign, key.campaign),
@@ -340,6 +347,8 @@ class Scheduler:
             },
         )
         self._executor.start(claimed, claimed_at_m=claimed_at_m)
+        if self.notifier is not None:
+            self.notifier.post(self.notifier.started, claimed)
         end_at = utc(claimed.get("endDate"))
         if end_at is not None:
             self.timers.arm(TimerKey(key.campaign, TimerKind.END), end_at)
@@ -365,6 +374,8 @@ class Scheduler:
         if completed:
             self._metrics.timer_lateness.labels("end").observe(max(0.0, lateness))
             self._metrics.transitions.labels("completed").inc()
+            if self.notifier is not None:
+                self.notifier.post(self.notifier.completed, campaign_id)
             log.info(
                 "✓ Completed campaign: %s (ID: %s)",
                 self._names.get(key.campaign, key.campaign),

@@ -11,7 +11,7 @@ back as work.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
@@ -50,6 +50,8 @@ class Watcher:
         self.up = False
         self.opened = anyio.Event()
         self._backoff = 0.5
+        # Called with every campaigns change event before it is applied (notifications).
+        self.on_event: list[Callable[[Mapping[str, Any]], None]] = []
 
     async def run(self) -> None:
         """Watch until cancelled; `opened` is set once the first sweep is done and the stream
@@ -161,6 +163,8 @@ class Watcher:
             if doc is None:
                 self._scheduler.forget(key)  # deleted before the lookup
                 return
+            for hook in self.on_event:
+                hook(event)
             await self._scheduler.sync(dict(doc), event_ts=event.get("clusterTime"))
         except Exception:  # one bad event must not stop the stream
             self._metrics.campaign_errors.labels("event_error").inc()

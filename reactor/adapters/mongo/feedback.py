@@ -257,8 +257,11 @@ class MongoFeedback:
         )
         return doc
 
-    async def pause(self, campaign_key: str, reason: str, detail: str) -> bool:
-        """A running campaign becomes `paused` with why; False when it was not running."""
+    async def pause(
+        self, campaign_key: str, reason: str, detail: str, *, rate: float | None = None
+    ) -> bool:
+        """A running campaign becomes `paused` with why (and the rate that paused it, for the
+        `campaign.paused` notification); False when it was not running."""
         result = await self.campaigns.update_one(
             {"_id": {"$in": campaign_id_variants(campaign_key)}, "status": "running"},
             [
@@ -277,6 +280,7 @@ class MongoFeedback:
                                         "at": NOW,
                                     },
                                     "pausedAt": NOW,
+                                    "pausedRate": literal(rate),
                                 },
                             ]
                         },
