@@ -104,6 +104,10 @@ class Settings(BaseSettings):
     unsubscribe_mailto: str | None = None
     postal_address: str | None = None
 
+    # A/B splits (issue 25): the key of each customer's variant assignment (HMAC); every
+    # replica must have the same. Unset: a fixed default (assignment stays stable, unkeyed).
+    split_secret: SecretStr | None = None
+
     ses_sns_topic_arns: str = ""
     ses_sns_cert_host: str | None = None
     ses_sns_ca_file: str | None = None
@@ -274,6 +278,11 @@ class Settings(BaseSettings):
             shard_concurrency=self.shard_concurrency,
             message_domain=(self.email_from or "localhost").rsplit("@", 1)[-1].strip("> ")
             or "localhost",
+            split_key=(
+                self.split_secret.get_secret_value().encode()
+                if self.split_secret is not None
+                else DEFAULT_SPLIT_KEY
+            ),
         )
 
     def smtp_config(self) -> SmtpConfig | None:
@@ -382,6 +391,9 @@ class RecipientsConfig:
     batch_size: int = 1000
 
 
+DEFAULT_SPLIT_KEY = b"campaign-reactor-splits"
+
+
 @dataclass(frozen=True)
 class SendConfig:
     email_rate_per_s: float = 50.0
@@ -409,6 +421,7 @@ class SendConfig:
     # sent by whichever replica claims it; None: never sharded (tests on fakes).
     shard_size: int | None = None
     shard_concurrency: int = 2  # shards one replica sends at once
+    split_key: bytes = b"campaign-reactor-splits"  # HMAC key of A/B assignments (SPLIT_SECRET)
 
 
 @dataclass(frozen=True)

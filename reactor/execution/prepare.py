@@ -17,6 +17,8 @@ from ..domain.consent import Links, skip_reason
 from ..domain.deliveries import TERMINAL_STATES, DeliveryRecord, DeliveryState, LedgerOp
 from ..domain.messages import email_message, sms_message
 from ..domain.models import Campaign, Channel
+from ..domain.splits import assign
+from ..domain.variants import with_variant
 from ..ports import Clock, EmailSender, Ledger, Recipient, Recipients, SmsSender
 from ..suppression import SuppressionList
 from .ledger import Item
@@ -95,15 +97,24 @@ class BatchPreparer:
         """Resolve one batch, read what the ledger already holds for it on this channel, and
         build the messages still to send (validated, rendered) and the rows to record without
         sending."""
+        variants: dict[str, str | None] = {}
+        if campaign.split is not None:
+            # A split: only the test group, until the winner is known (the rest is not marked).
+            variants = split_batch(self._config.split_key, campaign, batch)
+            batch = [c for c in batch if c in variants]
+            if not batch:
+                return Prepared(found=0)
         recipients = await self._recipients.resolve(batch)
         states = await self._ledger_rows.states(run.key, channel, batch)
         prepared = Prepared(found=len(recipients))
         configured = self._senders[channel] is not None
+        contents: dict[str | None, Campaign] = {None: campaign}
         for n, customer in enumerate(batch):
             if n % YIELD_EVERY == YIELD_EVERY - 1:
                 # Validating and rendering a batch is ~0.1 ms a recipient: let the heartbeats,
                 # timers and webhooks this loop also serves run in between.
                 await anyio.lowlevel.checkpoint()
+            variant = variants.get(customer)
             if customer in states:
                 state, epoch, shard = states[customer]
                 if shard != run.shard_index:
@@ -133,12 +144,21 @@ class BatchPreparer:
                 address, problem = self._address(channel, recipient)
             if recipient is None or address is None:
                 prepared.unsent.append(
-                    DeliveryRecord(customer, channel, DeliveryState.SKIPPED, reason=problem)
+                    DeliveryRecord(
+                        customer, channel, DeliveryState.SKIPPED, reason=problem, variant=variant
+                    )
                 )
                 continue
+            if variant not in contents:
+                contents[variant] = with_variant(campaign, variant or "")
+            content = contents[variant]
             prepared.items.append(
                 Item(
-                    customer, channel, address, self._message(campaign, channel, recipient, address)
+                    customer,
+                    channel,
+                    address,
+                    self._message(content, channel, recipient, address),
+                    variant=variant,
                 )
             )
         if self._suppressions is not None and prepared.items:
@@ -178,6 +198,7 @@ class BatchPreparer:
                     DeliveryState.SKIPPED,
                     to=item.to,
                     reason=skip_reason(reason),
+                    variant=item.variant,
                 )
             )
         prepared.items = keep
@@ -208,6 +229,20 @@ class BatchPreparer:
             links=self._links,
             now=now,
         )
+
+
+def split_batch(key: bytes, campaign: Campaign, batch: Sequence[str]) -> dict[str, str | None]:
+    """{customer: variant} for the customers of `batch` a split campaign sends now: its test
+    group with their own variant, and once the winner is chosen the rest with the winner's."""
+    split = campaign.split
+    assert split is not None
+    chosen = split.chosen
+    out: dict[str, str | None] = {}
+    for customer in batch:
+        variant = assign(key, campaign.key, customer, split) or chosen
+        if variant is not None:
+            out[customer] = variant
+    return out
 
 
 def chunks(values: Sequence[str], size: int) -> Iterator[Sequence[str]]:

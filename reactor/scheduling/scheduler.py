@@ -30,6 +30,7 @@ from ..domain.schedule import (
 from ..execution import Executor, StopReason
 from ..metrics import Metrics
 from ..ports import CampaignStore, Clock
+from ..splits.decide import Decider
 from .timers import TimerHeap
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,9 @@ class Scheduler:
         clock: Clock,
         metrics: Metrics,
         config: SchedulerConfig,
+        decider: Decider | None = None,
     ) -> None:
+        self._decider = decider  # A/B splits' decisions (reactor.splits); None: not decided here
         self._store = store
         self._executor = executor
         self._clock = clock
@@ -254,6 +257,8 @@ class Scheduler:
         self._inflight.add(key)
         self._update_gauges()
         handler = self._fire_start if key.kind is TimerKind.START else self._fire_end
+        if key.kind is TimerKind.DECIDE:
+            handler = self._fire_decide
         self._spawn(self._run_fire, handler, key, due_at, lateness)
 
     async def _run_fire(
@@ -347,6 +352,17 @@ class Scheduler:
             f"{self._config.misfire_grace_s:g}s, or its window closed, before it could start "
             f"(checked at {now.isoformat()})"
         )
+
+    async def _fire_decide(self, key: TimerKey, due_at: dt.datetime, lateness: float) -> None:
+        """A split's decision is due: try the claim; while a decision is still wanted and this
+        replica did not make it (not due by the database's clock, or another replica holds the
+        claim and may die), look again shortly."""
+        campaign_id = self._ids.get(key.campaign)
+        if campaign_id is None or self._decider is None:
+            return
+        outcome = await self._decider.fire(campaign_id)
+        if outcome.retry_s is not None and key not in self.timers.keys():
+            self.timers.arm(key, self._clock.now() + dt.timedelta(seconds=outcome.retry_s))
 
     async def _fire_end(self, key: TimerKey, due_at: dt.datetime, lateness: float) -> None:
         campaign_id = self._ids.get(key.campaign)

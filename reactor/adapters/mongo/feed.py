@@ -26,6 +26,7 @@ STATE_COLLECTION = "reactor_state"
 # Updated or removed fields that can change what a campaign's schedule wants: any field under
 # these top-level names...
 SCHEDULE_FIELDS = ["status", "startDate", "endDate", "targetedCustomerIds"]
+SCHEDULE_FIELDS += ["variants", "abTest"]  # a split's decision timer and operator's winner
 # ...and these exact names (a release or takeover changes the owner and the epoch).
 EXECUTION_FIELDS = ["execution", "execution.owner", "execution.epoch", "execution.sendsDone"]
 
