@@ -104,10 +104,6 @@ class Settings(BaseSettings):
     unsubscribe_mailto: str | None = None
     postal_address: str | None = None
 
-    # A/B splits (issue 25): the key of each customer's variant assignment (HMAC); every
-    # replica must have the same. Unset: a fixed default (assignment stays stable, unkeyed).
-    split_secret: SecretStr | None = None
-
     ses_sns_topic_arns: str = ""
     ses_sns_cert_host: str | None = None
     ses_sns_ca_file: str | None = None
@@ -278,11 +274,6 @@ class Settings(BaseSettings):
             shard_concurrency=self.shard_concurrency,
             message_domain=(self.email_from or "localhost").rsplit("@", 1)[-1].strip("> ")
             or "localhost",
-            split_key=(
-                self.split_secret.get_secret_value().encode()
-                if self.split_secret is not None
-                else DEFAULT_SPLIT_KEY
-            ),
         )
 
     def smtp_config(self) -> SmtpConfig | None:
@@ -421,7 +412,9 @@ class SendConfig:
     # sent by whichever replica claims it; None: never sharded (tests on fakes).
     shard_size: int | None = None
     shard_concurrency: int = 2  # shards one replica sends at once
-    split_key: bytes = b"campaign-reactor-splits"  # HMAC key of A/B assignments (SPLIT_SECRET)
+    # HMAC key of A/B assignments: the same on every replica and across deploys, so no
+    # customer ever changes variant mid-campaign (a SPLIT_SECRET setting could feed it).
+    split_key: bytes = DEFAULT_SPLIT_KEY
 
 
 @dataclass(frozen=True)
