@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(
         sub.add_parser("suppress", help="the suppression list: add, remove, list, import, export")
     )
+    from .splits.report import add_arguments as add_report_arguments
+
+    add_report_arguments(
+        sub.add_parser("report", help="a campaign's sends, outcomes and engagement per variant")
+    )
     emu = sub.add_parser("mongo-emulator", help="run the embedded MongoDB-compatible server")
     emu.add_argument("--host", default="127.0.0.1")
     emu.add_argument("--port", type=_port, default=27017)
@@ -153,6 +158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return run_suppress(args, load_settings())
             except BadRow as exc:
                 raise UsageError(str(exc)) from None
+        if args.command == "report":
+            from .splits.report import run as run_report
+
+            return run_report(args, load_settings())
         if args.command == "demo":
             require_embedded(args.command)
             from .demo import run_demo

@@ -7,13 +7,17 @@ import collections
 import datetime as dt
 from typing import Any
 
+import anyio
+import pytest
 from bson import ObjectId
 
 from reactor.adapters.mongo.splits import MongoSplits
+from reactor.cli import main
 from reactor.config import DEFAULT_SPLIT_KEY
 from reactor.domain.models import parse_campaign
 from reactor.domain.splits import assign
 from reactor.embedded.smtp_sink import SmtpSink
+from reactor.splits.report import gather, render
 
 from .conftest import MongoTarget
 from .helpers import (
@@ -135,10 +139,42 @@ async def test_the_rest_gets_the_significant_winner_once_each_sharded_on_two_rep
     shards = await client[mongo.campaigns_db].campaign_shards.find({"campaign": str(_id)}).to_list()
     assert len(shards) == 2 * 5
     assert {s["state"] for s in shards} == {"done"}
+    await _check_report(client, mongo, _id, assigned)
+
+
+async def _check_report(
+    client: Client, mongo: MongoTarget, _id: ObjectId, assigned: dict[str, str | None]
+) -> None:
+    data = await gather(
+        client[mongo.campaigns_db], _id, collection="campaigns", split_key=DEFAULT_SPLIT_KEY
+    )
+    assert data is not None
+    assert data["outcomes"] == {"email": {"sent": 300}}
+    rows = {(r["variant"], r["group"]): r for r in data["variants"]}
+    test_sizes = collections.Counter(v for v in assigned.values() if v)
+    rest = sum(1 for v in assigned.values() if v is None)
+    assert {k: r["sent"] for k, r in rows.items()} == {
+        ("A", "test"): test_sizes["A"],
+        ("B", "test"): test_sizes["B"],
+        ("C", "test"): test_sizes["C"],
+        ("B", "rest"): rest,
+    }
+    assert rows[("A", "test")]["humanOpens"] == 0
+    assert rows[("B", "test")]["humanClicks"] > 0
+    assert data["machineOpens"] == test_sizes["A"] + test_sizes["C"]
+    text = render(data)
+    assert "winner: B" in text
+    assert "machine opens" in text
+    low, high = rows[("B", "test")]["clickCi95"]
+    assert f"{100 * low:.2f}-{100 * high:.2f}" in text
 
 
 async def test_an_operator_winner_releases_a_manual_fallback(
-    mongo: MongoTarget, client: Client, sink: SmtpSink
+    mongo: MongoTarget,
+    client: Client,
+    sink: SmtpSink,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     targets = await seed_customers(client, mongo, 80)
     _id, doc = split_doc(targets, share=0.5, minutes=0.02, fallback="manual")
@@ -164,6 +200,16 @@ async def test_an_operator_winner_releases_a_manual_fallback(
         await eventually(lambda: _sent_all(client, mongo, _id, 80), 30)
     rest = {f"c{c}@example.com" for c, v in assigned.items() if v is None}
     assert rest
+    # The CLI, as an operator runs it.
+    monkeypatch.setenv("MONGO_URI", mongo.uri)
+    monkeypatch.setenv("CAMPAIGNS_DB", mongo.campaigns_db)
+    monkeypatch.setenv("SEGMENTATION_DB", mongo.segmentation_db)
+    code = await anyio.to_thread.run_sync(main, ["report", str(_id)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "operator's winner: C" in out
+    assert "fallback manual" in out
+    assert await anyio.to_thread.run_sync(main, ["report", str(ObjectId())]) == 1
     for message in sink.messages:
         if message.to in rest:
             assert message.subject.startswith("C for")
