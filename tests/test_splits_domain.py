@@ -86,6 +86,8 @@ def test_no_variants_is_no_split() -> None:
         ({"variants": [{"key": "A"}, {"key": "A"}]}, "bad_variants", "variants[1].key"),
         ({"variants": [{"key": "A"}, {"key": ""}]}, "bad_variants", "variants[1].key"),
         ({"variants": [{"key": "A"}, {"key": 2}]}, "bad_variants", "variants[1].key"),
+        ({"variants": [{"key": "A"}, {"key": "a.b"}]}, "bad_variants", "variants[1].key"),
+        ({"variants": [{"key": "A"}, {"key": "$x"}]}, "bad_variants", "variants[1].key"),
         (
             {"variants": [{"key": "A"}, {"key": "B", "email": {"subject": 3}}]},
             "bad_variants",

@@ -11,6 +11,11 @@ Each simulated test draws every variant's human clicks from a binomial with its 
   receives is the better one (goal >= 80 %), with the significant-winner share (the test's
   power) and the share of significant winners that are wrong published beside it.
 
+Then end to end (`abtest_world`): three `reactor run` processes, a split campaign of 3,000
+recipients (600 with --quick), the replica that claims the decision SIGKILLed mid-decision;
+counted at the SMTP sink: customers not sent exactly one message, messages of the wrong variant,
+results written, and the claims it took.
+
 Sizes are fixed before looking: 2,000 simulated tests per scenario (500 with --quick).
 """
 
@@ -22,9 +27,16 @@ from typing import Any
 import numpy as np
 
 from ..domain.splits import AbTest, Fallback, Metric, VariantCounts, decide
+from .abtest_world import scenario
 from .figures import Figure
 
-SOURCES = ["reactor/bench/abtest.py", "reactor/domain/splits.py"]
+SOURCES = [
+    "reactor/bench/abtest.py",
+    "reactor/bench/abtest_world.py",
+    "reactor/domain/splits.py",
+    "reactor/splits/decide.py",
+    "reactor/adapters/mongo/splits.py",
+]
 PER_VARIANT = 2000
 BASE_RATE = 0.05
 LIFT = 0.20
@@ -83,6 +95,7 @@ async def run(quick: bool) -> dict[str, Any]:
         "aa3": simulate([BASE_RATE] * 3, tests, seed=2),
         "aa4": simulate([BASE_RATE] * 4, tests, seed=3),
         "lift": simulate([BASE_RATE, lifted], tests, seed=4),
+        "end_to_end": await scenario(600 if quick else 3000),
     }
 
 
@@ -134,4 +147,26 @@ def figures(result: dict[str, Any]) -> list[Figure]:
             op="<=",
         ),
         Figure("one decision", lift["decide_ms"], "ms"),
+        *_end_to_end(result["end_to_end"]),
+    ]
+
+
+def _end_to_end(e2e: dict[str, Any]) -> list[Figure]:
+    where = f"{e2e['customers']} recipients, 3 replicas, the decider SIGKILLed"
+    return [
+        Figure(
+            "end to end: customers not sent exactly one message",
+            e2e["customers_not_exactly_once"],
+            goal=0,
+            op="==",
+            note=where,
+        ),
+        Figure("end to end: messages of the wrong variant", e2e["wrong_variant"], goal=0, op="=="),
+        Figure("end to end: A/B results written", e2e["results_written"], goal=1, op="=="),
+        Figure(
+            "end to end: decision claims (the killed one's, then its successor's)",
+            e2e["decision_attempts"],
+            goal=2,
+            op="==",
+        ),
     ]

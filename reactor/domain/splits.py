@@ -32,6 +32,7 @@ import datetime as dt
 import hashlib
 import hmac
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -42,6 +43,7 @@ from .errors import InvalidCampaign
 MIN_VARIANTS = 2
 MAX_VARIANTS = 8
 MAX_KEY_CHARS = 64
+KEY = re.compile(rf"^[A-Za-z0-9_-]{{1,{MAX_KEY_CHARS}}}$")
 MAX_DECIDE_MINUTES = 60 * 24 * 90
 DEFAULT_CONFIDENCE = 0.95
 CONTENT_FIELDS = {"email": ("subject", "html", "text"), "sms": ("body",)}
@@ -143,8 +145,9 @@ def parse_variant(raw: Any, i: int, seen: set[str]) -> Variant:
     if not isinstance(raw, dict):
         raise _bad(where, "must be a document")
     key = raw.get("key")
-    if not isinstance(key, str) or not key.strip() or len(key) > MAX_KEY_CHARS:
-        raise _bad(f"{where}.key", f"must be a non-empty string of at most {MAX_KEY_CHARS}")
+    if not isinstance(key, str) or not KEY.match(key):
+        # Keys become field names in the result and metric labels: letters, digits, _ and -.
+        raise _bad(f"{where}.key", f"must be 1 to {MAX_KEY_CHARS} letters, digits, _ or -")
     if key in seen:
         raise _bad(f"{where}.key", f"repeats {key!r}")
     seen.add(key)
