@@ -215,15 +215,16 @@ async def test_an_operator_winner_releases_a_manual_fallback(
             assert message.subject.startswith("C for")
 
 
+@pytest.mark.parametrize("shard_size", [1000, 20])
 async def test_the_window_closing_before_the_decision_skips_the_rest(
-    mongo: MongoTarget, client: Client, sink: SmtpSink
+    mongo: MongoTarget, client: Client, sink: SmtpSink, shard_size: int
 ) -> None:
     targets = await seed_customers(client, mongo, 60)
     _id, doc = split_doc(targets, share=0.5, minutes=60)
     doc["endDate"] = now() + dt.timedelta(seconds=3)
     assigned = groups(_id, doc, targets)
     coll = client[mongo.campaigns_db].campaigns
-    async with running(settings(mongo, sink)):
+    async with running(settings(mongo, sink, shard_size=shard_size)):
         await coll.insert_one(doc)
         await eventually(has_status(client, mongo, _id, "completed"), 30)
     rows = {r["customer"]: r for r in await ledger(client, mongo, _id)}

@@ -181,6 +181,8 @@ class CampaignRun:
         pause, shutdown or lost lease returns None (whoever resumes waits again)."""
         run = self.run
         while True:
+            if campaign.split is not None and campaign.split.chosen is not None:
+                return campaign
             if run.stop_reason == StopReason.WINDOW_CLOSED:
                 await self._ledger.note(
                     run,
@@ -191,14 +193,15 @@ class CampaignRun:
                 return campaign
             if run.stop_reason is not None:
                 return None
-            if campaign.split is not None and campaign.split.chosen is not None:
-                return campaign
             if not await unless_stopped(run, self._clock.sleep, WINNER_POLL_S):
                 continue
             doc = await self._store.get(run.campaign_id)
             if doc is None:
                 raise LeaseLost(f"campaign {run.key} was deleted")
-            campaign = parse_campaign(doc)
+            try:
+                campaign = parse_campaign(doc)
+            except InvalidCampaign:
+                continue  # e.g. a mistyped abTest.winner: reported by the scheduler's sync
 
     async def _send_shard(self, shard: Shard) -> None:
         """Send one shard's slice of the audience, then mark the shard done (or give it back

@@ -360,9 +360,19 @@ class Scheduler:
         campaign_id = self._ids.get(key.campaign)
         if campaign_id is None or self._decider is None:
             return
-        outcome = await self._decider.fire(campaign_id)
-        if outcome.retry_s is not None and key not in self.timers.keys():
-            self.timers.arm(key, self._clock.now() + dt.timedelta(seconds=outcome.retry_s))
+        retry_s: float | None = self._config.lease_s
+        try:
+            retry_s = (await self._decider.fire(campaign_id)).retry_s
+        except Exception:  # one decision's failure (a lost connection): retry, as any replica
+            self._metrics.campaign_errors.labels("split_decision_failed").inc()
+            log.exception(
+                "A/B decision of %s failed; retrying in %ss",
+                key.campaign,
+                retry_s,
+                extra={"campaign_id": key.campaign},
+            )
+        if retry_s is not None and key not in self.timers.keys():
+            self.timers.arm(key, self._clock.now() + dt.timedelta(seconds=retry_s))
 
     async def _fire_end(self, key: TimerKey, due_at: dt.datetime, lateness: float) -> None:
         campaign_id = self._ids.get(key.campaign)
