@@ -180,7 +180,7 @@ async def test_an_operator_winner_releases_a_manual_fallback(
     _id, doc = split_doc(targets, share=0.5, minutes=0.02, fallback="manual")
     assigned = groups(_id, doc, targets)
     coll = client[mongo.campaigns_db].campaigns
-    async with running(settings(mongo, sink)):
+    async with running(settings(mongo, sink)) as (reactor,):
         await coll.insert_one(doc)
 
         async def decided() -> bool:
@@ -198,6 +198,17 @@ async def test_an_operator_winner_releases_a_manual_fallback(
         assert len(sink.messages) == test_group  # the rest waits for the operator
         await coll.update_one({"_id": _id}, {"$set": {"abTest.winner": "C"}})
         await eventually(lambda: _sent_all(client, mongo, _id, 80), 30)
+        # Metrics carry the variant key (the rest counts under the operator's winner).
+        sends = reactor.metrics.split_sends
+        by_variant = {k: sends.labels("email", k, "sent")._value.get() for k in "ABC"}
+        test_sizes = collections.Counter(v for v in assigned.values() if v)
+        rest_size = sum(1 for v in assigned.values() if v is None)
+        assert by_variant == {
+            "A": test_sizes["A"],
+            "B": test_sizes["B"],
+            "C": test_sizes["C"] + rest_size,
+        }
+        assert reactor.metrics.split_decisions.labels("fallback")._value.get() == 1
     rest = {f"c{c}@example.com" for c, v in assigned.items() if v is None}
     assert rest
     # The CLI, as an operator runs it.
@@ -305,3 +316,74 @@ async def test_a_paused_campaign_defers_its_decision(mongo: MongoTarget, client:
     assert await splits.claim_decision(_id, owner="a", lease_s=5) is None
     await coll.update_one({"_id": _id}, {"$set": {"status": "running"}})
     assert await splits.claim_decision(_id, owner="a", lease_s=5) is not None
+
+
+async def test_counts_are_human_only_and_of_the_test_group(
+    mongo: MongoTarget, client: Client
+) -> None:
+    db = client[mongo.campaigns_db]
+    targets = [str(i) for i in range(200)]
+    _id, doc = split_doc(targets, share=0.5, minutes=1)
+    assigned = groups(_id, doc, targets)
+    key = str(_id)
+    rows = []
+    for customer, variant in assigned.items():
+        # The rest was sent the winner ("B"): those rows must not count for B.
+        rows.append(
+            {
+                "_id": f"{key}:email:{customer}",
+                "campaign": key,
+                "channel": "email",
+                "customer": customer,
+                "state": "sent",
+                "variant": variant or "B",
+            }
+        )
+    rows.append(  # an SMS row of a test customer: one unit per customer, not per channel
+        {
+            "_id": f"{key}:sms:0",
+            "campaign": key,
+            "channel": "sms",
+            "customer": "0",
+            "state": "sent",
+            "variant": assigned["0"] or "B",
+        }
+    )
+    await db.deliveries.insert_many(rows)
+    test_a = [c for c, v in assigned.items() if v == "A"]
+    test_b = [c for c, v in assigned.items() if v == "B"]
+    rest = [c for c, v in assigned.items() if v is None]
+    events = [engagement(_id, test_a[0], "click", "human")]  # a click counts as an open too
+    events += [engagement(_id, c, "open", "human") for c in test_a[1:4]]
+    events += [engagement(_id, c, "open", "machine") for c in test_b]
+    events += [engagement(_id, c, "click", "scanner") for c in test_b]
+    events += [engagement(_id, c, "click", "human") for c in rest[:5]]
+    events += [engagement(_id, test_a[0], "click", "human")]  # twice: one customer
+    await db.engagement.insert_many(events)
+    await db.suppressions.insert_many(
+        [
+            {
+                "_id": f"customer:all:{c}",
+                "kind": "customer",
+                "value": c,
+                "channel": "all",
+                "reason": "unsubscribed",
+                "source": f"link:{key}",
+                "campaign": key,
+            }
+            for c in test_b[:2]
+        ]
+    )
+    split = parse_campaign(doc).split
+    assert split is not None
+
+    def in_test(customer: str, variant: str) -> bool:
+        return assign(DEFAULT_SPLIT_KEY, key, customer, split) == variant
+
+    counts = {c.key: c for c in await MongoSplits(db).counts(key, _id, split.keys, in_test)}
+    assert counts["A"].sent == len(test_a)
+    assert counts["B"].sent == len(test_b)
+    assert counts["A"].clicks == 1
+    assert counts["A"].opens == 4
+    assert counts["B"].opens == counts["B"].clicks == 0
+    assert counts["B"].unsubscribes == 2

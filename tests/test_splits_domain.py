@@ -236,3 +236,33 @@ def test_the_result_document() -> None:
     assert out["decidedAt"] == T0
     assert [v["key"] for v in out["variants"]] == ["A", "B"]
     assert set(out["variants"][0]) >= {"sent", "humanOpens", "humanClicks", "rate", "ci95"}
+
+
+def test_the_decision_timer_is_wanted_while_running_undecided_and_inside_the_window() -> None:
+    from reactor.domain.schedule import TimerKind, decision_due, desired_timers
+
+    running = parse_campaign(doc(status="running"))
+    assert decision_due(running) == T0 + dt.timedelta(hours=1)
+    kinds = {t.key.kind for t in desired_timers(running, T0, 86400)}
+    assert kinds == {TimerKind.END, TimerKind.DECIDE}
+    assert decision_due(parse_campaign(doc(status="paused"))) is None  # a pause defers it
+    assert decision_due(parse_campaign(doc(status="approved"))) is None
+    decided = doc(status="running", abTest={**ab(), "result": {"winner": "A"}})
+    assert decision_due(parse_campaign(decided)) is None
+    late = doc(status="running", abTest=ab(decideAfterMinutes=300.0))  # after the 4 h window
+    assert decision_due(parse_campaign(late)) is None
+    plain = doc(status="running")
+    del plain["variants"], plain["abTest"]
+    assert {t.key.kind for t in desired_timers(parse_campaign(plain), T0, 86400)} == {TimerKind.END}
+
+
+def test_the_operator_winner_is_what_the_rest_gets() -> None:
+    split = parse_campaign(doc(abTest={**ab(), "result": {"chosen": "A"}, "winner": "B"})).split
+    assert split is not None
+    assert split.chosen == "B"
+    decided = parse_campaign(doc(abTest={**ab(), "result": {"chosen": "A"}})).split
+    assert decided is not None
+    assert decided.chosen == "A"
+    undecided = parse_campaign(doc()).split
+    assert undecided is not None
+    assert undecided.chosen is None
