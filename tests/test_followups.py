@@ -13,7 +13,9 @@ from reactor.adapters.mongo import MongoSuppressions
 from reactor.domain.consent import Kind, Reason, Suppression
 from reactor.domain.errors import InvalidCampaign
 from reactor.domain.segments import parse_segment
+from reactor.config import DEFAULT_SPLIT_KEY
 from reactor.embedded.smtp_sink import SmtpSink
+from reactor.splits.report import gather, render
 
 from .conftest import MongoTarget
 from .helpers import (
@@ -135,3 +137,12 @@ async def test_a_follow_up_reaches_those_without_a_human_event(
     assert skipped is not None
     assert skipped["state"] == "skipped"
     assert skipped["reason"].startswith("suppressed:")
+    # The report of a campaign without a split: one row for everyone.
+    data = await gather(db, res.inserted_id, collection="campaigns", split_key=DEFAULT_SPLIT_KEY)
+    assert data is not None
+    assert data["outcomes"]["email"]["sent"] == len(expected)
+    assert [(r["variant"], r["group"], r["sent"]) for r in data["variants"]] == [
+        ("all", "all", len(expected))
+    ]
+    assert data["decision"] is None
+    assert "A/B decision" not in render(data)
