@@ -10,10 +10,10 @@ import pytest
 from bson import ObjectId
 
 from reactor.adapters.mongo import MongoSuppressions
+from reactor.config import DEFAULT_SPLIT_KEY
 from reactor.domain.consent import Kind, Reason, Suppression
 from reactor.domain.errors import InvalidCampaign
 from reactor.domain.segments import parse_segment
-from reactor.config import DEFAULT_SPLIT_KEY
 from reactor.embedded.smtp_sink import SmtpSink
 from reactor.splits.report import gather, render
 
