@@ -195,7 +195,9 @@ async def test_an_operator_winner_releases_a_manual_fallback(
         assert result["chosen"] is None
         assert "fallback manual" in result["reason"]
         test_group = sum(1 for v in assigned.values() if v)
-        assert len(sink.messages) == test_group  # the rest waits for the operator
+        await eventually(lambda: _sent_all(client, mongo, _id, test_group), 30)
+        waiting = {f"c{c}@example.com" for c, v in assigned.items() if v is None}
+        assert not waiting & {m.to for m in sink.messages}  # the rest waits for the operator
         await coll.update_one({"_id": _id}, {"$set": {"abTest.winner": "C"}})
         await eventually(lambda: _sent_all(client, mongo, _id, 80), 30)
         # Metrics carry the variant key (the rest counts under the operator's winner).
@@ -387,3 +389,30 @@ async def test_counts_are_human_only_and_of_the_test_group(
     assert counts["A"].opens == 4
     assert counts["B"].opens == counts["B"].clicks == 0
     assert counts["B"].unsubscribes == 2
+
+
+async def test_a_pause_before_the_decision_defers_it_until_the_campaign_runs_again(
+    mongo: MongoTarget, client: Client, sink: SmtpSink
+) -> None:
+    targets = await seed_customers(client, mongo, 60)
+    _id, doc = split_doc(targets, share=0.5, minutes=0.05)  # due 3 s after the start
+    assigned = groups(_id, doc, targets)
+    coll = client[mongo.campaigns_db].campaigns
+    async with running(settings(mongo, sink)):
+        await coll.insert_one(doc)
+        await eventually(has_status(client, mongo, _id, "running"), 30)
+        await coll.update_one({"_id": _id}, {"$set": {"status": "paused"}})
+        due = doc["startDate"] + dt.timedelta(minutes=0.05)
+        await anyio.sleep(max(0.0, (due - now()).total_seconds()) + 1.5)
+        paused = await coll.find_one({"_id": _id})
+        assert paused is not None
+        assert "result" not in paused["abTest"]
+        assert "decision" not in paused["abTest"]
+        rest = {f"c{c}@example.com" for c, v in assigned.items() if v is None}
+        assert not rest & {m.to for m in sink.messages}  # the rest still waits
+        await coll.update_one({"_id": _id}, {"$set": {"status": "running"}})
+        await eventually(lambda: _sent_all(client, mongo, _id, 60), 30)
+    final = await coll.find_one({"_id": _id})
+    assert final is not None
+    assert final["abTest"]["result"]["chosen"] == "A"  # no clicks at all: the control
+    assert len(sink.messages) == 60
