@@ -92,7 +92,7 @@ async def test_the_rest_gets_the_significant_winner_once_each_sharded_on_two_rep
     mongo: MongoTarget, client: Client, sink: SmtpSink
 ) -> None:
     targets = await seed_customers(client, mongo, 300)
-    _id, doc = split_doc(targets, share=0.5, minutes=0.1)
+    _id, doc = split_doc(targets, share=0.5, minutes=0.2)
     assigned = groups(_id, doc, targets)
     # Human clicks from most of B's group; machine opens and scanner clicks everywhere else,
     # which must not count (they would make A or C look best).
@@ -234,7 +234,7 @@ async def test_the_window_closing_before_the_decision_skips_the_rest(
 ) -> None:
     targets = await seed_customers(client, mongo, 60)
     _id, doc = split_doc(targets, share=0.5, minutes=60)
-    doc["endDate"] = now() + dt.timedelta(seconds=3)
+    doc["endDate"] = now() + dt.timedelta(seconds=6)
     assigned = groups(_id, doc, targets)
     coll = client[mongo.campaigns_db].campaigns
     async with running(settings(mongo, sink, shard_size=shard_size)):
