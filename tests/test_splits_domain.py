@@ -249,6 +249,12 @@ def test_the_decision_timer_is_wanted_while_running_undecided_and_inside_the_win
     assert decision_due(parse_campaign(doc(status="approved"))) is None
     decided = doc(status="running", abTest={**ab(), "result": {"winner": "A"}})
     assert decision_due(parse_campaign(decided)) is None
+    # A decider's live claim: due again when its lease ends (it may have died).
+    lease = T0 + dt.timedelta(hours=1, seconds=30)
+    claimed = doc(status="running", abTest={**ab(), "decision": {"leaseUntil": lease}})
+    assert decision_due(parse_campaign(claimed)) == lease
+    stale = doc(status="running", abTest={**ab(), "decision": {"leaseUntil": T0}})
+    assert decision_due(parse_campaign(stale)) == T0 + dt.timedelta(hours=1)
     late = doc(status="running", abTest=ab(decideAfterMinutes=300.0))  # after the 4 h window
     assert decision_due(parse_campaign(late)) is None
     plain = doc(status="running")

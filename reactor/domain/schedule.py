@@ -53,12 +53,16 @@ def desired_timers(campaign: Campaign, now: dt.datetime, horizon_s: float) -> li
 
 def decision_due(campaign: Campaign) -> dt.datetime | None:
     """When a split campaign's decision is due: while it runs (a pause defers it) and no
-    result is written yet, at startDate + decideAfterMinutes, before the window closes."""
+    result is written yet, at startDate + decideAfterMinutes, before the window closes; while
+    a decider's claim holds, when its lease ends (it may have died)."""
     split = campaign.split
     if split is None or split.ab.result is not None or campaign.status is not Status.RUNNING:
         return None
     decide_at = split.decide_at(campaign.start_at)
-    return decide_at if decide_at < campaign.end_at else None
+    if decide_at >= campaign.end_at:
+        return None
+    claimed = split.ab.claimed_until
+    return max(decide_at, claimed) if claimed is not None else decide_at
 
 
 class StartDecision(StrEnum):

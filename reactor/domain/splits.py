@@ -86,6 +86,7 @@ class AbTest:
     fallback: Fallback = Fallback.CONTROL
     winner: str | None = None  # written by an operator: overrides any decision
     result: dict[str, Any] | None = None  # written once by the decider
+    claimed_until: dt.datetime | None = None  # a decider's claim (abTest.decision.leaseUntil)
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,10 @@ def parse_ab_test(raw: Any, keys: Sequence[str]) -> AbTest:
     if winner is not None and winner not in keys:
         raise _bad("abTest.winner", f"names no variant: {winner!r}")
     result = raw.get("result")
+    decision = raw.get("decision")
+    lease = decision.get("leaseUntil") if isinstance(decision, dict) else None
+    if isinstance(lease, dt.datetime):
+        lease = lease.replace(tzinfo=dt.UTC) if lease.tzinfo is None else lease.astimezone(dt.UTC)
     return AbTest(
         test_share=share,
         metric=Metric(metric),
@@ -201,6 +206,7 @@ def parse_ab_test(raw: Any, keys: Sequence[str]) -> AbTest:
         fallback=Fallback(fallback),
         winner=winner,
         result=result if isinstance(result, dict) else None,
+        claimed_until=lease if isinstance(lease, dt.datetime) else None,
     )
 
 

@@ -360,19 +360,22 @@ class Scheduler:
         campaign_id = self._ids.get(key.campaign)
         if campaign_id is None or self._decider is None:
             return
-        retry_s: float | None = self._config.lease_s
+        now = self._clock.now()
+        retry_at: dt.datetime | None = now + dt.timedelta(seconds=self._config.lease_s)
         try:
-            retry_s = (await self._decider.fire(campaign_id)).retry_s
+            retry_at = (await self._decider.fire(campaign_id)).retry_at
         except Exception:  # one decision's failure (a lost connection): retry, as any replica
             self._metrics.campaign_errors.labels("split_decision_failed").inc()
             log.exception(
-                "A/B decision of %s failed; retrying in %ss",
+                "A/B decision of %s failed; retrying after the lease",
                 key.campaign,
-                retry_s,
                 extra={"campaign_id": key.campaign},
             )
-        if retry_s is not None and key not in self.timers.keys():
-            self.timers.arm(key, self._clock.now() + dt.timedelta(seconds=retry_s))
+        if retry_at is not None and key not in self.timers.keys():
+            # Not due yet by the database's clock (ours ran a little ahead): look again shortly.
+            soonest = self._clock.now() + dt.timedelta(seconds=NOT_DUE_RETRY_S)
+            self.timers.arm(key, max(retry_at, soonest))
+            self._update_gauges()
 
     async def _fire_end(self, key: TimerKey, due_at: dt.datetime, lateness: float) -> None:
         campaign_id = self._ids.get(key.campaign)

@@ -10,17 +10,17 @@ the audience, sees the result and sends the winner.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..domain.errors import InvalidCampaign
-from ..domain.models import Campaign, Status, parse_campaign
+from ..domain.models import Campaign, parse_campaign
+from ..domain.schedule import decision_due
 from ..domain.splits import VariantCounts, assign, decide
 
 log = logging.getLogger(__name__)
-
-RETRY_S = 1.0  # a failed claim looks again this soon (a live claim: after its lease)
 
 
 class SplitStore(Protocol):
@@ -39,7 +39,7 @@ class SplitStore(Protocol):
 @dataclass(frozen=True)
 class Outcome:
     decided: bool  # this replica wrote the result
-    retry_s: float | None  # look again after this (None: nothing more to do here)
+    retry_at: dt.datetime | None  # look again then (None: nothing more to do here)
     result: dict[str, Any] | None = None
 
 
@@ -112,16 +112,10 @@ class Decider:
 
     async def _not_ours(self, campaign_id: Any) -> Outcome:
         """Lost the claim: decided already, not due (by the database's clock), paused, or
-        another replica is deciding; retry only while a decision is still wanted."""
+        another replica is deciding: look again when the document says (the end of the other
+        decider's lease), the same instant a sweep's sync would arm."""
         campaign = await self._campaign(campaign_id)
-        if (
-            campaign is None
-            or campaign.split is None
-            or campaign.split.ab.result is not None
-            or campaign.status is not Status.RUNNING
-        ):
-            return Outcome(False, None)
-        return Outcome(False, RETRY_S)
+        return Outcome(False, None if campaign is None else decision_due(campaign))
 
     def _observe(self, result: dict[str, Any]) -> None:
         if self._metrics is None:
