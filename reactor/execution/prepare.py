@@ -97,24 +97,20 @@ class BatchPreparer:
         """Resolve one batch, read what the ledger already holds for it on this channel, and
         build the messages still to send (validated, rendered) and the rows to record without
         sending."""
-        variants: dict[str, str | None] = {}
-        if campaign.split is not None:
-            # A split: only the test group, until the winner is known (the rest is not marked).
-            variants = split_batch(self._config.split_key, campaign, batch)
-            batch = [c for c in batch if c in variants]
-            if not batch:
-                return Prepared(found=0)
+        split = SplitBatch(self._config.split_key, campaign, batch)
+        batch = split.batch
+        if not batch:
+            return Prepared(found=0)
         recipients = await self._recipients.resolve(batch)
         states = await self._ledger_rows.states(run.key, channel, batch)
         prepared = Prepared(found=len(recipients))
         configured = self._senders[channel] is not None
-        contents: dict[str | None, Campaign] = {None: campaign}
         for n, customer in enumerate(batch):
             if n % YIELD_EVERY == YIELD_EVERY - 1:
                 # Validating and rendering a batch is ~0.1 ms a recipient: let the heartbeats,
                 # timers and webhooks this loop also serves run in between.
                 await anyio.lowlevel.checkpoint()
-            variant = variants.get(customer)
+            variant = split.variants.get(customer)
             if customer in states:
                 state, epoch, shard = states[customer]
                 if shard != run.shard_index:
@@ -149,33 +145,27 @@ class BatchPreparer:
                     )
                 )
                 continue
-            if variant not in contents:
-                contents[variant] = with_variant(campaign, variant or "")
-            content = contents[variant]
-            prepared.items.append(
-                Item(
-                    customer,
-                    channel,
-                    address,
-                    self._message(content, channel, recipient, address),
-                    variant=variant,
-                )
-            )
+            message = self._message(split.content(variant), channel, recipient, address)
+            prepared.items.append(Item(customer, channel, address, message, variant=variant))
         if self._suppressions is not None and prepared.items:
             await self._drop_suppressed(channel, prepared)
         if channel is Channel.SMS and prepared.items:
-            gated = gate_sms(
-                prepared.items,
-                campaign,
-                now=self._clock.now(),
-                now_m=self._clock.monotonic(),
-                default_hours=self._config.sms_send_hours,
-                fallback_zone=self._config.sms_fallback_timezone,
-                max_segments=self._config.sms_max_segments,
-            )
-            prepared.items, prepared.waiting = gated.ready, gated.waiting
-            prepared.unsent.extend(gated.refused)
+            self._gate_sms(campaign, prepared)
         return prepared
+
+    def _gate_sms(self, campaign: Campaign, prepared: Prepared) -> None:
+        """Texts outside the recipient's hours wait; those too long are refused."""
+        gated = gate_sms(
+            prepared.items,
+            campaign,
+            now=self._clock.now(),
+            now_m=self._clock.monotonic(),
+            default_hours=self._config.sms_send_hours,
+            fallback_zone=self._config.sms_fallback_timezone,
+            max_segments=self._config.sms_max_segments,
+        )
+        prepared.items, prepared.waiting = gated.ready, gated.waiting
+        prepared.unsent.extend(gated.refused)
 
     async def _drop_suppressed(self, channel: Channel, prepared: Prepared) -> None:
         """One lookup for the batch: whoever is suppressed is recorded skipped, not sent."""
@@ -231,18 +221,32 @@ class BatchPreparer:
         )
 
 
-def split_batch(key: bytes, campaign: Campaign, batch: Sequence[str]) -> dict[str, str | None]:
-    """{customer: variant} for the customers of `batch` a split campaign sends now: its test
-    group with their own variant, and once the winner is chosen the rest with the winner's."""
-    split = campaign.split
-    assert split is not None
-    chosen = split.chosen
-    out: dict[str, str | None] = {}
-    for customer in batch:
-        variant = assign(key, campaign.key, customer, split) or chosen
-        if variant is not None:
-            out[customer] = variant
-    return out
+class SplitBatch:
+    """A batch as a split campaign sends it now: its test group, each customer with their own
+    variant, and once the winner is chosen the rest with the winner's (until then the rest is
+    left out: not marked in the ledger). Without a split: the whole batch, the campaign's own
+    content."""
+
+    def __init__(self, key: bytes, campaign: Campaign, batch: Sequence[str]) -> None:
+        self.variants: dict[str, str] = {}
+        self.batch: Sequence[str] = batch
+        self._contents: dict[str | None, Campaign] = {None: campaign}
+        self._campaign = campaign
+        split = campaign.split
+        if split is None:
+            return
+        chosen = split.chosen
+        for customer in batch:
+            variant = assign(key, campaign.key, customer, split) or chosen
+            if variant is not None:
+                self.variants[customer] = variant
+        self.batch = [c for c in batch if c in self.variants]
+
+    def content(self, variant: str | None) -> Campaign:
+        """The campaign as `variant` sends it (a variant only substitutes content fields)."""
+        if variant not in self._contents:
+            self._contents[variant] = with_variant(self._campaign, variant or "")
+        return self._contents[variant]
 
 
 def chunks(values: Sequence[str], size: int) -> Iterator[Sequence[str]]:
