@@ -30,6 +30,7 @@ from .adapters.mongo import (
     MongoShards,
     MongoSuppressions,
 )
+from .adapters.mongo.splits import MongoSplits
 from .adapters.smtp import SmtpEmailSender
 from .adapters.twilio_sms import TwilioSmsSender
 from .config import Settings
@@ -43,6 +44,7 @@ from .scheduling.barriers import Barriers
 from .scheduling.reconciler import Reconciler
 from .scheduling.scheduler import Scheduler
 from .scheduling.watcher import Watcher
+from .splits.decide import Decider
 from .suppression import SuppressionList
 
 log = logging.getLogger(__name__)
@@ -294,7 +296,18 @@ class Reactor:
             audiences=audiences,
         )
         scheduler = Scheduler(
-            store=store, executor=executor, clock=db_clock, metrics=self.metrics, config=sched_cfg
+            store=store,
+            executor=executor,
+            clock=db_clock,
+            metrics=self.metrics,
+            config=sched_cfg,
+            decider=Decider(  # A/B splits (issue 25)
+                MongoSplits(db, s.campaigns_collection),
+                owner=self.instance_id,
+                lease_s=sched_cfg.lease_s,
+                split_key=s.send_config().split_key,
+                metrics=self.metrics,
+            ),
         )
         reconciler = Reconciler(
             store=store,

@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("campaign_id")
     preview.add_argument("--customer", help="customer id (default: the first targeted)")
     preview.add_argument("--send-to", help="send one test message to this address or number")
+    from .splits.report import add_arguments as add_report_arguments
+
+    add_report_arguments(
+        sub.add_parser("report", help="a campaign's sends, outcomes and engagement per variant")
+    )
     emu = sub.add_parser("mongo-emulator", help="run the embedded MongoDB-compatible server")
     emu.add_argument("--host", default="127.0.0.1")
     emu.add_argument("--port", type=_port, default=27017)
@@ -173,6 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     out=sys.stdout,
                 )
             )
+        if args.command == "report":
+            from .splits.report import run as run_report
+
+            return run_report(args, load_settings())
         if args.command == "demo":
             require_embedded(args.command)
             from .demo import run_demo

@@ -491,6 +491,9 @@ class RecipientsConfig:
     batch_size: int = 1000
 
 
+DEFAULT_SPLIT_KEY = b"campaign-reactor-splits"
+
+
 @dataclass(frozen=True)
 class SendConfig:
     email_rate_per_s: float = 50.0
@@ -518,6 +521,9 @@ class SendConfig:
     # sent by whichever replica claims it; None: never sharded (tests on fakes).
     shard_size: int | None = None
     shard_concurrency: int = 2  # shards one replica sends at once
+    # HMAC key of A/B assignments: the same on every replica and across deploys, so no
+    # customer ever changes variant mid-campaign (a SPLIT_SECRET setting could feed it).
+    split_key: bytes = DEFAULT_SPLIT_KEY
 
 
 @dataclass(frozen=True)

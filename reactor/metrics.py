@@ -282,6 +282,25 @@ class Metrics:
         for kind in ("webhook", "slack", "json", "email"):
             for outcome in ("delivered", "dead"):
                 self.notifications.labels(kind, "campaign.started", outcome)
+        # A/B splits (issue 25): labelled by the variant's key, never by campaign or customer.
+        self.split_sends = Counter(
+            "reactor_split_sends",
+            "Deliveries of split campaigns by channel, variant key and outcome.",
+            ["channel", "variant", "outcome"],
+            registry=r,
+        )
+        self.split_decisions = Counter(
+            "reactor_split_decisions",
+            "A/B decisions written: a significant winner, or the fallback.",
+            ["outcome"],
+            registry=r,
+        )
+        self.split_variant_rate = Gauge(
+            "reactor_split_variant_human_rate",
+            "Human rate of the tested metric per variant key at the latest decision.",
+            ["variant"],
+            registry=r,
+        )
         self.build_info = Info("reactor_build", "Reactor build information.", registry=r)
         self.build_info.info({"version": __version__, "python": platform.python_version()})
         # Materialise the label sets dashboards and alerts read, so queries see 0, not no data.

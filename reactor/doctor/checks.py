@@ -13,8 +13,8 @@ from pymongo.errors import OperationFailure, PyMongoError
 
 from ..config import Settings
 from ..domain.errors import InvalidCampaign
-from ..domain.messages import templates_of
 from ..domain.models import as_utc, parse_campaign
+from ..domain.variants import compile_content
 from ..notify.report import check_notifications
 from .consent import check_links, check_suppressions, check_webhooks
 from .report import FAIL, OK, WARN, Report, ago, redacted_configuration
@@ -273,7 +273,7 @@ def _waiting(doc: dict[str, Any], now: dt.datetime, grace: dt.timedelta) -> dict
     row: dict[str, Any] = {"id": str(doc["_id"]), "name": doc.get("name")}
     try:
         c = parse_campaign(doc)
-        templates_of(c)  # content that cannot render is not armed (bad_template)
+        compile_content(c)  # content that cannot render is not armed (bad_template)
     except InvalidCampaign as exc:
         return row | {"start": str(doc.get("startDate")), "state": "invalid", "note": exc.detail}
     row["start"] = c.start_at.isoformat()

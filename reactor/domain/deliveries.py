@@ -68,6 +68,7 @@ class DeliveryRecord:
     attempts: int = 0
     op: LedgerOp | None = None  # default: MARK for `pending`, RECORD for anything else
     segments: int | None = None  # an SMS's billed parts
+    variant: str | None = None  # an A/B split's variant key (written when the row is inserted)
 
     @property
     def operation(self) -> LedgerOp:

@@ -10,13 +10,16 @@ import datetime as dt
 import unicodedata
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bson import ObjectId
 
 from .errors import InvalidCampaign
 from .segments import Segment, parse_segment
 from .sms import LocalHours, parse_hours
+
+if TYPE_CHECKING:
+    from .splits import Split
 
 MAX_EMAIL_BODY_BYTES = 512 * 1024
 MAX_SUBJECT_CHARS = 998  # RFC 5322 line limit
@@ -82,6 +85,7 @@ class Campaign:
     targets: tuple[Any, ...]
     execution: Execution = field(default_factory=Execution)
     segment: Segment | None = None  # the audience, when it is not `targets`
+    split: Split | None = None  # A/B variants and their test (domain.splits)
 
     @property
     def key(self) -> str:
@@ -218,6 +222,10 @@ def parse_campaign(doc: dict[str, Any]) -> Campaign:
         raise InvalidCampaign(
             "bad_segment", "a campaign names its audience by targetedCustomerIds or by segment"
         )
+    # A/B split: its variants' content is checked as the campaign's own (domain.variants).
+    from .variants import parse_campaign_split
+
+    split = parse_campaign_split(doc, channels)
     return Campaign(
         id=doc["_id"],
         name=name,
@@ -230,6 +238,7 @@ def parse_campaign(doc: dict[str, Any]) -> Campaign:
         targets=tuple(targets),
         execution=parse_execution(doc.get("execution")),
         segment=segment,
+        split=split,
     )
 
 

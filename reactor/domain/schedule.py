@@ -16,6 +16,7 @@ from .models import Campaign, Status
 class TimerKind(StrEnum):
     START = "start"
     END = "end"
+    DECIDE = "decide"  # an A/B split's decision (issue 25)
 
 
 @dataclass(frozen=True, order=True)
@@ -44,7 +45,24 @@ def desired_timers(campaign: Campaign, now: dt.datetime, horizon_s: float) -> li
             due.append(Timer(TimerKey(campaign.key, TimerKind.START), campaign.start_at))
     elif campaign.status in (Status.RUNNING, Status.PAUSED) and campaign.end_at <= horizon_at:
         due.append(Timer(TimerKey(campaign.key, TimerKind.END), campaign.end_at))
+    decide_at = decision_due(campaign)
+    if decide_at is not None and decide_at <= horizon_at:
+        due.append(Timer(TimerKey(campaign.key, TimerKind.DECIDE), decide_at))
     return due
+
+
+def decision_due(campaign: Campaign) -> dt.datetime | None:
+    """When a split campaign's decision is due: while it runs (a pause defers it) and no
+    result is written yet, at startDate + decideAfterMinutes, before the window closes; while
+    a decider's claim holds, when its lease ends (it may have died)."""
+    split = campaign.split
+    if split is None or split.ab.result is not None or campaign.status is not Status.RUNNING:
+        return None
+    decide_at = split.decide_at(campaign.start_at)
+    if decide_at >= campaign.end_at:
+        return None
+    claimed = split.ab.claimed_until
+    return max(decide_at, claimed) if claimed is not None else decide_at
 
 
 class StartDecision(StrEnum):

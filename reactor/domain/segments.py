@@ -7,6 +7,9 @@
   name that starts with `$`.
 - `{targets: "<collection>"}`: a collection of the segmentation database holding the ids in
   chunks: documents with an `ids` array, read in `_id` order.
+- `{notEngaged: {campaign: <ObjectId>, with: "open" | "click"}}`: a follow-up: the customers
+  campaign X sent to who did not open (or click) it, by human events only (a privacy proxy's
+  prefetch or a link scanner is not engagement; a human click also counts as an open).
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Any
+
+from bson import ObjectId
+from bson.errors import InvalidId
 
 from .errors import InvalidCampaign
 
@@ -51,18 +57,55 @@ _COLLECTION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,119}$")
 class Segment:
     query: dict[str, Any] | None = None  # on the orders collection
     targets: str | None = None  # a collection of id chunks
+    not_engaged: NotEngaged | None = None  # a follow-up to campaign X's non-openers
 
     @property
     def kind(self) -> str:
+        if self.not_engaged is not None:
+            return "notEngaged"
         return "query" if self.query is not None else "targets"
+
+
+@dataclass(frozen=True)
+class NotEngaged:
+    campaign: Any  # campaign X's _id as stored (an ObjectId)
+    with_: str  # "open" | "click"
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The human event kinds that count as engaged (a click proves an open)."""
+        return ("open", "click") if self.with_ == "open" else ("click",)
+
+
+def parse_not_engaged(raw: Any) -> Segment:
+    if not isinstance(raw, dict) or set(raw) != {"campaign", "with"}:
+        raise InvalidCampaign(
+            "bad_segment", "segment.notEngaged must be {campaign: <ObjectId>, with: 'open'|'click'}"
+        )
+    campaign = raw["campaign"]
+    if isinstance(campaign, str):
+        try:
+            campaign = ObjectId(campaign)
+        except InvalidId:
+            raise InvalidCampaign(
+                "bad_segment", f"segment.notEngaged.campaign is not an ObjectId: {campaign!r}"
+            ) from None
+    if not isinstance(campaign, ObjectId):
+        raise InvalidCampaign("bad_segment", "segment.notEngaged.campaign must be an ObjectId")
+    if raw["with"] not in ("open", "click"):
+        raise InvalidCampaign("bad_segment", "segment.notEngaged.with must be 'open' or 'click'")
+    return Segment(not_engaged=NotEngaged(campaign, raw["with"]))
 
 
 def parse_segment(raw: Any) -> Segment | None:
     if raw is None:
         return None
+    if isinstance(raw, dict) and len(raw) == 1 and "notEngaged" in raw:
+        return parse_not_engaged(raw["notEngaged"])
     if not isinstance(raw, dict) or len(raw) != 1 or next(iter(raw)) not in ("query", "targets"):
         raise InvalidCampaign(
-            "bad_segment", "segment must be {query: {...}} or {targets: '<collection>'}"
+            "bad_segment",
+            "segment must be {query: {...}}, {targets: '<collection>'} or {notEngaged: {...}}",
         )
     if "query" in raw:
         query = raw["query"]

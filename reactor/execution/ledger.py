@@ -46,6 +46,7 @@ class Item:
     deferrals: int = 0  # times a provider said "try later" to this message
     attempted_at: dt.datetime | None = None  # wall time of the first attempt
     checked_m: float = float("-inf")  # monotonic time its suppressions were read from the db
+    variant: str | None = None  # an A/B split's variant key, recorded on its ledger row
 
 
 @dataclass
@@ -103,12 +104,20 @@ class LedgerWriter:
                     attempts=o.attempts,
                     op=LedgerOp.OUTCOME,
                     segments=getattr(o.item.message, "segments", None),
+                    variant=o.item.variant,
                 )
             )
         if abandoned:
             await self._ledger.forget_pending(abandoned, epoch=run.epoch)
         marks = [
-            DeliveryRecord(i.customer, i.channel, DeliveryState.PENDING, to=i.to, op=LedgerOp.MARK)
+            DeliveryRecord(
+                i.customer,
+                i.channel,
+                DeliveryState.PENDING,
+                to=i.to,
+                op=LedgerOp.MARK,
+                variant=i.variant,
+            )
             for i in pending
         ]
         refused = await self.write(run, records + marks)
@@ -135,6 +144,8 @@ class LedgerWriter:
                 lost = lost or rec.operation is LedgerOp.OUTCOME
                 continue
             self._metrics.sends.labels(rec.channel, rec.state).inc()
+            if rec.variant is not None:
+                self._metrics.split_sends.labels(rec.channel, rec.variant, rec.state).inc()
             name = counter_name(rec.channel, rec.state)
             run.unflushed[name] = run.unflushed.get(name, 0) + 1
             if rec.state == DeliveryState.FAILED and rec.reason in FEEDBACK_COUNTERS:

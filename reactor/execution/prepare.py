@@ -18,10 +18,18 @@ import anyio
 from ..config import SendConfig
 from ..domain.addresses import email_address, phone_address
 from ..domain.consent import Links, skip_reason
-from ..domain.deliveries import TERMINAL_STATES, DeliveryRecord, DeliveryState, LedgerOp
+from ..domain.deliveries import (
+    TERMINAL_STATES,
+    DeliveryRecord,
+    DeliveryState,
+    LedgerOp,
+    RowState,
+)
 from ..domain.messages import email_message, sms_message, templates_of
 from ..domain.models import Campaign, Channel
+from ..domain.splits import assign
 from ..domain.templates import CampaignTemplates, TemplateRenderError
+from ..domain.variants import with_variant
 from ..metrics import Metrics
 from ..ports import Clock, EmailSender, Ledger, Recipient, Recipients, SmsSender
 from ..suppression import SuppressionList
@@ -105,11 +113,14 @@ class BatchPreparer:
         """Resolve one batch, read what the ledger already holds for it on this channel, and
         build the messages still to send (validated, rendered) and the rows to record without
         sending."""
+        split = SplitBatch(self._config.split_key, campaign, batch)
+        batch = split.batch
+        if not batch:
+            return Prepared(found=0)
         recipients = await self._recipients.resolve(batch)
         states = await self._ledger_rows.states(run.key, channel, batch)
         prepared = Prepared(found=len(recipients))
         configured = self._senders[channel] is not None
-        templates = templates_of(campaign)  # compiled when the campaign was armed: cached
         failed: list[TemplateRenderError] = []
         turn_at = time.perf_counter()
         for n, customer in enumerate(batch):
@@ -120,25 +131,9 @@ class BatchPreparer:
                 # process's own counter, not the Clock port.
                 await anyio.lowlevel.checkpoint()
                 turn_at = time.perf_counter()
-            if customer in states:
-                state, epoch, shard = states[customer]
-                if shard != run.shard_index:
-                    continue  # listed twice, in another shard too: that shard's row decides
-                if state in TERMINAL_STATES or epoch >= run.epoch:
-                    continue
-                if state == DeliveryState.PENDING:
-                    # An earlier owner marked it after this run settled its leftovers (it had
-                    # not yet noticed the takeover): it may have gone out, so never re-send.
-                    prepared.unsent.append(
-                        DeliveryRecord(
-                            customer,
-                            channel,
-                            DeliveryState.UNCERTAIN,
-                            reason="previous_owner_lost",
-                            op=LedgerOp.SETTLE,
-                        )
-                    )
-                    continue
+            variant = split.variants.get(customer)
+            if customer in states and _recorded(run, channel, customer, states[customer], prepared):
+                continue
             recipient = recipients.get(customer)
             address: str | None = None
             if recipient is None:
@@ -149,11 +144,14 @@ class BatchPreparer:
                 address, problem = self._address(channel, recipient)
             if recipient is None or address is None:
                 prepared.unsent.append(
-                    DeliveryRecord(customer, channel, DeliveryState.SKIPPED, reason=problem)
+                    DeliveryRecord(
+                        customer, channel, DeliveryState.SKIPPED, reason=problem, variant=variant
+                    )
                 )
                 continue
             try:
-                message = self._message(campaign, channel, recipient, address, templates)
+                content, templates = split.content(variant)
+                message = self._message(content, channel, recipient, address, templates)
             except TemplateRenderError as exc:
                 failed.append(exc)
                 prepared.unsent.append(
@@ -164,27 +162,32 @@ class BatchPreparer:
                         to=address,
                         reason="template_error",
                         error=str(exc),
+                        variant=variant,
                     )
                 )
                 continue
-            prepared.items.append(Item(customer, channel, address, message))
+            prepared.items.append(Item(customer, channel, address, message, variant=variant))
         if failed:
             self._report_template_errors(campaign, channel, failed)
         if self._suppressions is not None and prepared.items:
             await self._drop_suppressed(channel, prepared)
         if channel is Channel.SMS and prepared.items:
-            gated = gate_sms(
-                prepared.items,
-                campaign,
-                now=self._clock.now(),
-                now_m=self._clock.monotonic(),
-                default_hours=self._config.sms_send_hours,
-                fallback_zone=self._config.sms_fallback_timezone,
-                max_segments=self._config.sms_max_segments,
-            )
-            prepared.items, prepared.waiting = gated.ready, gated.waiting
-            prepared.unsent.extend(gated.refused)
+            self._gate_sms(campaign, prepared)
         return prepared
+
+    def _gate_sms(self, campaign: Campaign, prepared: Prepared) -> None:
+        """Texts outside the recipient's hours wait; those too long are refused."""
+        gated = gate_sms(
+            prepared.items,
+            campaign,
+            now=self._clock.now(),
+            now_m=self._clock.monotonic(),
+            default_hours=self._config.sms_send_hours,
+            fallback_zone=self._config.sms_fallback_timezone,
+            max_segments=self._config.sms_max_segments,
+        )
+        prepared.items, prepared.waiting = gated.ready, gated.waiting
+        prepared.unsent.extend(gated.refused)
 
     def _report_template_errors(
         self, campaign: Campaign, channel: Channel, failed: list[TemplateRenderError]
@@ -224,6 +227,7 @@ class BatchPreparer:
                     DeliveryState.SKIPPED,
                     to=item.to,
                     reason=skip_reason(reason),
+                    variant=item.variant,
                 )
             )
         prepared.items = keep
@@ -266,3 +270,64 @@ class BatchPreparer:
 def chunks(values: Sequence[str], size: int) -> Iterator[Sequence[str]]:
     for i in range(0, len(values), size):
         yield values[i : i + size]
+
+
+def _recorded(
+    run: Run,
+    channel: Channel,
+    customer: str,
+    row: RowState,
+    prepared: Prepared,
+) -> bool:
+    """Whether the ledger already decides this customer on this channel (so nothing is built
+    for it): a row of another shard, a terminal row, or one of this epoch; a row an earlier
+    owner left `pending` is recorded uncertain here, never re-sent."""
+    state, epoch, shard = row
+    if shard != run.shard_index:
+        return True  # listed twice, in another shard too: that shard's row decides
+    if state in TERMINAL_STATES or epoch >= run.epoch:
+        return True
+    if state == DeliveryState.PENDING:
+        # An earlier owner marked it after this run settled its leftovers (it had not yet
+        # noticed the takeover): it may have gone out, so never re-send.
+        prepared.unsent.append(
+            DeliveryRecord(
+                customer,
+                channel,
+                DeliveryState.UNCERTAIN,
+                reason="previous_owner_lost",
+                op=LedgerOp.SETTLE,
+            )
+        )
+        return True
+    return False
+
+
+class SplitBatch:
+    """A batch as a split campaign sends it now: its test group, each customer with their own
+    variant, and once the winner is chosen the rest with the winner's (until then the rest is
+    left out: not marked in the ledger). Without a split: the whole batch, the campaign's own
+    content."""
+
+    def __init__(self, key: bytes, campaign: Campaign, batch: Sequence[str]) -> None:
+        self.variants: dict[str, str] = {}
+        self.batch: Sequence[str] = batch
+        self._contents: dict[str | None, tuple[Campaign, CampaignTemplates]] = {}
+        self._campaign = campaign
+        split = campaign.split
+        if split is None:
+            return
+        chosen = split.chosen
+        for customer in batch:
+            variant = assign(key, campaign.key, customer, split) or chosen
+            if variant is not None:
+                self.variants[customer] = variant
+        self.batch = [c for c in batch if c in self.variants]
+
+    def content(self, variant: str | None) -> tuple[Campaign, CampaignTemplates]:
+        """The campaign as `variant` sends it (a variant only substitutes content fields), and
+        its compiled templates (compiled when the campaign was armed: cached)."""
+        if variant not in self._contents:
+            content = self._campaign if variant is None else with_variant(self._campaign, variant)
+            self._contents[variant] = (content, templates_of(content))
+        return self._contents[variant]

@@ -25,9 +25,9 @@ from ..domain.deliveries import (
 )
 from ..domain.errors import InvalidCampaign, LeaseLost
 from ..domain.ids import normalise_id
-from ..domain.messages import templates_of
 from ..domain.models import Campaign, Channel, parse_campaign, target_problem
 from ..domain.shards import Shard, shard_ranges
+from ..domain.variants import compile_content
 from ..limits.ratelimit import RateLimit
 from ..metrics import Metrics
 from ..ports import CampaignStore, Clock, EmailSender, Ledger, Recipients, SmsSender
@@ -41,6 +41,8 @@ from .state import Run, StopReason, unless_stopped
 from .window import SendWindow
 
 log = logging.getLogger(__name__)
+
+WINNER_POLL_S = 1.0  # how often a split's owner looks for the winner while the rest waits
 
 
 class CampaignRun:
@@ -105,7 +107,7 @@ class CampaignRun:
             raise LeaseLost(f"campaign {run.key} was deleted")
         try:
             campaign = parse_campaign(doc)
-            templates_of(campaign)  # the content may have changed since it was armed
+            compile_content(campaign)  # the content may have changed since it was armed
         except InvalidCampaign as exc:
             self._metrics.campaign_errors.labels(exc.reason).inc()
             log.error(
@@ -141,17 +143,11 @@ class CampaignRun:
                 ranges, source = [(i, 1) for i in range(n_chunks)], "audience"
             else:
                 ranges, source = shard_ranges(len(campaign.targets), size), "list"
-            await coordinate(
-                run,
-                ranges,
-                size=size,
-                source=source,
-                shards=self._shards,
-                clock=self._clock,
-                owner=self._instance,
-                lease_s=self._lease_s,
-                close=self._close_shard,
-            )
+            await self._coordinate(ranges, size, source)
+            if campaign.split is not None and await self._await_winner(campaign) is not None:
+                # The rest of a split: one more shard per range (indexes after the test's),
+                # whose runs send the winner to whoever the test shards did not mark.
+                await self._coordinate(ranges + ranges, size, source)
             total = (
                 await self._audiences.total(run.key)
                 if segment is not None and self._audiences is not None
@@ -161,7 +157,54 @@ class CampaignRun:
             return
         targets = list(dict.fromkeys(normalise_id(t) for t in campaign.targets))
         await self._send_targets(campaign, targets)
+        if campaign.split is not None:
+            decided = await self._await_winner(campaign)
+            if decided is not None:
+                await self._send_targets(decided, targets)
         await self._finish(campaign, len(targets))
+
+    async def _coordinate(self, ranges: list[tuple[int, int]], size: int, source: str) -> None:
+        assert self._shards is not None
+        await coordinate(
+            self.run,
+            ranges,
+            size=size,
+            source=source,
+            shards=self._shards,
+            clock=self._clock,
+            owner=self._instance,
+            lease_s=self._lease_s,
+            close=self._close_shard,
+        )
+
+    async def _await_winner(self, campaign: Campaign) -> Campaign | None:
+        """A split's test group is sent: wait for the winner (the decision, or an operator's
+        `abTest.winner`) and return the campaign as the rest's pass sees it. A window that
+        closes first returns it undecided (that pass records the rest `window_closed`); a
+        pause, shutdown or lost lease returns None (whoever resumes waits again)."""
+        run = self.run
+        while True:
+            if campaign.split is not None and campaign.split.chosen is not None:
+                return campaign
+            if run.stop_reason == StopReason.WINDOW_CLOSED:
+                await self._ledger.note(
+                    run,
+                    "split_undecided",
+                    "the window closed before the A/B winner was known: "
+                    "the rest of the audience is skipped (window_closed)",
+                )
+                return campaign
+            if run.stop_reason is not None:
+                return None
+            if not await unless_stopped(run, self._clock.sleep, WINNER_POLL_S):
+                continue
+            doc = await self._store.get(run.campaign_id)
+            if doc is None:
+                raise LeaseLost(f"campaign {run.key} was deleted")
+            try:
+                campaign = parse_campaign(doc)
+            except InvalidCampaign:
+                continue  # e.g. a mistyped abTest.winner: reported by the scheduler's sync
 
     async def _send_shard(self, shard: Shard) -> None:
         """Send one shard's slice of the audience, then mark the shard done (or give it back

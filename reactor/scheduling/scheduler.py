@@ -17,7 +17,6 @@ from bson import Timestamp
 
 from ..config import SchedulerConfig
 from ..domain.errors import InvalidCampaign
-from ..domain.messages import templates_of
 from ..domain.models import Campaign, Status, parse_campaign, parse_status, utc
 from ..domain.schedule import (
     ACTIVE,
@@ -28,9 +27,11 @@ from ..domain.schedule import (
     start_decision,
     wants_takeover,
 )
+from ..domain.variants import compile_content
 from ..execution import Executor, StopReason
 from ..metrics import Metrics
 from ..ports import CampaignStore, Clock
+from ..splits.decide import Decider
 from .timers import TimerHeap
 
 if TYPE_CHECKING:
@@ -50,7 +51,9 @@ class Scheduler:
         clock: Clock,
         metrics: Metrics,
         config: SchedulerConfig,
+        decider: Decider | None = None,
     ) -> None:
+        self._decider = decider  # A/B splits' decisions (reactor.splits); None: not decided here
         self._store = store
         self._executor = executor
         self._clock = clock
@@ -122,7 +125,7 @@ class Scheduler:
             campaign = parse_campaign(doc)
             # Compiled (and probed) when armed, before any claim: content that cannot render
             # leaves the campaign unarmed with lastError naming the part, line and problem.
-            templates_of(campaign)
+            compile_content(campaign)
         except InvalidCampaign as exc:
             changes |= self._disarm_all(key)
             await self._reject(doc, exc, now)
@@ -263,6 +266,8 @@ class Scheduler:
         self._inflight.add(key)
         self._update_gauges()
         handler = self._fire_start if key.kind is TimerKind.START else self._fire_end
+        if key.kind is TimerKind.DECIDE:
+            handler = self._fire_decide
         self._spawn(self._run_fire, handler, key, due_at, lateness)
 
     async def _run_fire(
@@ -360,6 +365,30 @@ class Scheduler:
             f"{self._config.misfire_grace_s:g}s, or its window closed, before it could start "
             f"(checked at {now.isoformat()})"
         )
+
+    async def _fire_decide(self, key: TimerKey, due_at: dt.datetime, lateness: float) -> None:
+        """A split's decision is due: try the claim; while a decision is still wanted and this
+        replica did not make it (not due by the database's clock, or another replica holds the
+        claim and may die), look again shortly."""
+        campaign_id = self._ids.get(key.campaign)
+        if campaign_id is None or self._decider is None:
+            return
+        now = self._clock.now()
+        retry_at: dt.datetime | None = now + dt.timedelta(seconds=self._config.lease_s)
+        try:
+            retry_at = (await self._decider.fire(campaign_id)).retry_at
+        except Exception:  # one decision's failure (a lost connection): retry, as any replica
+            self._metrics.campaign_errors.labels("split_decision_failed").inc()
+            log.exception(
+                "A/B decision of %s failed; retrying after the lease",
+                key.campaign,
+                extra={"campaign_id": key.campaign},
+            )
+        if retry_at is not None and key not in self.timers.keys():
+            # Not due yet by the database's clock (ours ran a little ahead): look again shortly.
+            soonest = self._clock.now() + dt.timedelta(seconds=NOT_DUE_RETRY_S)
+            self.timers.arm(key, max(retry_at, soonest))
+            self._update_gauges()
 
     async def _fire_end(self, key: TimerKey, due_at: dt.datetime, lateness: float) -> None:
         campaign_id = self._ids.get(key.campaign)

@@ -6,7 +6,9 @@ since; no replica ever holds more than a chunk.
 
 Sources: a segment query is run on the orders collection as
 `$match` → `$group` by customer id → `$sort` (allowDiskUse, so the server may spill instead of
-refusing); a targets collection is read in `_id` order, its documents' `ids` arrays re-cut.
+refusing); a targets collection is read in `_id` order, its documents' `ids` arrays re-cut; a
+follow-up (`notEngaged`) streams campaign X's `sent` ledger rows grouped by customer, and drops,
+batch by batch, whoever has a human event of the kinds that count in `engagement`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from typing import Any
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
-from ...domain.segments import Segment
+from ...domain.deliveries import DeliveryState
+from ...domain.models import Channel
+from ...domain.segments import NotEngaged, Segment
 
 COLLECTION = "campaign_audiences"
 
@@ -78,6 +82,10 @@ class MongoAudiences:
         )
 
     async def _ids(self, segment: Segment) -> AsyncIterator[Any]:
+        if segment.not_engaged is not None:
+            async for value in self._not_engaged(segment.not_engaged):
+                yield value
+            return
         if segment.query is not None:
             cursor = await self._segmentation[self._orders].aggregate(
                 [
@@ -97,3 +105,40 @@ class MongoAudiences:
         async for doc in found.sort("_id", 1):
             for value in doc.get("ids") or []:
                 yield value
+
+    async def _not_engaged(self, follow: NotEngaged) -> AsyncIterator[str]:
+        """Campaign X's recipients (of its email, for "did not open") without a human event."""
+        db = self.collection.database
+        match: dict[str, Any] = {"campaign": str(follow.campaign), "state": DeliveryState.SENT}
+        if follow.with_ == "open":
+            match["channel"] = Channel.EMAIL.value  # only an email can be opened
+        cursor = await db["deliveries"].aggregate(
+            [{"$match": match}, {"$group": {"_id": "$customer"}}, {"$sort": {"_id": 1}}],
+            allowDiskUse=True,
+            batchSize=self._batch,
+        )
+        batch: list[str] = []
+        async for row in cursor:
+            batch.append(str(row["_id"]))
+            if len(batch) >= self._batch:
+                for value in await self._unengaged(follow, batch):
+                    yield value
+                batch = []
+        if batch:
+            for value in await self._unengaged(follow, batch):
+                yield value
+
+    async def _unengaged(self, follow: NotEngaged, batch: list[str]) -> list[str]:
+        engaged = {
+            str(doc.get("customer"))
+            async for doc in self.collection.database["engagement"].find(
+                {
+                    "campaign": follow.campaign,
+                    "class": "human",
+                    "kind": {"$in": list(follow.kinds)},
+                    "customer": {"$in": batch},
+                },
+                {"customer": 1},
+            )
+        }
+        return [c for c in batch if c not in engaged]

@@ -27,6 +27,7 @@ STATE_COLLECTION = "reactor_state"
 # these top-level names...
 # Content too: its templates are compiled when armed, so an edit may arm or disarm a campaign.
 SCHEDULE_FIELDS = ["status", "startDate", "endDate", "targetedCustomerIds", "email", "sms"]
+SCHEDULE_FIELDS += ["variants", "abTest"]  # a split's decision timer and operator's winner
 # ...and these exact names (a release or takeover changes the owner and the epoch).
 EXECUTION_FIELDS = ["execution", "execution.owner", "execution.epoch", "execution.sendsDone"]
 

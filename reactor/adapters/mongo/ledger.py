@@ -195,6 +195,7 @@ def _operation(
         ("error", rec.error),
         ("reason", rec.reason),
         ("segments", rec.segments),
+        ("variant", rec.variant),
     ):
         if value is not None:
             fields[name] = value
