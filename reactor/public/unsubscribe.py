@@ -21,6 +21,7 @@ from aiohttp import web
 
 from ..domain.consent import (
     ALL_CHANNELS,
+    LINK_PREFIX,
     Kind,
     LinkScope,
     LinkSigner,
@@ -28,7 +29,10 @@ from ..domain.consent import (
     Reason,
     Suppression,
     TokenError,
+    default_claim,
+    link_claim,
     suppression_id,
+    undo_lift,
 )
 from ..domain.models import Channel
 from ..metrics import Metrics
@@ -72,33 +76,39 @@ class Unsubscribes:
         if address is not None:
             kind = Kind.EMAIL if scope.channel == Channel.EMAIL else Kind.PHONE
             entries.append(self._entry(kind, address, channel, scope))
+        # The campaign's counter counts links that hold a claim: an unsubscribe from this
+        # channel and then from everything through the same link is one unsubscribe.
+        claim = link_claim(scope.campaign, scope.channel)
+        before = await self._held(scope, address, claim)
         new = await self._suppressions.add(entries, now=self._clock.now())
         known_campaign = True
         if new:
             self._metrics.unsubscribes.labels(scope.channel, via).inc()
-            known_campaign = await self._actions.add_unsubscribes(scope.campaign, 1)
+            if not before:
+                known_campaign = await self._actions.add_unsubscribes(scope.campaign, 1)
         result = Result(bool(new), known_campaign, address is not None)
         self._record(scope, result, "unsubscribe" + ("_all" if everything else ""), via)
         return result
 
     async def undo(self, scope: LinkScope) -> Result:
-        """Lift what an unsubscribe through this recipient's links added (never a bounce, a
-        complaint or an operator's entry)."""
+        """Lift what an unsubscribe through a link of this campaign and channel added: never a
+        bounce, a complaint, a STOP, an operator's or an imported entry, or another link's."""
         address = await self._actions.delivered_to(scope.campaign, scope.channel, scope.customer)
-        kind = Kind.EMAIL if scope.channel == Channel.EMAIL else Kind.PHONE
-        ids = [
-            suppression_id(k, v, ch)
-            for k, v in ((Kind.CUSTOMER, scope.customer), (kind, address))
-            if v
-            for ch in (scope.channel, ALL_CHANNELS)
-        ]
-        removed = await self._suppressions.remove(ids, reasons=[Reason.UNSUBSCRIBED])
+        ids = _link_ids(scope, address)
+        lifted = await self._suppressions.lift(
+            ids, undo_lift(scope.campaign, scope.channel), now=self._clock.now()
+        )
         known_campaign = True
-        if removed:
+        if lifted:
             known_campaign = await self._actions.add_unsubscribes(scope.campaign, -1)
-        result = Result(removed > 0, known_campaign, address is not None)
+        result = Result(lifted > 0, known_campaign, address is not None)
         self._record(scope, result, "undo", "page")
         return result
+
+    async def _held(self, scope: LinkScope, address: str | None, claim: str) -> bool:
+        held = await self._suppressions.claims(_link_ids(scope, address))
+        legacy = default_claim(Reason.UNSUBSCRIBED.value, LINK_PREFIX + scope.campaign)
+        return any(c.get("key") in (claim, legacy) for cs in held.values() for c in cs)
 
     @staticmethod
     def _entry(kind: Kind, value: str, channel: str, scope: LinkScope) -> Suppression:
@@ -107,8 +117,9 @@ class Unsubscribes:
             value,
             channel,
             Reason.UNSUBSCRIBED,
-            source=f"link:{scope.campaign}",
+            source=f"{LINK_PREFIX}{scope.campaign}",
             campaign=scope.campaign,
+            claim=link_claim(scope.campaign, scope.channel),
         )
 
     def _record(self, scope: LinkScope, result: Result, action: str, via: str) -> None:
@@ -198,6 +209,18 @@ class UnsubscribeRoutes:
             await self._unsubscribes.undo(scope)
             return _html(pages.undone())
         raise web.HTTPBadRequest(text="Unknown action.\n")
+
+
+def _link_ids(scope: LinkScope, address: str | None) -> list[str]:
+    """The entries a link's unsubscribe may have made: its customer and address, in its
+    channel and in every channel."""
+    kind = Kind.EMAIL if scope.channel == Channel.EMAIL else Kind.PHONE
+    return [
+        suppression_id(k, v, ch)
+        for k, v in ((Kind.CUSTOMER, scope.customer), (kind, address))
+        if v
+        for ch in (scope.channel, ALL_CHANNELS)
+    ]
 
 
 def _html(body: str, *, status: int = 200) -> web.Response:
