@@ -323,7 +323,7 @@ class Reactor:
             suppression_store,
             suppressions,
             MongoRecipientActions(db, s.campaigns_collection),
-            MongoFeedback(db, s.campaigns_collection),
+            MongoFeedback(db, s.campaigns_collection, dedupe_s=s.link_ttl_seconds),
             shards,
         )
 
@@ -347,6 +347,8 @@ class Reactor:
             webhooks=s.webhook_config(),
             feedback=parts.feedback,
             feedback_config=s.feedback_config(),
+            max_connections=s.public_max_connections,
+            nofile_target=s.public_nofile_target,
         )
         await self.public.start()
         log.info(

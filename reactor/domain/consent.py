@@ -266,6 +266,17 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def _unb64_strict(text: str) -> bytes:
+    """base64url without padding, in its one spelling: a length that no encoding has, or
+    trailing bits that are not zero (other spellings of the same bytes), is refused."""
+    if len(text) % 4 == 1:
+        raise ValueError("not base64url")
+    data = _unb64(text)
+    if _b64(data) != text:
+        raise ValueError("not the canonical base64url of its bytes")
+    return data
+
+
 MAX_TOKEN_CHARS = 1024
 _B64URL = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -308,7 +319,7 @@ class LinkSigner:
         if key is None:
             raise TokenError("unknown_key")
         try:
-            given = _unb64(signature)
+            given = _unb64_strict(signature)
         except (binascii.Error, ValueError):
             raise TokenError("malformed") from None
         if not hmac.compare_digest(given, self._mac(key, f"v1.{key_id}.{body}")):
@@ -363,8 +374,15 @@ def parse_old_keys(text: str) -> list[LinkKey]:
             raise ValueError(f"old key {key_id!r}: retired-at is not ISO 8601") from None
         if retired_at.tzinfo is None:
             raise ValueError(f"old key {key_id!r}: retired-at needs a time zone (use Z)")
+        if len(secret.encode()) < MIN_SECRET_BYTES:
+            raise ValueError(f"old key {key_id!r}: its secret must be at least 32 bytes")
+        if any(k.key_id == key_id for k in keys):
+            raise ValueError(f"old key {key_id!r} is listed twice")
         keys.append(LinkKey(key_id, secret.encode(), retired_at.astimezone(dt.UTC)))
     return keys
+
+
+MIN_SECRET_BYTES = 32
 
 
 def reasons_by_customer(

@@ -39,6 +39,7 @@ from ..metrics import Metrics
 from ..ports import Clock
 from . import pages
 from .forms import read_form
+from .logsample import SampledLog
 from .ports import RecipientActions, SuppressionWriter
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,7 @@ class UnsubscribeRoutes:
         metrics: Metrics,
     ) -> None:
         self._signer = signer
+        self._refusals = SampledLog(log)
         self._unsubscribes = unsubscribes
         self._actions = actions
         self._clock = clock
@@ -180,7 +182,9 @@ class UnsubscribeRoutes:
             )
         except TokenError as exc:
             self._metrics.link_rejected.labels(exc.why).inc()
-            log.warning("refused a link token (%s) from %s", exc.why, request.remote)
+            self._refusals.warning(
+                exc.why, "refused a link token (%s) from %s", exc.why, ascii(request.remote)
+            )
             return None
 
     async def page(self, request: web.Request) -> web.Response:
