@@ -198,13 +198,6 @@ class Settings(BaseSettings):
             raise ValueError("must be at least 32 bytes (e.g. `openssl rand -hex 32`)")
         return value
 
-    @field_validator("link_old_keys")
-    @classmethod
-    def _valid_old_keys(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None:
-            parse_old_keys(value.get_secret_value())  # raises ValueError without the secrets
-        return value
-
     @field_validator("webhook_token", "postmark_webhook_password")
     @classmethod
     def _strong_token(cls, value: SecretStr | None) -> SecretStr | None:
@@ -226,6 +219,8 @@ class Settings(BaseSettings):
         if self.public_base_url and self.link_secret is None:
             raise ValueError("PUBLIC_BASE_URL needs LINK_SECRET to sign recipients' links")
         if self.link_old_keys is not None:
+            # Checked here, not in a field validator: pydantic's error for a field repeats its
+            # input (the secrets); a model validator's shows the model, whose secrets are masked.
             old = parse_old_keys(self.link_old_keys.get_secret_value())
             if any(k.key_id == self.link_key_id for k in old):
                 # It would verify new links with the old secret and refuse every one of them.
