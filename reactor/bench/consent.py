@@ -362,6 +362,13 @@ def figures(result: dict[str, Any]) -> list[Figure]:
         Figure("Sending rate flooded / alone", load["sending_ratio"], "", 0.9, ">="),
         Figure("Start lateness flooded - alone", load["lateness_delta_ms"], "ms", 100, "<="),
         Figure("Accept errors under the flood", load["accept_errors"], "", 0, "=="),
+        Figure(
+            "Flood requests answered per second (the load reached)",
+            load["flood"].get("answered_per_s", 0.0),
+            "req/s",
+            0.9 * rate,
+            ">=",
+        ),
     ]
 
 
