@@ -122,18 +122,12 @@ class MongoSuppressions:
         return result.deleted_count
 
     async def find(self, ids: Sequence[str]) -> dict[str, str]:
-        """{id: reason} of the given ids that are suppressed (the strongest claim's reason)."""
+        """{id: reason} of the given ids that are suppressed: the strongest claim's reason,
+        which every write keeps at the top level (so a send's check reads one field)."""
         if not ids:
             return {}
-        cursor = self.collection.find(
-            {"_id": {"$in": list(dict.fromkeys(ids))}}, {"reason": 1, "claims": 1}
-        )
-        out: dict[str, str] = {}
-        async for doc in cursor:
-            best = strongest(claims_of(doc))
-            if best is not None:
-                out[str(doc["_id"])] = str(best.get("reason", Reason.MANUAL))
-        return out
+        cursor = self.collection.find({"_id": {"$in": list(dict.fromkeys(ids))}}, {"reason": 1})
+        return {str(doc["_id"]): str(doc.get("reason") or Reason.MANUAL) async for doc in cursor}
 
     async def claims(self, ids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
         """{id: claims} of the given ids that are suppressed."""
