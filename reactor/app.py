@@ -349,6 +349,7 @@ class Reactor:
             feedback_config=s.feedback_config(),
             max_connections=s.public_max_connections,
             nofile_target=s.public_nofile_target,
+            undo_window_s=s.link_undo_window_seconds,
         )
         await self.public.start()
         log.info(

@@ -116,6 +116,7 @@ class Settings(BaseSettings):
     ses_sns_max_age_seconds: float = Field(3600.0, gt=0)
     public_max_connections: int = Field(1000, ge=1, le=1_000_000)
     public_nofile_target: int = Field(65536, ge=0)
+    link_undo_window_seconds: float = Field(7 * 86400.0, ge=0)  # 0: as long as the link lives
     soft_bounce_limit: int = Field(3, ge=1, le=100)
     complaint_rate_threshold: float = Field(0.001, gt=0, lt=1)
     complaint_min_emails: int = Field(1000, ge=1)

@@ -198,6 +198,26 @@ async def test_an_undo_is_scoped_to_its_link_and_counts_back_on_its_campaign(
     assert w.actions.unsubscribes == {"c1": 0, "c2": 0}
 
 
+async def test_an_undo_lifts_only_unsubscribes_inside_its_window_and_says_what_stands(
+    mongo: MongoTarget, client: Client, clock: FakeClock
+) -> None:
+    w = world(client[mongo.campaigns_db], clock)
+    await w.unsubscribe("c1", "email")
+    await clock.advance(8 * 86400)  # past the default 7-day undo window
+    result = await w.unsubscribes.undo(w.scope("c1", "email"))
+    assert (result.new, result.still_suppressed) == (False, True)
+    assert set(await w.store.find(every_id())) == set(link_ids("email")[::2])
+    assert w.actions.unsubscribes == {"c1": 1}
+    # Inside the window, the same link's undo lifts it, and nothing else stands.
+    await w.unsubscribe("c2", "email")
+    result = await w.unsubscribes.undo(w.scope("c2", "email"))
+    assert (result.new, result.still_suppressed) == (True, True)  # c1's older one stands
+    await w.store.remove(link_ids("email"))
+    await w.unsubscribe("c2", "email")
+    result = await w.unsubscribes.undo(w.scope("c2", "email"))
+    assert (result.new, result.still_suppressed) == (True, False)
+
+
 async def test_a_start_lifts_only_reply_stops_older_than_itself(
     mongo: MongoTarget, client: Client, clock: FakeClock
 ) -> None:

@@ -173,33 +173,39 @@ class Lift:
     before: dt.datetime | None = None
     legacy_keys: frozenset[str] = frozenset()
     legacy_channel: str | None = None
+    keys_since: dt.datetime | None = None  # `keys` and `legacy_keys` made at or after this only
 
     def lifts(self, entry_channel: str, claim: Mapping[str, Any]) -> bool:
         key = str(claim.get("key", ""))
-        if key in self.keys:
-            return True
-        if key in self.legacy_keys and entry_channel == self.legacy_channel:
-            return True
+        by_key = key in self.keys or (
+            key in self.legacy_keys and entry_channel == self.legacy_channel
+        )
+        if by_key:
+            return self.keys_since is None or not _before(claim.get("at"), self.keys_since)
         if str(claim.get("reason")) not in self.reasons:
             return False
         if not str(claim.get("source", "")).startswith(self.sources):
             return False
-        at = claim.get("at")
-        if self.before is None:
-            return True
-        if not isinstance(at, dt.datetime):
-            return False
-        if at.tzinfo is None:
-            at = at.replace(tzinfo=dt.UTC)
-        return at < self.before
+        return self.before is None or _before(claim.get("at"), self.before)
 
 
-def undo_lift(campaign: str, channel: str) -> Lift:
-    """What an undo through a link of (campaign, channel) lifts: that link's own unsubscribes."""
+def _before(at: object, instant: dt.datetime) -> bool:
+    """Whether a claim's time is before `instant` (a claim without a time is not)."""
+    if not isinstance(at, dt.datetime):
+        return False
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=dt.UTC)
+    return at < instant
+
+
+def undo_lift(campaign: str, channel: str, *, since: dt.datetime | None = None) -> Lift:
+    """What an undo through a link of (campaign, channel) lifts: that link's own unsubscribes,
+    and with `since` (now - LINK_UNDO_WINDOW_SECONDS) only those made since then."""
     return Lift(
         keys=frozenset({link_claim(campaign, channel)}),
         legacy_keys=frozenset({default_claim(Reason.UNSUBSCRIBED.value, LINK_PREFIX + campaign)}),
         legacy_channel=channel,
+        keys_since=since,
     )
 
 

@@ -27,7 +27,7 @@ from ..ports import Clock
 from .feedback import FeedbackConfig, FeedbackSink, FeedbackStore
 from .logsample import SampledLog
 from .ports import RecipientActions, SuppressionWriter
-from .unsubscribe import UnsubscribeRoutes, Unsubscribes
+from .unsubscribe import UNDO_WINDOW_S, UnsubscribeRoutes, Unsubscribes
 from .webhooks import WebhookConfig, WebhookRoutes
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class PublicServer:
         feedback_config: FeedbackConfig | None = None,
         max_connections: int = MAX_CONNECTIONS,
         nofile_target: int = NOFILE_TARGET,
+        undo_window_s: float = UNDO_WINDOW_S,
     ) -> None:
         self.host = host
         self.port = port
@@ -77,7 +78,9 @@ class PublicServer:
         self.cap: ConnectionCap | None = None
         self._accept_log = SampledLog(log)
         self._restore_handler: Callable[[], None] | None = None
-        self.unsubscribes = Unsubscribes(suppressions, actions, clock, metrics)
+        self.unsubscribes = Unsubscribes(
+            suppressions, actions, clock, metrics, undo_window_s=undo_window_s
+        )
         self._routes = UnsubscribeRoutes(links.signer, self.unsubscribes, actions, clock, metrics)
         self.webhooks: WebhookRoutes | None = None
         if webhooks is not None and feedback is not None:

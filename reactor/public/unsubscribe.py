@@ -14,6 +14,7 @@ asked; the id came from us) and is recorded in a log line and a metric.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from ..domain.consent import (
     Reason,
     Suppression,
     TokenError,
+    candidate_ids,
     default_claim,
     link_claim,
     suppression_id,
@@ -45,6 +47,7 @@ from .ports import RecipientActions, SuppressionWriter
 log = logging.getLogger(__name__)
 
 ONE_CLICK = ("List-Unsubscribe", "One-Click")
+UNDO_WINDOW_S = 7 * 86400.0  # LINK_UNDO_WINDOW_SECONDS: an undo lifts unsubscribes this recent
 MAX_FORM_BYTES = 4096
 
 
@@ -53,6 +56,7 @@ class Result:
     new: bool  # a suppression was added (or, for an undo, removed)
     known_campaign: bool
     known_customer: bool
+    still_suppressed: bool = False  # after an undo: something else still stops this channel
 
 
 class Unsubscribes:
@@ -64,11 +68,14 @@ class Unsubscribes:
         actions: RecipientActions,
         clock: Clock,
         metrics: Metrics,
+        *,
+        undo_window_s: float = UNDO_WINDOW_S,
     ) -> None:
         self._suppressions = suppressions
         self._actions = actions
         self._clock = clock
         self._metrics = metrics
+        self._undo_window_s = undo_window_s
 
     async def unsubscribe(self, scope: LinkScope, *, everything: bool, via: str) -> Result:
         channel = ALL_CHANNELS if everything else scope.channel
@@ -96,13 +103,20 @@ class Unsubscribes:
         bounce, a complaint, a STOP, an operator's or an imported entry, or another link's."""
         address = await self._actions.delivered_to(scope.campaign, scope.channel, scope.customer)
         ids = _link_ids(scope, address)
+        now = self._clock.now()
+        since = now - dt.timedelta(seconds=self._undo_window_s) if self._undo_window_s else None
         lifted = await self._suppressions.lift(
-            ids, undo_lift(scope.campaign, scope.channel), now=self._clock.now()
+            ids, undo_lift(scope.campaign, scope.channel, since=since), now=now
         )
         known_campaign = True
         if lifted:
             known_campaign = await self._actions.add_unsubscribes(scope.campaign, -1)
-        result = Result(lifted > 0, known_campaign, address is not None)
+        # What still stops this channel (a complaint, a STOP, another link's, an operator's,
+        # an unsubscribe older than the undo window): the page must not say "subscribed".
+        held = await self._suppressions.claims(
+            candidate_ids(scope.channel, scope.customer, address)
+        )
+        result = Result(lifted > 0, known_campaign, address is not None, bool(held))
         self._record(scope, result, "undo", "page")
         return result
 
@@ -210,7 +224,9 @@ class UnsubscribeRoutes:
             await self._unsubscribes.unsubscribe(scope, everything=everything, via="page")
             return _html(pages.done(scope.channel, everything))
         if action == "undo":
-            await self._unsubscribes.undo(scope)
+            result = await self._unsubscribes.undo(scope)
+            if result.still_suppressed:
+                return _html(pages.still_unsubscribed(scope.channel))
             return _html(pages.undone())
         raise web.HTTPBadRequest(text="Unknown action.\n")
 
