@@ -6,6 +6,12 @@ The listener is guarded the way an exposed port must be: a request's headers mus
 HEADER_TIMEOUT_S of the connection (or of the previous response), lines, headers and bodies are
 capped, and a malformed request is one log line naming the peer and the error, never a
 traceback carrying the client's bytes. Responses carry no server version.
+
+For the public port there is more (`ConnectionCap`, `raise_nofile_limit`,
+`one_line_accept_errors`): a cap on connections open at once (one more is answered 503 and
+closed before anything is read), the soft file limit raised at start, and asyncio's accept
+errors (out of file descriptors) turned from a traceback per attempt into a call the owner
+counts and logs as a sample. After a response, an unread body is drained for at most LINGER_S.
 """
 
 from __future__ import annotations
