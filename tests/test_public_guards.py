@@ -416,3 +416,28 @@ def test_the_shipped_edge_buffers_bodies_and_times_slow_ones_out() -> None:
     assert "request_buffers 256KB" in caddyfile  # bodies read whole before they go on
     assert "read_body 10s" in caddyfile
     assert "read_header 5s" in caddyfile
+
+
+def test_the_flood_figures_can_fail() -> None:
+    from reactor.bench.consent import figures
+
+    phase = {"one_click_p99_ms": 250.0, "one_clicks_landed": 99}
+    result = {
+        "unsubscribe_to_every_replica": {"p99_ms": 50.0, "sent_anyway": 0},
+        "suppression_check": {"checked_vs_unchecked": 0.95},
+        "under_flood": {
+            "held": 2000,
+            "rate_per_s": 1000.0,
+            "email_rate_per_s": 300.0,
+            "one_clicks": 100,
+            "flooded": phase,
+            "sending_ratio": 0.5,
+            "lateness_delta_ms": 150.0,
+            "accept_errors": 3,
+            "flood": {"answered_per_s": 480.0},
+        },
+    }
+    met = {f.name: f.met for f in figures(result)}
+    assert met["Unsubscribe on every replica, p99"] is True
+    missed = [name for name, ok in met.items() if ok is False]
+    assert len(missed) == 6  # p99, one missing, ratio, lateness, accept errors, the load reached
