@@ -239,6 +239,28 @@ async def test_a_start_lifts_only_reply_stops_older_than_itself(
     assert await w.store.find([phone_sms]) == {phone_sms: "sms_stop"}
 
 
+async def test_a_replayed_start_never_lifts_a_later_stop(
+    mongo: MongoTarget, client: Client, clock: FakeClock
+) -> None:
+    db = client[mongo.campaigns_db]
+    w = world(db, clock)
+    phone_sms = suppression_id(Kind.PHONE, PHONE, "sms")
+    assert await w.sink.sms_reply("SMstop1", PHONE, "STOP", stop=True)
+    await clock.advance(60)
+    assert await w.sink.sms_reply("SMstart1", PHONE, "START", stop=False)
+    assert await w.store.find([phone_sms]) == {}
+    await clock.advance(60)
+    assert await w.sink.sms_reply("SMstop2", PHONE, "STOP", stop=True)
+    # The captured START, replayed a year on: refused as seen, the later STOP stands.
+    await clock.advance(365 * 86400)
+    assert not await w.sink.sms_reply("SMstart1", PHONE, "START", stop=False)
+    assert await w.store.find([phone_sms]) == {phone_sms: "sms_stop"}
+    # Replies are kept for good: their record has no field the expiry index reads.
+    seen = await db.webhook_events.find_one({"_id": "twilio:inbound:SMstart1"})
+    assert seen is not None
+    assert "receivedAt" not in seen
+
+
 async def test_entries_written_before_claims_keep_working(
     mongo: MongoTarget, client: Client, clock: FakeClock
 ) -> None:

@@ -74,9 +74,12 @@ class MongoFeedback:
             )
 
     async def first_time(self, provider: str, event_id: str, now: dt.datetime) -> bool:
-        """Record the event; False when it was recorded before (a replay)."""
+        """Record a recipient's reply (STOP, START) for good; False when it was recorded
+        before (a replay). Replies are few, and Twilio's signature carries no time: a captured
+        START replayed at any later date must change nothing, so these are stored without
+        `receivedAt`, the field the expiry index reads (a document without it never expires)."""
         try:
-            await self.events.insert_one({"_id": f"{provider}:{event_id}", "receivedAt": now})
+            await self.events.insert_one({"_id": f"{provider}:{event_id}", "firstSeenAt": now})
         except DuplicateKeyError:
             return False
         return True
