@@ -15,11 +15,13 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import anyio
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pymongo import AsyncMongoClient
 
+from reactor.adapters.clock import SystemClock
 from reactor.adapters.mongo import MongoSuppressions
 from reactor.adapters.mongo.feedback import MongoFeedback
 from reactor.domain.consent import (
@@ -39,9 +41,11 @@ from reactor.metrics import Metrics
 from reactor.public.feedback import FeedbackConfig, FeedbackSink
 from reactor.public.unsubscribe import Unsubscribes
 from reactor.suppress_cli import entry as import_entry
+from reactor.suppression import SuppressionList
 
 from .conftest import MongoTarget
 from .fakes import FakeClock
+from .helpers import eventually, holds
 
 T = TypeVar("T")
 Client = AsyncMongoClient[dict[str, Any]]
@@ -495,3 +499,21 @@ async def test_an_array_literal_in_a_pipeline_update_is_evaluated_as_mongod_does
     doc = await coll.find_one({"_id": 1})
     assert doc is not None
     assert doc["y"] == ["a", 3, None, {"k": "a"}]
+
+
+async def test_every_replica_learns_an_entry_s_strongest_reason_as_it_changes(
+    mongo: MongoTarget, client: Client, clock: FakeClock
+) -> None:
+    w = world(client[mongo.campaigns_db], clock)
+    follower = SuppressionList(w.store, SystemClock(), Metrics(), max_await_ms=50)
+    email_id = suppression_id(Kind.EMAIL, EMAIL, "email")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(follower.follow)
+        await follower.opened.wait()
+        await w.unsubscribe("c1", "email")
+        await eventually(lambda: holds(follower.live.get(email_id) == "unsubscribed"), 5)
+        await w.email_event(Feedback.COMPLAINT)  # a claim added to the entry: an update
+        await eventually(lambda: holds(follower.live.get(email_id) == "complaint"), 5)
+        await w.store.remove([email_id])
+        await eventually(lambda: holds(email_id not in follower.live), 5)
+        tg.cancel_scope.cancel()

@@ -160,10 +160,14 @@ class MongoSuppressions:
     async def open(
         self, *, token: Mapping[str, Any] | None, start_at: Timestamp | None, max_await_ms: int
     ) -> AsyncChangeStream[dict[str, Any]]:
-        """A stream of inserts, replacements and deletes of entries (an update adds or lifts
-        a claim of an entry that stays: it stays suppressed, so followers need not see it)."""
-        pipeline = [{"$match": {"operationType": {"$in": ["insert", "replace", "delete"]}}}]
-        kwargs: dict[str, Any] = {"max_await_time_ms": max_await_ms}
+        """A stream of entries added, changed (a claim added or lifted: the entry stays, its
+        strongest reason may change; looked up whole) and removed."""
+        ops = ["insert", "replace", "update", "delete"]
+        pipeline = [{"$match": {"operationType": {"$in": ops}}}]
+        kwargs: dict[str, Any] = {
+            "max_await_time_ms": max_await_ms,
+            "full_document": "updateLookup",
+        }
         if token is not None:
             kwargs["resume_after"] = token
         elif start_at is not None:
