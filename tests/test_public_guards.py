@@ -32,6 +32,7 @@ from reactor.domain.consent import LinkKey, LinkSigner, Purpose, TokenError
 from reactor.embedded import tls
 from reactor.embedded.smtp_sink import SmtpSink
 from reactor.embedded.tls import make_test_pki
+from reactor.metrics import Metrics
 from reactor.public import forms
 from reactor.public.logsample import SampledLog
 from reactor.public.sns import SnsError, SnsVerifier
@@ -441,3 +442,30 @@ def test_the_flood_figures_can_fail() -> None:
     assert met["Unsubscribe on every replica, p99"] is True
     missed = [name for name, ok in met.items() if ok is False]
     assert len(missed) == 6  # p99, one missing, ratio, lateness, accept errors, the load reached
+
+
+def test_the_cap_is_lowered_to_leave_descriptors_for_the_pools(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from reactor.public import server as public_server
+
+    monkeypatch.setattr(public_server, "raise_nofile_limit", lambda target: (1024, 1024))
+    links = Settings(
+        mongo_uri="mongodb://x", public_base_url="https://m.example.com", link_secret="s" * 32
+    ).links()
+    assert links is not None
+    srv = public_server.PublicServer(
+        links=links,
+        suppressions=None,  # type: ignore[arg-type]
+        actions=None,  # type: ignore[arg-type]
+        clock=None,  # type: ignore[arg-type]
+        metrics=Metrics(),
+        host="127.0.0.1",
+        port=0,
+        max_connections=5000,
+    )
+    with caplog.at_level(logging.WARNING):
+        assert srv._connection_limit() == 1024 - public_server.FD_RESERVE
+    assert "raise `ulimit -n`" in caplog.text
+    srv.max_connections = 100
+    assert srv._connection_limit() == 100
