@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -44,24 +45,54 @@ aiohttp.web_response.SERVER_SOFTWARE = "campaign-reactor"  # type: ignore[attr-d
 
 class _OneLineErrors(logging.Filter):
     """aiohttp logs a bad request with its traceback (and the client's bytes in it): keep one
-    line with the error's type and the first, shortened, line of its message."""
+    line with the error's type and the first, shortened, line of its message, and at most one
+    such line per error type every BAD_REQUEST_SAMPLE_S (a flood of malformed requests is one
+    line, saying how many like it were left out; `dropped` counts them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+        self.dropped = 0
+
+    def reset(self) -> None:
+        """A listener starting: its first bad request of each kind is written."""
+        self._last.clear()
+        self._skipped.clear()
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and record.exc_info[1] is not None:
             exc = record.exc_info[1]
+            kind = type(exc).__name__
+            now = time.monotonic()
+            if now - self._last.get(kind, float("-inf")) < BAD_REQUEST_SAMPLE_S:
+                self._skipped[kind] = self._skipped.get(kind, 0) + 1
+                self.dropped += 1
+                return False
+            self._last[kind] = now
             text = str(exc).splitlines()[0] if str(exc) else ""
             peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
             record.msg = "bad request from %s: %s %s"
-            record.args = (peer, type(exc).__name__, ascii(text[:120]))
+            record.args = (peer, kind, ascii(text[:120]))
+            if skipped := self._skipped.pop(kind, 0):
+                record.msg += " (and %d more like it since the last line)"
+                record.args = (*record.args, skipped)
             record.exc_info = None
             record.exc_text = None
             record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
 
 
+BAD_REQUEST_SAMPLE_S = 10.0
+
+
 def edge_logger(name: str) -> logging.Logger:
     logger = logging.getLogger(name)
-    if not any(isinstance(f, _OneLineErrors) for f in logger.filters):
+    for f in logger.filters:
+        if isinstance(f, _OneLineErrors):
+            f.reset()
+            break
+    else:
         logger.addFilter(_OneLineErrors())
     return logger
 

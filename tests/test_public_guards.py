@@ -469,3 +469,25 @@ def test_the_cap_is_lowered_to_leave_descriptors_for_the_pools(
     assert "raise `ulimit -n`" in caplog.text
     srv.max_connections = 100
     assert srv._connection_limit() == 100
+
+
+async def test_a_flood_of_malformed_requests_is_one_line_per_kind(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def ready() -> dict[str, bool]:
+        return {"mongodb": True}
+
+    server = reactor_http.OpsServer(Metrics(), ready, "127.0.0.1", 0)
+    await server.start()
+    try:
+        with caplog.at_level(logging.DEBUG, logger="reactor.http"):
+            for i in range(20):
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+                writer.write(f"GET /\x00{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                answer = await asyncio.wait_for(reader.read(), 5)
+                writer.close()
+                assert answer.split(b" ", 2)[1] == b"400"
+        lines = [r for r in caplog.records if "bad request" in r.getMessage()]
+        assert len(lines) == 1
+    finally:
+        await server.stop()
