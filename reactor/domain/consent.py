@@ -5,7 +5,7 @@ the channel it covers (`email`, `sms` or `all`); its id is that key, so a send c
 lookup by id. Addresses are compared lower-cased (email) or in E.164 (phone): the same forms the
 send path validates to.
 
-Consent only gets stronger by accident-proof rules: an entry holds one *claim* per thing that
+Nothing weakens consent by accident: an entry holds one *claim* per thing that
 said "do not send" (a link's unsubscribe, a complaint, a hard bounce, a STOP, an operator, an
 import), each with its reason and time. Adding a claim never replaces another; the entry's
 reason is its strongest claim's (`rank`: complaint > hard bounce > STOP > operator > unsubscribe,
