@@ -345,7 +345,7 @@ class Reactor:
             suppression_store,
             suppressions,
             MongoRecipientActions(db, s.campaigns_collection),
-            MongoFeedback(db, s.campaigns_collection),
+            MongoFeedback(db, s.campaigns_collection, dedupe_s=s.link_ttl_seconds),
             shards,
         )
 
@@ -406,6 +406,9 @@ class Reactor:
             webhooks=s.webhook_config(),
             feedback=parts.feedback,
             feedback_config=s.feedback_config(),
+            max_connections=s.public_max_connections,
+            nofile_target=s.public_nofile_target,
+            undo_window_s=s.link_undo_window_seconds,
         )
         await self.public.start()
         log.info(

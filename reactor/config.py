@@ -112,6 +112,12 @@ class Settings(BaseSettings):
     postmark_webhook_username: str | None = None
     postmark_webhook_password: SecretStr | None = None
     webhook_token: SecretStr | None = None
+    # Consent and the public listener's guards (issue 23).
+    ses_sns_cert_subject: str | None = None
+    ses_sns_max_age_seconds: float = Field(3600.0, gt=0)
+    public_max_connections: int = Field(1000, ge=1, le=1_000_000)
+    public_nofile_target: int = Field(65536, ge=0)
+    link_undo_window_seconds: float = Field(7 * 86400.0, ge=0)  # 0: as long as the link lives
     soft_bounce_limit: int = Field(3, ge=1, le=100)
     complaint_rate_threshold: float = Field(0.001, gt=0, lt=1)
     complaint_min_emails: int = Field(1000, ge=1)
@@ -220,13 +226,6 @@ class Settings(BaseSettings):
             raise ValueError("must be at least 32 bytes (e.g. `openssl rand -hex 32`)")
         return value
 
-    @field_validator("link_old_keys")
-    @classmethod
-    def _valid_old_keys(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None:
-            parse_old_keys(value.get_secret_value())  # raises ValueError without the secrets
-        return value
-
     @field_validator("webhook_token", "postmark_webhook_password")
     @classmethod
     def _strong_token(cls, value: SecretStr | None) -> SecretStr | None:
@@ -247,6 +246,16 @@ class Settings(BaseSettings):
     def _check_links(self) -> Settings:
         if self.public_base_url and self.link_secret is None:
             raise ValueError("PUBLIC_BASE_URL needs LINK_SECRET to sign recipients' links")
+        if self.link_old_keys is not None:
+            # Checked here, not in a field validator: pydantic's error for a field repeats its
+            # input (the secrets); a model validator's shows the model, whose secrets are masked.
+            old = parse_old_keys(self.link_old_keys.get_secret_value())
+            if any(k.key_id == self.link_key_id for k in old):
+                # It would verify new links with the old secret and refuse every one of them.
+                raise ValueError(
+                    f"LINK_OLD_KEYS reuses LINK_KEY_ID {self.link_key_id!r}: give the new "
+                    "secret a new key id"
+                )
         return self
 
     @model_validator(mode="after")
@@ -364,6 +373,8 @@ class Settings(BaseSettings):
             ),
             ses_cert_host=self.ses_sns_cert_host,
             ses_ca_file=self.ses_sns_ca_file,
+            ses_cert_subject=self.ses_sns_cert_subject,
+            ses_max_age_s=self.ses_sns_max_age_seconds,
             sendgrid_public_key=self.sendgrid_webhook_public_key,
             postmark_username=self.postmark_webhook_username,
             postmark_password=self.postmark_webhook_password,

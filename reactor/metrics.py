@@ -301,6 +301,24 @@ class Metrics:
             ["variant"],
             registry=r,
         )
+        # The public listener under load (issue 23).
+        self.public_connections = Gauge(
+            "reactor_public_connections",
+            "Connections open to the public listener now.",
+            registry=r,
+        )
+        self.public_connections_refused = Counter(
+            "reactor_public_connections_refused",
+            "Connections to the public listener refused (503) because PUBLIC_MAX_CONNECTIONS "
+            "were open.",
+            registry=r,
+        )
+        self.accept_errors = Counter(
+            "reactor_accept_errors",
+            "Connections the process could not accept (out of file descriptors or memory).",
+            ["errno"],
+            registry=r,
+        )
         self.build_info = Info("reactor_build", "Reactor build information.", registry=r)
         self.build_info.info({"version": __version__, "python": platform.python_version()})
         # Materialise the label sets dashboards and alerts read, so queries see 0, not no data.

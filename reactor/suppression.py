@@ -150,8 +150,10 @@ class SuppressionList:
             if self.on_entry is not None:
                 self.on_entry(key, None)
             return
+        # An insert, or an update looked up whole (None when the entry was removed since: it
+        # stays suppressed here until its delete event, which comes next).
         doc = event.get("fullDocument") or {}
-        reason = str(doc.get("reason", "manual"))
+        reason = str(doc.get("reason") or "manual")
         if len(self.live) >= self._live_cap:
             self.live.clear()
             self._lost("overflow")

@@ -181,7 +181,8 @@ async def test_the_page_unsubscribes_from_everything_and_undo_lifts_only_its_own
             assert suppression_id("customer", "2", "all") in ids
             assert suppression_id("email", "c2@example.com", "all") in ids
             async with http.post(url, data={"action": "undo"}) as r:
-                assert "subscribed again" in await r.text()
+                # The bounce still stops email: the page must not say "subscribed again".
+                assert "You are still unsubscribed" in await r.text()
         left = await suppressions(client, mongo)
         assert [(e["reason"], e["channel"]) for e in left] == [("hard_bounce", "email")]
         doc = await client[mongo.campaigns_db].campaigns.find_one({"_id": cid})

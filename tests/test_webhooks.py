@@ -131,7 +131,8 @@ def webhook_settings(
         twilio,
         **public(
             ses_sns_topic_arns=TOPIC,
-            ses_sns_cert_host=r"^127\.0\.0\.1$",
+            ses_sns_cert_host=r"^127\.0\.0\.1:[0-9]+$",
+            ses_sns_cert_subject=r"^localhost$",
             ses_sns_ca_file=str(pki.ca),
             webhook_token=TOKEN,
             postmark_webhook_username="postmark",
@@ -178,7 +179,7 @@ async def test_ses_bounces_and_complaints_through_signed_sns(
                 "TopicArn": TOPIC,
                 "Message": "You have chosen to subscribe",
                 "SubscribeURL": f"{base}/confirm?Token=tok-1",
-                "Timestamp": "2026-12-01T00:00:00.000Z",
+                "Timestamp": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z"),
                 "SigningCertURL": f"{base}/SimpleNotificationService-test.pem",
             },
             pki.impostor_key,

@@ -1,9 +1,17 @@
 """Consent: who may not be sent to, and the signed links that let recipients say so.
 
 A suppression is keyed by what it names (a customer id, an email address or a phone number) and
-the channel it covers (`email`, `sms` or `all`); its id is that key, so adding the same one twice
-is one entry and a send checks it with a lookup by id. Addresses are compared lower-cased (email)
-or in E.164 (phone): the same forms the send path validates to.
+the channel it covers (`email`, `sms` or `all`); its id is that key, so a send checks it with a
+lookup by id. Addresses are compared lower-cased (email) or in E.164 (phone): the same forms the
+send path validates to.
+
+Nothing weakens consent by accident: an entry holds one *claim* per thing that
+said "do not send" (a link's unsubscribe, a complaint, a hard bounce, a STOP, an operator, an
+import), each with its reason and time. Adding a claim never replaces another; the entry's
+reason is its strongest claim's (`rank`: complaint > hard bounce > STOP > operator > unsubscribe,
+and for one reason an operator's or an import's outranks a link's). Lifting takes away only the
+claims a rule names (a link's undo: that link's own; a START: STOPs older than itself); the
+entry is gone only when no claim is left.
 
 A link token carries its scope (campaign, customer, channel, purpose) and when it was issued,
 signed with HMAC-SHA256 under a key id, so a secret can be rotated while links signed with the
@@ -25,6 +33,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from .models import Channel
 
@@ -56,6 +65,37 @@ def suppression_id(kind: Kind | str, value: str, channel: str) -> str:
     return f"{Kind(kind).value}:{channel}:{normalise_value(kind, value)}"
 
 
+_STRENGTH = {
+    Reason.UNSUBSCRIBED: 1,
+    Reason.MANUAL: 2,
+    Reason.SMS_STOP: 3,
+    Reason.HARD_BOUNCE: 4,
+    Reason.COMPLAINT: 5,
+}
+LINK_PREFIX = "link:"
+
+
+def rank(reason: str, source: str) -> int:
+    """How strong a claim is: by reason, and for one reason a link's below anyone else's."""
+    try:
+        strength = _STRENGTH[Reason(reason)]
+    except ValueError:
+        strength = _STRENGTH[Reason.MANUAL]  # a reason this version does not know: an operator's
+    return 2 * strength + (0 if source.startswith(LINK_PREFIX) else 1)
+
+
+def link_claim(campaign: str, channel: str) -> str:
+    """The claim a link's unsubscribe makes: its campaign and its channel, so that only an undo
+    through a link of the same campaign and channel lifts it."""
+    return f"{LINK_PREFIX}{campaign}:{channel}"
+
+
+def default_claim(reason: str, source: str) -> str:
+    """The claim of an entry made by anyone but a link (and of entries written before claims:
+    their one reason and source)."""
+    return f"{reason}:{source}"
+
+
 @dataclass(frozen=True)
 class Suppression:
     kind: Kind
@@ -65,6 +105,7 @@ class Suppression:
     source: str  # who said so: "link:<campaign>", "cli", "import", a provider
     campaign: str | None = None
     note: str | None = None
+    claim: str | None = None  # default: reason:source (see `default_claim`)
 
     def __post_init__(self) -> None:
         if self.channel not in CHANNEL_SCOPES:
@@ -75,6 +116,107 @@ class Suppression:
     @property
     def id(self) -> str:
         return suppression_id(self.kind, self.value, self.channel)
+
+    @property
+    def claim_key(self) -> str:
+        return self.claim or default_claim(self.reason.value, self.source)
+
+    @property
+    def rank(self) -> int:
+        return rank(self.reason.value, self.source)
+
+
+def legacy_claim(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """The one claim of an entry written before entries had claims."""
+    reason = str(doc.get("reason") or Reason.MANUAL.value)
+    source = str(doc.get("source") or "legacy")
+    claim: dict[str, Any] = {
+        "key": default_claim(reason, source),
+        "reason": reason,
+        "rank": rank(reason, source),
+        "source": source,
+        "at": doc.get("createdAt"),
+    }
+    for name in ("campaign", "note"):
+        if doc.get(name) is not None:
+            claim[name] = doc[name]
+    return claim
+
+
+def claims_of(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """An entry's claims, whichever version wrote it."""
+    claims = doc.get("claims")
+    if isinstance(claims, list):
+        return [c for c in claims if isinstance(c, dict)]
+    return [legacy_claim(doc)] if doc.get("reason") is not None else []
+
+
+def strongest(claims: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The claim that decides an entry's reason: the highest rank, the earliest on a tie."""
+    best: Mapping[str, Any] | None = None
+    for c in claims:
+        if best is None or int(c.get("rank", 0)) > int(best.get("rank", 0)):
+            best = c
+    return best
+
+
+@dataclass(frozen=True)
+class Lift:
+    """Which claims a lift takes away: those whose key is in `keys`, or whose reason is in
+    `reasons` with a source `sources` admits (a prefix match) and a time before `before`.
+    `legacy_keys` are lifted only from entries of `legacy_channel` (entries written before
+    claims did not record which link's channel made them)."""
+
+    keys: frozenset[str] = frozenset()
+    reasons: frozenset[str] = frozenset()
+    sources: tuple[str, ...] = ()
+    before: dt.datetime | None = None
+    legacy_keys: frozenset[str] = frozenset()
+    legacy_channel: str | None = None
+    keys_since: dt.datetime | None = None  # `keys` and `legacy_keys` made at or after this only
+
+    def lifts(self, entry_channel: str, claim: Mapping[str, Any]) -> bool:
+        key = str(claim.get("key", ""))
+        by_key = key in self.keys or (
+            key in self.legacy_keys and entry_channel == self.legacy_channel
+        )
+        if by_key:
+            return self.keys_since is None or not _before(claim.get("at"), self.keys_since)
+        if str(claim.get("reason")) not in self.reasons:
+            return False
+        if not str(claim.get("source", "")).startswith(self.sources):
+            return False
+        return self.before is None or _before(claim.get("at"), self.before)
+
+
+def _before(at: object, instant: dt.datetime) -> bool:
+    """Whether a claim's time is before `instant` (a claim without a time is not)."""
+    if not isinstance(at, dt.datetime):
+        return False
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=dt.UTC)
+    return at < instant
+
+
+def undo_lift(campaign: str, channel: str, *, since: dt.datetime | None = None) -> Lift:
+    """What an undo through a link of (campaign, channel) lifts: that link's own unsubscribes,
+    and with `since` (now - LINK_UNDO_WINDOW_SECONDS) only those made since then."""
+    return Lift(
+        keys=frozenset({link_claim(campaign, channel)}),
+        legacy_keys=frozenset({default_claim(Reason.UNSUBSCRIBED.value, LINK_PREFIX + campaign)}),
+        legacy_channel=channel,
+        keys_since=since,
+    )
+
+
+# Sources whose STOPs a recipient's START lifts: their own replies and Twilio's 21610 refusals
+# (a STOP Twilio holds); never an operator's or an imported STOP.
+START_LIFTS_SOURCES = ("twilio", "send:")
+
+
+def start_lift(at: dt.datetime) -> Lift:
+    """What an inbound START received at `at` lifts: STOPs from replies older than itself."""
+    return Lift(reasons=frozenset({Reason.SMS_STOP.value}), sources=START_LIFTS_SOURCES, before=at)
 
 
 def candidate_ids(channel: str, customer: str, address: str | None) -> list[str]:
@@ -130,6 +272,17 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def _unb64_strict(text: str) -> bytes:
+    """base64url without padding, in its one spelling: a length that no encoding has, or
+    trailing bits that are not zero (other spellings of the same bytes), is refused."""
+    if len(text) % 4 == 1:
+        raise ValueError("not base64url")
+    data = _unb64(text)
+    if _b64(data) != text:
+        raise ValueError("not the canonical base64url of its bytes")
+    return data
+
+
 MAX_TOKEN_CHARS = 1024
 _B64URL = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -172,7 +325,7 @@ class LinkSigner:
         if key is None:
             raise TokenError("unknown_key")
         try:
-            given = _unb64(signature)
+            given = _unb64_strict(signature)
         except (binascii.Error, ValueError):
             raise TokenError("malformed") from None
         if not hmac.compare_digest(given, self._mac(key, f"v1.{key_id}.{body}")):
@@ -227,8 +380,15 @@ def parse_old_keys(text: str) -> list[LinkKey]:
             raise ValueError(f"old key {key_id!r}: retired-at is not ISO 8601") from None
         if retired_at.tzinfo is None:
             raise ValueError(f"old key {key_id!r}: retired-at needs a time zone (use Z)")
+        if len(secret.encode()) < MIN_SECRET_BYTES:
+            raise ValueError(f"old key {key_id!r}: its secret must be at least 32 bytes")
+        if any(k.key_id == key_id for k in keys):
+            raise ValueError(f"old key {key_id!r} is listed twice")
         keys.append(LinkKey(key_id, secret.encode(), retired_at.astimezone(dt.UTC)))
     return keys
+
+
+MIN_SECRET_BYTES = 32
 
 
 def reasons_by_customer(

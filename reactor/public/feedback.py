@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..domain.consent import Kind, Reason, Suppression, suppression_id
+from ..domain.consent import ALL_CHANNELS, Kind, Reason, Suppression, start_lift, suppression_id
 from ..domain.feedback import SMS_FINAL, Feedback, FeedbackEvent
 from ..domain.models import Channel
 from ..metrics import Metrics
@@ -185,8 +185,10 @@ class FeedbackSink:
             if new and where is not None:
                 await self._store.count(where[0], {"smsStops": 1})
         else:
-            ids = [suppression_id(Kind.PHONE, phone, ch) for ch in (Channel.SMS, "all")]
-            await self._suppressions.remove(ids, reasons=[Reason.SMS_STOP])
+            # A START lifts only STOPs received before it (a STOP that came later stands, even
+            # if a START sent earlier arrives after it) and never an operator's or an import's.
+            ids = [suppression_id(Kind.PHONE, phone, ch) for ch in (Channel.SMS, ALL_CHANNELS)]
+            await self._suppressions.lift(ids, start_lift(now), now=now)
         log.info("📵 SMS %s from a recipient: %s", "opt-out" if stop else "opt-in", word)
         return True
 

@@ -75,6 +75,19 @@ def undone() -> str:
     )
 
 
+def still_unsubscribed(channel: str) -> str:
+    """After an undo that leaves the recipient suppressed (an earlier or stronger request, or
+    their provider's): it says so, and not why."""
+    words = _CHANNEL_WORDS.get(channel, "messages")
+    return _page(
+        "Still unsubscribed",
+        '<h1 data-testid="state">You are still unsubscribed</h1>'
+        f"<p>We will not send you {html.escape(words)}: an earlier request to stop, or your "
+        "provider's, still stands, and a link cannot undo it. To receive them again, contact "
+        "us.</p>",
+    )
+
+
 def invalid() -> str:
     """The same page for any link that does not check out: it says nothing about why."""
     return _page(

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
-from ..domain.consent import Suppression
+from ..domain.consent import Lift, Suppression
 
 
 class SuppressionWriter(Protocol):
     async def add(self, entries: Sequence[Suppression], *, now: dt.datetime) -> list[str]: ...
-    async def remove(self, ids: Sequence[str], *, reasons: Sequence[str] | None = None) -> int: ...
+    async def lift(self, ids: Sequence[str], rule: Lift, *, now: dt.datetime) -> int: ...
+    async def claims(self, ids: Sequence[str]) -> dict[str, list[dict[str, Any]]]: ...
 
 
 class RecipientActions(Protocol):

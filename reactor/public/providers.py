@@ -11,11 +11,17 @@ from typing import Any
 from ..domain.feedback import Feedback, FeedbackEvent
 
 
-def _json(body: bytes) -> Any:
+def parse_json(body: bytes | str) -> Any:
+    """JSON from an untrusted body: ValueError for anything that is not JSON, including
+    nesting deep enough to exhaust the parser's recursion (`[` x 200,000), which must be a 400
+    before any signature is checked, not a 500."""
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise ValueError("not JSON") from None
+
+
+_json = parse_json
 
 
 def _str(value: Any) -> str:

@@ -8,23 +8,34 @@ leaking the link's token in a Referer.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from ..domain.consent import Links
-from ..http import guarded_application, start_site
+from ..http import (
+    ConnectionCap,
+    guarded_application,
+    one_line_accept_errors,
+    raise_nofile_limit,
+    start_site,
+)
 from ..metrics import Metrics
 from ..ports import Clock
 from .feedback import FeedbackConfig, FeedbackSink, FeedbackStore
+from .logsample import SampledLog
 from .ports import RecipientActions, SuppressionWriter
-from .unsubscribe import UnsubscribeRoutes, Unsubscribes
+from .unsubscribe import UNDO_WINDOW_S, UnsubscribeRoutes, Unsubscribes
 from .webhooks import WebhookConfig, WebhookRoutes
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 256 * 1024  # the largest any route accepts; each route caps lower
+MAX_CONNECTIONS = 1000  # PUBLIC_MAX_CONNECTIONS
+NOFILE_TARGET = 65536  # PUBLIC_NOFILE_TARGET: the soft file limit asked for at start
+FD_RESERVE = 256  # descriptors kept for MongoDB, SMTP and Twilio pools, files, the ops port
 
 _HEADERS = {
     "Cache-Control": "no-store",
@@ -55,18 +66,28 @@ class PublicServer:
         webhooks: WebhookConfig | None = None,
         feedback: FeedbackStore | None = None,
         feedback_config: FeedbackConfig | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+        nofile_target: int = NOFILE_TARGET,
+        undo_window_s: float = UNDO_WINDOW_S,
     ) -> None:
         self.host = host
         self.port = port
         self._metrics = metrics
-        self.unsubscribes = Unsubscribes(suppressions, actions, clock, metrics)
+        self.max_connections = max_connections
+        self._nofile_target = nofile_target
+        self.cap: ConnectionCap | None = None
+        self._accept_log = SampledLog(log)
+        self._restore_handler: Callable[[], None] | None = None
+        self.unsubscribes = Unsubscribes(
+            suppressions, actions, clock, metrics, undo_window_s=undo_window_s
+        )
         self._routes = UnsubscribeRoutes(links.signer, self.unsubscribes, actions, clock, metrics)
         self.webhooks: WebhookRoutes | None = None
         if webhooks is not None and feedback is not None:
             sink = FeedbackSink(
                 feedback, suppressions, clock, metrics, feedback_config or FeedbackConfig()
             )
-            self.webhooks = WebhookRoutes(webhooks, sink, metrics)
+            self.webhooks = WebhookRoutes(webhooks, sink, metrics, clock)
         self._runner: web.AppRunner | None = None
 
     def application(self) -> web.Application:
@@ -81,11 +102,46 @@ class PublicServer:
         return web.Response(text="ok\n")
 
     async def start(self) -> None:
+        self.cap = ConnectionCap(
+            self._connection_limit(),
+            on_change=self._metrics.public_connections.set,
+            on_refused=self._metrics.public_connections_refused.inc,
+        )
+        self._restore_handler = one_line_accept_errors(
+            asyncio.get_running_loop(), self._accept_error
+        )
         self._runner, self.port = await start_site(
-            self.application(), self.host, self.port, logger="reactor.public"
+            self.application(), self.host, self.port, logger="reactor.public", cap=self.cap
+        )
+
+    def _connection_limit(self) -> int:
+        """PUBLIC_MAX_CONNECTIONS, after raising the soft file limit; lowered (with a warning)
+        when the limit cannot leave FD_RESERVE descriptors for the database and the senders'
+        pools, so that a flood of held connections never starves them."""
+        soft, hard = raise_nofile_limit(self._nofile_target)
+        limit = self.max_connections
+        if soft - FD_RESERVE < limit:
+            limit = max(1, soft - FD_RESERVE)
+            log.warning(
+                "the file limit (%d, hard %d) leaves room for %d public connections, not %d: "
+                "raise `ulimit -n`",
+                soft,
+                hard,
+                limit,
+                self.max_connections,
+            )
+        return limit
+
+    def _accept_error(self, name: str) -> None:
+        self._metrics.accept_errors.labels(name).inc()
+        self._accept_log.warning(
+            f"accept:{name}", "could not accept a connection (%s): retrying in a second", name
         )
 
     async def stop(self) -> None:
+        if self._restore_handler is not None:
+            self._restore_handler()
+            self._restore_handler = None
         if self.webhooks is not None:
             await self.webhooks.aclose()
         if self._runner is not None:

@@ -20,10 +20,10 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qsl
 
 from aiohttp import web
@@ -37,10 +37,12 @@ from ..batching import GroupCommit
 from ..domain.consent import callback_delivery
 from ..domain.feedback import START_WORDS, STOP_WORDS, FeedbackEvent, keyword
 from ..metrics import Metrics
+from ..ports import Clock
 from .feedback import FeedbackSink, Receipt
 from .forms import read_body
-from .providers import generic_events, postmark_events, sendgrid_events, ses_events
-from .sns import SnsError, SnsVerifier
+from .logsample import SampledLog
+from .providers import generic_events, parse_json, postmark_events, sendgrid_events, ses_events
+from .sns import DEFAULT_MAX_AGE_S, SnsError, SnsVerifier
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,8 @@ class WebhookConfig:
     ses_topics: frozenset[str] = frozenset()
     ses_cert_host: str | None = None
     ses_ca_file: str | None = None
+    ses_cert_subject: str | None = None
+    ses_max_age_s: float = DEFAULT_MAX_AGE_S
     sendgrid_public_key: str | None = None
     postmark_username: str | None = None
     postmark_password: SecretStr | None = None
@@ -96,15 +100,30 @@ def load_ec_key(text: str) -> ec.EllipticCurvePublicKey:
 
 
 class WebhookRoutes:
-    def __init__(self, config: WebhookConfig, sink: FeedbackSink, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        config: WebhookConfig,
+        sink: FeedbackSink,
+        metrics: Metrics,
+        clock: Clock | None = None,
+    ) -> None:
         self._config = config
         self._sink = sink
         self._metrics = metrics
+        self._refusals = SampledLog(log)
+        pins: dict[str, Any] = {}
+        if config.ses_cert_host:
+            pins["cert_host"] = config.ses_cert_host
+        if config.ses_cert_subject:
+            pins["cert_subject"] = config.ses_cert_subject
+        if clock is not None:
+            pins["now"] = clock.now
         self._sns = (
             SnsVerifier(
                 config.ses_topics,
-                **({"cert_host": config.ses_cert_host} if config.ses_cert_host else {}),
+                **pins,
                 ca_file=config.ses_ca_file,
+                max_age_s=config.ses_max_age_s,
             )
             if config.ses_topics
             else None
@@ -148,7 +167,7 @@ class WebhookRoutes:
         body = await read_body(request, MAX_WEBHOOK_BYTES)
         assert self._sns is not None
         try:
-            message = json.loads(body)
+            message = parse_json(body)
             if not isinstance(message, dict):
                 raise ValueError
         except ValueError:
@@ -273,7 +292,7 @@ class WebhookRoutes:
 
     def _reject(self, provider: str, why: str, *, status: int = 403) -> web.Response:
         self._metrics.webhook_rejected.labels(provider, why).inc()
-        log.warning("refused a %s webhook call: %s", provider, why)
+        self._refusals.warning(f"{provider}:{why}", "refused a %s webhook call: %s", provider, why)
         return web.Response(text="refused\n", status=status)
 
 

@@ -23,6 +23,9 @@ from .actions import campaign_id_variants
 from .feed import STATE_COLLECTION
 from .pipeline import NOW, document_or_empty, literal
 
+DEDUPE_S = 180 * 86400  # the default LINK_TTL_SECONDS
+DEDUPE_INDEX = "receivedAt_ttl"
+
 
 def _later(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     at, bt = a.get("updatedAt"), b.get("updatedAt")
@@ -30,7 +33,14 @@ def _later(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 
 class MongoFeedback:
-    def __init__(self, db: AsyncDatabase[dict[str, Any]], campaigns_collection: str) -> None:
+    def __init__(
+        self,
+        db: AsyncDatabase[dict[str, Any]],
+        campaigns_collection: str,
+        *,
+        dedupe_s: float = DEDUPE_S,
+    ) -> None:
+        self.dedupe_s = int(dedupe_s)
         self.events: AsyncCollection[dict[str, Any]] = db["webhook_events"]
         self.deliveries: AsyncCollection[dict[str, Any]] = db["deliveries"]
         self.bounces: AsyncCollection[dict[str, Any]] = db["bounce_counts"]
@@ -38,10 +48,7 @@ class MongoFeedback:
         self.state: AsyncCollection[dict[str, Any]] = db[STATE_COLLECTION]
 
     async def ensure_indexes(self) -> None:
-        # Replays come within days; a week of event ids is kept (TTL).
-        await self.events.create_index(
-            "receivedAt", name="receivedAt_ttl", expireAfterSeconds=7 * 86400
-        )
+        await self._dedupe_index()
         await self.deliveries.create_index(
             [("providerId", ASCENDING)], name="providerId", sparse=True
         )
@@ -49,10 +56,30 @@ class MongoFeedback:
             [("to", ASCENDING), ("updatedAt", DESCENDING)], name="to_updatedAt"
         )
 
+    async def _dedupe_index(self) -> None:
+        """Event ids are kept as long as links live (LINK_TTL_SECONDS): a captured call replayed
+        any time a link could still be used changes nothing. An index made with another expiry
+        (an earlier version kept a week) is changed in place."""
+        existing = {i["name"]: i async for i in await self.events.list_indexes()}
+        held = existing.get(DEDUPE_INDEX, {}).get("expireAfterSeconds")
+        if held is None:
+            await self.events.create_index(
+                "receivedAt", name=DEDUPE_INDEX, expireAfterSeconds=self.dedupe_s
+            )
+        elif int(held) != self.dedupe_s:
+            await self.events.database.command(
+                "collMod",
+                self.events.name,
+                index={"name": DEDUPE_INDEX, "expireAfterSeconds": self.dedupe_s},
+            )
+
     async def first_time(self, provider: str, event_id: str, now: dt.datetime) -> bool:
-        """Record the event; False when it was recorded before (a replay)."""
+        """Record a recipient's reply (STOP, START) for good; False when it was recorded
+        before (a replay). Replies are few, and Twilio's signature carries no time: a captured
+        START replayed at any later date must change nothing, so these are stored without
+        `receivedAt`, the field the expiry index reads (a document without it never expires)."""
         try:
-            await self.events.insert_one({"_id": f"{provider}:{event_id}", "receivedAt": now})
+            await self.events.insert_one({"_id": f"{provider}:{event_id}", "firstSeenAt": now})
         except DuplicateKeyError:
             return False
         return True

@@ -190,6 +190,10 @@ def _install_extra_expressions() -> None:
     parse = parser.parse
 
     def parse_extra(self: Any, expression: Any) -> Any:
+        if type(expression) is list:
+            # An array literal: each element is an expression (mongod evaluates `["$a", {...}]`;
+            # mongomock returned it as written), a missing value becoming null.
+            return [_element(self, e) for e in expression]
         if type(expression) is dict and len(expression) == 1:
             operator = next(iter(expression))
             handler = _EXTRA.get(operator)
@@ -199,6 +203,13 @@ def _install_extra_expressions() -> None:
 
     parser.parse = parse_extra
     parser._reactor_extra_expressions = True
+
+
+def _element(parser: Any, expression: Any) -> Any:
+    try:
+        return parser.parse(expression)
+    except KeyError:
+        return None
 
 
 def _field_expression(parser: Any, operator: str, args: Any) -> Any:

@@ -45,6 +45,18 @@ def _collection_options(command: dict[str, Any], modifying: bool = False) -> dic
     return options
 
 
+def _index_options(spec: dict[str, Any]) -> dict[str, Any]:
+    """The options that make two indexes of one key different indexes to mongod."""
+    out = {
+        k: spec[k]
+        for k in ("unique", "sparse", "expireAfterSeconds", "partialFilterExpression")
+        if spec.get(k) not in (None, False)
+    }
+    if "expireAfterSeconds" in out:
+        out["expireAfterSeconds"] = int(out["expireAfterSeconds"])
+    return out
+
+
 class DdlCommands(CommandsBase):
     HANDLERS: ClassVar[dict[str, str]] = {
         "listDatabases": "_list_databases",
@@ -126,6 +138,9 @@ class DdlCommands(CommandsBase):
         if not self.engine.collection_exists(db, name):
             raise CommandError(26, f"ns does not exist: {db}.{name}")
         self._set_pre_images(db, name, request.command)
+        reply: dict[str, Any] = {}
+        if "index" in request.command:
+            reply = self._coll_mod_index(db, name, request.command["index"])
         updates = _collection_options(request.command, modifying=True)
         if updates:
             self.engine.collection_options.setdefault((db, name), {}).update(updates)
@@ -133,7 +148,36 @@ class DdlCommands(CommandsBase):
         for session_field in ("lsid", "txnNumber", "writeConcern", "comment"):
             changed.pop(session_field, None)
         self._ddl_event(db, name, "modify", changed)
-        return {}
+        return reply
+
+    def _coll_mod_index(self, db: str, name: str, spec: Any) -> dict[str, Any]:
+        """collMod's `index: {name | keyPattern, expireAfterSeconds}`: a TTL index's expiry
+        changed in place, as mongod does (its reply names the old and new values)."""
+        if not isinstance(spec, dict):
+            raise CommandError(14, "index must be an object", "TypeMismatch")
+        store: Any = self.engine.collection(db, name)._store
+        found = None
+        for index_name, info in store.indexes.items():
+            if spec.get("name") == index_name or (
+                isinstance(spec.get("keyPattern"), dict)
+                and list(spec["keyPattern"].items()) == info.get("key")
+            ):
+                found = index_name
+        if found is None:
+            raise CommandError(27, f"cannot find index {spec!r} for ns {db}.{name}")
+        reply: dict[str, Any] = {}
+        if "expireAfterSeconds" in spec:
+            new = spec["expireAfterSeconds"]
+            if not isinstance(new, int | float) or isinstance(new, bool) or new < 0:
+                raise CommandError(2, "expireAfterSeconds must be a non-negative number")
+            info = store.indexes[found]
+            if info.get("expireAfterSeconds") is None:
+                raise CommandError(72, "no expireAfterSeconds field to update")
+            reply = {"expireAfterSeconds_old": info["expireAfterSeconds"]}
+            info["expireAfterSeconds"] = int(new)
+            store._ttl_indexes[found] = info
+            reply["expireAfterSeconds_new"] = int(new)
+        return reply
 
     def _set_pre_images(self, db: str, name: str, command: dict[str, Any]) -> None:
         option = command.get("changeStreamPreAndPostImages")
@@ -252,6 +296,13 @@ class DdlCommands(CommandsBase):
                         86,
                         f"An existing index has the same name as the requested index: {index_name}",
                         "IndexKeySpecsConflict",
+                    )
+                if _index_options(existing[index_name]) != _index_options(spec):
+                    raise CommandError(
+                        85,
+                        "An equivalent index already exists with the same name but different "
+                        f"options. Requested index: {index_name}",
+                        "IndexOptionsConflict",
                     )
                 continue
             kwargs = {
