@@ -17,6 +17,9 @@ from .figures import entry_for, write
 # `async run(quick) -> dict` and, to publish, `figures(result) -> list[Figure]` (figures.py).
 BENCHES = ["emulator", "scheduling", "sending", "consent", "webhooks", "scale", "faults"]
 ALL = ["emulator", "scheduling", "sending", "consent", "faults"]
+# The protocol model's ablation table (domain/protocol_model.py): a minute of CPU, no I/O.
+BENCHES.append("model")
+ALL.append("model")
 
 
 def main() -> int:
