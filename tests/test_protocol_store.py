@@ -1,6 +1,7 @@
 """The claim / lease / ledger protocol on the real store: hypothesis drives three replicas'
-steps through the MongoDB adapters and the real driver, in random interleavings, with crashes
-and leases that lapse behind an owner's back (a stall). The invariants are the model's
+steps through the MongoDB adapters and the real driver, in random interleavings, with crashes,
+leases that lapse behind an owner's back (a stall) and deferred sends whose pending rows are
+forgotten and marked again. The invariants are the model's
 (reactor.domain.protocol_model): no customer handed to the provider twice, and every customer in
 a final state once a fresh replica has finished the run."""
 
@@ -19,7 +20,13 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from reactor.adapters.mongo import MongoCampaignStore, MongoLedger
-from reactor.domain.deliveries import TERMINAL_STATES, DeliveryRecord, DeliveryState, LedgerOp
+from reactor.domain.deliveries import (
+    TERMINAL_STATES,
+    DeliveryRecord,
+    DeliveryState,
+    LedgerOp,
+    delivery_id,
+)
 from reactor.embedded.mongo import MongoEmulator
 
 T = TypeVar("T")
@@ -176,6 +183,18 @@ class ProtocolOnTheStore(RuleBasedStateMachine):
         r.marked.discard(c)
         r.inflight.add(c)
         self.provider[c] += 1
+
+    @precondition(lambda self: self.holding("marked"))
+    @rule(data=st.data())
+    def defer(self, data: st.DataObject) -> None:
+        """The provider said "try later" (nothing delivered): the run forgets its pending row
+        (`forget_pending`) and may mark the customer again later, as the code does."""
+        i, c = data.draw(st.sampled_from(self.holding("marked")))
+        r = self.replicas[i]
+        r.marked.discard(c)
+        r.done.discard(c)
+        ids = [delivery_id(self.key, CHANNEL, c)]
+        self.run(self.ledger.forget_pending(ids, epoch=r.epoch))
 
     @precondition(lambda self: self.holding("inflight"))
     @rule(data=st.data())
