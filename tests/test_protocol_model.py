@@ -85,3 +85,24 @@ def test_the_table_reports_each_ablation() -> None:
     assert Property.ENDS_FINAL in settle.broken
     assert "| settle |" in text
     assert "BROKEN in 3 steps" in text
+
+
+def test_the_bench_publishes_figures_that_can_miss() -> None:
+    from reactor.bench import model as bench
+
+    result = {
+        "rows": [
+            {"switched_off": "(none)", "states": 10, "broken": {}},
+            {"switched_off": "lease", "states": 10, "broken": {}},
+            {"switched_off": "conditional_forget", "states": 10, "broken": {}},
+            {"switched_off": "settle", "states": 10, "broken": {"ends final": 3}},
+        ]
+    }
+    figures = {f.name: f for f in bench.figures(result)}
+    assert figures["properties broken with every mechanism on"].met is True
+    assert (
+        figures["lease off: properties broken"].met is False
+    )  # a mechanism that stopped mattering
+    assert figures["conditional_forget off: properties broken"].met is None
+    assert figures["settle off: properties broken"].met is True
+    assert figures["settle off: properties broken"].note == "ends final in 3 steps"
