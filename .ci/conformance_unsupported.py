@@ -21,13 +21,14 @@ UNSUPPORTED = {
     "collation (refused with code 115)": re.compile(r"[Cc]ollation"),
     "views (create with viewOn refused with code 115)": re.compile(r"on_views"),
 }
-# feature -> pattern: run, and expected to fail only at the server's refusal of the feature
+# feature -> (pattern, the refusal's codes): run, and expected to fail only at that refusal
 REFUSED_AT_THE_END = {
     # test_index_text: the index and its weights are checked, then $text is refused.
-    "text search ($text refused with code 115)": re.compile(r"::test_index_text$"),
+    "text search ($text refused with code 115)": (re.compile(r"::test_index_text$"), {115}),
     # test_index_filter: bad partial filters refused (14, 2), then explain is (59).
-    "query plans (explain refused with code 59)": re.compile(r"::test_index_filter$"),
+    "query plans (explain refused with code 59)": (re.compile(r"::test_index_filter$"), {59}),
 }
+_REFUSAL = pytest.StashKey[set[int]]()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -36,10 +37,28 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             if pattern.search(item.nodeid):
                 item.add_marker(pytest.mark.skip(reason=f"embedded server: no {feature}"))
                 break
-        for feature, pattern in REFUSED_AT_THE_END.items():
+        for feature, (pattern, codes) in REFUSED_AT_THE_END.items():
             if pattern.search(item.nodeid):
+                item.stash[_REFUSAL] = codes
                 item.add_marker(
                     pytest.mark.xfail(
                         raises=OperationFailure, strict=True, reason=f"embedded server: no {feature}"
                     )
                 )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
+    """An expected failure must be the refusal itself: another server error fails the test
+    (read from the report, since unittest-style tests do not raise through the call hook)."""
+    report = yield
+    codes = item.stash.get(_REFUSAL, None)
+    if codes is None or call.when != "call" or call.excinfo is None:
+        return report
+    exc = call.excinfo.value
+    if isinstance(exc, OperationFailure) and exc.code not in codes:
+        report.outcome = "failed"
+        report.longrepr = f"not the refusal {sorted(codes)}: code {exc.code}: {exc}"
+        if hasattr(report, "wasxfail"):
+            del report.wasxfail
+    return report
