@@ -25,8 +25,6 @@ UNSUPPORTED = {
 REFUSED_AT_THE_END = {
     # test_index_text: the index and its weights are checked, then $text is refused.
     "text search ($text refused with code 115)": (re.compile(r"::test_index_text$"), {115}),
-    # test_index_filter: bad partial filters refused (14, 2), then explain is (59).
-    "query plans (explain refused with code 59)": (re.compile(r"::test_index_filter$"), {59}),
 }
 _REFUSAL = pytest.StashKey[set[int]]()
 

@@ -93,3 +93,57 @@ async def test_text_search_is_refused_not_guessed(db: Any, mongo: MongoTarget) -
     with pytest.raises(OperationFailure) as refused:
         await db.ts.find_one({"$text": {"$search": "spam"}})
     assert refused.value.code == 115
+
+
+def _stage(plan: dict[str, Any], stage: str) -> dict[str, Any]:
+    """The plan's stage named `stage` (PyMongo's own walk: inputStage, inputStages, queryPlan)."""
+    if plan.get("stage") == stage:
+        return plan
+    for child in [plan.get("inputStage"), plan.get("queryPlan"), *plan.get("inputStages", [])]:
+        if isinstance(child, dict) and (found := _stage(child, stage)):
+            return found
+    return {}
+
+
+@pytest.mark.parametrize(
+    ("query", "uses_partial_index"),
+    [
+        ({"x": 6, "a": 1}, True),
+        ({"x": {"$gt": 1}, "a": 1}, True),
+        ({"x": 6, "a": {"$lte": 1}}, True),
+        ({"x": 6, "a": {"$lt": 1.5}}, True),
+        ({"$and": [{"x": 6}, {"a": 1.5}]}, True),
+        ({"x": 6, "a": {"$lte": 1.6}}, False),  # a = 1.6 is not in the index
+        ({"x": 6, "a": {"$gte": 1}}, False),
+        ({"x": 6, "a": "1"}, False),  # a string is not <= 1.5
+        ({"x": 6}, False),
+        ({"a": 1}, False),  # nothing on the index's first field
+        ({"$or": [{"x": 6}, {"a": 1}]}, False),
+    ],
+)
+async def test_explain_uses_a_partial_index_only_when_the_query_implies_its_filter(
+    db: Any, query: dict[str, Any], uses_partial_index: bool
+) -> None:
+    await db.pf.create_index("x", partialFilterExpression={"a": {"$lte": 1.5}})
+    await db.pf.insert_many([{"x": 5, "a": 2}, {"x": 6, "a": 1}])
+    plan = (await db.pf.find(query).explain())["queryPlanner"]["winningPlan"]
+    scan = _stage(plan, "IXSCAN")
+    if uses_partial_index:
+        assert scan.get("indexName") == "x_1", plan
+        assert scan.get("isPartial") is True
+    else:
+        assert scan == {}, plan
+        assert _stage(plan, "COLLSCAN") != {}
+    await db.pf.drop_index("x_1")
+    plan = (await db.pf.find(query).explain())["queryPlanner"]["winningPlan"]
+    assert _stage(plan, "COLLSCAN") != {}
+
+
+async def test_explain_of_other_commands_is_refused_not_guessed(
+    db: Any, mongo: MongoTarget
+) -> None:
+    mongo.require_emulator()  # mongod explains them
+    await db.ex.insert_one({"x": 1})
+    with pytest.raises(OperationFailure) as refused:
+        await db.command({"explain": {"count": "ex", "query": {}}})
+    assert refused.value.code == 115
