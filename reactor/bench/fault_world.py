@@ -271,6 +271,18 @@ async def world(customers: int, *, tls: TestPki | None = None) -> AsyncIterator[
             await client.close()
 
 
+def _received(w: World) -> collections.Counter[tuple[str, str, str]]:
+    """What the sinks took, per (campaign name, channel, recipient)."""
+    received: collections.Counter[tuple[str, str, str]] = collections.Counter()
+    for m in w.sink.messages:
+        name = m.subject.split("]", 1)[0].lstrip("[")
+        received[(name, "email", m.to)] += 1
+    for s in w.twilio.messages:
+        name = s.body.split("]", 1)[0].lstrip("[")
+        received[(name, "sms", s.to)] += 1
+    return received
+
+
 async def account(w: World, *, crashes: int = 0, ambiguous: int = 0) -> dict[str, Any]:
     """Count sinks against the ledger, per (campaign, channel, customer). `ambiguous`: provider
     answers injected whose outcome cannot be known (a Twilio 5xx): each must be one uncertain
@@ -280,13 +292,7 @@ async def account(w: World, *, crashes: int = 0, ambiguous: int = 0) -> dict[str
         {"_id": {"$in": w.campaign_ids}}, {"name": 1, "execution": 1}
     ):
         names[doc["name"]] = doc
-    received: collections.Counter[tuple[str, str, str]] = collections.Counter()
-    for m in w.sink.messages:
-        name = m.subject.split("]", 1)[0].lstrip("[")
-        received[(name, "email", m.to)] += 1
-    for s in w.twilio.messages:
-        name = s.body.split("]", 1)[0].lstrip("[")
-        received[(name, "sms", s.to)] += 1
+    received = _received(w)
     duplicates = sum(n - 1 for n in received.values() if n > 1)
     states: collections.Counter[str] = collections.Counter()
     final = 0
