@@ -27,6 +27,19 @@ def test_every_mechanism_on_is_safe_and_live() -> None:
     assert result.states > 50_000  # the exploration is not vacuous
 
 
+def test_two_customers_hold_too() -> None:
+    """Two customers (one replica's rows next to another's), in tighter bounds."""
+    cfg = Config(customers=2, max_time=4, max_epoch=2, max_ambiguous=0)
+    result = explore(cfg)
+    assert result.broken == {}
+    assert result.states > 20_000
+    broken = explore(
+        Config(customers=2, max_time=5, max_epoch=2, off=frozenset({Mechanism.INSERT_ONLY_MARK})),
+        stop_at=Property.AT_MOST_ONCE,
+    )
+    assert Property.AT_MOST_ONCE in broken.broken
+
+
 @pytest.mark.parametrize(
     ("mechanism", "breaks", "steps"),
     [
