@@ -200,3 +200,23 @@ async def test_token_bucket_take_hands_out_only_free_tokens() -> None:
     assert bucket.take(1) == 0
     clock.set(at(12.5))
     assert bucket.take(5) == 1  # the pause ended now: the schedule restarts from it
+
+
+async def test_a_retried_timer_fires_as_due_at_its_first_instant() -> None:
+    """The database said "not due yet": the timer is re-armed a little later, but fires with
+    the instant it was first due, late by the time since then (not since the retry)."""
+    clock = FakeClock(at(10))
+    heap: TimerHeap[str] = TimerHeap(clock)
+    heap.arm("start", at(10.05), origin=at(10))
+    clock.set(at(10.25))
+    ((key, due_at, lateness),) = heap.pop_due(clock.now())
+    assert key == "start"
+    assert due_at == at(10)
+    assert lateness == pytest.approx(0.25)
+    # An ordinary re-arm forgets the origin.
+    heap.arm("start", at(11), origin=at(10))
+    heap.arm("start", at(12))
+    clock.set(at(12.5))
+    ((_, due_at, lateness),) = heap.pop_due(clock.now())
+    assert due_at == at(12)
+    assert lateness == pytest.approx(0.5)

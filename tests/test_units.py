@@ -18,7 +18,7 @@ from reactor.domain.errors import TransientDeliveryError, UncertainDeliveryError
 from reactor.execution import Executor
 from reactor.metrics import Metrics
 from reactor.ports import Recipient
-from reactor.scheduling.scheduler import Scheduler
+from reactor.scheduling.scheduler import NOT_DUE_RETRY_S, Scheduler
 
 from .fakes import FakeClock, MemoryCampaignStore, MemoryLedger, MemoryRecipients, RecordingSender
 
@@ -164,6 +164,22 @@ async def test_a_timer_that_fires_before_the_databases_clock_is_re_armed() -> No
         assert w.store.calls.count("claim_start") == 2
         assert w.doc("c")["status"] == "running"
         assert w.doc("c")["execution"]["startedAt"] >= START
+
+
+async def test_a_re_armed_start_is_late_from_its_first_instant() -> None:
+    """The database said "not due yet" at the start instant: the retry's lateness counts from
+    the campaign's start, not from the instant the retry was armed for."""
+    async with world(3, store_clock_lag_s=0.03) as w:
+        started: list[tuple[Any, float]] = []
+        w.scheduler.on_started.append(lambda key, late: started.append((key, late)))
+        await w.scheduler.sync(w.store.add(campaign("c", 3)))
+        await w.clock.advance(60.0)
+        await w.clock.advance(0.2)
+        assert w.doc("c")["status"] == "running"
+        ((key, late),) = started
+        assert key.campaign == "c"
+        # Started on the second try, at least NOT_DUE_RETRY_S after the start instant.
+        assert late >= NOT_DUE_RETRY_S - 0.001  # (float timestamps)
 
 
 async def test_pausing_stops_sending_and_leaves_nothing_pending() -> None:

@@ -18,6 +18,9 @@ from .figures import entry_for, write
 BENCHES = ["emulator", "scheduling", "sending", "consent", "webhooks", "scale", "faults"]
 BENCHES += ["templates", "notify", "abtest"]
 ALL = ["emulator", "scheduling", "sending", "consent", "faults"]
+# The protocol model's ablation table (domain/protocol_model.py): a minute of CPU, no I/O.
+BENCHES.append("model")
+ALL.append("model")
 
 
 def main() -> int:

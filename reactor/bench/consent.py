@@ -126,6 +126,7 @@ async def unsubscribe_latency(uri: str, sink: SmtpSink, n: int, k: int) -> dict[
             reactor.suppressions.on_entry = seen
         for reactor in reactors:
             await reactor.ready.wait()
+        phase_started = time.monotonic()
         campaign_id = await _campaign(client, "consent latency", n)
         while not sink.messages:
             await anyio.sleep(0.05)
@@ -152,6 +153,7 @@ async def unsubscribe_latency(uri: str, sink: SmtpSink, n: int, k: int) -> dict[
         {"campaign": str(campaign_id), "customer": {"$in": [str(c) for c in tail]}}
     ).to_list()
     await client.close()
+    unsubscribed = {f"c{c}@example.com" for c in tail}  # the orders' addresses (run() seeds)
     ms = sorted(1000 * v for v in latencies)
     return {
         "replicas": len(reactors),
@@ -161,7 +163,11 @@ async def unsubscribe_latency(uri: str, sink: SmtpSink, n: int, k: int) -> dict[
         "p99_ms": round(percentile(ms, 0.99), 1),
         "max_ms": round(max(ms), 1),
         "skipped_suppressed": sum(r.get("reason") == "suppressed:unsubscribed" for r in rows),
-        "sent_anyway": sum(r.get("state") == "sent" for r in rows),
+        # Counted where it lands: messages the SMTP sink took for an unsubscribed recipient.
+        "sent_anyway": sum(
+            1 for m in sink.messages if m.to in unsubscribed and m.received_at >= phase_started
+        ),
+        "sent_anyway_in_ledger": sum(r.get("state") == "sent" for r in rows),
     }
 
 

@@ -189,6 +189,23 @@ class World:
         name = ((doc or {}).get("execution") or {}).get("owner")
         return next(r for r in self.reactors if r.name == name)
 
+    async def sender_of(self, campaign_id: Any) -> ReactorProcess:
+        """The replica sending a campaign now: the owner of one of its claimed shards, or,
+        unsharded, the campaign's owner."""
+        shard = await self.client.marketing.campaign_shards.find_one(
+            {"campaign": str(campaign_id), "state": "claimed"}, sort=[("index", 1)]
+        )
+        if shard is None:
+            return await self.owner(campaign_id)
+        return next(r for r in self.reactors if r.name == shard["owner"])
+
+    async def executions(self, campaign_id: Any) -> list[dict[str, Any]]:
+        """The campaign's execution attempts (one per epoch), oldest first."""
+        cursor = self.client.marketing.campaign_executions.find(
+            {"campaign": str(campaign_id)}, sort=[("epoch", 1)]
+        )
+        return await cursor.to_list()
+
     async def stop_all(self) -> None:
         await asyncio.gather(*(r.terminate() for r in self.reactors))
 
@@ -254,6 +271,18 @@ async def world(customers: int, *, tls: TestPki | None = None) -> AsyncIterator[
             await client.close()
 
 
+def _received(w: World) -> collections.Counter[tuple[str, str, str]]:
+    """What the sinks took, per (campaign name, channel, recipient)."""
+    received: collections.Counter[tuple[str, str, str]] = collections.Counter()
+    for m in w.sink.messages:
+        name = m.subject.split("]", 1)[0].lstrip("[")
+        received[(name, "email", m.to)] += 1
+    for s in w.twilio.messages:
+        name = s.body.split("]", 1)[0].lstrip("[")
+        received[(name, "sms", s.to)] += 1
+    return received
+
+
 async def account(w: World, *, crashes: int = 0, ambiguous: int = 0) -> dict[str, Any]:
     """Count sinks against the ledger, per (campaign, channel, customer). `ambiguous`: provider
     answers injected whose outcome cannot be known (a Twilio 5xx): each must be one uncertain
@@ -263,22 +292,20 @@ async def account(w: World, *, crashes: int = 0, ambiguous: int = 0) -> dict[str
         {"_id": {"$in": w.campaign_ids}}, {"name": 1, "execution": 1}
     ):
         names[doc["name"]] = doc
-    received: collections.Counter[tuple[str, str, str]] = collections.Counter()
-    for m in w.sink.messages:
-        name = m.subject.split("]", 1)[0].lstrip("[")
-        received[(name, "email", m.to)] += 1
-    for s in w.twilio.messages:
-        name = s.body.split("]", 1)[0].lstrip("[")
-        received[(name, "sms", s.to)] += 1
+    received = _received(w)
     duplicates = sum(n - 1 for n in received.values() if n > 1)
     states: collections.Counter[str] = collections.Counter()
     final = 0
     provider_5xx = 0
     resolved = 0  # uncertain rows found in Twilio's list afterwards, recorded sent
+    name_of = {str(doc["_id"]): name for name, doc in names.items()}
+    recorded: dict[tuple[str, str, str], str] = {}
     async for row in w.client.marketing.deliveries.find(
         {"campaign": {"$in": [str(i) for i in w.campaign_ids]}}
     ):
         states[row["state"]] += 1
+        key = (name_of.get(row["campaign"], "?"), row["channel"], str(row.get("to")))
+        recorded[key] = row["state"]
         if row["state"] == "uncertain" and str(row.get("error", "")).startswith("Twilio 5"):
             provider_5xx += 1
         if row.get("reason") == "resolved_with_provider":
@@ -297,11 +324,18 @@ async def account(w: World, *, crashes: int = 0, ambiguous: int = 0) -> dict[str
         started = (doc.get("execution") or {}).get("startedAt")
         if started is not None and started < doc["startDate"]:
             early += 1
+    # The sinks against the ledger, both ways. A message a sink took must be `sent` in the
+    # ledger (or `uncertain`: the provider's answer was lost); a `sent` row must be at a sink.
+    at_sink_not_sent = sum(1 for k in received if recorded.get(k) not in ("sent", "uncertain"))
+    sent_not_at_sink = sum(1 for k, st in recorded.items() if st == "sent" and k not in received)
     return {
         "campaigns": len(w.campaign_ids),
         "deliveries_expected": expected,
         "duplicates": duplicates,
         "lost": expected - final,
+        "at_sink_not_sent": at_sink_not_sent,
+        "sent_not_at_sink": sent_not_at_sink,
+        "uncertain_at_sink": sum(1 for k in received if recorded.get(k) == "uncertain"),
         "uncertain": states["uncertain"],
         # Rows are written `pending` only for sends about to start, at most CONCURRENCY per
         # (campaign, channel) execution: that many per execution a crash can leave unknown.

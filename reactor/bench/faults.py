@@ -5,6 +5,8 @@ at a time. Each scenario runs several campaigns to hundreds of customers and the
 
     duplicates  messages a sink received more than once            (must be 0)
     lost        targeted (customer, channel) with no final ledger row (must be 0)
+    at sink, not sent   a message a sink took whose row is not `sent`/`uncertain` (must be 0)
+    sent, not at sink   a `sent` row no sink took                       (must be 0)
     uncertain   rows whose outcome cannot be known     (at most the concurrency bound per crash)
 
 plus start lateness p99 and recovery time (from the end of the fault to every campaign's sends
@@ -80,6 +82,8 @@ async def run_scenario(name: str, quick: bool) -> dict[str, Any]:
     result["ok"] = (
         result["duplicates"] == 0
         and result["lost"] == 0
+        and result["at_sink_not_sent"] == 0
+        and result["sent_not_at_sink"] == 0
         and result["early_starts"] == 0
         and result["uncertain"] <= result["uncertain_bound"]
     )
@@ -97,14 +101,14 @@ async def run(quick: bool = False) -> dict[str, Any]:
 
 def table(results: dict[str, dict[str, Any]]) -> str:
     lines = [
-        "| scenario | deliveries | duplicates | lost | early starts | uncertain (bound) | "
-        "start p99 ms | recovery s | ok |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| scenario | deliveries | duplicates | lost | at sink, not sent | sent, not at sink | "
+        "early starts | uncertain (bound) | start p99 ms | recovery s | ok |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for name, r in results.items():
         lines.append(
             f"| {name} | {r['deliveries_expected']} | {r['duplicates']} | {r['lost']} | "
-            f"{r['early_starts']} | "
+            f"{r['at_sink_not_sent']} | {r['sent_not_at_sink']} | {r['early_starts']} | "
             f"{r['uncertain']} ({r['uncertain_bound']}) | {r['start_lateness_p99_ms']} | "
             f"{r['recovery_s']} | {'yes' if r['ok'] else 'NO'} |"
         )

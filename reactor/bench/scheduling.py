@@ -58,9 +58,9 @@ class _Observed:
         )
         original_arm = sched.timers.arm
 
-        def arm(key: TimerKey, due_at: dt.datetime) -> bool:
+        def arm(key: TimerKey, due_at: dt.datetime, *, origin: dt.datetime | None = None) -> bool:
             self.armed_at.setdefault(key.campaign, time.perf_counter())
-            return original_arm(key, due_at)
+            return original_arm(key, due_at, origin=origin)
 
         sched.timers.arm = arm  # type: ignore[method-assign]
 

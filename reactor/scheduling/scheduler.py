@@ -307,7 +307,9 @@ class Scheduler:
         if decision is StartDecision.RUN and await self._store.not_due_yet(campaign_id):
             # Our estimate of the database's clock ran a few milliseconds ahead of it: the
             # database says not yet. Look again shortly (never start early).
-            self.timers.arm(key, self._clock.now() + dt.timedelta(seconds=NOT_DUE_RETRY_S))
+            # The retry keeps the instant it was due: its lateness counts from there.
+            retry_at = self._clock.now() + dt.timedelta(seconds=NOT_DUE_RETRY_S)
+            self.timers.arm(key, retry_at, origin=due_at)
             self._update_gauges()
             return
         # Not ours to run: either another replica won, or it is too late to send.

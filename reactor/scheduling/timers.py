@@ -42,6 +42,9 @@ class TimerHeap(Generic[K]):
         # Timers armed already overdue (a late approval) are late by the arming, not by us:
         # their lateness is measured from when they were armed.
         self._armed_late: dict[K, float] = {}
+        # A timer re-armed to look again (the database said "not due yet") keeps the instant it
+        # was first due: it fires with that instant, and its lateness counts from it.
+        self._origin: dict[K, float] = {}
         self._gen = itertools.count()
         # Cancelled to cut the loop's sleep short when an earlier timer is armed.
         self._sleep_scope: anyio.CancelScope | None = None
@@ -59,10 +62,16 @@ class TimerHeap(Generic[K]):
     def keys(self) -> list[K]:
         return list(self._live)
 
-    def arm(self, key: K, due_at: dt.datetime) -> bool:
-        """Arm or move a timer; returns False when it was already armed for that instant."""
+    def arm(self, key: K, due_at: dt.datetime, *, origin: dt.datetime | None = None) -> bool:
+        """Arm or move a timer; returns False when it was already armed for that instant.
+        With `origin`, a retry of a timer first due then: it fires as due at `origin`, late
+        by the time since `origin`."""
         due = due_at.timestamp()
         current = self._live.get(key)
+        if origin is not None:
+            self._origin[key] = origin.timestamp()
+        else:
+            self._origin.pop(key, None)
         if current is not None and current[0] == due:
             return False
         gen = next(self._gen)
@@ -82,6 +91,7 @@ class TimerHeap(Generic[K]):
 
     def disarm(self, key: K) -> bool:
         self._armed_late.pop(key, None)
+        self._origin.pop(key, None)
         if self._live.pop(key, None) is None:
             return False
         self.counts[self._classify(key)] -= 1
@@ -104,6 +114,9 @@ class TimerHeap(Generic[K]):
                 del self._live[key]
                 self.counts[self._classify(key)] -= 1
                 reference = max(d, self._armed_late.pop(key, d))
+                origin = self._origin.pop(key, None)
+                if origin is not None:
+                    d = reference = origin
                 due.append(
                     (key, dt.datetime.fromtimestamp(d, dt.UTC), max(0.0, now_ts - reference))
                 )

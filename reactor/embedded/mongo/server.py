@@ -266,6 +266,9 @@ class MongoEmulator(AdminCommands, DdlCommands, WriteCommands, ReadCommands):
             if _uses_collation(command):
                 # Refused rather than ignored: string comparisons would silently differ.
                 raise CommandError(115, "collation is not supported by the embedded server")
+            if _uses_text_search(command):
+                # Refused rather than answered by a stand-in's idea of relevance.
+                raise CommandError(115, "$text search is not supported by the embedded server")
             handler = self._handlers.get(name)
             if handler is None:
                 raise CommandError(59, f"no such command: '{name}'")
@@ -419,6 +422,19 @@ def _uses_collation(command: dict[str, Any]) -> bool:
         ):
             return True
     return False
+
+
+def _uses_text_search(command: dict[str, Any]) -> bool:
+    """Whether a query of the command (filter, statements, pipeline) uses `$text`."""
+
+    def walk(value: Any) -> bool:
+        if isinstance(value, dict):
+            return "$text" in value or any(walk(v) for v in value.values())
+        if isinstance(value, list):
+            return any(walk(v) for v in value)
+        return False
+
+    return any(walk(command.get(f)) for f in ("filter", "query", "pipeline", "updates", "deletes"))
 
 
 def _non_simple(collation: Any) -> bool:

@@ -8,6 +8,7 @@ import mongomock
 from mongomock import filtering
 
 from ..changestream import CommandError
+from ..indexspec import check_partial_filter, text_index_options
 from ..wire import Request
 from .base import CommandsBase, Connection
 
@@ -289,6 +290,9 @@ class DdlCommands(CommandsBase):
             key = spec.get("key")
             if not isinstance(key, dict) or not key:
                 raise CommandError(2, "index specification must have a non-empty 'key'")
+            if "partialFilterExpression" in spec:
+                check_partial_filter(spec["partialFilterExpression"])
+            text = text_index_options(key, spec)
             index_name = spec.get("name") or "_".join(f"{k}_{v}" for k, v in key.items())
             if index_name in existing:
                 if existing[index_name].get("key") != list(key.items()):
@@ -320,7 +324,7 @@ class DdlCommands(CommandsBase):
                 ) from exc
             except (mongomock.OperationFailure, NotImplementedError, TypeError) as exc:
                 raise CommandError(67, str(exc), "CannotCreateIndex") from exc
-            extra = {k: v for k, v in spec.items() if k in KEPT_INDEX_OPTIONS}
+            extra = {k: v for k, v in spec.items() if k in KEPT_INDEX_OPTIONS} | text
             if extra:
                 self.engine.index_options[(db, name, index_name)] = extra
             built.append({"v": 2, "key": dict(key), "name": index_name, **kwargs, **extra})

@@ -12,6 +12,7 @@ from mongomock import filtering
 
 from ..changestream import CommandError, next_batch, open_stream
 from ..engine import clone
+from ..planner import winning_plan
 from ..wire import Request
 from .base import DEFAULT_BATCH, CommandsBase, Connection, QueryCursor
 from .outputs import WRITE_STAGES, write_results
@@ -29,7 +30,32 @@ class ReadCommands(CommandsBase):
         "aggregate": "_aggregate",
         "getMore": "_get_more",
         "killCursors": "_kill_cursors",
+        "explain": "_explain",
     }
+
+    async def _explain(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
+        """The plan of a find (planner.py); other commands' plans are refused, not guessed."""
+        inner = request.command.get("explain")
+        if not isinstance(inner, dict) or not inner:
+            raise CommandError(2, "explain command requires a nested object", "BadValue")
+        verb = next(iter(inner))
+        if verb != "find":
+            raise CommandError(115, f"explain of {verb} is not supported by the embedded server")
+        name = inner.get("find")
+        if not isinstance(name, str) or not name:
+            raise CommandError(73, "Invalid namespace specified for find", "InvalidNamespace")
+        query = inner.get("filter") or {}
+        if not isinstance(query, dict):
+            raise CommandError(14, "'filter' must be an object", "TypeMismatch")
+        indexes = (
+            self.engine.collection(db, name).index_information()
+            if self.engine.collection_exists(db, name)
+            else {}
+        )
+        return {
+            "queryPlanner": winning_plan(query, indexes, f"{db}.{name}"),
+            "command": inner,
+        }
 
     async def _find(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
         command = request.command
