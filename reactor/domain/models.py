@@ -82,6 +82,7 @@ class Campaign:
     targets: tuple[Any, ...]
     execution: Execution = field(default_factory=Execution)
     segment: Segment | None = None  # the audience, when it is not `targets`
+    tracking: str | None = None  # off | clicks | opens_and_clicks: narrows TRACKING
 
     @property
     def key(self) -> str:
@@ -230,6 +231,7 @@ def parse_campaign(doc: dict[str, Any]) -> Campaign:
         targets=tuple(targets),
         execution=parse_execution(doc.get("execution")),
         segment=segment,
+        tracking=doc["tracking"] if isinstance(doc.get("tracking"), str) else None,
     )
 
 

@@ -17,6 +17,7 @@ from ..domain.consent import Links, skip_reason
 from ..domain.deliveries import TERMINAL_STATES, DeliveryRecord, DeliveryState, LedgerOp
 from ..domain.messages import email_message, sms_message
 from ..domain.models import Campaign, Channel
+from ..engagement.tracker import Tracker
 from ..ports import Clock, EmailSender, Ledger, Recipient, Recipients, SmsSender
 from ..suppression import SuppressionList
 from .ledger import Item
@@ -80,7 +81,9 @@ class BatchPreparer:
         config: SendConfig,
         suppressions: SuppressionList | None,
         links: Links | None,
+        tracker: Tracker | None = None,
     ) -> None:
+        self._tracker = tracker
         self._recipients = recipients
         self._ledger_rows = ledger
         self._senders = senders
@@ -143,6 +146,8 @@ class BatchPreparer:
             )
         if self._suppressions is not None and prepared.items:
             await self._drop_suppressed(channel, prepared)
+        if self._tracker is not None:  # links rewritten in the rendered messages (issue 24)
+            await self._tracker.track(campaign, channel, prepared.items, self._clock.now())
         if channel is Channel.SMS and prepared.items:
             gated = gate_sms(
                 prepared.items,

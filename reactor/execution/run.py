@@ -27,6 +27,7 @@ from ..domain.errors import InvalidCampaign, LeaseLost
 from ..domain.ids import normalise_id
 from ..domain.models import Campaign, Channel, parse_campaign, target_problem
 from ..domain.shards import Shard, shard_ranges
+from ..engagement.tracker import Tracker
 from ..limits.ratelimit import RateLimit
 from ..metrics import Metrics
 from ..ports import CampaignStore, Clock, EmailSender, Ledger, Recipients, SmsSender
@@ -62,6 +63,7 @@ class CampaignRun:
         instance_id: str,
         suppressions: SuppressionList | None = None,
         links: Links | None = None,
+        tracker: Tracker | None = None,
         shards: ShardStore | None = None,
         audiences: AudienceStore | None = None,
         lease_s: float = 30.0,
@@ -72,6 +74,7 @@ class CampaignRun:
         self._lease_s = lease_s
         self._suppressions = suppressions
         self._links = links
+        self._tracker = tracker
         self._store = store
         self._ledger_rows = ledger
         self._recipients = recipients
@@ -91,6 +94,7 @@ class CampaignRun:
             config=config,
             suppressions=suppressions,
             links=links,
+            tracker=tracker,
         )
 
     async def send(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -21,6 +22,9 @@ from .feedback import FeedbackConfig, FeedbackSink, FeedbackStore
 from .ports import RecipientActions, SuppressionWriter
 from .unsubscribe import UnsubscribeRoutes, Unsubscribes
 from .webhooks import WebhookConfig, WebhookRoutes
+
+if TYPE_CHECKING:
+    from .tracking import TrackingRoutes
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +59,9 @@ class PublicServer:
         webhooks: WebhookConfig | None = None,
         feedback: FeedbackStore | None = None,
         feedback_config: FeedbackConfig | None = None,
+        tracking: TrackingRoutes | None = None,
     ) -> None:
+        self.tracking = tracking
         self.host = host
         self.port = port
         self._metrics = metrics
@@ -74,6 +80,8 @@ class PublicServer:
         self._routes.add_to(app)
         if self.webhooks is not None:
             self.webhooks.add_to(app)
+        if self.tracking is not None:
+            self.tracking.add_to(app)
         app.router.add_get("/healthz", self._health)  # for the proxy in front
         return app
 
