@@ -68,7 +68,6 @@ _SCANNER_AGENTS = (
     ("symantec", "symantec"),
     ("trendmicro", "trend micro"),
     ("microsoft", "safelinks"),
-    ("microsoft", "microsoft office"),
 )
 _BOT_AGENTS = (
     "headlesschrome",

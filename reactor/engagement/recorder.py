@@ -96,7 +96,7 @@ class Recorder:
         self._metrics = metrics
         self._ip = ip
         self._commit: GroupCommit[Accepted, None] = GroupCommit(
-            self._apply, window_s=settle_s, max_batch=MAX_BATCH
+            self.apply, window_s=settle_s, max_batch=MAX_BATCH
         )
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -131,7 +131,8 @@ class Recorder:
         if self._tasks:
             await asyncio.wait(list(self._tasks))
 
-    async def _apply(self, batch: Sequence[Accepted]) -> list[None]:
+    async def apply(self, batch: Sequence[Accepted]) -> list[None]:
+        """Class and write one batch (the group commit's apply; the bench replays through it)."""
         rows = await self._store.delivered(
             [delivery_id(a.campaign, a.channel, a.customer) for a in batch]
         )
