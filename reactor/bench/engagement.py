@@ -63,8 +63,13 @@ BROWSERS = (CHROME, EDGE, FIREFOX, IOS_SAFARI)
 
 # Litmus's client market share (opens, 2024) rounded; the rest are other desktop clients.
 MAILBOXES = (("apple", 0.50), ("gmail", 0.30), ("outlook", 0.10), ("yahoo", 0.05), ("other", 0.05))
-GATEWAYS = (("microsoft", 0.45), ("mimecast", 0.2), ("proofpoint", 0.2), ("barracuda", 0.1),
-            ("sandbox", 0.05))  # fmt: skip
+GATEWAYS = (
+    ("microsoft", 0.45),
+    ("mimecast", 0.2),
+    ("proofpoint", 0.2),
+    ("barracuda", 0.1),
+    ("sandbox", 0.05),
+)
 BEHIND_GATEWAY = 0.2  # recipients at a company whose mail passes a security gateway
 MPP_ADOPTION = 0.9  # of Apple Mail users (SocketLabs' estimate: 90% or more)
 OPEN_RATE = 0.3
@@ -127,8 +132,15 @@ class Traffic:
             # MPP fetches every image when Mail downloads the message: seconds to hours
             # after delivery (the device must be on Wi-Fi and power).
             at = delivered + dt.timedelta(seconds=rng.lognormvariate(4, 2))
-            self.add(customer, "machine", kind=HitKind.OPEN, link=None, at=at,
-                     ip=_ip(rng, "apple"), agent="Mozilla/5.0")  # fmt: skip
+            self.add(
+                customer,
+                "machine",
+                kind=HitKind.OPEN,
+                link=None,
+                at=at,
+                ip=_ip(rng, "apple"),
+                agent="Mozilla/5.0",
+            )
         if rng.random() < OPEN_RATE:
             self._person(customer, delivered, links, mailbox, mpp)
 
@@ -144,8 +156,15 @@ class Traffic:
         at = delivered + dt.timedelta(seconds=start)
         if vendor == "sandbox" and rng.random() < 0.5:
             # One link, late, from a cloud range, with a browser: nothing tells it apart.
-            self.add(customer, "scanner", kind=HitKind.CLICK, link=rng.randrange(links), at=at,
-                     ip=_ip(rng, "cloud"), agent=CHROME)  # fmt: skip
+            self.add(
+                customer,
+                "scanner",
+                kind=HitKind.CLICK,
+                link=rng.randrange(links),
+                at=at,
+                ip=_ip(rng, "cloud"),
+                agent=CHROME,
+            )
             return
         browser = vendor == "microsoft" and rng.random() < 0.6  # detonation in a browser
         where = {"sandbox": "cloud"}.get(vendor, vendor)
@@ -157,11 +176,26 @@ class Traffic:
         method = "HEAD" if vendor == "barracuda" else "GET"
         for link in [*range(links), HONEYPOT_LINK]:
             t = at + dt.timedelta(seconds=rng.uniform(0, 0.8))
-            self.add(customer, "scanner", kind=HitKind.CLICK, link=link, at=t,
-                     ip=_ip(rng, where), agent=agent, method=method)  # fmt: skip
+            self.add(
+                customer,
+                "scanner",
+                kind=HitKind.CLICK,
+                link=link,
+                at=t,
+                ip=_ip(rng, where),
+                agent=agent,
+                method=method,
+            )
         if browser:  # a browser renders the page, images and all
-            self.add(customer, "machine", kind=HitKind.OPEN, link=None,
-                     at=at + dt.timedelta(seconds=0.3), ip=_ip(rng, where), agent=CHROME)  # fmt: skip
+            self.add(
+                customer,
+                "machine",
+                kind=HitKind.OPEN,
+                link=None,
+                at=at + dt.timedelta(seconds=0.3),
+                ip=_ip(rng, where),
+                agent=CHROME,
+            )
 
     def _person(
         self, customer: str, delivered: dt.datetime, links: int, mailbox: str, mpp: bool
@@ -179,18 +213,19 @@ class Traffic:
         }[mailbox]
         images = not mpp and not (mailbox == "outlook" and rng.random() < 0.5)
         if images:  # Outlook blocks images by default for half of them; MPP served its copy
-            self.add(customer, "human", kind=HitKind.OPEN, link=None, at=opened, ip=ip,
-                     agent=agent)  # fmt: skip
+            self.add(customer, "human", kind=HitKind.OPEN, link=None, at=opened, ip=ip, agent=agent)
         if fast or rng.random() < CLICK_RATE:
             home = _ip(rng, "home")
             browser = IOS_SAFARI if mailbox == "apple" else rng.choice(BROWSERS)
-            first = opened + dt.timedelta(seconds=rng.uniform(2, 10) if fast else
-                                          rng.lognormvariate(3.7, 1.0))  # fmt: skip
+            first = opened + dt.timedelta(
+                seconds=rng.uniform(2, 10) if fast else rng.lognormvariate(3.7, 1.0)
+            )
             chosen = rng.sample(range(links), 2 if rng.random() < 0.3 else 1)
             at = first
             for link in chosen:
-                self.add(customer, "human", kind=HitKind.CLICK, link=link, at=at, ip=home,
-                         agent=browser)  # fmt: skip
+                self.add(
+                    customer, "human", kind=HitKind.CLICK, link=link, at=at, ip=home, agent=browser
+                )
                 at += dt.timedelta(seconds=rng.uniform(5, 300))
 
 
@@ -220,11 +255,17 @@ async def replay(uri: str, t: Traffic) -> dict[str, Any]:
         db = client.marketing
         await db.deliveries.insert_many(
             [
-                {"_id": delivery_id(CAMPAIGN, "email", c), "campaign": CAMPAIGN,
-                 "channel": "email", "customer": c, "state": "sent", "updatedAt": at}
+                {
+                    "_id": delivery_id(CAMPAIGN, "email", c),
+                    "campaign": CAMPAIGN,
+                    "channel": "email",
+                    "customer": c,
+                    "state": "sent",
+                    "updatedAt": at,
+                }
                 for c, at in t.deliveries.items()
             ]
-        )  # fmt: skip
+        )
         store = MongoEngagement(db, "campaigns")
         await store.ensure_indexes(retention_days=3650, short_link_days=180)
         recorder = Recorder(store, Metrics())
@@ -309,11 +350,16 @@ async def run(quick: bool = False) -> dict[str, Any]:
 
 def figures(result: dict[str, Any]) -> list[Figure]:
     return [
-        Figure("scanner clicks recognised", result["scanner_clicks_recognised"], "share",
-               0.95, ">="),
-        Figure("machine opens recognised", result["machine_opens_recognised"], "share",
-               0.95, ">="),
+        Figure(
+            "scanner clicks recognised", result["scanner_clicks_recognised"], "share", 0.95, ">="
+        ),
+        Figure("machine opens recognised", result["machine_opens_recognised"], "share", 0.95, ">="),
         Figure("human events misclassed", result["human_misclassed"], "share", 0.01, "<="),
-        Figure("events stored / hits sent", round(result["events_stored"] / result["hits_sent"], 4),
-               "ratio", 1.0, "=="),
-    ]  # fmt: skip
+        Figure(
+            "events stored / hits sent",
+            round(result["events_stored"] / result["hits_sent"], 4),
+            "ratio",
+            1.0,
+            "==",
+        ),
+    ]
