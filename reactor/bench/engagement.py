@@ -14,7 +14,7 @@ within seconds of delivery (the rules count them as machines: the human error is
 Each hit is replayed through the real recorder into the embedded MongoDB (one process of its
 own), in batches of SETTLE_S of traffic, against ledger rows holding the delivery times; the
 classes are read back from `engagement` and compared with the labels: a confusion matrix.
-Sizes are fixed before looking: 3,000 messages (--quick) or 10,000.
+Sizes are fixed before looking: 3,000 messages (--quick) or 6,000.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from ..domain.deliveries import delivery_id
 from ..domain.engagement import HONEYPOT_LINK, Hit, HitKind
 from ..engagement.recorder import SETTLE_S, Accepted, Recorder
 from ..metrics import Metrics
+from . import engagement_load
 from .common import emulator_process
 from .figures import Figure
 
@@ -341,14 +342,16 @@ def print_matrix(result: dict[str, Any]) -> str:
 
 
 async def run(quick: bool = False) -> dict[str, Any]:
-    t = traffic(3000 if quick else 10000)
+    t = traffic(3000 if quick else 6000)
     async with emulator_process() as uri:
         result = await replay(uri, t)
     print(print_matrix(result), flush=True)
+    result["load"] = await engagement_load.run(quick)
     return result
 
 
 def figures(result: dict[str, Any]) -> list[Figure]:
+    load = result["load"]
     return [
         Figure(
             "scanner clicks recognised", result["scanner_clicks_recognised"], "share", 0.95, ">="
@@ -356,8 +359,17 @@ def figures(result: dict[str, Any]) -> list[Figure]:
         Figure("machine opens recognised", result["machine_opens_recognised"], "share", 0.95, ">="),
         Figure("human events misclassed", result["human_misclassed"], "share", 0.01, "<="),
         Figure(
-            "events stored / hits sent",
+            "classed events stored / hits replayed",
             round(result["events_stored"] / result["hits_sent"], 4),
+            "ratio",
+            1.0,
+            "==",
+        ),
+        Figure("tracking hits absorbed, one replica", load["absorbed_per_s"], "hits/s", 2000, ">="),
+        Figure("redirect p99 under that load", load["p99_ms"], "ms", 25, "<="),
+        Figure(
+            "events stored / hits sent under load",
+            round(load["events_stored"] / load["hits_sent"], 4),
             "ratio",
             1.0,
             "==",

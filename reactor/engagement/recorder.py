@@ -98,38 +98,41 @@ class Recorder:
         self._commit: GroupCommit[Accepted, None] = GroupCommit(
             self.apply, window_s=settle_s, max_batch=MAX_BATCH
         )
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._futures: set[asyncio.Future[None]] = set()
+        self._last_error: str | None = None
 
     def accept(self, accepted: Accepted) -> None:
         """Queue a hit; returns at once (the write happens within SETTLE_S plus a batch)."""
-        task = asyncio.get_running_loop().create_task(self._commit.submit(accepted))
-        self._tasks.add(task)
-        task.add_done_callback(self._finished)
+        future = self._commit.offer(accepted)
+        self._futures.add(future)
+        future.add_done_callback(self._finished)
 
-    def _finished(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if task.cancelled():
+    def _finished(self, future: asyncio.Future[None]) -> None:
+        self._futures.discard(future)
+        if future.cancelled():
             self._metrics.engagement_dropped.labels("shutdown").inc()
             return
-        exc = task.exception()
-        if exc is not None:
-            self._metrics.engagement_dropped.labels("write_failed").inc()
+        exc = future.exception()
+        if exc is None:
+            return
+        if str(exc) == "shutting down":
+            self._metrics.engagement_dropped.labels("shutdown").inc()
+            return
+        self._metrics.engagement_dropped.labels("write_failed").inc()
+        if self._last_error != type(exc).__name__:  # once per kind of failure, not per hit
+            self._last_error = type(exc).__name__
             log.warning("an engagement batch was not written: %s", type(exc).__name__)
 
     @property
     def pending(self) -> int:
-        return len(self._tasks)
+        return len(self._futures)
 
     async def drain(self, timeout_s: float = 5.0) -> None:
         """Write what was accepted (SIGTERM), then stop; what is left after `timeout_s` is
         dropped and counted."""
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=timeout_s)
-        await self._commit.aclose()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks))
+        if self._futures:
+            await asyncio.wait(list(self._futures), timeout=timeout_s)
+        await self._commit.aclose()  # fails what is left: counted as dropped at shutdown
 
     async def apply(self, batch: Sequence[Accepted]) -> list[None]:
         """Class and write one batch (the group commit's apply; the bench replays through it)."""
@@ -150,8 +153,13 @@ class Recorder:
             delivered_at[a.key] = at if state == "sent" and at is not None else a.issued_at
         if not groups:
             return [None] * len(batch)
-        since = min(a.hit.at for g in groups.values() for a in g) - dt.timedelta(seconds=BURST_S)
-        earlier = await self._store.earlier_clicks(list(groups), since)
+        # Only clicks are judged against their neighbours: a batch of opens reads nothing more.
+        clicked = [k for k, g in groups.items() if any(a.hit.kind is HitKind.CLICK for a in g)]
+        earlier: dict[MessageKey, list[Earlier]] = {}
+        if clicked:
+            first = min(a.hit.at for k in clicked for a in groups[k])
+            since = first - dt.timedelta(seconds=BURST_S)
+            earlier = await self._store.earlier_clicks(clicked, since)
         docs: list[dict[str, Any]] = []
         classed: list[tuple[Accepted, Verdict]] = []
         for key, group in groups.items():
