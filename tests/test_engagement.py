@@ -4,10 +4,13 @@ addresses."""
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 
 import pytest
 
+from reactor.config import Settings
 from reactor.domain.consent import LinkKey, TokenError
+from reactor.domain.deliveries import delivery_id
 from reactor.domain.engagement import (
     HONEYPOT_LINK,
     Class,
@@ -24,8 +27,10 @@ from reactor.domain.engagement import (
 )
 from reactor.domain.models import Channel
 from reactor.engagement import rewrite
+from reactor.engagement.recorder import Accepted, Recorder
 from reactor.engagement.tokens import SHORT_CODE_CHARS, TrackingSigner, is_short_code
 from reactor.engagement.tracker import effective_mode
+from reactor.metrics import Metrics
 
 T0 = dt.datetime(2026, 5, 1, 12, 0, tzinfo=dt.UTC)
 KEY = LinkKey("k1", b"s" * 32)
@@ -352,3 +357,96 @@ def test_forwarded_for_is_believed_only_from_a_trusted_proxy() -> None:
 )
 def test_addresses_are_stored_truncated(ip: str, v4: int, v6: int, stored: str | None) -> None:
     assert truncate_ip(ip, v4, v6) == stored
+
+
+# ---- the recorder, on a store in memory --------------------------------------------------------
+
+
+class MemoryEngagement:
+    """The recorder's store, in memory; `fail` makes the next writes raise."""
+
+    def __init__(self, deliveries: dict[str, tuple[str, dt.datetime | None]]) -> None:
+        self.deliveries = deliveries
+        self.events: list[dict[str, object]] = []
+        self.firsts: set[str] = set()
+        self.counters: dict[str, dict[str, int]] = {}
+        self.fail = False
+
+    async def delivered(self, ids: Sequence[str]) -> dict[str, tuple[str, dt.datetime | None]]:
+        return {i: self.deliveries[i] for i in ids if i in self.deliveries}
+
+    async def earlier_clicks(
+        self, keys: Sequence[tuple[str, str, str]], since: dt.datetime
+    ) -> dict[tuple[str, str, str], list[Earlier]]:
+        return {}
+
+    async def insert_events(self, docs: Sequence[dict[str, object]]) -> None:
+        if self.fail:
+            raise ConnectionError("the database went away")
+        self.events.extend(docs)
+
+    async def insert_firsts(self, ids: Sequence[str], at: dt.datetime) -> set[str]:
+        new = set(ids) - self.firsts
+        self.firsts |= new
+        return new
+
+    async def add_counters(self, increments: dict[str, dict[str, int]]) -> None:
+        for campaign, counts in increments.items():
+            mine = self.counters.setdefault(campaign, {})
+            for k, v in counts.items():
+                mine[k] = mine.get(k, 0) + v
+
+
+def accepted(customer: str, kind: HitKind, link: int | None, after_s: float) -> Accepted:
+    return Accepted("c1", "email", customer, T0, hit(kind, after_s, link=link))
+
+
+async def test_the_recorder_writes_in_one_batch_and_drains_on_shutdown() -> None:
+    store = MemoryEngagement({delivery_id("c1", "email", "7"): ("sent", T0)})
+    metrics = Metrics()
+    recorder = Recorder(store, metrics, settle_s=0.05)
+    recorder.accept(accepted("7", HitKind.OPEN, None, 3600))
+    recorder.accept(accepted("7", HitKind.CLICK, 2, 3700))
+    recorder.accept(accepted("7", HitKind.CLICK, 2, 3800))  # the same link again
+    recorder.accept(accepted("8", HitKind.CLICK, 0, 3700))  # no such delivery
+    assert recorder.pending == 4
+    assert store.events == []  # nothing written on the request path
+    await recorder.drain(5)
+    assert recorder.pending == 0
+    assert [(e["kind"], e["class"]) for e in store.events] == [
+        ("open", "human"),
+        ("click", "human"),
+        ("click", "human"),
+    ]
+    assert store.counters == {"c1": {"opens": 1, "clicks": 1, "links.2": 1}}
+    assert metrics.engagement_rejected.labels("unknown_recipient")._value.get() == 1
+    assert metrics.engagement_events.labels("click", "human")._value.get() == 2
+
+
+async def test_a_failed_batch_is_counted_as_dropped_not_raised() -> None:
+    store = MemoryEngagement({delivery_id("c1", "email", "7"): ("sent", T0)})
+    store.fail = True
+    metrics = Metrics()
+    recorder = Recorder(store, metrics, settle_s=0.01)
+    recorder.accept(accepted("7", HitKind.CLICK, 0, 3600))
+    recorder.accept(accepted("7", HitKind.CLICK, 1, 3900))
+    await recorder.drain(5)
+    assert store.events == []
+    assert metrics.engagement_dropped.labels("write_failed")._value.get() == 2
+
+
+def test_tracking_needs_the_public_listener() -> None:
+    with pytest.raises(ValueError, match="TRACKING needs PUBLIC_BASE_URL"):
+        Settings(mongo_uri="mongodb://localhost", tracking="clicks")
+    on = Settings(
+        mongo_uri="mongodb://localhost",
+        tracking="opens_and_clicks",
+        public_base_url="https://r.example",
+        link_secret="0123456789abcdef0123456789abcdef",
+    )
+    config = on.tracking_config()
+    assert config.mode == "opens_and_clicks"
+    assert config.signer is not None
+    assert config.base_url == "https://r.example"
+    off = Settings(mongo_uri="mongodb://localhost")
+    assert off.tracking_config().mode == "off"
