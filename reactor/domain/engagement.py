@@ -128,6 +128,7 @@ def _networks() -> dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]
     return {k: [ipaddress.ip_network(n) for n in v] for k, v in table.items()}
 
 
+@lru_cache(maxsize=8192)
 def network_of(ip: str | None) -> str | None:
     """Which published range `ip` falls in (`apple`, `google_proxy`, `scanner:mimecast`...)."""
     if not ip:
@@ -142,6 +143,7 @@ def network_of(ip: str | None) -> str | None:
     return None
 
 
+@lru_cache(maxsize=4096)  # a campaign's traffic has a few hundred distinct agents
 def agent_family(agent: str) -> str:
     """A user agent reduced to a family: what is stored and shown, never the full string."""
     a = agent.lower()

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 SETTLE_S = 0.5
 MAX_BATCH = 500
+YIELD_EVERY = 64  # messages classed between two turns of the event loop
 NOT_DELIVERED = frozenset({"failed", "skipped"})
 
 MessageKey = tuple[str, str, str]
@@ -162,7 +163,9 @@ class Recorder:
             earlier = await self._store.earlier_clicks(clicked, since)
         docs: list[dict[str, Any]] = []
         classed: list[tuple[Accepted, Verdict]] = []
-        for key, group in groups.items():
+        for n, (key, group) in enumerate(groups.items()):
+            if n % YIELD_EVERY == YIELD_EVERY - 1:
+                await asyncio.sleep(0)  # redirects are answered between pieces of a batch
             group.sort(key=lambda a: a.hit.at)
             verdicts = classify_message(
                 [a.hit for a in group], delivered_at[key], earlier.get(key, [])

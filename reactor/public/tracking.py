@@ -188,7 +188,8 @@ class TrackingRoutes:
             return self._refused("unknown_link")
         if not expired:
             self._accept(request, scope, scope.link)
-        raise web.HTTPFound(table[scope.link])
+        # Returned, not raised: an exception per redirect costs more than the rest of it.
+        return web.Response(status=302, headers={"Location": table[scope.link]})
 
     def _verify(self, request: web.Request, kind: HitKind) -> tuple[TrackScope, bool] | None:
         """(scope, expired), or None (counted) when the token is not ours or not for this."""
