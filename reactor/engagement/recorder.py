@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections import Counter, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 SETTLE_S = 0.5
 MAX_BATCH = 500
+MEMORY = 200_000  # ledger rows and firsts remembered (about 40 MB at most)
 YIELD_EVERY = 64  # messages classed between two turns of the event loop
 NOT_DELIVERED = frozenset({"failed", "skipped"})
 
@@ -100,6 +101,8 @@ class Recorder:
             self.apply, window_s=settle_s, max_batch=MAX_BATCH
         )
         self._futures: set[asyncio.Future[None]] = set()
+        self._sent: OrderedDict[str, tuple[str, dt.datetime | None]] = OrderedDict()
+        self._taken: OrderedDict[str, None] = OrderedDict()
         self._last_error: str | None = None
 
     def accept(self, accepted: Accepted) -> None:
@@ -137,8 +140,8 @@ class Recorder:
 
     async def apply(self, batch: Sequence[Accepted]) -> list[None]:
         """Class and write one batch (the group commit's apply; the bench replays through it)."""
-        rows = await self._store.delivered(
-            [delivery_id(a.campaign, a.channel, a.customer) for a in batch]
+        rows = await self._delivered(
+            {delivery_id(a.campaign, a.channel, a.customer) for a in batch}
         )
         groups: dict[MessageKey, list[Accepted]] = defaultdict(list)
         delivered_at: dict[MessageKey, dt.datetime] = {}
@@ -177,6 +180,32 @@ class Recorder:
         await self._count(classed)
         return [None] * len(batch)
 
+    async def _delivered(self, ids: set[str]) -> dict[str, tuple[str, dt.datetime | None]]:
+        """The ledger rows of a batch; a `sent` row is terminal, so it is remembered (a
+        recipient's later hits need no read)."""
+        known = {i: self._sent[i] for i in ids if i in self._sent}
+        missing = [i for i in ids if i not in known]
+        if missing:
+            found = await self._store.delivered(missing)
+            for i, row in found.items():
+                if row[0] == "sent":
+                    self._sent[i] = row
+                    if len(self._sent) > MEMORY:
+                        self._sent.popitem(last=False)
+            known.update(found)
+        return known
+
+    async def _new_firsts(self, firsts: list[str], at: dt.datetime) -> set[str]:
+        """Which firsts are new; one inserted (or found taken) before is remembered as taken,
+        so a recipient's repeated hits cost no write."""
+        unseen = [f for f in dict.fromkeys(firsts) if f not in self._taken]
+        new = await self._store.insert_firsts(unseen, at) if unseen else set()
+        for f in unseen:
+            self._taken[f] = None
+        while len(self._taken) > MEMORY:
+            self._taken.popitem(last=False)
+        return new
+
     def _document(self, a: Accepted, verdict: Verdict) -> dict[str, Any]:
         return {
             "campaign": a.campaign,
@@ -204,7 +233,7 @@ class Recorder:
             if a.hit.kind is HitKind.CLICK:
                 firsts += [f"click:{base}", f"link:{base}:{a.hit.link}"]
         now = max(a.hit.at for a, _ in classed)
-        new = await self._store.insert_firsts(firsts, now)
+        new = await self._new_firsts(firsts, now)
         counts: dict[str, Counter[str]] = defaultdict(Counter)
         implied: list[dict[str, Any]] = []
         for a, v in classed:
