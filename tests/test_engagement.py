@@ -310,6 +310,20 @@ def test_a_burst_over_a_messages_links_is_a_scanner_even_late_and_with_a_browser
     assert late[0].klass is Class.SCANNER
 
 
+def test_an_open_beside_a_scanners_burst_is_the_scanner_rendering_the_message() -> None:
+    group = [
+        hit(HitKind.CLICK, 600, link=0, ip="3.80.1.2"),
+        hit(HitKind.OPEN, 600.3, ip="3.80.1.2"),
+        hit(HitKind.CLICK, 600.5, link=1, ip="3.80.1.2"),
+    ]
+    verdicts = classify_message(sorted(group, key=lambda h: h.at), T0)
+    assert [v.klass for v in verdicts] == [Class.SCANNER, Class.MACHINE, Class.SCANNER]
+    assert verdicts[1].reasons == ("open_with_scanner",)
+    # A person's open next to their own single click stays human.
+    alone = [hit(HitKind.OPEN, 600), hit(HitKind.CLICK, 600.4, link=0)]
+    assert [v.klass for v in classify_message(alone, T0)] == [Class.HUMAN, Class.HUMAN]
+
+
 def test_without_a_delivery_time_a_browser_is_unknown() -> None:
     assert classify_click(hit(HitKind.CLICK, 600), None).klass is Class.UNKNOWN
 

@@ -187,6 +187,7 @@ class Traffic:
                 agent=agent,
                 method=method,
             )
+        browser = browser or vendor == "sandbox"  # sandboxes run a browser, JavaScript too
         if browser:  # a browser renders the page, images and all
             self.add(
                 customer,

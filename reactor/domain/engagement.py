@@ -254,15 +254,25 @@ def classify_message(
     earlier: Sequence[Earlier] = (),
 ) -> list[Verdict]:
     """Verdicts for a settled group of one message's hits, in order: each click is judged
-    against the message's other clicks, these and those recorded before."""
+    against the message's other clicks, these and those recorded before; an open within
+    BURST_S of a scanner's burst or honeypot fetch is that scanner rendering the message."""
     clicks = [Earlier(h.link, h.at) for h in hits if h.kind is HitKind.CLICK]
-    out = []
+    out: list[Verdict] = []
     for hit in hits:
         if hit.kind is HitKind.OPEN:
             out.append(classify_open(hit, delivered_at))
             continue
         others = [c for c in clicks if c.at != hit.at or c.link != hit.link]
         out.append(classify_click(hit, delivered_at, [*others, *earlier]))
+    scans = [
+        h.at
+        for h, v in zip(hits, out, strict=True)
+        if h.kind is HitKind.CLICK and {"link_burst", "honeypot"} & set(v.reasons)
+    ]
+    for i, (hit, verdict) in enumerate(zip(hits, out, strict=True)):
+        if hit.kind is HitKind.OPEN and verdict.klass is not Class.MACHINE:
+            if any(abs((at - hit.at).total_seconds()) <= BURST_S for at in scans):
+                out[i] = Verdict(Class.MACHINE, ("open_with_scanner",), verdict.agent)
     return out
 
 
