@@ -348,6 +348,7 @@ async def run(quick: bool = False) -> dict[str, Any]:
         result = await replay(uri, t)
     print(print_matrix(result), flush=True)
     result["load"] = await engagement_load.run(quick)
+    result["sending"] = await engagement_load.send_ratio(quick)
     return result
 
 
@@ -368,6 +369,13 @@ def figures(result: dict[str, Any]) -> list[Figure]:
         ),
         Figure("tracking hits absorbed, one replica", load["absorbed_per_s"], "hits/s", 2000, ">="),
         Figure("redirect p99 under that load", load["p99_ms"], "ms", 25, "<="),
+        Figure(
+            "sending with tracking on / off",
+            result["sending"]["on_over_off"],
+            "ratio",
+            0.95,
+            ">=",
+        ),
         Figure(
             "events stored / hits sent under load",
             round(load["events_stored"] / load["hits_sent"], 4),

@@ -181,3 +181,83 @@ async def run(quick: bool = False) -> dict[str, Any]:
         "emails_sent_meanwhile_per_s": round(sent_during / elapsed, 1),
         "targets": {"per_s": 2000, "p99_ms": 25},
     }
+
+
+NEWSLETTER = (
+    "<html><body><h1>Spring, {{name}}</h1>"
+    + "".join(
+        f'<p><a href="https://shop.example/item/{i}?utm_source=mail">Item {i}</a> is back.</p>'
+        for i in range(8)
+    )
+    + "</body></html>"
+)
+
+
+async def _send_rate(uri: str, sink: SmtpSink, db: str, n: int, tracking: str) -> float:
+    """Emails per second one reactor sends of an 8-link newsletter, first to last message."""
+    client: Client = AsyncMongoClient(uri, tz_aware=True)
+    now = dt.datetime.now(dt.UTC)
+    await client[db].campaigns.insert_one(
+        {
+            "name": f"newsletter {tracking}",
+            "status": "approved",
+            "channels": ["email"],
+            "startDate": now + dt.timedelta(seconds=1.5),
+            "endDate": now + dt.timedelta(hours=1),
+            "email": {"subject": "Spring", "html": NEWSLETTER},
+            "targetedCustomerIds": [str(i) for i in range(n)],
+        }
+    )
+    port = free_port()
+    env = {k.lower(): v for k, v in sink.settings_env().items()}
+    settings = Settings(
+        **{
+            "mongo_uri": uri,
+            "campaigns_db": db,
+            "metrics_port": 0,
+            "metrics_host": "127.0.0.1",
+            "public_host": "127.0.0.1",
+            "public_port": port,
+            "public_base_url": f"http://127.0.0.1:{port}",
+            "link_secret": SECRET,
+            "tracking": tracking,
+            "email_rate_per_second": 100_000,
+            "reactor_instance_id": f"bench-send-{tracking}",
+            **env,
+        }
+    )
+    reactor = Reactor(settings)
+    before = len(sink.messages)
+    async with anyio.create_task_group() as tg:
+        await tg.start(reactor.run)
+        while len(sink.messages) == before:
+            await anyio.sleep(0.01)
+        started = time.perf_counter()
+        while len(sink.messages) < before + n:
+            await anyio.sleep(0.01)
+        elapsed = time.perf_counter() - started
+        reactor.request_shutdown()
+    await client.close()
+    return (n - 1) / elapsed
+
+
+async def send_ratio(quick: bool) -> dict[str, Any]:
+    """Sending with tracking on ÷ off, alternated in one run after a warm-up (off, on, off,
+    on...), each a fresh reactor sending an 8-link newsletter as fast as it can."""
+    n = 1000 if quick else 3000
+    rounds = 1 if quick else 2
+    rates: dict[str, list[float]] = {"off": [], "opens_and_clicks": []}
+    async with emulator_process() as uri, SmtpSink() as sink:
+        client: Client = AsyncMongoClient(uri)
+        await client.retail_db.newdatabase.insert_many(
+            [{"customer_id": i, "email": f"c{i}@example.com", "name": f"C{i}"} for i in range(n)]
+        )
+        await client.retail_db.newdatabase.create_index("customer_id")
+        await client.close()
+        await _send_rate(uri, sink, "send_warmup", n // 2, "off")  # caches, pools, indexes
+        for r in range(rounds):
+            for mode in rates:
+                db = f"send_{mode}_{r}"
+                rates[mode].append(round(await _send_rate(uri, sink, db, n, mode), 1))
+    on, off = sum(rates["opens_and_clicks"]), sum(rates["off"])
+    return {"emails": n, "rounds": rounds, "per_s": rates, "on_over_off": round(on / off, 3)}

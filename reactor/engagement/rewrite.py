@@ -86,7 +86,8 @@ def rewrite_html(body: str, table: dict[str, int], tracked: Tracked, skip_prefix
         href = _HREF.search(tag)
         if href is None:
             return tag
-        url = html.unescape(href.group(3) or href.group(4) or href.group(5) or "").strip()
+        raw = href.group(3) or href.group(4) or href.group(5) or ""
+        url = (html.unescape(raw) if "&" in raw else raw).strip()
         n = table.get(url)
         if n is None or url.startswith(skip_prefix):
             return tag

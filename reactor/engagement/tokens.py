@@ -8,10 +8,11 @@ a token per link:
     <key id>.<base64url: payload | HMAC-SHA256(payload)[:12]>
 
     payload   1 byte   version (1) << 4 | kind (0 click, 1 open) << 1 | channel (0 email, 1 sms)
-              2 bytes  link number (0xFFFF: the hidden honeypot link)
               4 bytes  when the message was made (Unix seconds): a cheap delivery time
               campaign 0x00 + 12 bytes (an ObjectId's hex) | 0x01 + length + UTF-8
               customer length + UTF-8
+              2 bytes  link number (0xFFFF: the hidden honeypot link), last: a message's
+                       links share the keyed hash of everything before it
 
 96 bits of MAC: forging one is a brute force of 2^96 guesses. An SMS cannot afford that many
 characters, so its links are short codes instead: 12 base64url characters (72 bits) derived by
@@ -28,7 +29,7 @@ import hashlib
 import hmac
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..domain.consent import LinkKey, TokenError
@@ -93,17 +94,41 @@ class TrackingSigner:
         link: int,
         issued_at: dt.datetime,
     ) -> str:
+        return self.signer_for(
+            campaign=campaign, channel=channel, customer=customer, kind=kind, issued_at=issued_at
+        )(link)
+
+    def signer_for(
+        self,
+        *,
+        campaign: str,
+        channel: Channel,
+        customer: str,
+        kind: HitKind,
+        issued_at: dt.datetime,
+    ) -> Callable[[int], str]:
+        """Tokens for one message's links: everything but the link number is signed once (the
+        link is the payload's last field), so each link costs one copy of a keyed hash."""
         flags = VERSION << 4 | (kind is HitKind.OPEN) << 1 | (channel is Channel.SMS)
-        head = struct.pack(">BHI", flags, link, int(issued_at.timestamp()) & 0xFFFFFFFF)
+        head = struct.pack(">BI", flags, int(issued_at.timestamp()) & 0xFFFFFFFF)
         if _HEX24.fullmatch(campaign):
             head += b"\x00" + bytes.fromhex(campaign)
         else:
             raw = campaign.encode()[:255]
             head += b"\x01" + bytes([len(raw)]) + raw
         who = customer.encode()[:255]
-        payload = head + bytes([len(who)]) + who
+        head += bytes([len(who)]) + who
         key_id = self._current.key_id
-        return f"{key_id}.{_b64(payload + self._mac(self._keys[key_id][1], key_id, payload))}"
+        keyed = hmac.new(self._keys[key_id][1], key_id.encode() + b"." + head, hashlib.sha256)
+        prefix = f"{key_id}."
+
+        def token(link: int) -> str:
+            tail = link.to_bytes(2, "big")
+            mac = keyed.copy()
+            mac.update(tail)
+            return prefix + _b64(head + tail + mac.digest()[:MAC_BYTES])
+
+        return token
 
     @staticmethod
     def _mac(key: bytes, key_id: str, payload: bytes) -> bytes:
@@ -158,10 +183,10 @@ class TrackingSigner:
 def _parse(payload: bytes) -> TrackScope:
     """A payload whose MAC checked out: malformed only if we wrote a bad one."""
     try:
-        flags, link, issued = struct.unpack(">BHI", payload[:7])
+        flags, issued = struct.unpack(">BI", payload[:5])
         if flags >> 4 != VERSION:
             raise TokenError("malformed")
-        rest = payload[7:]
+        rest = payload[5:]
         if rest[0] == 0:
             campaign, rest = rest[1:13].hex(), rest[13:]
         else:
@@ -169,8 +194,9 @@ def _parse(payload: bytes) -> TrackScope:
             campaign, rest = rest[2 : 2 + n].decode(), rest[2 + n :]
         n = rest[0]
         customer = rest[1 : 1 + n].decode()
-        if len(rest) != 1 + n:
+        if len(rest) != 1 + n + 2:
             raise TokenError("malformed")
+        link = int.from_bytes(rest[1 + n :], "big")
     except (IndexError, UnicodeDecodeError, struct.error):
         raise TokenError("malformed") from None
     return TrackScope(

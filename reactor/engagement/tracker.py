@@ -152,10 +152,18 @@ class Tracker:
         mode: str,
         now: dt.datetime,
     ) -> EmailMessage:
+        assert self.config.signer is not None
+        sign = self.config.signer.signer_for(
+            campaign=campaign.key,
+            channel=Channel.EMAIL,
+            customer=customer,
+            kind=HitKind.CLICK,
+            issued_at=now,
+        )
+        prefix = f"{self.config.base_url}/c/"
+
         def click(n: int) -> str:
-            return self._url(
-                "c", self._token(campaign, Channel.EMAIL, customer, HitKind.CLICK, n, now)
-            )
+            return prefix + sign(n)
 
         skip = self.config.base_url + "/"
         text = rewrite.rewrite_text(message.text, table, click, skip) if message.text else None
