@@ -17,6 +17,7 @@ writes it in batches.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import ipaddress
@@ -57,19 +58,32 @@ class TrackingStore(Protocol):
 
 class _Tables:
     """Each campaign's link table, cached briefly (a click is a read of memory, not of the
-    database; a table only ever grows, so a stale one lacks at most the newest links)."""
+    database; a table only ever grows, so a stale one lacks at most the newest links). One read
+    per campaign at a time: the clicks that arrive while it runs wait for that read instead of
+    each sending their own (a campaign's first second of clicks would queue hundreds)."""
 
     def __init__(self, store: TrackingStore) -> None:
         self._store = store
         self._cache: OrderedDict[str, tuple[float, list[str] | None]] = OrderedDict()
+        self._reading: dict[str, asyncio.Future[list[str] | None]] = {}
 
     async def get(self, campaign: str) -> list[str] | None:
         now = time.monotonic()
         hit = self._cache.get(campaign)
         if hit is not None and now - hit[0] < TABLE_CACHE_S:
             return hit[1]
-        table = await self._store.link_table(campaign)
-        self._cache[campaign] = (now, table)
+        reading = self._reading.get(campaign)
+        if reading is None:
+            reading = asyncio.ensure_future(self._read(campaign))
+            self._reading[campaign] = reading
+        return await asyncio.shield(reading)
+
+    async def _read(self, campaign: str) -> list[str] | None:
+        try:
+            table = await self._store.link_table(campaign)
+        finally:
+            del self._reading[campaign]
+        self._cache[campaign] = (time.monotonic(), table)
         self._cache.move_to_end(campaign)
         while len(self._cache) > TABLE_CACHE_SIZE:
             self._cache.popitem(last=False)
