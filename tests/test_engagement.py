@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import pytest
 
@@ -25,12 +26,13 @@ from reactor.domain.engagement import (
     parse_networks,
     truncate_ip,
 )
-from reactor.domain.models import Channel
+from reactor.domain.models import Campaign, Channel, parse_campaign
 from reactor.engagement import rewrite
 from reactor.engagement.recorder import Accepted, Recorder
 from reactor.engagement.tokens import SHORT_CODE_CHARS, TrackingSigner, is_short_code
-from reactor.engagement.tracker import effective_mode
+from reactor.engagement.tracker import Tracker, TrackingConfig, effective_mode
 from reactor.metrics import Metrics
+from reactor.ports import EmailMessage, SmsMessage
 
 T0 = dt.datetime(2026, 5, 1, 12, 0, tzinfo=dt.UTC)
 KEY = LinkKey("k1", b"s" * 32)
@@ -464,3 +466,90 @@ def test_tracking_needs_the_public_listener() -> None:
     assert config.base_url == "https://r.example"
     off = Settings(mongo_uri="mongodb://localhost")
     assert off.tracking_config().mode == "off"
+
+
+# ---- the tracker, on fakes ------------------------------------------------------------------
+
+
+class MemoryTables:
+    def __init__(self) -> None:
+        self.tables: dict[str, list[str]] = {}
+        self.short: list[dict[str, object]] = []
+
+    async def record_links(self, campaign_key: str, table: Sequence[str]) -> list[str] | None:
+        old = self.tables.setdefault(campaign_key, [])
+        old.extend(u for u in table if u not in old)
+        return list(old)
+
+    async def save_short_links(self, rows: Sequence[dict[str, object]]) -> None:
+        self.short.extend(rows)
+
+
+class NoOne:
+    async def among(self, customers: Sequence[str]) -> set[str]:
+        return set()
+
+
+def _campaign(**kw: object) -> Campaign:
+    doc: dict[str, object] = {
+        "_id": "spring",
+        "name": "spring",
+        "status": "approved",
+        "startDate": T0,
+        "endDate": T0 + dt.timedelta(days=1),
+        "email": {"subject": "Hi", "html": HTML, "text": TEXT},
+        "sms": {"body": "Sale https://shop.example/s today"},
+        "targetedCustomerIds": ["1"],
+    }
+    doc.update(kw)
+    return parse_campaign(doc)
+
+
+@dataclass
+class _Item:
+    customer: str
+    message: EmailMessage | SmsMessage
+
+
+async def test_the_tracker_rewrites_a_batch_and_keeps_link_numbers_across_edits() -> None:
+    tables = MemoryTables()
+    config = TrackingConfig(mode="opens_and_clicks", base_url="https://r.example", signer=signer())
+    tracker = Tracker(config, tables, NoOne())
+    long_id = "x" * 300
+    email = EmailMessage("a@example.com", "Hi", TEXT, HTML, "<m@x>")
+    items = [_Item("1", email), _Item(long_id, email)]
+    await tracker.track(_campaign(), Channel.EMAIL, items, T0)
+    tracked = items[0].message
+    assert isinstance(tracked, EmailMessage)
+    assert tracked.html is not None
+    assert "https://r.example/c/" in tracked.html
+    assert "https://r.example/o/" in tracked.html
+    untracked = items[1].message  # an id too long for a token: sent untracked, not cut
+    assert isinstance(untracked, EmailMessage)
+    assert untracked.html is not None
+    assert "https://r.example/" not in untracked.html
+    assert "data-notrack" not in untracked.html
+    # The content is edited mid-run: a new link is appended, the old ones keep their numbers.
+    edited = _campaign(
+        email={"subject": "Hi", "html": '<a href="https://new.example">n</a>' + HTML}
+    )
+    await tracker.track(edited, Channel.EMAIL, [_Item("1", email)], T0)
+    assert tables.tables["spring"][:4] == rewrite.link_table(HTML, TEXT, "https://shop.example/s")
+    assert tables.tables["spring"][-1] == "https://new.example"
+
+
+async def test_sms_links_are_short_and_their_codes_are_saved_in_one_write() -> None:
+    tables = MemoryTables()
+    config = TrackingConfig(mode="clicks", base_url="https://r.ex.co", signer=signer())
+    tracker = Tracker(config, tables, None)
+    sms = SmsMessage("+14155550100", "Sale https://shop.example/s today", segments=1)
+    items = [_Item("1", sms), _Item("2", sms)]
+    await tracker.track(_campaign(), Channel.SMS, items, T0)
+    bodies = [i.message.body for i in items if isinstance(i.message, SmsMessage)]
+    assert len(bodies) == 2
+    for body in bodies:
+        short = body.split()[1]
+        assert short.startswith("https://r.ex.co/s/")
+        assert len(short) <= 30
+    assert [r["customer"] for r in tables.short] == ["1", "2"]
+    assert {r["link"] for r in tables.short} == {3}  # the SMS link's number in the table

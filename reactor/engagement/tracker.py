@@ -89,7 +89,11 @@ class Tracker:
             if n % YIELD_EVERY == YIELD_EVERY - 1:
                 # ~0.1 ms a message (a signature per link): let redirects be answered.
                 await anyio.lowlevel.checkpoint()
-            if table is None or item.customer in untracked:
+            if (
+                table is None
+                or item.customer in untracked
+                or not _fits(campaign.key, item.customer)
+            ):
                 item.message = _untracked(item.message)
                 continue
             message = item.message
@@ -205,6 +209,11 @@ class Tracker:
 
         body = rewrite.rewrite_text(message.body, table, short, self.config.base_url + "/")
         return dataclasses.replace(message, body=body, segments=segments(body).count)
+
+
+def _fits(campaign: str, customer: str) -> bool:
+    """A token holds ids of up to 255 bytes; a longer one goes out untracked, never cut."""
+    return len(campaign.encode()) <= 255 and len(customer.encode()) <= 255
 
 
 def _untracked(message: EmailMessage | SmsMessage) -> EmailMessage | SmsMessage:
