@@ -1,8 +1,9 @@
 """An open-loop HTTP load generator, run in its own process so that what it costs is not the
 measured service's: `python -m reactor.bench.loadgen SPEC OUT`. SPEC is JSON
 {"rate": per_s, "requests": [[url, "form"|"json"|"get", body, headers], ...]} ("get": a tracked
-link, whose 3xx is a success); each request is sent at its scheduled instant (start + i / rate) whether or not earlier ones were answered, and its
-latency is measured from that instant, so queueing counts. OUT receives
+link, whose 3xx is a success); each request is sent at its scheduled instant (start + i / rate)
+whether or not earlier ones were answered, and its latency is measured from that instant, so
+queueing counts. OUT receives
 {"latencies_s": [...], "arrivals_s": [...], "errors": n, "elapsed_s": s}.
 """
 
