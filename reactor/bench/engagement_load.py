@@ -119,6 +119,40 @@ async def _stored(client: Client) -> int:
     )
 
 
+def _settings(uri: str, sink: SmtpSink, db: str, tracking: str, rate: float) -> Settings:
+    port = free_port()
+    env = {k.lower(): v for k, v in sink.settings_env().items()}
+    return Settings(
+        **{
+            "mongo_uri": uri,
+            "campaigns_db": db,
+            "metrics_port": 0,
+            "metrics_host": "127.0.0.1",
+            "public_host": "127.0.0.1",
+            "public_port": port,
+            "public_base_url": f"http://127.0.0.1:{port}",
+            "link_secret": SECRET,
+            "tracking": tracking,
+            "email_rate_per_second": rate,
+            "reactor_instance_id": f"bench-engagement-{db}",
+            **env,
+        }
+    )
+
+
+async def _generate(rate: float, requests: list[list[Any]]) -> dict[str, Any]:
+    """The open-loop generator, in a process of its own."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec, out = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec.write_text(json.dumps({"rate": rate, "requests": requests}))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "reactor.bench.loadgen", str(spec), str(out)
+        )
+        await proc.wait()
+        result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
 async def run(quick: bool = False) -> dict[str, Any]:
     rate = 2000.0
     seconds = 3.0 if quick else 10.0
@@ -126,23 +160,7 @@ async def run(quick: bool = False) -> dict[str, Any]:
     async with emulator_process() as uri, SmtpSink() as sink:
         client: Client = AsyncMongoClient(uri, tz_aware=True)
         old = await _seed(client, n_old, n_new)
-        port = free_port()
-        env = {k.lower(): v for k, v in sink.settings_env().items()}
-        settings = Settings(
-            **{
-                "mongo_uri": uri,
-                "metrics_port": 0,
-                "metrics_host": "127.0.0.1",
-                "public_host": "127.0.0.1",
-                "public_port": port,
-                "public_base_url": f"http://127.0.0.1:{port}",
-                "link_secret": SECRET,
-                "tracking": "opens_and_clicks",
-                "email_rate_per_second": 100,
-                "reactor_instance_id": "bench-engagement",
-                **env,
-            }
-        )
+        settings = _settings(uri, sink, "marketing", "opens_and_clicks", 100)
         reactor = Reactor(settings)
         tune_for_service()
         requests = _requests(settings, str(old), n_old, int(rate * seconds))
@@ -152,14 +170,7 @@ async def run(quick: bool = False) -> dict[str, Any]:
             while len(sink.messages) < 50:
                 await anyio.sleep(0.05)
             sent_before = len(sink.messages)
-            with tempfile.TemporaryDirectory() as tmp:
-                spec, out = Path(tmp) / "spec.json", Path(tmp) / "out.json"
-                spec.write_text(json.dumps({"rate": rate, "requests": requests}))
-                proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "reactor.bench.loadgen", str(spec), str(out)
-                )
-                await proc.wait()
-                result = json.loads(out.read_text())
+            result = await _generate(rate, requests)
             sent_during = len(sink.messages) - sent_before
             waited = time.perf_counter()
             while await _stored(client) < len(requests) and time.perf_counter() - waited < 30:
@@ -167,6 +178,12 @@ async def run(quick: bool = False) -> dict[str, Any]:
             stored = await _stored(client)
             reactor.request_shutdown()
         await client.close()
+    return _summary(result, rate, len(requests), stored, sent_during)
+
+
+def _summary(
+    result: dict[str, Any], rate: float, sent: int, stored: int, emails: int
+) -> dict[str, Any]:
     ms = [1000 * v for v in result["latencies_s"]]
     elapsed = result["elapsed_s"]
     t_first = min(result["arrivals_s"])
@@ -175,7 +192,7 @@ async def run(quick: bool = False) -> dict[str, Any]:
         by_second.setdefault(int(at - t_first), []).append(v)
     return {
         "offered_per_s": rate,
-        "hits_sent": len(requests),
+        "hits_sent": sent,
         "absorbed_per_s": round(len(ms) / elapsed, 1),
         "errors": result["errors"],
         "p50_ms": round(percentile(ms, 0.5), 1),
@@ -183,7 +200,7 @@ async def run(quick: bool = False) -> dict[str, Any]:
         "max_ms": round(max(ms), 1),
         "p99_ms_per_second": [round(percentile(v, 0.99), 1) for _, v in sorted(by_second.items())],
         "events_stored": stored,
-        "emails_sent_meanwhile_per_s": round(sent_during / elapsed, 1),
+        "emails_sent_meanwhile_per_s": round(emails / elapsed, 1),
         "targets": {"per_s": 2000, "p99_ms": 25},
     }
 
@@ -213,24 +230,7 @@ async def _send_rate(uri: str, sink: SmtpSink, db: str, n: int, tracking: str) -
             "targetedCustomerIds": [str(i) for i in range(n)],
         }
     )
-    port = free_port()
-    env = {k.lower(): v for k, v in sink.settings_env().items()}
-    settings = Settings(
-        **{
-            "mongo_uri": uri,
-            "campaigns_db": db,
-            "metrics_port": 0,
-            "metrics_host": "127.0.0.1",
-            "public_host": "127.0.0.1",
-            "public_port": port,
-            "public_base_url": f"http://127.0.0.1:{port}",
-            "link_secret": SECRET,
-            "tracking": tracking,
-            "email_rate_per_second": 100_000,
-            "reactor_instance_id": f"bench-send-{tracking}",
-            **env,
-        }
-    )
+    settings = _settings(uri, sink, db, tracking, 100_000)
     reactor = Reactor(settings)
     before = len(sink.messages)
     async with anyio.create_task_group() as tg:
