@@ -374,14 +374,17 @@ async def test_sms_links_become_short_links_that_guessing_cannot_find(
             for i in range(25):
                 async with http.get(f"{base}/s/{'Z' * 11}{i % 10}") as resp:
                     statuses.append(resp.status)
+            # 20 misses a minute per network, refilled at that rate: the next are refused
+            # (at most one more miss can have been refilled, however slow this machine is).
             assert statuses[:20] == [404] * 20
-            assert set(statuses[20:]) == {429}
+            assert statuses[-4:] == [429] * 4
+            refused = statuses.count(429)
         await eventually(lambda: _count(client, mongo, 2), 5)  # the click and its open
         found = await events(client, mongo, kind="click")
         assert [(e["channel"], e["class"], e["agent"]) for e in found] == [
             ("sms", "human", "safari")
         ]
-        assert reactor.metrics.engagement_rejected.labels("rate_limited")._value.get() == 5
+        assert reactor.metrics.engagement_rejected.labels("rate_limited")._value.get() == refused
 
 
 async def test_forwarded_for_counts_only_behind_a_trusted_proxy_and_shutdown_flushes(

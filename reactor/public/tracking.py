@@ -24,7 +24,7 @@ import ipaddress
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -91,14 +91,17 @@ class _Tables:
 
 
 class _MissLimiter:
-    """Short-code misses per client /24 (/48), in one-minute windows."""
+    """Short-code misses per client /24 (/48): a bucket of `per_minute` misses that refills at
+    that rate, so there is no window edge at which a guesser gets twice the allowance."""
 
-    def __init__(self, per_minute: int) -> None:
-        self._per_minute = per_minute
-        self._window = 0
-        self._misses: dict[str, int] = {}
+    def __init__(self, per_minute: int, monotonic: Callable[[], float]) -> None:
+        self._capacity = float(per_minute)
+        self._refill_per_s = per_minute / 60.0
+        self._monotonic = monotonic
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # net: level, at
 
-    def _net(self, ip: str | None) -> str:
+    @staticmethod
+    def _net(ip: str | None) -> str:
         try:
             address = ipaddress.ip_address(ip or "")
         except ValueError:
@@ -106,20 +109,20 @@ class _MissLimiter:
         prefix = 24 if address.version == 4 else 48
         return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
 
-    def _roll(self) -> None:
-        window = int(time.monotonic() // 60)
-        if window != self._window:
-            self._window, self._misses = window, {}
+    def _level(self, net: str) -> float:
+        level, at = self._buckets.get(net, (self._capacity, self._monotonic()))
+        now = self._monotonic()
+        return min(self._capacity, level + (now - at) * self._refill_per_s)
 
     def blocked(self, ip: str | None) -> bool:
-        self._roll()
-        return self._misses.get(self._net(ip), 0) >= self._per_minute
+        return self._level(self._net(ip)) < 1.0
 
     def missed(self, ip: str | None) -> None:
-        self._roll()
         net = self._net(ip)
-        if len(self._misses) < 100_000:
-            self._misses[net] = self._misses.get(net, 0) + 1
+        self._buckets[net] = (max(0.0, self._level(net) - 1.0), self._monotonic())
+        self._buckets.move_to_end(net)
+        while len(self._buckets) > 100_000:  # the least recently missing networks go first
+            self._buckets.popitem(last=False)
 
 
 class TrackingRoutes:
@@ -141,7 +144,7 @@ class TrackingRoutes:
         self._clock = clock
         self._metrics = metrics
         self._proxies = tuple(trusted_proxies)
-        self._limiter = _MissLimiter(misses_per_minute)
+        self._limiter = _MissLimiter(misses_per_minute, clock.monotonic)
 
     def add_to(self, app: web.Application) -> None:
         app.router.add_get("/c/{token}", self.click)  # aiohttp adds HEAD with GET
