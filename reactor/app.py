@@ -36,6 +36,7 @@ from .adapters.twilio_sms import TwilioSmsSender
 from .config import Settings
 from .domain.engagement import parse_networks
 from .engagement.recorder import IpPolicy, Recorder
+from .engagement.tokens import SHORT_CODE_CHARS
 from .engagement.tracker import Tracker
 from .execution import Executor, StopReason
 from .http import OpsServer
@@ -353,6 +354,14 @@ class Reactor:
         if config.mode == "off":
             return Tracker(config, None, None), None
         engagement = MongoEngagement(db, s.campaigns_collection)
+        short = len(config.base_url) + len("/s/") + SHORT_CODE_CHARS
+        log.info(
+            "tracking %s: links through %s (SMS short links %d characters%s)",
+            config.mode,
+            config.base_url,
+            short,
+            "" if short <= 30 else "; over 30: a shorter PUBLIC_BASE_URL keeps texts cheaper",
+        )
         rcfg = s.recipients_config()
         dnt = None
         if s.tracking_do_not_track_field:
