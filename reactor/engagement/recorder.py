@@ -85,6 +85,51 @@ class IpPolicy:
     v6_prefix: int = 48
 
 
+Row = tuple[str, dt.datetime | None]  # a ledger row's state and when it was last written
+
+
+class Deliveries:
+    """Whether a message was delivered, and when: a `sent` row is terminal, so it is
+    remembered (a recipient's later hits need no read). Single lookups (the listener's, one per
+    request) are grouped into one read every couple of milliseconds."""
+
+    def __init__(self, store: EngagementStore) -> None:
+        self._store = store
+        self._sent: OrderedDict[str, Row] = OrderedDict()
+        self._reads: GroupCommit[str, Row | None] = GroupCommit(
+            self._read_many, window_s=0.002, max_batch=MAX_BATCH
+        )
+
+    async def one(self, delivery: str) -> Row | None:
+        known = self._sent.get(delivery)
+        if known is not None:
+            return known
+        return await self._reads.submit(delivery)
+
+    async def many(self, ids: set[str]) -> dict[str, Row]:
+        known = {i: self._sent[i] for i in ids if i in self._sent}
+        missing = [i for i in ids if i not in known]
+        if missing:
+            known.update(await self._fetch(missing))
+        return known
+
+    async def _read_many(self, ids: Sequence[str]) -> list[Row | None]:
+        found = await self._fetch(list(dict.fromkeys(ids)))
+        return [found.get(i) for i in ids]
+
+    async def _fetch(self, ids: Sequence[str]) -> dict[str, Row]:
+        found = await self._store.delivered(ids)
+        for i, row in found.items():
+            if row[0] == "sent":
+                self._sent[i] = row
+                if len(self._sent) > MEMORY:
+                    self._sent.popitem(last=False)
+        return found
+
+    async def aclose(self) -> None:
+        await self._reads.aclose()
+
+
 class Recorder:
     def __init__(
         self,
@@ -101,7 +146,7 @@ class Recorder:
             self.apply, window_s=settle_s, max_batch=MAX_BATCH
         )
         self._futures: set[asyncio.Future[None]] = set()
-        self._sent: OrderedDict[str, tuple[str, dt.datetime | None]] = OrderedDict()
+        self.deliveries = Deliveries(store)
         self._taken: OrderedDict[str, None] = OrderedDict()
         self._last_error: str | None = None
 
@@ -137,10 +182,11 @@ class Recorder:
         if self._futures:
             await asyncio.wait(list(self._futures), timeout=timeout_s)
         await self._commit.aclose()  # fails what is left: counted as dropped at shutdown
+        await self.deliveries.aclose()
 
     async def apply(self, batch: Sequence[Accepted]) -> list[None]:
         """Class and write one batch (the group commit's apply; the bench replays through it)."""
-        rows = await self._delivered(
+        rows = await self.deliveries.many(
             {delivery_id(a.campaign, a.channel, a.customer) for a in batch}
         )
         groups: dict[MessageKey, list[Accepted]] = defaultdict(list)
@@ -179,21 +225,6 @@ class Recorder:
         await self._store.insert_events(docs)
         await self._count(classed)
         return [None] * len(batch)
-
-    async def _delivered(self, ids: set[str]) -> dict[str, tuple[str, dt.datetime | None]]:
-        """The ledger rows of a batch; a `sent` row is terminal, so it is remembered (a
-        recipient's later hits need no read)."""
-        known = {i: self._sent[i] for i in ids if i in self._sent}
-        missing = [i for i in ids if i not in known]
-        if missing:
-            found = await self._store.delivered(missing)
-            for i, row in found.items():
-                if row[0] == "sent":
-                    self._sent[i] = row
-                    if len(self._sent) > MEMORY:
-                        self._sent.popitem(last=False)
-            known.update(found)
-        return known
 
     async def _new_firsts(self, firsts: list[str], at: dt.datetime) -> set[str]:
         """Which firsts are new; one inserted (or found taken) before is remembered as taken,

@@ -12,7 +12,9 @@ still leads where it led (the person wants the page) but records nothing. Short-
 are limited per client network (MISSES_PER_MINUTE), so guessing 72-bit codes is hopeless.
 
 The request path does no write: an accepted hit is handed to the `Recorder`, which classes and
-writes it in batches.
+writes it in batches. It reads one thing: whether the token's message went out (a ledger row,
+remembered once `sent`, read in groups every couple of milliseconds); a genuine token for a
+message that never went (a preview, a failed send) gets the 404 too.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from ..domain.consent import TokenError
+from ..domain.deliveries import delivery_id
 from ..domain.engagement import HONEYPOT_LINK, Hit, HitKind, client_ip
 from ..domain.models import Channel
-from ..engagement.recorder import Accepted, Recorder
+from ..engagement.recorder import NOT_DELIVERED, Accepted, Recorder
 from ..engagement.tokens import TrackingSigner, TrackScope, is_short_code
 from ..metrics import Metrics
 from ..ports import Clock
@@ -187,6 +190,8 @@ class TrackingRoutes:
         if await self._tables.get(scope.campaign) is None:
             return self._refused("gone_campaign")
         if not expired:
+            if not await self._delivered(scope):
+                return self._refused("unknown_recipient")
             self._accept(request, scope, None)
         return web.Response(body=GIF, content_type="image/gif")
 
@@ -199,11 +204,15 @@ class TrackingRoutes:
         if table is None:
             return self._refused("gone_campaign")
         if scope.link == HONEYPOT_LINK:
+            if not await self._delivered(scope):
+                return self._refused("unknown_recipient")
             self._accept(request, scope, scope.link)
             return web.Response(text="\n")  # a scanner followed the hidden link
         if scope.link >= len(table):
             return self._refused("unknown_link")
         if not expired:
+            if not await self._delivered(scope):
+                return self._refused("unknown_recipient")
             self._accept(request, scope, scope.link)
         # Returned, not raised: an exception per redirect costs more than the rest of it.
         return web.Response(status=302, headers={"Location": table[scope.link]})
@@ -222,6 +231,14 @@ class TrackingRoutes:
         if expired:
             self._metrics.engagement_rejected.labels("expired").inc()
         return scope, expired
+
+    async def _delivered(self, scope: TrackScope) -> bool:
+        """Did this message go out? A token for a preview, a failed send or a ledger row that is
+        gone names nobody to count."""
+        row = await self._recorder.deliveries.one(
+            delivery_id(scope.campaign, scope.channel.value, scope.customer)
+        )
+        return row is not None and row[0] not in NOT_DELIVERED
 
     def _client(self, request: web.Request) -> str | None:
         return client_ip(request.remote, request.headers.get("X-Forwarded-For"), self._proxies)
