@@ -30,16 +30,22 @@ from .adapters.mongo import (
     MongoShards,
     MongoSuppressions,
 )
+from .adapters.mongo.engagement import MongoDoNotTrack, MongoEngagement
 from .adapters.mongo.splits import MongoSplits
 from .adapters.smtp import SmtpEmailSender
 from .adapters.twilio_sms import TwilioSmsSender
 from .config import Settings
+from .domain.engagement import parse_networks
+from .engagement.recorder import IpPolicy, Recorder
+from .engagement.tokens import SHORT_CODE_CHARS
+from .engagement.tracker import Tracker
 from .execution import Executor, StopReason
 from .http import OpsServer
 from .metrics import Metrics
 from .notify.notifier import Notifier
 from .ports import Clock, EmailSender, SmsSender
 from .public import PublicServer
+from .public.tracking import TrackingRoutes
 from .scheduling.barriers import Barriers
 from .scheduling.reconciler import Reconciler
 from .scheduling.scheduler import Scheduler
@@ -73,6 +79,7 @@ class _Parts:
     actions: MongoRecipientActions
     feedback: MongoFeedback
     shards: MongoShards
+    engagement: MongoEngagement | None = None
 
 
 class Reactor:
@@ -105,6 +112,7 @@ class Reactor:
         self.db_clock: DatabaseClock | None = None
         self.mongodb_reachable = False
         self.notifier: Notifier | None = None
+        self.recorder: Recorder | None = None  # tracked hits, written in batches
 
     def request_shutdown(self) -> None:
         """First call: graceful drain. Second call: cancel everything now."""
@@ -134,6 +142,8 @@ class Reactor:
                         await self.http.stop()
                     if self.public is not None:
                         await self.public.stop()
+                    if self.recorder is not None:  # the listener is closed: write what it took
+                        await self.recorder.drain(s.shutdown_grace_seconds)
                     if self.store is not None:
                         await self.store.aclose()
                     if self.notifier is not None:
@@ -197,6 +207,11 @@ class Reactor:
         await parts.suppression_store.ensure_indexes()
         await parts.feedback.ensure_indexes()
         await parts.shards.ensure_indexes()
+        if parts.engagement is not None:
+            await parts.engagement.ensure_indexes(
+                retention_days=s.engagement_retention_days,
+                short_link_days=s.link_ttl_seconds / 86400,
+            )
         self.metrics.schedulers_enabled.set(1 if s.enable_schedulers else 0)
         async with anyio.create_task_group() as sending:
             sending.start_soon(parts.suppressions.follow)
@@ -269,6 +284,7 @@ class Reactor:
         suppressions = SuppressionList(suppression_store, db_clock, self.metrics)
         self.suppressions = suppressions
         shards = MongoShards(db)
+        tracker, engagement = self._tracking(db, seg_client)
         audiences = MongoAudiences(
             db,
             seg_client[rcfg.db],
@@ -291,6 +307,7 @@ class Reactor:
             retry_base_s=sched_cfg.retry_base_s,
             suppressions=suppressions,
             links=s.links(),
+            tracker=tracker,
             budgets=MongoBudgets(db) if s.rate_limit_scope == "cluster" else None,
             shards=shards,
             audiences=audiences,
@@ -347,6 +364,52 @@ class Reactor:
             MongoRecipientActions(db, s.campaigns_collection),
             MongoFeedback(db, s.campaigns_collection, dedupe_s=s.link_ttl_seconds),
             shards,
+            engagement,
+        )
+
+    def _tracking(
+        self, db: Any, seg_client: AsyncMongoClient[dict[str, Any]]
+    ) -> tuple[Tracker, MongoEngagement | None]:
+        """The send path's link rewriting and, when tracking is on, its store (issue 24)."""
+        s = self.settings
+        config = s.tracking_config()
+        if config.mode == "off":
+            return Tracker(config, None, None), None
+        engagement = MongoEngagement(db, s.campaigns_collection)
+        short = len(config.base_url) + len("/s/") + SHORT_CODE_CHARS
+        log.info(
+            "tracking %s: links through %s (SMS short links %d characters%s)",
+            config.mode,
+            config.base_url,
+            short,
+            "" if short <= 30 else "; over 30: a shorter PUBLIC_BASE_URL keeps texts cheaper",
+        )
+        rcfg = s.recipients_config()
+        dnt = None
+        if s.tracking_do_not_track_field:
+            dnt = MongoDoNotTrack(
+                seg_client[rcfg.db][rcfg.collection], rcfg.id_field, s.tracking_do_not_track_field
+            )
+        return Tracker(config, engagement, dnt), engagement
+
+    def _tracking_routes(self, parts: _Parts) -> TrackingRoutes | None:
+        s = self.settings
+        config = s.tracking_config()
+        if parts.engagement is None or config.signer is None:
+            return None
+        self.recorder = Recorder(
+            parts.engagement,
+            self.metrics,
+            ip=IpPolicy(s.engagement_ip_v4_prefix, s.engagement_ip_v6_prefix),
+            settle_s=s.engagement_settle_seconds,
+        )
+        return TrackingRoutes(
+            signer=config.signer,
+            store=parts.engagement,
+            recorder=self.recorder,
+            clock=parts.db_clock,
+            metrics=self.metrics,
+            trusted_proxies=parse_networks(s.trusted_proxies),
         )
 
     # ---- notifications (reactor/notify) ----
@@ -409,6 +472,7 @@ class Reactor:
             max_connections=s.public_max_connections,
             nofile_target=s.public_nofile_target,
             undo_window_s=s.link_undo_window_seconds,
+            tracking=self._tracking_routes(parts),
         )
         await self.public.start()
         log.info(

@@ -47,6 +47,11 @@ class GroupCommit(Generic[T, R]):
         self._applying: set[asyncio.Task[None]] = set()
 
     async def submit(self, item: T) -> R:
+        return await self.offer(item)
+
+    def offer(self, item: T) -> asyncio.Future[R]:
+        """Queue `item` without waiting: the caller holds its result's future (a producer that
+        must not wait for the write, such as a tracked link's redirect)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
         if not self._pending:
@@ -54,7 +59,7 @@ class GroupCommit(Generic[T, R]):
         self._pending.append((item, future))
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._run())
-        return await future
+        return future
 
     async def submit_many(self, items: Sequence[T]) -> list[R]:
         return list(await asyncio.gather(*(self.submit(i) for i in items)))

@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from pymongo.uri_parser import parse_uri
 
 if TYPE_CHECKING:
+    from .engagement.tracker import TrackingConfig
     from .notify.config import NotifyConfig
     from .public.feedback import FeedbackConfig
     from .public.webhooks import WebhookConfig
@@ -147,6 +148,15 @@ class Settings(BaseSettings):
     notify_smtp_password: SecretStr | None = None
     notify_smtp_tls: Literal["none", "starttls", "tls"] = "starttls"
     notify_email_from: str | None = None
+    # ---- engagement (issue 24): tracked links and opens ----
+    tracking: Literal["off", "clicks", "opens_and_clicks"] = "off"
+    tracking_do_not_track_field: str = "doNotTrack"  # on the customer's order rows
+    tracking_honeypot: bool = True
+    trusted_proxies: str = ""  # addresses / CIDR ranges whose X-Forwarded-For is believed
+    engagement_retention_days: float = Field(180.0, gt=0)
+    engagement_ip_v4_prefix: int = Field(24, ge=0, le=32)
+    engagement_ip_v6_prefix: int = Field(48, ge=0, le=128)
+    engagement_settle_seconds: float = Field(0.5, gt=0, le=0.9)
 
     metrics_host: str = "0.0.0.0"
     metrics_port: int = Field(9464, ge=0, le=65535)
@@ -471,6 +481,41 @@ class Settings(BaseSettings):
             failure_spike_min=self.notify_failure_spike_min_sends,
             progress_every_percent=self.notify_progress_percent,
             smtp=smtp,
+        )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _valid_proxies(cls, value: str) -> str:
+        from .domain.engagement import parse_networks
+
+        parse_networks(value)  # raises ValueError naming the bad entry
+        return value
+
+    @model_validator(mode="after")
+    def _check_tracking(self) -> Settings:
+        if self.tracking != "off" and (not self.public_base_url or self.link_secret is None):
+            raise ValueError("TRACKING needs PUBLIC_BASE_URL and LINK_SECRET")
+        return self
+
+    def tracking_config(self) -> TrackingConfig:
+        from .engagement.tokens import TrackingSigner
+        from .engagement.tracker import TrackingConfig
+
+        links = self.links()
+        if self.tracking == "off" or links is None or self.link_secret is None:
+            return TrackingConfig(mode="off")
+        current = LinkKey(self.link_key_id, self.link_secret.get_secret_value().encode())
+        old = parse_old_keys(self.link_old_keys.get_secret_value()) if self.link_old_keys else []
+        signer = TrackingSigner(
+            [current, *old],
+            ttl_s=self.link_ttl_seconds,
+            rotation_grace_s=self.link_rotation_grace_seconds,
+        )
+        return TrackingConfig(
+            mode=self.tracking,
+            base_url=links.base_url,
+            signer=signer,
+            honeypot=self.tracking_honeypot,
         )
 
     @property

@@ -319,6 +319,32 @@ class Metrics:
             ["errno"],
             registry=r,
         )
+        # ---- engagement (issue 24: tracked links and opens) ----
+        self.engagement_events = Counter(
+            "reactor_engagement_events",
+            "Tracked opens and clicks recorded, by kind and class (human, machine, scanner, "
+            "unknown).",
+            ["kind", "class"],
+            registry=r,
+        )
+        self.engagement_rejected = Counter(
+            "reactor_engagement_rejected",
+            "Tracking requests that recorded nothing: a bad or expired token, an unknown link "
+            "or short code, a campaign that is gone, no such delivery, rate-limited.",
+            ["why"],
+            registry=r,
+        )
+        self.engagement_dropped = Counter(
+            "reactor_engagement_dropped",
+            "Accepted hits that were never written (a batch failed, or shutdown outlasted).",
+            ["why"],
+            registry=r,
+        )
+        for kind in ("open", "click"):
+            for klass in ("human", "machine", "scanner", "unknown"):
+                self.engagement_events.labels(kind, klass)
+        for why in ("write_failed", "shutdown"):
+            self.engagement_dropped.labels(why)
         self.build_info = Info("reactor_build", "Reactor build information.", registry=r)
         self.build_info.info({"version": __version__, "python": platform.python_version()})
         # Materialise the label sets dashboards and alerts read, so queries see 0, not no data.

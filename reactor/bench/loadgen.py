@@ -1,8 +1,9 @@
 """An open-loop HTTP load generator, run in its own process so that what it costs is not the
 measured service's: `python -m reactor.bench.loadgen SPEC OUT`. SPEC is JSON
-{"rate": per_s, "requests": [[url, "form"|"json", body, headers], ...]}; each request is sent at
-its scheduled instant (start + i / rate) whether or not earlier ones were answered, and its
-latency is measured from that instant, so queueing counts. OUT receives
+{"rate": per_s, "requests": [[url, "form"|"json"|"get", body, headers], ...]} ("get": a tracked
+link, whose 3xx is a success); each request is sent at its scheduled instant (start + i / rate)
+whether or not earlier ones were answered, and its latency is measured from that instant, so
+queueing counts. OUT receives
 {"latencies_s": [...], "arrivals_s": [...], "errors": n, "elapsed_s": s}.
 """
 
@@ -31,14 +32,15 @@ async def generate(rate: float, requests: list[list[Any]]) -> dict[str, Any]:
         ) -> None:
             nonlocal errors
             try:
-                ctx = (
-                    http.post(url, json=body, headers=headers)
-                    if kind == "json"
-                    else http.post(url, data=body, headers=headers)
-                )
+                if kind == "get":  # a tracked link: its redirect is the answer
+                    ctx = http.get(url, headers=headers, allow_redirects=False)
+                elif kind == "json":
+                    ctx = http.post(url, json=body, headers=headers)
+                else:
+                    ctx = http.post(url, data=body, headers=headers)
                 async with ctx as resp:
                     await resp.read()
-                    if resp.status >= 300:
+                    if resp.status >= (400 if kind == "get" else 300):
                         errors += 1
             except aiohttp.ClientError:
                 errors += 1

@@ -86,6 +86,7 @@ class Campaign:
     execution: Execution = field(default_factory=Execution)
     segment: Segment | None = None  # the audience, when it is not `targets`
     split: Split | None = None  # A/B variants and their test (domain.splits)
+    tracking: str | None = None  # off | clicks | opens_and_clicks: narrows TRACKING
 
     @property
     def key(self) -> str:
@@ -239,6 +240,7 @@ def parse_campaign(doc: dict[str, Any]) -> Campaign:
         execution=parse_execution(doc.get("execution")),
         segment=segment,
         split=split,
+        tracking=doc["tracking"] if isinstance(doc.get("tracking"), str) else None,
     )
 
 

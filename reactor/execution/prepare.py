@@ -30,6 +30,7 @@ from ..domain.models import Campaign, Channel
 from ..domain.splits import assign
 from ..domain.templates import CampaignTemplates, TemplateRenderError
 from ..domain.variants import with_variant
+from ..engagement.tracker import Tracker
 from ..metrics import Metrics
 from ..ports import Clock, EmailSender, Ledger, Recipient, Recipients, SmsSender
 from ..suppression import SuppressionList
@@ -97,7 +98,9 @@ class BatchPreparer:
         suppressions: SuppressionList | None,
         links: Links | None,
         metrics: Metrics | None = None,
+        tracker: Tracker | None = None,
     ) -> None:
+        self._tracker = tracker
         self._recipients = recipients
         self._ledger_rows = ledger
         self._senders = senders
@@ -171,6 +174,8 @@ class BatchPreparer:
             self._report_template_errors(campaign, channel, failed)
         if self._suppressions is not None and prepared.items:
             await self._drop_suppressed(channel, prepared)
+        if self._tracker is not None:  # links rewritten in the rendered messages (issue 24)
+            await self._tracker.track(campaign, channel, prepared.items, self._clock.now())
         if channel is Channel.SMS and prepared.items:
             self._gate_sms(campaign, prepared)
         return prepared

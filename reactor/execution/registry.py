@@ -31,6 +31,7 @@ from ..domain.errors import LeaseLost
 from ..domain.models import Channel
 from ..domain.retry import RetryPolicy
 from ..domain.shards import parse_shard
+from ..engagement.tracker import Tracker
 from ..limits.budgets import BudgetStore, SharedBudget
 from ..limits.ratelimit import RateLimit, TokenBucket
 from ..metrics import Metrics
@@ -69,6 +70,7 @@ class Executor:
         retry_max_s: float = 600.0,
         suppressions: SuppressionList | None = None,
         links: Links | None = None,
+        tracker: Tracker | None = None,
         budgets: BudgetStore | None = None,
         shards: ShardStore | None = None,
         audiences: AudienceStore | None = None,
@@ -77,6 +79,7 @@ class Executor:
         self._audiences = audiences
         self._suppressions = suppressions
         self._links = links
+        self._tracker = tracker
         self._store = store
         self._ledger_rows = ledger
         self._recipients = recipients
@@ -278,6 +281,7 @@ class Executor:
             instance_id=self._instance,
             suppressions=self._suppressions,
             links=self._links,
+            tracker=self._tracker,
             shards=self._shards,
             audiences=self._audiences,
             lease_s=self._lease_s,

@@ -28,6 +28,7 @@ from ..domain.ids import normalise_id
 from ..domain.models import Campaign, Channel, parse_campaign, target_problem
 from ..domain.shards import Shard, shard_ranges
 from ..domain.variants import compile_content
+from ..engagement.tracker import Tracker
 from ..limits.ratelimit import RateLimit
 from ..metrics import Metrics
 from ..ports import CampaignStore, Clock, EmailSender, Ledger, Recipients, SmsSender
@@ -65,6 +66,7 @@ class CampaignRun:
         instance_id: str,
         suppressions: SuppressionList | None = None,
         links: Links | None = None,
+        tracker: Tracker | None = None,
         shards: ShardStore | None = None,
         audiences: AudienceStore | None = None,
         lease_s: float = 30.0,
@@ -75,6 +77,7 @@ class CampaignRun:
         self._lease_s = lease_s
         self._suppressions = suppressions
         self._links = links
+        self._tracker = tracker
         self._store = store
         self._ledger_rows = ledger
         self._recipients = recipients
@@ -95,6 +98,7 @@ class CampaignRun:
             suppressions=suppressions,
             links=links,
             metrics=metrics,
+            tracker=tracker,
         )
 
     async def send(self) -> None:

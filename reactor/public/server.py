@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -29,6 +30,9 @@ from .logsample import SampledLog
 from .ports import RecipientActions, SuppressionWriter
 from .unsubscribe import UNDO_WINDOW_S, UnsubscribeRoutes, Unsubscribes
 from .webhooks import WebhookConfig, WebhookRoutes
+
+if TYPE_CHECKING:
+    from .tracking import TrackingRoutes
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +73,9 @@ class PublicServer:
         max_connections: int = MAX_CONNECTIONS,
         nofile_target: int = NOFILE_TARGET,
         undo_window_s: float = UNDO_WINDOW_S,
+        tracking: TrackingRoutes | None = None,
     ) -> None:
+        self.tracking = tracking
         self.host = host
         self.port = port
         self._metrics = metrics
@@ -95,6 +101,8 @@ class PublicServer:
         self._routes.add_to(app)
         if self.webhooks is not None:
             self.webhooks.add_to(app)
+        if self.tracking is not None:
+            self.tracking.add_to(app)
         app.router.add_get("/healthz", self._health)  # for the proxy in front
         return app
 

@@ -1,0 +1,268 @@
+"""Engagement load: the tracking hits one replica absorbs while a campaign sends.
+
+Setup: a finished campaign whose deliveries the ledger holds (sent an hour ago) and whose link
+table is recorded; then, while a second campaign sends 100 emails/s through the same reactor
+(tracked, so its messages are rewritten too), the open-loop generator (`reactor.bench.loadgen`,
+in a process of its own) fetches tracked links and pixels of the first campaign's recipients at
+a fixed arrival rate for a fixed time. Every redirect's latency is measured from its scheduled
+arrival. Then the events in `engagement` (implied opens aside) must equal the hits sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+from bson import ObjectId
+from pymongo import AsyncMongoClient
+
+from ..app import Reactor
+from ..config import Settings
+from ..domain.deliveries import delivery_id
+from ..domain.engagement import HitKind
+from ..domain.models import Channel
+from ..embedded.smtp_sink import SmtpSink
+from ..gctune import tune_for_service
+from .common import emulator_process, free_port, percentile
+
+Client = AsyncMongoClient[dict[str, Any]]
+SECRET = "bench-engagement-secret-0123456789abcdef"
+LINKS = ["https://shop.example/spring", "https://shop.example/summer", "https://shop.example/faq"]
+CHROME = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 Chrome/124.0 Safari/537.36"
+
+
+async def _seed(client: Client, n_old: int, n_new: int) -> ObjectId:
+    await client.retail_db.newdatabase.insert_many(
+        [
+            {"customer_id": i, "email": f"c{i}@example.com", "name": f"C{i}"}
+            for i in range(n_old + n_new)
+        ]
+    )
+    await client.retail_db.newdatabase.create_index("customer_id")
+    now = dt.datetime.now(dt.UTC)
+    old = ObjectId()
+    await client.marketing.campaigns.insert_one(
+        {
+            "_id": old,
+            "name": "last week",
+            "status": "completed",
+            "startDate": now - dt.timedelta(hours=2),
+            "endDate": now - dt.timedelta(hours=1),
+            "email": {"subject": "x", "html": ""},
+            "targetedCustomerIds": [],
+            "trackedLinks": LINKS,
+            "performance": {},
+        }
+    )
+    hour_ago = now - dt.timedelta(hours=1)
+    await client.marketing.deliveries.insert_many(
+        [
+            {
+                "_id": delivery_id(str(old), "email", str(i)),
+                "campaign": str(old),
+                "channel": "email",
+                "customer": str(i),
+                "state": "sent",
+                "epoch": 1,
+                "updatedAt": hour_ago,
+            }
+            for i in range(n_old)
+        ]
+    )
+    html = "".join(f'<a href="{u}">{u}</a>' for u in LINKS)
+    await client.marketing.campaigns.insert_one(
+        {
+            "name": "now",
+            "status": "approved",
+            "channels": ["email"],
+            "startDate": now + dt.timedelta(seconds=0.5),
+            "endDate": now + dt.timedelta(hours=1),
+            "email": {"subject": "Hi {{name}}", "html": f"<html><body>{html}</body></html>"},
+            "targetedCustomerIds": [str(i) for i in range(n_old, n_old + n_new)],
+        }
+    )
+    return old
+
+
+def _requests(settings: Settings, campaign: str, n_old: int, total: int) -> list[list[Any]]:
+    signer = settings.tracking_config().signer
+    assert signer is not None
+    base = settings.public_base_url
+    issued = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    out: list[list[Any]] = []
+    for i in range(total):
+        customer = str(i % n_old)
+        kind = HitKind.OPEN if i % 5 == 0 else HitKind.CLICK
+        token = signer.sign(
+            campaign=campaign,
+            channel=Channel.EMAIL,
+            customer=customer,
+            kind=kind,
+            link=0 if kind is HitKind.OPEN else i % len(LINKS),
+            issued_at=issued,
+        )
+        path = "o" if kind is HitKind.OPEN else "c"
+        out.append([f"{base}/{path}/{token}", "get", None, {"User-Agent": CHROME}])
+    return out
+
+
+async def _stored(client: Client) -> int:
+    return await client.marketing.engagement.count_documents(
+        {"reasons": {"$ne": "implied_by_human_click"}}
+    )
+
+
+def _settings(uri: str, sink: SmtpSink, db: str, tracking: str, rate: float) -> Settings:
+    port = free_port()
+    env = {k.lower(): v for k, v in sink.settings_env().items()}
+    return Settings(
+        **{
+            "mongo_uri": uri,
+            "campaigns_db": db,
+            "metrics_port": 0,
+            "metrics_host": "127.0.0.1",
+            "public_host": "127.0.0.1",
+            "public_port": port,
+            "public_base_url": f"http://127.0.0.1:{port}",
+            "link_secret": SECRET,
+            "tracking": tracking,
+            "email_rate_per_second": rate,
+            "reactor_instance_id": f"bench-engagement-{db}",
+            **env,
+        }
+    )
+
+
+async def _generate(rate: float, requests: list[list[Any]]) -> dict[str, Any]:
+    """The open-loop generator, in a process of its own."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec, out = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec.write_text(json.dumps({"rate": rate, "requests": requests}))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "reactor.bench.loadgen", str(spec), str(out)
+        )
+        await proc.wait()
+        result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+async def run(quick: bool = False) -> dict[str, Any]:
+    rate = 2000.0
+    seconds = 3.0 if quick else 10.0
+    n_old, n_new = 2000, 3000
+    async with emulator_process() as uri, SmtpSink() as sink:
+        client: Client = AsyncMongoClient(uri, tz_aware=True)
+        old = await _seed(client, n_old, n_new)
+        settings = _settings(uri, sink, "marketing", "opens_and_clicks", 100)
+        reactor = Reactor(settings)
+        tune_for_service()
+        requests = _requests(settings, str(old), n_old, int(rate * seconds))
+        async with anyio.create_task_group() as tg:
+            await tg.start(reactor.run)
+            await reactor.ready.wait()
+            while len(sink.messages) < 50:
+                await anyio.sleep(0.05)
+            sent_before = len(sink.messages)
+            result = await _generate(rate, requests)
+            sent_during = len(sink.messages) - sent_before
+            waited = time.perf_counter()
+            while await _stored(client) < len(requests) and time.perf_counter() - waited < 30:
+                await anyio.sleep(0.2)
+            stored = await _stored(client)
+            reactor.request_shutdown()
+        await client.close()
+    return _summary(result, rate, len(requests), stored, sent_during)
+
+
+def _summary(
+    result: dict[str, Any], rate: float, sent: int, stored: int, emails: int
+) -> dict[str, Any]:
+    ms = [1000 * v for v in result["latencies_s"]]
+    elapsed = result["elapsed_s"]
+    t_first = min(result["arrivals_s"])
+    by_second: dict[int, list[float]] = {}
+    for at, v in zip(result["arrivals_s"], ms, strict=True):
+        by_second.setdefault(int(at - t_first), []).append(v)
+    return {
+        "offered_per_s": rate,
+        "hits_sent": sent,
+        "absorbed_per_s": round(len(ms) / elapsed, 1),
+        "errors": result["errors"],
+        "p50_ms": round(percentile(ms, 0.5), 1),
+        "p99_ms": round(percentile(ms, 0.99), 1),
+        "max_ms": round(max(ms), 1),
+        "p99_ms_per_second": [round(percentile(v, 0.99), 1) for _, v in sorted(by_second.items())],
+        "events_stored": stored,
+        "emails_sent_meanwhile_per_s": round(emails / elapsed, 1),
+        "targets": {"per_s": 2000, "p99_ms": 25},
+    }
+
+
+NEWSLETTER = (
+    "<html><body><h1>Spring, {{name}}</h1>"
+    + "".join(
+        f'<p><a href="https://shop.example/item/{i}?utm_source=mail">Item {i}</a> is back.</p>'
+        for i in range(8)
+    )
+    + "</body></html>"
+)
+
+
+async def _send_rate(uri: str, sink: SmtpSink, db: str, n: int, tracking: str) -> float:
+    """Emails per second one reactor sends of an 8-link newsletter, first to last message."""
+    client: Client = AsyncMongoClient(uri, tz_aware=True)
+    now = dt.datetime.now(dt.UTC)
+    await client[db].campaigns.insert_one(
+        {
+            "name": f"newsletter {tracking}",
+            "status": "approved",
+            "channels": ["email"],
+            "startDate": now + dt.timedelta(seconds=1.5),
+            "endDate": now + dt.timedelta(hours=1),
+            "email": {"subject": "Spring", "html": NEWSLETTER},
+            "targetedCustomerIds": [str(i) for i in range(n)],
+        }
+    )
+    settings = _settings(uri, sink, db, tracking, 100_000)
+    reactor = Reactor(settings)
+    before = len(sink.messages)
+    async with anyio.create_task_group() as tg:
+        await tg.start(reactor.run)
+        while len(sink.messages) == before:
+            await anyio.sleep(0.01)
+        started = time.perf_counter()
+        while len(sink.messages) < before + n:
+            await anyio.sleep(0.01)
+        elapsed = time.perf_counter() - started
+        reactor.request_shutdown()
+    await client.close()
+    return (n - 1) / elapsed
+
+
+async def send_ratio(quick: bool) -> dict[str, Any]:
+    """Sending with tracking on ÷ off, alternated in one run after a warm-up (off, on, off,
+    on...), each a fresh reactor sending an 8-link newsletter as fast as it can."""
+    n = 1000 if quick else 3000
+    rounds = 1 if quick else 2
+    rates: dict[str, list[float]] = {"off": [], "opens_and_clicks": []}
+    async with emulator_process() as uri, SmtpSink() as sink:
+        client: Client = AsyncMongoClient(uri)
+        await client.retail_db.newdatabase.insert_many(
+            [{"customer_id": i, "email": f"c{i}@example.com", "name": f"C{i}"} for i in range(n)]
+        )
+        await client.retail_db.newdatabase.create_index("customer_id")
+        await client.close()
+        await _send_rate(uri, sink, "send_warmup", n // 2, "off")  # caches, pools, indexes
+        for r in range(rounds):
+            for mode in rates:
+                db = f"send_{mode}_{r}"
+                rates[mode].append(round(await _send_rate(uri, sink, db, n, mode), 1))
+    on, off = sum(rates["opens_and_clicks"]), sum(rates["off"])
+    return {"emails": n, "rounds": rounds, "per_s": rates, "on_over_off": round(on / off, 3)}

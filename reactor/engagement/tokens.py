@@ -1,0 +1,209 @@
+"""Tracking tokens: what a tracked link or the open pixel names, signed.
+
+Signed with the same keys as the unsubscribe links (`LINK_SECRET`, `LINK_OLD_KEYS`: rotation
+works the same way), under a key derived for this purpose alone, so a tracking token can never
+pass for an unsubscribe token or the other way round. Compact and binary, because an email has
+a token per link:
+
+    <key id>.<base64url: payload | HMAC-SHA256(payload)[:12]>
+
+    payload   1 byte   version (1) << 4 | kind (0 click, 1 open) << 1 | channel (0 email, 1 sms)
+              4 bytes  when the message was made (Unix seconds): a cheap delivery time
+              campaign 0x00 + 12 bytes (an ObjectId's hex) | 0x01 + length + UTF-8
+              customer length + UTF-8
+              2 bytes  link number (0xFFFF: the hidden honeypot link), last: a message's
+                       links share the keyed hash of everything before it
+
+96 bits of MAC: forging one is a brute force of 2^96 guesses. An SMS cannot afford that many
+characters, so its links are short codes instead: 12 base64url characters (72 bits) derived by
+HMAC from (campaign, customer, link), looked up in `short_links`, and their misses rate-limited
+per client network (see reactor/public/tracking.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import hashlib
+import hmac
+import re
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..domain.consent import LinkKey, TokenError
+from ..domain.engagement import HitKind
+from ..domain.models import Channel
+
+VERSION = 1
+MAC_BYTES = 12
+SHORT_CODE_CHARS = 12
+MAX_TOKEN_CHARS = 600
+_TOKEN = re.compile(r"([A-Za-z0-9_-]{1,16})\.([A-Za-z0-9_-]{16,560})")
+_CODE = re.compile(rf"[A-Za-z0-9_-]{{{SHORT_CODE_CHARS}}}")
+_HEX24 = re.compile(r"[0-9a-f]{24}")
+
+
+@dataclass(frozen=True)
+class TrackScope:
+    campaign: str
+    channel: Channel
+    customer: str
+    kind: HitKind
+    link: int  # 0 for an open
+    issued_at: dt.datetime
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _derive(secret: bytes, purpose: bytes) -> bytes:
+    return hmac.new(secret, b"reactor-" + purpose, hashlib.sha256).digest()
+
+
+def is_short_code(text: str) -> bool:
+    return bool(_CODE.fullmatch(text))
+
+
+class TrackingSigner:
+    """Signs with the first key; verifies with any key still in its grace period (as
+    `LinkSigner` does for unsubscribe links)."""
+
+    def __init__(self, keys: Sequence[LinkKey], *, ttl_s: float, rotation_grace_s: float) -> None:
+        if not keys or keys[0].retired_at is not None:
+            raise ValueError("the first link key is the signing key and cannot be retired")
+        self._keys = {k.key_id: (k, _derive(k.secret, b"track-v1")) for k in keys}
+        self._current = keys[0]
+        self._short_key = _derive(keys[0].secret, b"short-v1")
+        self.ttl_s = ttl_s
+        self.rotation_grace_s = rotation_grace_s
+
+    def sign(
+        self,
+        *,
+        campaign: str,
+        channel: Channel,
+        customer: str,
+        kind: HitKind,
+        link: int,
+        issued_at: dt.datetime,
+    ) -> str:
+        return self.signer_for(
+            campaign=campaign, channel=channel, customer=customer, kind=kind, issued_at=issued_at
+        )(link)
+
+    def signer_for(
+        self,
+        *,
+        campaign: str,
+        channel: Channel,
+        customer: str,
+        kind: HitKind,
+        issued_at: dt.datetime,
+    ) -> Callable[[int], str]:
+        """Tokens for one message's links: everything but the link number is signed once (the
+        link is the payload's last field), so each link costs one copy of a keyed hash."""
+        flags = VERSION << 4 | (kind is HitKind.OPEN) << 1 | (channel is Channel.SMS)
+        head = struct.pack(">BI", flags, int(issued_at.timestamp()) & 0xFFFFFFFF)
+        if _HEX24.fullmatch(campaign):
+            head += b"\x00" + bytes.fromhex(campaign)
+        else:
+            raw = campaign.encode()[:255]
+            head += b"\x01" + bytes([len(raw)]) + raw
+        who = customer.encode()[:255]
+        head += bytes([len(who)]) + who
+        key_id = self._current.key_id
+        keyed = hmac.new(self._keys[key_id][1], key_id.encode() + b"." + head, hashlib.sha256)
+        prefix = f"{key_id}."
+
+        def token(link: int) -> str:
+            tail = link.to_bytes(2, "big")
+            mac = keyed.copy()
+            mac.update(tail)
+            return prefix + _b64(head + tail + mac.digest()[:MAC_BYTES])
+
+        return token
+
+    @staticmethod
+    def _mac(key: bytes, key_id: str, payload: bytes) -> bytes:
+        return hmac.new(key, key_id.encode() + b"." + payload, hashlib.sha256).digest()[:MAC_BYTES]
+
+    def verify(self, token: str, *, now: dt.datetime) -> TrackScope:
+        """The scope a token names; TokenError (its `why` a metric label) when it does not
+        check out."""
+        scope, expired = self.check(token, now=now)
+        if expired:
+            raise TokenError("expired")
+        return scope
+
+    def check(self, token: str, *, now: dt.datetime) -> tuple[TrackScope, bool]:
+        """(scope, expired): a genuine token past its TTL is still ours (its link may still
+        lead somewhere); anything else wrong raises TokenError."""
+        if len(token) > MAX_TOKEN_CHARS:
+            raise TokenError("malformed")
+        match = _TOKEN.fullmatch(token)
+        if match is None:
+            raise TokenError("malformed")
+        key_id, body = match.groups()
+        entry = self._keys.get(key_id)
+        if entry is None:
+            raise TokenError("unknown_key")
+        key, derived = entry
+        try:
+            raw = _unb64(body)
+        except (binascii.Error, ValueError):
+            raise TokenError("malformed") from None
+        payload, given = raw[:-MAC_BYTES], raw[-MAC_BYTES:]
+        if len(payload) < 9 or not hmac.compare_digest(given, self._mac(derived, key_id, payload)):
+            raise TokenError("bad_signature")
+        scope = _parse(payload)
+        if key.retired_at is not None:
+            if scope.issued_at > key.retired_at:
+                raise TokenError("bad_signature")
+            if (now - key.retired_at).total_seconds() > self.rotation_grace_s:
+                raise TokenError("key_retired")
+        age_s = (now - scope.issued_at).total_seconds()
+        if age_s < -300:  # 5 minutes of clock skew between replicas
+            raise TokenError("from_the_future")
+        return scope, age_s > self.ttl_s
+
+    def short_code(self, campaign: str, customer: str, link: int) -> str:
+        """The same code for the same link of the same message (a resend reuses its row)."""
+        text = f"{campaign}\x00{customer}\x00{link}".encode()
+        digest = hmac.new(self._short_key, text, hashlib.sha256).digest()
+        return _b64(digest)[:SHORT_CODE_CHARS]
+
+
+def _parse(payload: bytes) -> TrackScope:
+    """A payload whose MAC checked out: malformed only if we wrote a bad one."""
+    try:
+        flags, issued = struct.unpack(">BI", payload[:5])
+        if flags >> 4 != VERSION:
+            raise TokenError("malformed")
+        rest = payload[5:]
+        if rest[0] == 0:
+            campaign, rest = rest[1:13].hex(), rest[13:]
+        else:
+            n = rest[1]
+            campaign, rest = rest[2 : 2 + n].decode(), rest[2 + n :]
+        n = rest[0]
+        customer = rest[1 : 1 + n].decode()
+        if len(rest) != 1 + n + 2:
+            raise TokenError("malformed")
+        link = int.from_bytes(rest[1 + n :], "big")
+    except (IndexError, UnicodeDecodeError, struct.error):
+        raise TokenError("malformed") from None
+    return TrackScope(
+        campaign=campaign,
+        channel=Channel.SMS if flags & 1 else Channel.EMAIL,
+        customer=customer,
+        kind=HitKind.OPEN if flags & 2 else HitKind.CLICK,
+        link=link,
+        issued_at=dt.datetime.fromtimestamp(issued, dt.UTC),
+    )

@@ -1,0 +1,240 @@
+"""The send path's one call into tracking: a prepared batch's messages made tracked.
+
+`Tracker.track(campaign, channel, items, now)` runs after the batch is rendered and its
+suppressed recipients dropped, and before texts are gated (a short link changes a text's
+length). Per batch it costs at most three round trips: the campaign's link table (recorded on
+the first batch of a run, append-only after), the do-not-track lookup, and the SMS short links.
+
+    TRACKING            off | clicks | opens_and_clicks (the most a campaign may use)
+    campaign.tracking   the same values: narrows TRACKING, never widens it
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import anyio
+import anyio.lowlevel
+
+from ..domain.engagement import HONEYPOT_LINK, HitKind
+from ..domain.models import Campaign, Channel
+from ..domain.sms import segments
+from ..domain.variants import with_variant
+from ..ports import EmailMessage, SmsMessage
+from . import rewrite
+from .tokens import TrackingSigner
+
+MODES = ("off", "clicks", "opens_and_clicks")
+YIELD_EVERY = 50  # messages rewritten between two turns of the event loop
+
+
+def effective_mode(configured: str, campaign: str | None) -> str:
+    """The narrower of the two; an unknown campaign value means off (never wider)."""
+    if campaign is None:
+        return configured
+    if campaign not in MODES:
+        return "off"
+    return MODES[min(MODES.index(configured), MODES.index(campaign))]
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    mode: str  # off | clicks | opens_and_clicks
+    base_url: str = ""  # PUBLIC_BASE_URL
+    signer: TrackingSigner | None = None
+    honeypot: bool = True
+
+
+class LinkTables(Protocol):
+    async def record_links(self, campaign_key: str, table: Sequence[str]) -> list[str] | None: ...
+
+    async def save_short_links(self, rows: Sequence[dict[str, Any]]) -> None: ...
+
+
+class DoNotTrack(Protocol):
+    async def among(self, customers: Sequence[str]) -> set[str]: ...
+
+
+class _Item(Protocol):
+    customer: str
+    message: EmailMessage | SmsMessage
+
+
+class Tracker:
+    def __init__(
+        self, config: TrackingConfig, tables: LinkTables | None, dnt: DoNotTrack | None
+    ) -> None:
+        if config.mode != "off" and (config.signer is None or tables is None):
+            raise ValueError("tracking needs PUBLIC_BASE_URL and LINK_SECRET")
+        self.config = config
+        self._tables = tables
+        self._dnt = dnt
+        self._recorded: dict[str, tuple[tuple[str, ...], dict[str, int]]] = {}
+
+    async def track(
+        self, campaign: Campaign, channel: Channel, items: Sequence[_Item], now: dt.datetime
+    ) -> None:
+        if not items:
+            return
+        mode = effective_mode(self.config.mode, getattr(campaign, "tracking", None))
+        table = await self._table(campaign) if mode != "off" else None
+        untracked = set()
+        if table is not None and self._dnt is not None:
+            untracked = await self._dnt.among([i.customer for i in items])
+        short_rows: list[dict[str, Any]] = []
+        for n, item in enumerate(items):
+            if n % YIELD_EVERY == YIELD_EVERY - 1:
+                # ~0.1 ms a message (a signature per link): let redirects be answered.
+                await anyio.lowlevel.checkpoint()
+            if (
+                table is None
+                or item.customer in untracked
+                or not _fits(campaign.key, item.customer)
+            ):
+                item.message = _untracked(item.message)
+                continue
+            message = item.message
+            if isinstance(message, SmsMessage):
+                item.message = self._sms(campaign, item.customer, message, table, now, short_rows)
+            else:
+                item.message = self._email(campaign, item.customer, message, table, mode, now)
+        if short_rows:
+            assert self._tables is not None
+            await self._tables.save_short_links(short_rows)
+
+    async def _table(self, campaign: Campaign) -> dict[str, int] | None:
+        wanted = _links_of(campaign)
+        known = self._recorded.get(campaign.key)
+        if known is not None and known[0] == wanted:
+            return known[1]
+        assert self._tables is not None
+        stored = await self._tables.record_links(campaign.key, wanted)
+        if stored is None:
+            return None  # the campaign is gone: nothing to point links at
+        numbers = {url: n for n, url in enumerate(stored)}
+        self._recorded[campaign.key] = (wanted, numbers)
+        return numbers
+
+    def _url(self, path: str, token: str) -> str:
+        return f"{self.config.base_url}/{path}/{token}"
+
+    def _token(
+        self,
+        campaign: Campaign,
+        channel: Channel,
+        customer: str,
+        kind: HitKind,
+        link: int,
+        now: dt.datetime,
+    ) -> str:
+        assert self.config.signer is not None
+        return self.config.signer.sign(
+            campaign=campaign.key,
+            channel=channel,
+            customer=customer,
+            kind=kind,
+            link=link,
+            issued_at=now,
+        )
+
+    def _email(
+        self,
+        campaign: Campaign,
+        customer: str,
+        message: EmailMessage,
+        table: dict[str, int],
+        mode: str,
+        now: dt.datetime,
+    ) -> EmailMessage:
+        assert self.config.signer is not None
+        sign = self.config.signer.signer_for(
+            campaign=campaign.key,
+            channel=Channel.EMAIL,
+            customer=customer,
+            kind=HitKind.CLICK,
+            issued_at=now,
+        )
+        prefix = f"{self.config.base_url}/c/"
+
+        def click(n: int) -> str:
+            return prefix + sign(n)
+
+        skip = self.config.base_url + "/"
+        text = rewrite.rewrite_text(message.text, table, click, skip) if message.text else None
+        body = message.html
+        if body is not None:
+            body = rewrite.rewrite_html(body, table, click, skip)
+            extra = rewrite.honeypot(click(HONEYPOT_LINK)) if self.config.honeypot else ""
+            if mode == "opens_and_clicks":
+                opened = self._token(campaign, Channel.EMAIL, customer, HitKind.OPEN, 0, now)
+                extra += rewrite.pixel(self._url("o", opened))
+            body = rewrite.append_to_body(body, extra) if extra else body
+        return dataclasses.replace(message, text=text, html=body)
+
+    def _sms(
+        self,
+        campaign: Campaign,
+        customer: str,
+        message: SmsMessage,
+        table: dict[str, int],
+        now: dt.datetime,
+        rows: list[dict[str, Any]],
+    ) -> SmsMessage:
+        assert self.config.signer is not None
+        signer = self.config.signer
+
+        def short(n: int) -> str:
+            code = signer.short_code(campaign.key, customer, n)
+            rows.append(
+                {
+                    "_id": code,
+                    "campaign": campaign.key,
+                    "channel": Channel.SMS.value,
+                    "customer": customer,
+                    "link": n,
+                    "at": now,
+                }
+            )
+            return f"{self.config.base_url}/s/{code}"
+
+        body = rewrite.rewrite_text(message.body, table, short, self.config.base_url + "/")
+        return dataclasses.replace(message, body=body, segments=segments(body).count)
+
+
+def _fits(campaign: str, customer: str) -> bool:
+    """A token holds ids of up to 255 bytes; a longer one goes out untracked, never cut."""
+    return len(campaign.encode()) <= 255 and len(customer.encode()) <= 255
+
+
+def _untracked(message: EmailMessage | SmsMessage) -> EmailMessage | SmsMessage:
+    """What goes to a recipient who is not tracked: the author's markers removed, nothing else."""
+    if isinstance(message, SmsMessage):
+        body = rewrite.strip_markers(message.body)
+        return dataclasses.replace(message, body=body, segments=segments(body).count)
+    return dataclasses.replace(
+        message,
+        text=rewrite.strip_markers(message.text) if message.text else message.text,
+        html=rewrite.strip_html_markers(message.html) if message.html else message.html,
+    )
+
+
+def _links_of(campaign: Campaign) -> tuple[str, ...]:
+    """Every link the campaign's content can send, its split's variants' too (in order, each
+    once), so every variant's links are in one table and a link keeps its number."""
+    contents = [campaign]
+    if campaign.split is not None:
+        contents += [with_variant(campaign, v.key) for v in campaign.split.variants]
+    links: dict[str, None] = {}
+    for c in contents:
+        email = c.email
+        for url in rewrite.link_table(
+            email.html if email else None,
+            email.text if email else None,
+            c.sms.body if c.sms else None,
+        ):
+            links.setdefault(url, None)
+    return tuple(links)
