@@ -30,6 +30,7 @@ from .adapters.mongo import (
     MongoShards,
     MongoSuppressions,
 )
+from .adapters.senders import default_signer, identity_senders, sender_admission
 from .adapters.smtp import SmtpEmailSender
 from .adapters.twilio_sms import TwilioSmsSender
 from .config import Settings
@@ -101,6 +102,8 @@ class Reactor:
         self.store: MongoCampaignStore | None = None
         self.db_clock: DatabaseClock | None = None
         self.mongodb_reachable = False
+        # Sending identities (SENDERS_FILE) other than the default: their own SMTP senders.
+        self.identity_senders: dict[str, EmailSender] = {}
 
     def request_shutdown(self) -> None:
         """First call: graceful drain. Second call: cancel everything now."""
@@ -119,11 +122,12 @@ class Reactor:
             if s.segmentation_mongo_uri is not None:
                 seg_client = mongo_client(s.segmentation_uri.get_secret_value(), self.instance_id)
             email, sms = self._senders()
+            self.identity_senders = dict(identity_senders(s.senders()))
             try:
                 await self._serve(client, seg_client, email, sms, task_status)
             finally:
                 with anyio.CancelScope(shield=True):
-                    for sender in (email, sms):
+                    for sender in (email, sms, *self.identity_senders.values()):
                         if sender is not None:
                             await sender.aclose()
                     if self.http is not None:
@@ -141,7 +145,7 @@ class Reactor:
         s = self.settings
         email: EmailSender | None = None
         if (smtp := s.smtp_config()) is not None:
-            email = SmtpEmailSender(smtp)
+            email = SmtpEmailSender(smtp, signer=default_signer(s.senders()))
         sms: SmsSender | None = None
         if (twilio := s.twilio_config()) is not None:
             sms = TwilioSmsSender(twilio)
@@ -284,9 +288,16 @@ class Reactor:
             budgets=MongoBudgets(db) if s.rate_limit_scope == "cluster" else None,
             shards=shards,
             audiences=audiences,
+            senders=s.senders(),
+            identity_senders=self.identity_senders,
         )
         scheduler = Scheduler(
-            store=store, executor=executor, clock=db_clock, metrics=self.metrics, config=sched_cfg
+            store=store,
+            executor=executor,
+            clock=db_clock,
+            metrics=self.metrics,
+            config=sched_cfg,
+            admission=sender_admission(s, db, db_clock.monotonic),
         )
         reconciler = Reconciler(
             store=store,

@@ -10,8 +10,10 @@ the current one sends. When the window closes mid-run, whoever was not reached i
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import anyio
 
@@ -32,6 +34,7 @@ from ..metrics import Metrics
 from ..ports import CampaignStore, Clock, EmailSender, Ledger, Recipients, SmsSender
 from ..suppression import SuppressionList
 from .deliver import Deliverer
+from .lanes import Lanes
 from .ledger import Item, LedgerWriter
 from .prepare import Ahead, BatchPreparer, chunks
 from .resolve import resolve_uncertain_sms
@@ -65,8 +68,10 @@ class CampaignRun:
         shards: ShardStore | None = None,
         audiences: AudienceStore | None = None,
         lease_s: float = 30.0,
+        lanes: Lanes | None = None,
     ) -> None:
         self.run = run
+        self._lanes = lanes
         self._audiences = audiences
         self._shards = shards
         self._lease_s = lease_s
@@ -103,6 +108,7 @@ class CampaignRun:
             raise LeaseLost(f"campaign {run.key} was deleted")
         try:
             campaign = parse_campaign(doc)
+            self._use_lane(doc)
         except InvalidCampaign as exc:
             self._metrics.campaign_errors.labels(exc.reason).inc()
             log.error(
@@ -160,6 +166,24 @@ class CampaignRun:
         await self._send_targets(campaign, targets)
         await self._finish(campaign, len(targets))
 
+    def _use_lane(self, doc: dict[str, Any]) -> None:
+        """Send through the campaign's sending identity (its relay, key, budget, breaker).
+        Raises InvalidCampaign(unknown_sender) if it names none."""
+        if self._lanes is None:
+            return
+        lane = self._lanes.for_campaign(doc)
+        self._senders, self._limits, self._deliverer = lane.senders, lane.limits, lane.deliverer
+        config = dataclasses.replace(self._config, message_domain=lane.message_domain)
+        self._preparer = BatchPreparer(
+            recipients=self._recipients,
+            ledger=self._ledger_rows,
+            senders=lane.senders,
+            clock=self._clock,
+            config=config,
+            suppressions=self._suppressions,
+            links=self._links,
+        )
+
     async def _send_shard(self, shard: Shard) -> None:
         """Send one shard's slice of the audience, then mark the shard done (or give it back
         when stopped before the end)."""
@@ -175,6 +199,7 @@ class CampaignRun:
         if doc is None:
             raise LeaseLost(f"campaign {run.key} was deleted")
         campaign = parse_campaign(doc)
+        self._use_lane(doc)
         if run.epoch > 1:
             await self._settle_previous_pending()
         usable = [v for v in ids if target_problem(v) is None]
