@@ -11,7 +11,8 @@ its RSA primitive is pure-Python modular exponentiation: ~5 ms per message for a
 more than the rest of a send. RSASSA-PKCS1-v1_5 is deterministic, so the same signature comes
 from OpenSSL (through `cryptography`) in ~0.2 ms: `_openssl_rsa_sign` stands in for dkimpy's
 primitive for the keys loaded here (and falls back to dkimpy's own for any other key), and a
-test checks both give identical bytes. The remaining cost is Python under the GIL, which a
+test checks both give identical bytes. dkimpy also re-parses the PEM on every signature;
+`_parsed_pem` hands it its own earlier parse of the keys loaded here. The remaining cost is Python under the GIL, which a
 thread would not take off the event loop, so signing runs inline (see docs/deliverability.md
 for the measured ratio).
 """
@@ -57,8 +58,17 @@ class DkimKeyError(ValueError):
 # ---- OpenSSL for dkimpy's RSA primitive --------------------------------------------------------
 
 _KEYS: dict[int, rsa.RSAPrivateKey] = {}  # modulus -> the same key, loaded by OpenSSL
+_PARSED: dict[bytes, Any] = {}  # PEM -> dkimpy's parse of it, for the keys loaded here
 _LOCK = threading.Lock()
 _DKIMPY_RSA_SIGN = dkim.crypto.RSASSA_PKCS1_v1_5_sign
+_DKIMPY_PARSE_PEM = dkim.crypto.parse_pem_private_key
+
+
+def _parsed_pem(data: bytes) -> Any:
+    # dkimpy parses the PEM (ASN.1 in Python) on every signature: as long as the signature
+    # itself, for a key that never changes.
+    parsed = _PARSED.get(data)
+    return parsed if parsed is not None else _DKIMPY_PARSE_PEM(data)
 
 
 def _openssl_rsa_sign(hash: Any, private_key: dict[str, int]) -> bytes:
@@ -73,6 +83,7 @@ def _install_openssl_primitive() -> None:
     with _LOCK:
         if dkim.RSASSA_PKCS1_v1_5_sign is not _openssl_rsa_sign:
             dkim.RSASSA_PKCS1_v1_5_sign = _openssl_rsa_sign
+            dkim.parse_pem_private_key = _parsed_pem
 
 
 # ---- the signer ---------------------------------------------------------------------------------
@@ -94,6 +105,7 @@ class DkimSigner:
         self.public_key_der = public
         if fast:
             _KEYS[key.private_numbers().public_numbers.n] = key
+            _PARSED[key_pem] = _DKIMPY_PARSE_PEM(key_pem)
             _install_openssl_primitive()
 
     @property
