@@ -30,7 +30,7 @@ from .adapters.mongo import (
     MongoShards,
     MongoSuppressions,
 )
-from .adapters.senders import default_signer, identity_senders, sender_admission
+from .adapters.senders import campaign_admission, default_signer, identity_senders
 from .adapters.smtp import SmtpEmailSender
 from .adapters.twilio_sms import TwilioSmsSender
 from .config import Settings
@@ -297,7 +297,7 @@ class Reactor:
             clock=db_clock,
             metrics=self.metrics,
             config=sched_cfg,
-            admission=sender_admission(s, db, db_clock.monotonic),
+            admission=campaign_admission(s, db, db_clock.monotonic, store, recipients),
         )
         reconciler = Reconciler(
             store=store,

@@ -81,6 +81,7 @@ class Settings(BaseSettings):
     senders_preflight: bool = False  # check SPF/DKIM/DMARC in DNS when arming (implied by REQUIRE)
     dns_resolver: str | None = None  # host[:port] of the resolver pre-flight checks ask
     dns_timeout_seconds: float = Field(3.0, gt=0)
+    customer_timezone_field: str = "timezone"  # the customer's IANA zone, for localTime
 
     twilio_account_sid: str | None = None
     twilio_auth_token: SecretStr | None = None
@@ -279,6 +280,7 @@ class Settings(BaseSettings):
             phone_field=self.customer_phone_field,
             name_field=self.customer_name_field,
             batch_size=self.recipient_batch_size,
+            timezone_field=self.customer_timezone_field or None,
         )
 
     def send_config(self) -> SendConfig:
@@ -445,6 +447,7 @@ class RecipientsConfig:
     phone_field: str = "phone"
     name_field: str = "name"
     batch_size: int = 1000
+    timezone_field: str | None = None  # the customer's IANA zone (localTime)
 
 
 @dataclass(frozen=True)

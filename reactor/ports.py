@@ -39,6 +39,7 @@ class Recipient:
     name: str | None
     email: str | None
     phone: str | None
+    timezone: str | None = None  # an IANA name from CUSTOMER_TIMEZONE_FIELD (localTime sends)
 
 
 class Recipients(Protocol):

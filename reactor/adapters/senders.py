@@ -3,14 +3,19 @@ the identity's DKIM key when it has one (keys are loaded and proven here, at sta
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import datetime as dt
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pymongo.asynchronous.database import AsyncDatabase
 
 from ..config import Settings, SmtpConfig
+from ..domain.models import Channel
 from ..domain.senders import DEFAULT, Identity, Senders
-from ..scheduling.admission import SenderAdmission
+from ..domain.zones import LocalTime
+from ..execution.localtime import plan_with_zones
+from ..ports import CampaignStore, Recipients
+from ..scheduling.admission import Admissions, LocalTimeAdmission, SenderAdmission
 from .dkim import DkimSigner, load_signer
 from .mongo.warnings import MongoCampaignWarnings
 from .preflight import DnspythonDns, Preflight
@@ -64,19 +69,47 @@ def public_keys(senders: Senders) -> dict[str, bytes]:
     return keys
 
 
-def sender_admission(
-    settings: Settings, db: AsyncDatabase[dict[str, Any]], monotonic: Callable[[], float]
-) -> SenderAdmission:
-    """The scheduler's check of a campaign's identity: known, and (with SENDERS_PREFLIGHT)
-    authenticated per DNS."""
+def campaign_admission(
+    settings: Settings,
+    db: AsyncDatabase[dict[str, Any]],
+    monotonic: Callable[[], float],
+    store: CampaignStore,
+    recipients: Recipients,
+) -> Admissions:
+    """The scheduler's checks before arming: the campaign's identity (known; authenticated per
+    DNS with SENDERS_PREFLIGHT or REQUIRE_AUTHENTICATED_SENDERS) and its localTime."""
     senders = settings.senders()
     preflight = None
     if settings.senders_preflight or settings.require_authenticated_senders:
         dns_ = DnspythonDns(settings.dns_resolver, settings.dns_timeout_seconds)
         preflight = Preflight(dns_, public_keys(senders), monotonic)
-    return SenderAdmission(
-        senders,
-        preflight=preflight,
-        warnings=MongoCampaignWarnings(db, settings.campaigns_collection),
-        require_authenticated=settings.require_authenticated_senders,
+
+    def rate(doc: dict[str, Any], channel: Channel) -> float:
+        if channel is Channel.SMS:
+            return settings.sms_rate_per_second
+        identity = senders.choose(doc)
+        rate = identity.rate_per_s if identity is not None else None
+        return rate or settings.email_rate_per_second
+
+    async def targets(campaign_id: Any) -> list[Any]:
+        doc = await store.get(campaign_id, with_targets=True)
+        return list((doc or {}).get("targetedCustomerIds") or [])
+
+    async def batches(
+        ids: Sequence[str], local: LocalTime, start_at: dt.datetime
+    ) -> dict[dt.datetime, dict[str, int]]:
+        return await plan_with_zones(
+            recipients, ids, local, start_at, settings.recipient_batch_size
+        )
+
+    return Admissions(
+        [
+            SenderAdmission(
+                senders,
+                preflight=preflight,
+                require_authenticated=settings.require_authenticated_senders,
+            ),
+            LocalTimeAdmission(targets=targets, planner=batches, rates=rate),
+        ],
+        MongoCampaignWarnings(db, settings.campaigns_collection),
     )

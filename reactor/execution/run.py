@@ -29,6 +29,7 @@ from ..domain.errors import InvalidCampaign, LeaseLost
 from ..domain.ids import normalise_id
 from ..domain.models import Campaign, Channel, parse_campaign, target_problem
 from ..domain.shards import Shard, shard_ranges
+from ..domain.zones import LocalTime, in_window, parse_local_time
 from ..limits.ratelimit import RateLimit
 from ..metrics import Metrics
 from ..ports import CampaignStore, Clock, EmailSender, Ledger, Recipients, SmsSender
@@ -36,6 +37,7 @@ from ..suppression import SuppressionList
 from .deliver import Deliverer
 from .lanes import Lanes
 from .ledger import Item, LedgerWriter
+from .localtime import plan
 from .prepare import Ahead, BatchPreparer, chunks
 from .resolve import resolve_uncertain_sms
 from .shards import AudienceStore, ShardStore, coordinate
@@ -43,6 +45,8 @@ from .state import Run, StopReason, unless_stopped
 from .window import SendWindow
 
 log = logging.getLogger(__name__)
+
+LOCAL_BATCH_HOOKS: list[Any] = []  # bench/test hooks every run gets (see on_local_batch)
 
 
 class CampaignRun:
@@ -72,6 +76,8 @@ class CampaignRun:
     ) -> None:
         self.run = run
         self._lanes = lanes
+        # Bench/test hook: on_local_batch(key, due_at, lateness_s, size) as a batch starts.
+        self.on_local_batch: list[Any] = list(LOCAL_BATCH_HOOKS)
         self._audiences = audiences
         self._shards = shards
         self._lease_s = lease_s
@@ -109,6 +115,7 @@ class CampaignRun:
         try:
             campaign = parse_campaign(doc)
             self._use_lane(doc)
+            local = parse_local_time(doc.get("localTime"))
         except InvalidCampaign as exc:
             self._metrics.campaign_errors.labels(exc.reason).inc()
             log.error(
@@ -128,6 +135,11 @@ class CampaignRun:
         )
         if run.epoch > 1:  # only a takeover can find rows an earlier owner left pending
             await self._settle_previous_pending()
+        if local is not None:  # each recipient at their own hour (not sharded: see localtime)
+            targets = list(dict.fromkeys(normalise_id(t) for t in campaign.targets))
+            await self._send_at_local_times(campaign, local, targets)
+            await self._finish(campaign, len(targets))
+            return
         size = self._config.shard_size
         segment = campaign.segment
         if segment is not None or (
@@ -165,6 +177,50 @@ class CampaignRun:
         targets = list(dict.fromkeys(normalise_id(t) for t in campaign.targets))
         await self._send_targets(campaign, targets)
         await self._finish(campaign, len(targets))
+
+    async def _send_at_local_times(
+        self, campaign: Campaign, local: LocalTime, targets: list[str]
+    ) -> None:
+        """Each instant's group when it is due; whoever is due outside [startDate, endDate]
+        is skipped (`outside_window`). A closing window records the rest `window_closed`."""
+        run = self.run
+        groups = await plan(
+            self._recipients, targets, local, campaign.start_at, self._config.batch_size
+        )
+        outside = [
+            c
+            for due, group in groups.items()
+            if not in_window(due, campaign.start_at, campaign.end_at)
+            for c in group
+        ]
+        if outside:
+            await self._ledger.write(
+                run,
+                [
+                    DeliveryRecord(c, ch, DeliveryState.SKIPPED, reason="outside_window")
+                    for ch in sorted(campaign.channels)
+                    for c in outside
+                ],
+            )
+        for due, group in groups.items():
+            if not in_window(due, campaign.start_at, campaign.end_at):
+                continue
+            wait_s = (due - self._clock.now()).total_seconds()
+            if wait_s > 0:
+                await unless_stopped(run, self._clock.sleep, wait_s)
+            if run.stop_reason not in (None, StopReason.WINDOW_CLOSED):
+                return  # paused, shut down or taken over: whoever resumes re-plans
+            lateness_s = (self._clock.now() - due).total_seconds()
+            for hook in self.on_local_batch:
+                hook(run.key, due, lateness_s, len(group))
+            log.info(
+                "🕙 Local-time batch of %s due %s: %d recipients",
+                run.name,
+                due.isoformat(),
+                len(group),
+                extra={"campaign_id": run.key, "count": len(group), "lateness_s": lateness_s},
+            )
+            await self._send_targets(campaign, group)
 
     def _use_lane(self, doc: dict[str, Any]) -> None:
         """Send through the campaign's sending identity (its relay, key, budget, breaker).

@@ -35,6 +35,7 @@ class MongoRecipients:
                     "emails": {"$push": f"${c.email_field}"},
                     "phones": {"$push": f"${c.phone_field}"},
                     "names": {"$push": f"${c.name_field}"},
+                    **({"zones": {"$push": f"${c.timezone_field}"}} if c.timezone_field else {}),
                 }
             },
         ]
@@ -46,9 +47,13 @@ class MongoRecipients:
             email = _first(row.get("emails"))
             phone = _first(row.get("phones"))
             name = _first(row.get("names"))
+            zone = _first(row.get("zones"))
             if prev is not None:  # the same customer stored under both spellings
                 email, phone, name = prev.email or email, prev.phone or phone, prev.name or name
-            out[key] = Recipient(customer_id=key, name=name, email=email, phone=phone)
+                zone = prev.timezone or zone
+            out[key] = Recipient(
+                customer_id=key, name=name, email=email, phone=phone, timezone=zone
+            )
         return out
 
 
