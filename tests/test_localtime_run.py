@@ -23,7 +23,9 @@ from reactor.ports import Recipient
 from reactor.scheduling.admission import Admissions, LocalTimeAdmission
 from reactor.scheduling.scheduler import Scheduler
 
+from .conftest import MongoTarget
 from .fakes import FakeClock, MemoryCampaignStore, MemoryLedger, MemoryRecipients, RecordingSender
+from .helpers import Client
 from .test_units import START, World, campaign
 
 # 12:30 local on 1 June 2026 (START is 12:00Z): UTC and the Azores (+0 in summer) 12:30Z,
@@ -214,3 +216,26 @@ async def test_arming_refuses_bad_local_time_and_warns_of_batches_that_cannot_fi
     assert warning.startswith("localTime email: 9 recipients at 2026-06-01 12:30Z")
     assert "(Atlantic/Azores, UTC)" in warning
     assert "7.5 min more than the 30-minute spread" in warning
+
+
+async def test_the_customers_zone_is_read_from_the_configured_field(
+    mongo: MongoTarget, client: Client
+) -> None:
+    from reactor.adapters.mongo import MongoRecipients
+    from reactor.config import RecipientsConfig
+
+    orders = client[mongo.segmentation_db]["newdatabase"]
+    await orders.insert_many(
+        [
+            {"customer_id": 1, "email": "a@example.com", "tz": None},
+            {"customer_id": 1, "email": "", "tz": "Asia/Tokyo"},  # a later row carries it
+            {"customer_id": 2, "email": "b@example.com"},
+        ]
+    )
+    with_zone = MongoRecipients(orders, RecipientsConfig(timezone_field="tz"))
+    found = await with_zone.resolve(["1", "2"])
+    assert found["1"].timezone == "Asia/Tokyo"
+    assert found["1"].email == "a@example.com"
+    assert found["2"].timezone is None
+    without = await MongoRecipients(orders, RecipientsConfig()).resolve(["1"])
+    assert without["1"].timezone is None
