@@ -239,3 +239,22 @@ async def test_the_customers_zone_is_read_from_the_configured_field(
     assert found["2"].timezone is None
     without = await MongoRecipients(orders, RecipientsConfig()).resolve(["1"])
     assert without["1"].timezone is None
+
+
+async def test_a_check_that_breaks_is_logged_and_does_not_keep_the_campaign_out() -> None:
+    async def unreadable(campaign_id: Any) -> list[Any]:
+        raise RuntimeError("the audience cannot be read")
+
+    admission = Admissions(
+        [
+            LocalTimeAdmission(
+                targets=unreadable,
+                planner=planner(MemoryRecipients(people())),
+                rates=lambda doc, channel: 1.0,
+            )
+        ]
+    )
+    async with local_world(admission) as (w, sent_at):
+        await w.scheduler.sync(w.store.add(local_campaign()))
+        assert w.scheduler.timers.keys()  # armed regardless
+        await w.until(lambda: len(sent_at) == 9, step_s=5, limit_s=3600)

@@ -57,7 +57,18 @@ class Admissions:
         warnings: list[str] = []
         problem: InvalidCampaign | None = None
         for check in self._checks:
-            problem, found = await check.findings(doc, campaign)
+            try:
+                problem, found = await check.findings(doc, campaign)
+            except Exception as exc:  # a check that breaks must not keep every campaign out
+                log.warning(
+                    "pre-arming check %s of campaign %s failed (%s: %s); not applied",
+                    type(check).__name__,
+                    campaign.name,
+                    type(exc).__name__,
+                    str(exc)[:200],
+                    extra={"campaign_id": campaign.key},
+                )
+                continue
             warnings.extend(found)
             if problem is not None:
                 break
