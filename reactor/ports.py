@@ -59,6 +59,7 @@ class EmailMessage:
     message_id: str
     # Extra headers, e.g. List-Unsubscribe and List-Unsubscribe-Post (RFC 2369, RFC 8058).
     headers: tuple[tuple[str, str], ...] = ()
+    sender: str | None = None  # the From header, when the campaign sets its own (email.from)
 
 
 @dataclass(frozen=True)

@@ -368,3 +368,43 @@ async def test_a_campaign_naming_an_unknown_identity_is_not_sent(
         assert "'newz'" in found["execution"]["lastError"]["detail"]
         assert found["status"] == "approved"  # not armed, not started
     assert sink.messages == []
+
+
+@pytest.mark.parametrize(
+    ("email", "reason", "fragment"),
+    [
+        ({"sender": "news", "from": "x@shop.example.org"}, "unknown_sender", "not sender news's"),
+        ({"from": "Deals\r\nBcc: all@x.example <d@news.example.com>"}, "bad_content", "one line"),
+        ({"from": "no address"}, "bad_content", "one address"),
+        ({"from": 7}, "bad_content", "one address"),
+    ],
+)
+def test_a_from_that_does_not_fit_its_identity_is_refused(
+    email: dict[str, Any], reason: str, fragment: str
+) -> None:
+    senders = parse_senders(GOOD, {"NEWS_SMTP_PASSWORD": "x"})
+    with pytest.raises(InvalidCampaign) as info:
+        senders.choose({"email": email})
+    assert info.value.reason == reason
+    assert fragment in info.value.detail
+
+
+async def test_a_campaigns_own_from_goes_out_signed_and_aligned(
+    mongo: MongoTarget,
+    client: Client,
+    sink: SmtpSink,
+    key_file: pathlib.Path,
+    rsa_key: rsa.RSAPrivateKey,
+) -> None:
+    cfg = settings(mongo, sink, dkim_selector="s1", dkim_private_key_file=str(key_file))
+    ids = await seed_customers(client, mongo, 2)
+    doc = campaign("deals", 0.3, 60, ids, channels=["email"])
+    doc["email"]["from"] = "Spring Deals <deals@reactor.example>"
+    await client[mongo.campaigns_db].campaigns.insert_one(doc)
+    async with running(cfg):
+        await eventually(lambda: holds(len(sink.messages) == 2), 15)
+    dnsfunc = dns_for(rsa_key, b"s1._domainkey.reactor.example")
+    for message in sink.messages:
+        assert message.header("From") == "Spring Deals <deals@reactor.example>"
+        assert message.mail_from == "campaigns@reactor.example"  # the identity's envelope
+        assert dkim.verify(message.raw, dnsfunc=dnsfunc)

@@ -80,7 +80,7 @@ def build_mime(message: EmailMessage, sender: str) -> email.message.Message:
     else:
         raise PermanentDeliveryError("message has no body")
     for name, value in (
-        ("From", sender),
+        ("From", message.sender or sender),
         ("To", message.to),
         ("Subject", message.subject),
         ("Message-ID", message.message_id),

@@ -71,6 +71,7 @@ def email_message(
     message_domain: str,
     links: Links | None = None,
     now: dt.datetime | None = None,
+    sender: str | None = None,
 ) -> EmailMessage:
     assert campaign.email is not None
     content = campaign.email
@@ -97,6 +98,7 @@ def email_message(
         html=body_html,
         message_id=message_id(message_domain),
         headers=headers,
+        sender=sender,
     )
 
 

@@ -110,7 +110,14 @@ class Senders:
         is no default (email is then not configured). Raises InvalidCampaign(unknown_sender)."""
         email = doc.get("email")
         email = email if isinstance(email, Mapping) else {}
-        name = email.get("sender")
+        name, wanted = email.get("sender"), email.get("from")
+        if wanted is not None and (
+            not isinstance(wanted, str)
+            or "@" not in parseaddr(wanted)[1]
+            or any(ord(ch) < 32 or ord(ch) == 127 for ch in wanted)
+        ):
+            raise InvalidCampaign("bad_content", "email.from must be one address on one line")
+        domain = domain_of(wanted) if wanted is not None else None
         if name is not None:
             if not isinstance(name, str) or name not in self.identities:
                 known = ", ".join(sorted(self.identities)) or "none"
@@ -118,20 +125,31 @@ class Senders:
                     "unknown_sender",
                     f"email.sender {str(name)[:60]!r} is not a sending identity (known: {known})",
                 )
-            return self.identities[name]
-        wanted = email.get("from")
-        if wanted is not None:
-            domain = domain_of(wanted) if isinstance(wanted, str) else ""
-            found = [i for i in self.identities.values() if domain and i.domain == domain]
+            identity = self.identities[name]
+            if domain is not None and domain != identity.domain:
+                raise InvalidCampaign(
+                    "unknown_sender",
+                    f"email.from's domain {domain!r} is not sender {name}'s ({identity.domain})",
+                )
+            return identity
+        if domain is not None:
+            found = [i for i in self.identities.values() if i.domain == domain]
             if not found:
                 raise InvalidCampaign(
                     "unknown_sender",
                     f"email.from {str(wanted)[:80]!r}: no sending identity has the domain "
-                    f"{domain or '(none)'!r}",
+                    f"{domain!r}",
                 )
             # The default first when it has that domain, then by name: stable across replicas.
             return min(found, key=lambda i: (i.name != DEFAULT, i.name))
         return self.default
+
+
+def campaign_from(doc: Mapping[str, Any]) -> str | None:
+    """The campaign's own From (`email.from`), already checked by `Senders.choose`."""
+    email = doc.get("email")
+    value = email.get("from") if isinstance(email, Mapping) else None
+    return value.strip() if isinstance(value, str) and value.strip() else None
 
 
 def domain_of(address: str) -> str:

@@ -80,7 +80,9 @@ class BatchPreparer:
         config: SendConfig,
         suppressions: SuppressionList | None,
         links: Links | None,
+        sender: str | None = None,
     ) -> None:
+        self._sender = sender  # the campaign's own From (email.from), else the identity's
         self._recipients = recipients
         self._ledger_rows = ledger
         self._senders = senders
@@ -207,6 +209,7 @@ class BatchPreparer:
             message_domain=self._config.message_domain,
             links=self._links,
             now=now,
+            sender=self._sender,
         )
 
 

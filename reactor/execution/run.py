@@ -28,6 +28,7 @@ from ..domain.deliveries import (
 from ..domain.errors import InvalidCampaign, LeaseLost
 from ..domain.ids import normalise_id
 from ..domain.models import Campaign, Channel, parse_campaign, target_problem
+from ..domain.senders import campaign_from
 from ..domain.shards import Shard, shard_ranges
 from ..domain.zones import LocalTime, in_window, parse_local_time
 from ..limits.ratelimit import RateLimit
@@ -238,6 +239,7 @@ class CampaignRun:
             config=config,
             suppressions=self._suppressions,
             links=self._links,
+            sender=campaign_from(doc),
         )
 
     async def _send_shard(self, shard: Shard) -> None:
