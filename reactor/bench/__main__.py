@@ -16,7 +16,7 @@ from .figures import entry_for, write
 # Every bench `python -m reactor.bench NAME` runs; `all` runs those in ALL. A bench module has
 # `async run(quick) -> dict` and, to publish, `figures(result) -> list[Figure]` (figures.py).
 BENCHES = ["emulator", "scheduling", "sending", "consent", "webhooks", "scale", "faults"]
-BENCHES += ["dkim"]  # issue 27: DKIM signing's cost (docs/deliverability.md)
+BENCHES += ["dkim", "localtime"]  # issue 27 (docs/deliverability.md)
 ALL = ["emulator", "scheduling", "sending", "consent", "faults"]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime as dt
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -47,6 +48,7 @@ from .window import SendWindow
 
 log = logging.getLogger(__name__)
 
+PREPARE_AHEAD_S = 1.0  # a local-time batch's first recipients are read this long before it
 LOCAL_BATCH_HOOKS: list[Any] = []  # bench/test hooks every run gets (see on_local_batch)
 
 
@@ -77,7 +79,8 @@ class CampaignRun:
     ) -> None:
         self.run = run
         self._lanes = lanes
-        # Bench/test hook: on_local_batch(key, due_at, lateness_s, size) as a batch starts.
+        # Bench/test hook: on_local_batch(key, due_at, wake_lateness_s, size) as a batch's
+        # first recipients are read (PREPARE_AHEAD_S before its instant).
         self.on_local_batch: list[Any] = list(LOCAL_BATCH_HOOKS)
         self._audiences = audiences
         self._shards = shards
@@ -206,12 +209,15 @@ class CampaignRun:
         for due, group in groups.items():
             if not in_window(due, campaign.start_at, campaign.end_at):
                 continue
-            wait_s = (due - self._clock.now()).total_seconds()
+            # Woken a little early to read and render the first batch, which then waits for
+            # the instant itself: what is left at the instant is marking and sending.
+            wait_s = (due - self._clock.now()).total_seconds() - PREPARE_AHEAD_S
             if wait_s > 0:
                 await unless_stopped(run, self._clock.sleep, wait_s)
             if run.stop_reason not in (None, StopReason.WINDOW_CLOSED):
                 return  # paused, shut down or taken over: whoever resumes re-plans
-            lateness_s = (self._clock.now() - due).total_seconds()
+            # How late this wake-up was, against the planned one (PREPARE_AHEAD_S early):
+            lateness_s = (self._clock.now() - due).total_seconds() + PREPARE_AHEAD_S
             for hook in self.on_local_batch:
                 hook(run.key, due, lateness_s, len(group))
             log.info(
@@ -221,7 +227,7 @@ class CampaignRun:
                 len(group),
                 extra={"campaign_id": run.key, "count": len(group), "lateness_s": lateness_s},
             )
-            await self._send_targets(campaign, group)
+            await self._send_targets(campaign, group, not_before=due)
 
     def _use_lane(self, doc: dict[str, Any]) -> None:
         """Send through the campaign's sending identity (its relay, key, budget, breaker).
@@ -293,7 +299,11 @@ class CampaignRun:
         sibling.run = closing
         await sibling.send()
 
-    async def _send_targets(self, campaign: Campaign, targets: list[str]) -> None:
+    async def _send_targets(
+        self, campaign: Campaign, targets: list[str], *, not_before: dt.datetime | None = None
+    ) -> None:
+        """Send `targets` on every channel; with `not_before`, the first batch is prepared at
+        once but nothing is marked or sent before that instant."""
         run = self.run
         log.info(
             "📋 Fetching %d targeted customers by IDs",
@@ -304,7 +314,7 @@ class CampaignRun:
         found: dict[Channel, int] = {}
         async with anyio.create_task_group() as tg:
             for channel in sorted(campaign.channels):
-                tg.start_soon(self._send_channel, campaign, channel, batches, found)
+                tg.start_soon(self._send_channel, campaign, channel, batches, found, not_before)
         found_total = max(found.values(), default=0)
         log.info(
             "Found %d customers in orders collection",
@@ -318,6 +328,7 @@ class CampaignRun:
         channel: Channel,
         batches: Sequence[Sequence[str]],
         found: dict[Channel, int],
+        not_before: dt.datetime | None = None,
     ) -> None:
         """One channel through every batch. Each channel resolves its own batches (a second
         read of the orders rows), which keeps memory bounded however far apart they drift."""
@@ -347,6 +358,10 @@ class CampaignRun:
                     deferred.extend(prepared.waiting)
                     if prepared.unsent:
                         await self._ledger.write(run, prepared.unsent)
+                    if i == 0 and not_before is not None:
+                        wait_s = (not_before - self._clock.now()).total_seconds()
+                        if wait_s > 0:
+                            await unless_stopped(run, self._clock.sleep, wait_s)
                     if prepared.items and run.stop_reason is None:
                         window = self._window(channel, prepared.items, deferred, uncertain)
                         await window.send_all()

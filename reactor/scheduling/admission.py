@@ -13,6 +13,7 @@ A campaign without email is not concerned by the identity checks.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -128,7 +129,8 @@ class LocalTimeAdmission:
         self._targets = targets
         self._planner = planner
         self._rates = rates
-        self._judged: dict[tuple[str, float, str], list[str]] = {}
+        self._judged: dict[tuple[str, float, str], asyncio.Task[list[str]]] = {}
+        self.inline_s = 0.5  # how long a sync waits for a judgement before moving on
 
     async def findings(self, doc: dict[str, Any], campaign: Campaign) -> Findings:
         try:
@@ -142,11 +144,29 @@ class LocalTimeAdmission:
                 "bad_local_time", "localTime needs targetedCustomerIds (not a segment)"
             ), []
         key = (campaign.key, campaign.start_at.timestamp(), repr(doc.get("localTime")))
-        if key not in self._judged:
+        judging = self._judged.get(key)
+        if judging is None:
             if len(self._judged) > 10_000:
                 self._judged.clear()  # judged again when next armed: cheap to forget
-            self._judged[key] = await self._judge(doc, campaign, local)
-        return None, self._judged[key]
+            # Reading a large audience takes a while: judged in the background, so the sync
+            # (every other campaign's too) goes on; the warning lands with the next sync of
+            # this campaign (an event, or the next sweep).
+            judging = asyncio.get_running_loop().create_task(self._judge(doc, campaign, local))
+            self._judged[key] = judging
+            await asyncio.wait({judging}, timeout=self.inline_s)
+        if not judging.done():
+            return None, []
+        if judging.cancelled() or judging.exception() is not None:
+            if not judging.cancelled():
+                log.warning(
+                    "could not judge the local-time batches of %s (%s)",
+                    campaign.name,
+                    judging.exception(),
+                    extra={"campaign_id": campaign.key},
+                )
+            del self._judged[key]
+            return None, []
+        return None, judging.result()
 
     async def _judge(self, doc: dict[str, Any], campaign: Campaign, local: LocalTime) -> list[str]:
         targets = list(dict.fromkeys(normalise_id(t) for t in await self._targets(campaign.id)))
