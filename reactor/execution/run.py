@@ -48,6 +48,7 @@ from .window import SendWindow
 
 log = logging.getLogger(__name__)
 
+MAX_WAIT_S = 30.0  # a wait for a local-time instant re-reads the clock at least this often
 PREPARE_AHEAD_S = 1.0  # a local-time batch's first recipients are read this long before it
 LOCAL_BATCH_HOOKS: list[Any] = []  # bench/test hooks every run gets (see on_local_batch)
 
@@ -211,9 +212,10 @@ class CampaignRun:
                 continue
             # Woken a little early to read and render the first batch, which then waits for
             # the instant itself: what is left at the instant is marking and sending.
-            wait_s = (due - self._clock.now()).total_seconds() - PREPARE_AHEAD_S
-            if wait_s > 0:
-                await unless_stopped(run, self._clock.sleep, wait_s)
+            # In slices, the clock read again after each: a corrected clock cannot misfire it.
+            while (wait_s := (due - self._clock.now()).total_seconds() - PREPARE_AHEAD_S) > 0:
+                if not await unless_stopped(run, self._clock.sleep, min(wait_s, MAX_WAIT_S)):
+                    break
             if run.stop_reason not in (None, StopReason.WINDOW_CLOSED):
                 return  # paused, shut down or taken over: whoever resumes re-plans
             # How late this wake-up was, against the planned one (PREPARE_AHEAD_S early):
