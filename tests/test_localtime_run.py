@@ -258,3 +258,27 @@ async def test_a_check_that_breaks_is_logged_and_does_not_keep_the_campaign_out(
         await w.scheduler.sync(w.store.add(local_campaign()))
         assert w.scheduler.timers.keys()  # armed regardless
         await w.until(lambda: len(sent_at) == 9, step_s=5, limit_s=3600)
+
+
+async def test_judging_a_large_audience_does_not_hold_up_arming() -> None:
+    release = anyio.Event()
+    warnings = Warnings()
+
+    async def slow_targets(campaign_id: Any) -> list[Any]:
+        await release.wait()  # an audience that takes long to read
+        return [r.customer_id for r in people()]
+
+    check = LocalTimeAdmission(
+        targets=slow_targets,
+        planner=planner(MemoryRecipients(people())),
+        rates=lambda doc, channel: 0.004,
+    )
+    check.inline_s = 0.01
+    async with local_world(Admissions([check], warnings)) as (w, _):
+        await w.scheduler.sync(w.store.add(local_campaign()))
+        assert w.scheduler.timers.keys()  # armed without waiting for the judgement
+        assert "lt" not in warnings.written
+        release.set()
+        await anyio.sleep(0.05)
+        await w.scheduler.sync(w.store.add(w.doc("lt")))  # the next sync (a sweep) has it
+    assert any("more than the 30-minute spread" in x for x in warnings.written["lt"])
