@@ -32,6 +32,7 @@ from .adapters.mongo import (
 )
 from .adapters.mongo.engagement import MongoDoNotTrack, MongoEngagement
 from .adapters.mongo.splits import MongoSplits
+from .adapters.senders import campaign_admission, default_signer, identity_senders
 from .adapters.smtp import SmtpEmailSender
 from .adapters.twilio_sms import TwilioSmsSender
 from .config import Settings
@@ -113,6 +114,8 @@ class Reactor:
         self.mongodb_reachable = False
         self.notifier: Notifier | None = None
         self.recorder: Recorder | None = None  # tracked hits, written in batches
+        # Sending identities (SENDERS_FILE) other than the default: their own SMTP senders.
+        self.identity_senders: dict[str, EmailSender] = {}
 
     def request_shutdown(self) -> None:
         """First call: graceful drain. Second call: cancel everything now."""
@@ -131,11 +134,12 @@ class Reactor:
             if s.segmentation_mongo_uri is not None:
                 seg_client = mongo_client(s.segmentation_uri.get_secret_value(), self.instance_id)
             email, sms = self._senders()
+            self.identity_senders = dict(identity_senders(s.senders()))
             try:
                 await self._serve(client, seg_client, email, sms, task_status)
             finally:
                 with anyio.CancelScope(shield=True):
-                    for sender in (email, sms):
+                    for sender in (email, sms, *self.identity_senders.values()):
                         if sender is not None:
                             await sender.aclose()
                     if self.http is not None:
@@ -157,7 +161,7 @@ class Reactor:
         s = self.settings
         email: EmailSender | None = None
         if (smtp := s.smtp_config()) is not None:
-            email = SmtpEmailSender(smtp)
+            email = SmtpEmailSender(smtp, signer=default_signer(s.senders()))
         sms: SmsSender | None = None
         if (twilio := s.twilio_config()) is not None:
             sms = TwilioSmsSender(twilio)
@@ -311,6 +315,8 @@ class Reactor:
             budgets=MongoBudgets(db) if s.rate_limit_scope == "cluster" else None,
             shards=shards,
             audiences=audiences,
+            senders=s.senders(),
+            identity_senders=self.identity_senders,
         )
         scheduler = Scheduler(
             store=store,
@@ -325,6 +331,7 @@ class Reactor:
                 split_key=s.send_config().split_key,
                 metrics=self.metrics,
             ),
+            admission=campaign_admission(s, db, db_clock.monotonic, store, recipients),
         )
         reconciler = Reconciler(
             store=store,

@@ -1,7 +1,7 @@
 """The command line: the only place that reads the environment and configures logging.
 
     reactor run               the service
-    reactor doctor [--json] [--probe]
+    reactor doctor [--json] [--probe] [--senders]
     reactor demo [--customers N] [--campaigns N] [--failure-rate R] [--keep-running] [--seed S]
     reactor mongo-emulator [--host H] [--port P] [--replica-set NAME]
     reactor preview CAMPAIGN_ID [--customer ID] [--send-to ADDRESS_OR_PHONE]
@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument(
         "--probe", action="store_true", help="also connect to SMTP and Twilio to prove they answer"
     )
+    doctor.add_argument(
+        "--senders",
+        action="store_true",
+        help="check each sending identity's SPF, DKIM and DMARC records in DNS (only that)",
+    )
     demo = sub.add_parser("demo", help="the whole system on embedded stand-ins")
     demo.add_argument("--customers", type=_positive_int, default=300)
     demo.add_argument("--campaigns", type=_positive_int, default=4)
@@ -156,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .doctor import run_doctor
 
             settings = load_settings()
-            return run_doctor(settings, as_json=args.json, probe=args.probe)
+            return run_doctor(settings, as_json=args.json, probe=args.probe, senders=args.senders)
         if args.command == "suppress":
             from .suppress_cli import BadRow
             from .suppress_cli import run as run_suppress

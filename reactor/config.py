@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from pymongo.uri_parser import parse_uri
 
 if TYPE_CHECKING:
+    from .domain.senders import Senders
     from .engagement.tracker import TrackingConfig
     from .notify.config import NotifyConfig
     from .public.feedback import FeedbackConfig
@@ -72,6 +73,17 @@ class Settings(BaseSettings):
     smtp_ca_file: str | None = None
     smtp_ehlo_name: str | None = None
     email_from: str | None = None
+
+    # ---- sending identities and their authentication (issue 27; docs/deliverability.md) ----
+    senders_file: str | None = None
+    dkim_domain: str | None = None
+    dkim_selector: str | None = None
+    dkim_private_key_file: str | None = None
+    require_authenticated_senders: bool = False
+    senders_preflight: bool = False  # check SPF/DKIM/DMARC in DNS when arming (implied by REQUIRE)
+    dns_resolver: str | None = None  # host[:port] of the resolver pre-flight checks ask
+    dns_timeout_seconds: float = Field(3.0, gt=0)
+    customer_timezone_field: str = "timezone"  # the customer's IANA zone, for localTime
 
     twilio_account_sid: str | None = None
     twilio_auth_token: SecretStr | None = None
@@ -204,6 +216,23 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_senders(self) -> Settings:
+        from .adapters.dkim import DkimKeyError, load_signer
+        from .domain.senders import SendersFileError
+
+        try:
+            senders = self.senders()
+        except SendersFileError as exc:
+            raise ValueError(f"SENDERS_FILE {self.senders_file}: {exc}") from None
+        for identity in senders.identities.values():
+            if identity.dkim is not None:
+                try:
+                    load_signer(identity.dkim_domain or identity.domain, identity.dkim)
+                except DkimKeyError as exc:
+                    raise ValueError(f"sending identity {identity.name!r}: {exc}") from None
+        return self
+
     @field_validator("sms_send_hours")
     @classmethod
     def _valid_hours(cls, value: str) -> str:
@@ -297,6 +326,7 @@ class Settings(BaseSettings):
             phone_field=self.customer_phone_field,
             name_field=self.customer_name_field,
             batch_size=self.recipient_batch_size,
+            timezone_field=self.customer_timezone_field or None,
         )
 
     def send_config(self) -> SendConfig:
@@ -337,6 +367,43 @@ class Settings(BaseSettings):
             ca_file=self.smtp_ca_file,
             ehlo_name=self.smtp_ehlo_name,
         )
+
+    def senders(self) -> Senders:
+        """The sending identities: SENDERS_FILE's, plus the default one of SMTP_* / EMAIL_FROM /
+        DKIM_*. Raises SendersFileError (no secrets in it)."""
+        from .domain.senders import DkimKey, Identity, Relay, SendersFileError, parse_senders
+
+        default: Identity | None = None
+        if bool(self.dkim_selector) != bool(self.dkim_private_key_file):
+            raise SendersFileError("DKIM_SELECTOR and DKIM_PRIVATE_KEY_FILE go together")
+        if self.smtp_host and self.email_from:
+            key = None
+            if self.dkim_selector and self.dkim_private_key_file:
+                key = DkimKey(self.dkim_selector, self.dkim_private_key_file, self.dkim_domain)
+            default = Identity(
+                name="default",
+                from_address=self.email_from,
+                relay=Relay(
+                    host=self.smtp_host,
+                    port=self.smtp_port,
+                    tls=self.smtp_tls,
+                    username=self.smtp_username,
+                    password=self.smtp_password,
+                    pool_size=self.smtp_pool_size,
+                    ca_file=self.smtp_ca_file,
+                    timeout_s=self.smtp_timeout_seconds,
+                    ehlo_name=self.smtp_ehlo_name,
+                ),
+                dkim=key,
+            )
+        text = None
+        if self.senders_file:
+            try:
+                with open(self.senders_file, encoding="utf-8") as f:
+                    text = f.read()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise SendersFileError(f"cannot be read ({exc})") from None
+        return parse_senders(text, os.environ, default)
 
     def twilio_config(self) -> TwilioConfig | None:
         if not (self.twilio_account_sid and self.twilio_auth_token):
@@ -545,6 +612,7 @@ class RecipientsConfig:
     phone_field: str = "phone"
     name_field: str = "name"
     batch_size: int = 1000
+    timezone_field: str | None = None  # the customer's IANA zone (localTime)
 
 
 DEFAULT_SPLIT_KEY = b"campaign-reactor-splits"

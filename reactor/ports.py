@@ -41,6 +41,7 @@ class Recipient:
     phone: str | None
     # The customer's newest order row, every field (templates see it as `customer`).
     row: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    timezone: str | None = None  # an IANA name from CUSTOMER_TIMEZONE_FIELD (localTime sends)
 
 
 class Recipients(Protocol):
@@ -60,6 +61,7 @@ class EmailMessage:
     message_id: str
     # Extra headers, e.g. List-Unsubscribe and List-Unsubscribe-Post (RFC 2369, RFC 8058).
     headers: tuple[tuple[str, str], ...] = ()
+    sender: str | None = None  # the From header, when the campaign sets its own (email.from)
 
 
 @dataclass(frozen=True)

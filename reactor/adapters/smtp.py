@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import email.charset
 import email.message
+import email.policy
 import logging
 import re
 import ssl
@@ -35,6 +36,7 @@ from ..domain.errors import (
     UndeliverableError,
 )
 from ..ports import EmailMessage
+from .dkim import DkimSigner
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ _DISCONNECTS = (
 )
 
 
+_CRLF = email.policy.compat32.clone(linesep="\r\n")
 _UTF8_QP = email.charset.Charset("utf-8")
 _UTF8_QP.body_encoding = email.charset.QP
 
@@ -77,7 +80,7 @@ def build_mime(message: EmailMessage, sender: str) -> email.message.Message:
     else:
         raise PermanentDeliveryError("message has no body")
     for name, value in (
-        ("From", sender),
+        ("From", message.sender or sender),
         ("To", message.to),
         ("Subject", message.subject),
         ("Message-ID", message.message_id),
@@ -97,8 +100,9 @@ class _Pooled:
 
 
 class SmtpEmailSender:
-    def __init__(self, config: SmtpConfig) -> None:
+    def __init__(self, config: SmtpConfig, *, signer: DkimSigner | None = None) -> None:
         self._config = config
+        self._signer = signer  # signs every message when the identity has a DKIM key
         self._idle: asyncio.LifoQueue[_Pooled] = asyncio.LifoQueue()
         for _ in range(config.pool_size):
             self._idle.put_nowait(_Pooled(self._client()))
@@ -120,7 +124,13 @@ class SmtpEmailSender:
 
     async def send(self, message: EmailMessage) -> str:
         # Encoded before the transaction starts: an encoding failure never happens mid-way.
-        data = build_mime(message, self._config.sender).as_bytes()
+        mime = build_mime(message, self._config.sender)
+        if self._signer is None:
+            data = mime.as_bytes()
+        else:
+            # Encoded with CRLF as it goes on the wire, so the signature covers the exact bytes
+            # sent; signed before MAIL FROM, so a failure never leaves a transaction open.
+            data = self._signer.sign(mime.as_bytes(policy=_CRLF))
         pooled = await self._idle.get()
         try:
             return await self._send_on(pooled, data, message)

@@ -16,7 +16,7 @@ from .figures import entry_for, write
 # Every bench `python -m reactor.bench NAME` runs; `all` runs those in ALL. A bench module has
 # `async run(quick) -> dict` and, to publish, `figures(result) -> list[Figure]` (figures.py).
 BENCHES = ["emulator", "scheduling", "sending", "consent", "webhooks", "scale", "faults"]
-BENCHES += ["templates", "notify", "abtest", "engagement"]
+BENCHES += ["templates", "notify", "abtest", "engagement", "dkim", "localtime"]
 ALL = ["emulator", "scheduling", "sending", "consent", "faults"]
 # The protocol model's ablation table (domain/protocol_model.py): a minute of CPU, no I/O.
 BENCHES.append("model")

@@ -32,8 +32,15 @@ __all__ = [
 ]
 
 
-def run_doctor(settings: Settings, *, as_json: bool = False, probe: bool = False) -> int:
-    report = asyncio.run(diagnose(settings, probe=probe))
+def run_doctor(
+    settings: Settings, *, as_json: bool = False, probe: bool = False, senders: bool = False
+) -> int:
+    if senders:  # the sending identities' pre-flight only (issue 27)
+        from .senders import diagnose_senders
+
+        report = asyncio.run(diagnose_senders(settings))
+    else:
+        report = asyncio.run(diagnose(settings, probe=probe))
     if as_json:
         payload = asdict(report)
         payload["healthy"] = report.healthy

@@ -101,6 +101,7 @@ def email_message(
     links: Links | None = None,
     now: dt.datetime | None = None,
     templates: CampaignTemplates | None = None,
+    sender: str | None = None,
 ) -> EmailMessage:
     assert campaign.email is not None
     compiled = templates or templates_of(campaign)
@@ -133,6 +134,7 @@ def email_message(
         html=body_html,
         message_id=message_id(message_domain),
         headers=headers,
+        sender=sender,
     )
 
 

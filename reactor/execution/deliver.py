@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from ..domain.errors import (
     DeliveryError,
@@ -47,20 +47,26 @@ class Deliverer:
         metrics: Metrics,
         tempfail_retry_s: tuple[float, ...] = (),
         channel_pause_max_s: float = 300.0,
+        *,
+        identity: str | None = None,
+        shared_breakers: Mapping[Channel, ChannelBreaker] | None = None,
     ) -> None:
         self._senders = senders
         self._limits = limits
         self._policy = policy
         self._tempfail_retry_s = tempfail_retry_s
+        # One deliverer per sending identity: its email breaker is its own (a relay down pauses
+        # only the campaigns that use it); the breakers in `shared_breakers` (SMS) are shared.
         self.breakers = {
             ch: ChannelBreaker(
-                str(ch),
+                f"{ch} ({identity})" if identity and ch is Channel.EMAIL else str(ch),
                 clock.monotonic,
                 first_pause_s=min(FIRST_PAUSE_S, channel_pause_max_s),
                 max_pause_s=channel_pause_max_s,
             )
             for ch in Channel
         }
+        self.breakers.update(shared_breakers or {})
         self._clock = clock
         self._metrics = metrics
         # Told when a channel's breaker opens or closes: (channel, paused, kind, error).

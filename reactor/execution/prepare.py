@@ -99,8 +99,10 @@ class BatchPreparer:
         links: Links | None,
         metrics: Metrics | None = None,
         tracker: Tracker | None = None,
+        sender: str | None = None,
     ) -> None:
         self._tracker = tracker
+        self._sender = sender  # the campaign's own From (email.from), else the identity's
         self._recipients = recipients
         self._ledger_rows = ledger
         self._senders = senders
@@ -269,6 +271,7 @@ class BatchPreparer:
             links=self._links,
             now=now,
             templates=templates,
+            sender=self._sender,
         )
 
 

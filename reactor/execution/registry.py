@@ -21,6 +21,7 @@ SHARD_CONCURRENCY at once) and sends them under each shard's own lease: see `sha
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -30,6 +31,7 @@ from ..domain.consent import Links
 from ..domain.errors import LeaseLost
 from ..domain.models import Channel
 from ..domain.retry import RetryPolicy
+from ..domain.senders import DEFAULT, Senders
 from ..domain.shards import parse_shard
 from ..engagement.tracker import Tracker
 from ..limits.budgets import BudgetStore, SharedBudget
@@ -38,6 +40,7 @@ from ..metrics import Metrics
 from ..ports import CampaignStore, Clock, EmailSender, Ledger, Recipients, SmsSender
 from ..suppression import SuppressionList
 from .deliver import Deliverer
+from .lanes import Lane, Lanes
 from .ledger import LedgerWriter
 from .run import CampaignRun
 from .shards import AudienceStore, ShardStore
@@ -74,6 +77,8 @@ class Executor:
         budgets: BudgetStore | None = None,
         shards: ShardStore | None = None,
         audiences: AudienceStore | None = None,
+        senders: Senders | None = None,
+        identity_senders: Mapping[str, EmailSender] | None = None,
     ) -> None:
         self._shards = shards
         self._audiences = audiences
@@ -119,6 +124,7 @@ class Executor:
             config.tempfail_retry_s,
             config.channel_pause_max_s,
         )
+        self._lanes = self._build_lanes(budgets, senders, identity_senders or {})
         self._ledger = LedgerWriter(store, ledger, clock, metrics)
         self._runs: dict[str, Run] = {}
         self._tg: anyio.abc.TaskGroup | None = None
@@ -132,6 +138,54 @@ class Executor:
         # Notifications (reactor/notify): told of failed campaigns and channel pauses.
         self.notifier: Notifier | None = None
         self.on_channel = self._deliverer.on_channel
+
+    def _build_lanes(
+        self,
+        budgets: BudgetStore | None,
+        senders: Senders | None,
+        identity_senders: Mapping[str, EmailSender],
+    ) -> Lanes:
+        """One lane per sending identity (lanes.py); the default lane is the channel-wide
+        sender, budget and deliverer built above."""
+        config, clock = self._config, self._clock
+        default_identity = senders.default if senders is not None else None
+        default = Lane(
+            name=DEFAULT,
+            senders=self._senders,
+            limits=self._limits,
+            deliverer=self._deliverer,
+            message_domain=config.message_domain,
+            identity=default_identity,
+        )
+        lanes: dict[str, Lane] = {}
+        policy = RetryPolicy(config.max_attempts, config.retry_base_s, config.retry_max_s)
+        for identity in senders.identities.values() if senders is not None else ():
+            sender = identity_senders.get(identity.name)
+            if identity.name == DEFAULT or sender is None:
+                continue
+            rate = identity.rate_per_s or config.email_rate_per_s
+            limit: RateLimit = (
+                SharedBudget(budgets, identity.budget_key, rate, clock)
+                if budgets is not None
+                else TokenBucket(clock, rate, monotonic=clock.monotonic)
+            )
+            lane_senders = {Channel.EMAIL: sender, Channel.SMS: self._senders[Channel.SMS]}
+            limits = {Channel.EMAIL: limit, Channel.SMS: self._limits[Channel.SMS]}
+            deliverer = Deliverer(
+                lane_senders,
+                limits,
+                policy,
+                clock,
+                self._metrics,
+                config.tempfail_retry_s,
+                config.channel_pause_max_s,
+                identity=identity.name,
+                shared_breakers={Channel.SMS: self._deliverer.breakers[Channel.SMS]},
+            )
+            lanes[identity.name] = Lane(
+                identity.name, lane_senders, limits, deliverer, identity.domain, identity
+            )
+        return Lanes(senders or Senders(), lanes, default)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -152,7 +206,8 @@ class Executor:
                 await anyio.sleep_forever()
         finally:
             with anyio.CancelScope(shield=True):
-                for limit in self._limits.values():
+                limits = {id(x): x for lane in self._lanes.all() for x in lane.limits.values()}
+                for limit in limits.values():
                     if isinstance(limit, SharedBudget):
                         await limit.aclose()
 
@@ -285,6 +340,7 @@ class Executor:
             shards=self._shards,
             audiences=self._audiences,
             lease_s=self._lease_s,
+            lanes=self._lanes,
         )
         try:
             async with anyio.create_task_group() as tg:

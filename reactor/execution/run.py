@@ -10,8 +10,11 @@ the current one sends. When the window closes mid-run, whoever was not reached i
 from __future__ import annotations
 
 import copy
+import dataclasses
+import datetime as dt
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import anyio
 
@@ -26,15 +29,19 @@ from ..domain.deliveries import (
 from ..domain.errors import InvalidCampaign, LeaseLost
 from ..domain.ids import normalise_id
 from ..domain.models import Campaign, Channel, parse_campaign, target_problem
+from ..domain.senders import campaign_from
 from ..domain.shards import Shard, shard_ranges
 from ..domain.variants import compile_content
+from ..domain.zones import LocalTime, in_window, parse_local_time
 from ..engagement.tracker import Tracker
 from ..limits.ratelimit import RateLimit
 from ..metrics import Metrics
 from ..ports import CampaignStore, Clock, EmailSender, Ledger, Recipients, SmsSender
 from ..suppression import SuppressionList
 from .deliver import Deliverer
+from .lanes import Lanes
 from .ledger import Item, LedgerWriter
+from .localtime import plan
 from .prepare import Ahead, BatchPreparer, chunks
 from .resolve import resolve_uncertain_sms
 from .shards import AudienceStore, ShardStore, coordinate
@@ -44,6 +51,9 @@ from .window import SendWindow
 log = logging.getLogger(__name__)
 
 WINNER_POLL_S = 1.0  # how often a split's owner looks for the winner while the rest waits
+MAX_WAIT_S = 30.0  # a wait for a local-time instant re-reads the clock at least this often
+PREPARE_AHEAD_S = 1.0  # a local-time batch's first recipients are read this long before it
+LOCAL_BATCH_HOOKS: list[Any] = []  # bench/test hooks every run gets (see on_local_batch)
 
 
 class CampaignRun:
@@ -70,8 +80,13 @@ class CampaignRun:
         shards: ShardStore | None = None,
         audiences: AudienceStore | None = None,
         lease_s: float = 30.0,
+        lanes: Lanes | None = None,
     ) -> None:
         self.run = run
+        self._lanes = lanes
+        # Bench/test hook: on_local_batch(key, due_at, wake_lateness_s, size) as a batch's
+        # first recipients are read (PREPARE_AHEAD_S before its instant).
+        self.on_local_batch: list[Any] = list(LOCAL_BATCH_HOOKS)
         self._audiences = audiences
         self._shards = shards
         self._lease_s = lease_s
@@ -112,6 +127,8 @@ class CampaignRun:
         try:
             campaign = parse_campaign(doc)
             compile_content(campaign)  # the content may have changed since it was armed
+            self._use_lane(doc)
+            local = parse_local_time(doc.get("localTime"))
         except InvalidCampaign as exc:
             self._metrics.campaign_errors.labels(exc.reason).inc()
             log.error(
@@ -131,6 +148,11 @@ class CampaignRun:
         )
         if run.epoch > 1:  # only a takeover can find rows an earlier owner left pending
             await self._settle_previous_pending()
+        if local is not None:  # each recipient at their own hour (not sharded: see localtime)
+            targets = list(dict.fromkeys(normalise_id(t) for t in campaign.targets))
+            await self._send_at_local_times(campaign, local, targets)
+            await self._finish(campaign, len(targets))
+            return
         size = self._config.shard_size
         segment = campaign.segment
         if segment is not None or (
@@ -210,6 +232,75 @@ class CampaignRun:
             except InvalidCampaign:
                 continue  # e.g. a mistyped abTest.winner: reported by the scheduler's sync
 
+    async def _send_at_local_times(
+        self, campaign: Campaign, local: LocalTime, targets: list[str]
+    ) -> None:
+        """Each instant's group when it is due; whoever is due outside [startDate, endDate]
+        is skipped (`outside_window`). A closing window records the rest `window_closed`."""
+        run = self.run
+        groups = await plan(
+            self._recipients, targets, local, campaign.start_at, self._config.batch_size
+        )
+        outside = [
+            c
+            for due, group in groups.items()
+            if not in_window(due, campaign.start_at, campaign.end_at)
+            for c in group
+        ]
+        if outside:
+            await self._ledger.write(
+                run,
+                [
+                    DeliveryRecord(c, ch, DeliveryState.SKIPPED, reason="outside_window")
+                    for ch in sorted(campaign.channels)
+                    for c in outside
+                ],
+            )
+        for due, group in groups.items():
+            if not in_window(due, campaign.start_at, campaign.end_at):
+                continue
+            # Woken a little early to read and render the first batch, which then waits for
+            # the instant itself: what is left at the instant is marking and sending.
+            # In slices, the clock read again after each: a corrected clock cannot misfire it.
+            while (wait_s := (due - self._clock.now()).total_seconds() - PREPARE_AHEAD_S) > 0:
+                if not await unless_stopped(run, self._clock.sleep, min(wait_s, MAX_WAIT_S)):
+                    break
+            if run.stop_reason not in (None, StopReason.WINDOW_CLOSED):
+                return  # paused, shut down or taken over: whoever resumes re-plans
+            # How late this wake-up was, against the planned one (PREPARE_AHEAD_S early):
+            lateness_s = (self._clock.now() - due).total_seconds() + PREPARE_AHEAD_S
+            for hook in self.on_local_batch:
+                hook(run.key, due, lateness_s, len(group))
+            log.info(
+                "🕙 Local-time batch of %s due %s: %d recipients",
+                run.name,
+                due.isoformat(),
+                len(group),
+                extra={"campaign_id": run.key, "count": len(group), "lateness_s": lateness_s},
+            )
+            await self._send_targets(campaign, group, not_before=due)
+
+    def _use_lane(self, doc: dict[str, Any]) -> None:
+        """Send through the campaign's sending identity (its relay, key, budget, breaker).
+        Raises InvalidCampaign(unknown_sender) if it names none."""
+        if self._lanes is None:
+            return
+        lane = self._lanes.for_campaign(doc)
+        self._senders, self._limits, self._deliverer = lane.senders, lane.limits, lane.deliverer
+        config = dataclasses.replace(self._config, message_domain=lane.message_domain)
+        self._preparer = BatchPreparer(
+            recipients=self._recipients,
+            ledger=self._ledger_rows,
+            senders=lane.senders,
+            clock=self._clock,
+            config=config,
+            suppressions=self._suppressions,
+            links=self._links,
+            metrics=self._metrics,
+            tracker=self._tracker,
+            sender=campaign_from(doc),
+        )
+
     async def _send_shard(self, shard: Shard) -> None:
         """Send one shard's slice of the audience, then mark the shard done (or give it back
         when stopped before the end)."""
@@ -225,6 +316,7 @@ class CampaignRun:
         if doc is None:
             raise LeaseLost(f"campaign {run.key} was deleted")
         campaign = parse_campaign(doc)
+        self._use_lane(doc)
         if run.epoch > 1:
             await self._settle_previous_pending()
         usable = [v for v in ids if target_problem(v) is None]
@@ -260,7 +352,11 @@ class CampaignRun:
         sibling.run = closing
         await sibling.send()
 
-    async def _send_targets(self, campaign: Campaign, targets: list[str]) -> None:
+    async def _send_targets(
+        self, campaign: Campaign, targets: list[str], *, not_before: dt.datetime | None = None
+    ) -> None:
+        """Send `targets` on every channel; with `not_before`, the first batch is prepared at
+        once but nothing is marked or sent before that instant."""
         run = self.run
         log.info(
             "📋 Fetching %d targeted customers by IDs",
@@ -271,7 +367,7 @@ class CampaignRun:
         found: dict[Channel, int] = {}
         async with anyio.create_task_group() as tg:
             for channel in sorted(campaign.channels):
-                tg.start_soon(self._send_channel, campaign, channel, batches, found)
+                tg.start_soon(self._send_channel, campaign, channel, batches, found, not_before)
         found_total = max(found.values(), default=0)
         log.info(
             "Found %d customers in orders collection",
@@ -285,6 +381,7 @@ class CampaignRun:
         channel: Channel,
         batches: Sequence[Sequence[str]],
         found: dict[Channel, int],
+        not_before: dt.datetime | None = None,
     ) -> None:
         """One channel through every batch. Each channel resolves its own batches (a second
         read of the orders rows), which keeps memory bounded however far apart they drift."""
@@ -314,6 +411,10 @@ class CampaignRun:
                     deferred.extend(prepared.waiting)
                     if prepared.unsent:
                         await self._ledger.write(run, prepared.unsent)
+                    if i == 0 and not_before is not None:
+                        wait_s = (not_before - self._clock.now()).total_seconds()
+                        if wait_s > 0:
+                            await unless_stopped(run, self._clock.sleep, wait_s)
                     if prepared.items and run.stop_reason is None:
                         window = self._window(channel, prepared.items, deferred, uncertain)
                         await window.send_all()

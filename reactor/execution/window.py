@@ -93,7 +93,9 @@ class SendWindow:
             if not self.noted_pause:
                 self.noted_pause = True
                 await self.ledger.note(
-                    self.run, "channel_paused", f"{self.channel} paused: {self.breaker.reason}"
+                    self.run,
+                    "channel_paused",
+                    f"{self.breaker.channel} paused: {self.breaker.reason}",
                 )
             return
         delay = self.tempfail_retry_s[min(item.deferrals, len(self.tempfail_retry_s) - 1)]

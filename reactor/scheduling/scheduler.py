@@ -32,6 +32,7 @@ from ..execution import Executor, StopReason
 from ..metrics import Metrics
 from ..ports import CampaignStore, Clock
 from ..splits.decide import Decider
+from .admission import Admission
 from .timers import TimerHeap
 
 if TYPE_CHECKING:
@@ -52,8 +53,11 @@ class Scheduler:
         metrics: Metrics,
         config: SchedulerConfig,
         decider: Decider | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self._decider = decider  # A/B splits' decisions (reactor.splits); None: not decided here
+        # Checks a campaign must pass before its start is armed (its sending identity).
+        self._admission = admission
         self._store = store
         self._executor = executor
         self._clock = clock
@@ -140,6 +144,8 @@ class Scheduler:
         start = TimerKey(key, TimerKind.START)
         if start in wanted and not await self._targets_ok(campaign, recheck=event_ts is not None):
             del wanted[start]  # reported on the document; not started
+        if start in wanted and not await self._admitted(doc, campaign):
+            del wanted[start]  # reported on the document (execution.lastError); not started
         for kind in TimerKind:
             timer_key = TimerKey(key, kind)
             if timer_key not in wanted and self.timers.disarm(timer_key):
@@ -175,6 +181,15 @@ class Scheduler:
             return True
         self._targets_checked.pop(campaign.key, None)
         await self._reject_doc(campaign.id, campaign.name, InvalidCampaign("bad_targets", problem))
+        return False
+
+    async def _admitted(self, doc: dict[str, Any], campaign: Campaign) -> bool:
+        if self._admission is None:
+            return True
+        problem = await self._admission.check(doc, campaign)
+        if problem is None:
+            return True
+        await self._reject_doc(campaign.id, campaign.name, problem)
         return False
 
     def _stale_row(self, campaign: Campaign) -> bool:

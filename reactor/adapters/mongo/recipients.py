@@ -38,6 +38,7 @@ class MongoRecipients:
                     "phones": {"$push": f"${c.phone_field}"},
                     "names": {"$push": f"${c.name_field}"},
                     "row": {"$last": "$$ROOT"},
+                    **({"zones": {"$push": f"${c.timezone_field}"}} if c.timezone_field else {}),
                 }
             },
         ]
@@ -50,10 +51,14 @@ class MongoRecipients:
             phone = _first(row.get("phones"))
             name = _first(row.get("names"))
             fields = plain_row(row.get("row") or {})
+            zone = _first(row.get("zones"))
             if prev is not None:  # the same customer stored under both spellings
                 email, phone, name = prev.email or email, prev.phone or phone, prev.name or name
                 fields = {**prev.row, **fields}
-            out[key] = Recipient(customer_id=key, name=name, email=email, phone=phone, row=fields)
+                zone = prev.timezone or zone
+            out[key] = Recipient(
+                customer_id=key, name=name, email=email, phone=phone, row=fields, timezone=zone
+            )
         return out
 
 
