@@ -43,6 +43,33 @@ def shard_ranges(total: int, size: int) -> list[tuple[int, int]]:
     return [(start, min(size, total - start)) for start in range(0, total, size)]
 
 
+def shard_plan(total: int, size: int, slots: int) -> list[tuple[int, int]]:
+    """(start, count) of each shard of a list of `total` ids to be sent by `slots` shard slots
+    (the live replicas' SHARD_CONCURRENCY summed): the fewest shards of at most `size` ids
+    whose number is a multiple of `slots`, all of one size give or take one id.
+
+    Every slot then gets the same number of equal shards, so replicas that send at one pace
+    finish together at any audience size (2,400 ids in shards of 500 on 3 replicas of 2 slots:
+    6 shards of 400, not 5 taken 2/2/1). Shards never outnumber
+    ceil(total / size) + slots - 1: one claim per shard (and one per takeover), so fewer than
+    (1 + slots) / size claims per recipient of a campaign larger than `size`."""
+    if size < 1:
+        raise ValueError("shard size must be at least 1")
+    if total <= 0:
+        return []
+    slots = max(1, slots)
+    needed = -(-total // size)
+    n = min(total, -(-needed // slots) * slots)  # never an empty shard
+    base, extra = divmod(total, n)
+    ranges: list[tuple[int, int]] = []
+    start = 0
+    for i in range(n):
+        count = base + (1 if i < extra else 0)
+        ranges.append((start, count))
+        start += count
+    return ranges
+
+
 def parse_shard(doc: dict[str, object]) -> Shard:
     return Shard(
         id=str(doc["_id"]),

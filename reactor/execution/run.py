@@ -26,7 +26,7 @@ from ..domain.deliveries import (
 from ..domain.errors import InvalidCampaign, LeaseLost
 from ..domain.ids import normalise_id
 from ..domain.models import Campaign, Channel, parse_campaign, target_problem
-from ..domain.shards import Shard, shard_ranges
+from ..domain.shards import Shard, shard_plan
 from ..limits.ratelimit import RateLimit
 from ..metrics import Metrics
 from ..ports import CampaignStore, Clock, EmailSender, Ledger, Recipients, SmsSender
@@ -137,7 +137,7 @@ class CampaignRun:
                 n_chunks = await self._audiences.materialize(run.key, segment, size)
                 ranges, source = [(i, 1) for i in range(n_chunks)], "audience"
             else:
-                ranges, source = shard_ranges(len(campaign.targets), size), "list"
+                ranges, source = await self._plan(len(campaign.targets), size), "list"
             await coordinate(
                 run,
                 ranges,
@@ -159,6 +159,21 @@ class CampaignRun:
         targets = list(dict.fromkeys(normalise_id(t) for t in campaign.targets))
         await self._send_targets(campaign, targets)
         await self._finish(campaign, len(targets))
+
+    async def _plan(self, total: int, size: int) -> list[tuple[int, int]]:
+        """The campaign's shards, cut for the shard slots of the replicas alive now (at least
+        this one's), so that they finish together."""
+        assert self._shards is not None
+        slots = max(await self._shards.live_slots(), self._config.shard_concurrency, 1)
+        ranges = shard_plan(total, size, slots)
+        log.info(
+            "🧩 %d targets of %s cut for %d shard slots",
+            total,
+            self.run.name,
+            slots,
+            extra={"campaign_id": self.run.key, "count": len(ranges)},
+        )
+        return ranges
 
     async def _send_shard(self, shard: Shard) -> None:
         """Send one shard's slice of the audience, then mark the shard done (or give it back
