@@ -257,6 +257,10 @@ class Executor:
             tg.cancel_scope.cancel()
         self._room = anyio.Event()
 
+    def _wake_claims(self) -> None:
+        """Claim now (a slot is free, or this instance just created a campaign's shards)."""
+        self._room.set()
+
     async def _announce(self, announced_m: float) -> float:
         """This instance's slots, renewed for a lease; the monotonic time it was sent (or the
         last one, when it failed: a missed announcement only makes shards larger)."""
@@ -320,6 +324,7 @@ class Executor:
             shards=self._shards,
             audiences=self._audiences,
             lease_s=self._lease_s,
+            shards_created=self._wake_claims,
         )
         try:
             async with anyio.create_task_group() as tg:
@@ -346,7 +351,7 @@ class Executor:
             self._runs.pop(run.slot, None)
             self._metrics.executions_active.set(len(self._runs))
             if run.shard is not None:
-                self._room.set()
+                self._wake_claims()
             run.done.set()
 
     async def _record_failure(self, run: Run, exc: Exception) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import anyio
 
@@ -65,8 +65,10 @@ class CampaignRun:
         shards: ShardStore | None = None,
         audiences: AudienceStore | None = None,
         lease_s: float = 30.0,
+        shards_created: Callable[[], None] | None = None,
     ) -> None:
         self.run = run
+        self._shards_created = shards_created
         self._audiences = audiences
         self._shards = shards
         self._lease_s = lease_s
@@ -148,6 +150,7 @@ class CampaignRun:
                 owner=self._instance,
                 lease_s=self._lease_s,
                 close=self._close_shard,
+                created=self._shards_created,
             )
             total = (
                 await self._audiences.total(run.key)

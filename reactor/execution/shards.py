@@ -75,12 +75,15 @@ async def coordinate(
     owner: str,
     lease_s: float,
     close: Callable[[Run], Awaitable[None]],
+    created: Callable[[], None] | None = None,
 ) -> None:
     """Create the shards (`ranges` of the audience) and watch them until all are done, or
     until this run stops for a pause, a shutdown or a lost lease. When the window closes,
     close the shards nobody is closing (`close` runs a shard's run that records its rest as
-    skipped)."""
+    skipped); `created` is called once the shards exist."""
     ranges = await shards.create(run.key, run.campaign_id, ranges, source, run.name)
+    if created is not None:
+        created()  # this replica's claim loop takes its first shards now, not a poll later
     reopened = await shards.reopen(run.key)
     log.info(
         "🧩 Campaign %s sent in %d shards of up to %d%s",
