@@ -55,7 +55,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"| Sending (pool {s['pool_size']}, concurrency {s['concurrency']}, "
             f"median of {s.get('rounds', 1)} rounds) | reactor | ceiling (bare pool) | "
             "old (a connection per message) | vs ceiling | vs old | ceiling vs old | "
-            "CPU per email, ceiling ÷ reactor | host steal %, ceiling / reactor |",
+            "reactor process CPU per email (ms) | host steal %, ceiling / reactor |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for key in sorted((k for k in s if k.startswith("rtt_")), key=lambda k: int(k[4:-2])):
@@ -71,7 +71,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{r['ceiling_emails_per_s']} | {r['old_approach_emails_per_s']} | "
                 f"{r['reactor_vs_ceiling']} | {r['reactor_vs_old']} | "
                 f"{r.get('ceiling_vs_old', '')} | "
-                f"{r.get('ceiling_vs_reactor_cpu_per_email', '')} | {_steal(r)} |"
+                f"{r.get('reactor_cpu_ms_per_email') or 'n/a'} | {_steal(r)} |"
             )
         rl = s["rate_limit"]
         a = s["audience"]
