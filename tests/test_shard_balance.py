@@ -155,3 +155,58 @@ async def _slots_are(shards: MongoShards, slots: int) -> bool:
 async def _done(client: Client, mongo: MongoTarget, campaign_id: Any) -> bool:
     doc = await client[mongo.campaigns_db].campaigns.find_one({"_id": campaign_id})
     return bool(doc and (doc.get("execution") or {}).get("sendsDone"))
+
+
+async def test_shards_made_before_plans_were_written_are_kept(
+    mongo: MongoTarget, client: Client
+) -> None:
+    shards = MongoShards(client[mongo.campaigns_db])
+    await shards.ensure_indexes()
+    old = shard_ranges(2_400, 500)  # an owner before this release: 5 shards
+    for index, (start, count) in enumerate(old):
+        await shards.collection.insert_one(
+            {
+                "_id": f"c2:{index}",
+                "campaign": "c2",
+                "index": index,
+                "start": start,
+                "count": count,
+                "state": "done",
+                "epoch": 1,
+            }
+        )
+    # Its taker-over counts 6 slots: it must not add a sixth, overlapping shard.
+    assert await shards.create("c2", "cid", shard_plan(2_400, 500, 6)) == old
+    assert await shards.collection.count_documents({"campaign": "c2"}) == 5
+
+
+async def test_a_segment_is_cut_in_small_chunks_and_balanced_shards_of_them(
+    mongo: MongoTarget, client: Client
+) -> None:
+    n = 200
+    await seed_customers(client, mongo, n)
+    async with SmtpSink() as sink:
+        coll = client[mongo.campaigns_db].campaigns
+        configs = [
+            settings(mongo, sink, reactor_instance_id=f"r{i}", shard_size=60) for i in range(2)
+        ]
+        async with running(*configs):
+            shard_store = MongoShards(client[mongo.campaigns_db])
+            await eventually(lambda: _slots_are(shard_store, 4), 10)
+            doc = campaign("seg", 0.5, 120, [], channels=["email"], segment={"query": {}})
+            res = await coll.insert_one(doc)
+            await eventually(lambda: _done(client, mongo, res.inserted_id), 60)
+        recipients = collections.Counter(m.to for m in sink.messages)
+    assert len(recipients) == n
+    assert set(recipients.values()) == {1}
+    rows = (
+        await client[mongo.campaigns_db]
+        .campaign_shards.find({"campaign": str(res.inserted_id)})
+        .to_list()
+    )
+    # Chunks of 60 // 8 = 7 ids: 29 of them, in 4 shards of 8, 7, 7 and 7 chunks.
+    assert sorted((r["start"], r["count"]) for r in rows) == shard_plan(29, 8, 4)
+    assert {r["source"] for r in rows} == {"audience"}
+    sent = await ledger(client, mongo, res.inserted_id)
+    per_shard = collections.Counter(r["shard"] for r in sent)
+    assert sorted(per_shard.values()) == [46, 49, 49, 56]

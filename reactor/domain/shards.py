@@ -2,7 +2,8 @@
 
 A shard is a range of positions in the campaign's `targetedCustomerIds` as stored (before ids
 are normalised and de-duplicated), so each owner reads only its slice (`$slice`); or, for a
-segment's audience, one chunk of the audience frozen at the start (`source` "audience"). An id listed
+segment's audience, a range of the chunks it was frozen in at the start (`source` "audience";
+chunks of SHARD_SIZE / CHUNKS_PER_SHARD ids, so that its shards are cut as evenly). An id listed
 twice may fall in two shards: the ledger's insert-only `pending` mark lets exactly one of them
 send it, and the other sees a row of another shard and leaves it alone.
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+
+CHUNKS_PER_SHARD = 8  # a segment's audience is frozen in chunks this much smaller than a shard
 
 
 class ShardState(StrEnum):

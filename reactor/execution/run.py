@@ -26,7 +26,7 @@ from ..domain.deliveries import (
 from ..domain.errors import InvalidCampaign, LeaseLost
 from ..domain.ids import normalise_id
 from ..domain.models import Campaign, Channel, parse_campaign, target_problem
-from ..domain.shards import Shard, shard_plan
+from ..domain.shards import CHUNKS_PER_SHARD, Shard, shard_plan
 from ..limits.ratelimit import RateLimit
 from ..metrics import Metrics
 from ..ports import CampaignStore, Clock, EmailSender, Ledger, Recipients, SmsSender
@@ -136,8 +136,11 @@ class CampaignRun:
                 # per chunk.
                 if self._audiences is None:
                     raise InvalidCampaign("bad_segment", "segments need the audience store")
-                n_chunks = await self._audiences.materialize(run.key, segment, size)
-                ranges, source = [(i, 1) for i in range(n_chunks)], "audience"
+                # In chunks an eighth of a shard, so that the shards (runs of chunks) can be
+                # cut as evenly for the replicas as a list's.
+                unit = max(1, size // CHUNKS_PER_SHARD)
+                n_chunks = await self._audiences.materialize(run.key, segment, unit)
+                ranges, source = await self._plan(n_chunks, max(1, size // unit)), "audience"
             else:
                 ranges, source = await self._plan(len(campaign.targets), size), "list"
             await coordinate(
@@ -186,7 +189,9 @@ class CampaignRun:
         if shard.source == "audience":
             assert self._audiences is not None
             doc = await self._store.get(run.campaign_id)
-            ids = await self._audiences.chunk(run.key, shard.start)
+            ids = []
+            for index in range(shard.start, shard.start + shard.count):
+                ids += await self._audiences.chunk(run.key, index)
         else:
             doc = await self._store.get_slice(run.campaign_id, shard.start, shard.count)
             ids = list((doc or {}).get("targetedCustomerIds") or [])

@@ -73,6 +73,9 @@ class MongoShards:
         first owner: the plan is written once (`campaign_shard_plans`), so an owner that takes
         the campaign over with other replicas alive creates the same shards, never overlapping
         ones. Shards that exist are left as they are. The ranges created."""
+        legacy = await self._legacy_plan(campaign)
+        if legacy is not None:
+            ranges = legacy
         try:
             await self.plans.update_one(
                 {"_id": campaign},
@@ -109,6 +112,18 @@ class MongoShards:
             except DuplicateKeyError:  # two owners of successive epochs creating at once
                 pass
         return ranges
+
+    async def _legacy_plan(self, campaign: str) -> list[tuple[int, int]] | None:
+        """The ranges of shards created before plans were written (a campaign sent across an
+        upgrade): kept as they are, so that no new shard overlaps them."""
+        if await self.plans.find_one({"_id": campaign}, {"_id": 1}) is not None:
+            return None
+        rows = (
+            await self.collection.find({"campaign": campaign}, {"start": 1, "count": 1})
+            .sort("index", ASCENDING)
+            .to_list()
+        )
+        return [(int(r["start"]), int(r["count"])) for r in rows] or None
 
     async def claim_next(self, *, owner: str, lease_s: float) -> dict[str, Any] | None:
         """Any `open` shard, or a `claimed` one whose lease expired: now this owner's, with the
