@@ -206,7 +206,9 @@ async def _one_campaign(
                 await proc.start()
             for proc in procs:
                 await proc.ready()
-            with anyio.fail_after(30):  # every replica counted before the campaign is cut
+            # Every replica counted before the campaign is cut (a replica of the previous phase
+            # that was killed, not stopped, counts until its announcement expires).
+            with anyio.fail_after(90):
                 while await _live_slots(client) != replicas * SHARD_SLOTS:
                     await anyio.sleep(0.1)
             campaign_id, start_m = await _insert_campaign(client, collection, tag, n)
