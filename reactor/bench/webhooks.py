@@ -1,6 +1,7 @@
 """Webhook benchmark: one reactor absorbs provider events about campaigns that are sending.
 
-Setup: three campaigns start and keep sending through the whole load (200 SMS/s and 200
+Setup: one `reactor run` process (the providers' fakes, the bench and the load generator in
+other processes); three campaigns start and keep sending through the whole load (200 SMS/s and 200
 emails/s): "texts" (SMS), "bounces" and "complaints" (email). The Twilio fake records each
 message's StatusCallback but does not call it, so no ledger row has a delivery status yet.
 Once enough has gone out, every event of the load is built from what the providers accepted:
@@ -48,12 +49,10 @@ from typing import Any
 import anyio
 from pymongo import AsyncMongoClient
 
-from ..app import Reactor
-from ..config import Settings
 from ..embedded.smtp_sink import SmtpSink
 from ..embedded.twilio_fake import TwilioFake
-from ..gctune import tune_for_service
 from .common import emulator_process, free_port, percentile
+from .fault_world import ReactorProcess
 from .figures import Figure
 
 Client = AsyncMongoClient[dict[str, Any]]
@@ -168,23 +167,21 @@ async def _campaign(client: Client, name: str, channels: list[str], ids: range) 
     return res.inserted_id
 
 
-def _settings(uri: str, port: int, token: str, env: dict[str, str]) -> Settings:
-    values: dict[str, Any] = {
-        "mongo_uri": uri,
-        "metrics_port": 0,
-        "metrics_host": "127.0.0.1",
-        "public_host": "127.0.0.1",
-        "public_port": port,
-        "public_base_url": f"http://127.0.0.1:{port}",
-        "link_secret": secrets.token_hex(32),
-        "webhook_token": token,
-        "sms_send_hours": "00:00-24:00",
-        "sms_rate_per_second": SEND_RATE,
-        "email_rate_per_second": SEND_RATE,
-        "reactor_instance_id": "bench-webhooks",
-        **{k.lower(): v for k, v in env.items()},
+def _replica_env(uri: str, port: int, token: str, providers: dict[str, str]) -> dict[str, str]:
+    """`reactor run`'s environment: public listener on `port`, webhooks with `token`."""
+    return {
+        "MONGO_URI": uri,
+        "LOG_LEVEL": "WARNING",
+        "PUBLIC_HOST": "127.0.0.1",
+        "PUBLIC_PORT": str(port),
+        "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
+        "LINK_SECRET": secrets.token_hex(32),
+        "WEBHOOK_TOKEN": token,
+        "SMS_SEND_HOURS": "00:00-24:00",
+        "SMS_RATE_PER_SECOND": str(SEND_RATE),
+        "EMAIL_RATE_PER_SECOND": str(SEND_RATE),
+        **{k: str(v) for k, v in providers.items()},
     }
-    return Settings(**values)
 
 
 async def _generate(rate: float, requests: list[list[Any]]) -> dict[str, Any]:
@@ -240,6 +237,14 @@ def _phase(rate: float, requests: list[list[Any]], result: dict[str, Any]) -> di
         "p99_ms": round(percentile(every, 0.99), 1),
         "max_ms": round(max(every), 1) if every else float("nan"),
         "completed_per_s": round((len(done) - 1) / span, 1) if span > 0 else float("nan"),
+        # When the slowest requests were offered (s after the phase's first), and how slow.
+        "slowest": [
+            [round(a - min(result["arrivals_s"]), 2), round(1000 * v, 1)]
+            for a, v in sorted(
+                zip(result["arrivals_s"], result["latencies_s"], strict=True),
+                key=lambda p: -p[1],
+            )[:8]
+        ],
         "by_kind": by_kind,
     }
 
@@ -310,14 +315,14 @@ async def run(quick: bool = False) -> dict[str, Any]:
         for start in range(0, len(rows), 10_000):
             await client.retail_db.newdatabase.insert_many(rows[start : start + 10_000])
         await client.retail_db.newdatabase.create_index("customer_id")
-        settings = _settings(
-            uri, free_port(), token, {**sink.settings_env(), **twilio.settings_env()}
-        )
-        reactor = Reactor(settings)
-        tune_for_service()  # as `reactor run` does
-        async with anyio.create_task_group() as tg:
-            await tg.start(reactor.run)
-            await reactor.ready.wait()
+        port = free_port()
+        env = _replica_env(uri, port, token, {**sink.settings_env(), **twilio.settings_env()})
+        # The reactor in a process of its own, as deployed: the fake providers, the bench and
+        # the load generator do not share its event loop or its CPU.
+        reactor = ReactorProcess("bench-webhooks", env)
+        try:
+            await reactor.start()
+            await reactor.ready()
             ids = {
                 "texts": await _campaign(client, "texts", ["sms"], ranges["texts"]),
                 "bounces": await _campaign(client, "bounces", ["email"], ranges["bounces"]),
@@ -330,7 +335,7 @@ async def run(quick: bool = False) -> dict[str, Any]:
                 latency_events + saturating_events,
                 sent,
                 twilio,
-                str(settings.public_base_url),
+                f"http://127.0.0.1:{port}",
                 token,
             )
             load_from = dt.datetime.now(dt.UTC)
@@ -339,7 +344,8 @@ async def run(quick: bool = False) -> dict[str, Any]:
             load_to = dt.datetime.now(dt.UTC)
             await anyio.sleep(1.5)  # group commits and counters settle
             checks = await _check(client, ids, requests)
-            reactor.request_shutdown()
+        finally:
+            await reactor.terminate()
         await client.close()
     paused_at = checks.pop("complaints_paused_at")
     return {
