@@ -127,6 +127,7 @@ class Executor:
         self._lanes = self._build_lanes(budgets, senders, identity_senders or {})
         self._ledger = LedgerWriter(store, ledger, clock, metrics)
         self._runs: dict[str, Run] = {}
+        self._room = anyio.Event()  # set when a shard run ends: a slot is free
         self._tg: anyio.abc.TaskGroup | None = None
         self._max_failures = max_failures
         self._retry_base_s = retry_base_s
@@ -272,35 +273,83 @@ class Executor:
 
     async def _claim_shards(self) -> None:
         """While this instance has room, claim shards of running campaigns (open ones, or ones
-        whose owner's lease expired)."""
+        whose owner's lease expired); and announce its shard slots, so owners cut campaigns
+        for the replicas alive (see `domain.shards.shard_plan`)."""
+        assert self._shards is not None
         failing = False
-        while True:
-            await self._clock.sleep(SHARD_POLL_S)
-            while len(self.shard_runs) < self._config.shard_concurrency:
-                assert self._shards is not None
-                t0 = self._clock.monotonic()
+        announced_m = float("-inf")
+        try:
+            while True:
+                if self._clock.monotonic() - announced_m >= self.heartbeat_s:
+                    announced_m = await self._announce(announced_m)
+                while len(self.shard_runs) < self._config.shard_concurrency:
+                    t0 = self._clock.monotonic()
+                    try:
+                        claimed = await self._shards.claim_next(
+                            owner=self._instance, lease_s=self._lease_s
+                        )
+                    except Exception as exc:
+                        if not failing:
+                            log.warning(
+                                "claiming shards failed (%s); will retry", type(exc).__name__
+                            )
+                        failing = True
+                        break
+                    failing = False
+                    if claimed is None:
+                        break
+                    self._started_shard(claimed, t0)
+                await self._wait_for_room()
+        finally:
+            with anyio.move_on_after(5, shield=True):
                 try:
-                    claimed = await self._shards.claim_next(
-                        owner=self._instance, lease_s=self._lease_s
-                    )
-                except Exception as exc:
-                    if not failing:
-                        log.warning("claiming shards failed (%s); will retry", type(exc).__name__)
-                    failing = True
-                    break
-                failing = False
-                if claimed is None:
-                    break
-                takeover = int(claimed.get("epoch", 1)) > 1
-                self._metrics.shard_events.labels("taken_over" if takeover else "claimed").inc()
-                if takeover:
-                    log.warning(
-                        "♻️ Took over shard %s from %s; resuming from the ledger",
-                        claimed["_id"],
-                        "an expired lease",
-                        extra={"campaign_id": claimed.get("campaign"), "epoch": claimed["epoch"]},
-                    )
-                self.start_shard(claimed, claimed_at_m=t0)
+                    await self._shards.withdraw(self._instance)
+                except Exception as exc:  # its announcement expires by itself
+                    log.warning("withdrawing from shards failed (%s)", type(exc).__name__)
+
+    async def _wait_for_room(self) -> None:
+        """SHARD_POLL_S, or less when a shard run of this instance ends (its slot is free:
+        the next shard is claimed at once, not a poll later)."""
+        async with anyio.create_task_group() as tg:
+
+            async def poll() -> None:
+                await self._clock.sleep(SHARD_POLL_S)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(poll)
+            await self._room.wait()
+            tg.cancel_scope.cancel()
+        self._room = anyio.Event()
+
+    def _wake_claims(self) -> None:
+        """Claim now (a slot is free, or this instance just created a campaign's shards)."""
+        self._room.set()
+
+    async def _announce(self, announced_m: float) -> float:
+        """This instance's slots, renewed for a lease; the monotonic time it was sent (or the
+        last one, when it failed: a missed announcement only makes shards larger)."""
+        assert self._shards is not None
+        sent_m = self._clock.monotonic()
+        try:
+            await self._shards.announce(
+                self._instance, slots=self._config.shard_concurrency, lease_s=self._lease_s
+            )
+        except Exception as exc:
+            log.warning("announcing shard slots failed (%s)", type(exc).__name__)
+            return announced_m
+        return sent_m
+
+    def _started_shard(self, claimed: dict[str, Any], claimed_at_m: float) -> None:
+        takeover = int(claimed.get("epoch", 1)) > 1
+        self._metrics.shard_events.labels("taken_over" if takeover else "claimed").inc()
+        if takeover:
+            log.warning(
+                "♻️ Took over shard %s from %s; resuming from the ledger",
+                claimed["_id"],
+                "an expired lease",
+                extra={"campaign_id": claimed.get("campaign"), "epoch": claimed["epoch"]},
+            )
+        self.start_shard(claimed, claimed_at_m=claimed_at_m)
 
     async def stop(self, key: str, reason: str) -> None:
         """Stop sending (in-flight messages finish) and wait until the run has wound down."""
@@ -341,6 +390,7 @@ class Executor:
             audiences=self._audiences,
             lease_s=self._lease_s,
             lanes=self._lanes,
+            shards_created=self._wake_claims,
         )
         try:
             async with anyio.create_task_group() as tg:
@@ -366,6 +416,8 @@ class Executor:
         finally:
             self._runs.pop(run.slot, None)
             self._metrics.executions_active.set(len(self._runs))
+            if run.shard is not None:
+                self._wake_claims()
             run.done.set()
 
     async def _record_failure(self, run: Run, exc: Exception) -> None:

@@ -13,7 +13,7 @@ import copy
 import dataclasses
 import datetime as dt
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
@@ -30,7 +30,7 @@ from ..domain.errors import InvalidCampaign, LeaseLost
 from ..domain.ids import normalise_id
 from ..domain.models import Campaign, Channel, parse_campaign, target_problem
 from ..domain.senders import campaign_from
-from ..domain.shards import Shard, shard_ranges
+from ..domain.shards import CHUNKS_PER_SHARD, Shard, shard_plan
 from ..domain.variants import compile_content
 from ..domain.zones import LocalTime, in_window, parse_local_time
 from ..engagement.tracker import Tracker
@@ -81,9 +81,11 @@ class CampaignRun:
         audiences: AudienceStore | None = None,
         lease_s: float = 30.0,
         lanes: Lanes | None = None,
+        shards_created: Callable[[], None] | None = None,
     ) -> None:
         self.run = run
         self._lanes = lanes
+        self._shards_created = shards_created
         # Bench/test hook: on_local_batch(key, due_at, wake_lateness_s, size) as a batch's
         # first recipients are read (PREPARE_AHEAD_S before its instant).
         self.on_local_batch: list[Any] = list(LOCAL_BATCH_HOOKS)
@@ -165,15 +167,18 @@ class CampaignRun:
                 # per chunk.
                 if self._audiences is None:
                     raise InvalidCampaign("bad_segment", "segments need the audience store")
-                n_chunks = await self._audiences.materialize(run.key, segment, size)
-                ranges, source = [(i, 1) for i in range(n_chunks)], "audience"
+                # In chunks an eighth of a shard, so that the shards (runs of chunks) can be
+                # cut as evenly for the replicas as a list's.
+                unit = max(1, size // CHUNKS_PER_SHARD)
+                n_chunks = await self._audiences.materialize(run.key, segment, unit)
+                ranges, source = await self._plan(n_chunks, max(1, size // unit)), "audience"
             else:
-                ranges, source = shard_ranges(len(campaign.targets), size), "list"
+                ranges, source = await self._plan(len(campaign.targets), size), "list"
             await self._coordinate(ranges, size, source)
             if campaign.split is not None and await self._await_winner(campaign) is not None:
-                # The rest of a split: one more shard per range (indexes after the test's),
-                # whose runs send the winner to whoever the test shards did not mark.
-                await self._coordinate(ranges + ranges, size, source)
+                # The rest of a split: one more shard per planned range (indexes after the
+                # test's), whose runs send the winner to whoever the test shards did not mark.
+                await self._coordinate(ranges, size, source, rest=True)
             total = (
                 await self._audiences.total(run.key)
                 if segment is not None and self._audiences is not None
@@ -189,7 +194,9 @@ class CampaignRun:
                 await self._send_targets(decided, targets)
         await self._finish(campaign, len(targets))
 
-    async def _coordinate(self, ranges: list[tuple[int, int]], size: int, source: str) -> None:
+    async def _coordinate(
+        self, ranges: list[tuple[int, int]], size: int, source: str, *, rest: bool = False
+    ) -> None:
         assert self._shards is not None
         await coordinate(
             self.run,
@@ -201,6 +208,8 @@ class CampaignRun:
             owner=self._instance,
             lease_s=self._lease_s,
             close=self._close_shard,
+            created=self._shards_created,
+            rest=rest,
         )
 
     async def _await_winner(self, campaign: Campaign) -> Campaign | None:
@@ -301,6 +310,21 @@ class CampaignRun:
             sender=campaign_from(doc),
         )
 
+    async def _plan(self, total: int, size: int) -> list[tuple[int, int]]:
+        """The campaign's shards, cut for the shard slots of the replicas alive now (at least
+        this one's), so that they finish together."""
+        assert self._shards is not None
+        slots = max(await self._shards.live_slots(), self._config.shard_concurrency, 1)
+        ranges = shard_plan(total, size, slots)
+        log.info(
+            "🧩 %d targets of %s cut for %d shard slots",
+            total,
+            self.run.name,
+            slots,
+            extra={"campaign_id": self.run.key, "count": len(ranges)},
+        )
+        return ranges
+
     async def _send_shard(self, shard: Shard) -> None:
         """Send one shard's slice of the audience, then mark the shard done (or give it back
         when stopped before the end)."""
@@ -309,7 +333,9 @@ class CampaignRun:
         if shard.source == "audience":
             assert self._audiences is not None
             doc = await self._store.get(run.campaign_id)
-            ids = await self._audiences.chunk(run.key, shard.start)
+            ids = []
+            for index in range(shard.start, shard.start + shard.count):
+                ids += await self._audiences.chunk(run.key, index)
         else:
             doc = await self._store.get_slice(run.campaign_id, shard.start, shard.count)
             ids = list((doc or {}).get("targetedCustomerIds") or [])

@@ -39,7 +39,8 @@ class ShardStore(Protocol):
         ranges: list[tuple[int, int]],
         source: str = "list",
         name: str | None = None,
-    ) -> None: ...
+        rest: bool = False,
+    ) -> list[tuple[int, int]]: ...
     async def claim_next(self, *, owner: str, lease_s: float) -> dict[str, Any] | None: ...
     async def claim_to_close(
         self, shard: str, *, owner: str, lease_s: float
@@ -53,6 +54,9 @@ class ShardStore(Protocol):
     async def reopen(self, campaign: str) -> int: ...
     async def unfinished(self, campaign: str) -> list[dict[str, Any]]: ...
     async def summary(self, campaign: str) -> dict[str, int]: ...
+    async def announce(self, owner: str, *, slots: int, lease_s: float) -> None: ...
+    async def withdraw(self, owner: str) -> None: ...
+    async def live_slots(self) -> int: ...
 
 
 class AudienceStore(Protocol):
@@ -72,18 +76,23 @@ async def coordinate(
     owner: str,
     lease_s: float,
     close: Callable[[Run], Awaitable[None]],
+    created: Callable[[], None] | None = None,
+    rest: bool = False,
 ) -> None:
     """Create the shards (`ranges` of the audience) and watch them until all are done, or
     until this run stops for a pause, a shutdown or a lost lease. When the window closes,
     close the shards nobody is closing (`close` runs a shard's run that records its rest as
-    skipped)."""
-    await shards.create(run.key, run.campaign_id, ranges, source, run.name)
+    skipped); `created` is called once the shards exist. `rest`: the second pass of a split
+    (one more shard per planned range, for the audience the test did not mark)."""
+    ranges = await shards.create(run.key, run.campaign_id, ranges, source, run.name, rest=rest)
+    if created is not None:
+        created()  # this replica's claim loop takes its first shards now, not a poll later
     reopened = await shards.reopen(run.key)
     log.info(
         "🧩 Campaign %s sent in %d shards of up to %d%s",
         run.name,
         len(ranges),
-        size,
+        max((count for _, count in ranges), default=size) if source == "list" else size,
         f" ({reopened} held shards reopened)" if reopened else "",
         extra={"campaign_id": run.key, "count": len(ranges)},
     )

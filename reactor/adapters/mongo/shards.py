@@ -5,6 +5,9 @@ claimed with its own fenced lease, exactly as a campaign is (a compare-and-set o
 States: `open` (anyone may claim it), `claimed` (an owner sends it while its lease holds; an
 expired lease is claimable again, with the next epoch), `held` (the campaign is paused or its
 window closed: only the campaign's owner may claim it, to close it), `done`.
+
+Replicas that claim shards announce themselves in `shard_replicas` (their shard slots, until
+`$$NOW + lease`), so a campaign's owner can cut its audience for the replicas alive now.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from ...domain.shards import ShardState, shard_id
 from .pipeline import NOW, literal, now_plus
 
 COLLECTION = "campaign_shards"
+REPLICAS = "shard_replicas"
+PLANS = "campaign_shard_plans"
 
 
 def _lease_expired() -> dict[str, Any]:
@@ -43,6 +48,8 @@ def _claim(owner: str, lease_s: float) -> list[dict[str, Any]]:
 class MongoShards:
     def __init__(self, db: AsyncDatabase[dict[str, Any]]) -> None:
         self.collection: AsyncCollection[dict[str, Any]] = db[COLLECTION]
+        self.replicas: AsyncCollection[dict[str, Any]] = db[REPLICAS]
+        self.plans: AsyncCollection[dict[str, Any]] = db[PLANS]
 
     async def ensure_indexes(self) -> None:
         await self.collection.create_index(
@@ -51,6 +58,8 @@ class MongoShards:
         await self.collection.create_index(
             [("campaign", ASCENDING), ("index", ASCENDING)], name="campaign_index"
         )
+        # Announcements of replicas gone for an hour (each start may bring a new id) go.
+        await self.replicas.create_index("seenUntil", name="seenUntil_ttl", expireAfterSeconds=3600)
 
     async def create(
         self,
@@ -59,9 +68,30 @@ class MongoShards:
         ranges: list[tuple[int, int]],
         source: str = "list",
         name: str | None = None,
-    ) -> None:
-        """One `open` shard per (start, count) of the audience; shards that exist (a resumed or
-        taken-over campaign) are left as they are."""
+        rest: bool = False,
+    ) -> list[tuple[int, int]]:
+        """One `open` shard per (start, count) of the audience, as planned by the campaign's
+        first owner: the plan is written once (`campaign_shard_plans`), so an owner that takes
+        the campaign over with other replicas alive creates the same shards, never overlapping
+        ones. Shards that exist are left as they are. With `rest` (a split's second pass), one
+        more shard per planned range, indexed after the plan's. The ranges created."""
+        legacy = await self._legacy_plan(campaign)
+        if legacy is not None:
+            ranges = legacy
+        try:
+            await self.plans.update_one(
+                {"_id": campaign},
+                {"$setOnInsert": {"ranges": [list(r) for r in ranges], "source": source}},
+                upsert=True,
+            )
+        except DuplicateKeyError:  # two owners of successive epochs planning at once
+            pass
+        plan = await self.plans.find_one({"_id": campaign})
+        assert plan is not None  # written above, and only ever deleted with the database
+        ranges = [(int(start), int(count)) for start, count in plan["ranges"]]
+        if rest:
+            ranges = ranges + ranges
+        source = str(plan.get("source") or source)
         for index, (start, count) in enumerate(ranges):
             try:
                 await self.collection.update_one(
@@ -85,6 +115,19 @@ class MongoShards:
                 )
             except DuplicateKeyError:  # two owners of successive epochs creating at once
                 pass
+        return ranges
+
+    async def _legacy_plan(self, campaign: str) -> list[tuple[int, int]] | None:
+        """The ranges of shards created before plans were written (a campaign sent across an
+        upgrade): kept as they are, so that no new shard overlaps them."""
+        if await self.plans.find_one({"_id": campaign}, {"_id": 1}) is not None:
+            return None
+        rows = (
+            await self.collection.find({"campaign": campaign}, {"start": 1, "count": 1})
+            .sort("index", ASCENDING)
+            .to_list()
+        )
+        return [(int(r["start"]), int(r["count"])) for r in rows] or None
 
     async def claim_next(self, *, owner: str, lease_s: float) -> dict[str, Any] | None:
         """Any `open` shard, or a `claimed` one whose lease expired: now this owner's, with the
@@ -206,3 +249,27 @@ class MongoShards:
             ]
         )
         return {str(row["_id"]): int(row["n"]) async for row in cursor}
+
+    async def announce(self, owner: str, *, slots: int, lease_s: float) -> None:
+        """This replica claims shards, `slots` at once, until the database's now + `lease_s`
+        unless it announces itself again."""
+        await self.replicas.update_one(
+            {"_id": owner},
+            [{"$set": {"slots": literal(slots), "seenUntil": now_plus(lease_s)}}],
+            upsert=True,
+        )
+
+    async def withdraw(self, owner: str) -> None:
+        """This replica stops claiming shards (it shuts down): no longer counted."""
+        await self.replicas.delete_one({"_id": owner})
+
+    async def live_slots(self) -> int:
+        """Shard slots of the replicas whose announcement has not expired (by `$$NOW`)."""
+        cursor = await self.replicas.aggregate(
+            [
+                {"$match": {"$expr": {"$gt": ["$seenUntil", NOW]}}},
+                {"$group": {"_id": None, "slots": {"$sum": "$slots"}}},
+            ]
+        )
+        rows = await cursor.to_list()
+        return int(rows[0]["slots"]) if rows else 0
