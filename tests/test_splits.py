@@ -137,7 +137,13 @@ async def test_the_rest_gets_the_significant_winner_once_each_sharded_on_two_rep
     assert variants_on_rows == {c: v or "B" for c, v in assigned.items()}
     # The test's shards, then as many for the rest, all done.
     shards = await client[mongo.campaigns_db].campaign_shards.find({"campaign": str(_id)}).to_list()
-    assert len(shards) == 2 * 5
+    plan = await client[mongo.campaigns_db].campaign_shard_plans.find_one({"_id": str(_id)})
+    assert plan is not None
+    assert len(plan["ranges"]) > 1  # sharded
+    assert len(shards) == 2 * len(plan["ranges"])
+    assert sorted(s["index"] for s in shards if s["rest"]) == list(
+        range(len(plan["ranges"]), len(shards))
+    )
     assert {s["state"] for s in shards} == {"done"}
     await _check_report(client, mongo, _id, assigned)
 

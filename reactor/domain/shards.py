@@ -33,6 +33,7 @@ class Shard:
     count: int
     epoch: int
     source: str = "list"  # "list": a slice of targetedCustomerIds; "audience": chunk `start`
+    rest: bool = False  # a split's second pass: the audience its test did not mark
 
 
 def shard_id(campaign: str, index: int) -> str:
@@ -81,4 +82,5 @@ def parse_shard(doc: dict[str, object]) -> Shard:
         count=int(doc["count"]),  # type: ignore[call-overload]
         epoch=int(doc["epoch"]),  # type: ignore[call-overload]
         source=str(doc.get("source") or "list"),
+        rest=bool(doc.get("rest")),
     )

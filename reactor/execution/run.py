@@ -351,7 +351,14 @@ class CampaignRun:
             log.warning("shard %d of %s: %s", shard.index, run.name, detail)
             await self._store.record_invalid(run.campaign_id, "bad_targets", detail)
         targets = list(dict.fromkeys(normalise_id(t) for t in usable))
-        await self._send_targets(campaign, targets)
+        if shard.rest and campaign.split is not None and campaign.split.chosen is None:
+            # A split's rest pass with no winner: its owner started it because the window
+            # closed first, so whoever the test did not mark is recorded window_closed.
+            for channel in sorted(campaign.channels):
+                for batch in chunks(targets, self._config.batch_size):
+                    await self._close_window(channel, batch)
+        else:
+            await self._send_targets(campaign, targets)
         if run.epoch > 1:
             await self._settle_previous_pending()
         await self._ledger.flush_counters(run, force=True)

@@ -89,6 +89,7 @@ class MongoShards:
         plan = await self.plans.find_one({"_id": campaign})
         assert plan is not None  # written above, and only ever deleted with the database
         ranges = [(int(start), int(count)) for start, count in plan["ranges"]]
+        planned = len(ranges)
         if rest:
             ranges = ranges + ranges
         source = str(plan.get("source") or source)
@@ -104,6 +105,7 @@ class MongoShards:
                             "start": start,
                             "count": count,
                             "source": source,
+                            "rest": index >= planned,
                             "name": name,  # the campaign's, for its owners' logs
                             "state": ShardState.OPEN.value,
                             "epoch": 0,
