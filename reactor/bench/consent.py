@@ -355,6 +355,16 @@ async def under_flood(
     }
 
 
+SOURCES = [
+    "reactor/bench/consent.py",
+    "reactor/bench/flood.py",
+    "reactor/public",
+    "reactor/http.py",
+    "reactor/suppression.py",
+    "reactor/adapters/mongo/suppressions.py",
+]
+
+
 def figures(result: dict[str, Any]) -> list[Figure]:
     latency = result["unsubscribe_to_every_replica"]
     cost = result["suppression_check"]

@@ -47,6 +47,7 @@ from .fault_world import (
     World,
     world,
 )
+from .figures import Figure
 
 SCENARIOS: dict[str, Callable[[World, bool], Awaitable[dict[str, Any]]]] = {
     "1 owner SIGKILLed, another takes over": kill_owner,
@@ -113,3 +114,47 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             f"{r['recovery_s']} | {'yes' if r['ok'] else 'NO'} |"
         )
     return "\n".join(lines)
+
+
+SOURCES = [
+    "reactor/bench/faults.py",
+    "reactor/bench/fault_scenarios.py",
+    "reactor/bench/fault_world.py",
+    "reactor/execution",
+    "reactor/adapters/mongo/ledger.py",
+    "reactor/adapters/mongo/campaigns.py",
+    "reactor/adapters/mongo/shards.py",
+]
+
+
+def figures(results: dict[str, dict[str, Any]]) -> list[Figure]:
+    """Per scenario: the receipts' disagreements with the ledger (goal 0) and the uncertain
+    rows against their bound; recovery for information."""
+    out: list[Figure] = []
+    for name, r in results.items():
+        wrong = (
+            r["duplicates"]
+            + r["lost"]
+            + r["at_sink_not_sent"]
+            + r["sent_not_at_sink"]
+            + r["early_starts"]
+        )
+        out.append(
+            Figure(
+                f"{name}: duplicates + lost + sink/ledger mismatches + early starts "
+                f"({r['deliveries_expected']} deliveries)",
+                wrong,
+                goal=0,
+                op="==",
+            )
+        )
+        out.append(
+            Figure(
+                f"{name}: uncertain rows (bound {r['uncertain_bound']})",
+                r["uncertain"],
+                goal=r["uncertain_bound"],
+                op="<=",
+            )
+        )
+        out.append(Figure(f"{name}: recovery", r["recovery_s"], "s"))
+    return out

@@ -228,6 +228,14 @@ async def run(quick: bool) -> dict[str, Any]:
     }
 
 
+SOURCES = [
+    "reactor/bench/templates.py",
+    "reactor/domain/templates.py",
+    "reactor/domain/html_text.py",
+    "reactor/domain/messages.py",
+]
+
+
 def figures(result: dict[str, Any]) -> list[Figure]:
     return [
         Figure(
