@@ -36,6 +36,47 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        self._sending(r)
+        self._scheduling(r)
+        self._ownership(r)
+        self._consent(r)
+        self._providers(r)
+        self._public(r)
+        self._after_the_send(r)
+        self._splits_and_engagement(r)
+        self.build_info = Info("reactor_build", "Reactor build information.", registry=r)
+        self.build_info.info({"version": __version__, "python": platform.python_version()})
+        # Materialise the label sets dashboards and alerts read, so queries see 0, not no data.
+        for channel in ("email", "sms"):
+            for outcome in ("sent", "failed", "skipped", "uncertain"):
+                self.sends.labels(channel, outcome)
+            self.send_retries.labels(channel)
+            self.sends_deferred.labels(channel)
+            self.channel_paused.labels(channel).set(0)
+            for reason in ("unsubscribed", "hard_bounce", "complaint", "sms_stop", "manual"):
+                self.suppressed_skips.labels(channel, reason)
+            for via in ("one_click", "page"):
+                self.unsubscribes.labels(channel, via)
+        self.suppression_stream_up.set(0)
+        for result in ("sent", "still_uncertain"):
+            self.sms_resolved.labels(result)
+        for kind in ("start", "end"):
+            self.timers_armed.labels(kind).set(0)
+        for provider in ("ses", "sendgrid", "postmark", "generic"):
+            for kind in ("hard_bounce", "soft_bounce", "complaint", "delivered"):
+                self.webhook_events.labels(provider, kind)
+            self.webhook_rejected.labels(provider, "signature")
+        self.webhook_rejected.labels("twilio", "signature")
+        self.send_refusals.labels("email", "hard_bounce")
+        self.send_refusals.labels("sms", "sms_stop")
+        for status in ("sent", "delivered", "undelivered", "failed"):
+            self.sms_status.labels(status)
+        for to in ("running", "completed", "missed", "failed", "paused"):
+            self.transitions.labels(to)
+        self.change_stream_up.set(0)
+
+    def _sending(self, r: CollectorRegistry) -> None:
+        """Deliveries, retries, deferrals, channel pauses, send durations."""
         self.sends = Counter(
             "reactor_sends",
             "Deliveries by channel and outcome.",
@@ -79,6 +120,9 @@ class Metrics:
             buckets=_SEND_BUCKETS,
             registry=r,
         )
+
+    def _scheduling(self, r: CollectorRegistry) -> None:
+        """Transitions, timers, the change stream, sweeps."""
         self.transitions = Counter(
             "reactor_campaign_transitions",
             "Campaign status changes made by the reactor.",
@@ -116,6 +160,9 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+
+    def _ownership(self, r: CollectorRegistry) -> None:
+        """Leases, shards, heartbeats, fences, clocks, campaign errors."""
         self.lease_takeovers = Counter(
             "reactor_lease_takeovers",
             "Running campaigns taken over from an expired lease.",
@@ -164,6 +211,9 @@ class Metrics:
             "1 when this instance arms and fires timers.",
             registry=r,
         )
+
+    def _consent(self, r: CollectorRegistry) -> None:
+        """Suppressions and unsubscribes."""
         self.suppressed_skips = Counter(
             "reactor_suppressed_skips",
             "Sends skipped because the recipient is on the suppression list, by reason.",
@@ -192,6 +242,9 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+
+    def _providers(self, r: CollectorRegistry) -> None:
+        """Links and the public routes, provider webhooks and receipts."""
         self.link_rejected = Counter(
             "reactor_link_rejected",
             "Recipient links refused: malformed, forged, altered, expired or retired key.",
@@ -241,6 +294,30 @@ class Metrics:
             ["channel", "reason"],
             registry=r,
         )
+
+    def _public(self, r: CollectorRegistry) -> None:
+        """The public listener under load: connections, refusals, accept errors."""
+        # The public listener under load (issue 23).
+        self.public_connections = Gauge(
+            "reactor_public_connections",
+            "Connections open to the public listener now.",
+            registry=r,
+        )
+        self.public_connections_refused = Counter(
+            "reactor_public_connections_refused",
+            "Connections to the public listener refused (503) because PUBLIC_MAX_CONNECTIONS "
+            "were open.",
+            registry=r,
+        )
+        self.accept_errors = Counter(
+            "reactor_accept_errors",
+            "Connections the process could not accept (out of file descriptors or memory).",
+            ["errno"],
+            registry=r,
+        )
+
+    def _after_the_send(self, r: CollectorRegistry) -> None:
+        """Templates and notifications."""
         # Templates (issue 24).
         self.template_errors = Counter(
             "reactor_template_errors",
@@ -282,6 +359,9 @@ class Metrics:
         for kind in ("webhook", "slack", "json", "email"):
             for outcome in ("delivered", "dead"):
                 self.notifications.labels(kind, "campaign.started", outcome)
+
+    def _splits_and_engagement(self, r: CollectorRegistry) -> None:
+        """A/B splits and engagement."""
         # A/B splits (issue 25): labelled by the variant's key, never by campaign or customer.
         self.split_sends = Counter(
             "reactor_split_sends",
@@ -299,24 +379,6 @@ class Metrics:
             "reactor_split_variant_human_rate",
             "Human rate of the tested metric per variant key at the latest decision.",
             ["variant"],
-            registry=r,
-        )
-        # The public listener under load (issue 23).
-        self.public_connections = Gauge(
-            "reactor_public_connections",
-            "Connections open to the public listener now.",
-            registry=r,
-        )
-        self.public_connections_refused = Counter(
-            "reactor_public_connections_refused",
-            "Connections to the public listener refused (503) because PUBLIC_MAX_CONNECTIONS "
-            "were open.",
-            registry=r,
-        )
-        self.accept_errors = Counter(
-            "reactor_accept_errors",
-            "Connections the process could not accept (out of file descriptors or memory).",
-            ["errno"],
             registry=r,
         )
         # ---- engagement (issue 24: tracked links and opens) ----
@@ -345,33 +407,3 @@ class Metrics:
                 self.engagement_events.labels(kind, klass)
         for why in ("write_failed", "shutdown"):
             self.engagement_dropped.labels(why)
-        self.build_info = Info("reactor_build", "Reactor build information.", registry=r)
-        self.build_info.info({"version": __version__, "python": platform.python_version()})
-        # Materialise the label sets dashboards and alerts read, so queries see 0, not no data.
-        for channel in ("email", "sms"):
-            for outcome in ("sent", "failed", "skipped", "uncertain"):
-                self.sends.labels(channel, outcome)
-            self.send_retries.labels(channel)
-            self.sends_deferred.labels(channel)
-            self.channel_paused.labels(channel).set(0)
-            for reason in ("unsubscribed", "hard_bounce", "complaint", "sms_stop", "manual"):
-                self.suppressed_skips.labels(channel, reason)
-            for via in ("one_click", "page"):
-                self.unsubscribes.labels(channel, via)
-        self.suppression_stream_up.set(0)
-        for result in ("sent", "still_uncertain"):
-            self.sms_resolved.labels(result)
-        for kind in ("start", "end"):
-            self.timers_armed.labels(kind).set(0)
-        for provider in ("ses", "sendgrid", "postmark", "generic"):
-            for kind in ("hard_bounce", "soft_bounce", "complaint", "delivered"):
-                self.webhook_events.labels(provider, kind)
-            self.webhook_rejected.labels(provider, "signature")
-        self.webhook_rejected.labels("twilio", "signature")
-        self.send_refusals.labels("email", "hard_bounce")
-        self.send_refusals.labels("sms", "sms_stop")
-        for status in ("sent", "delivered", "undelivered", "failed"):
-            self.sms_status.labels(status)
-        for to in ("running", "completed", "missed", "failed", "paused"):
-            self.transitions.labels(to)
-        self.change_stream_up.set(0)
