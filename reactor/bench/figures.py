@@ -127,7 +127,8 @@ def commit_of_head(root: Path | None = None) -> str:
 
 def _value(value: float | int | str) -> str:
     if isinstance(value, float):
-        return f"{value:,.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+        # Three significant figures below 100 (0.192, 16.7), whole numbers above (1,000).
+        return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
     if isinstance(value, int):
         return f"{value:,}"
     return value
