@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
 from .adapters.clock import DatabaseClock, SystemClock
@@ -190,7 +191,7 @@ class Reactor:
         sched_cfg = s.scheduler_config()
         parts = self._build(client, seg_client, email, sms)
         store, ledger, feed, db_clock = parts.store, parts.ledger, parts.feed, parts.db_clock
-        executor, scheduler = parts.executor, parts.scheduler
+        executor = parts.executor
         reconciler, watcher = parts.reconciler, parts.watcher
 
         async def readiness() -> dict[str, bool]:
@@ -208,14 +209,7 @@ class Reactor:
             await self._serve_public(parts)
 
         await self._wait_for_mongodb(store, ledger, feed, db_clock)
-        await parts.suppression_store.ensure_indexes()
-        await parts.feedback.ensure_indexes()
-        await parts.shards.ensure_indexes()
-        if parts.engagement is not None:
-            await parts.engagement.ensure_indexes(
-                retention_days=s.engagement_retention_days,
-                short_link_days=s.link_ttl_seconds / 86400,
-            )
+        await self._ensure_indexes(parts)
         self.metrics.schedulers_enabled.set(1 if s.enable_schedulers else 0)
         async with anyio.create_task_group() as sending:
             sending.start_soon(parts.suppressions.follow)
@@ -224,25 +218,7 @@ class Reactor:
             if self.notifier is not None:
                 sending.start_soon(self._run_notifier, self.notifier)
             async with anyio.create_task_group() as intake:
-                if s.enable_schedulers:
-                    await intake.start(scheduler.run)
-                    intake.start_soon(watcher.run)
-                    intake.start_soon(reconciler.run)
-                    intake.start_soon(self._announce_ready, watcher)
-                    log.info(
-                        "📅 Campaign scheduler started (instance %s, horizon %gs, sweep "
-                        "every %gs, misfire grace %gs)",
-                        self.instance_id,
-                        sched_cfg.horizon_s,
-                        sched_cfg.reconcile_interval_s,
-                        sched_cfg.misfire_grace_s,
-                    )
-                else:
-                    log.warning(
-                        "ENABLE_SCHEDULERS=false: this instance arms and fires nothing; "
-                        "it serves metrics and health only"
-                    )
-                    self.ready.set()
+                await self._start_intake(intake, parts)
                 task_status.started()
                 await self._stop.wait()
                 log.info(
@@ -250,15 +226,56 @@ class Reactor:
                     s.shutdown_grace_seconds,
                 )
                 intake.cancel_scope.cancel()
-            await executor.stop_all(StopReason.SHUTDOWN, s.shutdown_grace_seconds)
-            with anyio.move_on_after(5, shield=True):
-                try:
-                    await watcher.save_token()
-                except Exception:
-                    log.warning("could not persist the resume token at shutdown", exc_info=True)
-            if self.notifier is not None:
-                await self.notifier.drain(5)
+            await self._drain(parts)
             sending.cancel_scope.cancel()
+
+    async def _ensure_indexes(self, parts: _Parts) -> None:
+        s = self.settings
+        await parts.suppression_store.ensure_indexes()
+        await parts.feedback.ensure_indexes()
+        await parts.shards.ensure_indexes()
+        if parts.engagement is not None:
+            await parts.engagement.ensure_indexes(
+                retention_days=s.engagement_retention_days,
+                short_link_days=s.link_ttl_seconds / 86400,
+            )
+
+    async def _start_intake(self, intake: TaskGroup, parts: _Parts) -> None:
+        """The scheduler, the stream and the sweep (unless ENABLE_SCHEDULERS=false)."""
+        s = self.settings
+        sched_cfg = s.scheduler_config()
+        if not s.enable_schedulers:
+            log.warning(
+                "ENABLE_SCHEDULERS=false: this instance arms and fires nothing; "
+                "it serves metrics and health only"
+            )
+            self.ready.set()
+            return
+        await intake.start(parts.scheduler.run)
+        intake.start_soon(parts.watcher.run)
+        intake.start_soon(parts.reconciler.run)
+        intake.start_soon(self._announce_ready, parts.watcher)
+        log.info(
+            "📅 Campaign scheduler started (instance %s, horizon %gs, sweep "
+            "every %gs, misfire grace %gs)",
+            self.instance_id,
+            sched_cfg.horizon_s,
+            sched_cfg.reconcile_interval_s,
+            sched_cfg.misfire_grace_s,
+        )
+
+    async def _drain(self, parts: _Parts) -> None:
+        """Shutdown's second half: in-flight sends finish within the grace, the resume token
+        and the notifications in hand are saved (each shielded, bounded)."""
+        s = self.settings
+        await parts.executor.stop_all(StopReason.SHUTDOWN, s.shutdown_grace_seconds)
+        with anyio.move_on_after(5, shield=True):
+            try:
+                await parts.watcher.save_token()
+            except Exception:
+                log.warning("could not persist the resume token at shutdown", exc_info=True)
+        if self.notifier is not None:
+            await self.notifier.drain(5)
 
     def _build(
         self,
@@ -270,7 +287,6 @@ class Reactor:
         """The components, wired: adapters first, then the feed (handed to both the watcher
         and the reconciler), then the logic on top."""
         s = self.settings
-        sched_cfg = s.scheduler_config()
         db = client[s.campaigns_db]
         store = MongoCampaignStore(db, s.campaigns_collection)
         ledger = MongoLedger(db)
@@ -296,60 +312,20 @@ class Reactor:
             s.customer_id_field,
             batch_size=s.recipient_batch_size,
         )
-        executor = Executor(
-            store=store,
-            ledger=ledger,
-            recipients=recipients,
-            email=email,
-            sms=sms,
-            clock=db_clock,
-            metrics=self.metrics,
-            config=s.send_config(),
-            instance_id=self.instance_id,
-            lease_s=sched_cfg.lease_s,
-            max_failures=sched_cfg.max_failures,
-            retry_base_s=sched_cfg.retry_base_s,
-            suppressions=suppressions,
-            links=s.links(),
-            tracker=tracker,
-            budgets=MongoBudgets(db) if s.rate_limit_scope == "cluster" else None,
-            shards=shards,
-            audiences=audiences,
-            senders=s.senders(),
-            identity_senders=self.identity_senders,
+        executor = self._executor(
+            db,
+            store,
+            ledger,
+            recipients,
+            (email, sms),
+            db_clock,
+            suppressions,
+            tracker,
+            shards,
+            audiences,
         )
-        scheduler = Scheduler(
-            store=store,
-            executor=executor,
-            clock=db_clock,
-            metrics=self.metrics,
-            config=sched_cfg,
-            decider=Decider(  # A/B splits (issue 25)
-                MongoSplits(db, s.campaigns_collection),
-                owner=self.instance_id,
-                lease_s=sched_cfg.lease_s,
-                split_key=s.send_config().split_key,
-                metrics=self.metrics,
-            ),
-            admission=campaign_admission(s, db, db_clock.monotonic, store, recipients),
-        )
-        reconciler = Reconciler(
-            store=store,
-            feed=feed,
-            barriers=barriers,
-            scheduler=scheduler,
-            clock=db_clock,
-            metrics=self.metrics,
-            interval_s=sched_cfg.reconcile_interval_s,
-        )
-        watcher = Watcher(
-            feed=feed,
-            barriers=barriers,
-            scheduler=scheduler,
-            reconciler=reconciler,
-            clock=db_clock,
-            metrics=self.metrics,
-        )
+        scheduler = self._scheduler(db, store, executor, db_clock, recipients)
+        reconciler, watcher = self._watchers(store, feed, barriers, scheduler, db_clock)
         self._wire_notifier(db, db_clock, scheduler, executor, watcher)
         self.executor, self.scheduler, self.reconciler, self.watcher = (
             executor,
@@ -373,6 +349,99 @@ class Reactor:
             shards,
             engagement,
         )
+
+    def _executor(
+        self,
+        db: AsyncDatabase[dict[str, Any]],
+        store: MongoCampaignStore,
+        ledger: MongoLedger,
+        recipients: MongoRecipients,
+        channels: tuple[EmailSender | None, SmsSender | None],
+        db_clock: DatabaseClock,
+        suppressions: SuppressionList,
+        tracker: Tracker | None,
+        shards: MongoShards,
+        audiences: MongoAudiences,
+    ) -> Executor:
+        s = self.settings
+        sched_cfg = s.scheduler_config()
+        email, sms = channels
+        return Executor(
+            store=store,
+            ledger=ledger,
+            recipients=recipients,
+            email=email,
+            sms=sms,
+            clock=db_clock,
+            metrics=self.metrics,
+            config=s.send_config(),
+            instance_id=self.instance_id,
+            lease_s=sched_cfg.lease_s,
+            max_failures=sched_cfg.max_failures,
+            retry_base_s=sched_cfg.retry_base_s,
+            suppressions=suppressions,
+            links=s.links(),
+            tracker=tracker,
+            budgets=MongoBudgets(db) if s.rate_limit_scope == "cluster" else None,
+            shards=shards,
+            audiences=audiences,
+            senders=s.senders(),
+            identity_senders=self.identity_senders,
+        )
+
+    def _scheduler(
+        self,
+        db: AsyncDatabase[dict[str, Any]],
+        store: MongoCampaignStore,
+        executor: Executor,
+        db_clock: DatabaseClock,
+        recipients: MongoRecipients,
+    ) -> Scheduler:
+        s = self.settings
+        sched_cfg = s.scheduler_config()
+        return Scheduler(
+            store=store,
+            executor=executor,
+            clock=db_clock,
+            metrics=self.metrics,
+            config=sched_cfg,
+            decider=Decider(  # A/B splits (issue 25)
+                MongoSplits(db, s.campaigns_collection),
+                owner=self.instance_id,
+                lease_s=sched_cfg.lease_s,
+                split_key=s.send_config().split_key,
+                metrics=self.metrics,
+            ),
+            admission=campaign_admission(s, db, db_clock.monotonic, store, recipients),
+        )
+
+    def _watchers(
+        self,
+        store: MongoCampaignStore,
+        feed: MongoChangeFeed,
+        barriers: Barriers,
+        scheduler: Scheduler,
+        db_clock: DatabaseClock,
+    ) -> tuple[Reconciler, Watcher]:
+        """The sweep and the stream, sharing one feed and its barriers."""
+        reconciler = Reconciler(
+            store=store,
+            feed=feed,
+            barriers=barriers,
+            scheduler=scheduler,
+            clock=db_clock,
+            metrics=self.metrics,
+            interval_s=self.settings.scheduler_config().reconcile_interval_s,
+        )
+        watcher = Watcher(
+            feed=feed,
+            barriers=barriers,
+            scheduler=scheduler,
+            reconciler=reconciler,
+            clock=db_clock,
+            metrics=self.metrics,
+        )
+        return reconciler, watcher
 
     def _tracking(
         self, db: Any, seg_client: AsyncMongoClient[dict[str, Any]]

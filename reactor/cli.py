@@ -150,64 +150,92 @@ def require_embedded(command: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        if args.command == "mongo-emulator":
-            require_embedded(args.command)
-            return _mongo_emulator(args)
-        if args.command == "run":
-            settings = load_settings()
-            logsetup.configure(settings.log_format, settings.log_level)
-            return _run_service(settings)
-        if args.command == "doctor":
-            from .doctor import run_doctor
-
-            settings = load_settings()
-            return run_doctor(settings, as_json=args.json, probe=args.probe, senders=args.senders)
-        if args.command == "suppress":
-            from .suppress_cli import BadRow
-            from .suppress_cli import run as run_suppress
-
-            try:
-                return run_suppress(args, load_settings())
-            except BadRow as exc:
-                raise UsageError(str(exc)) from None
-        if args.command == "preview":
-            from .preview import run_preview
-
-            settings = load_settings()
-            return asyncio.run(
-                run_preview(
-                    settings,
-                    args.campaign_id,
-                    customer=args.customer,
-                    send_to=args.send_to,
-                    out=sys.stdout,
-                )
-            )
-        if args.command == "report":
-            from .splits.report import run as run_report
-
-            return run_report(args, load_settings())
-        if args.command == "demo":
-            require_embedded(args.command)
-            from .demo import run_demo
-
-            logsetup.configure(
-                os.environ.get("LOG_FORMAT", "text"), os.environ.get("LOG_LEVEL", "WARNING").upper()
-            )
-            return run_demo(
-                customers=args.customers,
-                campaigns=args.campaigns,
-                failure_rate=args.failure_rate,
-                keep_running=args.keep_running,
-                seed=args.seed,
-                metrics_port=args.metrics_port,
-            )
+        command = _COMMANDS.get(args.command)
+        if command is None:
+            return EXIT_USAGE
+        return command(args)
     except UsageError as exc:
         print(f"reactor: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
-    return EXIT_USAGE
+
+
+def _cmd_mongo_emulator(args: argparse.Namespace) -> int:
+    require_embedded(args.command)
+    return _mongo_emulator(args)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    logsetup.configure(settings.log_format, settings.log_level)
+    return _run_service(settings)
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import run_doctor
+
+    settings = load_settings()
+    return run_doctor(settings, as_json=args.json, probe=args.probe, senders=args.senders)
+
+
+def _cmd_suppress(args: argparse.Namespace) -> int:
+    from .suppress_cli import BadRow
+    from .suppress_cli import run as run_suppress
+
+    try:
+        return run_suppress(args, load_settings())
+    except BadRow as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _cmd_preview(args: argparse.Namespace) -> int:
+    from .preview import run_preview
+
+    settings = load_settings()
+    return asyncio.run(
+        run_preview(
+            settings,
+            args.campaign_id,
+            customer=args.customer,
+            send_to=args.send_to,
+            out=sys.stdout,
+        )
+    )
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .splits.report import run as run_report
+
+    return run_report(args, load_settings())
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    require_embedded(args.command)
+    from .demo import run_demo
+
+    logsetup.configure(
+        os.environ.get("LOG_FORMAT", "text"), os.environ.get("LOG_LEVEL", "WARNING").upper()
+    )
+    return run_demo(
+        customers=args.customers,
+        campaigns=args.campaigns,
+        failure_rate=args.failure_rate,
+        keep_running=args.keep_running,
+        seed=args.seed,
+        metrics_port=args.metrics_port,
+    )
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "mongo-emulator": _cmd_mongo_emulator,
+    "run": _cmd_run,
+    "doctor": _cmd_doctor,
+    "suppress": _cmd_suppress,
+    "preview": _cmd_preview,
+    "report": _cmd_report,
+    "demo": _cmd_demo,
+}
 
 
 def _run_service(settings: Any) -> int:

@@ -178,46 +178,11 @@ def parse_campaign(doc: dict[str, Any]) -> Campaign:
     name = doc.get("name")
     if not isinstance(name, str) or not name.strip():
         raise InvalidCampaign("bad_name", "name must be a non-empty string")
-    if "startDate" not in doc:
-        raise InvalidCampaign("bad_startDate", "startDate is missing")
-    if "endDate" not in doc:
-        raise InvalidCampaign("bad_endDate", "endDate is missing")
-    start_at = as_utc(doc["startDate"], "startDate")
-    end_at = as_utc(doc["endDate"], "endDate")
-    if end_at <= start_at:
-        raise InvalidCampaign("bad_window", "endDate must be after startDate")
-
+    start_at, end_at = _window(doc)
     email = _parse_email(doc.get("email"))
     sms = _parse_sms(doc.get("sms"))
-    raw_channels = doc.get("channels")
-    if raw_channels is None or raw_channels == []:
-        # Absent, or [] (how Mongoose stores an array nobody set): every channel with content.
-        channels = frozenset(
-            c for c, content in ((Channel.EMAIL, email), (Channel.SMS, sms)) if content
-        )
-    else:
-        if not isinstance(raw_channels, list):
-            raise InvalidCampaign("bad_channels", "channels must be a list")
-        try:
-            channels = frozenset(Channel(c) for c in raw_channels)
-        except ValueError:
-            raise InvalidCampaign("bad_channels", f"unknown channel in {raw_channels!r}") from None
-    if not channels:
-        raise InvalidCampaign("bad_channels", "no channel with content to send")
-    if Channel.EMAIL in channels and email is None:
-        raise InvalidCampaign("bad_content", "email channel selected but email content is missing")
-    if Channel.SMS in channels and sms is None:
-        raise InvalidCampaign("bad_content", "sms channel selected but sms content is missing")
-
-    targets = doc.get("targetedCustomerIds", [])
-    if not isinstance(targets, list):
-        raise InvalidCampaign("bad_targets", "targetedCustomerIds must be a list")
-    if len(targets) > MAX_TARGETS:
-        raise InvalidCampaign("bad_targets", f"more than {MAX_TARGETS} targeted customers")
-    for value in targets:
-        problem = target_problem(value)
-        if problem:
-            raise InvalidCampaign("bad_targets", problem)
+    channels = _channels(doc.get("channels"), email, sms)
+    targets = _targets(doc.get("targetedCustomerIds", []))
     segment = parse_segment(doc.get("segment"))
     if segment is not None and targets:
         raise InvalidCampaign(
@@ -242,6 +207,54 @@ def parse_campaign(doc: dict[str, Any]) -> Campaign:
         split=split,
         tracking=doc["tracking"] if isinstance(doc.get("tracking"), str) else None,
     )
+
+
+def _window(doc: dict[str, Any]) -> tuple[dt.datetime, dt.datetime]:
+    if "startDate" not in doc:
+        raise InvalidCampaign("bad_startDate", "startDate is missing")
+    if "endDate" not in doc:
+        raise InvalidCampaign("bad_endDate", "endDate is missing")
+    start_at = as_utc(doc["startDate"], "startDate")
+    end_at = as_utc(doc["endDate"], "endDate")
+    if end_at <= start_at:
+        raise InvalidCampaign("bad_window", "endDate must be after startDate")
+    return start_at, end_at
+
+
+def _channels(
+    raw_channels: Any, email: EmailContent | None, sms: SmsContent | None
+) -> frozenset[Channel]:
+    if raw_channels is None or raw_channels == []:
+        # Absent, or [] (how Mongoose stores an array nobody set): every channel with content.
+        channels = frozenset(
+            c for c, content in ((Channel.EMAIL, email), (Channel.SMS, sms)) if content
+        )
+    else:
+        if not isinstance(raw_channels, list):
+            raise InvalidCampaign("bad_channels", "channels must be a list")
+        try:
+            channels = frozenset(Channel(c) for c in raw_channels)
+        except ValueError:
+            raise InvalidCampaign("bad_channels", f"unknown channel in {raw_channels!r}") from None
+    if not channels:
+        raise InvalidCampaign("bad_channels", "no channel with content to send")
+    if Channel.EMAIL in channels and email is None:
+        raise InvalidCampaign("bad_content", "email channel selected but email content is missing")
+    if Channel.SMS in channels and sms is None:
+        raise InvalidCampaign("bad_content", "sms channel selected but sms content is missing")
+    return channels
+
+
+def _targets(targets: Any) -> list[Any]:
+    if not isinstance(targets, list):
+        raise InvalidCampaign("bad_targets", "targetedCustomerIds must be a list")
+    if len(targets) > MAX_TARGETS:
+        raise InvalidCampaign("bad_targets", f"more than {MAX_TARGETS} targeted customers")
+    for value in targets:
+        problem = target_problem(value)
+        if problem:
+            raise InvalidCampaign("bad_targets", problem)
+    return targets
 
 
 def _parse_email(raw: Any) -> EmailContent | None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from types import TracebackType
 from typing import cast
 
 import dns.flags
@@ -14,6 +13,8 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 import dns.rrset
+
+from .served import Served
 
 
 class _Protocol(asyncio.DatagramProtocol):
@@ -30,7 +31,7 @@ class _Protocol(asyncio.DatagramProtocol):
             self.transport.sendto(reply, addr)
 
 
-class DnsServer:
+class DnsServer(Served):
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.host = host
         self.port = port
@@ -95,15 +96,3 @@ class DnsServer:
         if self._transport is not None:
             self._transport.close()
             self._transport = None
-
-    async def __aenter__(self) -> DnsServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()

@@ -11,12 +11,12 @@ import random
 import ssl
 import time
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 from aiosmtpd.smtp import SMTP as SMTPProtocol
 from aiosmtpd.smtp import Envelope, Session
 
+from .served import Served
 from .tls import TestPki
 
 
@@ -141,7 +141,7 @@ class _Handler:
         return "250 2.0.0 OK: queued"
 
 
-class SmtpSink:
+class SmtpSink(Served):
     def __init__(
         self,
         host: str = "127.0.0.1",
@@ -247,18 +247,6 @@ class SmtpSink:
 
     def recipients(self) -> list[str]:
         return [m.to for m in self.messages]
-
-    async def __aenter__(self) -> SmtpSink:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     def settings_env(self) -> dict[str, Any]:
         env = {

@@ -13,7 +13,6 @@ import random
 import re
 import secrets
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 import aiohttp
@@ -21,6 +20,7 @@ from aiohttp import web
 from twilio.request_validator import RequestValidator
 
 from ..http import start_site
+from .served import Served
 
 E164 = re.compile(r"^\+[1-9]\d{6,14}$")
 
@@ -51,7 +51,7 @@ class _Faults:
     undeliverable: set[str] = field(default_factory=set)
 
 
-class TwilioFake:
+class TwilioFake(Served):
     def __init__(
         self,
         host: str = "127.0.0.1",
@@ -151,18 +151,6 @@ class TwilioFake:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-
-    async def __aenter__(self) -> TwilioFake:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     def _error(
         self, status: int, code: int, message: str, headers: dict[str, str] | None = None

@@ -280,9 +280,9 @@ class DestinationSet:
             self._reported[dest_id] = detail
             log.error("notification destination %s is not used: %s", dest_id, detail)
 
-    async def disable(self, dest: Destination, reason: str, now: dt.datetime) -> None:
-        """Disable a destination (a 410 Gone), saying why where an admin looks."""
-        fields = {"disabled": True, "disabledReason": reason, "disabledAt": now}
+    async def _note(self, dest: Destination, fields: dict[str, Any]) -> bool:
+        """Set `fields` where an admin looks: the destination's document, or for one from the
+        environment its state document. False when the database refused."""
         try:
             if dest.from_env:
                 await self._state.update_one(
@@ -291,6 +291,13 @@ class DestinationSet:
             else:
                 await self._collection.update_one({"_id": _stored_id(dest.id)}, {"$set": fields})
         except PyMongoError:
+            return False
+        return True
+
+    async def disable(self, dest: Destination, reason: str, now: dt.datetime) -> None:
+        """Disable a destination (a 410 Gone), saying why where an admin looks."""
+        fields = {"disabled": True, "disabledReason": reason, "disabledAt": now}
+        if not await self._note(dest, fields):
             log.warning("could not record that destination %s is disabled", dest.id)
         self.current[dest.id] = _disabled(dest, reason)
         log.error("notification destination %s (%s) disabled: %s", dest.id, dest.where, reason)
@@ -298,14 +305,7 @@ class DestinationSet:
     async def refuse(self, dest: Destination, reason: str, now: dt.datetime) -> None:
         """Write a refusal (a URL the policy refuses) on the destination's document."""
         fields = {"error": {"detail": reason, "at": now}}
-        try:
-            if dest.from_env:
-                await self._state.update_one(
-                    {"_id": f"notify:{dest.id}"}, {"$set": fields}, upsert=True
-                )
-            else:
-                await self._collection.update_one({"_id": _stored_id(dest.id)}, {"$set": fields})
-        except PyMongoError:
+        if not await self._note(dest, fields):
             log.warning("could not record the refusal of destination %s", dest.id)
         self._log_once(dest.id, reason)
 

@@ -16,11 +16,11 @@ import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any
 
 from bson import Binary, Int64, ObjectId
 
+from ..served import Served
 from .changestream import ChangeStreamCursor, CommandError
 from .commands import AdminCommands, DdlCommands, ReadCommands, WriteCommands
 from .commands.base import Connection, Handler, QueryCursor
@@ -50,7 +50,7 @@ IDLE_TIMEOUT_S = 600.0  # no message for this long: the connection is closed (dr
 MESSAGE_TIMEOUT_S = 30.0  # a message whose header arrived must be complete within this
 
 
-class MongoEmulator(AdminCommands, DdlCommands, WriteCommands, ReadCommands):
+class MongoEmulator(Served, AdminCommands, DdlCommands, WriteCommands, ReadCommands):
     """The embedded MongoDB-compatible server."""
 
     def __init__(
@@ -113,18 +113,6 @@ class MongoEmulator(AdminCommands, DdlCommands, WriteCommands, ReadCommands):
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
-
-    async def __aenter__(self) -> MongoEmulator:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     # ---- emulator-only controls ---------------------------------------------------------------
 
