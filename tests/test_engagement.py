@@ -356,6 +356,9 @@ def test_forwarded_for_is_believed_only_from_a_trusted_proxy() -> None:
     # A client's own X-Forwarded-For entry is to the left of what our proxy appended.
     assert client_ip("10.1.2.3", "6.6.6.6, 198.51.100.1, 10.9.9.9", proxies) == "198.51.100.1"
     assert client_ip("10.1.2.3", "not-an-ip", proxies) == "10.1.2.3"
+    # A client that prepends 40 addresses of its own cannot push the real one out of view.
+    padded = ", ".join([f"6.6.6.{i}" for i in range(40)] + ["198.51.100.1", "10.9.9.9"])
+    assert client_ip("10.1.2.3", padded, proxies) == "198.51.100.1"
     assert client_ip("10.1.2.3", None, proxies) == "10.1.2.3"
     with pytest.raises(ValueError, match=r"10\.0\.0\.0/33"):
         parse_networks("10.0.0.0/33")

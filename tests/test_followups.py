@@ -32,7 +32,7 @@ from .helpers import (
 
 def _event(x: ObjectId, customer: str, kind: str, klass: str) -> dict[str, Any]:
     return {
-        "campaign": x,
+        "campaign": str(x),  # as the recorder writes it: the token's key
         "channel": "email",
         "customer": customer,
         "kind": kind,

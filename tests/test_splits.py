@@ -70,7 +70,7 @@ def groups(_id: ObjectId, doc: dict[str, Any], targets: list[str]) -> dict[str, 
 
 def engagement(_id: ObjectId, customer: str, kind: str, klass: str) -> dict[str, Any]:
     return {
-        "campaign": _id,
+        "campaign": str(_id),  # as the recorder writes it: the token's key
         "channel": "email",
         "customer": customer,
         "kind": kind,

@@ -306,7 +306,8 @@ def client_ip(
     entries are read from the right and only trusted hops are skipped)."""
     if remote is None or not forwarded_for or not _trusted(remote, proxies):
         return remote
-    for entry in reversed([e.strip() for e in forwarded_for.split(",")][:32]):
+    # The last 32 entries: the proxies append on the right, so those are the ones to read.
+    for entry in reversed([e.strip() for e in forwarded_for.split(",")][-32:]):
         try:
             ipaddress.ip_address(entry)
         except ValueError:

@@ -19,6 +19,7 @@ from typing import Any
 from bson import ObjectId
 from bson.errors import InvalidId
 
+from ..adapters.mongo.engagement import of_campaign
 from ..domain.errors import InvalidCampaign
 from ..domain.models import parse_campaign
 from ..domain.splits import Split, assign, wilson
@@ -77,7 +78,7 @@ def _group(split: Split | None, split_key: bytes, key: str, customer: str, varia
 async def _engagement(db: Any, cid: Any) -> dict[str, Any]:
     cursor = await db["engagement"].aggregate(
         [
-            {"$match": {"campaign": cid}},
+            {"$match": {"campaign": of_campaign(cid)}},
             {"$group": {"_id": {"c": "$customer", "k": "$kind", "cl": "$class"}, "n": {"$sum": 1}}},
         ]
     )

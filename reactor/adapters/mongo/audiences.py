@@ -22,6 +22,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from ...domain.deliveries import DeliveryState
 from ...domain.models import Channel
 from ...domain.segments import NotEngaged, Segment
+from .engagement import of_campaign
 
 COLLECTION = "campaign_audiences"
 
@@ -133,7 +134,7 @@ class MongoAudiences:
             str(doc.get("customer"))
             async for doc in self.collection.database["engagement"].find(
                 {
-                    "campaign": follow.campaign,
+                    "campaign": of_campaign(follow.campaign),
                     "class": "human",
                     "kind": {"$in": list(follow.kinds)},
                     "customer": {"$in": batch},

@@ -34,6 +34,14 @@ DUPLICATE_KEY = 11000
 MessageKey = tuple[str, str, str]  # campaign, channel, customer
 
 
+def of_campaign(campaign_id: Any) -> dict[str, Any]:
+    """The `campaign` condition for a campaign's engagement events. The recorder stores the
+    token's key (the id as a string); documents written as the stored `_id` (an ObjectId)
+    match too, and MongoDB never equates the two."""
+    values = [campaign_id] if isinstance(campaign_id, str) else [campaign_id, str(campaign_id)]
+    return {"$in": values}
+
+
 class MongoEngagement:
     def __init__(self, db: AsyncDatabase[dict[str, Any]], campaigns_collection: str) -> None:
         self.events: AsyncCollection[dict[str, Any]] = db[EVENTS]

@@ -26,6 +26,7 @@ from ...domain.consent import Kind, Reason
 from ...domain.deliveries import DeliveryState
 from ...domain.models import Status
 from ...domain.splits import VariantCounts
+from .engagement import of_campaign
 from .pipeline import NOW, literal, now_plus
 
 ENGAGEMENT = "engagement"
@@ -106,7 +107,7 @@ class MongoSplits:
         """{"open": customers, "click": customers} with a human event (a click is an open)."""
         cursor = await self.engagement.aggregate(
             [
-                {"$match": {"campaign": campaign_id, "class": HUMAN}},
+                {"$match": {"campaign": of_campaign(campaign_id), "class": HUMAN}},
                 {"$group": {"_id": {"customer": "$customer", "kind": "$kind"}}},
             ],
             batchSize=BATCH,
