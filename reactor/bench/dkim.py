@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import anyio
+import cryptography
 import dkim  # type: ignore[import-untyped]
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -148,6 +149,8 @@ async def run(quick: bool) -> dict[str, Any]:
         "sign_us_openssl": round(_sign_us(signer, 200), 1),
         "sign_us_dkimpy_pure": round(_sign_us(pure, 20 if quick else 50), 1),
         "public_key_b64_len": len(base64.b64encode(signer.public_key_der)),
+        "threaded": signer.threaded,  # signing in a worker thread (cryptography >= 47)
+        "cryptography": cryptography.__version__,
     }
 
 
