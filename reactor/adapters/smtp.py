@@ -130,7 +130,7 @@ class SmtpEmailSender:
         else:
             # Encoded with CRLF as it goes on the wire, so the signature covers the exact bytes
             # sent; signed before MAIL FROM, so a failure never leaves a transaction open.
-            data = self._signer.sign(mime.as_bytes(policy=_CRLF))
+            data = await self._signer.sign_off_loop(mime.as_bytes(policy=_CRLF))
         pooled = await self._idle.get()
         try:
             return await self._send_on(pooled, data, message)
