@@ -144,6 +144,7 @@ class Settings(BaseSettings):
     notify_email_to: str = ""  # comma-separated admin addresses
     notify_events: str = ""  # comma-separated event types the defaults above get; empty: all
     notify_allow_private: bool = False
+    notify_allow_loopback: bool = False
     notify_timeout_seconds: float = Field(10.0, gt=0, le=120)
     notify_concurrency: int = Field(8, ge=1, le=256)
     notify_retry_base_seconds: float = Field(2.0, gt=0)
@@ -537,6 +538,7 @@ class Settings(BaseSettings):
             enabled=self.notify_enabled,
             defaults=tuple(defaults),
             allow_private=self.notify_allow_private,
+            allow_loopback=self.notify_allow_loopback,
             timeout_s=self.notify_timeout_seconds,
             concurrency=self.notify_concurrency,
             retry_base_s=self.notify_retry_base_seconds,
