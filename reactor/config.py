@@ -170,6 +170,8 @@ class Settings(BaseSettings):
     engagement_ip_v4_prefix: int = Field(24, ge=0, le=32)
     engagement_ip_v6_prefix: int = Field(48, ge=0, le=128)
     engagement_settle_seconds: float = Field(0.5, gt=0, le=0.9)
+    # ---- provider opens and clicks (issue 24: SendGrid / SES events, engagement/provider.py) ----
+    provider_engagement: bool = False
 
     metrics_host: str = "0.0.0.0"
     metrics_port: int = Field(9464, ge=0, le=65535)
