@@ -9,22 +9,27 @@ import datetime as dt
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
 import pytest
 from pymongo import AsyncMongoClient
 
+from reactor.domain.deliveries import delivery_id
 from reactor.domain.engagement import HitKind
-from reactor.domain.provider_events import sendgrid_engagement, ses_engagement
+from reactor.domain.provider_events import ProviderEvent, sendgrid_engagement, ses_engagement
 from reactor.embedded import tls
 from reactor.embedded.smtp_sink import SmtpSink
 from reactor.embedded.tls import make_test_pki
+from reactor.engagement.provider import ProviderSignals, SignalsConfig
+from reactor.engagement.recorder import Recorder
 from reactor.metrics import Metrics
 
 from .conftest import MongoTarget
 from .helpers import eventually, running
 from .test_consent import done, sent_campaign
+from .test_engagement import MemoryEngagement
 from .test_webhooks import (
     TOPIC,
     sendgrid_headers,
@@ -250,3 +255,105 @@ def test_parsing_keeps_only_opens_and_clicks_tied_to_a_message() -> None:
         }
     )
     assert ses_engagement("sns-2", naive) == []  # a time without its zone is not guessed
+
+
+# ---- deduplication and failures, on stores in memory --------------------------------------------
+
+T0 = dt.datetime(2026, 5, 1, 12, 0, tzinfo=dt.UTC)
+BASE = "https://r.example.com"
+
+
+class MemoryFeedback:
+    """Replay keys and the ledger's Message-IDs; `fail` makes every read raise."""
+
+    def __init__(self, by_message_id: dict[str, tuple[str, str]]) -> None:
+        self.by_message_id = by_message_id
+        self.seen: set[str] = set()
+        self.fail = False
+
+    async def first_times(self, keys: Sequence[str], now: dt.datetime) -> list[bool]:
+        if self.fail:
+            raise ConnectionError("the database went away")
+        out = [k not in self.seen for k in keys]
+        self.seen |= set(keys)
+        return out
+
+    async def attribute_many(
+        self, channel: str, wanted: Sequence[tuple[str | None, str | None]]
+    ) -> list[tuple[str, str] | None]:
+        return [self.by_message_id.get(p or "") for p, _ in wanted]
+
+
+class MemoryListener:
+    def __init__(self, opens: dict[tuple[str, str, str], list[dt.datetime]]) -> None:
+        self.opens = opens
+
+    async def opens_near(
+        self, keys: Sequence[tuple[str, str, str]], since: dt.datetime, until: dt.datetime
+    ) -> dict[tuple[str, str, str], list[dt.datetime]]:
+        return {
+            k: [at for at in self.opens.get(k, []) if since <= at <= until]
+            for k in keys
+            if k in self.opens
+        }
+
+
+def event(kind: HitKind, event_id: str, after_s: float, url: str | None = None) -> ProviderEvent:
+    at = T0 + dt.timedelta(seconds=after_s)
+    return ProviderEvent("sendgrid", event_id, kind, "<m7@x>", at, "93.184.216.34", CHROME, url)
+
+
+def signals(listener_opens: bool) -> tuple[ProviderSignals, Recorder, MemoryEngagement, Metrics]:
+    store = MemoryEngagement({delivery_id("c1", "email", "7"): ("sent", T0)})
+    metrics = Metrics()
+    recorder = Recorder(store, metrics, settle_s=0.01)
+    made = ProviderSignals(
+        MemoryFeedback({"<m7@x>": ("c1", "7")}),
+        MemoryListener({("c1", "email", "7"): [T0 + dt.timedelta(seconds=3600)]}),
+        recorder,
+        metrics,
+        SignalsConfig((f"{BASE}/c/", f"{BASE}/s/"), listener_opens=listener_opens),
+    )
+    return made, recorder, store, metrics
+
+
+@pytest.mark.parametrize("listener_opens", [True, False])
+async def test_what_the_listener_recorded_is_not_stored_twice(listener_opens: bool) -> None:
+    made, recorder, store, metrics = signals(listener_opens)
+    accepted = await made.receive(
+        [
+            event(HitKind.OPEN, "near", 3630),  # 30 s from the listener's open
+            event(HitKind.OPEN, "far", 7200),  # an hour later: another open
+            event(HitKind.CLICK, "ours", 3640, f"{BASE}/c/abc"),  # through our listener
+            event(HitKind.CLICK, "theirs", 3650, "https://shop.test/a"),  # an untracked link
+        ]
+    )
+    await recorder.drain(5)
+    stored = sorted(
+        (e["kind"], e["at"]) for e in store.events if e["reasons"] != ["implied_by_human_click"]
+    )
+    expected_opens = [7200] if listener_opens else [3630, 7200]
+    assert stored == sorted(
+        [("click", T0 + dt.timedelta(seconds=3650))]
+        + [("open", T0 + dt.timedelta(seconds=s)) for s in expected_opens]
+    )
+    assert accepted == len(stored)
+    assert outcome(metrics, "sendgrid", "click", "duplicate") == 1
+    assert outcome(metrics, "sendgrid", "open", "duplicate") == (1 if listener_opens else 0)
+    assert all(e["link"] is None for e in store.events)
+    assert "links.None" not in store.counters["c1"]
+    assert store.counters["c1"]["clicks"] == 1
+
+
+async def test_a_database_failure_is_counted_and_never_raised() -> None:
+    made, recorder, store, metrics = signals(False)
+    feedback = made._feedback
+    assert isinstance(feedback, MemoryFeedback)
+    feedback.fail = True
+    body = json.dumps(
+        [{"event": "open", "sg_event_id": "x", "smtp-id": "<m7@x>", "timestamp": 1_800_000_000}]
+    ).encode()
+    assert await made.sendgrid(body) == 0
+    await recorder.drain(5)
+    assert store.events == []
+    assert outcome(metrics, "sendgrid", "open", "failed") == 1
