@@ -38,6 +38,7 @@ from .adapters.smtp import SmtpEmailSender
 from .adapters.twilio_sms import TwilioSmsSender
 from .config import Settings
 from .domain.engagement import parse_networks
+from .engagement.provider import MongoListenerOpens, ProviderSignals, SignalsConfig
 from .engagement.recorder import IpPolicy, Recorder
 from .engagement.tokens import SHORT_CODE_CHARS
 from .engagement.tracker import Tracker
@@ -450,7 +451,9 @@ class Reactor:
         s = self.settings
         config = s.tracking_config()
         if config.mode == "off":
-            return Tracker(config, None, None), None
+            # Provider opens and clicks still need the engagement store (and its TTL index).
+            kept = MongoEngagement(db, s.campaigns_collection) if s.provider_engagement else None
+            return Tracker(config, None, None), kept
         engagement = MongoEngagement(db, s.campaigns_collection)
         short = len(config.base_url) + len("/s/") + SHORT_CODE_CHARS
         log.info(
@@ -486,6 +489,29 @@ class Reactor:
             clock=parts.db_clock,
             metrics=self.metrics,
             trusted_proxies=parse_networks(s.trusted_proxies),
+        )
+
+    def _provider_signals(self, parts: _Parts) -> ProviderSignals:
+        """Provider opens and clicks (issue 24) through the listener's recorder, or one of
+        their own when tracking is off (drained at shutdown the same way)."""
+        s = self.settings
+        engagement = parts.engagement
+        assert engagement is not None  # made by _tracking when PROVIDER_ENGAGEMENT is on
+        if self.recorder is None:
+            self.recorder = Recorder(
+                engagement,
+                self.metrics,
+                ip=IpPolicy(s.engagement_ip_v4_prefix, s.engagement_ip_v6_prefix),
+                settle_s=s.engagement_settle_seconds,
+            )
+        config = s.tracking_config()
+        prefixes = (f"{config.base_url}/c/", f"{config.base_url}/s/") if config.base_url else ()
+        return ProviderSignals(
+            parts.feedback,
+            MongoListenerOpens(engagement.events),
+            self.recorder,
+            self.metrics,
+            SignalsConfig(prefixes, listener_opens=config.mode == "opens_and_clicks"),
         )
 
     # ---- notifications (reactor/notify) ----
@@ -550,6 +576,8 @@ class Reactor:
             undo_window_s=s.link_undo_window_seconds,
             tracking=self._tracking_routes(parts),
         )
+        if self.public.webhooks is not None and s.provider_engagement:
+            self.public.webhooks.signals = self._provider_signals(parts)
         await self.public.start()
         log.info(
             "public listener on http://%s:%s (links point to %s)",

@@ -144,6 +144,7 @@ class Settings(BaseSettings):
     notify_email_to: str = ""  # comma-separated admin addresses
     notify_events: str = ""  # comma-separated event types the defaults above get; empty: all
     notify_allow_private: bool = False
+    notify_allow_loopback: bool = False
     notify_timeout_seconds: float = Field(10.0, gt=0, le=120)
     notify_concurrency: int = Field(8, ge=1, le=256)
     notify_retry_base_seconds: float = Field(2.0, gt=0)
@@ -169,6 +170,8 @@ class Settings(BaseSettings):
     engagement_ip_v4_prefix: int = Field(24, ge=0, le=32)
     engagement_ip_v6_prefix: int = Field(48, ge=0, le=128)
     engagement_settle_seconds: float = Field(0.5, gt=0, le=0.9)
+    # ---- provider opens and clicks (issue 24: SendGrid / SES events, engagement/provider.py) ----
+    provider_engagement: bool = False
 
     metrics_host: str = "0.0.0.0"
     metrics_port: int = Field(9464, ge=0, le=65535)
@@ -537,6 +540,7 @@ class Settings(BaseSettings):
             enabled=self.notify_enabled,
             defaults=tuple(defaults),
             allow_private=self.notify_allow_private,
+            allow_loopback=self.notify_allow_loopback,
             timeout_s=self.notify_timeout_seconds,
             concurrency=self.notify_concurrency,
             retry_base_s=self.notify_retry_base_seconds,

@@ -407,3 +407,12 @@ class Metrics:
                 self.engagement_events.labels(kind, klass)
         for why in ("write_failed", "shutdown"):
             self.engagement_dropped.labels(why)
+        # ---- provider opens and clicks (issue 24: reactor/engagement/provider.py) ----
+        self.provider_engagement = Counter(
+            "reactor_provider_engagement",
+            "Opens and clicks reported by an email provider's webhook, by what became of them: "
+            "recorded, duplicate (the listener saw it), replay, unknown_message (no ledger row "
+            "has its Message-ID), failed (not recorded: see the log).",
+            ["provider", "kind", "outcome"],
+            registry=r,
+        )

@@ -56,7 +56,8 @@ _made: list[Notifier] = []
 def notifier(
     client: Client, mongo: MongoTarget, clock: FakeClock, name: str = "a", **config: Any
 ) -> Notifier:
-    cfg = NotifyConfig(**{"retry_base_s": 2.0, "lease_s": 60.0, **config})
+    # The receiver runs on 127.0.0.1: loopback is allowed here, private addresses are not.
+    cfg = NotifyConfig(**{"retry_base_s": 2.0, "lease_s": 60.0, "allow_loopback": True, **config})
     made = Notifier(
         client[mongo.campaigns_db],
         campaigns_collection="campaigns",
@@ -393,8 +394,8 @@ def test_url_form(url: str, problem: str | None) -> None:
         ("fe80::1", "link-local"),
         ("::ffff:10.0.0.1", "private"),
         ("0.0.0.0", "private"),
-        ("127.0.0.1", None),
-        ("::1", None),
+        ("127.0.0.1", "loopback"),
+        ("::1", "loopback"),
         ("93.184.216.34", None),
     ],
 )

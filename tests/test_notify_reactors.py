@@ -44,6 +44,7 @@ async def test_three_reactors_each_event_once_in_order(
                 reactor_instance_id=f"r{i}",
                 notify_webhook_url=rec.url,
                 notify_webhook_secret=SECRET,
+                notify_allow_loopback=True,  # the receiver is on 127.0.0.1
                 email_rate_per_second=2,  # the paused campaign is still sending when paused
             )
             for i in range(3)
@@ -109,6 +110,7 @@ async def test_an_smtp_outage_is_one_channel_paused_and_one_resumed(
                 sink,
                 reactor_instance_id=f"r{i}",
                 notify_json_url=rec.url,
+                notify_allow_loopback=True,
                 notify_events="channel.paused,channel.resumed",
                 email_rate_per_second=50,
             )

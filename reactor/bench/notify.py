@@ -83,6 +83,7 @@ async def run(quick: bool = False) -> dict[str, Any]:
                         reactor_instance_id=f"bench-notify-{i}",
                         notify_webhook_url=f"http://127.0.0.1:{port}/hook",
                         notify_webhook_secret=secret,
+                        notify_allow_loopback=True,  # the receiver is on 127.0.0.1
                         **env,
                     )
                 )

@@ -100,6 +100,7 @@ class Hit:
     agent: str  # the User-Agent, "" when absent
     method: str = "GET"
     provider_bot: bool | None = None  # a provider's own verdict, when it gave one
+    provider_flag: str | None = None  # that verdict's field (sg_machine_open, isBotEvent)
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,8 @@ def _machine_signals(hit: Hit, family: str, net: str | None) -> list[str]:
     """Rules that name a machine whatever the kind of hit."""
     reasons = []
     if hit.provider_bot:
-        reasons.append("provider_bot_flag")
+        named = f":{hit.provider_flag}" if hit.provider_flag else ""
+        reasons.append(f"provider_bot_flag{named}")
     if net is not None and net.startswith("scanner:"):
         reasons.append(f"vendor_range:{net.removeprefix('scanner:')}")
     if family.startswith("scanner:"):

@@ -262,7 +262,9 @@ class Recorder:
             base = ":".join(a.key)
             firsts.append(f"open:{base}")
             if a.hit.kind is HitKind.CLICK:
-                firsts += [f"click:{base}", f"link:{base}:{a.hit.link}"]
+                firsts.append(f"click:{base}")
+                if a.hit.link is not None:  # a provider's click names a URL, not our link
+                    firsts.append(f"link:{base}:{a.hit.link}")
         now = max(a.hit.at for a, _ in classed)
         new = await self._new_firsts(firsts, now)
         counts: dict[str, Counter[str]] = defaultdict(Counter)
@@ -280,7 +282,7 @@ class Recorder:
                     if f"click:{base}" in new:
                         new.discard(f"click:{base}")
                         c["clicks"] += 1
-                    if f"link:{base}:{a.hit.link}" in new:
+                    if a.hit.link is not None and f"link:{base}:{a.hit.link}" in new:
                         new.discard(f"link:{base}:{a.hit.link}")
                         c[f"links.{a.hit.link}"] += 1
             elif a.hit.kind is HitKind.OPEN:

@@ -25,6 +25,7 @@ class NotifyConfig:
     # Destinations from the environment, as documents like the collection's (see destinations).
     defaults: tuple[dict[str, Any], ...] = field(default=(), repr=False)  # secrets inside
     allow_private: bool = False
+    allow_loopback: bool = False  # a sidecar on 127.0.0.1/::1 (tests, the demo)
     timeout_s: float = 10.0  # one delivery attempt, connect to last byte
     concurrency: int = 8  # deliveries in flight per instance
     lease_s: float = 60.0  # a claimed delivery is another instance's after this

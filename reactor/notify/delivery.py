@@ -93,7 +93,11 @@ class HttpTransport:
     def _session_now(self) -> aiohttp.ClientSession:
         if self._session is None:
             connector = aiohttp.TCPConnector(
-                resolver=PolicyResolver(self._resolve, allow_private=self._config.allow_private),
+                resolver=PolicyResolver(
+                    self._resolve,
+                    allow_private=self._config.allow_private,
+                    allow_loopback=self._config.allow_loopback,
+                ),
                 limit=self._config.concurrency * 2,
             )
             self._session = aiohttp.ClientSession(
@@ -112,6 +116,7 @@ class HttpTransport:
                 parts.port or (443 if parts.scheme == "https" else 80),
                 self._resolve,
                 allow_private=self._config.allow_private,
+                allow_loopback=self._config.allow_loopback,
             )
         except RefusedAddress as exc:
             return Attempt(False, error=str(exc), refused=True)

@@ -3,8 +3,10 @@ seconds, so an admin's edits apply live) plus the defaults from the environment,
 policy every destination is held to.
 
 A destination is `{kind: webhook|slack|json|email, url?, to?, events?, secret?, disabled?}`.
-URLs must be https, except on loopback (a sidecar); after DNS resolution, private, link-local,
-unspecified, multicast and metadata addresses are refused unless NOTIFY_ALLOW_PRIVATE=true. The
+URLs must be https, except on loopback (a sidecar); after DNS resolution, loopback addresses are
+refused unless NOTIFY_ALLOW_LOOPBACK=true, and private, link-local, unspecified, multicast and
+metadata addresses unless NOTIFY_ALLOW_PRIVATE=true; an IPv6 address embedding an IPv4 one
+(mapped, NAT64, 6to4) is judged as that address. The
 check runs before each request and again inside the connector's resolver, so a name that
 re-resolves to a private address between the two is refused too. Why a destination is refused or
 disabled is written on its document (for defaults from the environment, in `reactor_state`).
@@ -151,24 +153,52 @@ def _loopback_host(host: str) -> bool:
         return False
 
 
-def address_problem(address: str, *, allow_private: bool) -> str | None:
-    """Why a resolved address is refused, or None. Loopback is always allowed (a sidecar)."""
+# NAT64 prefixes (RFC 6052 well-known, RFC 8215 local-use): the last 32 bits are an IPv4
+# address a translator connects to, so that address is what the policy judges.
+NAT64_WELL_KNOWN = ipaddress.ip_network("64:ff9b::/96")
+NAT64_LOCAL_USE = ipaddress.ip_network("64:ff9b:1::/48")
+
+
+def _embedded(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address stands for (mapped, NAT64, 6to4), or None."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return None
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip in NAT64_WELL_KNOWN:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return ip.sixtofour
+
+
+def address_problem(
+    address: str, *, allow_private: bool, allow_loopback: bool = False
+) -> str | None:
+    """Why a resolved address is refused, or None. An IPv6 address embedding an IPv4 one
+    (mapped, NAT64, 6to4) is judged as that IPv4 address. Loopback is refused unless
+    `allow_loopback` (a sidecar) or `allow_private`."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return f"{address!r} is not an IP address"
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if ip.is_loopback or allow_private:
+    shown = str(ip)
+    if isinstance(ip, ipaddress.IPv6Address) and ip in NAT64_LOCAL_USE:
+        return None if allow_private else f"{shown} is a private (local-use NAT64) address"
+    embedded = _embedded(ip)
+    if embedded is not None:
+        ip = embedded
+        shown = f"{shown} (embedding {embedded})" if str(embedded) != shown else shown
+    if allow_private:
         return None
+    if ip.is_loopback:
+        return None if allow_loopback else f"{shown} is a loopback address"
     if ip in METADATA:
-        return f"{ip} is a cloud metadata address"
+        return f"{shown} is a cloud metadata address"
     if ip.is_link_local:
-        return f"{ip} is a link-local address"
+        return f"{shown} is a link-local address"
     if ip.is_private or ip.is_unspecified or ip.is_multicast or ip.is_reserved:
-        return f"{ip} is a private or reserved address"
+        return f"{shown} is a private or reserved address"
     if not ip.is_global:
-        return f"{ip} is not a public address"
+        return f"{shown} is not a public address"
     return None
 
 
@@ -179,7 +209,9 @@ async def system_resolve(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
-async def vet_host(host: str, port: int, resolve: Resolve, *, allow_private: bool) -> list[str]:
+async def vet_host(
+    host: str, port: int, resolve: Resolve, *, allow_private: bool, allow_loopback: bool = False
+) -> list[str]:
     """The addresses `host` resolves to, all of them allowed; RefusedAddress otherwise."""
     try:
         ipaddress.ip_address(host)
@@ -192,23 +224,35 @@ async def vet_host(host: str, port: int, resolve: Resolve, *, allow_private: boo
     if not addresses:
         raise RefusedAddress(f"{host} resolves to no address")
     for address in addresses:
-        problem = address_problem(address, allow_private=allow_private)
+        problem = address_problem(
+            address, allow_private=allow_private, allow_loopback=allow_loopback
+        )
         if problem is not None:
-            raise RefusedAddress(f"{host} refused: {problem} (NOTIFY_ALLOW_PRIVATE=false)")
+            setting = "NOTIFY_ALLOW_LOOPBACK" if "loopback" in problem else "NOTIFY_ALLOW_PRIVATE"
+            raise RefusedAddress(f"{host} refused: {problem} ({setting}=false)")
     return addresses
 
 
 class PolicyResolver(AbstractResolver):
     """aiohttp's resolver, through `resolve`, refusing what the policy refuses."""
 
-    def __init__(self, resolve: Resolve, *, allow_private: bool) -> None:
+    def __init__(
+        self, resolve: Resolve, *, allow_private: bool, allow_loopback: bool = False
+    ) -> None:
         self._resolve = resolve
         self._allow_private = allow_private
+        self._allow_loopback = allow_loopback
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
-        addresses = await vet_host(host, port, self._resolve, allow_private=self._allow_private)
+        addresses = await vet_host(
+            host,
+            port,
+            self._resolve,
+            allow_private=self._allow_private,
+            allow_loopback=self._allow_loopback,
+        )
         return [
             ResolveResult(
                 hostname=host,
@@ -268,7 +312,9 @@ class DestinationSet:
 
     async def _report_invalid(self, doc: Mapping[str, Any], detail: str) -> None:
         """Write why on the document (once per distinct reason) and log it once."""
-        if (doc.get("error") or {}).get("detail") != detail:
+        previous = doc.get("error")
+        # An `error` some other writer set by hand (a string, say) is replaced, not read.
+        if not isinstance(previous, Mapping) or previous.get("detail") != detail:
             await self._collection.update_one(
                 {"_id": doc["_id"]},
                 {"$set": {"error": {"detail": detail, "at": dt.datetime.now(dt.UTC)}}},

@@ -23,7 +23,7 @@ import hmac
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from aiohttp import web
@@ -43,6 +43,9 @@ from .forms import read_body
 from .logsample import SampledLog
 from .providers import generic_events, parse_json, postmark_events, sendgrid_events, ses_events
 from .sns import DEFAULT_MAX_AGE_S, SnsError, SnsVerifier
+
+if TYPE_CHECKING:
+    from ..engagement.provider import ProviderSignals
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +142,7 @@ class WebhookRoutes:
         # Concurrent requests' events are applied together (and each answered once stored).
         self._emails: GroupCommit[FeedbackEvent, bool] = GroupCommit(sink.emails)
         self._receipts: GroupCommit[Receipt, bool] = GroupCommit(sink.sms_statuses)
+        self.signals: ProviderSignals | None = None  # provider opens and clicks (issue 24)
 
     def add_to(self, app: web.Application) -> None:
         on = self._config.configured()
@@ -192,6 +196,8 @@ class WebhookRoutes:
             events = ses_events(str(message.get("MessageId")), str(message.get("Message", "")))
         except ValueError:
             return self._reject("ses", "malformed", status=400)
+        if self.signals is not None:
+            await self.signals.ses(str(message.get("MessageId")), str(message.get("Message", "")))
         return await self._apply("ses", events)
 
     async def sendgrid(self, request: web.Request) -> web.Response:
@@ -212,6 +218,8 @@ class WebhookRoutes:
             events = sendgrid_events(body)
         except ValueError:
             return self._reject("sendgrid", "malformed", status=400)
+        if self.signals is not None:
+            await self.signals.sendgrid(body)
         return await self._apply("sendgrid", events)
 
     async def postmark(self, request: web.Request) -> web.Response:
