@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -30,6 +31,7 @@ from .tokens import TrackingSigner
 
 MODES = ("off", "clicks", "opens_and_clicks")
 YIELD_EVERY = 50  # messages rewritten between two turns of the event loop
+RECORDED_CAMPAIGNS = 256  # link tables remembered (the campaigns sending now, with room)
 
 
 def effective_mode(configured: str, campaign: str | None) -> str:
@@ -73,7 +75,9 @@ class Tracker:
         self.config = config
         self._tables = tables
         self._dnt = dnt
-        self._recorded: dict[str, tuple[tuple[str, ...], dict[str, int]]] = {}
+        # The link tables of the campaigns sent lately, least recently used first: a replica
+        # that runs for months sends thousands of campaigns, and a forgotten one costs one read.
+        self._recorded: OrderedDict[str, tuple[tuple[str, ...], dict[str, int]]] = OrderedDict()
 
     async def track(
         self, campaign: Campaign, channel: Channel, items: Sequence[_Item], now: dt.datetime
@@ -110,6 +114,7 @@ class Tracker:
         wanted = _links_of(campaign)
         known = self._recorded.get(campaign.key)
         if known is not None and known[0] == wanted:
+            self._recorded.move_to_end(campaign.key)
             return known[1]
         assert self._tables is not None
         stored = await self._tables.record_links(campaign.key, wanted)
@@ -117,6 +122,9 @@ class Tracker:
             return None  # the campaign is gone: nothing to point links at
         numbers = {url: n for n, url in enumerate(stored)}
         self._recorded[campaign.key] = (wanted, numbers)
+        self._recorded.move_to_end(campaign.key)
+        while len(self._recorded) > RECORDED_CAMPAIGNS:
+            self._recorded.popitem(last=False)
         return numbers
 
     def _url(self, path: str, token: str) -> str:

@@ -117,15 +117,24 @@ class _MissLimiter:
         now = self._monotonic()
         return min(self._capacity, level + (now - at) * self._refill_per_s)
 
-    def blocked(self, ip: str | None) -> bool:
-        return self._level(self._net(ip)) < 1.0
-
-    def missed(self, ip: str | None) -> None:
+    def take(self, ip: str | None) -> str | None:
+        """Reserve one miss for the client's network before its lookup is awaited; None when
+        the bucket is empty. Checking and counting in one step, with no await between, is what
+        stops concurrent guesses from all passing one check together."""
         net = self._net(ip)
-        self._buckets[net] = (max(0.0, self._level(net) - 1.0), self._monotonic())
+        level = self._level(net)
+        if level < 1.0:
+            return None
+        self._buckets[net] = (level - 1.0, self._monotonic())
         self._buckets.move_to_end(net)
         while len(self._buckets) > 100_000:  # the least recently missing networks go first
             self._buckets.popitem(last=False)
+        return net
+
+    def refund(self, net: str) -> None:
+        """The reserved miss was a valid code: a hit costs the network nothing."""
+        if net in self._buckets:
+            self._buckets[net] = (min(self._capacity, self._level(net) + 1.0), self._monotonic())
 
 
 class TrackingRoutes:
@@ -164,18 +173,21 @@ class TrackingRoutes:
         return await self._follow(request, *checked)
 
     async def short(self, request: web.Request) -> web.StreamResponse:
-        ip = self._client(request)
-        if self._limiter.blocked(ip):
+        net = self._limiter.take(self._client(request))
+        if net is None:
+            # Valid codes are refused too while a network is over its misses: answering them
+            # (302) but not the misses (429) would tell a guesser which of its guesses hit, at
+            # full speed, and the limit would protect nothing.
             self._metrics.engagement_rejected.labels("rate_limited").inc()
-            raise web.HTTPTooManyRequests(
-                text="Too many requests.\n", headers={"Retry-After": "60"}
+            return web.Response(
+                text="Too many requests.\n", status=429, headers={"Retry-After": "60"}
             )
         code = request.match_info["code"]
         row = await self._store.short_link(code) if is_short_code(code) else None
         if row is None:
-            self._limiter.missed(ip)
             self._metrics.engagement_rejected.labels("unknown_short_link").inc()
             return _not_found()
+        self._limiter.refund(net)
         scope = _short_scope(row)
         if scope is None:
             self._metrics.engagement_rejected.labels("malformed").inc()

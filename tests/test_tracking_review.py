@@ -1,0 +1,143 @@
+"""Review findings on tracking, each pinned by a test that failed before its fix: the short-code
+miss limiter counted after an awaited lookup, a non-list `trackedLinks` crashed the send, a
+resent short link kept its first expiry, and the tracker's link-table cache had no bound."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import make_mocked_request
+from bson import ObjectId
+from pymongo import AsyncMongoClient
+
+from reactor.adapters.mongo.engagement import MongoEngagement
+from reactor.domain.models import Channel
+from reactor.engagement import tracker as tracker_module
+from reactor.engagement.recorder import Recorder
+from reactor.engagement.tracker import Tracker, TrackingConfig
+from reactor.metrics import Metrics
+from reactor.ports import EmailMessage
+from reactor.public.tracking import TrackingRoutes
+
+from .conftest import MongoTarget
+from .fakes import FakeClock
+from .test_engagement import HTML, T0, TEXT, MemoryTables, NoOne, _campaign, _Item, signer
+
+Client = AsyncMongoClient[dict[str, Any]]
+
+
+class SlowShortLinks:
+    """Every lookup waits until the test opens the gate: concurrent guesses are all in flight
+    at once, as they are when a guesser sends them together."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.lookups = 0
+
+    async def link_table(self, campaign_key: str) -> list[str] | None:
+        return None
+
+    async def short_link(self, code: str) -> dict[str, Any] | None:
+        self.lookups += 1
+        await self.gate.wait()
+        return None
+
+
+class NoStore:
+    """The recorder's store: a miss never reaches it."""
+
+
+async def test_concurrent_short_code_guesses_are_counted_before_the_lookup() -> None:
+    store = SlowShortLinks()
+    metrics = Metrics()
+    routes = TrackingRoutes(
+        signer=signer(),
+        store=store,
+        recorder=Recorder(NoStore(), metrics),  # type: ignore[arg-type]
+        clock=FakeClock(T0),
+        metrics=metrics,
+        misses_per_minute=20,
+    )
+    code = "Z" * 12
+
+    async def guess() -> int:
+        request = make_mocked_request("GET", f"/s/{code}", match_info={"code": code})
+        return (await routes.short(request)).status
+
+    guesses = [asyncio.ensure_future(guess()) for _ in range(40)]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    store.gate.set()
+    statuses = await asyncio.gather(*guesses)
+    assert sorted(statuses) == [404] * 20 + [429] * 20
+    assert store.lookups == 20  # a refused guess costs the database nothing
+    assert metrics.engagement_rejected.labels("rate_limited")._value.get() == 20
+    assert metrics.engagement_rejected.labels("unknown_short_link")._value.get() == 20
+
+
+async def test_a_non_list_link_table_is_a_malformed_campaign_not_a_crash(
+    mongo: MongoTarget, client: Client
+) -> None:
+    db = client[mongo.campaigns_db]
+    cid = ObjectId()
+    await db.campaigns.insert_one({"_id": cid, "name": "bad", "trackedLinks": "https://a.example"})
+    store = MongoEngagement(db, "campaigns")
+    assert await store.record_links(str(cid), ["https://shop.example/a"]) is None
+    assert await store.record_links(str(cid), ["https://shop.example/a"]) is None
+    doc = await db.campaigns.find_one({"_id": cid})
+    assert doc is not None
+    error = doc["execution"]["lastError"]
+    assert error["reason"] == "malformed_link_table"
+    assert "trackedLinks must be a list" in error["detail"]
+    assert doc["trackedLinks"] == "https://a.example"  # nothing overwritten
+
+
+async def test_a_resent_short_link_lives_from_its_latest_send(
+    mongo: MongoTarget, client: Client
+) -> None:
+    db = client[mongo.campaigns_db]
+    store = MongoEngagement(db, "campaigns")
+    row = {"_id": "A" * 12, "campaign": "c", "channel": "sms", "customer": "1", "link": 0}
+    later = T0 + dt.timedelta(days=3)
+    await store.save_short_links([{**row, "at": T0}])
+    await store.save_short_links([{**row, "at": later}])
+    await store.save_short_links([{**row, "at": T0 + dt.timedelta(days=1)}])  # a late batch
+    saved = await store.short_link("A" * 12)
+    assert saved is not None
+    assert saved["at"] == later
+    assert (saved["campaign"], saved["customer"], saved["link"]) == ("c", "1", 0)
+
+
+class CountingTables(MemoryTables):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    async def record_links(self, campaign_key: str, table: Sequence[str]) -> list[str] | None:
+        self.reads.append(campaign_key)
+        return await super().record_links(campaign_key, table)
+
+
+async def test_the_trackers_link_tables_are_a_bounded_lru(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tracker_module, "RECORDED_CAMPAIGNS", 3)
+    tables = CountingTables()
+    config = TrackingConfig(mode="clicks", base_url="https://r.example", signer=signer())
+    tracker = Tracker(config, tables, NoOne())
+    email = EmailMessage("a@example.com", "Hi", TEXT, HTML, "<m@x>")
+
+    async def send(key: str) -> None:
+        await tracker.track(_campaign(_id=key), Channel.EMAIL, [_Item("1", email)], T0)
+
+    for key in ("a", "b", "c"):
+        await send(key)
+    await send("a")  # used again: now the most recent
+    await send("d")  # evicts b, the least recently used
+    assert len(tracker._recorded) == 3
+    assert tables.reads == ["a", "b", "c", "d"]
+    await send("a")
+    await send("b")
+    assert tables.reads == ["a", "b", "c", "d", "b"]
