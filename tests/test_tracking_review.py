@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import ipaddress
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ from bson import ObjectId
 from pymongo import AsyncMongoClient
 
 from reactor.adapters.mongo.engagement import MongoEngagement
+from reactor.domain import engagement
 from reactor.domain.models import Channel
 from reactor.engagement import tracker as tracker_module
 from reactor.engagement.recorder import Recorder
@@ -141,3 +143,49 @@ async def test_the_trackers_link_tables_are_a_bounded_lru(monkeypatch: pytest.Mo
     await send("a")
     await send("b")
     assert tables.reads == ["a", "b", "c", "d", "b"]
+
+
+def _scan(ip: str) -> str | None:
+    """The published ranges read in order, one by one: what `network_of` must agree with."""
+    address = ipaddress.ip_address(ip)
+    table = {
+        "apple": engagement.APPLE_RANGES,
+        "google_proxy": engagement.GOOGLE_PROXY_RANGES,
+        "yahoo_proxy": engagement.YAHOO_PROXY_RANGES,
+        **{f"scanner:{k}": v for k, v in engagement.SCANNER_RANGES.items()},
+    }
+    for name, texts in table.items():
+        for text in texts:
+            net = ipaddress.ip_network(text)
+            if net.version == address.version and address in net:
+                return name
+    return None
+
+
+def test_the_range_lookup_by_bisect_agrees_with_a_scan_at_every_edge() -> None:
+    probes = {"8.8.8.8", "2001:db8::1", "0.0.0.0", "255.255.255.255", "::"}
+    for texts in [
+        engagement.APPLE_RANGES,
+        engagement.GOOGLE_PROXY_RANGES,
+        engagement.YAHOO_PROXY_RANGES,
+        *engagement.SCANNER_RANGES.values(),
+    ]:
+        for text in texts:
+            net = ipaddress.ip_network(text)
+            first, last = int(net.network_address), int(net.broadcast_address)
+            top = 2**32 - 1 if net.version == 4 else 2**128 - 1
+            for value in (first - 1, first, (first + last) // 2, last, last + 1):
+                if 0 <= value <= top:
+                    probes.add(
+                        str(
+                            ipaddress.ip_address(value)
+                            if net.version == 6
+                            else ipaddress.IPv4Address(value)
+                        )
+                    )
+    named = 0
+    for ip in sorted(probes):
+        engagement.network_of.cache_clear()
+        assert engagement.network_of(ip) == _scan(ip), ip
+        named += _scan(ip) is not None
+    assert named > len(probes) // 3  # the probes do land inside ranges

@@ -162,6 +162,8 @@ class TrackingRoutes:
         app.router.add_get("/c/{token}", self.click)  # aiohttp adds HEAD with GET
         app.router.add_get("/s/{code}", self.short)
         app.router.add_get("/o/{token}", self.open)
+        # A response signal, not headers set here: the public server's guard sets its own
+        # Cache-Control on every response after the handler, and this runs after the guard.
         app.on_response_prepare.append(_no_store)
 
     # ---- handlers -----------------------------------------------------------------------------
@@ -294,10 +296,12 @@ async def _no_store(request: web.Request, response: web.StreamResponse) -> None:
         response.headers["Cache-Control"] = NO_STORE
 
 
+_NOT_FOUND = (
+    "<!doctype html><html lang=en><head><meta charset=utf-8><title>Link not found</title>"
+    "</head><body><h1>This link is not valid</h1><p>It may have been copied incompletely."
+    "</p></body></html>"
+)
+
+
 def _not_found() -> web.Response:
-    body = (
-        "<!doctype html><html lang=en><head><meta charset=utf-8><title>Link not found</title>"
-        "</head><body><h1>This link is not valid</h1><p>It may have been copied incompletely."
-        "</p></body></html>"
-    )
-    return web.Response(text=body, status=404, content_type="text/html", charset="utf-8")
+    return web.Response(text=_NOT_FOUND, status=404, content_type="text/html", charset="utf-8")
