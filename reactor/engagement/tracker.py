@@ -167,9 +167,13 @@ class Tracker:
             issued_at=now,
         )
         prefix = f"{self.config.base_url}/c/"
+        urls: dict[int, str] = {}  # a link in both parts is signed once (the token is the same)
 
         def click(n: int) -> str:
-            return prefix + sign(n)
+            url = urls.get(n)
+            if url is None:
+                url = urls[n] = prefix + sign(n)
+            return url
 
         skip = self.config.base_url + "/"
         text = rewrite.rewrite_text(message.text, table, click, skip) if message.text else None
