@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ipaddress
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ from pymongo import AsyncMongoClient
 
 from reactor.adapters.mongo.engagement import MongoEngagement
 from reactor.domain import engagement
+from reactor.domain.engagement import HitKind
 from reactor.domain.models import Channel
 from reactor.engagement import tracker as tracker_module
 from reactor.engagement.recorder import Recorder
@@ -189,3 +191,27 @@ def test_the_range_lookup_by_bisect_agrees_with_a_scan_at_every_edge() -> None:
         assert engagement.network_of(ip) == _scan(ip), ip
         named += _scan(ip) is not None
     assert named > len(probes) // 3  # the probes do land inside ranges
+
+
+async def test_a_flood_of_forged_tokens_is_counted_each_and_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    metrics = Metrics()
+    routes = TrackingRoutes(
+        signer=signer(),
+        store=SlowShortLinks(),
+        recorder=Recorder(NoStore(), metrics),  # type: ignore[arg-type]
+        clock=FakeClock(T0),
+        metrics=metrics,
+    )
+    token = signer().sign(
+        campaign="c", channel=Channel.EMAIL, customer="1", kind=HitKind.CLICK, link=0, issued_at=T0
+    )
+    forged = token[:-2] + ("AA" if not token.endswith("AA") else "BB")
+    with caplog.at_level(logging.INFO, logger="reactor.public.tracking"):
+        for _ in range(50):
+            request = make_mocked_request("GET", f"/c/{forged}", match_info={"token": forged})
+            assert (await routes.click(request)).status == 404
+    assert metrics.engagement_rejected.labels("bad_signature")._value.get() == 50
+    lines = [r for r in caplog.records if "refused a tracking token" in r.getMessage()]
+    assert len(lines) == 1

@@ -27,6 +27,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -39,6 +40,7 @@ from ..engagement.recorder import NOT_DELIVERED, Accepted, Recorder
 from ..engagement.tokens import TrackingSigner, TrackScope, is_short_code
 from ..metrics import Metrics
 from ..ports import Clock
+from .logsample import SampledLog
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,7 @@ class _MissLimiter:
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # net: level, at
 
     @staticmethod
+    @lru_cache(maxsize=4096)
     def _net(ip: str | None) -> str:
         try:
             address = ipaddress.ip_address(ip or "")
@@ -157,6 +160,7 @@ class TrackingRoutes:
         self._metrics = metrics
         self._proxies = tuple(trusted_proxies)
         self._limiter = _MissLimiter(misses_per_minute, clock.monotonic)
+        self._refusals = SampledLog(log)
 
     def add_to(self, app: web.Application) -> None:
         app.router.add_get("/c/{token}", self.click)  # aiohttp adds HEAD with GET
@@ -237,7 +241,10 @@ class TrackingRoutes:
             scope, expired = self._signer.check(request.match_info["token"], now=self._clock.now())
         except TokenError as exc:
             self._metrics.engagement_rejected.labels(exc.why).inc()
-            log.info("refused a tracking token (%s) from %s", exc.why, request.remote)
+            # Sampled: a flood of forged tokens is one line per reason every 10 s, not one each.
+            self._refusals.warning(
+                exc.why, "refused a tracking token (%s) from %s", exc.why, ascii(request.remote)
+            )
             return None
         if scope.kind is not kind:
             self._metrics.engagement_rejected.labels("wrong_kind").inc()
