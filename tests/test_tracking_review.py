@@ -20,6 +20,7 @@ from reactor.adapters.mongo.engagement import MongoEngagement
 from reactor.domain import engagement
 from reactor.domain.engagement import HitKind
 from reactor.domain.models import Channel
+from reactor.engagement import rewrite
 from reactor.engagement import tracker as tracker_module
 from reactor.engagement.recorder import Recorder
 from reactor.engagement.tracker import Tracker, TrackingConfig
@@ -215,3 +216,26 @@ async def test_a_flood_of_forged_tokens_is_counted_each_and_logged_once(
     assert metrics.engagement_rejected.labels("bad_signature")._value.get() == 50
     lines = [r for r in caplog.records if "refused a tracking token" in r.getMessage()]
     assert len(lines) == 1
+
+
+def test_plans_shared_by_a_batch_rewrite_each_message_as_planning_it_alone() -> None:
+    table = {url: n for n, url in enumerate(rewrite.link_table(HTML, TEXT, None))}
+    assert table  # the content has tracked links
+    html_plans: rewrite.Plans = {}
+    text_plans: rewrite.Plans = {}
+    skip = "https://r.example/"
+    for who in ("1", "2", "3"):
+        extra = f'<a href="https://shop.example/u/{who}">me</a><a href="{skip}u/{who}">unsub</a>'
+        body, text = HTML + extra, TEXT + f" https://shop.example/u/{who}"
+
+        def tracked(n: int, who: str = who) -> str:
+            return f"{skip}c/{who}-{n}?a&b"
+
+        alone_html = rewrite.rewrite_html(body, table, tracked, skip)
+        alone_text = rewrite.rewrite_text(text, table, tracked, skip)
+        assert rewrite.rewrite_html(body, table, tracked, skip, html_plans) == alone_html
+        assert rewrite.rewrite_text(text, table, tracked, skip, text_plans) == alone_text
+        assert f"{skip}c/{who}-0?a&amp;b" in alone_html  # the URL is escaped in HTML
+        assert f"https://shop.example/u/{who}" in alone_html  # personalised: left as it is
+    assert html_plans
+    assert text_plans

@@ -90,6 +90,7 @@ class Tracker:
         if table is not None and self._dnt is not None:
             untracked = await self._dnt.among([i.customer for i in items])
         short_rows: list[dict[str, Any]] = []
+        plans = _Plans()  # the batch's tags and URLs, planned once for all its messages
         for n, item in enumerate(items):
             if n % YIELD_EVERY == YIELD_EVERY - 1:
                 # ~0.1 ms a message (a signature per link): let redirects be answered.
@@ -103,9 +104,13 @@ class Tracker:
                 continue
             message = item.message
             if isinstance(message, SmsMessage):
-                item.message = self._sms(campaign, item.customer, message, table, now, short_rows)
+                item.message = self._sms(
+                    campaign, item.customer, message, table, now, short_rows, plans
+                )
             else:
-                item.message = self._email(campaign, item.customer, message, table, mode, now)
+                item.message = self._email(
+                    campaign, item.customer, message, table, mode, now, plans
+                )
         if short_rows:
             assert self._tables is not None
             await self._tables.save_short_links(short_rows)
@@ -157,6 +162,7 @@ class Tracker:
         table: dict[str, int],
         mode: str,
         now: dt.datetime,
+        plans: _Plans,
     ) -> EmailMessage:
         assert self.config.signer is not None
         sign = self.config.signer.signer_for(
@@ -176,10 +182,14 @@ class Tracker:
             return url
 
         skip = self.config.base_url + "/"
-        text = rewrite.rewrite_text(message.text, table, click, skip) if message.text else None
+        text = (
+            rewrite.rewrite_text(message.text, table, click, skip, plans.text)
+            if message.text
+            else None
+        )
         body = message.html
         if body is not None:
-            body = rewrite.rewrite_html(body, table, click, skip)
+            body = rewrite.rewrite_html(body, table, click, skip, plans.html)
             extra = rewrite.honeypot(click(HONEYPOT_LINK)) if self.config.honeypot else ""
             if mode == "opens_and_clicks":
                 opened = self._token(campaign, Channel.EMAIL, customer, HitKind.OPEN, 0, now)
@@ -195,6 +205,7 @@ class Tracker:
         table: dict[str, int],
         now: dt.datetime,
         rows: list[dict[str, Any]],
+        plans: _Plans,
     ) -> SmsMessage:
         assert self.config.signer is not None
         signer = self.config.signer
@@ -213,8 +224,18 @@ class Tracker:
             )
             return f"{self.config.base_url}/s/{code}"
 
-        body = rewrite.rewrite_text(message.body, table, short, self.config.base_url + "/")
+        skip = self.config.base_url + "/"
+        body = rewrite.rewrite_text(message.body, table, short, skip, plans.sms)
         return dataclasses.replace(message, body=body, segments=segments(body).count)
+
+
+@dataclass
+class _Plans:
+    """One batch's rewriting plans, per part (see `rewrite.Plans`)."""
+
+    html: rewrite.Plans = dataclasses.field(default_factory=dict)
+    text: rewrite.Plans = dataclasses.field(default_factory=dict)
+    sms: rewrite.Plans = dataclasses.field(default_factory=dict)
 
 
 def _fits(campaign: str, customer: str) -> bool:
