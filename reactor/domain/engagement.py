@@ -23,6 +23,7 @@ The published behaviour these rules rest on is cited in docs/engagement.md; the 
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import ipaddress
 from collections.abc import Iterable, Sequence
@@ -118,15 +119,49 @@ class Earlier:
     at: dt.datetime
 
 
+Span = tuple[int, int, str]  # first and last address (as integers) of a range, its name
+
+
 @lru_cache(maxsize=1)
-def _networks() -> dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]]:
+def _spans() -> dict[int, tuple[list[int], list[Span]]]:
+    """The published ranges as disjoint integer spans per IP version, sorted by start (for a
+    bisect, not a scan). Where ranges overlap, the one listed first names the overlap."""
     table = {
         "apple": APPLE_RANGES,
         "google_proxy": GOOGLE_PROXY_RANGES,
         "yahoo_proxy": YAHOO_PROXY_RANGES,
         **{f"scanner:{k}": v for k, v in SCANNER_RANGES.items()},
     }
-    return {k: [ipaddress.ip_network(n) for n in v] for k, v in table.items()}
+    ranked = [
+        (net.version, int(net.network_address), int(net.broadcast_address), name)
+        for name, texts in table.items()
+        for net in (ipaddress.ip_network(t) for t in texts)
+    ]
+    out: dict[int, tuple[list[int], list[Span]]] = {}
+    for version in (4, 6):
+        spans: list[Span] = []
+        for _, first, last, name in (r for r in ranked if r[0] == version):
+            spans = _add_span(spans, first, last, name)
+        spans.sort()
+        out[version] = ([s[0] for s in spans], spans)
+    return out
+
+
+def _add_span(spans: list[Span], first: int, last: int, name: str) -> list[Span]:
+    """`spans` plus the parts of [first, last] that no earlier (higher-ranked) span covers."""
+    pieces = [(first, last)]
+    for a, b, _ in spans:
+        cut: list[tuple[int, int]] = []
+        for lo, hi in pieces:
+            if hi < a or b < lo:
+                cut.append((lo, hi))
+                continue
+            if lo < a:
+                cut.append((lo, a - 1))
+            if b < hi:
+                cut.append((b + 1, hi))
+        pieces = cut
+    return spans + [(lo, hi, name) for lo, hi in pieces]
 
 
 @lru_cache(maxsize=8192)
@@ -138,9 +173,11 @@ def network_of(ip: str | None) -> str | None:
         address = ipaddress.ip_address(ip)
     except ValueError:
         return None
-    for name, nets in _networks().items():
-        if any(address.version == n.version and address in n for n in nets):
-            return name
+    starts, spans = _spans()[address.version]
+    value = int(address)
+    at = bisect.bisect_right(starts, value) - 1
+    if at >= 0 and value <= spans[at][1]:
+        return spans[at][2]
     return None
 
 
@@ -319,6 +356,7 @@ def client_ip(
     return remote
 
 
+@lru_cache(maxsize=8192)  # a hit's address is often a recent one's (the same person, a proxy)
 def truncate_ip(ip: str | None, v4_prefix: int = 24, v6_prefix: int = 48) -> str | None:
     """The address as stored: its network at the configured prefix (0 keeps nothing)."""
     if not ip:

@@ -76,38 +76,79 @@ def link_table(html_part: str | None, text_part: str | None, sms: str | None) ->
 
 
 Tracked = Callable[[int], str]  # link number -> the tracked URL for this recipient
+# What to do with one anchor tag or text URL, worked out once: the text to put back as it is,
+# or the text around the tracked URL and the link number. A batch's messages share their tags
+# and URLs (only the token differs per recipient), so a plan is made once per batch, not once
+# per message: each message then costs a regex scan and a dictionary lookup per link.
+Plan = str | tuple[str, int, str]
+Plans = dict[str, Plan]
 
 
-def rewrite_html(body: str, table: dict[str, int], tracked: Tracked, skip_prefix: str) -> str:
+def _anchor_plan(tag: str, table: dict[str, int], skip_prefix: str) -> Plan:
+    if _NOTRACK.search(tag):
+        return _NOTRACK.sub("", tag)
+    href = _HREF.search(tag)
+    if href is None:
+        return tag
+    raw = href.group(3) or href.group(4) or href.group(5) or ""
+    url = (html.unescape(raw) if "&" in raw else raw).strip()
+    n = table.get(url)
+    if n is None or url.startswith(skip_prefix):
+        return tag
+    return (tag[: href.start()] + href.group(1) + '"', n, '"' + tag[href.end() :])
+
+
+def _url_plan(match: re.Match[str], table: dict[str, int], skip_prefix: str) -> Plan:
+    raw = match.group(2)
+    clean = _clean(raw)
+    if match.group(1):  # marked: the marker goes, the link stays as written
+        return raw
+    n = table.get(clean)
+    if n is None or clean.startswith(skip_prefix):
+        return match.group(0)
+    return ("", n, raw[len(clean) :])
+
+
+def rewrite_html(
+    body: str,
+    table: dict[str, int],
+    tracked: Tracked,
+    skip_prefix: str,
+    plans: Plans | None = None,
+) -> str:
+    """`plans`: shared by the messages of one batch (same table, same prefix)."""
+    known: Plans = {} if plans is None else plans
+
     def anchor(tag_match: re.Match[str]) -> str:
         tag = tag_match.group(0)
-        if _NOTRACK.search(tag):
-            return _NOTRACK.sub("", tag)
-        href = _HREF.search(tag)
-        if href is None:
-            return tag
-        raw = href.group(3) or href.group(4) or href.group(5) or ""
-        url = (html.unescape(raw) if "&" in raw else raw).strip()
-        n = table.get(url)
-        if n is None or url.startswith(skip_prefix):
-            return tag
-        new = f'{href.group(1)}"{html.escape(tracked(n))}"'
-        return tag[: href.start()] + new + tag[href.end() :]
+        plan = known.get(tag)
+        if plan is None:
+            plan = known[tag] = _anchor_plan(tag, table, skip_prefix)
+        if isinstance(plan, str):
+            return plan
+        return plan[0] + html.escape(tracked(plan[1])) + plan[2]
 
     return _ANCHOR.sub(anchor, body)
 
 
-def rewrite_text(text: str, table: dict[str, int], tracked: Tracked, skip_prefix: str) -> str:
+def rewrite_text(
+    text: str,
+    table: dict[str, int],
+    tracked: Tracked,
+    skip_prefix: str,
+    plans: Plans | None = None,
+) -> str:
+    """`plans`: as for `rewrite_html` (a separate dictionary: the keys are not tags)."""
+    known: Plans = {} if plans is None else plans
+
     def url(match: re.Match[str]) -> str:
-        raw = match.group(2)
-        clean = _clean(raw)
-        tail = raw[len(clean) :]
-        if match.group(1):  # marked: the marker goes, the link stays as written
-            return raw
-        n = table.get(clean)
-        if n is None or clean.startswith(skip_prefix):
-            return match.group(0)
-        return tracked(n) + tail
+        key = match.group(0)
+        plan = known.get(key)
+        if plan is None:
+            plan = known[key] = _url_plan(match, table, skip_prefix)
+        if isinstance(plan, str):
+            return plan
+        return tracked(plan[1]) + plan[2]
 
     return _URL.sub(url, text)
 

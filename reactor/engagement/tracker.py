@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -30,6 +31,7 @@ from .tokens import TrackingSigner
 
 MODES = ("off", "clicks", "opens_and_clicks")
 YIELD_EVERY = 50  # messages rewritten between two turns of the event loop
+RECORDED_CAMPAIGNS = 256  # link tables remembered (the campaigns sending now, with room)
 
 
 def effective_mode(configured: str, campaign: str | None) -> str:
@@ -73,7 +75,9 @@ class Tracker:
         self.config = config
         self._tables = tables
         self._dnt = dnt
-        self._recorded: dict[str, tuple[tuple[str, ...], dict[str, int]]] = {}
+        # The link tables of the campaigns sent lately, least recently used first: a replica
+        # that runs for months sends thousands of campaigns, and a forgotten one costs one read.
+        self._recorded: OrderedDict[str, tuple[tuple[str, ...], dict[str, int]]] = OrderedDict()
 
     async def track(
         self, campaign: Campaign, channel: Channel, items: Sequence[_Item], now: dt.datetime
@@ -86,6 +90,7 @@ class Tracker:
         if table is not None and self._dnt is not None:
             untracked = await self._dnt.among([i.customer for i in items])
         short_rows: list[dict[str, Any]] = []
+        plans = _Plans()  # the batch's tags and URLs, planned once for all its messages
         for n, item in enumerate(items):
             if n % YIELD_EVERY == YIELD_EVERY - 1:
                 # ~0.1 ms a message (a signature per link): let redirects be answered.
@@ -99,9 +104,13 @@ class Tracker:
                 continue
             message = item.message
             if isinstance(message, SmsMessage):
-                item.message = self._sms(campaign, item.customer, message, table, now, short_rows)
+                item.message = self._sms(
+                    campaign, item.customer, message, table, now, short_rows, plans
+                )
             else:
-                item.message = self._email(campaign, item.customer, message, table, mode, now)
+                item.message = self._email(
+                    campaign, item.customer, message, table, mode, now, plans
+                )
         if short_rows:
             assert self._tables is not None
             await self._tables.save_short_links(short_rows)
@@ -110,6 +119,7 @@ class Tracker:
         wanted = _links_of(campaign)
         known = self._recorded.get(campaign.key)
         if known is not None and known[0] == wanted:
+            self._recorded.move_to_end(campaign.key)
             return known[1]
         assert self._tables is not None
         stored = await self._tables.record_links(campaign.key, wanted)
@@ -117,6 +127,9 @@ class Tracker:
             return None  # the campaign is gone: nothing to point links at
         numbers = {url: n for n, url in enumerate(stored)}
         self._recorded[campaign.key] = (wanted, numbers)
+        self._recorded.move_to_end(campaign.key)
+        while len(self._recorded) > RECORDED_CAMPAIGNS:
+            self._recorded.popitem(last=False)
         return numbers
 
     def _url(self, path: str, token: str) -> str:
@@ -149,6 +162,7 @@ class Tracker:
         table: dict[str, int],
         mode: str,
         now: dt.datetime,
+        plans: _Plans,
     ) -> EmailMessage:
         assert self.config.signer is not None
         sign = self.config.signer.signer_for(
@@ -159,15 +173,23 @@ class Tracker:
             issued_at=now,
         )
         prefix = f"{self.config.base_url}/c/"
+        urls: dict[int, str] = {}  # a link in both parts is signed once (the token is the same)
 
         def click(n: int) -> str:
-            return prefix + sign(n)
+            url = urls.get(n)
+            if url is None:
+                url = urls[n] = prefix + sign(n)
+            return url
 
         skip = self.config.base_url + "/"
-        text = rewrite.rewrite_text(message.text, table, click, skip) if message.text else None
+        text = (
+            rewrite.rewrite_text(message.text, table, click, skip, plans.text)
+            if message.text
+            else None
+        )
         body = message.html
         if body is not None:
-            body = rewrite.rewrite_html(body, table, click, skip)
+            body = rewrite.rewrite_html(body, table, click, skip, plans.html)
             extra = rewrite.honeypot(click(HONEYPOT_LINK)) if self.config.honeypot else ""
             if mode == "opens_and_clicks":
                 opened = self._token(campaign, Channel.EMAIL, customer, HitKind.OPEN, 0, now)
@@ -183,6 +205,7 @@ class Tracker:
         table: dict[str, int],
         now: dt.datetime,
         rows: list[dict[str, Any]],
+        plans: _Plans,
     ) -> SmsMessage:
         assert self.config.signer is not None
         signer = self.config.signer
@@ -201,8 +224,18 @@ class Tracker:
             )
             return f"{self.config.base_url}/s/{code}"
 
-        body = rewrite.rewrite_text(message.body, table, short, self.config.base_url + "/")
+        skip = self.config.base_url + "/"
+        body = rewrite.rewrite_text(message.body, table, short, skip, plans.sms)
         return dataclasses.replace(message, body=body, segments=segments(body).count)
+
+
+@dataclass
+class _Plans:
+    """One batch's rewriting plans, per part (see `rewrite.Plans`)."""
+
+    html: rewrite.Plans = dataclasses.field(default_factory=dict)
+    text: rewrite.Plans = dataclasses.field(default_factory=dict)
+    sms: rewrite.Plans = dataclasses.field(default_factory=dict)
 
 
 def _fits(campaign: str, customer: str) -> bool:

@@ -27,6 +27,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -39,6 +40,7 @@ from ..engagement.recorder import NOT_DELIVERED, Accepted, Recorder
 from ..engagement.tokens import TrackingSigner, TrackScope, is_short_code
 from ..metrics import Metrics
 from ..ports import Clock
+from .logsample import SampledLog
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,7 @@ class _MissLimiter:
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # net: level, at
 
     @staticmethod
+    @lru_cache(maxsize=4096)
     def _net(ip: str | None) -> str:
         try:
             address = ipaddress.ip_address(ip or "")
@@ -117,15 +120,24 @@ class _MissLimiter:
         now = self._monotonic()
         return min(self._capacity, level + (now - at) * self._refill_per_s)
 
-    def blocked(self, ip: str | None) -> bool:
-        return self._level(self._net(ip)) < 1.0
-
-    def missed(self, ip: str | None) -> None:
+    def take(self, ip: str | None) -> str | None:
+        """Reserve one miss for the client's network before its lookup is awaited; None when
+        the bucket is empty. Checking and counting in one step, with no await between, is what
+        stops concurrent guesses from all passing one check together."""
         net = self._net(ip)
-        self._buckets[net] = (max(0.0, self._level(net) - 1.0), self._monotonic())
+        level = self._level(net)
+        if level < 1.0:
+            return None
+        self._buckets[net] = (level - 1.0, self._monotonic())
         self._buckets.move_to_end(net)
         while len(self._buckets) > 100_000:  # the least recently missing networks go first
             self._buckets.popitem(last=False)
+        return net
+
+    def refund(self, net: str) -> None:
+        """The reserved miss was a valid code: a hit costs the network nothing."""
+        if net in self._buckets:
+            self._buckets[net] = (min(self._capacity, self._level(net) + 1.0), self._monotonic())
 
 
 class TrackingRoutes:
@@ -148,11 +160,14 @@ class TrackingRoutes:
         self._metrics = metrics
         self._proxies = tuple(trusted_proxies)
         self._limiter = _MissLimiter(misses_per_minute, clock.monotonic)
+        self._refusals = SampledLog(log)
 
     def add_to(self, app: web.Application) -> None:
         app.router.add_get("/c/{token}", self.click)  # aiohttp adds HEAD with GET
         app.router.add_get("/s/{code}", self.short)
         app.router.add_get("/o/{token}", self.open)
+        # A response signal, not headers set here: the public server's guard sets its own
+        # Cache-Control on every response after the handler, and this runs after the guard.
         app.on_response_prepare.append(_no_store)
 
     # ---- handlers -----------------------------------------------------------------------------
@@ -164,18 +179,21 @@ class TrackingRoutes:
         return await self._follow(request, *checked)
 
     async def short(self, request: web.Request) -> web.StreamResponse:
-        ip = self._client(request)
-        if self._limiter.blocked(ip):
+        net = self._limiter.take(self._client(request))
+        if net is None:
+            # Valid codes are refused too while a network is over its misses: answering them
+            # (302) but not the misses (429) would tell a guesser which of its guesses hit, at
+            # full speed, and the limit would protect nothing.
             self._metrics.engagement_rejected.labels("rate_limited").inc()
-            raise web.HTTPTooManyRequests(
-                text="Too many requests.\n", headers={"Retry-After": "60"}
+            return web.Response(
+                text="Too many requests.\n", status=429, headers={"Retry-After": "60"}
             )
         code = request.match_info["code"]
         row = await self._store.short_link(code) if is_short_code(code) else None
         if row is None:
-            self._limiter.missed(ip)
             self._metrics.engagement_rejected.labels("unknown_short_link").inc()
             return _not_found()
+        self._limiter.refund(net)
         scope = _short_scope(row)
         if scope is None:
             self._metrics.engagement_rejected.labels("malformed").inc()
@@ -223,7 +241,10 @@ class TrackingRoutes:
             scope, expired = self._signer.check(request.match_info["token"], now=self._clock.now())
         except TokenError as exc:
             self._metrics.engagement_rejected.labels(exc.why).inc()
-            log.info("refused a tracking token (%s) from %s", exc.why, request.remote)
+            # Sampled: a flood of forged tokens is one line per reason every 10 s, not one each.
+            self._refusals.warning(
+                exc.why, "refused a tracking token (%s) from %s", exc.why, ascii(request.remote)
+            )
             return None
         if scope.kind is not kind:
             self._metrics.engagement_rejected.labels("wrong_kind").inc()
@@ -282,10 +303,12 @@ async def _no_store(request: web.Request, response: web.StreamResponse) -> None:
         response.headers["Cache-Control"] = NO_STORE
 
 
+_NOT_FOUND = (
+    "<!doctype html><html lang=en><head><meta charset=utf-8><title>Link not found</title>"
+    "</head><body><h1>This link is not valid</h1><p>It may have been copied incompletely."
+    "</p></body></html>"
+)
+
+
 def _not_found() -> web.Response:
-    body = (
-        "<!doctype html><html lang=en><head><meta charset=utf-8><title>Link not found</title>"
-        "</head><body><h1>This link is not valid</h1><p>It may have been copied incompletely."
-        "</p></body></html>"
-    )
-    return web.Response(text=body, status=404, content_type="text/html", charset="utf-8")
+    return web.Response(text=_NOT_FOUND, status=404, content_type="text/html", charset="utf-8")

@@ -14,6 +14,7 @@ Every write of a batch is an insert or an `$inc`: batches commute, replicas need
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -25,6 +26,9 @@ from pymongo.errors import BulkWriteError
 from ...domain.engagement import Earlier
 from ...domain.ids import id_variants
 from .actions import campaign_id_variants
+from .pipeline import NOW, literal, set_execution
+
+log = logging.getLogger(__name__)
 
 EVENTS = "engagement"
 FIRSTS = "engagement_firsts"
@@ -79,6 +83,9 @@ class MongoEngagement:
             if doc is None:
                 return None
             old = doc.get("trackedLinks")
+            if old is not None and not isinstance(old, list):
+                await self._malformed_table(doc["_id"], old)
+                return None
             old = [str(u) for u in old] if isinstance(old, list) else []
             merged = old + [u for u in table if u not in old]
             if merged == old:
@@ -88,6 +95,27 @@ class MongoEngagement:
             if result.matched_count:
                 return merged
         raise RuntimeError(f"link table of campaign {campaign_key} kept changing")
+
+    async def _malformed_table(self, campaign_id: Any, value: Any) -> None:
+        """`trackedLinks` is not a list: the numbers in links already sent mean nothing any
+        more, and overwriting it would point them elsewhere. The campaign's messages go out
+        untracked, and `execution.lastError` says why (written once, not per batch)."""
+        detail = f"trackedLinks must be a list of URLs, not {type(value).__name__}; sent untracked"
+        log.warning("campaign %s: %s", campaign_id, detail, extra={"campaign_id": str(campaign_id)})
+        await self.campaigns.update_one(
+            {"_id": campaign_id, "execution.lastError.detail": {"$ne": detail}},
+            [
+                set_execution(
+                    {
+                        "lastError": {
+                            "reason": literal("malformed_link_table"),
+                            "detail": literal(detail),
+                            "at": NOW,
+                        }
+                    }
+                )
+            ],
+        )
 
     async def link_table(self, campaign_key: str) -> list[str] | None:
         """The recorded destinations; None when there is no such campaign."""
@@ -104,7 +132,7 @@ class MongoEngagement:
     async def save_short_links(self, rows: Sequence[Mapping[str, Any]]) -> None:
         if not rows:
             return
-        ops = [UpdateOne({"_id": r["_id"]}, {"$setOnInsert": dict(r)}, upsert=True) for r in rows]
+        ops = [UpdateOne({"_id": r["_id"]}, _short_link_update(r), upsert=True) for r in rows]
         await self.short_links.bulk_write(ops, ordered=False)
 
     async def short_link(self, code: str) -> dict[str, Any] | None:
@@ -195,6 +223,18 @@ class MongoEngagement:
             )
         if ops:
             await self.campaigns.bulk_write(ops, ordered=False)
+
+
+def _short_link_update(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A code is the same for every send of one link to one recipient: its first send inserts
+    the row, and a resend moves `at` (the TTL's clock and the delivery time hits are timed
+    from) to the later send, so the resent link lives its full time (`$max`: batches that land
+    out of order never move it back)."""
+    fixed = {k: v for k, v in row.items() if k not in ("_id", "at")}
+    update: dict[str, Any] = {"$max": {"at": row["at"]}}
+    if fixed:
+        update["$setOnInsert"] = fixed
+    return update
 
 
 class MongoDoNotTrack:
