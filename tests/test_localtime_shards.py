@@ -120,7 +120,7 @@ async def test_instants_are_sharded_over_two_replicas_and_each_recipient_gets_on
     assert len(shards) == ZONES * PER_ZONE // 5
     assert all(s["source"] == "local" and s["state"] == "done" for s in shards)
     assert all(len(s["ids"]) <= 5 for s in shards)
-    by_due = collections.defaultdict(set)
+    by_due: dict[dt.datetime, set[Any]] = collections.defaultdict(set)
     for s in shards:
         due = s["due"].replace(tzinfo=dt.UTC)
         by_due[due] |= set(s["ids"])
@@ -146,7 +146,7 @@ async def test_a_replica_killed_mid_instant_leaves_it_to_the_other_with_no_dupli
     names, dues, at = zones(tmp_path, 4)
     ids = await seed(client, mongo, names)
     coll = client[mongo.campaigns_db].campaigns
-    slow = {
+    slow: dict[str, Any] = {
         "shard_size": 10,
         "shard_concurrency": 1,
         "email_rate_per_second": 15,
