@@ -26,7 +26,7 @@ from reactor.ports import Recipient
 
 from .conftest import MongoTarget
 from .fakes import MemoryRecipients
-from .helpers import Client, eventually, ledger, running, settings
+from .helpers import Client, eventually, holds, ledger, running, settings
 
 PER_ZONE = 20
 ZONES = 3
@@ -34,7 +34,9 @@ SPACING_S = 2
 _names = itertools.count()
 
 
-def zones(tmp: Path, first_due_in_s: float) -> tuple[list[str], list[dt.datetime], str]:
+def zones(
+    tmp: Path, first_due_in_s: float, spacing_s: float = SPACING_S
+) -> tuple[list[str], list[dt.datetime], str]:
     """ZONES synthetic zones (zic) in which `at` falls SPACING_S apart from `first_due_in_s`
     on: their names, their instants, and `at`."""
     now = dt.datetime.now(dt.UTC)
@@ -42,7 +44,7 @@ def zones(tmp: Path, first_due_in_s: float) -> tuple[list[str], list[dt.datetime
     prefix = f"Lt{next(_names)}"
     names, dues, lines = [], [], []
     for k in range(ZONES):
-        target = now + dt.timedelta(seconds=first_due_in_s + k * SPACING_S)
+        target = now + dt.timedelta(seconds=first_due_in_s + k * spacing_s)
         offset_s = round((at - target).total_seconds())
         sign, value = ("-", -offset_s) if offset_s < 0 else ("", offset_s)
         hours, rest = divmod(value, 3600)
@@ -186,6 +188,38 @@ async def test_a_replica_killed_mid_instant_leaves_it_to_the_other_with_no_dupli
     shards = await _shards(client, mongo, res.inserted_id)
     assert all(s["state"] == "done" for s in shards)
     assert any(s["owner"] == "b" and s["epoch"] >= 2 for s in shards)  # taken over
+
+
+async def test_a_pause_between_instants_holds_their_shards_and_a_resume_sends_each_once(
+    mongo: MongoTarget, client: Client, tmp_path: Path
+) -> None:
+    names, dues, at = zones(tmp_path, 4, spacing_s=8)
+    ids = await seed(client, mongo, names)
+    coll = client[mongo.campaigns_db].campaigns
+    async with SmtpSink() as sink:
+        async with running(settings(mongo, sink, reactor_instance_id="p", shard_size=5)):
+            res = await coll.insert_one(local_campaign(ids, at, dues))
+            await eventually(lambda: holds(len(sink.messages) >= PER_ZONE), 30)
+            await coll.update_one({"_id": res.inserted_id}, {"$set": {"status": "paused"}})
+
+            async def idle() -> bool:
+                shards = await _shards(client, mongo, res.inserted_id)
+                return all(s["state"] in ("held", "done") for s in shards)
+
+            await eventually(idle, 5, interval_s=0.1)
+            held = [
+                s for s in await _shards(client, mongo, res.inserted_id) if s["state"] == "held"
+            ]
+            assert len(held) == 2 * PER_ZONE // 5  # the two later instants' shards
+            await coll.update_one({"_id": res.inserted_id}, {"$set": {"status": "running"}})
+            await eventually(lambda: _done(client, mongo, res.inserted_id), 60)
+        counts = collections.Counter(m.to for m in sink.messages)
+    assert set(counts) == {f"c{i}@example.com" for i in ids}
+    assert set(counts.values()) == {1}
+    for row in await ledger(client, mongo, res.inserted_id):
+        assert row["state"] == "sent"
+        due = due_of(f"c{row['customer']}@example.com", dues)
+        assert row["createdAt"].replace(tzinfo=dt.UTC) >= due  # never marked early
 
 
 async def test_the_plan_is_written_in_bounded_slices_and_a_timer_holds_no_ids() -> None:
