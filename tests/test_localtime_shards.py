@@ -14,10 +14,12 @@ import itertools
 import subprocess
 import tracemalloc
 import zoneinfo
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 
 from reactor.domain.zones import parse_local_time
 from reactor.embedded.smtp_sink import SmtpSink
@@ -32,6 +34,14 @@ PER_ZONE = 20
 ZONES = 3
 SPACING_S = 2
 _names = itertools.count()
+
+
+@pytest.fixture(autouse=True)
+def _restore_tzpath() -> Iterator[None]:
+    """`zones` puts its compiled zones first on zoneinfo's path: taken off again after."""
+    before = zoneinfo.TZPATH
+    yield
+    zoneinfo.reset_tzpath(to=list(before))
 
 
 def zones(
