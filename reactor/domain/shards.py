@@ -6,10 +6,15 @@ segment's audience, a range of the chunks it was frozen in at the start (`source
 chunks of SHARD_SIZE / CHUNKS_PER_SHARD ids, so that its shards are cut as evenly). An id listed
 twice may fall in two shards: the ledger's insert-only `pending` mark lets exactly one of them
 send it, and the other sees a row of another shard and leaves it alone.
+
+A localTime campaign's shards (`source` "local") each hold a bounded slice of the ids due at one
+instant (`due`), written once when the campaign starts: the plan lives in the database, and the
+replicas claim an instant's shards like a start's, from just before it.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -34,6 +39,12 @@ class Shard:
     epoch: int
     source: str = "list"  # "list": a slice of targetedCustomerIds; "audience": chunk `start`
     rest: bool = False  # a split's second pass: the audience its test did not mark
+    due: dt.datetime | None = None  # source "local": the instant its recipients are due
+
+
+def local_shard_id(campaign: str, due: dt.datetime, part: int) -> str:
+    """A localTime campaign's shard: the `part`-th slice of the recipients due at `due`."""
+    return f"{campaign}:L{int(due.timestamp() * 1000)}:{part}"
 
 
 def shard_id(campaign: str, index: int) -> str:
@@ -83,4 +94,11 @@ def parse_shard(doc: dict[str, object]) -> Shard:
         epoch=int(doc["epoch"]),  # type: ignore[call-overload]
         source=str(doc.get("source") or "list"),
         rest=bool(doc.get("rest")),
+        due=_aware(doc.get("due")),
     )
+
+
+def _aware(value: object) -> dt.datetime | None:
+    if not isinstance(value, dt.datetime):
+        return None
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)

@@ -41,10 +41,10 @@ from ..suppression import SuppressionList
 from .deliver import Deliverer
 from .lanes import Lanes
 from .ledger import Item, LedgerWriter
-from .localtime import plan
+from .localtime import InstantTimer, persist_plan, plan, timers_from_plan
 from .prepare import Ahead, BatchPreparer, chunks
 from .resolve import resolve_uncertain_sms
-from .shards import AudienceStore, ShardStore, coordinate
+from .shards import AudienceStore, ShardStore, coordinate, watch
 from .state import Run, StopReason, unless_stopped
 from .window import SendWindow
 
@@ -54,6 +54,7 @@ WINNER_POLL_S = 1.0  # how often a split's owner looks for the winner while the 
 MAX_WAIT_S = 30.0  # a wait for a local-time instant re-reads the clock at least this often
 PREPARE_AHEAD_S = 1.0  # a local-time batch's first recipients are read this long before it
 LOCAL_BATCH_HOOKS: list[Any] = []  # bench/test hooks every run gets (see on_local_batch)
+DEFAULT_LOCAL_SHARD = 500  # ids per local-time shard when SHARD_SIZE is unset
 
 
 class CampaignRun:
@@ -89,6 +90,7 @@ class CampaignRun:
         # Bench/test hook: on_local_batch(key, due_at, wake_lateness_s, size) as a batch's
         # first recipients are read (PREPARE_AHEAD_S before its instant).
         self.on_local_batch: list[Any] = list(LOCAL_BATCH_HOOKS)
+        self.armed: list[InstantTimer] = []  # a localTime campaign's timers, one per instant
         self._audiences = audiences
         self._shards = shards
         self._lease_s = lease_s
@@ -123,6 +125,41 @@ class CampaignRun:
         if run.shard is not None:
             await self._send_shard(run.shard)
             return
+        loaded = await self._load()
+        if loaded is None:
+            return
+        campaign, local = loaded
+        await self._ledger_rows.record_execution(
+            run.key,
+            epoch=run.epoch,
+            owner=self._instance,
+            fields={"startedAt": self._clock.now(), "owner": self._instance, "state": "running"},
+        )
+        if run.epoch > 1:  # only a takeover can find rows an earlier owner left pending
+            await self._settle_previous_pending()
+        if local is not None:  # each recipient at their own hour
+            await self._send_local(campaign, local)
+            return
+        size = self._config.shard_size
+        if campaign.segment is not None or (
+            self._shards is not None and size is not None and len(campaign.targets) > size
+        ):
+            if self._shards is None or size is None:
+                raise InvalidCampaign("bad_segment", "segments need the shard store")
+            await self._send_sharded(campaign, size)
+            return
+        targets = list(dict.fromkeys(normalise_id(t) for t in campaign.targets))
+        await self._send_targets(campaign, targets)
+        if campaign.split is not None:
+            decided = await self._await_winner(campaign)
+            if decided is not None:
+                await self._send_targets(decided, targets)
+        await self._finish(campaign, len(targets))
+
+    async def _load(self) -> tuple[Campaign, LocalTime | None] | None:
+        """The claimed campaign as it is now, or None when it cannot be sent (recorded on it,
+        and its sends marked done)."""
+        run = self.run
         doc = await self._store.get(run.campaign_id, with_targets=True)
         if doc is None:
             raise LeaseLost(f"campaign {run.key} was deleted")
@@ -130,7 +167,7 @@ class CampaignRun:
             campaign = parse_campaign(doc)
             compile_content(campaign)  # the content may have changed since it was armed
             self._use_lane(doc)
-            local = parse_local_time(doc.get("localTime"))
+            return campaign, parse_local_time(doc.get("localTime"))
         except InvalidCampaign as exc:
             self._metrics.campaign_errors.labels(exc.reason).inc()
             log.error(
@@ -141,57 +178,42 @@ class CampaignRun:
             )
             await self._store.record_invalid(run.campaign_id, exc.reason, exc.detail)
             await self._store.mark_sends_done(run.campaign_id, epoch=run.epoch)
-            return
-        await self._ledger_rows.record_execution(
-            run.key,
-            epoch=run.epoch,
-            owner=self._instance,
-            fields={"startedAt": self._clock.now(), "owner": self._instance, "state": "running"},
-        )
-        if run.epoch > 1:  # only a takeover can find rows an earlier owner left pending
-            await self._settle_previous_pending()
-        if local is not None:  # each recipient at their own hour (not sharded: see localtime)
-            targets = list(dict.fromkeys(normalise_id(t) for t in campaign.targets))
-            await self._send_at_local_times(campaign, local, targets)
-            await self._finish(campaign, len(targets))
-            return
-        size = self._config.shard_size
+            return None
+
+    async def _send_sharded(self, campaign: Campaign, size: int) -> None:
+        """A large list or a segment: cut into shards every replica claims, then watched."""
+        run = self.run
         segment = campaign.segment
-        if segment is not None or (
-            self._shards is not None and size is not None and len(campaign.targets) > size
-        ):
-            if self._shards is None or size is None:
-                raise InvalidCampaign("bad_segment", "segments need the shard store")
-            if segment is not None:
-                # An audience outside the document: frozen in chunks at the start, one shard
-                # per chunk.
-                if self._audiences is None:
-                    raise InvalidCampaign("bad_segment", "segments need the audience store")
-                # In chunks an eighth of a shard, so that the shards (runs of chunks) can be
-                # cut as evenly for the replicas as a list's.
-                unit = max(1, size // CHUNKS_PER_SHARD)
-                n_chunks = await self._audiences.materialize(run.key, segment, unit)
-                ranges, source = await self._plan(n_chunks, max(1, size // unit)), "audience"
-            else:
-                ranges, source = await self._plan(len(campaign.targets), size), "list"
-            await self._coordinate(ranges, size, source)
-            if campaign.split is not None and await self._await_winner(campaign) is not None:
-                # The rest of a split: one more shard per planned range (indexes after the
-                # test's), whose runs send the winner to whoever the test shards did not mark.
-                await self._coordinate(ranges, size, source, rest=True)
-            total = (
-                await self._audiences.total(run.key)
-                if segment is not None and self._audiences is not None
-                else len(campaign.targets)
-            )
-            await self._finish(campaign, total)
-            return
+        if segment is not None:
+            # An audience outside the document: frozen in chunks at the start, one shard
+            # per chunk.
+            if self._audiences is None:
+                raise InvalidCampaign("bad_segment", "segments need the audience store")
+            # In chunks an eighth of a shard, so that the shards (runs of chunks) can be
+            # cut as evenly for the replicas as a list's.
+            unit = max(1, size // CHUNKS_PER_SHARD)
+            n_chunks = await self._audiences.materialize(run.key, segment, unit)
+            ranges, source = await self._plan(n_chunks, max(1, size // unit)), "audience"
+        else:
+            ranges, source = await self._plan(len(campaign.targets), size), "list"
+        await self._coordinate(ranges, size, source)
+        if campaign.split is not None and await self._await_winner(campaign) is not None:
+            # The rest of a split: one more shard per planned range (indexes after the
+            # test's), whose runs send the winner to whoever the test shards did not mark.
+            await self._coordinate(ranges, size, source, rest=True)
+        total = (
+            await self._audiences.total(run.key)
+            if segment is not None and self._audiences is not None
+            else len(campaign.targets)
+        )
+        await self._finish(campaign, total)
+
+    async def _send_local(self, campaign: Campaign, local: LocalTime) -> None:
         targets = list(dict.fromkeys(normalise_id(t) for t in campaign.targets))
-        await self._send_targets(campaign, targets)
-        if campaign.split is not None:
-            decided = await self._await_winner(campaign)
-            if decided is not None:
-                await self._send_targets(decided, targets)
+        if self._shards is None:  # in-memory ports: the plan in memory, sent by this run
+            await self._send_at_local_times(campaign, local, targets)
+        else:
+            await self._send_local_shards(campaign, local, targets)
         await self._finish(campaign, len(targets))
 
     async def _coordinate(
@@ -289,6 +311,113 @@ class CampaignRun:
             )
             await self._send_targets(campaign, group, not_before=due)
 
+    async def _send_local_shards(
+        self, campaign: Campaign, local: LocalTime, targets: list[str]
+    ) -> None:
+        """The plan written once as per-instant shards (see localtime.persist_plan), one
+        timer per distinct instant armed here, and the shards watched until all are done:
+        every replica claims an instant's shards from PREPARE_AHEAD_S before it."""
+        run = self.run
+        assert self._shards is not None
+        timers = await self._local_timers(campaign, local, targets)
+        self.armed = timers
+        log.info(
+            "🕙 %s armed at %d local-time instants",
+            run.name,
+            len(timers),
+            extra={"campaign_id": run.key, "count": len(timers)},
+        )
+        await self._shards.reopen(run.key)  # resumed after a pause: claimable again
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._arm_instants, timers)
+            await watch(
+                run,
+                shards=self._shards,
+                clock=self._clock,
+                owner=self._instance,
+                lease_s=self._lease_s,
+                close=self._close_shard,
+            )
+            tg.cancel_scope.cancel()
+
+    async def _local_timers(
+        self, campaign: Campaign, local: LocalTime, targets: list[str]
+    ) -> list[InstantTimer]:
+        """The campaign's instants: from its persisted plan, or planned and written now."""
+        run = self.run
+        assert self._shards is not None
+        instants = await self._shards.local_plan(run.key)
+        if instants is None:
+            index = 0
+            shards = self._shards
+
+            async def write_shard(due: dt.datetime, part: int, ids: list[str]) -> None:
+                nonlocal index
+                not_before = due - dt.timedelta(seconds=PREPARE_AHEAD_S)
+                await shards.create_local(
+                    run.key,
+                    run.campaign_id,
+                    index=index,
+                    due=due,
+                    part=part,
+                    ids=ids,
+                    not_before=not_before,
+                    name=run.name,
+                )
+                index += 1
+
+            async def outside(ids: list[str]) -> None:
+                await self._ledger.write(
+                    run,
+                    [
+                        DeliveryRecord(c, ch, DeliveryState.SKIPPED, reason="outside_window")
+                        for ch in sorted(campaign.channels)
+                        for c in ids
+                    ],
+                )
+
+            instants = await persist_plan(
+                self._recipients,
+                targets,
+                local,
+                (campaign.start_at, campaign.end_at),
+                batch_size=self._config.batch_size,
+                shard_size=self._config.shard_size or DEFAULT_LOCAL_SHARD,
+                write_shard=write_shard,
+                outside=outside,
+            )
+            await self._shards.save_local_plan(run.key, instants)
+            instants = await self._shards.local_plan(run.key) or []  # the first writer's
+        return timers_from_plan(run.key, instants)
+
+    async def _arm_instants(self, timers: list[InstantTimer]) -> None:
+        """Wake this replica's shard claims as each instant's shards become claimable (the
+        other replicas' claim loops poll more often than PREPARE_AHEAD_S), and report each
+        instant's wake-up lateness to the hooks."""
+        run = self.run
+        for timer in timers:
+            wake_at = timer.due_at - dt.timedelta(seconds=PREPARE_AHEAD_S)
+            # In slices, the clock read again after each: a corrected clock cannot misfire it.
+            while (wait_s := (wake_at - self._clock.now()).total_seconds()) > 0:
+                await self._clock.sleep(min(wait_s, MAX_WAIT_S))
+            if run.stop_reason is not None:
+                return
+            lateness_s = (self._clock.now() - timer.due_at).total_seconds() + PREPARE_AHEAD_S
+            if lateness_s > PREPARE_AHEAD_S:
+                continue  # a takeover after this instant: its shards are being sent already
+            if self._shards_created is not None:
+                self._shards_created()
+            for hook in self.on_local_batch:
+                hook(run.key, timer.due_at, lateness_s, timer.recipients)
+            log.info(
+                "🕙 Local-time batch of %s due %s: %d recipients in %d shards",
+                run.name,
+                timer.due_at.isoformat(),
+                timer.recipients,
+                timer.shards,
+                extra={"campaign_id": run.key, "count": timer.recipients},
+            )
+
     def _use_lane(self, doc: dict[str, Any]) -> None:
         """Send through the campaign's sending identity (its relay, key, budget, breaker).
         Raises InvalidCampaign(unknown_sender) if it names none."""
@@ -336,6 +465,9 @@ class CampaignRun:
             ids = []
             for index in range(shard.start, shard.start + shard.count):
                 ids += await self._audiences.chunk(run.key, index)
+        elif shard.source == "local":
+            doc = await self._store.get(run.campaign_id)
+            ids = await self._shards.local_ids(shard.id)
         else:
             doc = await self._store.get_slice(run.campaign_id, shard.start, shard.count)
             ids = list((doc or {}).get("targetedCustomerIds") or [])
@@ -358,7 +490,9 @@ class CampaignRun:
                 for batch in chunks(targets, self._config.batch_size):
                     await self._close_window(channel, batch)
         else:
-            await self._send_targets(campaign, targets)
+            # A local-time shard is claimed a little before its instant: its first batch is
+            # read and rendered, and nothing is marked or sent before the instant itself.
+            await self._send_targets(campaign, targets, not_before=shard.due)
         if run.epoch > 1:
             await self._settle_previous_pending()
         await self._ledger.flush_counters(run, force=True)

@@ -16,6 +16,7 @@ takeovers work as for an unsharded campaign:
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -52,6 +53,21 @@ class ShardStore(Protocol):
     async def finish(self, shard: str, *, epoch: int) -> bool: ...
     async def hold(self, campaign: str) -> int: ...
     async def reopen(self, campaign: str) -> int: ...
+    async def create_local(
+        self,
+        campaign: str,
+        campaign_id: Any,
+        *,
+        index: int,
+        due: dt.datetime,
+        part: int,
+        ids: list[str],
+        not_before: dt.datetime,
+        name: str | None = None,
+    ) -> None: ...
+    async def local_ids(self, shard: str) -> list[Any]: ...
+    async def save_local_plan(self, campaign: str, instants: list[dict[str, Any]]) -> None: ...
+    async def local_plan(self, campaign: str) -> list[dict[str, Any]] | None: ...
     async def unfinished(self, campaign: str) -> list[dict[str, Any]]: ...
     async def summary(self, campaign: str) -> dict[str, int]: ...
     async def announce(self, owner: str, *, slots: int, lease_s: float) -> None: ...
@@ -96,6 +112,20 @@ async def coordinate(
         f" ({reopened} held shards reopened)" if reopened else "",
         extra={"campaign_id": run.key, "count": len(ranges)},
     )
+    await watch(run, shards=shards, clock=clock, owner=owner, lease_s=lease_s, close=close)
+
+
+async def watch(
+    run: Run,
+    *,
+    shards: ShardStore,
+    clock: Clock,
+    owner: str,
+    lease_s: float,
+    close: Callable[[Run], Awaitable[None]],
+) -> None:
+    """Watch the campaign's shards until all are done, or until this run stops for a pause,
+    a shutdown or a lost lease; when the window closes, close those nobody is closing."""
     held = False
     while True:
         if run.stop_reason == StopReason.PAUSED:

@@ -114,12 +114,8 @@ class Scheduler:
         """Make the armed timers match what `doc` wants. Returns what changed ("armed",
         "disarmed", "takeover") so the sweep can count its repairs."""
         key = str(doc.get("_id"))
-        if event_ts is not None:
-            self._event_ts[key] = event_ts
-        elif seen_at is not None:
-            newer = self._event_ts.get(key)
-            if newer is not None and newer > seen_at:
-                return set()  # the stream has already shown us a newer version
+        if self._seen_newer(key, event_ts, seen_at):
+            return set()  # the stream has already shown us a newer version
         changes: set[str] = set()
         now = self._clock.now()
         try:
@@ -140,9 +136,34 @@ class Scheduler:
             self._handled.pop(key, None)
         self._ids[key] = campaign.id
         self._names[key] = campaign.name
+        changes |= await self._arm_wanted(doc, campaign, now, recheck=event_ts is not None)
+        self._follow_run(campaign)
+        if wants_takeover(campaign, now) and not self._executor.active(key):
+            # After a failed execution the lease was released for a retry: not a repair.
+            changes.add("retry" if campaign.execution.failed else "takeover")
+            self._spawn(self._take_over, campaign)
+        self._update_gauges()
+        return changes
+
+    def _seen_newer(self, key: str, event_ts: Timestamp | None, seen_at: Timestamp | None) -> bool:
+        """Record an event's time; True when a sweep row is older than an event already seen."""
+        if event_ts is not None:
+            self._event_ts[key] = event_ts
+            return False
+        if seen_at is not None:
+            newer = self._event_ts.get(key)
+            return newer is not None and newer > seen_at
+        return False
+
+    async def _arm_wanted(
+        self, doc: dict[str, Any], campaign: Campaign, now: dt.datetime, *, recheck: bool
+    ) -> set[str]:
+        """Arm the timers the campaign wants now and disarm the others ("armed"/"disarmed")."""
+        key = campaign.key
+        changes: set[str] = set()
         wanted = {t.key: t for t in desired_timers(campaign, now, self._config.horizon_s)}
         start = TimerKey(key, TimerKind.START)
-        if start in wanted and not await self._targets_ok(campaign, recheck=event_ts is not None):
+        if start in wanted and not await self._targets_ok(campaign, recheck=recheck):
             del wanted[start]  # reported on the document; not started
         if start in wanted and not await self._admitted(doc, campaign):
             del wanted[start]  # reported on the document (execution.lastError); not started
@@ -153,20 +174,19 @@ class Scheduler:
         for timer in wanted.values():
             if self.timers.arm(timer.key, timer.due_at):
                 changes.add("armed")
-        run = self._executor.runs.get(key)
-        if run is not None:
-            if campaign.status is Status.PAUSED:
-                self._spawn(self._executor.stop, key, StopReason.PAUSED)
-            elif campaign.execution.epoch > run.epoch:
-                # Only a newer epoch means another replica owns it now; an older event that
-                # arrives after our own claim must not stop us.
-                self._spawn(self._executor.stop, key, StopReason.LEASE_LOST)
-        if wants_takeover(campaign, now) and not self._executor.active(key):
-            # After a failed execution the lease was released for a retry: not a repair.
-            changes.add("retry" if campaign.execution.failed else "takeover")
-            self._spawn(self._take_over, campaign)
-        self._update_gauges()
         return changes
+
+    def _follow_run(self, campaign: Campaign) -> None:
+        """Stop this replica's run of the campaign when it is paused or owned elsewhere now."""
+        run = self._executor.runs.get(campaign.key)
+        if run is None:
+            return
+        if campaign.status is Status.PAUSED:
+            self._spawn(self._executor.stop, campaign.key, StopReason.PAUSED)
+        elif campaign.execution.epoch > run.epoch:
+            # Only a newer epoch means another replica owns it now; an older event that
+            # arrives after our own claim must not stop us.
+            self._spawn(self._executor.stop, campaign.key, StopReason.LEASE_LOST)
 
     async def _targets_ok(self, campaign: Campaign, *, recheck: bool) -> bool:
         """A campaign whose targets cannot be read is reported when its start is armed, not

@@ -58,42 +58,7 @@ class StartClaims:
         # Every claim of this batch writes its token; the read finds what this batch won.
         token = f"{owner}:{uuid.uuid4().hex}"
         unique = list(dict.fromkeys(campaign_ids))
-        ops = [
-            UpdateOne(
-                {
-                    "_id": campaign_id,
-                    "status": Status.APPROVED,
-                    "$expr": {
-                        "$and": [
-                            {"$lte": ["$startDate", NOW]},
-                            {"$gte": ["$startDate", {"$subtract": [NOW, ms(grace_s)]}]},
-                            {"$gt": ["$endDate", NOW]},
-                        ]
-                    },
-                },
-                [
-                    {
-                        "$set": {
-                            "status": literal(Status.RUNNING.value),
-                            "performance": document_or_empty("performance"),
-                        }
-                    },
-                    set_execution(
-                        {
-                            "owner": literal(owner),
-                            "epoch": {"$add": [{"$ifNull": ["$execution.epoch", 0]}, 1]},
-                            "leaseUntil": now_plus(lease_s),
-                            "startedAt": NOW,
-                            "sendsDone": False,
-                            "reason": None,
-                            "startLatenessMs": {"$subtract": [NOW, "$startDate"]},
-                            "claimToken": literal(token),
-                        }
-                    ),
-                ],
-            )
-            for campaign_id in unique
-        ]
+        ops = [_claim_start(campaign_id, owner, lease_s, grace_s, token) for campaign_id in unique]
         try:
             await self._campaigns.bulk_write(ops, ordered=False)
         except BulkWriteError as exc:
@@ -115,3 +80,43 @@ class StartClaims:
         for campaign_id in campaign_ids:
             out.append(won.pop(campaign_id, None))  # a repeated id wins once
         return out
+
+
+def _claim_start(
+    campaign_id: Any, owner: str, lease_s: float, grace_s: float, token: str
+) -> UpdateOne:
+    """One start's compare-and-set: `approved` and due (by `$$NOW`, within the grace, before
+    its end) → `running`, the next epoch, this owner, a lease, and the batch's token."""
+    return UpdateOne(
+        {
+            "_id": campaign_id,
+            "status": Status.APPROVED,
+            "$expr": {
+                "$and": [
+                    {"$lte": ["$startDate", NOW]},
+                    {"$gte": ["$startDate", {"$subtract": [NOW, ms(grace_s)]}]},
+                    {"$gt": ["$endDate", NOW]},
+                ]
+            },
+        },
+        [
+            {
+                "$set": {
+                    "status": literal(Status.RUNNING.value),
+                    "performance": document_or_empty("performance"),
+                }
+            },
+            set_execution(
+                {
+                    "owner": literal(owner),
+                    "epoch": {"$add": [{"$ifNull": ["$execution.epoch", 0]}, 1]},
+                    "leaseUntil": now_plus(lease_s),
+                    "startedAt": NOW,
+                    "sendsDone": False,
+                    "reason": None,
+                    "startLatenessMs": {"$subtract": [NOW, "$startDate"]},
+                    "claimToken": literal(token),
+                }
+            ),
+        ],
+    )

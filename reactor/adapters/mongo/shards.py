@@ -6,12 +6,17 @@ States: `open` (anyone may claim it), `claimed` (an owner sends it while its lea
 expired lease is claimable again, with the next epoch), `held` (the campaign is paused or its
 window closed: only the campaign's owner may claim it, to close it), `done`.
 
+A localTime campaign's shards (`source` "local") carry their slice of ids and their instant;
+an open one is claimable from its `notBefore` (its `leaseUntil` starts there), and its plan doc
+lists the campaign's instants once every shard is written.
+
 Replicas that claim shards announce themselves in `shard_replicas` (their shard slots, until
 `$$NOW + lease`), so a campaign's owner can cut its audience for the replicas alive now.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 from pymongo import ASCENDING, ReturnDocument
@@ -19,7 +24,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
-from ...domain.shards import ShardState, shard_id
+from ...domain.shards import ShardState, local_shard_id, shard_id
 from .pipeline import NOW, literal, now_plus
 
 COLLECTION = "campaign_shards"
@@ -219,9 +224,75 @@ class MongoShards:
         """The campaign runs again: its held shards may be claimed."""
         result = await self.collection.update_many(
             {"campaign": campaign, "state": ShardState.HELD.value},
-            {"$set": {"state": ShardState.OPEN.value, "leaseUntil": None}},
+            # A local-time shard is claimable again from its instant's wake-up, not at once.
+            [
+                {
+                    "$set": {
+                        "state": literal(ShardState.OPEN.value),
+                        "leaseUntil": {"$ifNull": ["$notBefore", None]},
+                    }
+                }
+            ],
         )
         return result.modified_count
+
+    async def create_local(
+        self,
+        campaign: str,
+        campaign_id: Any,
+        *,
+        index: int,
+        due: dt.datetime,
+        part: int,
+        ids: list[str],
+        not_before: dt.datetime,
+        name: str | None = None,
+    ) -> None:
+        """One `open` shard of the ids due at `due`, claimable from `not_before`. Idempotent
+        (a takeover that plans again writes the same ids under the same key)."""
+        try:
+            await self.collection.update_one(
+                {"_id": local_shard_id(campaign, due, part)},
+                {
+                    "$setOnInsert": {
+                        "campaign": campaign,
+                        "campaignId": campaign_id,
+                        "index": index,
+                        "start": 0,
+                        "count": len(ids),
+                        "source": "local",
+                        "due": due,
+                        "notBefore": not_before,
+                        "ids": ids,
+                        "rest": False,
+                        "name": name,
+                        "state": ShardState.OPEN.value,
+                        "epoch": 0,
+                        "owner": None,
+                        "leaseUntil": not_before,
+                    }
+                },
+                upsert=True,
+            )
+        except DuplicateKeyError:  # two owners of successive epochs planning at once
+            pass
+
+    async def local_ids(self, shard: str) -> list[Any]:
+        doc = await self.collection.find_one({"_id": shard}, {"ids": 1})
+        return list((doc or {}).get("ids") or [])
+
+    async def save_local_plan(self, campaign: str, instants: list[dict[str, Any]]) -> None:
+        """Every shard of the campaign's local-time plan is written: its instants (due, shards,
+        recipients), which whoever owns the campaign arms."""
+        await self.plans.update_one(
+            {"_id": campaign},
+            {"$setOnInsert": {"source": "local", "instants": instants}},
+            upsert=True,
+        )
+
+    async def local_plan(self, campaign: str) -> list[dict[str, Any]] | None:
+        doc = await self.plans.find_one({"_id": campaign, "source": "local"})
+        return None if doc is None else list(doc.get("instants") or [])
 
     async def unfinished(self, campaign: str) -> list[dict[str, Any]]:
         """The campaign's shards that are not done, with whether each lease has expired."""
