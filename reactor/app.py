@@ -301,18 +301,10 @@ class Reactor:
         # measured offset to it.
         db_clock = DatabaseClock(self.clock)
         self.db_clock = db_clock
-        suppression_store = MongoSuppressions(db)
-        suppressions = SuppressionList(suppression_store, db_clock, self.metrics)
-        self.suppressions = suppressions
+        suppression_store, suppressions = self._suppression_list(db, db_clock)
         shards = MongoShards(db)
         tracker, engagement = self._tracking(db, seg_client)
-        audiences = MongoAudiences(
-            db,
-            seg_client[rcfg.db],
-            rcfg.collection,
-            s.customer_id_field,
-            batch_size=s.recipient_batch_size,
-        )
+        audiences = self._audiences(db, seg_client)
         executor = self._executor(
             db,
             store,
@@ -328,12 +320,7 @@ class Reactor:
         scheduler = self._scheduler(db, store, executor, db_clock, recipients)
         reconciler, watcher = self._watchers(store, feed, barriers, scheduler, db_clock)
         self._wire_notifier(db, db_clock, scheduler, executor, watcher)
-        self.executor, self.scheduler, self.reconciler, self.watcher = (
-            executor,
-            scheduler,
-            reconciler,
-            watcher,
-        )
+        self._expose(executor, scheduler, reconciler, watcher)
         return _Parts(
             store,
             ledger,
@@ -349,6 +336,41 @@ class Reactor:
             MongoFeedback(db, s.campaigns_collection, dedupe_s=s.link_ttl_seconds),
             shards,
             engagement,
+        )
+
+    def _suppression_list(
+        self, db: AsyncDatabase[dict[str, Any]], db_clock: DatabaseClock
+    ) -> tuple[MongoSuppressions, SuppressionList]:
+        """The suppressions store and the list every send checks (kept on the instance)."""
+        suppression_store = MongoSuppressions(db)
+        suppressions = SuppressionList(suppression_store, db_clock, self.metrics)
+        self.suppressions = suppressions
+        return suppression_store, suppressions
+
+    def _audiences(
+        self, db: AsyncDatabase[dict[str, Any]], seg_client: AsyncMongoClient[dict[str, Any]]
+    ) -> MongoAudiences:
+        """The audiences too large for a campaign document (a segment query, a targets
+        collection, a follow-up), frozen when the campaign starts and read by its shards."""
+        s = self.settings
+        rcfg = s.recipients_config()
+        return MongoAudiences(
+            db,
+            seg_client[rcfg.db],
+            rcfg.collection,
+            s.customer_id_field,
+            batch_size=s.recipient_batch_size,
+        )
+
+    def _expose(
+        self, executor: Executor, scheduler: Scheduler, reconciler: Reconciler, watcher: Watcher
+    ) -> None:
+        """The parts benches and tests reach on the instance."""
+        self.executor, self.scheduler, self.reconciler, self.watcher = (
+            executor,
+            scheduler,
+            reconciler,
+            watcher,
         )
 
     def _executor(

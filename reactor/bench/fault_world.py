@@ -283,6 +283,55 @@ def _received(w: World) -> collections.Counter[tuple[str, str, str]]:
     return received
 
 
+@dataclass
+class _LedgerCount:
+    """The deliveries ledger as the account reads it."""
+
+    states: collections.Counter[str] = field(default_factory=collections.Counter)
+    recorded: dict[tuple[str, str, str], str] = field(default_factory=dict)  # name, channel, to
+    final: int = 0
+    provider_5xx: int = 0
+    resolved: int = 0  # uncertain rows found in Twilio's list afterwards, recorded sent
+
+
+async def _count_ledger(w: World, name_of: dict[str, str]) -> _LedgerCount:
+    """The ledger's rows of the world's campaigns, per state and per (campaign name, channel,
+    recipient)."""
+    count = _LedgerCount()
+    async for row in w.client.marketing.deliveries.find(
+        {"campaign": {"$in": [str(i) for i in w.campaign_ids]}}
+    ):
+        count.states[row["state"]] += 1
+        key = (name_of.get(row["campaign"], "?"), row["channel"], str(row.get("to")))
+        count.recorded[key] = row["state"]
+        if row["state"] == "uncertain" and str(row.get("error", "")).startswith("Twilio 5"):
+            count.provider_5xx += 1
+        if row.get("reason") == "resolved_with_provider":
+            count.resolved += 1
+        if row["state"] in ("sent", "failed", "skipped", "uncertain"):
+            count.final += 1
+    return count
+
+
+async def _expected_deliveries(w: World) -> int:
+    """One email and one text per distinct target of every campaign."""
+    expected = 0
+    async for doc in w.client.marketing.campaigns.find({"_id": {"$in": w.campaign_ids}}):
+        expected += len(set(doc.get("targetedCustomerIds", []))) * 2
+    return expected
+
+
+async def _early_starts(w: World) -> int:
+    """Campaigns started before their startDate, as the database's clock tells (startedAt is
+    its $$NOW)."""
+    early = 0
+    async for doc in w.client.marketing.campaigns.find({"_id": {"$in": w.campaign_ids}}):
+        started = (doc.get("execution") or {}).get("startedAt")
+        if started is not None and started < doc["startDate"]:
+            early += 1
+    return early
+
+
 async def account(w: World, *, crashes: int = 0, ambiguous: int = 0) -> dict[str, Any]:
     """Count sinks against the ledger, per (campaign, channel, customer). `ambiguous`: provider
     answers injected whose outcome cannot be known (a Twilio 5xx): each must be one uncertain
@@ -294,36 +343,14 @@ async def account(w: World, *, crashes: int = 0, ambiguous: int = 0) -> dict[str
         names[doc["name"]] = doc
     received = _received(w)
     duplicates = sum(n - 1 for n in received.values() if n > 1)
-    states: collections.Counter[str] = collections.Counter()
-    final = 0
-    provider_5xx = 0
-    resolved = 0  # uncertain rows found in Twilio's list afterwards, recorded sent
     name_of = {str(doc["_id"]): name for name, doc in names.items()}
-    recorded: dict[tuple[str, str, str], str] = {}
-    async for row in w.client.marketing.deliveries.find(
-        {"campaign": {"$in": [str(i) for i in w.campaign_ids]}}
-    ):
-        states[row["state"]] += 1
-        key = (name_of.get(row["campaign"], "?"), row["channel"], str(row.get("to")))
-        recorded[key] = row["state"]
-        if row["state"] == "uncertain" and str(row.get("error", "")).startswith("Twilio 5"):
-            provider_5xx += 1
-        if row.get("reason") == "resolved_with_provider":
-            resolved += 1
-        if row["state"] in ("sent", "failed", "skipped", "uncertain"):
-            final += 1
-    expected = 0
-    async for doc in w.client.marketing.campaigns.find({"_id": {"$in": w.campaign_ids}}):
-        expected += len(set(doc.get("targetedCustomerIds", []))) * 2
+    ledger = await _count_ledger(w, name_of)
+    recorded, states = ledger.recorded, ledger.states
+    expected = await _expected_deliveries(w)
     lateness = [
         d["execution"].get("startLatenessMs", 0.0) for d in names.values() if d.get("execution")
     ]
-    # Started before its startDate, as the database's clock tells (startedAt is its $$NOW).
-    early = 0
-    async for doc in w.client.marketing.campaigns.find({"_id": {"$in": w.campaign_ids}}):
-        started = (doc.get("execution") or {}).get("startedAt")
-        if started is not None and started < doc["startDate"]:
-            early += 1
+    early = await _early_starts(w)
     # The sinks against the ledger, both ways. A message a sink took must be `sent` in the
     # ledger (or `uncertain`: the provider's answer was lost); a `sent` row must be at a sink.
     at_sink_not_sent = sum(1 for k in received if recorded.get(k) not in ("sent", "uncertain"))
@@ -332,7 +359,7 @@ async def account(w: World, *, crashes: int = 0, ambiguous: int = 0) -> dict[str
         "campaigns": len(w.campaign_ids),
         "deliveries_expected": expected,
         "duplicates": duplicates,
-        "lost": expected - final,
+        "lost": expected - ledger.final,
         "at_sink_not_sent": at_sink_not_sent,
         "sent_not_at_sink": sent_not_at_sink,
         "uncertain_at_sink": sum(1 for k in received if recorded.get(k) == "uncertain"),
@@ -340,8 +367,8 @@ async def account(w: World, *, crashes: int = 0, ambiguous: int = 0) -> dict[str
         # Rows are written `pending` only for sends about to start, at most CONCURRENCY per
         # (campaign, channel) execution: that many per execution a crash can leave unknown.
         "uncertain_bound": max(1, crashes) * len(w.campaign_ids) * 2 * CONCURRENCY + ambiguous,
-        "uncertain_from_provider_5xx": provider_5xx,
-        "resolved_with_provider": resolved,
+        "uncertain_from_provider_5xx": ledger.provider_5xx,
+        "resolved_with_provider": ledger.resolved,
         "early_starts": early,
         "states": dict(states),
         "start_lateness_p99_ms": round(percentile(lateness, 0.99), 1) if lateness else None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -125,10 +125,32 @@ class BatchPreparer:
         recipients = await self._recipients.resolve(batch)
         states = await self._ledger_rows.states(run.key, channel, batch)
         prepared = Prepared(found=len(recipients))
+        failed = await self._build(run, channel, split, recipients, states, prepared)
+        if failed:
+            self._report_template_errors(campaign, channel, failed)
+        if self._suppressions is not None and prepared.items:
+            await self._drop_suppressed(channel, prepared)
+        if self._tracker is not None:  # links rewritten in the rendered messages (issue 24)
+            await self._tracker.track(campaign, channel, prepared.items, self._clock.now())
+        if channel is Channel.SMS and prepared.items:
+            self._gate_sms(campaign, prepared)
+        return prepared
+
+    async def _build(
+        self,
+        run: Run,
+        channel: Channel,
+        split: SplitBatch,
+        recipients: Mapping[str, Recipient],
+        states: Mapping[str, RowState],
+        prepared: Prepared,
+    ) -> list[TemplateRenderError]:
+        """For each customer of the batch the ledger does not already decide, the message to
+        send, or the row saying why there is none; the template errors met on the way."""
         configured = self._senders[channel] is not None
         failed: list[TemplateRenderError] = []
         turn_at = time.perf_counter()
-        for n, customer in enumerate(batch):
+        for n, customer in enumerate(split.batch):
             if n % YIELD_EVERY == YIELD_EVERY - 1 or time.perf_counter() - turn_at > YIELD_AFTER_S:
                 # Validating and rendering a batch is ~0.1 ms a recipient (a large template or
                 # a text part generated from HTML, a few ms): let the heartbeats, timers and
@@ -139,48 +161,53 @@ class BatchPreparer:
             variant = split.variants.get(customer)
             if customer in states and _recorded(run, channel, customer, states[customer], prepared):
                 continue
-            recipient = recipients.get(customer)
-            address: str | None = None
-            if recipient is None:
-                problem = "not_found"
-            elif not configured:
-                problem = "channel_not_configured"
+            built = self._build_one(
+                channel, customer, variant, recipients.get(customer), configured, split, failed
+            )
+            if isinstance(built, Item):
+                prepared.items.append(built)
             else:
-                address, problem = self._address(channel, recipient)
-            if recipient is None or address is None:
-                prepared.unsent.append(
-                    DeliveryRecord(
-                        customer, channel, DeliveryState.SKIPPED, reason=problem, variant=variant
-                    )
-                )
-                continue
-            try:
-                content, templates = split.content(variant)
-                message = self._message(content, channel, recipient, address, templates)
-            except TemplateRenderError as exc:
-                failed.append(exc)
-                prepared.unsent.append(
-                    DeliveryRecord(
-                        customer,
-                        channel,
-                        DeliveryState.SKIPPED,
-                        to=address,
-                        reason="template_error",
-                        error=str(exc),
-                        variant=variant,
-                    )
-                )
-                continue
-            prepared.items.append(Item(customer, channel, address, message, variant=variant))
-        if failed:
-            self._report_template_errors(campaign, channel, failed)
-        if self._suppressions is not None and prepared.items:
-            await self._drop_suppressed(channel, prepared)
-        if self._tracker is not None:  # links rewritten in the rendered messages (issue 24)
-            await self._tracker.track(campaign, channel, prepared.items, self._clock.now())
-        if channel is Channel.SMS and prepared.items:
-            self._gate_sms(campaign, prepared)
-        return prepared
+                prepared.unsent.append(built)
+        return failed
+
+    def _build_one(
+        self,
+        channel: Channel,
+        customer: str,
+        variant: str | None,
+        recipient: Recipient | None,
+        configured: bool,
+        split: SplitBatch,
+        failed: list[TemplateRenderError],
+    ) -> Item | DeliveryRecord:
+        """One customer's message, or the `skipped` row saying why there is none (not found,
+        channel not configured, an invalid address, a template error: added to `failed`)."""
+        address: str | None = None
+        if recipient is None:
+            problem = "not_found"
+        elif not configured:
+            problem = "channel_not_configured"
+        else:
+            address, problem = self._address(channel, recipient)
+        if recipient is None or address is None:
+            return DeliveryRecord(
+                customer, channel, DeliveryState.SKIPPED, reason=problem, variant=variant
+            )
+        try:
+            content, templates = split.content(variant)
+            message = self._message(content, channel, recipient, address, templates)
+        except TemplateRenderError as exc:
+            failed.append(exc)
+            return DeliveryRecord(
+                customer,
+                channel,
+                DeliveryState.SKIPPED,
+                to=address,
+                reason="template_error",
+                error=str(exc),
+                variant=variant,
+            )
+        return Item(customer, channel, address, message, variant=variant)
 
     def _gate_sms(self, campaign: Campaign, prepared: Prepared) -> None:
         """Texts outside the recipient's hours wait; those too long are refused."""

@@ -54,6 +54,27 @@ log = logging.getLogger(__name__)
 SHARD_POLL_S = 0.5  # how often an instance with room looks for shards to claim
 
 
+def _rate_limit(
+    budgets: BudgetStore | None, key: str, rate_per_s: float, clock: Clock
+) -> RateLimit:
+    """With a budget store, the cluster's rate for `key`, shared by every replica; without one
+    (tests on fakes), this instance's own."""
+    if budgets is not None:
+        return SharedBudget(budgets, key, rate_per_s, clock)
+    return TokenBucket(clock, rate_per_s, monotonic=clock.monotonic)
+
+
+def _channel_limits(
+    budgets: BudgetStore | None, config: SendConfig, clock: Clock
+) -> dict[Channel, RateLimit]:
+    """The channel-wide rate limits: the default lane's email rate, and the SMS rate every
+    lane shares."""
+    return {
+        Channel.EMAIL: _rate_limit(budgets, "channel:email", config.email_rate_per_s, clock),
+        Channel.SMS: _rate_limit(budgets, "channel:sms", config.sms_rate_per_s, clock),
+    }
+
+
 class Executor:
     def __init__(
         self,
@@ -97,33 +118,8 @@ class Executor:
         self._config = config
         self._instance = instance_id
         self._lease_s = lease_s
-        # With a budget store, each channel's rate is the cluster's, shared by every replica;
-        # without one (tests on fakes), this instance's own.
-        self._limits: dict[Channel, RateLimit] = (
-            {
-                Channel.EMAIL: SharedBudget(
-                    budgets, "channel:email", config.email_rate_per_s, clock
-                ),
-                Channel.SMS: SharedBudget(budgets, "channel:sms", config.sms_rate_per_s, clock),
-            }
-            if budgets is not None
-            else {
-                Channel.EMAIL: TokenBucket(
-                    clock, config.email_rate_per_s, monotonic=clock.monotonic
-                ),
-                Channel.SMS: TokenBucket(clock, config.sms_rate_per_s, monotonic=clock.monotonic),
-            }
-        )
-        policy = RetryPolicy(config.max_attempts, config.retry_base_s, config.retry_max_s)
-        self._deliverer = Deliverer(
-            self._senders,
-            self._limits,
-            policy,
-            clock,
-            metrics,
-            config.tempfail_retry_s,
-            config.channel_pause_max_s,
-        )
+        self._limits = _channel_limits(budgets, config, clock)
+        self._deliverer = self._channel_deliverer()
         self._lanes = self._build_lanes(budgets, senders, identity_senders or {})
         self._ledger = LedgerWriter(store, ledger, clock, metrics)
         self._runs: dict[str, Run] = {}
@@ -139,6 +135,21 @@ class Executor:
         # Notifications (reactor/notify): told of failed campaigns and channel pauses.
         self.notifier: Notifier | None = None
         self.on_channel = self._deliverer.on_channel
+
+    def _channel_deliverer(self) -> Deliverer:
+        """The channel-wide deliverer (the default lane's): this instance's senders and rate
+        limits, the configured retries."""
+        config = self._config
+        policy = RetryPolicy(config.max_attempts, config.retry_base_s, config.retry_max_s)
+        return Deliverer(
+            self._senders,
+            self._limits,
+            policy,
+            self._clock,
+            self._metrics,
+            config.tempfail_retry_s,
+            config.channel_pause_max_s,
+        )
 
     def _build_lanes(
         self,
@@ -165,11 +176,7 @@ class Executor:
             if identity.name == DEFAULT or sender is None:
                 continue
             rate = identity.rate_per_s or config.email_rate_per_s
-            limit: RateLimit = (
-                SharedBudget(budgets, identity.budget_key, rate, clock)
-                if budgets is not None
-                else TokenBucket(clock, rate, monotonic=clock.monotonic)
-            )
+            limit = _rate_limit(budgets, identity.budget_key, rate, clock)
             lane_senders = {Channel.EMAIL: sender, Channel.SMS: self._senders[Channel.SMS]}
             limits = {Channel.EMAIL: limit, Channel.SMS: self._limits[Channel.SMS]}
             deliverer = Deliverer(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import mongomock
 from mongomock import filtering
 
 from ..changestream import CommandError
+from ..fastpath import FastCollection
 from ..indexspec import check_partial_filter, text_index_options
 from ..wire import Request
 from .base import CommandsBase, Connection
@@ -56,6 +58,26 @@ def _index_options(spec: dict[str, Any]) -> dict[str, Any]:
     if "expireAfterSeconds" in out:
         out["expireAfterSeconds"] = int(out["expireAfterSeconds"])
     return out
+
+
+def _check_same_index(
+    existing: dict[str, Any], index_name: str, key: dict[str, Any], spec: dict[str, Any]
+) -> None:
+    """An index of this name exists: creating it again is a no-op only if it is the same index
+    (same key, same options), else mongod refuses."""
+    if existing.get("key") != list(key.items()):
+        raise CommandError(
+            86,
+            f"An existing index has the same name as the requested index: {index_name}",
+            "IndexKeySpecsConflict",
+        )
+    if _index_options(existing) != _index_options(spec):
+        raise CommandError(
+            85,
+            "An equivalent index already exists with the same name but different "
+            f"options. Requested index: {index_name}",
+            "IndexOptionsConflict",
+        )
 
 
 class DdlCommands(CommandsBase):
@@ -287,47 +309,9 @@ class DdlCommands(CommandsBase):
         existing = coll.index_information()
         built: list[dict[str, Any]] = []
         for spec in specs:
-            key = spec.get("key")
-            if not isinstance(key, dict) or not key:
-                raise CommandError(2, "index specification must have a non-empty 'key'")
-            if "partialFilterExpression" in spec:
-                check_partial_filter(spec["partialFilterExpression"])
-            text = text_index_options(key, spec)
-            index_name = spec.get("name") or "_".join(f"{k}_{v}" for k, v in key.items())
-            if index_name in existing:
-                if existing[index_name].get("key") != list(key.items()):
-                    raise CommandError(
-                        86,
-                        f"An existing index has the same name as the requested index: {index_name}",
-                        "IndexKeySpecsConflict",
-                    )
-                if _index_options(existing[index_name]) != _index_options(spec):
-                    raise CommandError(
-                        85,
-                        "An equivalent index already exists with the same name but different "
-                        f"options. Requested index: {index_name}",
-                        "IndexOptionsConflict",
-                    )
-                continue
-            kwargs = {
-                k: spec[k]
-                for k in ("unique", "sparse", "expireAfterSeconds", "partialFilterExpression")
-                if k in spec
-            }
-            try:
-                coll.create_index(list(key.items()), name=index_name, **kwargs)
-            except mongomock.DuplicateKeyError as exc:
-                raise CommandError(
-                    11000,
-                    f"Index build failed: E11000 duplicate key error "
-                    f"collection: {db}.{name} index: {index_name}",
-                ) from exc
-            except (mongomock.OperationFailure, NotImplementedError, TypeError) as exc:
-                raise CommandError(67, str(exc), "CannotCreateIndex") from exc
-            extra = {k: v for k, v in spec.items() if k in KEPT_INDEX_OPTIONS} | text
-            if extra:
-                self.engine.index_options[(db, name, index_name)] = extra
-            built.append({"v": 2, "key": dict(key), "name": index_name, **kwargs, **extra})
+            index = self._create_index(coll, db, name, spec, existing)
+            if index is not None:
+                built.append(index)
         self.engine.set_indexed_fields(db, name)
         if created_collection:
             self._ddl_event(
@@ -341,6 +325,46 @@ class DdlCommands(CommandsBase):
             "numIndexesAfter": after,
             "createdCollectionAutomatically": created_collection,
         }
+
+    def _create_index(
+        self,
+        coll: FastCollection,
+        db: str,
+        name: str,
+        spec: dict[str, Any],
+        existing: Mapping[str, Any],
+    ) -> dict[str, Any] | None:
+        """Build one index of a createIndexes command and return it as the change event lists
+        it; None when an identical index already exists (mongod's no-op)."""
+        key = spec.get("key")
+        if not isinstance(key, dict) or not key:
+            raise CommandError(2, "index specification must have a non-empty 'key'")
+        if "partialFilterExpression" in spec:
+            check_partial_filter(spec["partialFilterExpression"])
+        text = text_index_options(key, spec)
+        index_name = spec.get("name") or "_".join(f"{k}_{v}" for k, v in key.items())
+        if index_name in existing:
+            _check_same_index(existing[index_name], index_name, key, spec)
+            return None
+        kwargs: dict[str, Any] = {
+            k: spec[k]
+            for k in ("unique", "sparse", "expireAfterSeconds", "partialFilterExpression")
+            if k in spec
+        }
+        try:
+            coll.create_index(list(key.items()), name=index_name, **kwargs)
+        except mongomock.DuplicateKeyError as exc:
+            raise CommandError(
+                11000,
+                f"Index build failed: E11000 duplicate key error "
+                f"collection: {db}.{name} index: {index_name}",
+            ) from exc
+        except (mongomock.OperationFailure, NotImplementedError, TypeError) as exc:
+            raise CommandError(67, str(exc), "CannotCreateIndex") from exc
+        extra = {k: v for k, v in spec.items() if k in KEPT_INDEX_OPTIONS} | text
+        if extra:
+            self.engine.index_options[(db, name, index_name)] = extra
+        return {"v": 2, "key": dict(key), "name": index_name, **kwargs, **extra}
 
     async def _list_indexes(self, request: Request, conn: Connection, db: str) -> dict[str, Any]:
         name = self._coll_name(request, "listIndexes")
