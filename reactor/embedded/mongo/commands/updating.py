@@ -20,6 +20,7 @@ import mongomock
 from ..arrayfilters import filters_by_identifier, has_filtered_paths, resolve
 from ..changestream import CommandError
 from ..engine import Engine, OplogEntry, clone, describe_update, diff_documents, simple_update
+from ..fastpath import pipeline_fields
 from ..updates import (
     Target,
     UpdateKind,
@@ -91,11 +92,11 @@ class StatementApplier:
         result = UpdateResult()
         # Only the fields an operator update can touch are copied for the change event: campaign
         # documents carry long target lists that no counter update should have to copy.
-        touched = (
-            _touched_fields(st.u)
-            if kind == UpdateKind.OPERATORS and not self.full_documents
-            else None
-        )
+        touched = None
+        if kind == UpdateKind.OPERATORS and not self.full_documents:
+            touched = _touched_fields(st.u)
+        elif kind == UpdateKind.PIPELINE and not self.full_documents:
+            touched = pipeline_fields(st.u)
         for _id in ids:
             self._update_one(st, kind, pairs, simple, touched, _id, result)
         if not ids and st.upsert:
@@ -155,6 +156,9 @@ class StatementApplier:
         try:
             if kind == UpdateKind.REPLACEMENT:
                 self.coll.replace_one(target, dict(st.u))
+            elif kind == UpdateKind.PIPELINE and touched is not None:
+                if not self.coll.update_pipeline(_id, st.u):
+                    self.coll.update_one(target, st.u)
             elif not (simple and self.coll.update_simple(_id, st.u)):
                 self.coll.update_one(target, st.u)
             after = _snapshot(self.coll._store[key], touched)
