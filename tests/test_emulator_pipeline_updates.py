@@ -70,3 +70,61 @@ async def test_a_pipeline_that_breaks_a_unique_index_changes_nothing(db: Any) ->
         await coll.update_one({"_id": 2}, [{"$set": {"code": "a", "n": {"$add": ["$n", 1]}}}])
     assert await coll.find_one({"_id": 2}) == {"_id": 2, "code": "b", "n": 1}
     assert (await coll.find_one({"_id": 1}))["targets"] == TARGETS
+
+
+async def test_the_stand_in_does_not_copy_what_a_set_pipeline_leaves_alone(
+    db: Any, mongo: MongoTarget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A counter update of a campaign must not cost its target list (it did: a deep copy and a
+    diff of every element, per webhook event, on the server every request waits behind)."""
+    mongo.require_emulator()
+    import copy
+
+    from reactor.embedded.mongo.commands import updating
+
+    coll = db.pipeline_copies
+    await coll.insert_one({"_id": 1, "targets": TARGETS, "performance": {"emailsSent": 7}})
+    copied: list[str] = []
+    real_deepcopy, real_clone = copy.deepcopy, getattr(updating, "clone")  # noqa: B009
+
+    def deepcopy(value: Any, memo: Any = None) -> Any:
+        if value == TARGETS or (isinstance(value, dict) and "targets" in value):
+            copied.append("deepcopy")
+        return real_deepcopy(value, memo)
+
+    def clone(value: Any) -> Any:
+        if value == TARGETS or (isinstance(value, dict) and "targets" in value):
+            copied.append("clone")
+        return real_clone(value)
+
+    monkeypatch.setattr(copy, "deepcopy", deepcopy)
+    monkeypatch.setattr(updating, "clone", clone)
+    doc = await coll.find_one_and_update(
+        {"_id": 1}, COUNT, projection={"performance": 1, "status": 1}, return_document=True
+    )
+    await coll.update_one({"_id": 1}, COUNT)
+    assert copied == []
+    assert doc == {"_id": 1, "performance": {"emailsSent": 7, "bounces": 2}}
+    assert (await coll.find_one({"_id": 1}))["performance"]["bounces"] == 4
+
+
+async def test_find_and_modify_projections_reply_as_mongod_does(db: Any) -> None:
+    coll = db.pipeline_projections
+    await coll.insert_one({"_id": 1, "targets": TARGETS, "status": "running", "n": {"a": 1}})
+    after = ReturnDocument.AFTER
+    got = await coll.find_one_and_update(
+        {"_id": 1}, COUNT, projection={"n.a": 1, "status": 1}, return_document=after
+    )
+    assert got == {"_id": 1, "n": {"a": 1}, "status": "running"}
+    got = await coll.find_one_and_update(
+        {"_id": 1}, COUNT, projection={"_id": 1}, return_document=after
+    )
+    assert got == {"_id": 1}
+    got = await coll.find_one_and_update(
+        {"_id": 1}, COUNT, projection={"_id": 0, "performance": 1}, return_document=after
+    )
+    assert got == {"performance": {"bounces": 6}}
+    got = await coll.find_one_and_update(
+        {"_id": 1}, COUNT, projection={"targets": 0, "n": 0}, return_document=after
+    )
+    assert got == {"_id": 1, "status": "running", "performance": {"bounces": 8}}

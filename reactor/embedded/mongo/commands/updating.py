@@ -60,8 +60,18 @@ class StatementApplier:
     """Applies update statements to one collection of an engine."""
 
     def __init__(
-        self, engine: Engine, db: str, name: str, *, full_documents: bool, bypass: bool = False
+        self,
+        engine: Engine,
+        db: str,
+        name: str,
+        *,
+        full_documents: bool,
+        bypass: bool = False,
+        keep: frozenset[str] = frozenset(),
     ) -> None:
+        # Top-level fields the images must hold besides those the update touches (what a
+        # findAndModify's inclusion projection returns).
+        self.keep = keep
         self.engine = engine
         self.db = db
         self.name = name
@@ -97,6 +107,8 @@ class StatementApplier:
             touched = _touched_fields(st.u)
         elif kind == UpdateKind.PIPELINE and not self.full_documents:
             touched = pipeline_fields(st.u)
+        if touched is not None:
+            touched = touched | self.keep
         for _id in ids:
             self._update_one(st, kind, pairs, simple, touched, _id, result)
         if not ids and st.upsert:
