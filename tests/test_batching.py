@@ -114,3 +114,61 @@ async def test_nothing_lingers_between_bursts() -> None:
     assert commit._task.done()  # no task left waiting for the next item
     assert list(await asyncio.gather(commit.submit(2), commit.submit(3))) == [20, 30]
     assert recorder.batches == [[1], [2, 3]]
+
+
+async def test_submits_beyond_the_pending_bound_wait_and_none_is_dropped() -> None:
+    recorder = Recorder()
+    recorder.gate = asyncio.Event()
+    commit: GroupCommit[int, int] = GroupCommit(
+        recorder.apply, window_s=0.0, max_batch=4, max_inflight=1, max_pending=6
+    )
+    tasks = [asyncio.create_task(commit.submit(i)) for i in range(40)]
+    await recorder.entered.wait()  # the first batch (4) is being applied, and holds the slot
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert commit.pending == 6  # the bound: the other 30 submits wait, queued nowhere
+    assert sum(len(b) for b in recorder.batches) == 4
+    recorder.gate.set()
+    results = await asyncio.gather(*tasks)
+    assert results == [i * 10 for i in range(40)]
+    applied = [i for batch in recorder.batches for i in batch]
+    assert sorted(applied) == list(range(40))  # each once: nothing dropped, nothing twice
+    assert max(len(b) for b in recorder.batches) <= 4
+    await commit.aclose()
+
+
+async def test_a_submit_cancelled_while_waiting_for_room_leaves_the_queue() -> None:
+    recorder = Recorder()
+    recorder.gate = asyncio.Event()
+    commit: GroupCommit[int, int] = GroupCommit(
+        recorder.apply, window_s=0.0, max_batch=1, max_inflight=1, max_pending=1
+    )
+    first = asyncio.create_task(commit.submit(0))
+    await recorder.entered.wait()
+    second = asyncio.create_task(commit.submit(1))  # pending: [1]
+    third = asyncio.create_task(commit.submit(2))  # waits for room
+    fourth = asyncio.create_task(commit.submit(3))  # waits behind it
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert commit.pending == 1
+    third.cancel()
+    recorder.gate.set()
+    assert list(await asyncio.wait_for(asyncio.gather(first, second, fourth), 5)) == [0, 10, 30]
+    assert third.cancelled()
+    assert [i for b in recorder.batches for i in b] == [0, 1, 3]
+    await commit.aclose()
+
+
+async def test_close_fails_the_submits_still_waiting_for_room() -> None:
+    recorder = Recorder()
+    recorder.gate = asyncio.Event()
+    commit: GroupCommit[int, int] = GroupCommit(
+        recorder.apply, window_s=0.0, max_batch=1, max_inflight=1, max_pending=1
+    )
+    tasks = [asyncio.create_task(commit.submit(i)) for i in range(3)]
+    await recorder.entered.wait()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    await commit.aclose()
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(o, RuntimeError) and str(o) == "shutting down" for o in outcomes)

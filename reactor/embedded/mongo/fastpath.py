@@ -14,7 +14,7 @@ from typing import Any
 
 import mongomock
 from bson import Timestamp
-from mongomock import filtering
+from mongomock import aggregate, filtering, helpers
 
 _SCALAR_ID_TYPES = (str, int, float, bytes, dt.datetime, mongomock.ObjectId)
 
@@ -150,6 +150,29 @@ def _upsert_seed(query: Any) -> dict[str, Any] | None:
     return seed
 
 
+_FIELD_STAGES = frozenset({"$set", "$addFields"})
+
+
+def pipeline_fields(pipeline: Any) -> set[str] | None:
+    """The top-level fields an update pipeline of `$set`/`$addFields` stages may change (each
+    stage sets only the fields it names, and "$$REMOVE" removes only those); None for any other
+    shape (`$project`, `$replaceWith`, `$unset`, ...), which may touch anything."""
+    if not isinstance(pipeline, list) or not pipeline:
+        return None
+    fields: set[str] = set()
+    for stage in pipeline:
+        if not isinstance(stage, dict) or len(stage) != 1:
+            return None
+        ((name, spec),) = stage.items()
+        if name not in _FIELD_STAGES or not isinstance(spec, dict) or not spec:
+            return None
+        for path in spec:
+            if not isinstance(path, str) or not path or path.startswith("$"):
+                return None
+            fields.add(path.split(".", 1)[0])
+    return fields
+
+
 class FastCollection(mongomock.Collection):  # type: ignore[type-arg]
     """A mongomock collection that answers `_id` and indexed-field equality filters from a hash
     lookup instead of a full scan. Every candidate still goes through mongomock's matcher."""
@@ -168,6 +191,29 @@ class FastCollection(mongomock.Collection):  # type: ignore[type-arg]
             self._ensure_uniques(doc)
         except mongomock.DuplicateKeyError:
             doc.clear()  # roll back, as mongomock does
+            doc.update(before)
+            raise
+        return True
+
+    def update_pipeline(self, _id: Any, pipeline: list[dict[str, Any]]) -> bool:
+        """Apply an update pipeline of `$set`/`$addFields` stages to the document with this
+        `_id` (which must exist) without mongomock's deep copy of the whole document: those
+        stages copy the document shallowly and replace top-level values, so a counter update of
+        a campaign carrying a long target list costs what the fields it sets cost. False when
+        mongomock's path must do it instead. The caller keeps the copies for a rollback."""
+        if isinstance(_id, dict) or pipeline_fields(pipeline) is None:
+            return False
+        store: Any = self._store
+        doc: dict[str, Any] = store[_id]
+        stages = helpers.patch_datetime_awareness_in_document(pipeline)
+        [new] = aggregate.process_pipeline([doc], self.database, stages, None)
+        before = dict(doc)
+        doc.clear()
+        doc.update(new)
+        try:
+            self._ensure_uniques(doc)
+        except mongomock.DuplicateKeyError:
+            doc.clear()
             doc.update(before)
             raise
         return True

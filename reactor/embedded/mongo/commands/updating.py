@@ -20,6 +20,7 @@ import mongomock
 from ..arrayfilters import filters_by_identifier, has_filtered_paths, resolve
 from ..changestream import CommandError
 from ..engine import Engine, OplogEntry, clone, describe_update, diff_documents, simple_update
+from ..fastpath import pipeline_fields
 from ..updates import (
     Target,
     UpdateKind,
@@ -59,8 +60,18 @@ class StatementApplier:
     """Applies update statements to one collection of an engine."""
 
     def __init__(
-        self, engine: Engine, db: str, name: str, *, full_documents: bool, bypass: bool = False
+        self,
+        engine: Engine,
+        db: str,
+        name: str,
+        *,
+        full_documents: bool,
+        bypass: bool = False,
+        keep: frozenset[str] = frozenset(),
     ) -> None:
+        # Top-level fields the images must hold besides those the update touches (what a
+        # findAndModify's inclusion projection returns).
+        self.keep = keep
         self.engine = engine
         self.db = db
         self.name = name
@@ -91,11 +102,13 @@ class StatementApplier:
         result = UpdateResult()
         # Only the fields an operator update can touch are copied for the change event: campaign
         # documents carry long target lists that no counter update should have to copy.
-        touched = (
-            _touched_fields(st.u)
-            if kind == UpdateKind.OPERATORS and not self.full_documents
-            else None
-        )
+        touched = None
+        if kind == UpdateKind.OPERATORS and not self.full_documents:
+            touched = _touched_fields(st.u)
+        elif kind == UpdateKind.PIPELINE and not self.full_documents:
+            touched = pipeline_fields(st.u)
+        if touched is not None:
+            touched = touched | self.keep
         for _id in ids:
             self._update_one(st, kind, pairs, simple, touched, _id, result)
         if not ids and st.upsert:
@@ -155,6 +168,9 @@ class StatementApplier:
         try:
             if kind == UpdateKind.REPLACEMENT:
                 self.coll.replace_one(target, dict(st.u))
+            elif kind == UpdateKind.PIPELINE and touched is not None:
+                if not self.coll.update_pipeline(_id, st.u):
+                    self.coll.update_one(target, st.u)
             elif not (simple and self.coll.update_simple(_id, st.u)):
                 self.coll.update_one(target, st.u)
             after = _snapshot(self.coll._store[key], touched)

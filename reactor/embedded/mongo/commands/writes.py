@@ -289,12 +289,16 @@ class WriteCommands(CommandsBase):
     ) -> dict[str, Any]:
         if "update" not in command:
             raise CommandError(9, "Either an update or remove=true must be specified")
+        # The reply needs the whole document only without an inclusion projection: with one,
+        # the images hold the fields it names and those the update touches.
+        keep = _included_fields(command.get("fields"))
         applier = StatementApplier(
             self.engine,
             db,
             name,
-            full_documents=True,
+            full_documents=keep is None,
             bypass=bool(command.get("bypassDocumentValidation")),
+            keep=keep or frozenset(),
         )
         result = applier.apply(
             Statement(
@@ -321,6 +325,25 @@ class WriteCommands(CommandsBase):
             "lastErrorObject": last_error,
             "value": _project(coll, value, command.get("fields")) if value is not None else None,
         }
+
+
+def _included_fields(fields: Any) -> frozenset[str] | None:
+    """The top-level fields an inclusion projection ({"a": 1, "b.c": 1}) returns; None for
+    none, an exclusion or anything richer (then the whole document is needed)."""
+    if not isinstance(fields, dict) or not fields:
+        return None
+    out: set[str] = set()
+    for path, value in fields.items():
+        if path == "_id":
+            continue
+        if not isinstance(path, str) or not path or path.startswith("$") or "$" in path:
+            return None
+        if value is not True and (isinstance(value, bool) or value not in (1, 1.0)):
+            return None
+        out.add(path.split(".", 1)[0])
+    if not out and fields.get("_id") in (0, False):
+        return None  # {"_id": 0}: an exclusion, everything else returned
+    return frozenset(out)
 
 
 def _project(coll: Any, doc: dict[str, Any], fields: dict[str, Any] | None) -> dict[str, Any]:
