@@ -227,11 +227,11 @@ def test_parsing_keeps_only_opens_and_clicks_tied_to_a_message() -> None:
             "junk",
         ]
     ).encode()
-    found = sendgrid_engagement(body)
+    found = sendgrid_engagement(json.loads(body))
     assert [(e.event_id, e.kind, e.flag) for e in found] == [("a", HitKind.OPEN, None)]
     assert found[0].at == dt.datetime(2023, 11, 14, 22, 13, 20, tzinfo=dt.UTC)
     with pytest.raises(ValueError, match="not a SendGrid event list"):
-        sendgrid_engagement(b'{"event": "open"}')
+        sendgrid_engagement({"event": "open"})
     # A click flagged sg_machine_open is not a flagged click: SendGrid sets it on opens only.
     click = json.dumps(
         [
@@ -244,9 +244,9 @@ def test_parsing_keeps_only_opens_and_clicks_tied_to_a_message() -> None:
             }
         ]
     ).encode()
-    assert sendgrid_engagement(click)[0].flag is None
+    assert sendgrid_engagement(json.loads(click))[0].flag is None
     bounce = json.dumps({"eventType": "Bounce", "mail": {}})
-    assert ses_engagement("sns-1", bounce) == []
+    assert ses_engagement("sns-1", json.loads(bounce)) == []
     naive = json.dumps(
         {
             "eventType": "Open",
@@ -254,7 +254,9 @@ def test_parsing_keeps_only_opens_and_clicks_tied_to_a_message() -> None:
             "open": {"timestamp": "2026-01-01T00:00:00"},
         }
     )
-    assert ses_engagement("sns-2", naive) == []  # a time without its zone is not guessed
+    assert (
+        ses_engagement("sns-2", json.loads(naive)) == []
+    )  # a time without its zone is not guessed
 
 
 # ---- deduplication and failures, on stores in memory --------------------------------------------
@@ -353,7 +355,7 @@ async def test_a_database_failure_is_counted_and_never_raised() -> None:
     body = json.dumps(
         [{"event": "open", "sg_event_id": "x", "smtp-id": "<m7@x>", "timestamp": 1_800_000_000}]
     ).encode()
-    assert await made.sendgrid(body) == 0
+    assert await made.sendgrid(json.loads(body)) == 0
     await recorder.drain(5)
     assert store.events == []
     assert outcome(metrics, "sendgrid", "open", "failed") == 1

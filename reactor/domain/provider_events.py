@@ -9,7 +9,6 @@ left out. A body that is not the provider's shape raises ValueError.
 from __future__ import annotations
 
 import datetime as dt
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,12 +43,8 @@ def _obj(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def sendgrid_engagement(body: bytes) -> list[ProviderEvent]:
-    """The opens and clicks of a SendGrid Event Webhook batch (a JSON array)."""
-    try:
-        doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise ValueError("not JSON") from None
+def sendgrid_engagement(doc: Any) -> list[ProviderEvent]:
+    """The opens and clicks of a SendGrid Event Webhook batch (the JSON array, parsed)."""
     if not isinstance(doc, list):
         raise ValueError("not a SendGrid event list")
     out: list[ProviderEvent] = []
@@ -82,12 +77,8 @@ def sendgrid_engagement(body: bytes) -> list[ProviderEvent]:
     return out
 
 
-def ses_engagement(sns_message_id: str, message: str) -> list[ProviderEvent]:
-    """The open or click in one SES event notification (the SNS message's `Message`)."""
-    try:
-        doc = json.loads(message)
-    except (json.JSONDecodeError, RecursionError):
-        raise ValueError("not JSON") from None
+def ses_engagement(sns_message_id: str, doc: Any) -> list[ProviderEvent]:
+    """The open or click in one SES event notification (the SNS message's `Message`, parsed)."""
     if not isinstance(doc, dict):
         raise ValueError("not an SES notification")
     kind = _SES_KINDS.get(_str(doc.get("eventType")))

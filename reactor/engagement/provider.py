@@ -112,17 +112,18 @@ class ProviderSignals:
         self._metrics = metrics
         self._config = config
 
-    async def sendgrid(self, body: bytes) -> int:
-        """A verified SendGrid batch; how many of its opens and clicks were accepted."""
+    async def sendgrid(self, doc: Any) -> int:
+        """A verified SendGrid batch (parsed once, by the route); how many of its opens and
+        clicks were accepted."""
         try:
-            events = sendgrid_engagement(body)
+            events = sendgrid_engagement(doc)
         except ValueError:
             return 0  # the feedback parser already answered this body
         return await self._receive_logged("sendgrid", events)
 
-    async def ses(self, sns_message_id: str, message: str) -> int:
+    async def ses(self, sns_message_id: str, doc: Any) -> int:
         try:
-            events = ses_engagement(sns_message_id, message)
+            events = ses_engagement(sns_message_id, doc)
         except ValueError:
             return 0
         return await self._receive_logged("ses", events)

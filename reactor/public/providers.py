@@ -32,9 +32,8 @@ def _obj(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def ses_events(sns_message_id: str, message: str) -> list[FeedbackEvent]:
-    """An SES notification (the SNS message's Message): one event per recipient."""
-    doc = _json(message.encode("utf-8"))
+def ses_events(sns_message_id: str, doc: Any) -> list[FeedbackEvent]:
+    """An SES notification (the SNS message's Message, parsed): one event per recipient."""
     if not isinstance(doc, dict):
         raise ValueError("not an SES notification")
     kind_text = _str(doc.get("notificationType") or doc.get("eventType"))
@@ -82,9 +81,8 @@ def ses_events(sns_message_id: str, message: str) -> list[FeedbackEvent]:
     return [e for e in out if e.address]
 
 
-def sendgrid_events(body: bytes) -> list[FeedbackEvent]:
-    """SendGrid posts a JSON array of events; `sg_event_id` is each one's id."""
-    doc = _json(body)
+def sendgrid_events(doc: Any) -> list[FeedbackEvent]:
+    """SendGrid posts a JSON array of events (`doc`, parsed); `sg_event_id` is each one's id."""
     if not isinstance(doc, list):
         raise ValueError("not a SendGrid event list")
     out: list[FeedbackEvent] = []

@@ -192,12 +192,14 @@ class WebhookRoutes:
             return web.Response(text="confirmed\n")
         if kind != "Notification":
             return web.Response(text="ok\n")
-        try:
-            events = ses_events(str(message.get("MessageId")), str(message.get("Message", "")))
+        sns_id = str(message.get("MessageId"))
+        try:  # parsed once, for the feedback events and the provider signals
+            doc = parse_json(str(message.get("Message", "")))
+            events = ses_events(sns_id, doc)
         except ValueError:
             return self._reject("ses", "malformed", status=400)
         if self.signals is not None:
-            await self.signals.ses(str(message.get("MessageId")), str(message.get("Message", "")))
+            await self.signals.ses(sns_id, doc)
         return await self._apply("ses", events)
 
     async def sendgrid(self, request: web.Request) -> web.Response:
@@ -214,12 +216,13 @@ class WebhookRoutes:
             return self._reject("sendgrid", exc.why)
         except (ValueError, binascii.Error, InvalidSignature):
             return self._reject("sendgrid", "signature")
-        try:
-            events = sendgrid_events(body)
+        try:  # parsed once, for the feedback events and the provider signals
+            doc = parse_json(body)
+            events = sendgrid_events(doc)
         except ValueError:
             return self._reject("sendgrid", "malformed", status=400)
         if self.signals is not None:
-            await self.signals.sendgrid(body)
+            await self.signals.sendgrid(doc)
         return await self._apply("sendgrid", events)
 
     async def postmark(self, request: web.Request) -> web.Response:
