@@ -193,6 +193,9 @@ class SmtpEmailSender:
         return message.message_id
 
     async def aclose(self) -> None:
+        """Quit the pooled connections, and stop the signer's helper process if it has one."""
+        if self._signer is not None:
+            await self._signer.aclose()
         while not self._idle.empty():
             client = self._idle.get_nowait().smtp
             if client.is_connected:
