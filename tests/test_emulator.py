@@ -859,3 +859,28 @@ async def test_indexed_lookups_stay_exact_through_every_kind_of_write(
             got_in = [d["_id"] for d in await coll.find({"f": {"$in": [v]}}).to_list()]
             assert got_in == expected, (step, op, v)
     await client.close()
+
+
+async def test_an_index_is_built_when_it_is_created_and_kept_through_writes(
+    emulator: MongoEmulator,
+) -> None:
+    """As mongod builds an index at createIndexes, so the emulator builds its equality table
+    then (not on the field's first query, which would pay for a scan of the whole collection
+    at some moment under load) and patches it through later writes: the first query uses the
+    very table built at creation, and it holds the documents written since."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(emulator.uri)
+    coll = client.t.built
+    await coll.insert_many([{"_id": i, "to": f"c{i % 500}@x"} for i in range(2_000)])
+    await coll.create_index("to")
+    store = emulator.engine.client["t"]._store["built"]
+    state = store._reactor_index
+    assert state is not None
+    assert state.tables["to"] is not None
+    assert len(state.tables["to"]) == 500
+    await coll.insert_many([{"_id": 2_000 + i, "to": "new@x"} for i in range(10)])
+    await coll.update_one({"_id": 0}, {"$set": {"to": "new@x"}})
+    got = [d["_id"] for d in await coll.find({"to": "new@x"}).to_list()]
+    assert got == [0, *range(2_000, 2_010)]
+    assert store._reactor_index is state  # patched, never rebuilt
+    assert [d["_id"] for d in await coll.find({"to": "c1@x"}).to_list()] == [1, 501, 1001, 1501]
+    await client.close()

@@ -268,9 +268,9 @@ class FastCollection(mongomock.Collection):  # type: ignore[type-arg]
         if not fields:
             return None
         version = getattr(store, "_reactor_version", 0)
-        state: _IndexState | None = getattr(store, "_reactor_index", None)
+        state: IndexState | None = getattr(store, "_reactor_index", None)
         if state is None or state.version != version:
-            state = _IndexState(version, set(fields))
+            state = IndexState(version, set(fields))
             store._reactor_index = state
         for field_name, condition in filter.items():
             if field_name not in state.fields:
@@ -296,9 +296,10 @@ class FastCollection(mongomock.Collection):  # type: ignore[type-arg]
 
 
 @dataclass
-class _IndexState:
-    """Lazily built equality tables for one collection, valid for one write version, and
-    patched by the writes that follow (the keys they changed) instead of rebuilt."""
+class IndexState:
+    """Equality tables for one collection (built when its indexes are declared, or on a field's
+    first query after an invalidation), valid for one write version, and patched by the writes
+    that follow (the keys they changed) instead of rebuilt."""
 
     version: int
     fields: set[str]
