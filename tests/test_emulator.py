@@ -884,3 +884,48 @@ async def test_an_index_is_built_when_it_is_created_and_kept_through_writes(
     assert store._reactor_index is state  # patched, never rebuilt
     assert [d["_id"] for d in await coll.find({"to": "c1@x"}).to_list()] == [1, 501, 1001, 1501]
     await client.close()
+
+
+async def test_a_compound_index_serves_its_pinned_prefix_by_its_narrowest_key(
+    emulator: MongoEmulator,
+) -> None:
+    """{campaign: 1, customer: 1}: a filter pinning both is answered from whichever key's table
+    holds fewer candidates (here `customer`: one campaign holds every document), one pinning
+    `customer` alone by no table (mongod cannot use that index for it either), and every
+    answer equals a scan's, in natural order."""
+    from reactor.embedded.mongo.fastpath import _narrowest
+
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(emulator.uri)
+    coll = client.t.compound
+    await coll.create_index([("campaign", 1), ("customer", 1), ("at", 1)])
+    await coll.insert_many(
+        [{"_id": i, "campaign": "c1", "customer": str(i % 50), "at": i} for i in range(1_000)]
+    )
+    store = emulator.engine.client["t"]._store["compound"]
+    state = store._reactor_index
+    indexes = store._reactor_fields
+    both = {"campaign": {"$in": ["c1"]}, "customer": {"$in": ["3", "4"]}, "at": {"$gte": 500}}
+    picked = _narrowest(both, indexes, state, store)
+    assert picked is not None
+    assert picked[0] is state.tables["customer"]
+    assert _narrowest({"customer": "3"}, indexes, state, store) is None
+    only_campaign = _narrowest({"campaign": "c1"}, indexes, state, store)
+    assert only_campaign is not None
+    assert only_campaign[0] is state.tables["campaign"]
+    everything = await coll.find({}).to_list()
+    for query in (both, {"customer": "3"}, {"campaign": "c1", "customer": "7"}):
+        got = [d["_id"] for d in await coll.find(query).to_list()]
+        expected = [
+            d["_id"]
+            for d in everything
+            if all(
+                d[k] in v["$in"]
+                if isinstance(v, dict) and "$in" in v
+                else d[k] >= v["$gte"]
+                if isinstance(v, dict)
+                else d[k] == v
+                for k, v in query.items()
+            )
+        ]
+        assert got == expected, query
+    await client.close()
