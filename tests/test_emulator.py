@@ -929,3 +929,38 @@ async def test_a_compound_index_serves_its_pinned_prefix_by_its_narrowest_key(
         ]
         assert got == expected, query
     await client.close()
+
+
+async def test_a_change_stream_waiting_when_the_emulator_stops_ends_without_an_error() -> None:
+    """SIGTERM while a getMore awaits changes: the CLI's cancel scope cancels it, repeatedly,
+    and nothing may fail on the way out (an asyncio.Condition whose lock re-acquire was
+    cancelled raised 'Lock is not acquired' here, logged as an engine failure)."""
+    import signal
+    import sys
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "reactor",
+        "mongo-emulator",
+        "--port",
+        "0",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    uri = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode().split()[1]
+    c: Client = AsyncMongoClient(uri, serverSelectionTimeoutMS=2000)
+    await c.x.y.insert_one({"a": 1})
+    streams = [await c.x.y.watch(max_await_time_ms=10_000) for _ in range(4)]
+    waiting = [asyncio.ensure_future(s.try_next()) for s in streams]
+    await asyncio.sleep(0.5)  # every getMore is inside its wait
+    proc.send_signal(signal.SIGTERM)
+    out, err = await asyncio.wait_for(proc.communicate(), 15)
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    await c.close()
+    assert proc.returncode == 0
+    assert b"Traceback" not in err, err.decode()[-2000:]
+    assert b"engine failed" not in err

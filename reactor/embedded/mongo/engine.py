@@ -101,7 +101,8 @@ class Engine:
         # Entries at or before this cluster time are gone; resuming from before it fails.
         self.history_floor = 0
         self._last_ts = 0
-        self.changed = asyncio.Condition()
+        # Set (and replaced) at each write's change entries: what an awaiting getMore waits on.
+        self._changed = asyncio.Event()
         self.pre_images_enabled: set[tuple[str, str]] = set()
         self._uuids: dict[tuple[str, str], Binary] = {}
         # create / collMod options kept as given: capped, size, max, validator…
@@ -312,11 +313,14 @@ class Engine:
             del self.oplog[:cut]
             del self._oplog_ts[:cut]
         if added:
-            asyncio.get_running_loop().create_task(self._notify())
+            self._changed.set()
+            self._changed = asyncio.Event()
 
-    async def _notify(self) -> None:
-        async with self.changed:
-            self.changed.notify_all()
+    def change_signal(self) -> asyncio.Event:
+        """An event set by the next write that records change entries. Taken with no await
+        after reading the log, it cannot miss a write in between (the loop is single-threaded);
+        no lock is involved, so a cancelled waiter leaves nothing half-held."""
+        return self._changed
 
     def entries_after(self, position: int) -> list[OplogEntry]:
         if position < self.history_floor:
