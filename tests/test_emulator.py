@@ -962,5 +962,6 @@ async def test_a_change_stream_waiting_when_the_emulator_stops_ends_without_an_e
     await asyncio.gather(*waiting, return_exceptions=True)
     await c.close()
     assert proc.returncode == 0
+    assert out == b""
     assert b"Traceback" not in err, err.decode()[-2000:]
     assert b"engine failed" not in err
