@@ -171,10 +171,11 @@ class SigningProcess:
         self._log(f"{why} (exit code {await proc.wait()})")
 
     def _stuck(self, proc: asyncio.subprocess.Process) -> None:
-        if self._proc is proc:
-            self._proc = None
-            _kill(proc)
-            self._failed(f"did not answer within {SIGN_TIMEOUT_S:.0f} s and was killed")
+        if self._proc is not proc:
+            return  # already given up on (its reader or another caller failed what it owed)
+        self._proc = None
+        _kill(proc)
+        self._failed(f"did not answer within {SIGN_TIMEOUT_S:.0f} s and was killed")
         self._fail_pending()
 
     def _failed(self, why: str) -> None:
