@@ -92,7 +92,7 @@ class SigningProcess:
         self._pending[request] = future
         try:
             if not self._outbox:
-                loop.call_soon(self._flush, proc)
+                loop.call_soon(self._flush)
             self._outbox.append(_frame(("sign", request, message)))
             async with asyncio.timeout(SIGN_TIMEOUT_S):
                 return await future
@@ -104,9 +104,13 @@ class SigningProcess:
         finally:
             self._pending.pop(request, None)
 
-    def _flush(self, proc: asyncio.subprocess.Process) -> None:
+    def _flush(self) -> None:
+        """Write the frames queued this loop iteration to the child now running. A frame of a
+        child that went away meanwhile was failed with it: if a successor reads it, its answer
+        names a request nobody waits for, and is dropped."""
         frames, self._outbox = self._outbox, []
-        if proc.stdin is not None and proc is self._proc and not proc.stdin.is_closing():
+        proc = self._proc
+        if proc is not None and proc.stdin is not None and not proc.stdin.is_closing():
             proc.stdin.write(b"".join(frames))
 
     async def _running(self) -> asyncio.subprocess.Process | None:
