@@ -136,7 +136,9 @@ class Reactor:
             if s.segmentation_mongo_uri is not None:
                 seg_client = mongo_client(s.segmentation_uri.get_secret_value(), self.instance_id)
             email, sms = self._senders()
-            self.identity_senders = dict(identity_senders(s.senders()))
+            self.identity_senders = dict(
+                identity_senders(s.senders(), process=s.dkim_signing == "process")
+            )
             try:
                 await self._serve(client, seg_client, email, sms, task_status)
             finally:
@@ -163,7 +165,8 @@ class Reactor:
         s = self.settings
         email: EmailSender | None = None
         if (smtp := s.smtp_config()) is not None:
-            email = SmtpEmailSender(smtp, signer=default_signer(s.senders()))
+            signer = default_signer(s.senders(), process=s.dkim_signing == "process")
+            email = SmtpEmailSender(smtp, signer=signer)
         sms: SmsSender | None = None
         if (twilio := s.twilio_config()) is not None:
             sms = TwilioSmsSender(twilio)

@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     dkim_domain: str | None = None
     dkim_selector: str | None = None
     dkim_private_key_file: str | None = None
+    # Where DKIM signatures are made: a helper process per signing identity (a core of its own),
+    # or a worker thread of this process (docs/deliverability.md#dkim-signing).
+    dkim_signing: Literal["process", "thread"] = "process"
     require_authenticated_senders: bool = False
     senders_preflight: bool = False  # check SPF/DKIM/DMARC in DNS when arming (implied by REQUIRE)
     dns_resolver: str | None = None  # host[:port] of the resolver pre-flight checks ask

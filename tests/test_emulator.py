@@ -859,3 +859,109 @@ async def test_indexed_lookups_stay_exact_through_every_kind_of_write(
             got_in = [d["_id"] for d in await coll.find({"f": {"$in": [v]}}).to_list()]
             assert got_in == expected, (step, op, v)
     await client.close()
+
+
+async def test_an_index_is_built_when_it_is_created_and_kept_through_writes(
+    emulator: MongoEmulator,
+) -> None:
+    """As mongod builds an index at createIndexes, so the emulator builds its equality table
+    then (not on the field's first query, which would pay for a scan of the whole collection
+    at some moment under load) and patches it through later writes: the first query uses the
+    very table built at creation, and it holds the documents written since."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(emulator.uri)
+    coll = client.t.built
+    await coll.insert_many([{"_id": i, "to": f"c{i % 500}@x"} for i in range(2_000)])
+    await coll.create_index("to")
+    store = emulator.engine.client["t"]._store["built"]
+    state = store._reactor_index
+    assert state is not None
+    assert state.tables["to"] is not None
+    assert len(state.tables["to"]) == 500
+    await coll.insert_many([{"_id": 2_000 + i, "to": "new@x"} for i in range(10)])
+    await coll.update_one({"_id": 0}, {"$set": {"to": "new@x"}})
+    got = [d["_id"] for d in await coll.find({"to": "new@x"}).to_list()]
+    assert got == [0, *range(2_000, 2_010)]
+    assert store._reactor_index is state  # patched, never rebuilt
+    assert [d["_id"] for d in await coll.find({"to": "c1@x"}).to_list()] == [1, 501, 1001, 1501]
+    await client.close()
+
+
+async def test_a_compound_index_serves_its_pinned_prefix_by_its_narrowest_key(
+    emulator: MongoEmulator,
+) -> None:
+    """{campaign: 1, customer: 1}: a filter pinning both is answered from whichever key's table
+    holds fewer candidates (here `customer`: one campaign holds every document), one pinning
+    `customer` alone by no table (mongod cannot use that index for it either), and every
+    answer equals a scan's, in natural order."""
+    from reactor.embedded.mongo.fastpath import _narrowest
+
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(emulator.uri)
+    coll = client.t.compound
+    await coll.create_index([("campaign", 1), ("customer", 1), ("at", 1)])
+    await coll.insert_many(
+        [{"_id": i, "campaign": "c1", "customer": str(i % 50), "at": i} for i in range(1_000)]
+    )
+    store = emulator.engine.client["t"]._store["compound"]
+    state = store._reactor_index
+    indexes = store._reactor_fields
+    both = {"campaign": {"$in": ["c1"]}, "customer": {"$in": ["3", "4"]}, "at": {"$gte": 500}}
+    picked = _narrowest(both, indexes, state, store)
+    assert picked is not None
+    assert picked[0] is state.tables["customer"]
+    assert _narrowest({"customer": "3"}, indexes, state, store) is None
+    only_campaign = _narrowest({"campaign": "c1"}, indexes, state, store)
+    assert only_campaign is not None
+    assert only_campaign[0] is state.tables["campaign"]
+    everything = await coll.find({}).to_list()
+    for query in (both, {"customer": "3"}, {"campaign": "c1", "customer": "7"}):
+        got = [d["_id"] for d in await coll.find(query).to_list()]
+        expected = [
+            d["_id"]
+            for d in everything
+            if all(
+                d[k] in v["$in"]
+                if isinstance(v, dict) and "$in" in v
+                else d[k] >= v["$gte"]
+                if isinstance(v, dict)
+                else d[k] == v
+                for k, v in query.items()
+            )
+        ]
+        assert got == expected, query
+    await client.close()
+
+
+async def test_a_change_stream_waiting_when_the_emulator_stops_ends_without_an_error() -> None:
+    """SIGTERM while a getMore awaits changes: the CLI's cancel scope cancels it, repeatedly,
+    and nothing may fail on the way out (an asyncio.Condition whose lock re-acquire was
+    cancelled raised 'Lock is not acquired' here, logged as an engine failure)."""
+    import signal
+    import sys
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "reactor",
+        "mongo-emulator",
+        "--port",
+        "0",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    uri = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode().split()[1]
+    c: Client = AsyncMongoClient(uri, serverSelectionTimeoutMS=2000)
+    await c.x.y.insert_one({"a": 1})
+    streams = [await c.x.y.watch(max_await_time_ms=10_000) for _ in range(4)]
+    waiting = [asyncio.ensure_future(s.try_next()) for s in streams]
+    await asyncio.sleep(0.5)  # every getMore is inside its wait
+    proc.send_signal(signal.SIGTERM)
+    out, err = await asyncio.wait_for(proc.communicate(), 15)
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    await c.close()
+    assert proc.returncode == 0
+    assert out == b""
+    assert b"Traceback" not in err, err.decode()[-2000:]
+    assert b"engine failed" not in err

@@ -53,6 +53,22 @@ tls = "none"
 """
 
 
+def signing_children() -> list[int]:
+    """The pids of this process's live DKIM signing helpers."""
+    found = []
+    for proc in pathlib.Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            stat = (proc / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[-1].split()
+        alive = fields[0] != "Z"
+        if b"reactor.adapters.dkim_process" in cmdline and int(fields[1]) == os.getpid() and alive:
+            found.append(int(proc.name))
+    return found
+
+
 def test_a_senders_file_is_read_with_credentials_from_the_environment() -> None:
     senders = parse_senders(GOOD, {"NEWS_SMTP_PASSWORD": "hunter2-hunter2"})
     news = senders.identities["news"]
@@ -237,6 +253,9 @@ async def test_sent_messages_carry_a_dkim_signature_that_verifies_against_the_pu
     await coll.insert_one(campaign("signed", 0.3, 60, ids, channels=["email"]))
     async with running(cfg):
         await eventually(lambda: holds(len(sink.messages) == 4), 15)
+        # Signed where DKIM_SIGNING's default says: a helper process of this one.
+        assert len(signing_children()) == 1
+    assert signing_children() == []  # stopped with the reactor
     dnsfunc = dns_for(rsa_key, b"s1._domainkey.reactor.example")
     for message in sink.messages:
         assert dkim.verify(message.raw, dnsfunc=dnsfunc), message.to

@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
 from ..domain.senders import DkimKey
+from .dkim_process import SigningProcess
 
 SIGNED_HEADERS = (
     b"from",
@@ -122,6 +123,7 @@ class DkimSigner:
         *,
         fast: bool = True,
         threaded: bool | None = None,
+        process: bool = False,
     ) -> None:
         self.domain = domain
         self.selector = selector
@@ -135,6 +137,8 @@ class DkimSigner:
         self.public_key_der = public
         # Off the event loop only where that buys parallelism: OpenSSL's RSA without the GIL.
         self.threaded = (fast and RSA_SIGN_RELEASES_GIL) if threaded is None else threaded
+        # In a helper process of its own, with the above as the fallback when it is unavailable.
+        self.process = SigningProcess(domain, selector, key_pem) if process else None
         if fast:
             _KEYS[key.private_numbers().public_numbers.n] = key
             _PARSED[key_pem] = _DKIMPY_PARSE_PEM(key_pem)
@@ -165,13 +169,32 @@ class DkimSigner:
         """`message` with its DKIM-Signature header prepended."""
         return self.signature(message) + message
 
-    async def sign_off_loop(self, message: bytes) -> bytes:
-        """`sign(message)`, in a worker thread when that frees the event loop (`threaded`).
+    @property
+    def signing(self) -> str:
+        """Where `sign_off_loop` signs: process, thread or inline."""
+        return "process" if self.process is not None else "thread" if self.threaded else "inline"
 
-        A cancelled caller leaves the thread to finish one harmless signature."""
+    async def sign_off_loop(self, message: bytes) -> bytes:
+        """`sign(message)`, in the helper process (`process`), else in a worker thread when that
+        frees the event loop (`threaded`), else inline. A message the helper process cannot
+        sign (it is down) is signed here instead.
+
+        A cancelled caller leaves the thread or the process to finish one harmless signature."""
+        if self.process is not None:
+            answer = await self.process.signature(message)
+            if answer is not None:
+                ok, payload = answer
+                if not ok:
+                    raise DkimKeyError(str(payload))
+                return bytes(payload) + message
         if not self.threaded:
             return self.sign(message)
         return await asyncio.get_running_loop().run_in_executor(_executor(), self.sign, message)
+
+    async def aclose(self) -> None:
+        """Stop the helper process, if one was started."""
+        if self.process is not None:
+            await self.process.aclose()
 
     def verify_own(self, message: bytes) -> bool:
         """Verify a signed message against this key's own public key (no DNS)."""
@@ -199,7 +222,9 @@ def _load_rsa(pem: bytes) -> rsa.RSAPrivateKey:
     return key
 
 
-def load_signer(domain: str, key: DkimKey, *, fast: bool = True) -> DkimSigner:
+def load_signer(
+    domain: str, key: DkimKey, *, fast: bool = True, process: bool = False
+) -> DkimSigner:
     """Read, parse and prove a key: DkimKeyError (naming the file, never its content) if any
     of it fails."""
     where = f"DKIM key {key.key_file} (selector {key.selector}, domain {domain})"
@@ -209,7 +234,7 @@ def load_signer(domain: str, key: DkimKey, *, fast: bool = True) -> DkimSigner:
     except OSError as exc:
         raise DkimKeyError(f"{where}: cannot be read ({exc.strerror or exc})") from None
     try:
-        signer = DkimSigner(domain, key.selector, pem, fast=fast)
+        signer = DkimSigner(domain, key.selector, pem, fast=fast, process=process)
         probe = _PROBE.replace(b"{domain}", domain.encode("ascii"))
         if not signer.verify_own(signer.sign(probe)):
             raise DkimKeyError("a probe message it signed does not verify")

@@ -38,25 +38,26 @@ def smtp_config(identity: Identity) -> SmtpConfig:
     )
 
 
-def signer(identity: Identity) -> DkimSigner | None:
-    """The identity's DKIM signer; raises DkimKeyError for a key that cannot sign."""
+def signer(identity: Identity, *, process: bool = False) -> DkimSigner | None:
+    """The identity's DKIM signer (signing in a helper process of its own with `process`);
+    raises DkimKeyError for a key that cannot sign."""
     if identity.dkim is None:
         return None
-    return load_signer(identity.dkim_domain or identity.domain, identity.dkim)
+    return load_signer(identity.dkim_domain or identity.domain, identity.dkim, process=process)
 
 
-def identity_senders(senders: Senders) -> dict[str, SmtpEmailSender]:
+def identity_senders(senders: Senders, *, process: bool = False) -> dict[str, SmtpEmailSender]:
     """An SMTP sender for each identity but the default (built from SMTP_* as before)."""
     return {
-        name: SmtpEmailSender(smtp_config(identity), signer=signer(identity))
+        name: SmtpEmailSender(smtp_config(identity), signer=signer(identity, process=process))
         for name, identity in senders.identities.items()
         if name != DEFAULT
     }
 
 
-def default_signer(senders: Senders) -> DkimSigner | None:
+def default_signer(senders: Senders, *, process: bool = False) -> DkimSigner | None:
     identity = senders.default
-    return signer(identity) if identity is not None else None
+    return signer(identity, process=process) if identity is not None else None
 
 
 def public_keys(senders: Senders) -> dict[str, bytes]:

@@ -37,7 +37,13 @@ from . import engagement_load
 from .common import emulator_process
 from .figures import Figure
 
-SOURCES = ["reactor/bench/engagement.py", "reactor/domain/engagement.py", "reactor/engagement"]
+SOURCES = [
+    "reactor/bench/engagement.py",
+    "reactor/bench/engagement_load.py",
+    "reactor/bench/loadgen.py",
+    "reactor/domain/engagement.py",
+    "reactor/engagement",
+]
 CAMPAIGN = "65f0c0ffee00000000000024"
 T0 = dt.datetime(2026, 3, 2, 9, 0, tzinfo=dt.UTC)
 

@@ -264,41 +264,66 @@ class FastCollection(mongomock.Collection):  # type: ignore[type-arg]
                 return out
         if getattr(store, "_reactor_writing", False):
             return None  # documents change in place during a write: tables would be stale
-        fields = getattr(store, "_reactor_fields", None)
-        if not fields:
+        indexes: list[tuple[str, ...]] | None = getattr(store, "_reactor_fields", None)
+        if not indexes:
             return None
         version = getattr(store, "_reactor_version", 0)
-        state: _IndexState | None = getattr(store, "_reactor_index", None)
+        state: IndexState | None = getattr(store, "_reactor_index", None)
         if state is None or state.version != version:
-            state = _IndexState(version, set(fields))
+            state = IndexState(version, {f for keys in indexes for f in keys})
             store._reactor_index = state
-        for field_name, condition in filter.items():
-            if field_name not in state.fields:
+        best = _narrowest(filter, indexes, state, store)
+        if best is None:
+            return None
+        table, values = best
+        ids_in_order: list[tuple[int, Any]] = []
+        for value in values:
+            ids_in_order.extend(table.get(value, ()))
+        ids_in_order.sort(key=lambda pair: pair[0])
+        out = []
+        for _, key in ids_in_order:
+            try:
+                out.append(store[key])
+            except KeyError:
                 continue
-            values = _equality_values(condition)
-            if values is None:
-                continue
-            table = state.table(field_name, store)
-            if table is None:
-                continue
-            ids_in_order: list[tuple[int, Any]] = []
-            for value in dict.fromkeys(values):
-                ids_in_order.extend(table.get(value, ()))
-            ids_in_order.sort(key=lambda pair: pair[0])
-            out = []
-            for _, key in ids_in_order:
-                try:
-                    out.append(store[key])
-                except KeyError:
-                    continue
-            return out
-        return None
+        return out
+
+
+def _narrowest(
+    filter: dict[str, Any], indexes: list[tuple[str, ...]], state: IndexState, store: Any
+) -> tuple[dict[Any, list[tuple[int, Any]]], list[Any]] | None:
+    """The equality table (and the values looked up in it) that yields the fewest candidates,
+    among the fields an index could serve by equality: those of an index's leading keys that
+    the filter pins, every key before them pinned too (mongod uses {campaign: 1, customer: 1}
+    for a filter on both, never for one on `customer` alone). None when no field qualifies."""
+    pinned: dict[str, list[Any]] = {}
+    for field_name, condition in filter.items():
+        values = _equality_values(condition)
+        if values is not None:
+            pinned[field_name] = list(dict.fromkeys(values))
+    usable: list[str] = []
+    for keys in indexes:
+        for key in keys:
+            if key not in pinned:
+                break
+            if key not in usable:
+                usable.append(key)
+    best: tuple[int, dict[Any, list[tuple[int, Any]]], list[Any]] | None = None
+    for field_name in usable:
+        table = state.table(field_name, store)
+        if table is None:
+            continue
+        size = sum(len(table.get(v, ())) for v in pinned[field_name])
+        if best is None or size < best[0]:
+            best = (size, table, pinned[field_name])
+    return (best[1], best[2]) if best is not None else None
 
 
 @dataclass
-class _IndexState:
-    """Lazily built equality tables for one collection, valid for one write version, and
-    patched by the writes that follow (the keys they changed) instead of rebuilt."""
+class IndexState:
+    """Equality tables for one collection (built when its indexes are declared, or on a field's
+    first query after an invalidation), valid for one write version, and patched by the writes
+    that follow (the keys they changed) instead of rebuilt."""
 
     version: int
     fields: set[str]

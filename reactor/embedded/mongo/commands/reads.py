@@ -227,12 +227,9 @@ class ReadCommands(CommandsBase):
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
                 break
-            async with self.engine.changed:
-                # Re-check under the condition: a write may have landed since next_batch.
-                if self.engine.oplog and self.engine.oplog[-1].ts > cursor.position:
-                    continue
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.engine.changed.wait(), remaining)
+            changed = self.engine.change_signal()  # no await since next_batch read the log
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), remaining)
         ns_coll = cursor.coll or "$cmd.aggregate"
         ns = f"{cursor.db or 'admin'}.{ns_coll}"
         next_id = int(cursor_id)
