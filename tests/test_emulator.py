@@ -965,3 +965,17 @@ async def test_a_change_stream_waiting_when_the_emulator_stops_ends_without_an_e
     assert out == b""
     assert b"Traceback" not in err, err.decode()[-2000:]
     assert b"engine failed" not in err
+
+
+async def test_an_index_on_a_dotted_path_answers_as_a_scan_would(emulator: MongoEmulator) -> None:
+    """Equality tables hold top-level values: a dotted key (alone, or after a top-level one in
+    a compound index) must never be answered from one, or every lookup on it finds nothing."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(emulator.uri)
+    coll = client.t.dotted
+    await coll.insert_many([{"_id": i, "a": {"b": i % 3}, "k": i % 2} for i in range(12)])
+    await coll.create_index([("k", 1), ("a.b", 1)])
+    await coll.create_index("a.b")
+    assert [d["_id"] for d in await coll.find({"a.b": 1}).to_list()] == [1, 4, 7, 10]
+    assert [d["_id"] for d in await coll.find({"k": 1, "a.b": 1}).to_list()] == [1, 7]
+    assert [d["_id"] for d in await coll.find({"k": 0}).to_list()] == [0, 2, 4, 6, 8, 10]
+    await client.close()

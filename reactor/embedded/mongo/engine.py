@@ -276,8 +276,10 @@ class Engine:
         for info in coll.index_information().values():
             fields: list[str] = []
             for field_name, direction in info.get("key", []):
-                if direction not in (1, -1):
-                    break  # text, 2dsphere, hashed: no equality table
+                if direction not in (1, -1) or "." in field_name:
+                    # text, 2dsphere, hashed, or a path into sub-documents or arrays: no
+                    # equality table (a table holds top-level values only)
+                    break
                 fields.append(field_name)
             if fields and fields[0] != "_id":
                 indexes.append(tuple(fields))
