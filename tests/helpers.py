@@ -11,7 +11,7 @@ import anyio
 from pymongo import AsyncMongoClient
 
 from reactor.app import Reactor
-from reactor.config import Settings
+from reactor.config import Settings, SmtpConfig
 from reactor.embedded.smtp_sink import SmtpSink
 from reactor.embedded.twilio_fake import TwilioFake
 
@@ -22,6 +22,20 @@ Client = AsyncMongoClient[dict[str, Any]]
 
 def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def sink_smtp(sink: SmtpSink, *, sender: str, pool_size: int = 3) -> SmtpConfig:
+    """An SMTP sender's configuration for the sink: plain text, no credentials."""
+    return SmtpConfig(
+        host=sink.host,
+        port=sink.port,
+        username=None,
+        password=None,
+        tls="none",
+        pool_size=pool_size,
+        timeout_s=10,
+        sender=sender,
+    )
 
 
 def settings(

@@ -22,9 +22,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from reactor.adapters import dkim_process
 from reactor.adapters.dkim import DkimKeyError, DkimSigner
 from reactor.adapters.smtp import SmtpEmailSender
-from reactor.config import SmtpConfig
 from reactor.embedded.smtp_sink import SmtpSink
 from reactor.ports import EmailMessage
+
+from .helpers import sink_smtp
 
 DOMAIN = "reactor.example"
 RAW = (
@@ -74,16 +75,7 @@ async def test_messages_signed_in_the_child_verify_and_the_child_stops_on_close(
 ) -> None:
     signer = DkimSigner(DOMAIN, "s1", key_pem, process=True)
     assert signer.signing == "process"
-    config = SmtpConfig(
-        host=sink.host,
-        port=sink.port,
-        username=None,
-        password=None,
-        tls="none",
-        pool_size=3,
-        timeout_s=10,
-        sender=f"campaigns@{DOMAIN}",
-    )
+    config = sink_smtp(sink, sender=f"campaigns@{DOMAIN}")
     sender = SmtpEmailSender(config, signer=signer)
     messages = [
         EmailMessage(

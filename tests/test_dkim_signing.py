@@ -16,9 +16,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from reactor.adapters import dkim as reactor_dkim
 from reactor.adapters.dkim import DkimSigner
 from reactor.adapters.smtp import SmtpEmailSender
-from reactor.config import SmtpConfig
 from reactor.embedded.smtp_sink import SmtpSink
 from reactor.ports import EmailMessage
+
+from .helpers import sink_smtp
 
 DOMAIN = "reactor.example"
 
@@ -81,16 +82,7 @@ async def test_messages_sent_with_either_signer_verify_and_sign_where_expected(
     key_pem: bytes, sink: SmtpSink, threaded: bool
 ) -> None:
     signer = RecordingSigner(DOMAIN, "s1", key_pem, threaded=threaded)
-    config = SmtpConfig(
-        host=sink.host,
-        port=sink.port,
-        username=None,
-        password=None,
-        tls="none",
-        pool_size=3,
-        timeout_s=10,
-        sender=f"campaigns@{DOMAIN}",
-    )
+    config = sink_smtp(sink, sender=f"campaigns@{DOMAIN}")
     sender = SmtpEmailSender(config, signer=signer)
     try:
         for i in range(6):

@@ -767,8 +767,8 @@ async def test_checksummed_op_msg_and_document_sequences(emulator: MongoEmulator
     await c.close()
 
 
-async def test_emulator_cli_prints_one_ready_line_and_stops_cleanly() -> None:
-    import signal
+async def _cli_emulator() -> tuple[asyncio.subprocess.Process, str]:
+    """`reactor mongo-emulator` in a process of its own, and the line it printed when ready."""
     import sys
 
     proc = await asyncio.create_subprocess_exec(
@@ -782,7 +782,13 @@ async def test_emulator_cli_prints_one_ready_line_and_stops_cleanly() -> None:
         stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None
-    line = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode()
+    return proc, (await asyncio.wait_for(proc.stdout.readline(), 15)).decode()
+
+
+async def test_emulator_cli_prints_one_ready_line_and_stops_cleanly() -> None:
+    import signal
+
+    proc, line = await _cli_emulator()
     assert line.startswith("ready mongodb://127.0.0.1:")
     assert line.rstrip().endswith("replicaSet=rs0")
     uri = line.split()[1]
@@ -936,20 +942,9 @@ async def test_a_change_stream_waiting_when_the_emulator_stops_ends_without_an_e
     and nothing may fail on the way out (an asyncio.Condition whose lock re-acquire was
     cancelled raised 'Lock is not acquired' here, logged as an engine failure)."""
     import signal
-    import sys
 
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "reactor",
-        "mongo-emulator",
-        "--port",
-        "0",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert proc.stdout is not None
-    uri = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode().split()[1]
+    proc, line = await _cli_emulator()
+    uri = line.split()[1]
     c: Client = AsyncMongoClient(uri, serverSelectionTimeoutMS=2000)
     await c.x.y.insert_one({"a": 1})
     streams = [await c.x.y.watch(max_await_time_ms=10_000) for _ in range(4)]
