@@ -974,3 +974,72 @@ async def test_an_index_on_a_dotted_path_answers_as_a_scan_would(emulator: Mongo
     assert [d["_id"] for d in await coll.find({"k": 1, "a.b": 1}).to_list()] == [1, 7]
     assert [d["_id"] for d in await coll.find({"k": 0}).to_list()] == [0, 2, 4, 6, 8, 10]
     await client.close()
+
+
+async def test_a_retry_waits_for_the_attempt_it_repeats(emulator: MongoEmulator) -> None:
+    # mongod checks a session out for one operation at a time: a retryable write's retry that
+    # arrives while its first attempt is still running (an insert yields between chunks) waits
+    # for it, then is answered from its reply instead of applying the write a second time.
+    from reactor.embedded.mongo.commands.base import Connection
+    from reactor.embedded.mongo.wire import Request
+
+    release = asyncio.Event()
+    calls = 0
+
+    async def handler(request: Any, conn: Any, db: str) -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        await release.wait()
+        return {"n": 3}
+
+    lsid = {"id": bson.Binary(uuid.uuid4().bytes, 4)}
+    command = {"insert": "c", "documents": [], "lsid": lsid, "txnNumber": 7, "$db": "x"}
+    conn = Connection(id=1, writer=None)  # type: ignore[arg-type]  # the handler writes nothing
+
+    def attempt() -> asyncio.Task[dict[str, Any]]:
+        request = Request(request_id=1, op_code=OP_MSG, command=dict(command))
+        return asyncio.create_task(emulator._run_once(handler, request, conn, "x", "insert"))
+
+    first = attempt()
+    await asyncio.sleep(0.01)
+    retry = attempt()
+    await asyncio.sleep(0.01)
+    assert not retry.done()  # waiting for the first attempt, not running beside it
+    release.set()
+    assert await first == {"n": 3}
+    assert await retry == {"n": 3}
+    assert calls == 1
+    other = {**command, "txnNumber": 8}  # a new write of the session runs
+    await emulator._run_once(
+        handler, Request(request_id=2, op_code=OP_MSG, command=other), conn, "x", "insert"
+    )
+    assert calls == 2
+
+
+async def test_indexed_lookups_match_arrays_and_other_types_as_mongod_does(db: Any) -> None:
+    # A candidate from an equality table is turned down early only when its value has the
+    # condition's own type (a string, a date); an array or another type goes to the matcher.
+    t1, t2, t3 = (dt.datetime(2026, 1, d, tzinfo=dt.UTC) for d in (1, 2, 3))
+    await db.quick.create_index([("campaign", 1), ("customer", 1)])
+    await db.quick.insert_many(
+        [
+            {"_id": 1, "campaign": "a", "customer": "x", "kind": "click", "at": t3},
+            {"_id": 2, "campaign": "a", "customer": "x", "kind": ["open", "click"], "at": t2},
+            {"_id": 3, "campaign": "a", "customer": "y", "kind": "open", "at": t3},
+            {"_id": 4, "campaign": "a", "customer": "y", "kind": "click", "at": [t1, t3]},
+            {"_id": 5, "campaign": "a", "customer": "x", "kind": "click", "at": t1},
+            {"_id": 6, "campaign": "a", "customer": ["z", "x"], "kind": "click", "at": t3},
+            {"_id": 7, "campaign": "a", "customer": "x", "kind": 5, "at": "late"},
+        ]
+    )
+    query = {
+        "campaign": {"$in": ["a"]},
+        "customer": {"$in": ["x", "y"]},
+        "kind": "click",
+        "at": {"$gte": t2},
+    }
+    assert sorted(d["_id"] for d in await db.quick.find(query).to_list()) == [1, 2, 4, 6]
+    assert [d["_id"] for d in await db.quick.find({"campaign": "a", "kind": 5}).to_list()] == [7]
+    # Each bound may be met by a different element of an array: [t1, t3] is in (t1, t3).
+    between = {"campaign": "a", "at": {"$gt": t1, "$lt": t3}}
+    assert [d["_id"] for d in await db.quick.find(between).to_list()] == [2, 4]

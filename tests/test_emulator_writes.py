@@ -4,11 +4,12 @@ REACTOR_TEST_MONGO_URI set they run unchanged against a real replica set."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 from pymongo import InsertOne, UpdateOne
-from pymongo.errors import AutoReconnect, OperationFailure, WriteConcernError
+from pymongo.errors import AutoReconnect, BulkWriteError, OperationFailure, WriteConcernError
 
 from tests.conftest import MongoTarget
 
@@ -113,3 +114,31 @@ async def test_out_replaces_and_merge_combines(db: Any) -> None:
     with pytest.raises(OperationFailure) as not_last:
         await (await db.src.aggregate([{"$out": "x"}, {"$match": {}}])).to_list()
     assert not_last.value.code == 40601
+
+
+async def test_a_long_insert_does_not_hold_back_reads_on_other_connections(db: Any) -> None:
+    # mongod serves other operations while a large insert runs; the embedded server writes an
+    # insert in chunks with other connections' commands between them. A count taken meanwhile
+    # sees part of the batch: it was answered before the insert finished.
+    docs = [{"_id": i, "pad": "x" * 200} for i in range(5000)]
+    insert = asyncio.create_task(db.long.insert_many(docs))
+    seen: list[int] = []
+    while not insert.done():
+        seen.append(await db.long.count_documents({}))
+    await insert
+    assert any(0 < n < len(docs) for n in seen), seen
+    assert await db.long.count_documents({}) == len(docs)
+
+
+async def test_write_errors_past_the_first_chunk_keep_their_places(db: Any) -> None:
+    await db.dups.insert_many([{"_id": 40}, {"_id": 70}])
+    with pytest.raises(BulkWriteError) as ordered:
+        await db.dups.insert_many([{"_id": i} for i in range(100)])
+    assert ordered.value.details["nInserted"] == 40  # an ordered insert stops at its first error
+    assert [e["index"] for e in ordered.value.details["writeErrors"]] == [40]
+    await db.dups.delete_many({"_id": {"$nin": [40, 70]}})
+    with pytest.raises(BulkWriteError) as unordered:
+        await db.dups.insert_many([{"_id": i} for i in range(100)], ordered=False)
+    assert unordered.value.details["nInserted"] == 98
+    assert [e["index"] for e in unordered.value.details["writeErrors"]] == [40, 70]
+    assert await db.dups.count_documents({}) == 100

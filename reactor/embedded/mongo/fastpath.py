@@ -36,6 +36,56 @@ def _equality_values(condition: Any) -> list[Any] | None:
     return None
 
 
+_RANGE = {
+    "$gt": lambda v, a: v > a,
+    "$gte": lambda v, a: v >= a,
+    "$lt": lambda v, a: v < a,
+    "$lte": lambda v, a: v <= a,
+}
+Reject = tuple[str, Any, Any]  # field, how to test, the argument
+
+
+def _quick_rejects(filter: dict[str, Any]) -> list[Reject]:
+    """Tests that turn a candidate down without mongomock's general matcher (several µs a
+    document): a top-level field pinned to a string (or strings), or bounded by dates. Each one
+    rejects only a document whose value has the condition's exact type, where MongoDB's
+    comparison is Python's (strings compare by code point, no collation; dates by instant);
+    any other value (an array, a number, a missing field) goes to the matcher, which decides
+    every document that is not rejected here."""
+    out: list[Reject] = []
+    for name, condition in filter.items():
+        if name.startswith("$") or "." in name:
+            continue
+        if type(condition) is str:
+            out.append((name, "eq", condition))
+        elif type(condition) is dict and condition:
+            if all(op in _RANGE and type(a) is dt.datetime for op, a in condition.items()):
+                out.extend((name, _RANGE[op], a) for op, a in condition.items())
+            elif len(condition) == 1 and "$in" in condition:
+                values = condition["$in"]
+                if isinstance(values, list) and values and all(type(v) is str for v in values):
+                    out.append((name, "in", frozenset(values)))
+    return out
+
+
+def _rejected(doc: dict[str, Any], rejects: list[Reject]) -> bool:
+    for name, test, arg in rejects:
+        value = doc.get(name)
+        if test == "eq":
+            if type(value) is str and value != arg:
+                return True
+        elif test == "in":
+            if type(value) is str and value not in arg:
+                return True
+        elif (
+            type(value) is dt.datetime
+            and (value.tzinfo is None) == (arg.tzinfo is None)
+            and not test(value, arg)
+        ):
+            return True
+    return False
+
+
 _SCALARS = (str, int, float, bytes, bool, type(None), mongomock.ObjectId)
 # Values no write changes in place: a private copy of a document can share them.
 _IMMUTABLE = (*_SCALARS, dt.datetime, Timestamp)
@@ -242,7 +292,10 @@ class FastCollection(mongomock.Collection):  # type: ignore[type-arg]
         if candidates is None:
             yield from super()._iter_documents(filter)  # type: ignore[misc]
             return
+        rejects = _quick_rejects(filter)
         for doc in candidates:
+            if rejects and _rejected(doc, rejects):
+                continue
             if filtering.filter_applies(filter, doc):
                 yield doc
 
@@ -251,16 +304,16 @@ class FastCollection(mongomock.Collection):  # type: ignore[type-arg]
         if "_id" in filter:
             ids = _equality_values(filter["_id"])
             if ids is not None:
+                documents = _documents(store)
                 out = []
                 seen: set[Any] = set()
                 for key in ids:
                     if key in seen:
                         continue
                     seen.add(key)
-                    try:
-                        out.append(store[key])
-                    except KeyError:
-                        continue
+                    doc = documents.get(key)
+                    if doc is not None:
+                        out.append(doc)
                 return out
         if getattr(store, "_reactor_writing", False):
             return None  # documents change in place during a write: tables would be stale
@@ -280,13 +333,22 @@ class FastCollection(mongomock.Collection):  # type: ignore[type-arg]
         for value in values:
             ids_in_order.extend(table.get(value, ()))
         ids_in_order.sort(key=lambda pair: pair[0])
+        documents = _documents(store)
         out = []
         for _, key in ids_in_order:
-            try:
-                out.append(store[key])
-            except KeyError:
-                continue
+            doc = documents.get(key)
+            if doc is not None:
+                out.append(doc)
         return out
+
+
+def _documents(store: Any) -> dict[Any, dict[str, Any]]:
+    """The store's documents, read directly: `store[key]` runs the TTL pass and takes
+    mongomock's thread lock once per key, which made a lookup of thousands of candidates cost
+    more than matching them (the pass runs once here; the emulator serves from one thread)."""
+    store._remove_expired_documents()
+    documents: dict[Any, dict[str, Any]] = store._documents
+    return documents
 
 
 def _narrowest(

@@ -77,6 +77,10 @@ class MongoEmulator(Served, AdminCommands, DdlCommands, WriteCommands, ReadComma
         self._retry_cache: OrderedDict[tuple[bytes, int], dict[str, Any]] = OrderedDict()
         self._executed: OrderedDict[tuple[bytes, int], dict[int, Any]] = OrderedDict()
         self._sessions: OrderedDict[Any, Any] = OrderedDict()
+        # Retryable writes in progress, by (session, txnNumber): a write that yields part way
+        # (see WriteCommands.INSERT_CHUNK) is its session's only operation until it ends, as
+        # mongod checks a session out, so a retry waits for the attempt it repeats.
+        self._running: dict[tuple[bytes, int], asyncio.Event] = {}
         self._election_id = ObjectId()
         self.refused_connections = 0
         self._handlers: dict[str, Handler] = {}
@@ -288,11 +292,21 @@ class MongoEmulator(Served, AdminCommands, DdlCommands, WriteCommands, ReadComma
         (mongod answers a retry from its transaction table, never by applying it again)."""
         command = request.command
         retry_key = self._retry_key(command, name)
-        if retry_key is not None and retry_key in self._retry_cache:
+        if retry_key is None:
+            self.engine.begin_command(command.get("let"))
+            return await handler(request, conn, db)
+        while retry_key in self._running:
+            await self._running[retry_key].wait()
+        if retry_key in self._retry_cache:
             return copy.deepcopy(self._retry_cache[retry_key])
-        # One value of $$NOW for the whole command, as mongod evaluates it.
-        self.engine.begin_command(command.get("let"))
-        reply = await handler(request, conn, db)
+        done = self._running[retry_key] = asyncio.Event()
+        try:
+            # One value of $$NOW for the whole command, as mongod evaluates it.
+            self.engine.begin_command(command.get("let"))
+            reply = await handler(request, conn, db)
+        finally:
+            del self._running[retry_key]
+            done.set()
         if retry_key is not None:
             # The whole reply answers a retry now; its statements need no log.
             self._executed.pop(retry_key, None)

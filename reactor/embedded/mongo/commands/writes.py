@@ -8,6 +8,7 @@ change that lands is recorded in the oplog for the change streams, in statement 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -25,6 +26,8 @@ from .errors import dup_key_error, engine_error, write_error
 from .updating import Statement, StatementApplier, UpdateResult
 
 # What an update statement may carry in mongod 7.0 (`sort` arrived in 8.0).
+# Documents an insert writes between two turns of the event loop (see `_insert`).
+INSERT_CHUNK = 16
 UPDATE_STATEMENT_FIELDS = frozenset(
     {"q", "u", "multi", "upsert", "arrayFilters", "hint", "collation", "c", "upsertSupplied"}
 )
@@ -70,39 +73,50 @@ class WriteCommands(CommandsBase):
         }
         n = 0
         errors: list[dict[str, Any]] = []
-        entries: list[OplogEntry] = []
         log = self._statement_log(request)
         bypass = bool(request.command.get("bypassDocumentValidation"))
-        options = self.engine.collection_options.get((db, name)) or {}
-        with self.engine.writing(db, name), self._recording(entries):
-            for i, raw in enumerate(docs):
-                if log.previous(i) is not None:  # committed by an earlier attempt
+        stopped = False
+        for start in range(0, max(len(docs), 1), INSERT_CHUNK):  # (none: still one pass)
+            if start:
+                # Other connections' commands run between chunks, as mongod runs them beside
+                # a long insert: a 500-document batch does not hold every read behind it.
+                await asyncio.sleep(0)
+                coll = self.engine.collection(db, name)  # (dropped meanwhile: a new one)
+            options = self.engine.collection_options.get((db, name)) or {}
+            entries: list[OplogEntry] = []
+            with self.engine.writing(db, name), self._recording(entries):
+                for i in range(start, min(start + INSERT_CHUNK, len(docs))):
+                    if log.previous(i) is not None:  # committed by an earlier attempt
+                        n += 1
+                        continue
+                    raw = docs[i]
+                    doc = dict(raw) if isinstance(raw, dict) else raw
+                    try:
+                        doc = _insertable(doc, too_large.get(i))
+                        if options:
+                            self.engine.validate(db, name, doc, bypass=bypass)
+                        token = log.before_commit()
+                        coll.insert_one(doc)
+                        if options.get("capped") and _trim_capped(coll, options):
+                            self.engine.touch(db, name)  # documents left outside the tables
+                    except CloseConnection:
+                        raise
+                    except Exception as exc:
+                        err = self._failure(db, name, exc, doc, "insert")
+                        errors.append(write_error(i, err, **err.extra))
+                        if ordered:
+                            stopped = True
+                            break
+                        continue
                     n += 1
-                    continue
-                doc = dict(raw) if isinstance(raw, dict) else raw
-                try:
-                    doc = _insertable(doc, too_large.get(i))
-                    if options:
-                        self.engine.validate(db, name, doc, bypass=bypass)
-                    token = log.before_commit()
-                    coll.insert_one(doc)
-                    if options.get("capped") and _trim_capped(coll, options):
-                        self.engine.touch(db, name)  # documents left outside the tables' view
-                except CloseConnection:
-                    raise
-                except Exception as exc:
-                    err = self._failure(db, name, exc, doc, "insert")
-                    errors.append(write_error(i, err, **err.extra))
-                    if ordered:
-                        break
-                    continue
-                n += 1
-                entries.append(
-                    self.engine.make_entry(
-                        db, name, "insert", {"_id": doc["_id"]}, full_document=clone(doc)
+                    entries.append(
+                        self.engine.make_entry(
+                            db, name, "insert", {"_id": doc["_id"]}, full_document=clone(doc)
+                        )
                     )
-                )
-                log.committed(i, True, token)
+                    log.committed(i, True, token)
+            if stopped:
+                break
         reply: dict[str, Any] = {"n": n}
         if errors:
             reply["writeErrors"] = errors
