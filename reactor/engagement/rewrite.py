@@ -115,9 +115,13 @@ def rewrite_html(
     tracked: Tracked,
     skip_prefix: str,
     plans: Plans | None = None,
+    *,
+    escaped: bool = False,
 ) -> str:
-    """`plans`: shared by the messages of one batch (same table, same prefix)."""
+    """`plans`: shared by the messages of one batch (same table, same prefix). `escaped`: the
+    URLs `tracked` gives are already HTML-escaped (else they are escaped here)."""
     known: Plans = {} if plans is None else plans
+    escape = _same if escaped else html.escape
 
     def anchor(tag_match: re.Match[str]) -> str:
         tag = tag_match.group(0)
@@ -126,9 +130,13 @@ def rewrite_html(
             plan = known[tag] = _anchor_plan(tag, table, skip_prefix)
         if isinstance(plan, str):
             return plan
-        return plan[0] + html.escape(tracked(plan[1])) + plan[2]
+        return plan[0] + escape(tracked(plan[1])) + plan[2]
 
     return _ANCHOR.sub(anchor, body)
+
+
+def _same(text: str) -> str:
+    return text
 
 
 def rewrite_text(

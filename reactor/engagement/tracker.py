@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import html
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -181,6 +182,12 @@ class Tracker:
                 url = urls[n] = prefix + sign(n)
             return url
 
+        escaped = html.escape(prefix)
+
+        def click_html(n: int) -> str:
+            # A token is base64url and a dot: nothing in it needs escaping, only the prefix.
+            return escaped + click(n)[len(prefix) :]
+
         skip = self.config.base_url + "/"
         text = (
             rewrite.rewrite_text(message.text, table, click, skip, plans.text)
@@ -189,7 +196,7 @@ class Tracker:
         )
         body = message.html
         if body is not None:
-            body = rewrite.rewrite_html(body, table, click, skip, plans.html)
+            body = rewrite.rewrite_html(body, table, click_html, skip, plans.html, escaped=True)
             extra = rewrite.honeypot(click(HONEYPOT_LINK)) if self.config.honeypot else ""
             if mode == "opens_and_clicks":
                 opened = self._token(campaign, Channel.EMAIL, customer, HitKind.OPEN, 0, now)
