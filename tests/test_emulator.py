@@ -1043,3 +1043,29 @@ async def test_indexed_lookups_match_arrays_and_other_types_as_mongod_does(db: A
     # Each bound may be met by a different element of an array: [t1, t3] is in (t1, t3).
     between = {"campaign": "a", "at": {"$gt": t1, "$lt": t3}}
     assert [d["_id"] for d in await db.quick.find(between).to_list()] == [2, 4]
+
+
+async def test_a_date_range_on_an_indexed_field_finds_what_a_scan_finds(db: Any) -> None:
+    t1, t2, t3 = (dt.datetime(2026, 1, d, tzinfo=dt.UTC) for d in (1, 2, 3))
+    docs = [
+        {"_id": 1, "at": t1},
+        {"_id": 2, "at": t2},
+        {"_id": 3, "at": t3},
+        {"_id": 4, "at": "2026-01-03"},  # a string is never within date bounds
+        {"_id": 5},
+        {"_id": 6, "at": None},
+    ]
+    await db.ranged.insert_many(docs)
+    await db.scanned.insert_many(docs)
+    await db.ranged.create_index("at", expireAfterSeconds=10**9)
+    for bounds, expected in (
+        ({"$gte": t2}, [2, 3]),
+        ({"$gt": t1, "$lte": t2}, [2]),
+        ({"$lt": t1}, []),
+    ):
+        got = [d["_id"] for d in await db.ranged.find({"at": bounds}).sort("_id").to_list()]
+        scan = [d["_id"] for d in await db.scanned.find({"at": bounds}).sort("_id").to_list()]
+        assert got == scan == expected
+    await db.ranged.insert_one({"_id": 7, "at": [t1, t3]})  # an array: the table gives way
+    got = [d["_id"] for d in await db.ranged.find({"at": {"$gt": t2}}).sort("_id").to_list()]
+    assert got == [3, 7]

@@ -357,7 +357,8 @@ def _narrowest(
     """The equality table (and the values looked up in it) that yields the fewest candidates,
     among the fields an index could serve by equality: those of an index's leading keys that
     the filter pins, every key before them pinned too (mongod uses {campaign: 1, customer: 1}
-    for a filter on both, never for one on `customer` alone). None when no field qualifies."""
+    for a filter on both, never for one on `customer` alone), or by a date range on its first
+    key. None when no field qualifies."""
     pinned: dict[str, list[Any]] = {}
     for field_name, condition in filter.items():
         values = _equality_values(condition)
@@ -378,7 +379,34 @@ def _narrowest(
         size = sum(len(table.get(v, ())) for v in pinned[field_name])
         if best is None or size < best[0]:
             best = (size, table, pinned[field_name])
+    # A date range on an index's first key (mongod scans that index between the bounds): the
+    # table's dates within them. Only a date can meet a date bound, and a field with an array
+    # anywhere has no table.
+    for keys in indexes:
+        bounds = _date_bounds(filter.get(keys[0])) if keys and keys[0] not in pinned else None
+        if bounds is None:
+            continue
+        table = state.table(keys[0], store)
+        if table is None:
+            continue
+        try:
+            within = [
+                v for v in table if type(v) is dt.datetime and all(test(v, a) for test, a in bounds)
+            ]
+        except TypeError:  # dates with and without a zone: no table answer
+            continue
+        size = sum(len(table[v]) for v in within)
+        if best is None or size < best[0]:
+            best = (size, table, within)
     return (best[1], best[2]) if best is not None else None
+
+
+def _date_bounds(condition: Any) -> list[tuple[Any, dt.datetime]] | None:
+    if type(condition) is not dict or not condition:
+        return None
+    if not all(op in _RANGE and type(a) is dt.datetime for op, a in condition.items()):
+        return None
+    return [(_RANGE[op], a) for op, a in condition.items()]
 
 
 @dataclass
