@@ -6,6 +6,7 @@ tests implement them with fakes. Nothing here knows a technology.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,31 @@ class Clock(Protocol):
     async def sleep(self, seconds: float) -> None:
         """Wait `seconds` of this clock's time."""
         ...
+
+
+class _Event(Protocol):
+    def is_set(self) -> bool: ...
+
+    async def wait(self) -> Any: ...
+
+
+async def wait_for_event(clock: Clock, event: _Event, seconds: float) -> None:
+    """Until `event` is set or `seconds` of `clock`'s time have passed, whichever comes first.
+
+    Two plain tasks, the loser cancelled, not a task group cancelled: a send window waits like
+    this a hundred times a second, and each task group left ~34 objects of cyclic garbage
+    (tracebacks, cancel scopes), so young collections of ~45,000 objects held the event loop
+    for ~20 ms (the tracking bench's redirect p99 rose with them). This costs a third as much
+    and leaves none."""
+    if event.is_set():
+        return
+    timer = asyncio.ensure_future(clock.sleep(seconds))
+    woken = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait((timer, woken), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        timer.cancel()
+        woken.cancel()
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from reactor.config import SchedulerConfig, SendConfig
@@ -318,3 +319,40 @@ async def test_a_channel_wide_outage_pauses_the_channel_instead_of_failing_every
     )
     assert pauses is not None
     assert pauses >= 1
+
+
+async def test_wait_for_event_ends_at_the_event_or_the_clocks_timeout() -> None:
+    import asyncio
+    import gc
+
+    from reactor.ports import wait_for_event
+
+    clock = FakeClock()
+    event = asyncio.Event()
+    waiting = asyncio.ensure_future(wait_for_event(clock, event, 5))
+    await clock.advance(0)  # (lets it start waiting)
+    await clock.advance(4.9)
+    assert not waiting.done()
+    await clock.advance(0.2)  # the clock's time, not the event loop's
+    assert waiting.done()
+    waiting = asyncio.ensure_future(wait_for_event(clock, event, 5))
+    await anyio.lowlevel.checkpoint()
+    event.set()
+    await asyncio.wait_for(waiting, 1)
+    assert not clock._sleepers or all(f.done() for _, _, f in clock._sleepers)  # nothing left
+    # A hundred waits a second in a send window: none may leave cyclic garbage behind.
+    gc.collect()
+    gc.disable()
+    try:
+        for n in range(200):
+            other = asyncio.Event()
+            w = asyncio.ensure_future(wait_for_event(clock, other, 1))
+            await clock.advance(0)
+            if n % 2:
+                other.set()
+            else:
+                await clock.advance(1)
+            await w
+        assert gc.collect() < 20
+    finally:
+        gc.enable()

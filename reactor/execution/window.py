@@ -29,7 +29,7 @@ from ..domain.consent import skip_reason
 from ..domain.deliveries import DeliveryRecord, DeliveryState
 from ..domain.models import Channel
 from ..limits.ratelimit import RateLimit
-from ..ports import Clock
+from ..ports import Clock, wait_for_event
 from ..suppression import SuppressionList
 from .breaker import ChannelBreaker
 from .deliver import Deliverer
@@ -219,12 +219,4 @@ class SendWindow:
         if timeout_s == math.inf:
             await self.wake.wait()
             return
-        async with anyio.create_task_group() as tg:
-
-            async def woken() -> None:
-                await self.wake.wait()
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(woken)
-            await self.clock.sleep(timeout_s)
-            tg.cancel_scope.cancel()
+        await wait_for_event(self.clock, self.wake, timeout_s)
