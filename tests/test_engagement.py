@@ -3,6 +3,7 @@ addresses."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -556,3 +557,32 @@ async def test_sms_links_are_short_and_their_codes_are_saved_in_one_write() -> N
         assert len(short) <= 30
     assert [r["customer"] for r in tables.short] == ["1", "2"]
     assert {r["link"] for r in tables.short} == {3}  # the SMS link's number in the table
+
+
+async def test_the_recorder_writes_one_batch_at_a_time() -> None:
+    # Each batch reads the clicks its predecessor wrote (a burst split between two batches is
+    # judged whole): the next batch's apply may not start before the last one's writes end.
+    class Slow(MemoryEngagement):
+        active = 0
+        most = 0
+
+        async def earlier_clicks(
+            self, keys: Sequence[tuple[str, str, str]], since: dt.datetime
+        ) -> dict[tuple[str, str, str], list[Earlier]]:
+            self.active += 1
+            self.most = max(self.most, self.active)
+            return {}
+
+        async def add_counters(self, increments: dict[str, dict[str, int]]) -> None:
+            await asyncio.sleep(0.02)
+            await super().add_counters(increments)
+            self.active -= 1
+
+    customers = [str(i) for i in range(1200)]
+    store = Slow({delivery_id("c1", "email", c): ("sent", T0) for c in customers})
+    recorder = Recorder(store, Metrics(), settle_s=0.01)
+    for c in customers:  # three batches' worth, offered at once
+        recorder.accept(accepted(c, HitKind.CLICK, 0, 3600))
+    await recorder.drain(5)
+    assert sum(e["kind"] == "click" for e in store.events) == 1200  # (and their implied opens)
+    assert store.most == 1

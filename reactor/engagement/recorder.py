@@ -6,11 +6,15 @@ that arrive together, a scanner's burst over every link of a message among them,
 together. One batch is five round trips whatever its size: the ledger rows of its messages
 (is there such a delivery, and when was it sent), the clicks of those messages recorded just
 before (a burst split across batches or replicas), the events, the firsts (which human opens
-and clicks are a recipient's first: unique counts), the counters and implied opens.
+and clicks are a recipient's first: unique counts), the counters and implied opens. One
+batch is written at a time: each reads the clicks its predecessor wrote, so a burst split
+between two batches is judged whole (with two in flight, the second could read before the first
+had written), and a batch's writes do not compete with the next one's for the database while
+redirects wait on their ledger reads. The batch that collects meanwhile absorbs the traffic.
 
 What can be lost: on SIGTERM the listener stops first, then `drain()` waits for every accepted
 hit to be written. A SIGKILL loses the hits accepted in the last SETTLE_S plus one batch's
-write (at most MAX_BATCH x MAX_INFLIGHT hits, in practice under a second of traffic); the
+write (at most MAX_BATCH hits more, in practice under a second of traffic); the
 redirects themselves were already answered. A crash between a batch's writes can leave its
 events without their counters (counters are a summary; the events are the record).
 """
@@ -143,7 +147,7 @@ class Recorder:
         self._metrics = metrics
         self._ip = ip
         self._commit: GroupCommit[Accepted, None] = GroupCommit(
-            self.apply, window_s=settle_s, max_batch=MAX_BATCH
+            self.apply, window_s=settle_s, max_batch=MAX_BATCH, max_inflight=1
         )
         self._futures: set[asyncio.Future[None]] = set()
         self.deliveries = Deliveries(store)
