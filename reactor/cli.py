@@ -262,6 +262,7 @@ async def _until_done(main: Callable[[], Awaitable[None]], on_signal: Callable[[
 
 
 def _mongo_emulator(args: argparse.Namespace) -> int:
+    from .embedded.mongo.gcpolicy import freeze_survivors_of_young_collections
     from .embedded.mongo.server import serve_forever
 
     logsetup.configure("text", "WARNING")
@@ -270,6 +271,7 @@ def _mongo_emulator(args: argparse.Namespace) -> int:
         print(f"ready {uri}", flush=True)
 
     tune_for_service()
+    freeze_survivors_of_young_collections()  # a process of its own: pauses do not grow with data
 
     async def serve() -> None:
         with anyio.CancelScope() as scope:

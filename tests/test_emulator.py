@@ -1069,3 +1069,22 @@ async def test_a_date_range_on_an_indexed_field_finds_what_a_scan_finds(db: Any)
     await db.ranged.insert_one({"_id": 7, "at": [t1, t3]})  # an array: the table gives way
     got = [d["_id"] for d in await db.ranged.find({"at": {"$gt": t2}}).sort("_id").to_list()]
     assert got == [3, 7]
+
+
+def test_the_emulators_process_freezes_what_survives_a_young_collection() -> None:
+    import gc
+    import subprocess
+    import sys
+
+    # In a process of its own (the policy is for `reactor mongo-emulator`, not for this one).
+    code = (
+        "import gc\n"
+        "from reactor.embedded.mongo.gcpolicy import freeze_survivors_of_young_collections\n"
+        "freeze_survivors_of_young_collections(); freeze_survivors_of_young_collections()\n"
+        "before = gc.get_freeze_count()\n"
+        "kept = [[i] for i in range(1000)]; gc.collect(0)\n"
+        "print(gc.callbacks.count(gc.callbacks[-1]), gc.get_freeze_count() - before >= 1000)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "True"]
+    assert not any(getattr(cb, "__name__", "") == "_freeze_survivors" for cb in gc.callbacks)
