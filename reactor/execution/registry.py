@@ -37,15 +37,7 @@ from ..engagement.tracker import Tracker
 from ..limits.budgets import BudgetStore, SharedBudget
 from ..limits.ratelimit import RateLimit, TokenBucket
 from ..metrics import Metrics
-from ..ports import (
-    CampaignStore,
-    Clock,
-    EmailSender,
-    Ledger,
-    Recipients,
-    SmsSender,
-    wait_for_event,
-)
+from ..ports import CampaignStore, Clock, EmailSender, Ledger, Recipients, SmsSender
 from ..suppression import SuppressionList
 from .deliver import Deliverer
 from .lanes import Lane, Lanes
@@ -325,7 +317,15 @@ class Executor:
     async def _wait_for_room(self) -> None:
         """SHARD_POLL_S, or less when a shard run of this instance ends (its slot is free:
         the next shard is claimed at once, not a poll later)."""
-        await wait_for_event(self._clock, self._room, SHARD_POLL_S)
+        async with anyio.create_task_group() as tg:
+
+            async def poll() -> None:
+                await self._clock.sleep(SHARD_POLL_S)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(poll)
+            await self._room.wait()
+            tg.cancel_scope.cancel()
         self._room = anyio.Event()
 
     def _wake_claims(self) -> None:
