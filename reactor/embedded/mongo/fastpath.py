@@ -58,13 +58,14 @@ def _quick_rejects(filter: dict[str, Any]) -> list[Reject]:
             continue
         if type(condition) is str:
             out.append((name, "eq", condition))
-        elif type(condition) is dict and condition:
-            if all(op in _RANGE and type(a) is dt.datetime for op, a in condition.items()):
-                out.extend((name, _RANGE[op], a) for op, a in condition.items())
-            elif len(condition) == 1 and "$in" in condition:
-                values = condition["$in"]
-                if isinstance(values, list) and values and all(type(v) is str for v in values):
-                    out.append((name, "in", frozenset(values)))
+            continue
+        bounds = _date_bounds(condition)
+        if bounds is not None:
+            out.extend((name, test, a) for test, a in bounds)
+        elif type(condition) is dict and len(condition) == 1 and "$in" in condition:
+            values = condition["$in"]
+            if isinstance(values, list) and values and all(type(v) is str for v in values):
+                out.append((name, "in", frozenset(values)))
     return out
 
 

@@ -307,12 +307,11 @@ class MongoEmulator(Served, AdminCommands, DdlCommands, WriteCommands, ReadComma
         finally:
             del self._running[retry_key]
             done.set()
-        if retry_key is not None:
-            # The whole reply answers a retry now; its statements need no log.
-            self._executed.pop(retry_key, None)
-            self._retry_cache[retry_key] = copy.deepcopy(reply)
-            while len(self._retry_cache) > 10_000:
-                self._retry_cache.popitem(last=False)
+        # The whole reply answers a retry now; its statements need no log.
+        self._executed.pop(retry_key, None)
+        self._retry_cache[retry_key] = copy.deepcopy(reply)
+        while len(self._retry_cache) > 10_000:
+            self._retry_cache.popitem(last=False)
         return reply
 
     def _touch_session(self, lsid: Any) -> None:
