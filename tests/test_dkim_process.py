@@ -62,6 +62,20 @@ async def logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
     return False
 
 
+def record_children(monkeypatch: pytest.MonkeyPatch) -> list[asyncio.subprocess.Process]:
+    """The children the signer starts, in order."""
+    children: list[asyncio.subprocess.Process] = []
+    start = asyncio.create_subprocess_exec
+
+    async def recording(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        child = await start(*args, **kwargs)
+        children.append(child)
+        return child
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", recording)
+    return children
+
+
 def fake_child(tmp_path: Path, body: str) -> str:
     """An executable standing in for the child's Python (its arguments ignored)."""
     script = tmp_path / "child.sh"
@@ -170,6 +184,7 @@ async def test_a_child_that_dies_stalls_or_answers_garbage_is_replaced_by_the_pa
     why: str,
 ) -> None:
     monkeypatch.setattr(dkim_process, "SIGN_TIMEOUT_S", 0.5)
+    children = record_children(monkeypatch)
     signer = DkimSigner(DOMAIN, "s1", key_pem, process=True)
     assert signer.process is not None
     signer.process.python = fake_child(tmp_path, body)
@@ -181,6 +196,30 @@ async def test_a_child_that_dies_stalls_or_answers_garbage_is_replaced_by_the_pa
         assert signer.process.failures == 1
     finally:
         await signer.aclose()
+    # Every child given up on is reaped and its pipe closed, even one whose own child still
+    # holds the other end (the stalled shell's `cat`): nothing is left to the garbage collector.
+    assert len(children) == 1
+    assert all(c.returncode is not None for c in children)
+    assert all(c.stdin is not None and c.stdin.is_closing() for c in children)
+
+
+async def test_a_stalled_child_is_killed_and_reaped_before_aclose_returns(
+    key_pem: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race CI once lost: the signer gave up on a stalled child, killed it, and the test's
+    loop closed before anything reaped it; the child's transport then warned from the garbage
+    collector in a later test. Signing inline, nothing yields between the kill and `aclose`."""
+    monkeypatch.setattr(dkim_process, "SIGN_TIMEOUT_S", 0.3)
+    children = record_children(monkeypatch)
+    signer = DkimSigner(DOMAIN, "s1", key_pem, threaded=False, process=True)
+    assert signer.process is not None
+    signer.process.python = fake_child(tmp_path, "cat > /dev/null")
+    assert verifies(signer, await signer.sign_off_loop(raw(1)))
+    await signer.aclose()
+    (child,) = children
+    assert child.returncode == -signal.SIGKILL
+    assert child.stdin is not None
+    assert child.stdin.is_closing()
 
 
 async def test_a_child_that_cannot_be_started_leaves_the_signing_to_the_parent(

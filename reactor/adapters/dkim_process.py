@@ -64,7 +64,9 @@ class SigningProcess:
         self.python = sys.executable
         self._proc: asyncio.subprocess.Process | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._reader: asyncio.Task[None] | None = None
+        # One reader per child started and not yet reaped: it reaps its child, whichever way the
+        # child ended, and `aclose` waits for them all (a killed child's pipes are closed too).
+        self._readers: set[asyncio.Task[None]] = set()
         self._starting: asyncio.Task[asyncio.subprocess.Process | None] | None = None
         self._pending: dict[int, asyncio.Future[tuple[bool, Any]]] = {}
         self._ids = itertools.count()
@@ -147,7 +149,9 @@ class SigningProcess:
         proc.stdin.write(_frame(self._key))
         self.starts += 1
         self._proc = proc
-        self._reader = asyncio.get_running_loop().create_task(self._read(proc))
+        reader = asyncio.get_running_loop().create_task(self._read(proc))
+        self._readers.add(reader)
+        reader.add_done_callback(self._readers.discard)
         return proc
 
     async def _read(self, proc: asyncio.subprocess.Process) -> None:
@@ -167,18 +171,20 @@ class SigningProcess:
         except (pickle.UnpicklingError, ValueError, TypeError, struct.error) as exc:
             why = f"answered something that is not a frame ({type(exc).__name__})"
         if self._proc is not proc:
-            return  # closed, or replaced after it stalled
+            # Closed (its stdin is), or killed after it stalled: reap it here.
+            await proc.wait()
+            return
         self._proc = None
         self._down()
         self._fail_pending()
-        _kill(proc)
+        _release(proc)
         self._log(f"{why} (exit code {await proc.wait()})")
 
     def _stuck(self, proc: asyncio.subprocess.Process) -> None:
         if self._proc is not proc:
             return  # already given up on (its reader or another caller failed what it owed)
         self._proc = None
-        _kill(proc)
+        _release(proc)  # its reader reaps it
         self._failed(f"did not answer within {SIGN_TIMEOUT_S:.0f} s and was killed")
         self._fail_pending()
 
@@ -209,28 +215,39 @@ class SigningProcess:
         proc, self._proc = self._proc, None
         if proc is not None:
             _kill(proc)
-        self._reader = self._starting = None
+        self._readers = set()  # they belong to the other loop, which reaps nothing any more
+        self._starting = None
         self._pending.clear()
 
     async def aclose(self) -> None:
-        """Close the child's stdin (it exits), and kill it if it has not within STOP_TIMEOUT_S."""
+        """Close the child's stdin (it exits), kill it if it has not within STOP_TIMEOUT_S, and
+        wait until every child this loop started is reaped, with its pipes closed."""
         proc, self._proc = self._proc, None
-        reader, self._reader = self._reader, None
-        if proc is None:
-            return
-        if self._loop is not asyncio.get_running_loop():
+        here = self._loop is asyncio.get_running_loop()
+        if proc is not None and not here:
             _kill(proc)
             return
-        if proc.stdin is not None:
-            proc.stdin.close()
-        try:
-            await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
-        except TimeoutError:
-            _kill(proc)
-            await proc.wait()
-        if reader is not None:
-            await asyncio.gather(reader, return_exceptions=True)
+        if proc is not None:
+            if proc.stdin is not None:
+                proc.stdin.close()
+            try:
+                await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
+            except TimeoutError:
+                _kill(proc)
+                await proc.wait()
+        if here and self._readers:
+            _, late = await asyncio.wait(set(self._readers), timeout=STOP_TIMEOUT_S)
+            for reader in late:  # a child that is killed and still not reaped: give up on it
+                reader.cancel()
         self._fail_pending()
+
+
+def _release(proc: asyncio.subprocess.Process) -> None:
+    """Kill a child given up on and close its stdin (a grandchild may still hold the pipe's other
+    end: the transport stays open until this end is closed)."""
+    _kill(proc)
+    if proc.stdin is not None:
+        proc.stdin.close()
 
 
 def _kill(proc: asyncio.subprocess.Process) -> None:
