@@ -156,7 +156,7 @@ class SigningProcess:
 
     async def _read(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
-        why = "exited"
+        why, running = "exited", False
         buffer = bytearray()
         try:
             # Whatever has arrived, at once: the child answers in bursts, one wake-up each.
@@ -170,6 +170,7 @@ class SigningProcess:
             pass
         except (pickle.UnpicklingError, ValueError, TypeError, struct.error) as exc:
             why = f"answered something that is not a frame ({type(exc).__name__})"
+            running = True
         if self._proc is not proc:
             # Closed (its stdin is), or killed after it stalled: reap it here.
             await proc.wait()
@@ -177,8 +178,19 @@ class SigningProcess:
         self._proc = None
         self._down()
         self._fail_pending()
-        _release(proc)
-        self._log(f"{why} (exit code {await proc.wait()})")
+        # A child whose stdout closed is exiting: it is waited for, not killed. (Killing polls
+        # the process first, which can reap it ahead of the event loop's child watcher; the
+        # watcher then reports exit code 255 for a child it never saw end.)
+        if running:
+            _release(proc)
+        elif proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            code = await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
+        except TimeoutError:  # it closed its stdout and lives on
+            _release(proc)
+            code = await proc.wait()
+        self._log(f"{why} (exit code {code})")
 
     def _stuck(self, proc: asyncio.subprocess.Process) -> None:
         if self._proc is not proc:
