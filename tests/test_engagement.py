@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hmac
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ from reactor.domain.engagement import (
     truncate_ip,
 )
 from reactor.domain.models import Campaign, Channel, parse_campaign
-from reactor.engagement import rewrite
+from reactor.engagement import rewrite, tokens
 from reactor.engagement.recorder import Accepted, Recorder
 from reactor.engagement.tokens import SHORT_CODE_CHARS, TrackingSigner, is_short_code
 from reactor.engagement.tracker import Tracker, TrackingConfig, effective_mode
@@ -85,6 +86,20 @@ def test_a_token_names_what_it_was_signed_for(
         3,
     )
     assert scope.issued_at == T0
+
+
+@pytest.mark.parametrize("size", [0, 1, 32, 64, 65, 200])
+def test_the_precomputed_pads_give_hmac_sha256(size: int) -> None:
+    """Signing uses HMAC's two hash states directly; verifying uses `hmac`: they must agree
+    for every key length (shorter than, equal to and longer than SHA-256's block)."""
+    key = bytes((7 * i + 3) % 256 for i in range(size))
+    inner, outer = tokens._pads(key, b"k1.")
+    for message in (b"", b"x", bytes(range(256)) * 3):
+        mac = inner.copy()
+        mac.update(message)
+        out = outer.copy()
+        out.update(mac.digest())
+        assert out.digest() == hmac.digest(key, b"k1." + message, "sha256")
 
 
 def test_an_email_token_is_compact() -> None:

@@ -31,6 +31,7 @@ import re
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..domain.consent import LinkKey, TokenError
 from ..domain.engagement import HitKind
@@ -72,6 +73,22 @@ def _derive(secret: bytes, purpose: bytes) -> bytes:
     return hmac.new(secret, b"reactor-" + purpose, hashlib.sha256).digest()
 
 
+def _pads(key: bytes, prefix: bytes) -> tuple[Any, Any]:
+    """HMAC-SHA256 (RFC 2104) keyed with `key`, as (inner state with `prefix` absorbed, outer
+    state): the MAC of m is outer.update(inner.update(m).digest()).digest()."""
+    if len(key) > _BLOCK:
+        key = hashlib.sha256(key).digest()
+    key = key.ljust(_BLOCK, b"\0")
+    inner = hashlib.sha256(key.translate(_IPAD))
+    inner.update(prefix)
+    return inner, hashlib.sha256(key.translate(_OPAD))
+
+
+_BLOCK = hashlib.sha256().block_size
+_IPAD = bytes(b ^ 0x36 for b in range(256))
+_OPAD = bytes(b ^ 0x5C for b in range(256))
+
+
 def is_short_code(text: str) -> bool:
     return bool(_CODE.fullmatch(text))
 
@@ -88,6 +105,13 @@ class TrackingSigner:
         # state (one hash of the payload) instead of keying a new HMAC per request.
         self._macs = {
             key_id: hmac.new(derived, key_id.encode() + b".", hashlib.sha256)
+            for key_id, (_, derived) in self._keys.items()
+        }
+        # The same HMAC-SHA256 as `_macs`, as its two hashlib states (key ^ ipad with the prefix
+        # absorbed, key ^ opad): signing a link then costs two C-level copies and no Python-level
+        # HMAC object (a third of the time; an email signs ten tokens).
+        self._pads = {
+            key_id: _pads(derived, key_id.encode() + b".")
             for key_id, (_, derived) in self._keys.items()
         }
         self._current = keys[0]
@@ -130,7 +154,8 @@ class TrackingSigner:
         who = customer.encode()[:255]
         head += bytes([len(who)]) + who
         key_id = self._current.key_id
-        keyed = self._macs[key_id].copy()
+        inner, outer = self._pads[key_id]
+        keyed = inner.copy()
         keyed.update(head)
         prefix = f"{key_id}."
 
@@ -138,7 +163,9 @@ class TrackingSigner:
             tail = link.to_bytes(2, "big")
             mac = keyed.copy()
             mac.update(tail)
-            return prefix + _b64(head + tail + mac.digest()[:MAC_BYTES])
+            out = outer.copy()
+            out.update(mac.digest())
+            return prefix + _b64(head + tail + out.digest()[:MAC_BYTES])
 
         return token
 
