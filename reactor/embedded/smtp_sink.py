@@ -83,6 +83,9 @@ class _Faults:
     unknown_mailboxes: set[str] = field(default_factory=set)
 
 
+_LINE_LIMIT = SMTPProtocol.line_length_limit  # 1,001 bytes, its CRLF included
+
+
 class _SinkProtocol(SMTPProtocol):
     """aiosmtpd's protocol, answering each command after the sink's simulated round trip."""
 
@@ -99,6 +102,54 @@ class _SinkProtocol(SMTPProtocol):
             await asyncio.sleep(self._sink.reply_delay_s)
         self._reply_started = line[3:4] == b"-"
         await super().push(status)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA, reading the message in pieces of up to a kilobyte instead of a line
+        at a time. aiosmtpd spends a coroutine and a dozen Python operations per line, about
+        2.5 µs a 76-character line: on the benches' two shared cores that charged the sender
+        for the receiver's parsing, in proportion to the size of what it sent. The replies and
+        the content handed to the handler are aiosmtpd's own (its limits and dot-unstuffing)."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        data = bytearray()
+        # The message ends at a line holding only a dot: a piece ending ".\r\n" ends it when
+        # the line break before that dot is there too (a lone dot right away: empty content).
+        while True:
+            try:
+                data += await self._reader.readuntil(b".\r\n")
+            except asyncio.LimitOverrunError as exc:  # a kilobyte without ".\r\n" (the limit)
+                data += await self._reader.readexactly(exc.consumed)
+                continue
+            except asyncio.IncompleteReadError:  # the connection went away mid-message
+                return
+            if data.endswith(b"\r\n.\r\n") or data == b".\r\n":
+                break
+        content = bytes(data[:-3])
+        if self.data_size_limit and len(content) > self.data_size_limit:
+            await self.push("552 Error: Too much mail data")
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            return
+        if max(map(len, content.split(b"\r\n"))) > _LINE_LIMIT - 2:
+            await self.push("500 Line too long (see RFC5321 4.5.3.1.6)")
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            return
+        # RFC 5321 4.5.2: a line's leading dot was doubled by the client; drop one.
+        content = content.replace(b"\r\n.", b"\r\n")
+        if content.startswith(b"."):
+            content = content[1:]
+        self.envelope.original_content = content
+        self.envelope.content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push(status)
 
 
 class _Handler:
