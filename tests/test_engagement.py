@@ -231,6 +231,25 @@ def test_text_links_keep_their_punctuation_and_lose_their_markers() -> None:
     assert rewrite.strip_markers(TEXT).endswith("and https://shop.example/q")
 
 
+@pytest.mark.parametrize("marker", ["notrack:", "NoTrack:", "NOTRAC\u212a:"])
+def test_untracked_content_loses_markers_in_any_case_and_is_otherwise_unchanged(
+    marker: str,
+) -> None:
+    """The quick check for a marker must see every spelling the pattern accepts (the pattern
+    ignores case, and the Kelvin sign lowers to "k"); content with none is returned as is."""
+    text = f"Go to {marker}https://shop.example/a now, or https://shop.example/b."
+    assert rewrite.strip_markers(text) == (
+        "Go to https://shop.example/a now, or https://shop.example/b."
+    )
+    html_marker = marker.replace("notrack:", "data-notrack").replace("NoTrack:", "Data-NoTrack")
+    if ":" not in html_marker:
+        body = f'<p><a {html_marker} href="https://shop.example/a">a</a></p>'
+        assert rewrite.strip_html_markers(body) == '<p><a href="https://shop.example/a">a</a></p>'
+    plain = "Go to https://shop.example/a, <a href='https://shop.example/b'>b</a>"
+    assert rewrite.strip_markers(plain) is plain
+    assert rewrite.strip_html_markers(plain) is plain
+
+
 def test_pixel_and_honeypot_go_at_the_end_of_the_body() -> None:
     out = rewrite.append_to_body("<html><body><p>x</p></body></html>", "<i>END</i>")
     assert out == "<html><body><p>x</p><i>END</i></body></html>"

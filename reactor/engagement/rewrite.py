@@ -162,11 +162,17 @@ def rewrite_text(
 
 
 def strip_markers(text: str) -> str:
-    """Untracked content still loses its markers (a do-not-track recipient, tracking off)."""
+    """Untracked content still loses its markers (a do-not-track recipient, tracking off).
+    Content without one comes back as it is, unscanned: this runs for every message sent
+    untracked, and scanning a newsletter's two parts for none cost 15 µs a message."""
+    if NOTRACK_PREFIX not in text.lower():
+        return text
     return _URL.sub(lambda m: m.group(2), text)
 
 
 def strip_html_markers(body: str) -> str:
+    if NOTRACK_ATTR not in body.lower():
+        return body
     return _ANCHOR.sub(lambda m: _NOTRACK.sub("", m.group(0)), body)
 
 
