@@ -348,6 +348,7 @@ SOURCES = [
     "reactor/execution/deliver.py",
     "reactor/execution/ledger.py",
     "reactor/adapters/smtp.py",
+    "reactor/embedded/smtp_sink.py",  # the receiver both the reactor and the bare sender feed
 ]
 
 
