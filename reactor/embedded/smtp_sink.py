@@ -120,9 +120,13 @@ class _SinkProtocol(SMTPProtocol):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         data = bytearray()
+        size, limit = 0, self.data_size_limit
         # The message ends at a line holding only a dot: a piece ending ".\r\n" ends it when
         # the line break before that dot is there too (a lone dot right away: empty content).
         while True:
+            if limit and len(data) > limit + 8:  # too much: read on, keep only the tail
+                size += len(data) - 8
+                del data[:-8]
             try:
                 data += await self._reader.readuntil(b".\r\n")
             except asyncio.LimitOverrunError as exc:  # a kilobyte without ".\r\n" (the limit)
@@ -130,10 +134,13 @@ class _SinkProtocol(SMTPProtocol):
                 continue
             except asyncio.IncompleteReadError:  # the connection went away mid-message
                 return
+            except asyncio.CancelledError:  # reset during DATA: as aiosmtpd's own DATA does
+                self._writer.close()
+                raise
             if data.endswith(b"\r\n.\r\n") or data == b".\r\n":
                 break
         content = bytes(data[:-3])
-        if self.data_size_limit and len(content) > self.data_size_limit:
+        if limit and size + len(content) > limit:
             await self.push("552 Error: Too much mail data")
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             return
