@@ -251,6 +251,7 @@ class SigningProcess:
             _, late = await asyncio.wait(set(self._readers), timeout=STOP_TIMEOUT_S)
             for reader in late:  # a child that is killed and still not reaped: give up on it
                 reader.cancel()
+            await asyncio.gather(*late, return_exceptions=True)  # ended, not left pending
         self._fail_pending()
 
 
