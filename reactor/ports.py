@@ -16,6 +16,7 @@ from bson import Timestamp
 
 if TYPE_CHECKING:
     from .domain.deliveries import DeliveryRecord, RowState
+    from .domain.templates import LinkSlots
 
 
 class Clock(Protocol):
@@ -88,6 +89,9 @@ class EmailMessage:
     # Extra headers, e.g. List-Unsubscribe and List-Unsubscribe-Post (RFC 2369, RFC 8058).
     headers: tuple[tuple[str, str], ...] = ()
     sender: str | None = None  # the From header, when the campaign sets its own (email.from)
+    # Set when the parts hold link slots (LinkSlots): the tracker fills them before anything
+    # else reads the message; nothing sends one that still has them.
+    slots: LinkSlots | None = None
 
 
 @dataclass(frozen=True)

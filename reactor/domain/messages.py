@@ -135,6 +135,7 @@ def email_message(
         message_id=message_id(message_domain),
         headers=headers,
         sender=sender,
+        slots=compiled.slots,
     )
 
 

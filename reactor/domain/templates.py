@@ -347,6 +347,7 @@ class PartTemplate:
     part: str  # subject, html, text or sms
     template: Template
     env: SandboxEnvironment
+    source: str = ""  # what it was compiled from
 
     def render(self, context: Mapping[str, Any]) -> str:
         limit = LIMITS[self.part]
@@ -388,16 +389,31 @@ def _template_line(tb: TracebackType | None) -> int | None:
 
 
 @dataclass(frozen=True)
+class LinkSlots:
+    """Where a campaign's tracked links are in parts compiled with slots (made by
+    reactor/engagement/slots.py): each link the author wrote is `opener + number + CLOSER` in
+    what renders, filled per recipient with its tracked URL (or the link as written) before
+    the message goes anywhere. Slot n of a part: (destination, the text written there)."""
+
+    opener: str
+    html: tuple[tuple[str, str], ...] = ()
+    text: tuple[tuple[str, str], ...] = ()
+    markers: bool = True  # the parts' sources hold do-not-track markers to remove
+
+
+@dataclass(frozen=True)
 class CampaignTemplates:
     """One campaign's compiled parts. `text_from_html`: the text part is generated from the
     rendered HTML (the campaign gave HTML only); `derived_text`, when set, is a text template
-    derived from the HTML source that renders that same text without converting each message."""
+    derived from the HTML source that renders that same text without converting each message.
+    `slots`: the HTML and text parts render their tracked links as slots (see LinkSlots)."""
 
     subject: PartTemplate | None
     html: PartTemplate | None
     text: PartTemplate | None
     sms: PartTemplate | None
     derived_text: PartTemplate | None = None
+    slots: LinkSlots | None = None
 
     @property
     def text_from_html(self) -> bool:
@@ -499,18 +515,23 @@ def derive_text_part(html_source: str, html: PartTemplate) -> PartTemplate | Non
     return derived
 
 
-def compile_part(part: str, source: str) -> PartTemplate:
+def compile_part(
+    part: str, source: str, transform: Callable[[nodes.Template], None] | None = None
+) -> PartTemplate:
+    """`transform`: changes the parsed template before it is compiled (link slots)."""
     env = HTML_ENV if part == "html" else TEXT_ENV
     try:
         tree = env.parse(source)
     except TemplateSyntaxError as exc:
         raise _invalid(part, exc.lineno, exc.message or "syntax error") from None
     _check_names(part, env, tree)
+    if transform is not None:
+        transform(tree)
     try:
         template = env.from_string(tree)
     except TemplateSyntaxError as exc:  # an assertion the compiler makes (e.g. a bad filter)
         raise _invalid(part, exc.lineno, exc.message or "syntax error") from None
-    compiled = PartTemplate(part, template, env)
+    compiled = PartTemplate(part, template, env, source)
     try:
         compiled.render(probe_context())
     except TemplateRenderError as exc:

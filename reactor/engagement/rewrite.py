@@ -58,6 +58,8 @@ def _html_hrefs(body: str) -> Iterable[tuple[str, bool]]:
 
 def _text_urls(text: str) -> Iterable[tuple[str, bool]]:
     for match in _URL.finditer(text):
+        if text.startswith(_TEMPLATED[:2], match.end()):
+            continue  # `https://shop/{{ id }}`: personalised, its start is no destination
         yield _clean(match.group(2)), bool(match.group(1))
 
 

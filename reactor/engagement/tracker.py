@@ -25,14 +25,16 @@ import anyio.lowlevel
 from ..domain.engagement import HONEYPOT_LINK, HitKind
 from ..domain.models import Campaign, Channel
 from ..domain.sms import segments
+from ..domain.templates import CampaignTemplates
 from ..domain.variants import with_variant
 from ..ports import EmailMessage, SmsMessage
-from . import rewrite
+from . import rewrite, slots
 from .tokens import TrackingSigner
 
 MODES = ("off", "clicks", "opens_and_clicks")
 YIELD_EVERY = 50  # messages rewritten between two turns of the event loop
 RECORDED_CAMPAIGNS = 256  # link tables remembered (the campaigns sending now, with room)
+SLOTTED_TEMPLATES = 256  # campaigns' templates compiled with link slots, remembered
 
 
 def effective_mode(configured: str, campaign: str | None) -> str:
@@ -79,6 +81,23 @@ class Tracker:
         # The link tables of the campaigns sent lately, least recently used first: a replica
         # that runs for months sends thousands of campaigns, and a forgotten one costs one read.
         self._recorded: OrderedDict[str, tuple[tuple[str, ...], dict[str, int]]] = OrderedDict()
+        self._slotted: OrderedDict[tuple[str, CampaignTemplates], CampaignTemplates] = OrderedDict()
+
+    def templates_for(self, campaign: Campaign, templates: CampaignTemplates) -> CampaignTemplates:
+        """The templates a batch of `campaign` renders with: compiled with link slots when it
+        is tracked and that can be done exactly (reactor/engagement/slots.py), so `track`
+        fills each message's links instead of scanning for them."""
+        if effective_mode(self.config.mode, getattr(campaign, "tracking", None)) == "off":
+            return templates
+        key = (campaign.key, templates)
+        known = self._slotted.get(key)
+        if known is None:
+            table = {url: n for n, url in enumerate(_links_of(campaign))}
+            known = self._slotted[key] = slots.slotted(templates, table, self.config.base_url + "/")
+            while len(self._slotted) > SLOTTED_TEMPLATES:
+                self._slotted.popitem(last=False)
+        self._slotted.move_to_end(key)
+        return known
 
     async def track(
         self, campaign: Campaign, channel: Channel, items: Sequence[_Item], now: dt.datetime
@@ -189,20 +208,29 @@ class Tracker:
             return escaped + click(n)[len(prefix) :]
 
         skip = self.config.base_url + "/"
-        text = (
-            rewrite.rewrite_text(message.text, table, click, skip, plans.text)
-            if message.text
-            else None
-        )
-        body = message.html
+        found = message.slots
+        text, body = message.text, message.html
+        if found is not None:  # the links are slots: filled, not searched for
+            if text is not None:
+                values = [w if (n := table.get(url)) is None else click(n) for url, w in found.text]
+                text = slots.finish_text(text, found, values)
+            if body is not None:
+                values = [
+                    w if (n := table.get(url)) is None else f'"{click_html(n)}"'
+                    for url, w in found.html
+                ]
+                body = slots.finish_html(body, found, values)
+        else:
+            text = rewrite.rewrite_text(text, table, click, skip, plans.text) if text else None
+            if body is not None:
+                body = rewrite.rewrite_html(body, table, click_html, skip, plans.html, escaped=True)
         if body is not None:
-            body = rewrite.rewrite_html(body, table, click_html, skip, plans.html, escaped=True)
             extra = rewrite.honeypot(click(HONEYPOT_LINK)) if self.config.honeypot else ""
             if mode == "opens_and_clicks":
                 opened = self._token(campaign, Channel.EMAIL, customer, HitKind.OPEN, 0, now)
                 extra += rewrite.pixel(self._url("o", opened))
             body = rewrite.append_to_body(body, extra) if extra else body
-        return dataclasses.replace(message, text=text, html=body)
+        return dataclasses.replace(message, text=text, html=body, slots=None)
 
     def _sms(
         self,
@@ -255,6 +283,22 @@ def _untracked(message: EmailMessage | SmsMessage) -> EmailMessage | SmsMessage:
     if isinstance(message, SmsMessage):
         body = rewrite.strip_markers(message.body)
         return dataclasses.replace(message, body=body, segments=segments(body).count)
+    found = message.slots
+    if found is not None:  # each link as the author wrote it
+        return dataclasses.replace(
+            message,
+            text=(
+                slots.finish_text(message.text, found, slots.written(found.text))
+                if message.text is not None
+                else None
+            ),
+            html=(
+                slots.finish_html(message.html, found, slots.written(found.html))
+                if message.html is not None
+                else None
+            ),
+            slots=None,
+        )
     return dataclasses.replace(
         message,
         text=rewrite.strip_markers(message.text) if message.text else message.text,

@@ -118,7 +118,7 @@ class BatchPreparer:
         """Resolve one batch, read what the ledger already holds for it on this channel, and
         build the messages still to send (validated, rendered) and the rows to record without
         sending."""
-        split = SplitBatch(self._config.split_key, campaign, batch)
+        split = SplitBatch(self._config.split_key, campaign, batch, self._templates)
         batch = split.batch
         if not batch:
             return Prepared(found=0)
@@ -132,6 +132,8 @@ class BatchPreparer:
             await self._drop_suppressed(channel, prepared)
         if self._tracker is not None:  # links rewritten in the rendered messages (issue 24)
             await self._tracker.track(campaign, channel, prepared.items, self._clock.now())
+            if any(getattr(i.message, "slots", None) is not None for i in prepared.items):
+                raise RuntimeError("bug: a message left the tracker with its link slots unfilled")
         if channel is Channel.SMS and prepared.items:
             self._gate_sms(campaign, prepared)
         return prepared
@@ -271,6 +273,13 @@ class BatchPreparer:
             return email_address(recipient.email)
         return phone_address(recipient.phone, self._config.default_phone_region)
 
+    def _templates(self, content: Campaign) -> CampaignTemplates:
+        """`content`'s compiled templates; with link slots when the tracker fills them."""
+        templates = templates_of(content)
+        if self._tracker is None:
+            return templates
+        return self._tracker.templates_for(content, templates)
+
     def _message(
         self,
         campaign: Campaign,
@@ -344,7 +353,14 @@ class SplitBatch:
     left out: not marked in the ledger). Without a split: the whole batch, the campaign's own
     content."""
 
-    def __init__(self, key: bytes, campaign: Campaign, batch: Sequence[str]) -> None:
+    def __init__(
+        self,
+        key: bytes,
+        campaign: Campaign,
+        batch: Sequence[str],
+        compile: Callable[[Campaign], CampaignTemplates] = templates_of,
+    ) -> None:
+        self._compile = compile
         self.variants: dict[str, str] = {}
         self.batch: Sequence[str] = batch
         self._contents: dict[str | None, tuple[Campaign, CampaignTemplates]] = {}
@@ -364,5 +380,5 @@ class SplitBatch:
         its compiled templates (compiled when the campaign was armed: cached)."""
         if variant not in self._contents:
             content = self._campaign if variant is None else with_variant(self._campaign, variant)
-            self._contents[variant] = (content, templates_of(content))
+            self._contents[variant] = (content, self._compile(content))
         return self._contents[variant]
