@@ -269,3 +269,21 @@ def test_a_personalised_text_url_is_not_in_the_link_table() -> None:
     """Its start (`https://shop.example/u/`) is no destination: the rendered URL never is."""
     text = "a https://shop.example/u/{{ id }} b https://shop.example/x {{ y }}"
     assert rewrite.link_table(None, text, None) == ["https://shop.example/x"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "<html><body>x</body></html>",
+        "<html><body>x</BODY></html>",
+        "<html><body>x</body ></html>",
+        "<body>a</body><body>b</Body\n></html>",
+        "<body>a</body>b</body>c",
+        "no body at all",
+        "</body>",
+    ],
+)
+def test_the_pixel_goes_before_the_last_body_end_as_the_expression_finds_it(body: str) -> None:
+    ends = list(rewrite._BODY_END.finditer(body))
+    at = ends[-1].start() if ends else len(body)
+    assert rewrite.append_to_body(body, "<P>") == body[:at] + "<P>" + body[at:]

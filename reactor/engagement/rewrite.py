@@ -179,21 +179,27 @@ def strip_html_markers(body: str) -> str:
 
 
 def append_to_body(body: str, fragment: str) -> str:
-    ends = list(_BODY_END.finditer(body))
-    if not ends:
-        return body + fragment
-    at = ends[-1].start()
+    """`fragment` before the last `</body>` (any case, spaces before `>`), else at the end."""
+    at = body.rfind("</body>")
+    if at < 0 or _BODY_END.search(body, at + 7):
+        # Not the usual spelling, or one more after it: the expression finds the last.
+        ends = list(_BODY_END.finditer(body))
+        if not ends:
+            return body + fragment
+        at = ends[-1].start()
     return body[:at] + fragment + body[at:]
 
 
-def pixel(url: str) -> str:
+def pixel(url: str, *, escaped: bool = False) -> str:
+    """`escaped`: `url` is already HTML-escaped."""
     return (
-        f'<img src="{html.escape(url)}" width="1" height="1" alt="" '
+        f'<img src="{url if escaped else html.escape(url)}" width="1" height="1" alt="" '
         'style="display:block;width:1px;height:1px;border:0;margin:0;padding:0">'
     )
 
 
-def honeypot(url: str) -> str:
+def honeypot(url: str, *, escaped: bool = False) -> str:
     return (
-        f'<a href="{html.escape(url)}" style="display:none" aria-hidden="true" tabindex="-1"></a>'
+        f'<a href="{url if escaped else html.escape(url)}" style="display:none" '
+        'aria-hidden="true" tabindex="-1"></a>'
     )

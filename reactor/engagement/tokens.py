@@ -40,8 +40,11 @@ from ..domain.models import Channel
 VERSION = 1
 MAC_BYTES = 12
 SHORT_CODE_CHARS = 12
-MAX_TOKEN_CHARS = 600
-_TOKEN = re.compile(r"([A-Za-z0-9_-]{1,16})\.([A-Za-z0-9_-]{16,560})")
+# The longest payload: flags and time, a 255-byte campaign and customer with their lengths, the
+# link, the MAC; in base64url without padding. (The tracker sends longer ids untracked.)
+_MAX_BODY = -(-(5 + 2 + 255 + 1 + 255 + 2 + MAC_BYTES) * 4 // 3)
+MAX_TOKEN_CHARS = 16 + 1 + _MAX_BODY
+_TOKEN = re.compile(rf"([A-Za-z0-9_-]{{1,16}})\.([A-Za-z0-9_-]{{16,{_MAX_BODY}}})")
 _CODE = re.compile(rf"[A-Za-z0-9_-]{{{SHORT_CODE_CHARS}}}")
 _HEX24 = re.compile(r"[0-9a-f]{24}")
 
@@ -102,6 +105,10 @@ def _mac(pads: Pads, message: bytes) -> bytes:
     return digest[:MAC_BYTES]
 
 
+_SMALL = 1024  # link numbers whose 2-byte field is made once (a table holds at most 500)
+_TAILS = [n.to_bytes(2, "big") for n in range(_SMALL)]
+
+
 def is_short_code(text: str) -> bool:
     return bool(_CODE.fullmatch(text))
 
@@ -150,27 +157,46 @@ class TrackingSigner:
     ) -> Callable[[int], str]:
         """Tokens for one message's links: everything but the link number is signed once (the
         link is the payload's last field), so each link costs one copy of a keyed hash."""
+        return self.batch_signer(
+            campaign=campaign, channel=channel, kind=kind, issued_at=issued_at
+        )(customer)
+
+    def batch_signer(
+        self, *, campaign: str, channel: Channel, kind: HitKind, issued_at: dt.datetime
+    ) -> Callable[[str], Callable[[int], str]]:
+        """`signer_for` for each customer of one batch: what the batch's tokens share (kind,
+        channel, time, campaign: the payload's first fields) is hashed once for all of them."""
         flags = VERSION << 4 | (kind is HitKind.OPEN) << 1 | (channel is Channel.SMS)
-        head = struct.pack(">BI", flags, int(issued_at.timestamp()) & 0xFFFFFFFF)
+        shared = struct.pack(">BI", flags, int(issued_at.timestamp()) & 0xFFFFFFFF)
         if _HEX24.fullmatch(campaign):
-            head += b"\x00" + bytes.fromhex(campaign)
+            shared += b"\x00" + bytes.fromhex(campaign)
         else:
             raw = campaign.encode()[:255]
-            head += b"\x01" + bytes([len(raw)]) + raw
-        who = customer.encode()[:255]
-        head += bytes([len(who)]) + who
+            shared += b"\x01" + bytes([len(raw)]) + raw
         key_id = self._current.key_id
         inner, outer = self._pads[key_id]
-        keyed = inner.copy()
-        keyed.update(head)
-        pads = (keyed, outer)
+        keyed_shared = inner.copy()
+        keyed_shared.update(shared)
         prefix = f"{key_id}."
 
-        def token(link: int) -> str:
-            tail = link.to_bytes(2, "big")
-            return prefix + _b64(head + tail + _mac(pads, tail))
+        def for_customer(customer: str) -> Callable[[int], str]:
+            who = customer.encode()[:255]
+            field = bytes([len(who)]) + who
+            head = shared + field
+            keyed = keyed_shared.copy()
+            keyed.update(field)
 
-        return token
+            def token(link: int) -> str:
+                tail = _TAILS[link] if link < _SMALL else link.to_bytes(2, "big")
+                mac = keyed.copy()
+                mac.update(tail)
+                out = outer.copy()
+                out.update(mac.digest())
+                return prefix + _b64(head + tail + out.digest()[:MAC_BYTES])
+
+            return token
+
+        return for_customer
 
     def verify(self, token: str, *, now: dt.datetime) -> TrackScope:
         """The scope a token names; TokenError (its `why` a metric label) when it does not

@@ -15,7 +15,7 @@ import dataclasses
 import datetime as dt
 import html
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,7 +25,7 @@ import anyio.lowlevel
 from ..domain.engagement import HONEYPOT_LINK, HitKind
 from ..domain.models import Campaign, Channel
 from ..domain.sms import segments
-from ..domain.templates import CampaignTemplates
+from ..domain.templates import CampaignTemplates, LinkSlots
 from ..domain.variants import with_variant
 from ..ports import EmailMessage, SmsMessage
 from . import rewrite, slots
@@ -76,6 +76,7 @@ class Tracker:
         if config.mode != "off" and (config.signer is None or tables is None):
             raise ValueError("tracking needs PUBLIC_BASE_URL and LINK_SECRET")
         self.config = config
+        self._escaped_base = html.escape(config.base_url)
         self._tables = tables
         self._dnt = dnt
         # The link tables of the campaigns sent lately, least recently used first: a replica
@@ -152,28 +153,6 @@ class Tracker:
             self._recorded.popitem(last=False)
         return numbers
 
-    def _url(self, path: str, token: str) -> str:
-        return f"{self.config.base_url}/{path}/{token}"
-
-    def _token(
-        self,
-        campaign: Campaign,
-        channel: Channel,
-        customer: str,
-        kind: HitKind,
-        link: int,
-        now: dt.datetime,
-    ) -> str:
-        assert self.config.signer is not None
-        return self.config.signer.sign(
-            campaign=campaign.key,
-            channel=channel,
-            customer=customer,
-            kind=kind,
-            link=link,
-            issued_at=now,
-        )
-
     def _email(
         self,
         campaign: Campaign,
@@ -184,14 +163,17 @@ class Tracker:
         now: dt.datetime,
         plans: _Plans,
     ) -> EmailMessage:
-        assert self.config.signer is not None
-        sign = self.config.signer.signer_for(
-            campaign=campaign.key,
-            channel=Channel.EMAIL,
-            customer=customer,
-            kind=HitKind.CLICK,
-            issued_at=now,
-        )
+        signer = self.config.signer
+        assert signer is not None
+        if plans.signers is None:  # what the batch's tokens share, hashed once for all
+            plans.signers = tuple(
+                signer.batch_signer(
+                    campaign=campaign.key, channel=Channel.EMAIL, kind=kind, issued_at=now
+                )
+                for kind in (HitKind.CLICK, HitKind.OPEN)
+            )
+        clicks, opens = plans.signers
+        sign = clicks(customer)
         prefix = f"{self.config.base_url}/c/"
         urls: dict[int, str] = {}  # a link in both parts is signed once (the token is the same)
 
@@ -201,7 +183,7 @@ class Tracker:
                 url = urls[n] = prefix + sign(n)
             return url
 
-        escaped = html.escape(prefix)
+        escaped = self._escaped_base + "/c/"
 
         def click_html(n: int) -> str:
             # A token is base64url and a dot: nothing in it needs escaping, only the prefix.
@@ -211,24 +193,38 @@ class Tracker:
         found = message.slots
         text, body = message.text, message.html
         if found is not None:  # the links are slots: filled, not searched for
+            plan = plans.slots.get(id(found))
+            if plan is None or plan.slots is not found:
+                plan = plans.slots[id(found)] = _SlotPlan(found, table, self.config.honeypot)
+            tokens = {n: sign(n) for n in plan.numbers}
             if text is not None:
-                values = [w if (n := table.get(url)) is None else click(n) for url, w in found.text]
-                text = slots.finish_text(text, found, values)
+                text = slots.finish_text(
+                    text, found, [w if n is None else prefix + tokens[n] for n, w in plan.text]
+                )
             if body is not None:
-                values = [
-                    w if (n := table.get(url)) is None else f'"{click_html(n)}"'
-                    for url, w in found.html
-                ]
-                body = slots.finish_html(body, found, values)
+                quoted = f'"{escaped}'
+                body = slots.finish_html(
+                    body,
+                    found,
+                    [w if n is None else quoted + tokens[n] + '"' for n, w in plan.html],
+                )
+            honeypot = tokens.get(HONEYPOT_LINK)
+            if honeypot is not None:
+                urls[HONEYPOT_LINK] = prefix + honeypot
         else:
             text = rewrite.rewrite_text(text, table, click, skip, plans.text) if text else None
             if body is not None:
                 body = rewrite.rewrite_html(body, table, click_html, skip, plans.html, escaped=True)
         if body is not None:
-            extra = rewrite.honeypot(click(HONEYPOT_LINK)) if self.config.honeypot else ""
+            # Tokens need no escaping (base64url and a dot), only the base URL.
+            extra = (
+                rewrite.honeypot(click_html(HONEYPOT_LINK), escaped=True)
+                if self.config.honeypot
+                else ""
+            )
             if mode == "opens_and_clicks":
-                opened = self._token(campaign, Channel.EMAIL, customer, HitKind.OPEN, 0, now)
-                extra += rewrite.pixel(self._url("o", opened))
+                opened = f"{self._escaped_base}/o/{opens(customer)(0)}"
+                extra += rewrite.pixel(opened, escaped=True)
             body = rewrite.append_to_body(body, extra) if extra else body
         return dataclasses.replace(message, text=text, html=body, slots=None)
 
@@ -266,11 +262,26 @@ class Tracker:
 
 @dataclass
 class _Plans:
-    """One batch's rewriting plans, per part (see `rewrite.Plans`)."""
+    """One batch's rewriting plans, per part (see `rewrite.Plans`), and its slot plans."""
 
     html: rewrite.Plans = dataclasses.field(default_factory=dict)
     text: rewrite.Plans = dataclasses.field(default_factory=dict)
     sms: rewrite.Plans = dataclasses.field(default_factory=dict)
+    slots: dict[int, _SlotPlan] = dataclasses.field(default_factory=dict)
+    # The batch's email token signers (clicks, opens): see TrackingSigner.batch_signer.
+    signers: tuple[Callable[[str], Callable[[int], str]], ...] | None = None
+
+
+class _SlotPlan:
+    """Each slot's link number in the recorded table (None: leave it as written), and the
+    numbers a message signs (the honeypot's too): worked out once per batch."""
+
+    def __init__(self, found: LinkSlots, table: dict[str, int], honeypot: bool) -> None:
+        self.slots = found  # held: the plan is keyed by its id
+        self.text = [(table.get(url), w) for url, w in found.text]
+        self.html = [(table.get(url), w) for url, w in found.html]
+        numbers = {n for n, _ in self.text + self.html if n is not None}
+        self.numbers = [*sorted(numbers), *([HONEYPOT_LINK] if honeypot else [])]
 
 
 def _fits(campaign: str, customer: str) -> bool:
