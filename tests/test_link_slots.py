@@ -90,7 +90,7 @@ UNSURE: dict[str, tuple[str | None, str | None]] = {
     ),
 }
 HARMLESS_UNSURE: list[tuple[str | None, str | None]] = [
-    ('<a href="https://shop.example/b">B\ue000</a>', "B\n"),  # holds a slot character
+    ('<a href="https://shop.example/b">B\x1a</a>', "B\n"),  # holds a slot character
     # HTML only, converted per message (a block: no text template can be derived)
     (
         '{% if name %}<table><tr><td><a href="https://shop.example/b">B</a></td></tr></table>'
@@ -131,7 +131,7 @@ RECIPIENTS = [
     # Data that looks like a slot, or holds the slot characters, or a marker, or a link
     Recipient(
         "2",
-        f"Bo \ue0000\ue001 {slots.OPEN_CHAR}1{slots.CLOSER}",
+        f"Bo \x1a0\x1b {slots.OPEN_CHAR}1{slots.CLOSER}",
         "bo@example.com",
         None,
         row={
