@@ -153,6 +153,22 @@ class Tracker:
             self._recorded.popitem(last=False)
         return numbers
 
+    def _signers(
+        self, campaign: Campaign, now: dt.datetime, plans: _Plans
+    ) -> tuple[Callable[[str], Callable[[int], str]], ...]:
+        """The batch's email token signers (clicks, opens): what its tokens share is hashed
+        once for all of them."""
+        if plans.signers is None:
+            signer = self.config.signer
+            assert signer is not None
+            plans.signers = tuple(
+                signer.batch_signer(
+                    campaign=campaign.key, channel=Channel.EMAIL, kind=kind, issued_at=now
+                )
+                for kind in (HitKind.CLICK, HitKind.OPEN)
+            )
+        return plans.signers
+
     def _email(
         self,
         campaign: Campaign,
@@ -163,16 +179,7 @@ class Tracker:
         now: dt.datetime,
         plans: _Plans,
     ) -> EmailMessage:
-        signer = self.config.signer
-        assert signer is not None
-        if plans.signers is None:  # what the batch's tokens share, hashed once for all
-            plans.signers = tuple(
-                signer.batch_signer(
-                    campaign=campaign.key, channel=Channel.EMAIL, kind=kind, issued_at=now
-                )
-                for kind in (HitKind.CLICK, HitKind.OPEN)
-            )
-        clicks, opens = plans.signers
+        clicks, opens = self._signers(campaign, now, plans)
         sign = clicks(customer)
         prefix = f"{self.config.base_url}/c/"
         urls: dict[int, str] = {}  # a link in both parts is signed once (the token is the same)
@@ -189,29 +196,18 @@ class Tracker:
             # A token is base64url and a dot: nothing in it needs escaping, only the prefix.
             return escaped + click(n)[len(prefix) :]
 
-        skip = self.config.base_url + "/"
-        found = message.slots
         text, body = message.text, message.html
+        found = message.slots
         if found is not None:  # the links are slots: filled, not searched for
             plan = plans.slots.get(id(found))
             if plan is None or plan.slots is not found:
                 plan = plans.slots[id(found)] = _SlotPlan(found, table, self.config.honeypot)
             tokens = {n: sign(n) for n in plan.numbers}
-            if text is not None:
-                text = slots.finish_text(
-                    text, found, [w if n is None else prefix + tokens[n] for n, w in plan.text]
-                )
-            if body is not None:
-                quoted = f'"{escaped}'
-                body = slots.finish_html(
-                    body,
-                    found,
-                    [w if n is None else quoted + tokens[n] + '"' for n, w in plan.html],
-                )
-            honeypot = tokens.get(HONEYPOT_LINK)
-            if honeypot is not None:
-                urls[HONEYPOT_LINK] = prefix + honeypot
+            if HONEYPOT_LINK in tokens:  # signed with the rest: the hidden link needs it
+                urls[HONEYPOT_LINK] = prefix + tokens[HONEYPOT_LINK]
+            text, body = plan.fill(text, body, prefix, f'"{escaped}', tokens)
         else:
+            skip = self.config.base_url + "/"
             text = rewrite.rewrite_text(text, table, click, skip, plans.text) if text else None
             if body is not None:
                 body = rewrite.rewrite_html(body, table, click_html, skip, plans.html, escaped=True)
@@ -282,6 +278,24 @@ class _SlotPlan:
         self.html = [(table.get(url), w) for url, w in found.html]
         numbers = {n for n, _ in self.text + self.html if n is not None}
         self.numbers = [*sorted(numbers), *([HONEYPOT_LINK] if honeypot else [])]
+
+    def fill(
+        self,
+        text: str | None,
+        body: str | None,
+        prefix: str,
+        quoted: str,
+        tokens: dict[int, str],
+    ) -> tuple[str | None, str | None]:
+        """The message's parts with each slot's tracked URL (`prefix` + token in the text,
+        `quoted` + token + `"` in the HTML), or its link as written where the table has none."""
+        if text is not None:
+            values = [w if n is None else prefix + tokens[n] for n, w in self.text]
+            text = slots.finish_text(text, self.slots, values)
+        if body is not None:
+            values = [w if n is None else quoted + tokens[n] + '"' for n, w in self.html]
+            body = slots.finish_html(body, self.slots, values)
+        return text, body
 
 
 def _fits(campaign: str, customer: str) -> bool:
