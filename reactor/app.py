@@ -31,7 +31,7 @@ from .adapters.mongo import (
     MongoShards,
     MongoSuppressions,
 )
-from .adapters.mongo.engagement import MongoDoNotTrack, MongoEngagement
+from .adapters.mongo.engagement import MongoEngagement
 from .adapters.mongo.splits import MongoSplits
 from .adapters.senders import campaign_admission, default_signer, identity_senders
 from .adapters.smtp import SmtpEmailSender
@@ -306,7 +306,7 @@ class Reactor:
         self.db_clock = db_clock
         suppression_store, suppressions = self._suppression_list(db, db_clock)
         shards = MongoShards(db)
-        tracker, engagement = self._tracking(db, seg_client)
+        tracker, engagement = self._tracking(db)
         audiences = self._audiences(db, seg_client)
         executor = self._executor(
             db,
@@ -469,9 +469,7 @@ class Reactor:
         )
         return reconciler, watcher
 
-    def _tracking(
-        self, db: Any, seg_client: AsyncMongoClient[dict[str, Any]]
-    ) -> tuple[Tracker, MongoEngagement | None]:
+    def _tracking(self, db: Any) -> tuple[Tracker, MongoEngagement | None]:
         """The send path's link rewriting and, when tracking is on, its store (issue 24)."""
         s = self.settings
         config = s.tracking_config()
@@ -488,13 +486,8 @@ class Reactor:
             short,
             "" if short <= 30 else "; over 30: a shorter PUBLIC_BASE_URL keeps texts cheaper",
         )
-        rcfg = s.recipients_config()
-        dnt = None
-        if s.tracking_do_not_track_field:
-            dnt = MongoDoNotTrack(
-                seg_client[rcfg.db][rcfg.collection], rcfg.id_field, s.tracking_do_not_track_field
-            )
-        return Tracker(config, engagement, dnt), engagement
+        # Who is do-not-track comes with each batch's recipients (RecipientsConfig).
+        return Tracker(config, engagement, None), engagement
 
     def _tracking_routes(self, parts: _Parts) -> TrackingRoutes | None:
         s = self.settings

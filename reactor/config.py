@@ -333,6 +333,9 @@ class Settings(BaseSettings):
             name_field=self.customer_name_field,
             batch_size=self.recipient_batch_size,
             timezone_field=self.customer_timezone_field or None,
+            do_not_track_field=(
+                self.tracking_do_not_track_field or None if self.tracking != "off" else None
+            ),
         )
 
     def send_config(self) -> SendConfig:
@@ -620,6 +623,7 @@ class RecipientsConfig:
     name_field: str = "name"
     batch_size: int = 1000
     timezone_field: str | None = None  # the customer's IANA zone (localTime)
+    do_not_track_field: str | None = None  # read only while tracking is on
 
 
 DEFAULT_SPLIT_KEY = b"campaign-reactor-splits"

@@ -69,6 +69,8 @@ class Recipient:
     # The customer's newest order row, every field (templates see it as `customer`).
     row: Mapping[str, Any] = field(default_factory=dict, compare=False)
     timezone: str | None = None  # an IANA name from CUSTOMER_TIMEZONE_FIELD (localTime sends)
+    # Marked do-not-track on any of the customer's order rows (TRACKING_DO_NOT_TRACK_FIELD).
+    do_not_track: bool = False
 
 
 class Recipients(Protocol):

@@ -1,9 +1,10 @@
 """The send path's one call into tracking: a prepared batch's messages made tracked.
 
-`Tracker.track(campaign, channel, items, now)` runs after the batch is rendered and its
-suppressed recipients dropped, and before texts are gated (a short link changes a text's
-length). Per batch it costs at most three round trips: the campaign's link table (recorded on
-the first batch of a run, append-only after), the do-not-track lookup, and the SMS short links.
+`Tracker.track(campaign, channel, items, now, do_not_track)` runs after the batch is rendered
+and its suppressed recipients dropped, and before texts are gated (a short link changes a
+text's length). Per batch it costs at most two round trips: the campaign's link table
+(recorded on the first batch of a run, append-only after) and the SMS short links. Who is
+do-not-track comes with the batch's recipients (the same read of the orders collection).
 
     TRACKING            off | clicks | opens_and_clicks (the most a campaign may use)
     campaign.tracking   the same values: narrows TRACKING, never widens it
@@ -15,7 +16,7 @@ import dataclasses
 import datetime as dt
 import html
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -101,15 +102,26 @@ class Tracker:
         return known
 
     async def track(
-        self, campaign: Campaign, channel: Channel, items: Sequence[_Item], now: dt.datetime
+        self,
+        campaign: Campaign,
+        channel: Channel,
+        items: Sequence[_Item],
+        now: dt.datetime,
+        do_not_track: Collection[str] | None = None,
     ) -> None:
+        """`do_not_track`: the batch's customers marked so, when the caller knows them (the
+        send path reads them with the recipients); else they are asked of the tracker's own
+        `DoNotTrack`, if it has one."""
         if not items:
             return
         mode = effective_mode(self.config.mode, getattr(campaign, "tracking", None))
         table = await self._table(campaign) if mode != "off" else None
-        untracked = set()
-        if table is not None and self._dnt is not None:
-            untracked = await self._dnt.among([i.customer for i in items])
+        untracked: Collection[str] = set()
+        if table is not None:
+            if do_not_track is not None:
+                untracked = do_not_track
+            elif self._dnt is not None:
+                untracked = await self._dnt.among([i.customer for i in items])
         short_rows: list[dict[str, Any]] = []
         plans = _Plans()  # the batch's tags and URLs, planned once for all its messages
         for n, item in enumerate(items):

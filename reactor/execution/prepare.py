@@ -131,7 +131,10 @@ class BatchPreparer:
         if self._suppressions is not None and prepared.items:
             await self._drop_suppressed(channel, prepared)
         if self._tracker is not None:  # links rewritten in the rendered messages (issue 24)
-            await self._tracker.track(campaign, channel, prepared.items, self._clock.now())
+            marked = {key for key, r in recipients.items() if r.do_not_track}
+            await self._tracker.track(
+                campaign, channel, prepared.items, self._clock.now(), do_not_track=marked
+            )
             if any(getattr(i.message, "slots", None) is not None for i in prepared.items):
                 raise RuntimeError("bug: a message left the tracker with its link slots unfilled")
         if channel is Channel.SMS and prepared.items:

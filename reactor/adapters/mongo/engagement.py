@@ -24,7 +24,6 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
 from ...domain.engagement import Earlier
-from ...domain.ids import id_variants
 from .actions import campaign_id_variants
 from .pipeline import NOW, literal, set_execution
 
@@ -235,36 +234,3 @@ def _short_link_update(row: Mapping[str, Any]) -> dict[str, Any]:
     if fixed:
         update["$setOnInsert"] = fixed
     return update
-
-
-class MongoDoNotTrack:
-    """Which customers of a batch are marked do-not-track in the segmentation database (any
-    order row with the field truthy marks the customer)."""
-
-    def __init__(self, orders: AsyncCollection[dict[str, Any]], id_field: str, field: str) -> None:
-        self._orders = orders
-        self._id_field = id_field
-        self._field = field
-
-    async def among(self, customers: Sequence[str]) -> set[str]:
-        variants: list[Any] = []
-        by_variant: dict[Any, str] = {}
-        for customer in customers:
-            for v in id_variants(customer):
-                variants.append(v)
-                by_variant[v] = customer
-        cursor = self._orders.find(
-            {
-                self._id_field: {"$in": variants},
-                self._field: {"$in": [True, 1, "true", "yes", "1"]},
-            },
-            {self._id_field: 1},
-        )
-        out: set[str] = set()
-        async for row in cursor:
-            value = row.get(self._id_field)
-            if value in by_variant:
-                out.add(by_variant[value])
-            else:
-                out.add(str(value))
-        return out

@@ -2,14 +2,16 @@
 
 Each batch of ids is one aggregation: match the order rows of those customers (in both string
 and numeric spellings), group them per customer, and keep the first non-empty email, phone and
-name in insertion order, and the newest row whole (what templates see as `customer`). Memory is
-bounded by the batch, never by the audience."""
+name in insertion order, and the newest row whole (what templates see as `customer`). While
+tracking is on, the same read says who is marked do-not-track (on any of their rows): no
+second query per batch. Memory is bounded by the batch, never by the audience."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+from bson import Decimal128
 from pymongo.asynchronous.collection import AsyncCollection
 
 from ...config import RecipientsConfig
@@ -39,6 +41,11 @@ class MongoRecipients:
                     "names": {"$push": f"${c.name_field}"},
                     "row": {"$last": "$$ROOT"},
                     **({"zones": {"$push": f"${c.timezone_field}"}} if c.timezone_field else {}),
+                    **(
+                        {"dnt": {"$push": f"${c.do_not_track_field}"}}
+                        if c.do_not_track_field
+                        else {}
+                    ),
                 }
             },
         ]
@@ -52,14 +59,39 @@ class MongoRecipients:
             name = _first(row.get("names"))
             fields = plain_row(row.get("row") or {})
             zone = _first(row.get("zones"))
+            dnt = any(_marked(v) for v in row.get("dnt") or ())
             if prev is not None:  # the same customer stored under both spellings
                 email, phone, name = prev.email or email, prev.phone or phone, prev.name or name
                 fields = {**prev.row, **fields}
                 zone = prev.timezone or zone
+                dnt = prev.do_not_track or dnt
             out[key] = Recipient(
-                customer_id=key, name=name, email=email, phone=phone, row=fields, timezone=zone
+                customer_id=key,
+                name=name,
+                email=email,
+                phone=phone,
+                row=fields,
+                timezone=zone,
+                do_not_track=dnt,
             )
         return out
+
+
+_MARKS = ("true", "yes", "1")
+
+
+def _marked(value: Any, nested: bool = False) -> bool:
+    """Does this do-not-track field say so? `true`, `1` (any number type), "true", "yes" or
+    "1", or an array holding one (a query `{field: {$in: [...]}}` matches the same)."""
+    if isinstance(value, list) and not nested:
+        return any(_marked(v, nested=True) for v in value)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, Decimal128):
+        return value.to_decimal() == 1
+    if isinstance(value, int | float):
+        return value == 1
+    return isinstance(value, str) and value in _MARKS
 
 
 def _first(values: Any) -> str | None:
