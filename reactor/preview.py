@@ -8,20 +8,31 @@ row, counter, rate budget or campaign field: it reads the campaign and the custo
 nothing. A test message's links are signed for a stand-in customer id (`preview:<id>`), so a
 click on the test copy's unsubscribe link cannot unsubscribe the real customer, and a test SMS
 asks for no status callback.
+
+With tracking on, links are rewritten as a run rewrites them (reactor/engagement/tracker.py),
+with the link numbers the campaign's table gives them: the printed preview shows the customer's
+own tracked links and pixel, and writes nothing. A test email's tracked links name the stand-in,
+so the listener sends them where they lead and records nothing; for them to lead anywhere, the
+test email records the campaign's link table (`trackedLinks`: append-only, the numbers the
+run's first batch would give the same links), the one thing a preview writes. A test SMS keeps
+its links as written (a short link is a row of its own).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from collections.abc import Sequence
 from typing import IO, Any
 
 from .domain.addresses import email_address, phone_address
+from .domain.engagement import PREVIEW_CUSTOMER_PREFIX
 from .domain.errors import DeliveryError, InvalidCampaign
 from .domain.ids import id_variants, normalise_id
 from .domain.messages import email_message, sms_message, templates_of
 from .domain.models import Campaign, Channel, parse_campaign
 from .domain.templates import TemplateRenderError
+from .engagement.tracker import Tracker
 from .ports import EmailMessage, Recipient, SmsMessage
 
 EXIT_PROBLEM = 1
@@ -53,10 +64,17 @@ async def run_preview(
             client[settings.campaigns_db][settings.campaigns_collection], campaign_id
         )
         recipient = await _recipient(seg_client, settings, campaign, customer)
-        messages = build_messages(settings, campaign, recipient)
+        tracker = _tracker(settings, client, record=False)
+        messages = await build_messages(settings, campaign, recipient, tracker=tracker)
         print_preview(campaign, recipient, messages, out, sender=settings.email_from)
         if send_to is not None:
-            test = build_messages(settings, campaign, _stand_in(recipient), send_to=send_to)
+            test = await build_messages(
+                settings,
+                campaign,
+                _stand_in(recipient),
+                send_to=send_to,
+                tracker=_tracker(settings, client, record=True),
+            )
             await send_test(settings, test, out)
     except PreviewError as exc:
         print(f"reactor preview: {exc}", file=out)
@@ -99,14 +117,54 @@ async def _recipient(
 
 
 def _stand_in(recipient: Recipient) -> Recipient:
-    return dataclasses.replace(recipient, customer_id=f"preview:{recipient.customer_id}")
+    return dataclasses.replace(
+        recipient, customer_id=f"{PREVIEW_CUSTOMER_PREFIX}{recipient.customer_id}"
+    )
 
 
-def build_messages(
-    settings: Any, campaign: Campaign, recipient: Recipient, *, send_to: str | None = None
+class _PreviewTables:
+    """The campaign's link table as the next batch would record it (what is stored, then the
+    content's links it lacks, in order): read only, unless `record` (a test email, whose links
+    must lead somewhere). Short links are never saved."""
+
+    def __init__(self, store: Any, *, record: bool) -> None:
+        self._store = store
+        self._record = record
+
+    async def record_links(self, campaign_key: str, table: Sequence[str]) -> list[str] | None:
+        if self._record:
+            recorded: list[str] | None = await self._store.record_links(campaign_key, table)
+            return recorded
+        stored: list[str] | None = await self._store.link_table(campaign_key)
+        if stored is None:
+            return None
+        return stored + [u for u in table if u not in stored]
+
+    async def save_short_links(self, rows: Sequence[dict[str, Any]]) -> None:
+        return None
+
+
+def _tracker(settings: Any, client: Any, *, record: bool) -> Tracker | None:
+    config = settings.tracking_config()
+    if config.mode == "off":
+        return None
+    from .adapters.mongo.engagement import MongoEngagement
+
+    store = MongoEngagement(client[settings.campaigns_db], settings.campaigns_collection)
+    return Tracker(config, _PreviewTables(store, record=record), None)
+
+
+async def build_messages(
+    settings: Any,
+    campaign: Campaign,
+    recipient: Recipient,
+    *,
+    send_to: str | None = None,
+    tracker: Tracker | None = None,
 ) -> dict[Channel, EmailMessage | SmsMessage | str]:
     """Each channel's message for `recipient` as a run builds it (or why it cannot be built):
-    to `send_to` instead, when given, on the channel that address belongs to."""
+    to `send_to` instead, when given, on the channel that address belongs to. With `tracker`,
+    links are rewritten as a run rewrites them (a test SMS keeps them as written)."""
     cfg = settings.send_config()
     links = settings.links()
     now = dt.datetime.now(dt.UTC)
@@ -133,12 +191,34 @@ def build_messages(
         except TemplateRenderError as exc:
             out[channel] = f"skipped: template_error: {exc}"
             continue
+        if tracker is not None and not (send_to is not None and channel is Channel.SMS):
+            message = await _tracked(tracker, campaign, channel, recipient, message, now)
         if send_to is not None:
             message = _as_test(message)
         out[channel] = message
     if send_to is not None and not out:
         raise PreviewError(f"the campaign has no {_channel_of(send_to)} content for {send_to}")
     return out
+
+
+async def _tracked(
+    tracker: Tracker,
+    campaign: Campaign,
+    channel: Channel,
+    recipient: Recipient,
+    message: EmailMessage | SmsMessage,
+    now: dt.datetime,
+) -> EmailMessage | SmsMessage:
+    item = _Item(recipient.customer_id, message)
+    marked = {recipient.customer_id} if recipient.do_not_track else set()
+    await tracker.track(campaign, channel, [item], now, do_not_track=marked)
+    return item.message
+
+
+@dataclasses.dataclass
+class _Item:
+    customer: str
+    message: EmailMessage | SmsMessage
 
 
 def _channel_of(address: str) -> Channel:

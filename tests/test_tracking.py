@@ -4,7 +4,9 @@ a click and the pixel record (classed, counted once, in batches), and what bad r
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import io
 import re
 from typing import Any
 
@@ -17,6 +19,7 @@ from reactor.domain.models import Channel
 from reactor.embedded.smtp_sink import SmtpSink
 from reactor.embedded.twilio_fake import TwilioFake
 from reactor.engagement.tokens import TrackingSigner
+from reactor.preview import run_preview
 
 from .conftest import MongoTarget
 from .helpers import campaign, eventually, holds, running, seed_customers, settings
@@ -403,3 +406,68 @@ async def test_forwarded_for_counts_only_behind_a_trusted_proxy_and_shutdown_flu
     assert [e["ip"] for e in found] == ["198.51.100.0"]
     indexes = await client[mongo.campaigns_db].engagement.index_information()
     assert indexes["at_ttl"]["expireAfterSeconds"] == 180 * 86400
+
+
+async def test_preview_shows_tracked_links_and_a_test_emails_links_lead_there_recording_nothing(
+    mongo: MongoTarget, client: Client, sink: SmtpSink
+) -> None:
+    """`reactor preview` prints the links a run would send (the customer's own tokens, the
+    table's numbers, read and not recorded); a test email's tracked links name the stand-in,
+    and the listener sends them where they lead without recording anything (the test email
+    records the campaign's link table, append-only, so that they lead somewhere)."""
+    cfg = settings(mongo, sink, **tracked())
+    base = cfg.public_base_url
+    ids = await seed_customers(client, mongo, 2)
+    await client[mongo.segmentation_db]["newdatabase"].insert_one(
+        {"customer_id": 1, "doNotTrack": "yes"}
+    )
+    doc = campaign(
+        "preview",
+        3600,
+        7200,
+        ids,
+        channels=["email"],
+        status="draft",
+        email={"subject": "Hi", "html": HTML, "text": TEXT},
+    )
+    coll = client[mongo.campaigns_db].campaigns
+    cid = (await coll.insert_one(doc)).inserted_id
+    async with running(cfg):
+        out = io.StringIO()
+        assert await run_preview(cfg, str(cid), customer="0", send_to=None, out=out) == 0
+        printed = out.getvalue()
+        tokens = re.findall(rf"{re.escape(base)}/c/([A-Za-z0-9_-]+\.[A-Za-z0-9_-]+)", printed)
+        assert len(tokens) >= 3  # both parts' links and the hidden one
+        now = dt.datetime.now(dt.UTC)
+        scopes = {signer_of(cfg).verify(t, now=now) for t in tokens}
+        assert {(s.campaign, s.customer) for s in scopes} == {(str(cid), "0")}
+        assert {s.link for s in scopes} >= {0, 1}  # the numbers a run would give them
+        assert f"{base}/o/" in printed  # the pixel
+        assert "trackedLinks" not in (await coll.find_one({"_id": cid}) or {})  # not recorded
+
+        out = io.StringIO()
+        assert await run_preview(cfg, str(cid), customer="1", send_to=None, out=out) == 0
+        assert f"{base}/c/" not in out.getvalue()  # do-not-track: links as written
+
+        out = io.StringIO()
+        code = await run_preview(cfg, str(cid), customer="0", send_to="qa@example.com", out=out)
+        assert code == 0, out.getvalue()
+        hrefs, body, _ = links_of(sink, "qa@example.com")
+        clicks = [h for h in hrefs if h.startswith(f"{base}/c/")]
+        assert clicks
+        token = clicks[0].rsplit("/", 1)[1]
+        assert signer_of(cfg).verify(token, now=now).customer == "preview:0"
+        async with aiohttp.ClientSession(headers={"User-Agent": CHROME}) as http:
+            async with http.get(clicks[0], allow_redirects=False) as resp:
+                assert resp.status == 302
+                assert resp.headers["Location"] == "https://shop.example/spring"
+            async with http.get(_SRC.findall(body)[0]) as resp:
+                assert resp.status == 200
+        await asyncio.sleep(1.5)  # past the recorder's batching
+        assert await events(client, mongo) == []
+        recorded = await coll.find_one({"_id": cid})  # the one write: the table its links need
+        assert recorded is not None
+        assert recorded["trackedLinks"] == [
+            "https://shop.example/spring",
+            "https://shop.example/summer?a=1&b=2",
+        ]

@@ -45,6 +45,9 @@ class HitKind(StrEnum):
 
 
 HONEYPOT_LINK = 0xFFFF  # the link number of the hidden link no person can see
+# A `reactor preview --send-to` test message names this stand-in, never the customer: its
+# tracked links lead where they lead and record nothing.
+PREVIEW_CUSTOMER_PREFIX = "preview:"
 
 OPEN_AT_DELIVERY_S = 2.0  # a person needs longer to notice and open a message
 CLICK_AT_DELIVERY_S = 10.0  # ... and longer still to read it and click
