@@ -16,7 +16,20 @@ Client = AsyncMongoClient[dict[str, Any]]
 
 
 MARKED = [True, 1, 1.0, "true", "yes", "1", [False, True], Decimal128("1")]
-NOT_MARKED = [False, 0, 2, "no", "TRUE", "", None, [[True]], {"x": True}, Decimal128("0")]
+NOT_MARKED = [
+    False,
+    0,
+    2,
+    "no",
+    "TRUE",
+    "",
+    None,
+    [[True]],
+    {"x": True},
+    Decimal128("0"),
+    Decimal128("sNaN"),
+    Decimal128("NaN"),
+]
 
 
 async def test_do_not_track_comes_with_the_recipients_read_from_any_of_their_rows(
@@ -38,3 +51,23 @@ async def test_do_not_track_comes_with_the_recipients_read_from_any_of_their_row
     assert all(found[key].email for key in ids)  # the rows were merged
     unread = await MongoRecipients(orders, RecipientsConfig()).resolve(ids)
     assert not any(r.do_not_track for r in unread.values())
+
+
+async def test_a_dotted_do_not_track_field_reads_through_an_array_of_documents(
+    mongo: MongoTarget, client: Client
+) -> None:
+    """`{"prefs.dnt": {$in: [...]}}` matches a row whose `prefs` is an array of documents one of
+    which is marked (or holds an array with a mark): so does the recipients' read."""
+    orders = client[mongo.segmentation_db]["newdatabase"]
+    await orders.insert_many(
+        [
+            {"customer_id": 1, "prefs": [{"dnt": False}, {"dnt": True}]},
+            {"customer_id": 2, "prefs": [{"dnt": [0, "yes"]}]},
+            {"customer_id": 3, "prefs": [{"dnt": [[True]]}]},
+            {"customer_id": 4, "prefs": {"dnt": 1}},
+            {"customer_id": 5, "prefs": [{"other": True}]},
+        ]
+    )
+    config = RecipientsConfig(do_not_track_field="prefs.dnt")
+    found = await MongoRecipients(orders, config).resolve(["1", "2", "3", "4", "5"])
+    assert {key for key, r in found.items() if r.do_not_track} == {"1", "2", "4"}

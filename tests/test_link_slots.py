@@ -63,6 +63,9 @@ SLOTTABLE: list[tuple[str | None, str | None]] = [
     (KITCHEN_SINK, TEXT),
     (LOOPS, LOOPS_TEXT),
     (None, TEXT),  # text only
+    # A marker that only a customer's data holds (recipient 2's name) is removed as well
+    ('<p>Hi {{ name }}</p><a href="https://shop.example/b">B</a>', None),
+    (None, "Hi {{ name }} see https://shop.example/b now\n"),
 ]
 # Each has something that makes slots unsure, so it keeps the rewriting path; the ones with an
 # id here would send something else with slots (the last test shows it).
@@ -87,6 +90,26 @@ UNSURE: dict[str, tuple[str | None, str | None]] = {
     "a text link an expression runs into": (
         '<a href="https://shop.example/c">C</a>',
         "see https://a.example/{{ customer.tail }}https://shop.example/c more\n",
+    ),
+    "a link a filter block changes": (
+        '{% if customer.vip %}{% filter upper %}<a href="https://shop.example/b">B</a>'
+        '{% endfilter %}{% endif %}<a href="https://shop.example/b">B</a>',
+        "B\n",
+    ),
+    "a link a set block captures": (
+        '<a href="https://shop.example/b">B</a>',
+        "{% set x %}see https://shop.example/b now{% endset %}"
+        "{% if customer.vip %}{{ x | truncate(25, true, '...', 0) }}{% endif %}\n",
+    ),
+    "data that autoescape lets open a tag": (
+        "<p>{% autoescape false %}{{ customer.bio }}{% endautoescape %}"
+        '<a href="https://shop.example/b">B</a></p>',
+        "B https://shop.example/ok there\n",
+    ),
+    "a link completed from a constant": (
+        '{% set base = "https://shop.example" %}<a href="https://shop.example/b">B</a>'
+        '{% if customer.vip %}<a href="{{ base }}/b">VIP</a>{% endif %}',
+        "B\n",
     ),
 }
 HARMLESS_UNSURE: list[tuple[str | None, str | None]] = [
@@ -131,7 +154,7 @@ RECIPIENTS = [
     # Data that looks like a slot, or holds the slot characters, or a marker, or a link
     Recipient(
         "2",
-        f"Bo \x1a0\x1b {slots.OPEN_CHAR}1{slots.CLOSER}",
+        f"Bo notrack:https://x.example/y \x1a0\x1b {slots.OPEN_CHAR}1{slots.CLOSER}",
         "bo@example.com",
         None,
         row={
@@ -207,7 +230,8 @@ async def test_slots_give_what_rewriting_gives_or_are_not_used(
         assert "/c/" not in (dnt.html or "") + (dnt.text or "")
         for message in filled:
             assert slots.OPENER not in (message.html or "") + (message.text or "")
-            assert "notrack" not in (message.html or "") + (message.text or "")
+            assert "data-notrack" not in (message.html or "")
+            assert "notrack:" not in (message.text or "")
 
 
 def test_the_slots_of_a_newsletter_are_its_links_as_written() -> None:
@@ -227,7 +251,6 @@ def test_the_slots_of_a_newsletter_are_its_links_as_written() -> None:
         "https://shop.example/c",
         "https://shop.example/a?x=1&y=2",
     ]
-    assert found.markers  # both parts have one: the filled parts are still cleaned of them
 
 
 def test_tracking_off_or_a_campaign_that_opts_out_renders_without_slots() -> None:
@@ -261,8 +284,15 @@ async def test_each_check_is_needed_slots_forced_past_it_send_something_else(
     tracker = Tracker(TrackingConfig("clicks", BASE, signer()), MemoryTables(), Some())
     assert tracker.templates_for(campaign, templates_of(campaign)).slots is not None
     rewritten = await _sent(tracker, campaign, with_slots=False)
-    filled = await _sent(tracker, campaign, with_slots=True)
-    assert [(m.text, m.html) for m in filled] != [(m.text, m.html) for m in rewritten]
+    refused = ""
+    try:
+        filled = await _sent(tracker, campaign, with_slots=True)
+    except RuntimeError as exc:  # a slot a filter changed: refused, never sent as it is
+        refused = str(exc)
+    if refused:
+        assert "link slot came out of rendering changed" in refused
+    else:
+        assert [(m.text, m.html) for m in filled] != [(m.text, m.html) for m in rewritten]
 
 
 def test_a_personalised_text_url_is_not_in_the_link_table() -> None:

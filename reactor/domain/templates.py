@@ -398,7 +398,6 @@ class LinkSlots:
     opener: str
     html: tuple[tuple[str, str], ...] = ()
     text: tuple[tuple[str, str], ...] = ()
-    markers: bool = True  # the parts' sources hold do-not-track markers to remove
 
 
 @dataclass(frozen=True)

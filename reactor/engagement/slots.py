@@ -11,12 +11,16 @@ as `opener + number + CLOSER`, and a message's slots are filled with a split and
     text   a URL in the text part (given, or derived from the HTML) written in its text
 
 The opener holds a random nonce made when the process starts, so no customer's data rendered
-into a message can make a slot. What is filled in is exactly what the regular-expression path
+into a message can make a slot. A URL that only a customer's data puts in a message is left as
+it is (the author did not write it); the rewriting path tracks one that equals a table link. What is filled in is exactly what the regular-expression path
 would have written (the test compares the two on many templates), and where that cannot be
 made sure of, the campaign keeps the regular-expression path:
 
   - a link in the link table written where a slot cannot go: inside an expression, a block, a
     comment, a tag built from expressions, or next to an expression that could lengthen it;
+    any URL written in an expression (`{% set base = "https://shop" %}`);
+  - text that a filter, set, macro, call or block tag or a recursive loop captures (a filter
+    could change a slot), and `{% autoescape %}`;
   - HTML that uses `safe` (rendered data could open or close tags around a link);
   - an HTML-only campaign whose text must be converted per message (a slot is not a URL to the
     converter);
@@ -53,7 +57,16 @@ OPEN_CHAR = "\x1a"
 CLOSER = "\x1b"
 OPENER = OPEN_CHAR + secrets.token_hex(8)
 _SAFE = re.compile(r"\|\s*safe\b")
-_MARKER = "notrack"  # in both markers, `data-notrack` and `notrack:`
+# The nodes whose body is not written straight to the output (see `_Slotter.transform`).
+_CAPTURING = (
+    nodes.FilterBlock,
+    nodes.AssignBlock,
+    nodes.Macro,
+    nodes.CallBlock,
+    nodes.Block,
+    nodes.ScopedEvalContextModifier,
+    nodes.EvalContextModifier,
+)
 _DELIMITER = re.compile(r"""[\s<>"'()\[\]{}]""")  # what ends a URL for rewrite._URL
 
 
@@ -64,22 +77,23 @@ def fill(body: str, opener: str, values: Sequence[str]) -> str:
         return body
     out = [pieces[0]]
     for piece in pieces[1:]:
-        number, _, rest = piece.partition(CLOSER)
+        number, closed, rest = piece.partition(CLOSER)
+        if not closed or not number.isdigit() or int(number) >= len(values):
+            raise RuntimeError("bug: a link slot came out of rendering changed")
         out.append(values[int(number)])
         out.append(rest)
     return "".join(out)
 
 
 def finish_html(body: str, slots: LinkSlots, values: Sequence[str]) -> str:
-    """A message's HTML with its slots filled and the authors' markers gone (as the rendered
-    path leaves it: rewrite.rewrite_html, rewrite.strip_html_markers)."""
-    filled = fill(body, slots.opener, values)
-    return rewrite.strip_html_markers(filled) if slots.markers else filled
+    """A message's HTML with its slots filled and the markers gone (as the rendered path
+    leaves it: rewrite.rewrite_html, rewrite.strip_html_markers). Markers are looked for in
+    every message: a customer's data can hold one too."""
+    return rewrite.strip_html_markers(fill(body, slots.opener, values))
 
 
 def finish_text(text: str, slots: LinkSlots, values: Sequence[str]) -> str:
-    filled = fill(text, slots.opener, values)
-    return rewrite.strip_markers(filled) if slots.markers else filled
+    return rewrite.strip_markers(fill(text, slots.opener, values))
 
 
 def written(slots: Sequence[tuple[str, str]]) -> list[str]:
@@ -107,9 +121,17 @@ class _Slotter:
 
     def transform(self, tree: nodes.Template) -> None:
         for const in tree.find_all(nodes.Const):
-            # A link written in an expression or a block renders where no slot can be put.
-            if isinstance(const.value, str) and any(url in const.value for url in self.table):
+            # A URL written in an expression or a block (whole, or a part that expressions
+            # complete: `{% set base = "https://shop" %}`) renders where no slot can be put.
+            if isinstance(const.value, str) and "://" in const.value:
                 self.unsafe = True
+        if any(True for _ in tree.find_all(_CAPTURING)) or any(
+            loop.recursive for loop in tree.find_all(nodes.For)
+        ):
+            # Text that a filter block, a set block, a macro, a call, a block or a recursive
+            # loop captures can go through filters (`upper`, `truncate`, `wordwrap`) and come
+            # out changed; `{% autoescape false %}` lets data open a tag around a link.
+            self.unsafe = True
         for output in tree.find_all(nodes.Output):
             for node in output.nodes:
                 if isinstance(node, nodes.TemplateData):
@@ -214,12 +236,8 @@ def slotted(
     got_text = _slotted_part("text", text_part.source, table, skip_prefix) if text_part else None
     if (html_part is not None and got_html is None) or (text_part is not None and got_text is None):
         return templates
-    sources = (html_part.source if html_part else "") + (text_part.source if text_part else "")
     slots = LinkSlots(
-        OPENER,
-        html=got_html[1] if got_html else (),
-        text=got_text[1] if got_text else (),
-        markers=_MARKER in sources.lower(),
+        OPENER, html=got_html[1] if got_html else (), text=got_text[1] if got_text else ()
     )
     if not slots.html and not slots.text:
         return templates

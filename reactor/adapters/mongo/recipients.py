@@ -50,6 +50,7 @@ class MongoRecipients:
             },
         ]
         out: dict[str, Recipient] = {}
+        depth = 1 + (c.do_not_track_field or "").count(".")
         cursor = await self._orders.aggregate(pipeline)
         async for row in cursor:
             key = normalise_id(row["_id"])
@@ -59,7 +60,7 @@ class MongoRecipients:
             name = _first(row.get("names"))
             fields = plain_row(row.get("row") or {})
             zone = _first(row.get("zones"))
-            dnt = any(_marked(v) for v in row.get("dnt") or ())
+            dnt = any(_marked(v, depth) for v in row.get("dnt") or ())
             if prev is not None:  # the same customer stored under both spellings
                 email, phone, name = prev.email or email, prev.phone or phone, prev.name or name
                 fields = {**prev.row, **fields}
@@ -80,15 +81,17 @@ class MongoRecipients:
 _MARKS = ("true", "yes", "1")
 
 
-def _marked(value: Any, nested: bool = False) -> bool:
+def _marked(value: Any, depth: int = 1) -> bool:
     """Does this do-not-track field say so? `true`, `1` (any number type), "true", "yes" or
-    "1", or an array holding one (a query `{field: {$in: [...]}}` matches the same)."""
-    if isinstance(value, list) and not nested:
-        return any(_marked(v, nested=True) for v in value)
+    "1", or an array holding one, as a query `{field: {$in: [...]}}` matches: `depth` levels
+    of arrays (one, and one more for each array a dotted field passes through)."""
+    if isinstance(value, list):
+        return depth > 0 and any(_marked(v, depth - 1) for v in value)
     if isinstance(value, bool):
         return value
     if isinstance(value, Decimal128):
-        return value.to_decimal() == 1
+        number = value.to_decimal()
+        return not number.is_nan() and number == 1
     if isinstance(value, int | float):
         return value == 1
     return isinstance(value, str) and value in _MARKS
