@@ -13,6 +13,12 @@ Informational figures: the same campaign with HTML only, where the text part is 
 each rendered HTML (`html_to_text`); and the same layout with merge tags only (no blocks), whose
 text template is derived from the HTML source once (`templates.derive_text_part`).
 
+Informational too: the same newsletter rendered and then tracked (opens and clicks), in batches
+of 250 as a run prepares them, with its links found once as slots (reactor/engagement/slots.py)
+and, beside it, with each rendered message rewritten by regular expressions: the tracker's step
+per message is the CPU time over rendering alone. A tracked message counts only if its HTML
+carries tracked links and the pixel.
+
 Goal: >= 5,000 messages/s per core (issue 24).
 """
 
@@ -21,12 +27,16 @@ from __future__ import annotations
 import datetime as dt
 import re
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..domain.consent import LinkKey, Links, LinkSigner
 from ..domain.messages import email_message, templates_of
-from ..domain.models import parse_campaign
-from ..ports import Recipient
+from ..domain.models import Channel, parse_campaign
+from ..engagement.tokens import TrackingSigner
+from ..engagement.tracker import Tracker, TrackingConfig
+from ..ports import EmailMessage, Recipient, SmsMessage
 from .figures import Figure
 
 GOAL_PER_S = 5_000
@@ -171,6 +181,70 @@ def _links() -> Links:
     return Links(base_url="https://m.example.com", signer=signer, postal_address="1 Main St")
 
 
+class _Tables:
+    """Link tables kept in memory: the tracker's writes are not what this measures."""
+
+    async def record_links(self, campaign_key: str, table: Sequence[str]) -> list[str]:
+        return list(table)
+
+    async def save_short_links(self, rows: Sequence[dict[str, Any]]) -> None:
+        return None
+
+
+@dataclass
+class _Item:
+    customer: str
+    message: EmailMessage | SmsMessage
+
+
+TRACKED_BASE = "https://t.example.com"
+
+
+async def _track_all(
+    doc: dict[str, Any], audience: list[Recipient], *, slots: bool
+) -> tuple[int, float, bool]:
+    """(messages tracked correctly, CPU seconds, whether slots were used)."""
+    campaign = parse_campaign(doc)
+    signer = TrackingSigner(
+        [LinkKey("t1", b"bench-track-secret-0123456789abcdef")],
+        ttl_s=86_400 * 60,
+        rotation_grace_s=0,
+    )
+    tracker = Tracker(TrackingConfig("opens_and_clicks", TRACKED_BASE, signer), _Tables(), None)
+    templates = templates_of(campaign)
+    if slots:
+        templates = tracker.templates_for(campaign, templates)
+    links = _links()
+    now = dt.datetime(2026, 3, 20, 9, 0, 1, tzinfo=dt.UTC)
+    good = 0
+    t0 = time.process_time()
+    for at in range(0, len(audience), 250):
+        items = [
+            _Item(
+                r.customer_id,
+                email_message(
+                    campaign,
+                    r,
+                    r.email or "",
+                    message_domain="example.com",
+                    links=links,
+                    now=now,
+                    templates=templates,
+                ),
+            )
+            for r in audience[at : at + 250]
+        ]
+        await tracker.track(campaign, Channel.EMAIL, items, now, do_not_track=())
+        # (This newsletter's text part has personalised links only: they stay as rendered.)
+        good += sum(
+            isinstance(i.message, EmailMessage)
+            and f'href="{TRACKED_BASE}/c/' in (i.message.html or "")
+            and f'src="{TRACKED_BASE}/o/' in (i.message.html or "")
+            for i in items
+        )
+    return good, time.process_time() - t0, templates.slots is not None
+
+
 def _render_all(doc: dict[str, Any], audience: list[Recipient]) -> tuple[int, float]:
     campaign = parse_campaign(doc)
     html = doc["email"]["html"]
@@ -207,6 +281,15 @@ async def run(quick: bool) -> dict[str, Any]:
     tags = newsletter_campaign(with_text=False, merge_tags_only=True)
     tags_good, tags_cpu_s = _render_all(tags, audience)
     derived = templates_of(parse_campaign(tags)).derived_text is not None
+    await _track_all(newsletter_campaign(), audience[:50], slots=True)  # warm, as when armed
+    tracked_n = max(n // 4, 500)
+    _, render_s = _render_all(newsletter_campaign(), audience[:tracked_n])
+    slot_good, slot_s, slotted = await _track_all(
+        newsletter_campaign(), audience[:tracked_n], slots=True
+    )
+    regex_good, regex_s, _ = await _track_all(
+        newsletter_campaign(), audience[:tracked_n], slots=False
+    )
     sample = email_message(
         parse_campaign(newsletter_campaign()),
         audience[0],
@@ -225,6 +308,13 @@ async def run(quick: bool) -> dict[str, Any]:
         "merge_tags_per_s": tags_good / tags_cpu_s if tags_cpu_s else 0.0,
         "merge_tags_text_derived": derived,
         "html_bytes": len((sample.html or "").encode()),
+        "tracked_messages": tracked_n,
+        "tracked_with_slots": slot_good,
+        "tracked_with_slots_per_s": slot_good / slot_s if slot_s else 0.0,
+        "slots_used": slotted,
+        "track_step_slots_us": 1e6 * (slot_s - render_s) / tracked_n,
+        "tracked_by_rewriting": regex_good,
+        "track_step_rewriting_us": 1e6 * (regex_s - render_s) / tracked_n,
     }
 
 
@@ -233,6 +323,7 @@ SOURCES = [
     "reactor/domain/templates.py",
     "reactor/domain/html_text.py",
     "reactor/domain/messages.py",
+    "reactor/engagement",
 ]
 
 
@@ -268,6 +359,25 @@ def figures(result: dict[str, Any]) -> list[Figure]:
             + (
                 "derived from the HTML source" if result["merge_tags_text_derived"] else "converted"
             ),
+        ),
+        Figure(
+            "templates: tracked newsletter emails per CPU-second (rendered, then opens and "
+            "clicks tracked)",
+            round(result["tracked_with_slots_per_s"]),
+            "messages/s",
+            note=f"{result['tracked_with_slots']}/{result['tracked_messages']} tracked, links "
+            + ("as slots" if result["slots_used"] else "rewritten (no slots)"),
+        ),
+        Figure(
+            "templates: the tracker's step per message, links as slots",
+            round(result["track_step_slots_us"], 1),
+            "µs",
+        ),
+        Figure(
+            "templates: the tracker's step per message, each rendered message rewritten",
+            round(result["track_step_rewriting_us"], 1),
+            "µs",
+            note=f"{result['tracked_by_rewriting']}/{result['tracked_messages']} tracked",
         ),
     ]
 
