@@ -476,7 +476,7 @@ class Reactor:
         if config.mode == "off":
             # Provider opens and clicks still need the engagement store (and its TTL index).
             kept = MongoEngagement(db, s.campaigns_collection) if s.provider_engagement else None
-            return Tracker(config, None, None), kept
+            return Tracker(config, None), kept
         engagement = MongoEngagement(db, s.campaigns_collection)
         short = len(config.base_url) + len("/s/") + SHORT_CODE_CHARS
         log.info(
@@ -487,7 +487,7 @@ class Reactor:
             "" if short <= 30 else "; over 30: a shorter PUBLIC_BASE_URL keeps texts cheaper",
         )
         # Who is do-not-track comes with each batch's recipients (RecipientsConfig).
-        return Tracker(config, engagement, None), engagement
+        return Tracker(config, engagement), engagement
 
     def _tracking_routes(self, parts: _Parts) -> TrackingRoutes | None:
         s = self.settings

@@ -151,7 +151,7 @@ def _tracker(settings: Any, client: Any, *, record: bool) -> Tracker | None:
     from .adapters.mongo.engagement import MongoEngagement
 
     store = MongoEngagement(client[settings.campaigns_db], settings.campaigns_collection)
-    return Tracker(config, _PreviewTables(store, record=record), None)
+    return Tracker(config, _PreviewTables(store, record=record))
 
 
 async def build_messages(

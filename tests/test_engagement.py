@@ -555,11 +555,6 @@ class MemoryTables:
         self.short.extend(rows)
 
 
-class NoOne:
-    async def among(self, customers: Sequence[str]) -> set[str]:
-        return set()
-
-
 def _campaign(**kw: object) -> Campaign:
     doc: dict[str, object] = {
         "_id": "spring",
@@ -584,7 +579,7 @@ class _Item:
 async def test_the_tracker_rewrites_a_batch_and_keeps_link_numbers_across_edits() -> None:
     tables = MemoryTables()
     config = TrackingConfig(mode="opens_and_clicks", base_url="https://r.example", signer=signer())
-    tracker = Tracker(config, tables, NoOne())
+    tracker = Tracker(config, tables)
     long_id = "x" * 300
     email = EmailMessage("a@example.com", "Hi", TEXT, HTML, "<m@x>")
     items = [_Item("1", email), _Item(long_id, email)]
@@ -611,7 +606,7 @@ async def test_the_tracker_rewrites_a_batch_and_keeps_link_numbers_across_edits(
 async def test_sms_links_are_short_and_their_codes_are_saved_in_one_write() -> None:
     tables = MemoryTables()
     config = TrackingConfig(mode="clicks", base_url="https://r.ex.co", signer=signer())
-    tracker = Tracker(config, tables, None)
+    tracker = Tracker(config, tables)
     sms = SmsMessage("+14155550100", "Sale https://shop.example/s today", segments=1)
     items = [_Item("1", sms), _Item("2", sms)]
     await tracker.track(_campaign(), Channel.SMS, items, T0)

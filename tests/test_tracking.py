@@ -255,6 +255,7 @@ async def test_bad_requests_get_a_4xx_are_counted_and_record_nothing(
             return signer.sign(**args)
 
         tampered = token[:-3] + ("AAA" if not token.endswith("AAA") else "BBB")
+        long_ago = now - dt.timedelta(seconds=signer.ttl_s + 3600)
         cases = {
             f"{base}/c/{tampered}": ("bad_signature", 404),
             f"{base}/c/garbage": ("malformed", 404),
@@ -267,6 +268,8 @@ async def test_bad_requests_get_a_4xx_are_counted_and_record_nothing(
             # Genuine tokens for a customer this campaign never sent to (a preview's, say).
             f"{base}/c/{make(customer='99')}": ("unknown_recipient", 404),
             f"{base}/o/{make(customer='99', kind=HitKind.OPEN)}": ("unknown_recipient", 404),
+            # An expired token records nothing, the hidden link's as well (it answers as ever).
+            f"{base}/c/{make(link=HONEYPOT_LINK, issued_at=long_ago)}": ("expired", 200),
         }
         async with aiohttp.ClientSession() as http:
             for url, (why, status) in cases.items():
@@ -462,6 +465,10 @@ async def test_preview_shows_tracked_links_and_a_test_emails_links_lead_there_re
                 assert resp.status == 302
                 assert resp.headers["Location"] == "https://shop.example/spring"
             async with http.get(_SRC.findall(body)[0]) as resp:
+                assert resp.status == 200
+            hidden = signer_of(cfg).verify(clicks[-1].rsplit("/", 1)[1], now=now)
+            assert hidden.link == HONEYPOT_LINK
+            async with http.get(clicks[-1], allow_redirects=False) as resp:  # the hidden link
                 assert resp.status == 200
         await asyncio.sleep(1.5)  # past the recorder's batching
         assert await events(client, mongo) == []

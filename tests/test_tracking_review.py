@@ -30,7 +30,7 @@ from reactor.public.tracking import TrackingRoutes
 
 from .conftest import MongoTarget
 from .fakes import FakeClock
-from .test_engagement import HTML, T0, TEXT, MemoryTables, NoOne, _campaign, _Item, signer
+from .test_engagement import HTML, T0, TEXT, MemoryTables, _campaign, _Item, signer
 
 Client = AsyncMongoClient[dict[str, Any]]
 
@@ -131,7 +131,7 @@ async def test_the_trackers_link_tables_are_a_bounded_lru(monkeypatch: pytest.Mo
     monkeypatch.setattr(tracker_module, "RECORDED_CAMPAIGNS", 3)
     tables = CountingTables()
     config = TrackingConfig(mode="clicks", base_url="https://r.example", signer=signer())
-    tracker = Tracker(config, tables, NoOne())
+    tracker = Tracker(config, tables)
     email = EmailMessage("a@example.com", "Hi", TEXT, HTML, "<m@x>")
 
     async def send(key: str) -> None:

@@ -33,7 +33,8 @@ from typing import Any
 
 from ..domain.consent import LinkKey, Links, LinkSigner
 from ..domain.messages import email_message, templates_of
-from ..domain.models import Channel, parse_campaign
+from ..domain.models import Campaign, Channel, parse_campaign
+from ..domain.templates import CampaignTemplates
 from ..engagement.tokens import TrackingSigner
 from ..engagement.tracker import Tracker, TrackingConfig
 from ..ports import EmailMessage, Recipient, SmsMessage
@@ -181,6 +182,24 @@ def _links() -> Links:
     return Links(base_url="https://m.example.com", signer=signer, postal_address="1 Main St")
 
 
+NOW = dt.datetime(2026, 3, 20, 9, 0, 1, tzinfo=dt.UTC)
+
+
+def _email(
+    campaign: Campaign, r: Recipient, templates: CampaignTemplates, links: Links
+) -> EmailMessage:
+    """The message a run builds for `r` (with signed unsubscribe links)."""
+    return email_message(
+        campaign,
+        r,
+        r.email or "",
+        message_domain="example.com",
+        links=links,
+        now=NOW,
+        templates=templates,
+    )
+
+
 class _Tables:
     """Link tables kept in memory: the tracker's writes are not what this measures."""
 
@@ -210,31 +229,22 @@ async def _track_all(
         ttl_s=86_400 * 60,
         rotation_grace_s=0,
     )
-    tracker = Tracker(TrackingConfig("opens_and_clicks", TRACKED_BASE, signer), _Tables(), None)
+    tracker = Tracker(TrackingConfig("opens_and_clicks", TRACKED_BASE, signer), _Tables())
     templates = templates_of(campaign)
     if slots:
         templates = tracker.templates_for(campaign, templates)
     links = _links()
-    now = dt.datetime(2026, 3, 20, 9, 0, 1, tzinfo=dt.UTC)
     good = 0
     t0 = time.process_time()
     for at in range(0, len(audience), 250):
         items = [
             _Item(
                 r.customer_id,
-                email_message(
-                    campaign,
-                    r,
-                    r.email or "",
-                    message_domain="example.com",
-                    links=links,
-                    now=now,
-                    templates=templates,
-                ),
+                _email(campaign, r, templates, links),
             )
             for r in audience[at : at + 250]
         ]
-        await tracker.track(campaign, Channel.EMAIL, items, now, do_not_track=())
+        await tracker.track(campaign, Channel.EMAIL, items, NOW)
         # (This newsletter's text part has personalised links only: they stay as rendered.)
         good += sum(
             isinstance(i.message, EmailMessage)
@@ -250,19 +260,10 @@ def _render_all(doc: dict[str, Any], audience: list[Recipient]) -> tuple[int, fl
     html = doc["email"]["html"]
     templates = templates_of(campaign)
     links = _links()
-    now = dt.datetime(2026, 3, 20, 9, 0, 1, tzinfo=dt.UTC)
     good = 0
     t0 = time.process_time()
     for r in audience:
-        msg = email_message(
-            campaign,
-            r,
-            r.email or "",
-            message_domain="example.com",
-            links=links,
-            now=now,
-            templates=templates,
-        )
+        msg = _email(campaign, r, templates, links)
         own_name = (r.name or "?").split()[0]
         # Its own data: the first product (HTML and text), or its city where there is no loop.
         mark = r.row["recommended"][0]["title"].title() if "recommended" in html else r.row["city"]

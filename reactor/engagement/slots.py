@@ -70,8 +70,12 @@ _CAPTURING = (
 _DELIMITER = re.compile(r"""[\s<>"'()\[\]{}]""")  # what ends a URL for rewrite._URL
 
 
+class SlotError(RuntimeError):
+    """A slot came out of rendering changed: a bug in what decides a part may have slots."""
+
+
 def fill(body: str, opener: str, values: Sequence[str]) -> str:
-    """`body` with slot n replaced by `values[n]`."""
+    """`body` with slot n replaced by `values[n]`; SlotError if one is not whole."""
     pieces = body.split(opener)
     if len(pieces) == 1:
         return body
@@ -79,7 +83,7 @@ def fill(body: str, opener: str, values: Sequence[str]) -> str:
     for piece in pieces[1:]:
         number, closed, rest = piece.partition(CLOSER)
         if not closed or not number.isdigit() or int(number) >= len(values):
-            raise RuntimeError("bug: a link slot came out of rendering changed")
+            raise SlotError("bug: a link slot came out of rendering changed")
         out.append(values[int(number)])
         out.append(rest)
     return "".join(out)
@@ -289,6 +293,6 @@ def _same_on_probe(
             untracked = rewrite.strip_markers(rendered)
             if finish_text(with_slots, slots, written(slots.text)) != untracked:
                 return False
-    except (TemplateRenderError, ValueError, IndexError, KeyError):
+    except (TemplateRenderError, SlotError, KeyError):
         return False
     return True

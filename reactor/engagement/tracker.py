@@ -61,25 +61,18 @@ class LinkTables(Protocol):
     async def save_short_links(self, rows: Sequence[dict[str, Any]]) -> None: ...
 
 
-class DoNotTrack(Protocol):
-    async def among(self, customers: Sequence[str]) -> set[str]: ...
-
-
 class _Item(Protocol):
     customer: str
     message: EmailMessage | SmsMessage
 
 
 class Tracker:
-    def __init__(
-        self, config: TrackingConfig, tables: LinkTables | None, dnt: DoNotTrack | None
-    ) -> None:
+    def __init__(self, config: TrackingConfig, tables: LinkTables | None) -> None:
         if config.mode != "off" and (config.signer is None or tables is None):
             raise ValueError("tracking needs PUBLIC_BASE_URL and LINK_SECRET")
         self.config = config
         self._escaped_base = html.escape(config.base_url)
         self._tables = tables
-        self._dnt = dnt
         # The link tables of the campaigns sent lately, least recently used first: a replica
         # that runs for months sends thousands of campaigns, and a forgotten one costs one read.
         self._recorded: OrderedDict[str, tuple[tuple[str, ...], dict[str, int]]] = OrderedDict()
@@ -107,21 +100,14 @@ class Tracker:
         channel: Channel,
         items: Sequence[_Item],
         now: dt.datetime,
-        do_not_track: Collection[str] | None = None,
+        do_not_track: Collection[str] = (),
     ) -> None:
-        """`do_not_track`: the batch's customers marked so, when the caller knows them (the
-        send path reads them with the recipients); else they are asked of the tracker's own
-        `DoNotTrack`, if it has one."""
+        """`do_not_track`: the batch's customers marked so (the send path reads them with the
+        recipients): their messages go out untracked."""
         if not items:
             return
         mode = effective_mode(self.config.mode, getattr(campaign, "tracking", None))
         table = await self._table(campaign) if mode != "off" else None
-        untracked: Collection[str] = set()
-        if table is not None:
-            if do_not_track is not None:
-                untracked = do_not_track
-            elif self._dnt is not None:
-                untracked = await self._dnt.among([i.customer for i in items])
         short_rows: list[dict[str, Any]] = []
         plans = _Plans()  # the batch's tags and URLs, planned once for all its messages
         for n, item in enumerate(items):
@@ -130,7 +116,7 @@ class Tracker:
                 await anyio.lowlevel.checkpoint()
             if (
                 table is None
-                or item.customer in untracked
+                or item.customer in do_not_track
                 or not _fits(campaign.key, item.customer)
             ):
                 item.message = _untracked(item.message)
