@@ -420,6 +420,7 @@ async def test_preview_shows_tracked_links_and_a_test_emails_links_lead_there_re
     records the campaign's link table, append-only, so that they lead somewhere)."""
     cfg = settings(mongo, sink, **tracked())
     base = cfg.public_base_url
+    assert base is not None  # tracked() sets it
     ids = await seed_customers(client, mongo, 2)
     await client[mongo.segmentation_db]["newdatabase"].insert_one(
         {"customer_id": 1, "doNotTrack": "yes"}
