@@ -92,3 +92,19 @@ def test_the_boundary_cannot_occur_in_a_quoted_printable_part() -> None:
         f"<p>{hostile}</p>".splitlines(),
     ]
     assert build_mime(_message("a", "b"), "c@x.example").get_boundary() != boundary
+
+
+def test_the_generator_writes_the_bytes_the_stock_one_writes() -> None:
+    """`to_bytes` writes each body in one piece where the stock generator writes it a line
+    at a time: the same bytes, for every kind of line ending a body can hold."""
+    rng = random.Random(5)
+    pieces = ["a", "é", " ", "=", ".", "\n", "\r\n", "\r", "\t", "x" * 80, "✓", "--", "From "]
+    texts = TEXTS + [
+        "".join(rng.choice(pieces) for _ in range(rng.randrange(200))) for _ in range(300)
+    ]
+    for text in texts:
+        html = f"<p>{text}</p>"
+        for part_text, part_html in ((text or "x", html), (text or "x", None), (None, html)):
+            mime = build_mime(_message(part_text, part_html), "Shop <campaigns@reactor.example>")
+            assert smtp.to_bytes(mime) == mime.as_bytes()
+            assert smtp.to_bytes(mime, smtp._CRLF) == mime.as_bytes(policy=smtp._CRLF)

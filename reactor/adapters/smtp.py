@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import email.generator
 import email.message
 import email.policy
 import logging
@@ -26,6 +27,7 @@ from email.header import Header
 from email.mime.multipart import MIMEMultipart
 from email.mime.nonmultipart import MIMENonMultipart
 from email.utils import formatdate
+from io import BytesIO
 from typing import Any
 
 import aiosmtplib
@@ -70,6 +72,24 @@ class _Compat32(email.policy.Compat32):
 
 _POLICY = _Compat32()
 _CRLF = _POLICY.clone(linesep="\r\n")
+
+
+class _Generator(email.generator.BytesGenerator):
+    """BytesGenerator, writing each part's body in one piece: the stock generator writes a
+    body line by line, two writes and an encode per 76-character quoted-printable line (about
+    a fifth of a message's encoding, and the part that grows with its length). It writes the
+    same bytes (a test compares the two)."""
+
+    def _write_lines(self, lines: str) -> None:
+        if lines:  # the lines, each ending as the policy ends lines (what the stock one writes)
+            self.write(email.generator.NLCRE.sub(self._NL, lines))  # type: ignore[attr-defined]
+
+
+def to_bytes(mime: email.message.Message, policy: email.policy.Policy | None = None) -> bytes:
+    """`mime.as_bytes(policy=policy)`, through `_Generator`."""
+    out = BytesIO()
+    _Generator(out, mangle_from_=False, policy=policy or _POLICY).flatten(mime, unixfrom=False)
+    return out.getvalue()
 
 
 def _header_value(name: str, value: str) -> str | Header:
@@ -158,11 +178,11 @@ class SmtpEmailSender:
         # Encoded before the transaction starts: an encoding failure never happens mid-way.
         mime = build_mime(message, self._config.sender)
         if self._signer is None:
-            data = mime.as_bytes()
+            data = to_bytes(mime)
         else:
             # Encoded with CRLF as it goes on the wire, so the signature covers the exact bytes
             # sent; signed before MAIL FROM, so a failure never leaves a transaction open.
-            data = await self._signer.sign_off_loop(mime.as_bytes(policy=_CRLF))
+            data = await self._signer.sign_off_loop(to_bytes(mime, _CRLF))
         pooled = await self._idle.get()
         try:
             return await self._send_on(pooled, data, message)
