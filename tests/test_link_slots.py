@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import html
 import re
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 from bson import ObjectId
 
 from reactor.domain.consent import LinkKey, Links, LinkSigner
+from reactor.domain.engagement import HONEYPOT_LINK, HitKind
 from reactor.domain.messages import email_message, templates_of
 from reactor.domain.models import Campaign, Channel, parse_campaign
 from reactor.engagement import rewrite, slots
@@ -261,6 +263,14 @@ def test_fill_replaces_each_slot_and_nothing_else() -> None:
     body = f"a{slots.OPENER}1{slots.CLOSER}b{slots.OPENER}0{slots.CLOSER}{slots.OPEN_CHAR}9c"
     assert slots.fill(body, slots.OPENER, ["X", "Y"]) == f"aYbX{slots.OPEN_CHAR}9c"
     assert slots.fill("plain", slots.OPENER, []) == "plain"
+    many = [f"v{n}" for n in range(1500)]  # past the table of small numbers too
+    assert slots.fill(f"{slots.OPENER}1234{slots.CLOSER}.", slots.OPENER, many) == "v1234."
+    # A number written otherwise than it renders, out of range, or a closer gone: not whole.
+    for broken in ("01", "+1", " 1", "1_0", "٣", "", "2", "1500", "-1"):
+        with pytest.raises(slots.SlotError):
+            slots.fill(f"a{slots.OPENER}{broken}{slots.CLOSER}b", slots.OPENER, ["X", "Y"][:2])
+    with pytest.raises(slots.SlotError):
+        slots.fill(f"a{slots.OPENER}1b", slots.OPENER, ["X", "Y"])
 
 
 @pytest.mark.parametrize("case", list(UNSURE))
@@ -311,3 +321,25 @@ def test_the_pixel_goes_before_the_last_body_end_as_the_expression_finds_it(body
     ends = list(rewrite._BODY_END.finditer(body))
     at = ends[-1].start() if ends else len(body)
     assert rewrite.append_to_body(body, "<P>") == body[:at] + "<P>" + body[at:]
+
+
+@pytest.mark.parametrize("with_slots", [True, False])
+async def test_the_hidden_link_and_pixel_are_what_rewrite_writes_under_an_escaped_base(
+    with_slots: bool,
+) -> None:
+    """The tracker builds them from fragments made once; they must be exactly rewrite's
+    `honeypot` and `pixel` of the message's own tokens, the base URL escaped once."""
+    base = "https://r.example/t?a=1&b=<2>"
+    campaign = _campaign(NEWSLETTER, None)
+    tracker = Tracker(TrackingConfig("opens_and_clicks", base, signer()), MemoryTables())
+    sent = (await _sent(tracker, campaign, with_slots=with_slots))[0]
+    body = sent.html or ""
+    escaped = html.escape(base)
+    hidden = re.findall(rf'{re.escape(escaped)}/c/([\w.-]+)" style="display:none"', body)
+    opened = re.findall(rf'{re.escape(escaped)}/o/([\w.-]+)"', body)
+    assert len(hidden) == len(opened) == 1
+    fragment = rewrite.honeypot(f"{base}/c/{hidden[0]}") + rewrite.pixel(f"{base}/o/{opened[0]}")
+    assert body.endswith(fragment + "</body></html>")
+    scope = signer().verify(hidden[0], now=T0)
+    assert (scope.customer, scope.link) == ("1", HONEYPOT_LINK)
+    assert signer().verify(opened[0], now=T0).kind is HitKind.OPEN

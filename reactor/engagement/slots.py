@@ -74,17 +74,30 @@ class SlotError(RuntimeError):
     """A slot came out of rendering changed: a bug in what decides a part may have slots."""
 
 
+_NUMBERS = {str(n): n for n in range(1000)}  # a slot's number as it renders: one lookup
+
+
+def _number(text: str) -> int:
+    n = _NUMBERS.get(text)
+    if n is None and text.isascii() and text.isdigit() and not text.startswith("0"):
+        n = int(text)
+    return -1 if n is None else n
+
+
 def fill(body: str, opener: str, values: Sequence[str]) -> str:
-    """`body` with slot n replaced by `values[n]`; SlotError if one is not whole."""
+    """`body` with slot n replaced by `values[n]`; SlotError if one is not whole (its number
+    written other than as it renders, or its closer gone)."""
     pieces = body.split(opener)
     if len(pieces) == 1:
         return body
     out = [pieces[0]]
+    count = len(values)
     for piece in pieces[1:]:
         number, closed, rest = piece.partition(CLOSER)
-        if not closed or not number.isdigit() or int(number) >= len(values):
+        n = _number(number)
+        if not closed or not 0 <= n < count:
             raise SlotError("bug: a link slot came out of rendering changed")
-        out.append(values[int(number)])
+        out.append(values[n])
         out.append(rest)
     return "".join(out)
 

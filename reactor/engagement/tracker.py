@@ -36,6 +36,9 @@ MODES = ("off", "clicks", "opens_and_clicks")
 YIELD_EVERY = 50  # messages rewritten between two turns of the event loop
 RECORDED_CAMPAIGNS = 256  # link tables remembered (the campaigns sending now, with room)
 SLOTTED_TEMPLATES = 256  # campaigns' templates compiled with link slots, remembered
+_CUT = "\x00"  # where a fragment's token goes (see Tracker.__init__)
+_HIDDEN_TAIL = rewrite.honeypot(_CUT).split(_CUT)[1]
+_PIXEL_TAIL = rewrite.pixel(_CUT).split(_CUT)[1]
 
 
 def effective_mode(configured: str, campaign: str | None) -> str:
@@ -71,7 +74,13 @@ class Tracker:
         if config.mode != "off" and (config.signer is None or tables is None):
             raise ValueError("tracking needs PUBLIC_BASE_URL and LINK_SECRET")
         self.config = config
-        self._escaped_base = html.escape(config.base_url)
+        self._escaped_base = escaped = html.escape(config.base_url)
+        # What a tracked email's links, hidden link and pixel are made of, but their tokens
+        # (which need no escaping: base64url and a dot).
+        self._click = f"{config.base_url}/c/"
+        self._quoted = f'"{escaped}/c/'
+        self._hidden_head = rewrite.honeypot(f"{escaped}/c/{_CUT}", escaped=True).split(_CUT)[0]
+        self._pixel_head = rewrite.pixel(f"{escaped}/o/{_CUT}", escaped=True).split(_CUT)[0]
         self._tables = tables
         # The link tables of the campaigns sent lately, least recently used first: a replica
         # that runs for months sends thousands of campaigns, and a forgotten one costs one read.
@@ -179,48 +188,54 @@ class Tracker:
     ) -> EmailMessage:
         clicks, opens = self._signers(campaign, now, plans)
         sign = clicks(customer)
-        prefix = f"{self.config.base_url}/c/"
-        urls: dict[int, str] = {}  # a link in both parts is signed once (the token is the same)
-
-        def click(n: int) -> str:
-            url = urls.get(n)
-            if url is None:
-                url = urls[n] = prefix + sign(n)
-            return url
-
-        escaped = self._escaped_base + "/c/"
-
-        def click_html(n: int) -> str:
-            # A token is base64url and a dot: nothing in it needs escaping, only the prefix.
-            return escaped + click(n)[len(prefix) :]
-
-        text, body = message.text, message.html
         found = message.slots
         if found is not None:  # the links are slots: filled, not searched for
             plan = plans.slots.get(id(found))
             if plan is None or plan.slots is not found:
                 plan = plans.slots[id(found)] = _SlotPlan(found, table, self.config.honeypot)
             tokens = {n: sign(n) for n in plan.numbers}
-            if HONEYPOT_LINK in tokens:  # signed with the rest: the hidden link needs it
-                urls[HONEYPOT_LINK] = prefix + tokens[HONEYPOT_LINK]
-            text, body = plan.fill(text, body, prefix, f'"{escaped}', tokens)
+            text, body = plan.fill(message.text, message.html, self._click, self._quoted, tokens)
+            hidden = tokens.get(HONEYPOT_LINK)  # signed with the rest when there is one
         else:
-            skip = self.config.base_url + "/"
-            text = rewrite.rewrite_text(text, table, click, skip, plans.text) if text else None
-            if body is not None:
-                body = rewrite.rewrite_html(body, table, click_html, skip, plans.html, escaped=True)
+            text, body = self._rewritten(message, table, sign, plans)
+            hidden = sign(HONEYPOT_LINK) if self.config.honeypot and body is not None else None
         if body is not None:
             # Tokens need no escaping (base64url and a dot), only the base URL.
-            extra = (
-                rewrite.honeypot(click_html(HONEYPOT_LINK), escaped=True)
-                if self.config.honeypot
-                else ""
-            )
+            extra = f"{self._hidden_head}{hidden}{_HIDDEN_TAIL}" if hidden is not None else ""
             if mode == "opens_and_clicks":
-                opened = f"{self._escaped_base}/o/{opens(customer)(0)}"
-                extra += rewrite.pixel(opened, escaped=True)
+                extra += f"{self._pixel_head}{opens(customer)(0)}{_PIXEL_TAIL}"
             body = rewrite.append_to_body(body, extra) if extra else body
         return dataclasses.replace(message, text=text, html=body, slots=None)
+
+    def _rewritten(
+        self,
+        message: EmailMessage,
+        table: dict[str, int],
+        sign: Callable[[int], str],
+        plans: _Plans,
+    ) -> tuple[str | None, str | None]:
+        """The message's parts with each table link found by the regular expressions and
+        rewritten (templates without slots)."""
+        prefix = self._click
+        tokens: dict[int, str] = {}  # a link in both parts is signed once (the same token)
+
+        def token(n: int) -> str:
+            got = tokens.get(n)
+            if got is None:
+                got = tokens[n] = sign(n)
+            return got
+
+        skip = self.config.base_url + "/"
+        text = message.text
+        if text:
+            text = rewrite.rewrite_text(text, table, lambda n: prefix + token(n), skip, plans.text)
+        body = message.html
+        if body is not None:
+            escaped = self._escaped_base + "/c/"
+            body = rewrite.rewrite_html(
+                body, table, lambda n: escaped + token(n), skip, plans.html, escaped=True
+            )
+        return text, body
 
     def _sms(
         self,
