@@ -93,3 +93,24 @@ def test_process_cpu_is_read_from_the_process_own_stat() -> None:
     assert after is not None
     assert after - before >= 0.1
     assert process_cpu_s(2**22 + 7) is None  # no such process
+
+
+def test_the_on_off_interval_is_students_t_on_the_rounds_log_ratios() -> None:
+    import math
+    import statistics
+
+    from scipy import stats  # type: ignore[import-untyped]
+
+    from reactor.bench.engagement_load import ratio_interval
+
+    assert ratio_interval([0.93] * 5) == pytest.approx((0.93, 0.93))
+    ratios = [0.946, 0.973, 0.94, 0.913, 0.948, 1.046, 0.986, 0.817]
+    logs = [math.log(r) for r in ratios]
+    low, high = stats.t.interval(
+        0.95, len(logs) - 1, loc=statistics.fmean(logs), scale=stats.sem(logs)
+    )
+    assert ratio_interval(ratios) == pytest.approx((math.exp(low), math.exp(high)))
+    # Narrower with more rounds of the same spread, and holding their geometric mean.
+    few, more = ratio_interval(ratios[:4]), ratio_interval(ratios[:4] * 3)
+    assert more[1] - more[0] < few[1] - few[0]
+    assert ratio_interval(ratios)[0] < math.exp(statistics.fmean(logs)) < ratio_interval(ratios)[1]

@@ -361,7 +361,15 @@ async def test_run_waits_for_mongodb_with_clear_lines_and_no_traceback(sink: Smt
 
         await eventually(ready, 45)
     proc.send_signal(signal.SIGTERM)
-    assert await asyncio.wait_for(proc.wait(), 30) == 0
+    try:
+        code = await asyncio.wait_for(proc.wait(), 30)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        await reader
+        tail = "".join(lines[-25:])
+        raise AssertionError(f"no exit 30 s after SIGTERM; its last log lines:\n{tail}") from None
+    assert code == 0
     await reader
     assert proc.returncode == 0
     for line in lines:

@@ -392,6 +392,12 @@ def figures(result: dict[str, Any]) -> list[Figure]:
             ">=",
         ),
         Figure(
+            "sending with tracking on / off, 95 % interval",
+            " to ".join(f"{x:.3f}" for x in result["sending"]["interval_95"]),
+            "ratio",
+            note="from its rounds' ratios (Student's t on their logarithms)",
+        ),
+        Figure(
             "events stored / hits sent under load",
             round(load["events_stored"] / load["hits_sent"], 4),
             "ratio",
