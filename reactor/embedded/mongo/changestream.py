@@ -59,6 +59,10 @@ class ChangeStreamCursor:
     # The pipeline's leading $match when it does not look at fullDocument: applied before the
     # (costly) document lookup and copies.
     prefilter: dict[str, Any] | None = None
+    # Whether the prefilter can match an event of (collection, operation type) at all, worked
+    # out once per pair (see `may_match`): a database-wide stream skips the writes of the
+    # collections it does not watch without building an event for each.
+    screened: dict[tuple[str, str], bool] = field(default_factory=dict)
 
     last_token: dict[str, Any] | None = None  # of the last event handed out
 
@@ -79,6 +83,55 @@ class ChangeStreamCursor:
         if self.coll is None:
             return True
         return entry.coll == self.coll or entry.op == "dropDatabase"
+
+    def may_match(self, entry: OplogEntry) -> bool:
+        """False only when the prefilter matches no event of the entry's collection and
+        operation type, whatever else it holds (`_may_match`)."""
+        if self.prefilter is None or entry.op == "dropDatabase":  # no ns.coll: not screened
+            return True
+        key = (entry.coll, entry.op)
+        known = self.screened.get(key)
+        if known is None:
+            known = self.screened[key] = _may_match(self.prefilter, entry.coll, entry.op)
+        return known
+
+
+_SCREENED = {"ns.coll": 0, "operationType": 1}
+
+
+def _may_match(match: Any, coll: str, op: str) -> bool:
+    """Could `match` hold for an event whose ns.coll is `coll` and operationType `op`? Decided
+    from the conditions on those two fields alone, each a plain value, `$eq` or `$in` of plain
+    values, under implicit and explicit `$and` and under `$or`; any other condition may hold,
+    so the answer is False only when one of those rules the pair out."""
+    if not isinstance(match, dict):
+        return True
+    for key, cond in match.items():
+        if key == "$or" and isinstance(cond, list) and cond:
+            if not any(_may_match(branch, coll, op) for branch in cond):
+                return False
+        elif key == "$and" and isinstance(cond, list):
+            if not all(_may_match(branch, coll, op) for branch in cond):
+                return False
+        elif key in _SCREENED and not _may_equal(cond, (coll, op)[_SCREENED[key]]):
+            return False
+    return True
+
+
+def _plain(value: Any) -> bool:
+    return isinstance(value, str | int | float | bool) or value is None
+
+
+def _may_equal(cond: Any, actual: str) -> bool:
+    if _plain(cond):
+        return bool(cond == actual)
+    if isinstance(cond, dict) and len(cond) == 1:
+        ((operator, arg),) = cond.items()
+        if operator == "$eq" and _plain(arg):
+            return bool(arg == actual)
+        if operator == "$in" and isinstance(arg, list) and all(_plain(v) for v in arg):
+            return actual in arg
+    return True  # anything else (a regex, $ne, $nin, $exists, an expression): may hold
 
 
 def open_stream(
@@ -247,8 +300,11 @@ def _next_batch(engine: Engine, cursor: ChangeStreamCursor, limit: int) -> list[
         cursor.position = entry.ts
         if not cursor.matches(entry):
             continue
-        if cursor.prefilter is None or filtering.filter_applies(
-            cursor.prefilter, _event(engine, cursor, entry, lookup=False)
+        if cursor.prefilter is None or (
+            cursor.may_match(entry)
+            and filtering.filter_applies(
+                cursor.prefilter, _event(engine, cursor, entry, lookup=False)
+            )
         ):  # like mongod, a $match that does not read fullDocument runs first
             event = _event(engine, cursor, entry)
             for produced in _apply_pipeline(engine, cursor, event):
