@@ -83,7 +83,7 @@ def _cursor(match: dict[str, Any]) -> ChangeStreamCursor:
 
 def _accepted(cursor: ChangeStreamCursor, entry: OplogEntry) -> bool:
     event = _event(cast(Any, None), cursor, entry, lookup=False)
-    return bool(filtering.filter_applies(cursor.prefilter, event))
+    return bool(filtering.filter_applies(cursor.prefilter, event))  # type: ignore[no-untyped-call]
 
 
 def test_the_screen_never_rules_out_an_event_the_filter_accepts() -> None:
