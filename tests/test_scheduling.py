@@ -220,6 +220,21 @@ async def test_history_lost_sweep_repairs_nothing_missed(
         await eventually(has_status(client, mongo, again.inserted_id, "running"), 5)
 
 
+async def test_a_replica_stopped_as_soon_as_it_is_ready_saves_its_place(
+    mongo: MongoTarget, client: Client
+) -> None:
+    """The token is known when the stream opens, not only after its first getMore returns
+    (up to a second later): a shutdown right after readiness persists it."""
+    state = client[mongo.campaigns_db].reactor_state
+    cfg = settings(mongo, reconcile_interval_seconds=3600, reactor_instance_id="brief")
+    async with running(cfg) as (reactor,):
+        assert reactor.watcher is not None
+        assert reactor.watcher.token is not None
+    saved = await state.find_one({"_id": "resume_token:brief"})
+    assert saved is not None
+    assert saved["token"]["_data"]
+
+
 async def test_sweep_repairs_what_the_stream_missed(mongo: MongoTarget, client: Client) -> None:
     coll = client[mongo.campaigns_db].campaigns
     async with running(settings(mongo, reconcile_interval_seconds=0.5)) as (reactor,):

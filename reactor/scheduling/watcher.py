@@ -116,6 +116,11 @@ class Watcher:
             token=self.token, start_at=start_at, max_await_ms=self._max_await_ms
         )
         try:
+            # Where the open left the stream (the driver never names a point past an event it
+            # has not handed out): a replica stopped before its first getMore returns still
+            # saves its place at shutdown, and resumes there instead of from now.
+            if stream.resume_token is not None:
+                self.token = stream.resume_token
             self._set_up(True)
             self.opened.set()
             last_save = self._clock.monotonic()
