@@ -276,8 +276,12 @@ class Reactor:
         with anyio.move_on_after(5, shield=True):
             try:
                 await parts.watcher.save_token()
-            except Exception:
-                log.warning("could not persist the resume token at shutdown", exc_info=True)
+            except Exception as exc:  # MongoDB gone at shutdown is no bug: one line, no traceback
+                log.warning(
+                    "could not persist the resume token at shutdown (%s: %s)",
+                    type(exc).__name__,
+                    _first_line(exc),
+                )
         if self.notifier is not None:
             await self.notifier.drain(5)
 
